@@ -1,0 +1,11 @@
+"""gpuhnsw: HNSW approximate nearest-neighbour search, hnswlib-compatible, with GPU search.
+
+``import gpuhnsw as hnswlib`` runs existing hnswlib code unchanged.
+"""
+from ._errors import DeviceError, IndexFileError
+from .index import Index
+from .bruteforce import BFIndex
+
+__version__ = "0.1.0"
+
+__all__ = ["Index", "BFIndex", "IndexFileError", "DeviceError", "__version__"]

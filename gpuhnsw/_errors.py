@@ -1,0 +1,13 @@
+"""Exception types of gpuhnsw.
+
+Where hnswlib raises, gpuhnsw raises the same built-in type (mostly ``RuntimeError``) so existing
+``except`` clauses keep working; the classes here subclass those built-ins.
+"""
+
+
+class IndexFileError(RuntimeError, ValueError):
+    """An index file is truncated, corrupted, of an unknown version, or does not match the index."""
+
+
+class DeviceError(RuntimeError):
+    """A GPU was asked for and cannot be used (no CuPy, no device, out of memory)."""
