@@ -1,0 +1,521 @@
+"""Index files: gpuhnsw's own format and hnswlib 0.8.0's ``save_index`` format.
+
+Both readers produce, and both writers take, the state dict of docs/architecture.md ("State export /
+import"): scalars plus byte strings
+
+=========  ===========================================  ==========================================
+key        dtype, shape                                 notes
+=========  ===========================================  ==========================================
+vectors    float32 ``[n, dim]``                         normalised for cosine
+links0     uint32 ``[n, 2M]``                           unused entries ``0xFFFFFFFF``
+degree0    uint32 ``[n]``                               live entries of each ``links0`` row
+labels     uint64 ``[n]``                               unique
+levels     uint8 ``[n]``                                top level of each slot
+upper      uint32 ``[sum(levels) * (1 + M)]``           per slot, per level 1..L: ``[count, M ids]``
+deleted    uint8 ``[n]``                                0/1
+=========  ===========================================  ==========================================
+
+Nothing read from a file is trusted: every length is checked against the file size before anything
+is allocated, every count and id against its bound, and any inconsistency raises
+:class:`~gpuhnsw.IndexFileError` naming the problem. Writers go through a temporary file in the same
+directory and ``os.replace``, so a crash never leaves a half-written index under the real name.
+
+Our format (all little-endian)::
+
+    header   _HEADER (magic b"GPUHNSW\\0", version, scalars; 100 bytes) + uint32 CRC32 of it
+    sections links0, degree0, vectors, labels, levels, upper, deleted, in this order, each
+             [4-byte tag][uint64 length][uint32 CRC32 of the data][data]
+"""
+import math
+import os
+import struct
+import uuid
+import zlib
+
+import numpy as np
+
+from ._errors import IndexFileError
+
+__all__ = ["read_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC"]
+
+MAGIC = b"GPUHNSW\0"
+FORMAT_VERSION = 1
+SPACES = ("l2", "ip", "cosine")  # position = space code in our header
+NO_LINK = 0xFFFFFFFF  # unused link entry in the state; also why ids (and capacity) stay below it
+MAX_M = 10000  # hnswlib's init_index caps M here, so no real file has more; bounds allocations
+MAX_LEVEL = 255  # levels are uint8 in the state
+
+# magic, version, space code, allow_replace_deleted, dim, M, ef_construction, random_seed,
+# max_elements, count, entry_point, max_level, insert_seq, ef (-1 = not stored)
+_HEADER = struct.Struct("<8sIIIQQQQQQqqQq")
+_CRC = struct.Struct("<I")
+_SECTION = struct.Struct("<4sQI")  # tag, data length, CRC32 of the data
+_SECTIONS = (  # (state key, tag, dtype); the order is the file order
+    ("links0", b"LNK0", np.uint32),
+    ("degree0", b"DEG0", np.uint32),
+    ("vectors", b"VECS", np.float32),
+    ("labels", b"LABL", np.uint64),
+    ("levels", b"LEVL", np.uint8),
+    ("upper", b"UPPR", np.uint32),
+    ("deleted", b"DELE", np.uint8),
+)
+
+# hnswlib's header: offsetLevel0, max_elements, cur_element_count, size_data_per_element,
+# label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M, mult, ef_construction
+_HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+_HNSW_RANDOM_SEED = 100  # hnswlib files do not store the seed; hnswlib's default
+
+
+# ---------------------------------------------------------------------------------------------
+# validation shared by readers and writers
+# ---------------------------------------------------------------------------------------------
+
+def _arrays_from_state(state, err):
+    """View the byte-string fields of ``state`` as typed numpy arrays (no copy), checking sizes.
+
+    Returns a dict with ``vectors`` float32 [n, dim], ``links0`` uint32 [n, 2M], ``degree0`` uint32
+    [n], ``labels`` uint64 [n], ``levels`` uint8 [n], ``upper`` uint32 [sum(levels) * (1 + M)],
+    ``deleted`` uint8 [n]. ``err`` is the exception class to raise.
+    """
+    n, dim, M = state["count"], state["dim"], state["M"]
+    shapes = {"links0": (n, 2 * M), "degree0": (n,), "vectors": (n, dim), "labels": (n,),
+              "levels": (n,), "deleted": (n,)}
+    out = {}
+    for key, _, dtype in _SECTIONS:
+        try:
+            raw = np.frombuffer(state[key], dtype=np.uint8)
+        except (TypeError, ValueError) as e:  # not a contiguous buffer
+            raise err(f"state field {key!r} is not a contiguous byte buffer: {e}") from None
+        if key == "upper":  # its length depends on the levels, checked below
+            shape = (raw.size // 4,)
+            if raw.size % 4:
+                raise err(f"upper: {raw.size} bytes is not a whole number of uint32")
+        else:
+            shape = shapes[key]
+            want = math.prod(shape) * np.dtype(dtype).itemsize
+            if raw.size != want:
+                raise err(f"{key}: {raw.size} bytes, expected {want} for shape {shape}")
+        out[key] = raw.view(dtype).reshape(shape)
+    return out
+
+
+def _check_graph(a, *, M, entry_point, max_level, err):
+    """Check the graph invariants the C core and the GPU kernels rely on.
+
+    ``a`` is the dict of :func:`_arrays_from_state`; unused link entries may hold anything (only the
+    first ``count`` of each list are read). Raises ``err`` naming the first problem found.
+    """
+    n = a["degree0"].shape[0]
+    M0 = 2 * M
+    if n and int(a["degree0"].max()) > M0:
+        i = int(np.argmax(a["degree0"] > M0))
+        raise err(f"level-0 link count {int(a['degree0'][i])} of slot {i} exceeds M0={M0}")
+    used0 = np.arange(M0, dtype=np.uint32)[None, :] < a["degree0"][:, None]
+    if n and int(a["links0"][used0].max(initial=0)) >= n:
+        raise err(f"level-0 link id out of range (count={n})")
+    if n and int(a["deleted"].max()) > 1:
+        raise err("deleted flags must be 0 or 1")
+    if n > 1:
+        s = np.sort(a["labels"])
+        if np.any(s[1:] == s[:-1]):
+            raise err(f"duplicate label {int(s[1:][s[1:] == s[:-1]][0])}")
+    levels = a["levels"]
+    blocks_per_slot = levels.astype(np.int64)
+    if a["upper"].size != int(blocks_per_slot.sum()) * (1 + M):
+        raise err(f"upper: {a['upper'].size} uint32, levels need {int(blocks_per_slot.sum()) * (1 + M)}")
+    blocks = a["upper"].reshape(-1, 1 + M)
+    counts = blocks[:, 0]
+    if blocks.shape[0] and int(counts.max()) > M:
+        raise err(f"upper-level link count {int(counts.max())} exceeds M={M}")
+    # The level of each block: a slot of level L owns blocks for levels 1..L, in order.
+    first = np.repeat(np.cumsum(blocks_per_slot) - blocks_per_slot, blocks_per_slot)
+    block_level = np.arange(blocks.shape[0]) - first + 1
+    used = np.arange(M, dtype=np.uint32)[None, :] < counts[:, None]
+    ids = blocks[:, 1:][used]
+    if ids.size:
+        if int(ids.max()) >= n:
+            raise err(f"upper-level link id out of range (count={n})")
+        # A neighbour at level l must itself exist at level l, or the descent reads past its lists.
+        if np.any(levels[ids] < np.broadcast_to(block_level[:, None], used.shape)[used]):
+            raise err("upper-level link to a slot that does not reach that level")
+    if n == 0:
+        if entry_point != -1 or max_level != -1:
+            raise err(f"empty index with entry point {entry_point}, max level {max_level}")
+    else:
+        if not 0 <= entry_point < n:
+            raise err(f"entry point {entry_point} out of range (count={n})")
+        if max_level != int(levels[entry_point]) or max_level != int(levels.max()):
+            raise err(f"max level {max_level} is not the entry point's level "
+                      f"{int(levels[entry_point])} / the highest level {int(levels.max())}")
+
+
+def _normalised(a, M):
+    """Copies of ``links0`` and ``upper`` with every unused entry set to ``NO_LINK``."""
+    links0 = a["links0"].copy()
+    links0[np.arange(2 * M)[None, :] >= a["degree0"][:, None]] = NO_LINK
+    upper = a["upper"].copy()
+    blocks = upper.reshape(-1, 1 + M)
+    blocks[:, 1:][np.arange(M)[None, :] >= blocks[:, :1]] = NO_LINK
+    return links0, upper
+
+
+def _check_scalars(state, err):
+    """Range-check the scalar fields of ``state`` (their types and bounds)."""
+    for key in ("dim", "M", "ef_construction", "random_seed", "max_elements", "count",
+                "entry_point", "max_level", "insert_seq"):
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise err(f"{key} must be an int, got {type(v).__name__}")
+    if state["space"] not in SPACES:
+        raise err(f"space must be one of {SPACES}, got {state['space']!r}")
+    if not 1 <= state["M"] <= MAX_M:
+        raise err(f"M={state['M']} outside [1, {MAX_M}]")
+    if state["dim"] < 1:
+        raise err(f"dim={state['dim']} must be positive")
+    if not 0 <= state["count"] <= state["max_elements"] < NO_LINK:
+        raise err(f"count={state['count']}, max_elements={state['max_elements']}: need "
+                  f"0 <= count <= max_elements < 2**32 - 1")
+    for key in ("ef_construction", "random_seed", "insert_seq"):
+        if not 0 <= state[key] < 2**64:
+            raise err(f"{key}={state[key]} outside the uint64 range")
+    if not -1 <= state["max_level"] <= MAX_LEVEL:
+        raise err(f"max_level={state['max_level']} outside [-1, {MAX_LEVEL}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+def _atomic_write(path, chunks):
+    """Write the buffers ``chunks`` to ``path`` through a temp file in the same directory.
+
+    The temp file is fsynced before ``os.replace`` and removed on any error, so ``path`` holds either
+    its old content or the complete new file. OSErrors (permission, missing directory, full disk)
+    propagate.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    # os.open with 0o666 (not mkstemp's 0o600) so the file gets the usual umask-derived mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    # Make the rename itself durable; best effort (not possible on every platform/filesystem).
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _validated_arrays(state):
+    _check_scalars(state, ValueError)
+    a = _arrays_from_state(state, ValueError)
+    _check_graph(a, M=state["M"], entry_point=state["entry_point"],
+                 max_level=state["max_level"], err=ValueError)
+    return a
+
+
+def write_gpuhnsw(path, state, *, ef):
+    """Save ``state`` in gpuhnsw's own checksummed format (``MAGIC``, version ``FORMAT_VERSION``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination; replaced atomically.
+    state : dict
+        The state dict (see the module docstring); byte fields may be any contiguous buffer.
+    ef : int or None
+        The query-time ``ef`` to store (hnswlib's format does not keep it); None stores nothing.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` is inconsistent (nothing is written).
+    OSError
+        If the file cannot be written (no temp file is left behind).
+    """
+    a = _validated_arrays(state)
+    if ef is not None and not 0 <= ef < 2**63:
+        raise ValueError(f"ef={ef} out of range")
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, SPACES.index(state["space"]), bool(state["allow_replace_deleted"]),
+        state["dim"], state["M"], state["ef_construction"], state["random_seed"],
+        state["max_elements"], state["count"], state["entry_point"], state["max_level"],
+        state["insert_seq"], -1 if ef is None else ef)
+    chunks = [header, _CRC.pack(zlib.crc32(header))]
+    for key, tag, _ in _SECTIONS:
+        data = memoryview(a[key].reshape(-1).view(np.uint8))
+        chunks += [_SECTION.pack(tag, data.nbytes, zlib.crc32(data)), data]
+    _atomic_write(path, chunks)
+
+
+def write_hnswlib(path, state):
+    """Save ``state`` in hnswlib 0.8.0's ``save_index`` format, loadable by ``hnswlib.Index.load_index``.
+
+    Unused link entries are written as 0 (hnswlib zero-fills new lists and reads only ``count``
+    entries). ``random_seed``, ``insert_seq``, ``allow_replace_deleted`` and the space are not part
+    of the format and are lost.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination; replaced atomically.
+    state : dict
+        The state dict (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If ``state`` is inconsistent (nothing is written).
+    OSError
+        If the file cannot be written (no temp file is left behind).
+    """
+    a = _validated_arrays(state)
+    n, dim, M = state["count"], state["dim"], state["M"]
+    M0 = 2 * M
+    rec = np.zeros(n, dtype=_hnswlib_record_dtype(M0, dim))
+    rec["count"] = a["degree0"]
+    rec["flags"] = a["deleted"]
+    rec["links"] = a["links0"]
+    rec["links"][np.arange(M0)[None, :] >= a["degree0"][:, None]] = 0
+    rec["vector"] = a["vectors"]
+    rec["label"] = a["labels"]
+
+    # Per slot: uint32 linkListSize, then its upper blocks. Build the whole tail as one uint32
+    # array: slot i's size word sits after the size words and blocks of slots 0..i-1.
+    words = a["levels"].astype(np.int64) * (1 + M)  # uint32 words of each slot's blocks
+    size_pos = np.arange(n) + np.cumsum(words) - words
+    tail = np.zeros(n + a["upper"].size, dtype="<u4")
+    tail[size_pos] = words * 4
+    is_block = np.ones(tail.size, dtype=bool)
+    is_block[size_pos] = False
+    blocks = a["upper"].reshape(-1, 1 + M).copy()
+    blocks[:, 1:][np.arange(M)[None, :] >= blocks[:, :1]] = 0
+    tail[is_block] = blocks.reshape(-1)
+
+    empty = n == 0
+    header = _HNSW_HEADER.pack(
+        0, state["max_elements"], n, rec.dtype.itemsize, rec.dtype.fields["label"][1],
+        rec.dtype.fields["vector"][1], -1 if empty else state["max_level"],
+        NO_LINK if empty else state["entry_point"], M, M0, M,
+        1.0 / math.log(M) if M > 1 else math.inf, state["ef_construction"])
+    _atomic_write(path, [header, memoryview(rec.view(np.uint8)), memoryview(tail.view(np.uint8))])
+
+
+def _hnswlib_record_dtype(M0, dim):
+    """One level-0 record of hnswlib: ``size_data_per_element = 4 + 4*M0 + 4*dim + 8`` bytes."""
+    return np.dtype([("count", "<u2"), ("flags", "u1"), ("unused", "u1"), ("links", "<u4", (M0,)),
+                     ("vector", "<f4", (dim,)), ("label", "<u8")])
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+def read_index(path, *, space, dim):
+    """Read an index file in either format, detected by its first bytes.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    space : {'l2', 'ip', 'cosine'}
+        The caller's space. Our format stores it and must agree; hnswlib files do not store it.
+    dim : int
+        The caller's dimension; must agree with the file (derived from the offsets for hnswlib).
+
+    Returns
+    -------
+    state : dict
+        The state dict (byte fields are ``bytes``). For hnswlib files ``random_seed`` is 100,
+        ``insert_seq`` is ``count`` and ``allow_replace_deleted`` is False (the caller overrides it).
+    ef : int or None
+        The stored query ``ef``; None for hnswlib files (hnswlib loads with ``ef=10``).
+    fmt : {'gpuhnsw', 'hnswlib'}
+
+    Raises
+    ------
+    IndexFileError
+        The file is truncated, corrupted, unsupported, or does not match ``space``/``dim``.
+    OSError
+        The file cannot be opened or read.
+    """
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    with open(path, "rb") as f:
+        buf = f.read()
+    if not buf:
+        raise IndexFileError("index file is empty")
+    if buf[:len(MAGIC)] == MAGIC:
+        state, ef = _read_gpuhnsw(buf, space, dim)
+        return state, ef, "gpuhnsw"
+    return _read_hnswlib(buf, space, dim), None, "hnswlib"
+
+
+def _read_gpuhnsw(buf, space, dim):
+    hsize = _HEADER.size + _CRC.size
+    if len(buf) < hsize:
+        raise IndexFileError(f"gpuhnsw file truncated in the header ({len(buf)} bytes)")
+    fields = _HEADER.unpack_from(buf)
+    (_, version, space_code, allow_replace, fdim, M, ef_c, seed, max_elements, n, ep, max_level,
+     insert_seq, ef) = fields
+    if version != FORMAT_VERSION:
+        raise IndexFileError(f"unsupported gpuhnsw file version {version} (this build reads "
+                             f"{FORMAT_VERSION})")
+    if _CRC.unpack_from(buf, _HEADER.size)[0] != zlib.crc32(memoryview(buf)[:_HEADER.size]):
+        raise IndexFileError("gpuhnsw header checksum mismatch (file corrupted)")
+    if space_code >= len(SPACES) or allow_replace > 1 or ef < -1:
+        raise IndexFileError("gpuhnsw header has invalid space code, flag or ef")
+    if SPACES[space_code] != space:
+        raise IndexFileError(f"index file space is {SPACES[space_code]!r}, the index's is {space!r}")
+    if fdim != dim:
+        raise IndexFileError(f"index file dim is {fdim}, the index's is {dim}")
+    state = dict(space=space, dim=dim, M=M, ef_construction=ef_c, random_seed=seed,
+                 allow_replace_deleted=bool(allow_replace), max_elements=max_elements, count=n,
+                 entry_point=ep, max_level=max_level, insert_seq=insert_seq)
+    _check_scalars(state, IndexFileError)
+
+    pos = hsize
+    for key, tag, _ in _SECTIONS:
+        if len(buf) - pos < _SECTION.size:
+            raise IndexFileError(f"gpuhnsw file truncated before section {tag.decode()}")
+        ftag, length, crc = _SECTION.unpack_from(buf, pos)
+        pos += _SECTION.size
+        if ftag != tag:
+            raise IndexFileError(f"expected section {tag.decode()}, found {ftag!r}")
+        if length > len(buf) - pos:  # before slicing: a huge length must not be trusted
+            raise IndexFileError(f"section {tag.decode()} ({length} bytes) runs past the end of "
+                                 f"the file")
+        data = memoryview(buf)[pos:pos + length]
+        if zlib.crc32(data) != crc:
+            raise IndexFileError(f"section {tag.decode()} checksum mismatch (file corrupted)")
+        state[key] = data
+        pos += length
+    if pos != len(buf):
+        raise IndexFileError(f"{len(buf) - pos} unexpected bytes after the last section")
+
+    a = _arrays_from_state(state, IndexFileError)
+    _check_graph(a, M=M, entry_point=ep, max_level=max_level, err=IndexFileError)
+    links0, upper = _normalised(a, M)
+    state.update({key: bytes(state[key]) for key, _, _ in _SECTIONS})
+    state["links0"], state["upper"] = links0.tobytes(), upper.tobytes()
+    return state, None if ef == -1 else ef
+
+
+def _read_hnswlib(buf, space, dim):
+    size = len(buf)
+    if size < _HNSW_HEADER.size:
+        raise IndexFileError(f"file too short for an hnswlib index ({size} bytes) and not a "
+                             f"gpuhnsw file")
+    (offset_level0, max_elements, n, size_per_element, label_offset, offset_data, max_level, ep,
+     maxM, maxM0, M, mult, ef_c) = _HNSW_HEADER.unpack_from(buf)
+    if offset_level0 != 0:
+        raise IndexFileError(f"not an hnswlib index: offsetLevel0={offset_level0}, expected 0")
+    if not 1 <= M <= MAX_M or maxM != M or maxM0 != 2 * M:
+        raise IndexFileError(f"unsupported hnswlib index: M={M}, maxM={maxM}, maxM0={maxM0} "
+                             f"(need 1 <= M <= {MAX_M}, maxM = M, maxM0 = 2M)")
+    if M > 1 and not math.isclose(mult, 1.0 / math.log(M), rel_tol=1e-9):
+        raise IndexFileError(f"unsupported hnswlib index: mult={mult} is not 1/ln(M)")
+    if offset_data != 4 + 4 * maxM0:
+        raise IndexFileError(f"hnswlib header: offsetData={offset_data}, expected {4 + 4 * maxM0}")
+    if label_offset < offset_data or (label_offset - offset_data) % 4:
+        raise IndexFileError(f"hnswlib header: bad label_offset={label_offset}")
+    fdim = (label_offset - offset_data) // 4
+    if fdim != dim:
+        raise IndexFileError(f"index file dim is {fdim}, the index's is {dim}")
+    if size_per_element != label_offset + 8:
+        raise IndexFileError(f"hnswlib header: size_data_per_element={size_per_element}, "
+                             f"expected {label_offset + 8}")
+    if not n <= max_elements < NO_LINK:
+        raise IndexFileError(f"hnswlib header: count={n}, max_elements={max_elements}")
+    # Each element takes its level-0 record and at least a 4-byte linkListSize.
+    if n * (size_per_element + 4) > size - _HNSW_HEADER.size:
+        raise IndexFileError(f"hnswlib file truncated: {n} elements need at least "
+                             f"{_HNSW_HEADER.size + n * (size_per_element + 4)} bytes, file has {size}")
+
+    rec = np.frombuffer(buf, dtype=_hnswlib_record_dtype(maxM0, dim), count=n,
+                        offset=_HNSW_HEADER.size)
+    degree0 = rec["count"].astype(np.uint32)
+    deleted = rec["flags"] & 1  # hnswlib reads bit 0 only
+
+    levels, upper = _read_hnswlib_link_lists(buf, _HNSW_HEADER.size + n * size_per_element, n, M)
+    entry_point = -1 if n == 0 and ep == NO_LINK else ep
+    state = dict(space=space, dim=dim, M=M, ef_construction=ef_c, random_seed=_HNSW_RANDOM_SEED,
+                 allow_replace_deleted=False, max_elements=max_elements, count=n,
+                 entry_point=entry_point, max_level=max_level, insert_seq=n)
+    a = dict(links0=rec["links"], degree0=degree0, labels=rec["label"], levels=levels,
+             upper=upper, deleted=deleted)
+    _check_graph(a, M=M, entry_point=entry_point, max_level=max_level, err=IndexFileError)
+    links0, upper = _normalised(a, M)
+    state.update(vectors=np.ascontiguousarray(rec["vector"], dtype="<f4").tobytes(),
+                 links0=links0.tobytes(), degree0=degree0.tobytes(),
+                 labels=np.ascontiguousarray(rec["label"]).tobytes(), levels=levels.tobytes(),
+                 upper=upper.tobytes(), deleted=deleted.astype(np.uint8).tobytes())
+    return state
+
+
+def _read_hnswlib_link_lists(buf, start, n, M):
+    """Walk hnswlib's per-element ``[uint32 linkListSize][blocks]`` records from byte ``start``.
+
+    Returns ``levels`` uint8 [n] and ``upper`` uint32 [sum(levels) * (1 + M)] (count words masked to
+    their low 16 bits, as hnswlib reads them). The sizes must be walked in order, but most are 0
+    (level-0-only elements), so the loop jumps from one non-zero size word to the next with
+    ``searchsorted`` and runs once per element that has upper levels.
+    """
+    tail_bytes = len(buf) - start
+    if tail_bytes % 4:
+        raise IndexFileError("hnswlib link lists: trailing bytes are not a whole number of uint32")
+    tail = np.frombuffer(buf, dtype="<u4", offset=start)
+    nonzero = np.flatnonzero(tail)
+    block = 1 + M  # uint32 words per level block: [count][M ids]
+    levels = np.zeros(n, dtype=np.uint8)
+    spans = []  # (first word, words) of each element's blocks
+    pos = 0  # word index into tail
+    i = 0  # element whose size word is at tail[pos]
+    while i < n:
+        k = np.searchsorted(nonzero, pos)
+        next_nz = int(nonzero[k]) if k < nonzero.size else tail.size
+        i += next_nz - pos  # elements pos..next_nz-1 have linkListSize 0
+        if i >= n:
+            pos = next_nz - (i - n)
+            break
+        if next_nz >= tail.size:
+            raise IndexFileError(f"hnswlib link lists truncated at element {i} of {n}")
+        words, rem = divmod(int(tail[next_nz]), 4)
+        level, rem2 = divmod(words, block)
+        if rem or rem2:
+            raise IndexFileError(f"hnswlib element {i}: linkListSize {int(tail[next_nz])} is not a "
+                                 f"multiple of the level block ({4 * block} bytes)")
+        if level > MAX_LEVEL:
+            raise IndexFileError(f"hnswlib element {i}: level {level} above {MAX_LEVEL}")
+        if next_nz + 1 + words > tail.size:
+            raise IndexFileError(f"hnswlib link lists truncated at element {i} of {n}")
+        levels[i] = level
+        spans.append((next_nz + 1, words))
+        pos = next_nz + 1 + words
+        i += 1
+    if pos != tail.size:
+        raise IndexFileError(f"{4 * (tail.size - pos)} unexpected bytes after the hnswlib link lists")
+    if spans:
+        upper = np.concatenate([tail[s:s + w] for s, w in spans])
+    else:
+        upper = np.zeros(0, dtype=np.uint32)
+    upper = upper.astype(np.uint32)  # own, native copy
+    upper[::block] &= 0xFFFF
+    return levels, upper
