@@ -1,0 +1,800 @@
+"""Exact (brute-force) nearest-neighbour search: ``exact_search`` and ``BFIndex``.
+
+This is the exact kernel of the project (DESIGN section 6): ``BFIndex``, the exact path of
+``knn_graph`` and the ground truth used by tests and benchmarks all run through ``exact_search``.
+
+How one query block is answered (CPU; the CUDA path has the same phases)::
+
+    queries [nq, d] --split--> blocks of `block` rows
+      for each base tile of `base_block` rows:           key = |b|^2 - 2 q.b  (l2)
+          G = Q @ B_tile.T  (BLAS sgemm, float32)              -q.b          (ip, cosine)
+          keep the `pool` smallest keys of G                   (np.argpartition)
+          merge them into the block's running pool            (2 * pool columns)
+      refine: recompute the pool's distances in float64 from the vectors,
+              sort by (distance, id), keep the first k
+
+``pool = min(k + margin, n)`` candidates survive the float32 screening, so float32 rounding can only
+matter when it is larger than the gap between the k-th and the (k + margin)-th distance. The returned
+distances are the float64 ones rounded to float32: exact for integer data such as SIFT and MNIST, and
+ties are broken by the smaller id, so results are reproducible and match a float64 oracle.
+
+Distances follow hnswlib: ``l2`` is the squared Euclidean distance, ``ip`` is ``1 - a.b``, ``cosine``
+is ``ip`` on vectors normalised as ``x / (|x| + 1e-30)`` (base and queries alike).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ._errors import DeviceError, IndexFileError
+
+__all__ = ["BFIndex", "exact_search", "resolve_device"]
+
+SPACES = ("l2", "ip", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Candidates kept per query beyond k before the exact float64 re-ranking (see module docstring).
+_MIN_MARGIN = 8
+# Default tile shape on the CPU: block x base_block float32 keys (16 MiB) plus the argpartition
+# indices (32 MiB) per worker.
+_CPU_BLOCK = 512
+_CPU_TILE_ENTRIES = 1 << 22
+# On the GPU: 2048 x 32768 keys (256 MiB).
+_GPU_BLOCK = 2048
+_GPU_TILE_ENTRIES = 1 << 26
+# Keys marking a base row excluded from a query (its own row). Finite, so that the CUDA path can pad
+# tiles with +inf and never pick padding before a real row.
+_EXCLUDED = np.float32(np.finfo(np.float32).max)
+# Rows per chunk of the float64 re-ranking ([chunk, pool, d] float64 temporaries).
+_REFINE_ENTRIES = 1 << 21
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _cuda_status():
+    """(usable, reason): whether CuPy is importable and sees a CUDA device."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CuPy that fails to load its CUDA libraries
+        return False, f"CuPy cannot be imported ({exc.__class__.__name__}: {exc}); " \
+                      f"install gpuhnsw[cuda12] or gpuhnsw[cuda13]"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CUDA reports no usable device ({exc})"
+    if n < 1:
+        return False, "CUDA reports no device"
+    return True, ""
+
+
+def resolve_device(device):
+    """Map ``"auto" | "cpu" | "cuda"`` to ``"cpu"`` or ``"cuda"``.
+
+    ``"auto"`` picks the GPU when CuPy sees one and the CPU otherwise; ``"cuda"`` without a usable
+    GPU raises :class:`gpuhnsw.DeviceError`.
+    """
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    usable, why = _cuda_status()
+    if usable:
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    raise DeviceError(f"device='cuda' was requested but no GPU can be used: {why}")
+
+
+def _import_cupy():
+    import cupy
+    return cupy
+
+
+# --------------------------------------------------------------------------------------------------
+# Input handling (shared with knn_graph and the CLI)
+# --------------------------------------------------------------------------------------------------
+
+def check_space(space):
+    if not isinstance(space, str) or space not in SPACES:
+        raise RuntimeError("Space name must be one of l2, ip, or cosine.")
+    return space
+
+
+def as_vectors(data, dim=None, what="data"):
+    """``data`` as a C-contiguous float32 matrix ``[n, dim]``; 1-D input is one row.
+
+    Raises ``ValueError`` for anything that is not a finite real matrix of width ``dim``.
+    """
+    if hasattr(data, "__cuda_array_interface__") and hasattr(data, "get"):
+        data = data.get()  # a CuPy array: validate and compute on the host copy
+    arr = np.asarray(data)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{what} must be real, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    elif arr.ndim != 2:
+        raise ValueError(f"{what} must be 1-D (one vector) or 2-D [n, dim], got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"Wrong dimensionality of the vectors: {what} has width {arr.shape[1]}, "
+                         f"the index has dim {dim}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
+        raise ValueError(f"{what} holds NaN or infinite values (first in row {bad})"
+                         " (values beyond the float32 range become infinite)")
+    return arr
+
+
+def normalize_rows(x):
+    """Rows scaled by ``1 / (|x| + 1e-30)`` as float32 (hnswlib's cosine rule; zero rows stay zero).
+
+    The norm is taken in float64 so the scaling is correctly rounded.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    step = max(1, (1 << 22) // max(1, x.shape[1]))
+    for a in range(0, x.shape[0], step):
+        xb = x[a:a + step].astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", xb, xb))
+        out[a:a + step] = xb * (1.0 / (norms + 1e-30))[:, None]
+    return out
+
+
+def _check_k(k):
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return int(k)
+
+
+def _num_workers(num_threads):
+    if num_threads is None or num_threads <= 0:
+        return os.cpu_count() or 1
+    return int(num_threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# The exact kernel
+# --------------------------------------------------------------------------------------------------
+
+def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offset=0,
+                 num_threads=-1, block=None, base_block=None, device="cpu", progress=None):
+    """Exact k nearest neighbours of every query among the rows of ``base``.
+
+    Parameters
+    ----------
+    base : array_like, [n, d]
+        Database vectors (cast to float32). For ``space="cosine"`` they are normalised here.
+    queries : array_like, [nq, d]
+        Query vectors (cast to float32; normalised for cosine).
+    k : int
+        Neighbours per query; ``k <= n`` (``k <= n - 1`` with ``exclude_self``).
+    space : {"l2", "ip", "cosine"}
+        Squared L2, ``1 - a.b``, or ``1 - cos``.
+    exclude_self : bool
+        Query ``i`` is base row ``query_offset + i`` and that row is never returned for it (other
+        rows at distance 0, i.e. duplicates, are kept).
+    query_offset : int
+        See ``exclude_self``.
+    num_threads : int
+        ``<= 0``: one worker per CPU core. Query blocks are spread over a thread pool (NumPy and
+        BLAS release the GIL); BLAS itself may add its own threads.
+    block, base_block : int, optional
+        Queries per block and base rows per tile (memory: about ``12 * block * base_block`` bytes
+        per worker). Defaults adapt to the sizes.
+    device : {"cpu", "cuda", "auto"}
+        ``"cuda"`` runs the matrix products and the selection on the GPU through CuPy.
+    progress : callable, optional
+        Called with the number of queries finished after each block.
+
+    Returns
+    -------
+    ids : ndarray, int64 [nq, k]
+        Row numbers in ``base``, nearest first; equal distances ordered by the smaller id.
+    dists : ndarray, float32 [nq, k]
+        Distances, ascending.
+    """
+    space = check_space(space)
+    base = as_vectors(base, what="base")
+    queries = as_vectors(queries, dim=base.shape[1], what="queries")
+    k = _check_k(k)
+    n, nq = base.shape[0], queries.shape[0]
+    self_rows = None
+    if exclude_self:
+        if query_offset < 0 or query_offset + nq > n:
+            raise ValueError(f"exclude_self: queries must be base rows {query_offset}.."
+                             f"{query_offset + nq - 1}, but base has {n} rows")
+        self_rows = np.arange(query_offset, query_offset + nq, dtype=np.int64)
+    limit = n - 1 if exclude_self else n
+    if k > limit:
+        raise ValueError(f"k={k} exceeds the {limit} base rows that can be returned per query")
+    if space == "cosine":
+        base = normalize_rows(base)
+        queries = normalize_rows(queries)
+    return _exact(base, queries, k, space, self_rows=self_rows, num_threads=num_threads,
+                  block=block, base_block=base_block, device=resolve_device(device),
+                  progress=progress)
+
+
+def _exact(base, queries, k, space, *, labels=None, self_rows=None, num_threads=-1, block=None,
+           base_block=None, device="cpu", progress=None, base_cache=None):
+    """The kernel on validated float32 input (cosine rows already normalised).
+
+    labels : [n] integer array, optional. Tie-break key per base row (default: the row number).
+    self_rows : [nq] int64, optional. Base row excluded for each query.
+    Returns (rows int64 [nq, k] into ``base``, dists float32 [nq, k]).
+    """
+    n, nq = base.shape[0], queries.shape[0]
+    ids = np.empty((nq, k), dtype=np.int64)
+    dists = np.empty((nq, k), dtype=np.float32)
+    if nq == 0 or k == 0:
+        return ids, dists
+    avail = n - 1 if self_rows is not None else n
+    pool = min(avail, k + max(_MIN_MARGIN, k // 4))
+    if self_rows is not None:
+        pool = min(pool + 1, n)  # the excluded row may occupy one slot of the pool
+    if device == "cuda":
+        return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
+                           block=block, base_block=base_block, progress=progress,
+                           base_cache=base_cache, out=(ids, dists))
+
+    block = int(block) if block else min(_CPU_BLOCK, nq)
+    base_block = int(base_block) if base_block else max(pool, _CPU_TILE_ENTRIES // block)
+    base_block = max(base_block, pool)
+    base_sq = np.einsum("ij,ij->i", base, base, dtype=np.float64) if space == "l2" else None
+
+    def run(a):
+        b = min(a + block, nq)
+        srows = None if self_rows is None else self_rows[a:b]
+        cand = _screen_cpu(base, base_sq, queries[a:b], pool, space, srows, base_block)
+        ids[a:b], dists[a:b] = _refine(base, base_sq, queries[a:b], cand, k, space, srows, labels)
+        return b - a
+
+    starts = range(0, nq, block)
+    workers = min(_num_workers(num_threads), len(starts))
+    done = 0
+    if workers <= 1:
+        for a in starts:
+            done += run(a)
+            if progress is not None:
+                progress(done)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            for m in ex.map(run, starts):
+                done += m
+                if progress is not None:
+                    progress(done)
+    return ids, dists
+
+
+def _screen_cpu(base, base_sq, q, pool, space, self_rows, base_block):
+    """Rows of the ``pool`` smallest float32 keys per query, int64 [nq, pool] (unordered)."""
+    nq = q.shape[0]
+    best_key = best_idx = None
+    row_ix = np.arange(nq)[:, None]
+    sq32 = None if base_sq is None else base_sq.astype(np.float32)
+    for t0 in range(0, base.shape[0], base_block):
+        t1 = min(t0 + base_block, base.shape[0])
+        g = q @ base[t0:t1].T                                   # [nq, t1 - t0] float32
+        if space == "l2":
+            g *= -2.0
+            g += sq32[t0:t1]
+        else:
+            np.negative(g, out=g)
+        if self_rows is not None:
+            hit = (self_rows >= t0) & (self_rows < t1)
+            g[np.flatnonzero(hit), self_rows[hit] - t0] = _EXCLUDED
+        if g.shape[1] > pool:
+            sel = np.argpartition(g, pool - 1, axis=1)[:, :pool]
+            key, idx = g[row_ix, sel], sel + t0
+        else:
+            key, idx = g, np.broadcast_to(np.arange(t0, t1), g.shape)
+        if best_key is None:
+            best_key, best_idx = key, idx
+            continue
+        key = np.concatenate([best_key, key], axis=1)
+        idx = np.concatenate([best_idx, idx], axis=1)
+        if key.shape[1] > pool:
+            sel = np.argpartition(key, pool - 1, axis=1)[:, :pool]
+            key, idx = key[row_ix, sel], idx[row_ix, sel]
+        best_key, best_idx = key, idx
+    return np.ascontiguousarray(best_idx, dtype=np.int64)
+
+
+def _exact_dists(base, base_sq, q, cand, space):
+    """float64 [nq, pool]: exact distances of query i to base rows cand[i]."""
+    nq, pool = cand.shape
+    out = np.empty((nq, pool), dtype=np.float64)
+    step = max(1, _REFINE_ENTRIES // max(1, pool * base.shape[1]))
+    for a in range(0, nq, step):
+        c = cand[a:a + step]
+        v = base[c].astype(np.float64)                            # [step, pool, d]
+        q64 = q[a:a + step].astype(np.float64)[:, None, :]
+        if space == "l2":
+            v -= q64
+            out[a:a + step] = np.einsum("ijk,ijk->ij", v, v)
+        else:
+            out[a:a + step] = 1.0 - np.einsum("ijk,ijk->ij", v, q64)
+    return out
+
+
+def _refine(base, base_sq, q, cand, k, space, self_rows, labels):
+    """Exact re-ranking of the candidate pool: (rows int64 [nq, k], dists float32 [nq, k])."""
+    d64 = _exact_dists(base, base_sq, q, cand, space)
+    return _order(d64, cand, k, self_rows, labels)
+
+
+def _order(d64, cand, k, self_rows, labels):
+    if self_rows is not None:
+        d64[cand == self_rows[:, None]] = np.inf
+    tie = cand if labels is None else labels[cand]
+    order = np.lexsort((tie, d64), axis=1)[:, :k]
+    rows = np.take_along_axis(cand, order, axis=1)
+    return rows, np.take_along_axis(d64, order, axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA path (CuPy; imported lazily). Same phases as the CPU path; the candidate pool comes back to
+# the host for the final (distance, id) ordering, which is tiny.
+# --------------------------------------------------------------------------------------------------
+
+def _topk_cuda(cp, g, pool, group=32):
+    """Keys and column indices of the ``pool`` smallest entries per row of ``g`` [m, t], unordered.
+
+    CuPy's argpartition is a full sort, so sort only group minima: the ``pool`` groups of ``group``
+    columns with the smallest minima contain the ``pool`` smallest entries (each of those groups
+    holds an entry no larger than any entry outside them), then sort just their ``pool * group``
+    entries. Padding columns are +inf and real keys are finite, so padding is never chosen while
+    ``t >= pool``.
+    """
+    m, t = g.shape
+    if t <= max(pool * group, 4096):
+        sel = cp.argsort(g, axis=1)[:, :pool]
+        return cp.take_along_axis(g, sel, axis=1), sel
+    pad = (-t) % group
+    if pad:
+        g = cp.concatenate([g, cp.full((m, pad), cp.inf, dtype=g.dtype)], axis=1)
+    ng = g.shape[1] // group
+    gg = g.reshape(m, ng, group)
+    top = cp.argsort(gg.min(axis=2), axis=1)[:, :pool]                   # [m, pool] groups
+    cand = cp.take_along_axis(gg, top[:, :, None], axis=1).reshape(m, pool * group)
+    cols = (top[:, :, None] * group + cp.arange(group)[None, None, :]).reshape(m, pool * group)
+    sel = cp.argsort(cand, axis=1)[:, :pool]
+    return cp.take_along_axis(cand, sel, axis=1), cp.take_along_axis(cols, sel, axis=1)
+
+
+def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
+                base_cache, out):
+    cp = _import_cupy()
+    ids, dists = out
+    nq, n = queries.shape[0], base.shape[0]
+    try:
+        if base_cache is not None:
+            bdev, bsq = base_cache
+        else:
+            bdev = cp.asarray(base)
+            bsq = (bdev * bdev).sum(axis=1) if space == "l2" else None
+        block = int(block) if block else min(_GPU_BLOCK, nq)
+        base_block = int(base_block) if base_block else max(pool, _GPU_TILE_ENTRIES // block)
+        base_block = max(base_block, pool)
+        excluded = cp.float32(_EXCLUDED)
+        for a in range(0, nq, block):
+            b = min(a + block, nq)
+            q = cp.asarray(queries[a:b])
+            srows = None if self_rows is None else cp.asarray(self_rows[a:b])
+            best_key = best_idx = None
+            for t0 in range(0, n, base_block):
+                t1 = min(t0 + base_block, n)
+                g = q @ bdev[t0:t1].T                                  # cuBLAS sgemm
+                if space == "l2":
+                    g *= -2.0
+                    g += bsq[t0:t1]
+                else:
+                    cp.negative(g, out=g)
+                if srows is not None:
+                    hit = cp.flatnonzero((srows >= t0) & (srows < t1))
+                    g[hit, srows[hit] - t0] = excluded
+                take = min(pool, t1 - t0)
+                key, idx = _topk_cuda(cp, g, take)
+                idx = idx + t0
+                if best_key is not None:
+                    key = cp.concatenate([best_key, key], axis=1)
+                    idx = cp.concatenate([best_idx, idx], axis=1)
+                    if key.shape[1] > pool:
+                        sel = cp.argsort(key, axis=1)[:, :pool]
+                        key = cp.take_along_axis(key, sel, axis=1)
+                        idx = cp.take_along_axis(idx, sel, axis=1)
+                best_key, best_idx = key, idx
+            # exact float64 re-ranking of the pool on the device
+            v = bdev[best_idx].astype(cp.float64)                      # [m, pool, d]
+            q64 = q.astype(cp.float64)[:, None, :]
+            if space == "l2":
+                v -= q64
+                d64 = (v * v).sum(axis=2)
+            else:
+                d64 = 1.0 - (v * q64).sum(axis=2)
+            cand = cp.asnumpy(best_idx).astype(np.int64)
+            srows_h = None if self_rows is None else self_rows[a:b]
+            ids[a:b], dists[a:b] = _order(cp.asnumpy(d64), cand, k, srows_h, labels)
+            if progress is not None:
+                progress(b)
+    except cp.cuda.memory.OutOfMemoryError as exc:
+        raise DeviceError(f"GPU out of memory in exact search ({exc}); pass a smaller block= or "
+                          f"base_block=, or device='cpu'") from exc
+    return ids, dists
+
+
+# --------------------------------------------------------------------------------------------------
+# BFIndex
+# --------------------------------------------------------------------------------------------------
+
+_MAGIC = b"GHNSWBF\x00"
+_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQQQ")   # magic, version, space, dim, max_elements, count, next_auto_id
+_SECTION = struct.Struct("<QI")        # byte length, crc32
+_SPACE_CODES = {"l2": 0, "ip": 1, "cosine": 2}
+
+
+def _as_label(label):
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"label must be an integer, got {type(label).__name__}")
+    label = int(label)
+    if label < 0 or label >= 1 << 64:
+        raise OverflowError(f"label {label} does not fit in uint64")
+    return label
+
+
+def _as_labels(ids, rows):
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1 or arr.shape[0] != rows:
+        raise RuntimeError(f"The input label shape {arr.shape[0] if arr.ndim == 1 else arr.shape} "
+                           f"does not match the input data vector shape {rows}")
+    if arr.size == 0:
+        return arr.astype(np.uint64)
+    if arr.dtype == object:
+        arr = np.array([_as_label(x) for x in arr], dtype=np.uint64)
+    elif np.issubdtype(arr.dtype, np.signedinteger):
+        if (arr < 0).any():
+            raise OverflowError("labels must be non-negative (they are stored as uint64)")
+    elif not np.issubdtype(arr.dtype, np.unsignedinteger):
+        raise TypeError(f"labels must be integers, got dtype {arr.dtype}")
+    return arr.astype(np.uint64)
+
+
+def _write_atomic(path, chunks):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class BFIndex:
+    """Exact search index with hnswlib 0.8.0's ``BFIndex`` API.
+
+    Differences from hnswlib (its bugs, fixed): ``k`` larger than the number of elements that can be
+    returned raises ``RuntimeError`` instead of padding with garbage; filters return the true k
+    nearest allowed elements; cosine queries are normalised; input of the wrong width, or holding
+    NaN or infinity, raises ``ValueError``; ``add_items`` that would overflow capacity raises before
+    adding anything.
+
+    Parameters
+    ----------
+    space : {"l2", "ip", "cosine"}
+    dim : int
+    device : {"auto", "cpu", "cuda"}, keyword-only
+        Where ``knn_query`` runs. ``"auto"``: the GPU when CuPy sees one.
+    """
+
+    def __init__(self, space, dim, *, device="auto"):
+        self._space = check_space(space)
+        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self._dim = int(dim)
+        self._device = resolve_device(device)
+        self._num_threads = os.cpu_count() or 1
+        self._reset(None)
+
+    def _reset(self, max_elements):
+        self._inited = max_elements is not None
+        cap = max_elements or 0
+        self._max_elements = cap
+        self._vectors = np.zeros((cap, self._dim), dtype=np.float32)
+        self._labels = np.zeros(cap, dtype=np.uint64)
+        self._count = 0
+        self._rows = {}        # label -> row
+        self._next_auto = 0    # hnswlib's cur_l: advances by the rows of every add_items call
+        self._gpu_cache = None
+
+    def __repr__(self):
+        return f"<gpuhnsw.BFIndex(space='{self._space}', dim={self._dim})>"
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def space(self):
+        return self._space
+
+    @property
+    def dim(self):
+        return self._dim
+
+    @property
+    def device(self):
+        """``"cpu"`` or ``"cuda"``: where ``knn_query`` runs."""
+        return self._device
+
+    @property
+    def max_elements(self):
+        return self._max_elements
+
+    @property
+    def element_count(self):
+        return self._count
+
+    @property
+    def num_threads(self):
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value):
+        self.set_num_threads(value)
+
+    def set_num_threads(self, num_threads):
+        self._num_threads = int(num_threads)
+
+    def get_max_elements(self):
+        return self._max_elements
+
+    def get_current_count(self):
+        return self._count
+
+    # ---- building -----------------------------------------------------------------------------
+    def init_index(self, max_elements):
+        """Allocate room for ``max_elements`` vectors."""
+        if self._inited:
+            raise RuntimeError("The index is already initiated.")
+        if isinstance(max_elements, bool) or not isinstance(max_elements, (int, np.integer)):
+            raise TypeError(f"max_elements must be an integer, got {type(max_elements).__name__}")
+        if max_elements < 0:
+            raise ValueError(f"max_elements must be >= 0, got {max_elements}")
+        self._reset(int(max_elements))
+
+    def _require_init(self):
+        if not self._inited:
+            raise RuntimeError("The index is not initialised: call init_index() or load_index() first")
+
+    def add_items(self, data, ids=None):
+        """Add ``data`` [n, dim] under ``ids`` [n] (default: consecutive auto ids).
+
+        An existing label has its vector replaced. Duplicate ids within one call: the last row wins.
+        """
+        self._require_init()
+        x = as_vectors(data, dim=self._dim, what="data")
+        rows = x.shape[0]
+        if ids is None:
+            labels = np.arange(self._next_auto, self._next_auto + rows, dtype=np.uint64)
+        else:
+            labels = _as_labels(ids, rows)
+        if self._space == "cosine":
+            x = normalize_rows(x)
+        last = {}                                  # label -> last row of x carrying it
+        for i, lab in enumerate(labels.tolist()):
+            last[lab] = i
+        new = [lab for lab in last if lab not in self._rows]
+        if self._count + len(new) > self._max_elements:
+            raise RuntimeError("The number of elements exceeds the specified limit")
+        for lab, i in last.items():
+            r = self._rows.get(lab)
+            if r is None:
+                r = self._count
+                self._rows[lab] = r
+                self._labels[r] = lab
+                self._count += 1
+            self._vectors[r] = x[i]
+        self._next_auto += rows
+        self._gpu_cache = None
+
+    def delete_vector(self, label):
+        """Remove ``label`` (a label that is not present is ignored, as in hnswlib)."""
+        self._require_init()
+        label = _as_label(label)
+        r = self._rows.pop(label, None)
+        if r is None:
+            return
+        last = self._count - 1
+        if r != last:
+            moved = int(self._labels[last])
+            self._vectors[r] = self._vectors[last]
+            self._labels[r] = moved
+            self._rows[moved] = r
+        self._count = last
+        self._gpu_cache = None
+
+    # ---- search -------------------------------------------------------------------------------
+    def knn_query(self, data, k=1, num_threads=-1, filter=None):
+        """Exact k nearest neighbours.
+
+        Parameters
+        ----------
+        data : array_like, [nq, dim] (or [dim])
+        k : int
+        num_threads : int
+            ``<= 0``: ``self.num_threads``.
+        filter : callable(label) -> bool, optional
+            Only labels for which it returns true are returned. It is called once per stored
+            element per call (not once per query and element as in hnswlib), so it must not depend
+            on the query.
+
+        Returns
+        -------
+        labels : ndarray, uint64 [nq, k]
+        distances : ndarray, float32 [nq, k], ascending; ties ordered by the smaller label.
+        """
+        self._require_init()
+        q = as_vectors(data, dim=self._dim, what="queries")
+        k = _check_k(k)
+        if self._space == "cosine":
+            q = normalize_rows(q)
+        n = self._count
+        base, labels = self._vectors[:n], self._labels[:n]
+        use_cache = True
+        if filter is not None:
+            keep = np.fromiter((bool(filter(lab)) for lab in labels.tolist()), dtype=bool, count=n)
+            if not keep.all():
+                base, labels = base[keep], labels[keep]
+                use_cache = False
+        if k > base.shape[0]:
+            raise RuntimeError(
+                f"Cannot return the results in a contiguous 2D array: k={k} but only "
+                f"{base.shape[0]} element(s) can be returned"
+                + (" (after the filter)" if filter is not None else ""))
+        threads = num_threads if num_threads is not None and num_threads > 0 else self._num_threads
+        cache = None
+        if self._device == "cuda" and use_cache and k > 0 and q.shape[0] > 0:
+            cache = self._device_base()
+        rows, dists = _exact(base, q, k, self._space, labels=labels, num_threads=threads,
+                             device=self._device, base_cache=cache)
+        return labels[rows], dists
+
+    def _device_base(self):
+        if self._gpu_cache is None:
+            cp = _import_cupy()
+            b = cp.asarray(self._vectors[:self._count])
+            self._gpu_cache = (b, (b * b).sum(axis=1) if self._space == "l2" else None)
+        return self._gpu_cache
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save_index(self, path, *, format="gpuhnsw"):
+        """Write the index to ``path`` (temporary file + rename: never a half-written file).
+
+        format : ``"gpuhnsw"`` (magic, version, checksums) or ``"hnswlib"`` (hnswlib 0.8.0's
+        BFIndex layout, readable by ``hnswlib.BFIndex.load_index``).
+        """
+        self._require_init()
+        n = self._count
+        vec = np.ascontiguousarray(self._vectors[:n])
+        lab = np.ascontiguousarray(self._labels[:n])
+        if format == "gpuhnsw":
+            head = _HEADER.pack(_MAGIC, _VERSION, _SPACE_CODES[self._space], self._dim,
+                                self._max_elements, n, self._next_auto)
+            chunks = [head, struct.pack("<I", zlib.crc32(head))]
+            for arr in (vec, lab):
+                b = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+                chunks += [_SECTION.pack(len(b), zlib.crc32(b)), b]
+        elif format == "hnswlib":
+            # maxelements, size_per_element, cur_element_count (size_t each), then the whole
+            # capacity of [dim float32 | uint64 label] records.
+            rec = np.zeros(self._max_elements, dtype=[("v", "<f4", (self._dim,)), ("l", "<u8")])
+            rec["v"][:n], rec["l"][:n] = vec, lab
+            chunks = [struct.pack("<QQQ", self._max_elements, rec.dtype.itemsize, n), rec.tobytes()]
+        else:
+            raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
+        _write_atomic(path, chunks)
+
+    def load_index(self, path, max_elements=0):
+        """Replace the contents with the index saved at ``path`` (either format).
+
+        The capacity becomes ``max(max_elements, saved capacity)``. Every length, checksum and label
+        is checked; any inconsistency raises :class:`gpuhnsw.IndexFileError`.
+        """
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            blob = f.read()
+        if blob[:len(_MAGIC)] == _MAGIC:
+            cap, vec, lab, next_auto = self._parse_own(blob, path)
+        else:
+            cap, vec, lab = self._parse_hnswlib(blob, path)
+            next_auto = vec.shape[0]
+        if not np.isfinite(vec).all():
+            raise IndexFileError(f"{path}: vectors hold NaN or infinite values")
+        if np.unique(lab).shape[0] != lab.shape[0]:
+            raise IndexFileError(f"{path}: duplicate labels")
+        self._reset(max(int(max_elements or 0), cap))
+        n = vec.shape[0]
+        self._vectors[:n], self._labels[:n], self._count = vec, lab, n
+        self._rows = {lab_: r for r, lab_ in enumerate(lab.tolist())}
+        self._next_auto = next_auto
+
+    def _parse_own(self, blob, path):
+        def bad(msg):
+            return IndexFileError(f"{path}: {msg}")
+        hs = _HEADER.size
+        if len(blob) < hs + 4:
+            raise bad("truncated header")
+        magic, version, space, dim, cap, n, next_auto = _HEADER.unpack_from(blob, 0)
+        (crc,) = struct.unpack_from("<I", blob, hs)
+        if version != _VERSION:
+            raise bad(f"unsupported BFIndex file version {version} (this build reads {_VERSION})")
+        if zlib.crc32(blob[:hs]) != crc:
+            raise bad("header checksum mismatch")
+        names = {v: s for s, v in _SPACE_CODES.items()}
+        if space not in names:
+            raise bad(f"unknown space code {space}")
+        if names[space] != self._space or dim != self._dim:
+            raise bad(f"holds space '{names[space]}', dim {dim}; this index is space "
+                      f"'{self._space}', dim {self._dim}")
+        if n > cap:
+            raise bad(f"count {n} exceeds capacity {cap}")
+        pos = hs + 4
+        out = []
+        for name, dtype, width in (("vectors", "<f4", dim), ("labels", "<u8", 1)):
+            if len(blob) < pos + _SECTION.size:
+                raise bad(f"truncated before the {name} section")
+            nbytes, scrc = _SECTION.unpack_from(blob, pos)
+            pos += _SECTION.size
+            want = n * width * np.dtype(dtype).itemsize
+            if nbytes != want:
+                raise bad(f"{name} section holds {nbytes} bytes, expected {want}")
+            if len(blob) < pos + nbytes:
+                raise bad(f"truncated {name} section")
+            body = blob[pos:pos + nbytes]
+            if zlib.crc32(body) != scrc:
+                raise bad(f"{name} section checksum mismatch")
+            arr = np.frombuffer(body, dtype=dtype)
+            out.append(arr.reshape(n, dim).astype(np.float32) if width == dim and name == "vectors"
+                       else arr.astype(np.uint64))
+            pos += nbytes
+        if pos != len(blob):
+            raise bad(f"{len(blob) - pos} unexpected trailing bytes")
+        return int(cap), out[0], out[1], int(next_auto)
+
+    def _parse_hnswlib(self, blob, path):
+        def bad(msg):
+            return IndexFileError(f"{path}: not a BFIndex file or corrupted ({msg})")
+        if len(blob) < 24:
+            raise bad("shorter than the 24-byte header")
+        cap, size, n = struct.unpack_from("<QQQ", blob, 0)
+        if size != 4 * self._dim + 8:
+            raise bad(f"record size {size} does not match dim {self._dim}")
+        if n > cap:
+            raise bad(f"count {n} exceeds capacity {cap}")
+        if len(blob) != 24 + cap * size:
+            raise bad(f"file has {len(blob)} bytes, the header implies {24 + cap * size}")
+        rec = np.frombuffer(blob, dtype=[("v", "<f4", (self._dim,)), ("l", "<u8")], count=n,
+                            offset=24)
+        return int(cap), rec["v"].astype(np.float32), rec["l"].astype(np.uint64)
