@@ -1,0 +1,112 @@
+"""Shared fixtures: the gpu skip, seeded random data, the shipped datasets, hnswlib, index snapshots.
+
+Markers ``gpu`` and ``slow`` are declared in pyproject.toml (``--strict-markers``).
+"""
+import functools
+import importlib.metadata
+
+import numpy as np
+import pytest
+
+from gpuhnsw import testing
+
+SEED = 20240611
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_available():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device: all mean "no GPU here"
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not _gpu_available():
+        skip = pytest.mark.skip(reason="needs CuPy and a CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    """A fresh numpy Generator with the suite's fixed seed."""
+    return np.random.default_rng(SEED)
+
+
+def clustered(n, dim, *, n_clusters=32, spread=0.15, seed=SEED):
+    """Gaussian clusters around uniform centres: float32 [n, dim], no duplicate rows.
+
+    Harder than uniform noise for a graph index and closer to real embeddings.
+    """
+    r = np.random.default_rng(seed)
+    centres = r.random((n_clusters, dim), dtype=np.float32)
+    which = r.integers(0, n_clusters, size=n)
+    noise = r.standard_normal((n, dim), dtype=np.float32) * np.float32(spread)
+    return np.ascontiguousarray(centres[which] + noise, dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def make_data():
+    """``make_data(n, dim, *, n_clusters=32, spread=0.15, seed=SEED)`` -> clustered float32 [n, dim]."""
+    return clustered
+
+
+@pytest.fixture(scope="session")
+def datasets():
+    """``datasets(name, n_base=None, n_queries=None)`` -> ``testing.load_dataset(...)``, cached.
+
+    Skips the calling test when the dataset folder is not there (``GHNSW_DATA`` or ../shared/data).
+    Returned arrays are shared between tests: do not modify them in place.
+    """
+
+    @functools.lru_cache(maxsize=None)
+    def load(name, n_base=None, n_queries=None):
+        folder = testing.data_dir() / name
+        if not (folder / "base.npy").exists():
+            pytest.skip(f"dataset {name!r} not found under {testing.data_dir()}")
+        arrays = testing.load_dataset(name, n_base=n_base, n_queries=n_queries)
+        for a in arrays:
+            if a is not None:
+                a.setflags(write=False)
+        return arrays
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def hnswlib():
+    """The reference implementation, hnswlib 0.8.0 (skips when it is not installed)."""
+    module = pytest.importorskip("hnswlib")
+    version = importlib.metadata.version("hnswlib")
+    if version != "0.8.0":
+        pytest.skip(f"the compatibility tests describe hnswlib 0.8.0, found {version}")
+    return module
+
+
+def snapshot(index, queries, k=5):
+    """Everything a rejected call must leave as it was, as a comparable tuple.
+
+    Works for hnswlib and gpuhnsw indexes (hnswlib-only API, plus ``len`` where present).
+    ``k`` must not exceed the number of live elements.
+    """
+    labels, dists = index.knn_query(queries, k=k)
+    return (
+        index.element_count,
+        index.get_current_count(),
+        index.max_elements,
+        index.ef,
+        len(index) if hasattr(type(index), "__len__") else None,
+        tuple(sorted(index.get_ids_list())),
+        labels.tobytes(),
+        dists.tobytes(),
+    )
+
+
+@pytest.fixture(scope="session")
+def index_snapshot():
+    """``index_snapshot(index, queries, k=5)`` -> tuple; equal before and after a rejected call."""
+    return snapshot
