@@ -10,7 +10,7 @@ import os
 
 from setuptools import Extension, setup
 
-cflags = ["-std=c11", "-O3", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wextra",
+cflags = ["-std=c11", "-D_GNU_SOURCE", "-O3", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wextra",
           "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 ldflags = ["-pthread"]
 if os.environ.get("GHNSW_NATIVE") == "1":

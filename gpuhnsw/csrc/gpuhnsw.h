@@ -1,0 +1,203 @@
+/* gpuhnsw C core: internal API.  Only module.c includes Python.h.
+ *
+ * Data layout (shared with the GPU device mirror, which copies rows, never gathers fields):
+ *
+ *   vectors  [capacity, dim_pad] float32   dim_pad = ceil(dim/4)*4, pad zero; cosine rows normalised
+ *   links0   [capacity, M0]      uint32    M0 = 2M; unused entries GHNSW_INVALID
+ *   degree0  [capacity]          uint32    live entries of links0[i]
+ *   labels   [capacity]          uint64    slot -> label
+ *   levels   [capacity]          uint8     top level of the slot
+ *   upper    [capacity] -> uint32[levels[i] * (1 + M)]   level l (1-based) at (l-1)*(1+M): [count, M ids]
+ *   deleted  [ceil(capacity/32)] uint32 bitset
+ *   dirty    [ceil(capacity/32)] uint32 bitset: slots whose row changed since the last drain
+ *
+ * Two id spaces, never mixed: a label is the user's uint64 id, a slot the internal uint32 row.
+ */
+#ifndef GHNSW_H
+#define GHNSW_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define GHNSW_INVALID 0xFFFFFFFFu
+#define GHNSW_MAX_CAPACITY 0x7FFFFFFFu /* slots stay below 2^31: the top bit tags beam entries */
+#define GHNSW_MAX_LEVEL 255
+
+typedef enum { GHNSW_L2 = 0, GHNSW_IP = 1, GHNSW_COSINE = 2 } ghnsw_space_t;
+
+/* Status codes; module.c maps them to Python exceptions, with the message in ghnsw_err. */
+typedef enum {
+    GHNSW_OK = 0,
+    GHNSW_ENOMEM,   /* MemoryError */
+    GHNSW_EFULL,    /* RuntimeError: capacity */
+    GHNSW_ENOTFOUND,/* RuntimeError: label not found */
+    GHNSW_EINVAL,   /* ValueError */
+    GHNSW_ESTATE,   /* RuntimeError: operation not allowed in this state */
+    GHNSW_ECORRUPT, /* integrity / import failure */
+    GHNSW_ECALLBACK /* a Python callback raised; the exception is already set */
+} ghnsw_status_t;
+
+#define GHNSW_ERRLEN 256
+typedef struct { char msg[GHNSW_ERRLEN]; } ghnsw_err_t;
+ghnsw_status_t ghnsw_fail(ghnsw_err_t *err, ghnsw_status_t st, const char *fmt, ...);
+
+typedef float (*ghnsw_dist_fn)(const float *a, const float *b, size_t dim_pad);
+
+/* distance.c */
+ghnsw_dist_fn ghnsw_pick_distance(int space);
+const char *ghnsw_simd_name(void);
+void ghnsw_normalize(float *v, size_t dim);
+
+/* Label -> slot map: open addressing, linear probing, tombstones (relabel on replace_deleted). */
+typedef struct {
+    uint64_t *keys;
+    uint32_t *vals; /* GHNSW_INVALID empty, GHNSW_TOMB tombstone */
+    size_t mask;    /* table size - 1 (power of two) */
+    size_t used;    /* live + tombstones */
+    size_t live;
+} ghnsw_map_t;
+#define GHNSW_TOMB 0xFFFFFFFEu
+
+/* Visited table: a generation tag per slot, so a reset is O(1) except on wrap. */
+typedef struct ghnsw_visited {
+    uint16_t *tags;
+    uint16_t gen;
+    size_t n;
+    struct ghnsw_visited *next;
+} ghnsw_visited_t;
+
+typedef struct {
+    ghnsw_visited_t *free_list;
+    size_t n; /* capacity the tables are sized for */
+    pthread_mutex_t lock;
+} ghnsw_visited_pool_t;
+
+/* A fixed-size beam entry; the top bit of `id` tags an expanded entry. */
+typedef struct { float d; uint32_t id; } ghnsw_cand_t;
+#define GHNSW_EXPANDED 0x80000000u
+
+typedef struct ghnsw_index {
+    int space;
+    uint32_t dim, dim_pad, M, M0, ef_construction;
+    uint64_t seed;
+    double mult;
+    int allow_replace_deleted;
+    ghnsw_dist_fn dist;
+
+    uint32_t capacity;
+    uint32_t count;     /* slots in use (deleted included) */
+    uint32_t n_deleted;
+    uint64_t insert_seq; /* rows ever added: the level generator's counter */
+
+    float *vectors;
+    uint32_t *links0, *degree0;
+    uint64_t *labels;
+    uint8_t *levels;
+    uint32_t **upper;
+    uint32_t *deleted, *dirty;
+    uint8_t *slot_locks;
+
+    ghnsw_map_t map;
+    pthread_mutex_t map_lock;   /* the map's table */
+    pthread_mutex_t ep_lock;    /* entry point, max level */
+    pthread_mutex_t mut_lock;   /* serialises mutating calls (add, delete, resize) */
+    pthread_rwlock_t resize_lock; /* shared: anything reading arrays; exclusive: resize */
+    uint32_t entry_point;
+    int max_level;
+
+    ghnsw_visited_pool_t vpool;
+} ghnsw_index_t;
+
+/* index.c */
+ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32_t capacity, uint32_t M,
+                            uint32_t ef_construction, uint64_t seed, int allow_replace_deleted,
+                            ghnsw_err_t *err);
+void ghnsw_free(ghnsw_index_t *ix);
+ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_t *err);
+uint32_t ghnsw_map_get(const ghnsw_map_t *m, uint64_t key);
+ghnsw_status_t ghnsw_map_put(ghnsw_map_t *m, uint64_t key, uint32_t val);
+void ghnsw_map_del(ghnsw_map_t *m, uint64_t key);
+uint32_t ghnsw_lookup(ghnsw_index_t *ix, uint64_t label); /* under map_lock */
+size_t ghnsw_memory_bytes(const ghnsw_index_t *ix);
+static inline float *ghnsw_vec(const ghnsw_index_t *ix, uint32_t s) {
+    return ix->vectors + (size_t)s * ix->dim_pad;
+}
+static inline uint32_t *ghnsw_links0(const ghnsw_index_t *ix, uint32_t s) {
+    return ix->links0 + (size_t)s * ix->M0;
+}
+/* Level l >= 1 block of slot s: [count, M ids]. */
+static inline uint32_t *ghnsw_upper(const ghnsw_index_t *ix, uint32_t s, int l) {
+    return ix->upper[s] + (size_t)(l - 1) * (1 + ix->M);
+}
+void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s);
+size_t ghnsw_drain_dirty(ghnsw_index_t *ix, uint32_t *out, size_t max_out);
+size_t ghnsw_count_dirty(ghnsw_index_t *ix);
+
+/* visited.c */
+ghnsw_visited_t *ghnsw_visited_get(ghnsw_visited_pool_t *p);
+void ghnsw_visited_put(ghnsw_visited_pool_t *p, ghnsw_visited_t *v);
+void ghnsw_visited_pool_clear(ghnsw_visited_pool_t *p);
+void ghnsw_visited_next(ghnsw_visited_t *v);
+/* Returns 1 if s was already visited in this generation, else marks it and returns 0. */
+static inline int ghnsw_visit(ghnsw_visited_t *v, uint32_t s) {
+    if (v->tags[s] == v->gen) return 1;
+    v->tags[s] = v->gen;
+    return 0;
+}
+
+/* search.c */
+typedef struct {
+    const uint32_t *allowed_bits; /* optional bitset over slots */
+    int (*callback)(void *ctx, uint64_t label, int *allowed); /* optional; returns 0 ok, -1 error */
+    void *callback_ctx;
+} ghnsw_filter_t;
+
+/* Copy a neighbour list under its slot lock: returns the count, ids into out[M0]. */
+uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out);
+uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, int from_level, int to_level,
+                              float *ep_dist);
+/* Level-`level` beam search of capacity ef from ep; writes up to ef sorted candidates into beam[ef],
+ * returns how many.  Used by insertion (no filter) and queries at level 0. */
+uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
+                            float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam);
+ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
+                            int num_threads, const ghnsw_filter_t *filter, uint64_t *out_labels,
+                            float *out_dists, int32_t *out_found, ghnsw_err_t *err);
+
+/* heuristic.c: keeps at most m of cand[n] (sorted ascending); returns the kept count, in place. */
+uint32_t ghnsw_select_heuristic(const ghnsw_index_t *ix, ghnsw_cand_t *cand, uint32_t n, uint32_t m);
+
+/* insert.c */
+int ghnsw_level_for(uint64_t seed, uint64_t seq, double mult);
+ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *labels, size_t n,
+                         int num_threads, int replace_deleted, ghnsw_err_t *err);
+ghnsw_status_t ghnsw_mark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err);
+ghnsw_status_t ghnsw_unmark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err);
+
+/* threads.c: calls fn(ctx, i, worker) for i in [0, n) on up to num_threads threads; stops handing out
+ * work once fn returns non-zero, and returns the first non-zero result. */
+typedef int (*ghnsw_task_fn)(void *ctx, size_t i, int worker);
+int ghnsw_parallel_for(size_t n, int num_threads, ghnsw_task_fn fn, void *ctx);
+int ghnsw_default_threads(void);
+
+/* integrity.c */
+typedef struct {
+    size_t n_live, n_deleted, n_edges, n_unreachable;
+    int max_level;
+} ghnsw_integrity_t;
+ghnsw_status_t ghnsw_check_integrity(ghnsw_index_t *ix, ghnsw_integrity_t *out, ghnsw_err_t *err);
+
+/* io.c: fill a freshly created index from flat arrays (state dict layout, docs/architecture.md) */
+typedef struct {
+    uint32_t count;
+    int64_t entry_point;
+    int max_level;
+    uint64_t insert_seq;
+    const void *vectors, *links0, *degree0, *labels, *upper;
+    const uint8_t *levels, *deleted;
+    size_t vectors_len, links0_len, degree0_len, labels_len, levels_len, upper_len, deleted_len;
+} ghnsw_state_t;
+ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_err_t *err);
+
+#endif

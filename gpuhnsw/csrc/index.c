@@ -1,0 +1,228 @@
+/* Index storage: create / free / resize, the label -> slot map, the dirty-row log. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpuhnsw.h"
+#include "locks.h"
+
+static inline uint64_t mix64(uint64_t x) { /* splitmix64 finaliser: labels are often sequential */
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static ghnsw_status_t map_init(ghnsw_map_t *m, size_t capacity) {
+    size_t size = 16;
+    while (size < capacity + capacity / 3 + 1) size <<= 1; /* load factor <= 0.75 */
+    uint64_t *keys = malloc(size * sizeof(uint64_t));
+    uint32_t *vals = malloc(size * sizeof(uint32_t));
+    if (!keys || !vals) { free(keys); free(vals); return GHNSW_ENOMEM; }
+    memset(vals, 0xFF, size * sizeof(uint32_t));
+    m->keys = keys; m->vals = vals; m->mask = size - 1; m->used = 0; m->live = 0;
+    return GHNSW_OK;
+}
+
+uint32_t ghnsw_map_get(const ghnsw_map_t *m, uint64_t key) {
+    for (size_t i = mix64(key) & m->mask;; i = (i + 1) & m->mask) {
+        uint32_t v = m->vals[i];
+        if (v == GHNSW_INVALID) return GHNSW_INVALID;
+        if (v != GHNSW_TOMB && m->keys[i] == key) return v;
+    }
+}
+
+/* Caller guarantees the key is absent and the table has room (sized for capacity at resize). */
+ghnsw_status_t ghnsw_map_put(ghnsw_map_t *m, uint64_t key, uint32_t val) {
+    size_t i = mix64(key) & m->mask, tomb = (size_t)-1;
+    for (;; i = (i + 1) & m->mask) {
+        uint32_t v = m->vals[i];
+        if (v == GHNSW_INVALID) break;
+        if (v == GHNSW_TOMB) { if (tomb == (size_t)-1) tomb = i; continue; }
+        if (m->keys[i] == key) { m->vals[i] = val; return GHNSW_OK; }
+    }
+    if (tomb != (size_t)-1) i = tomb; else m->used++;
+    m->keys[i] = key; m->vals[i] = val; m->live++;
+    return GHNSW_OK;
+}
+
+void ghnsw_map_del(ghnsw_map_t *m, uint64_t key) {
+    for (size_t i = mix64(key) & m->mask;; i = (i + 1) & m->mask) {
+        uint32_t v = m->vals[i];
+        if (v == GHNSW_INVALID) return;
+        if (v != GHNSW_TOMB && m->keys[i] == key) { m->vals[i] = GHNSW_TOMB; m->live--; return; }
+    }
+}
+
+uint32_t ghnsw_lookup(ghnsw_index_t *ix, uint64_t label) {
+    pthread_mutex_lock(&ix->map_lock);
+    uint32_t s = ghnsw_map_get(&ix->map, label);
+    pthread_mutex_unlock(&ix->map_lock);
+    return s;
+}
+
+/* Rebuild the table for a new capacity (drops tombstones). */
+static ghnsw_status_t map_rebuild(ghnsw_index_t *ix, size_t capacity) {
+    ghnsw_map_t fresh;
+    if (map_init(&fresh, capacity) != GHNSW_OK) return GHNSW_ENOMEM;
+    for (size_t i = 0; i <= ix->map.mask; i++) {
+        uint32_t v = ix->map.vals[i];
+        if (v != GHNSW_INVALID && v != GHNSW_TOMB) ghnsw_map_put(&fresh, ix->map.keys[i], v);
+    }
+    free(ix->map.keys); free(ix->map.vals);
+    ix->map = fresh;
+    return GHNSW_OK;
+}
+
+static size_t words(size_t n) { return (n + 31) / 32; }
+
+/* Grow (or allocate) every per-slot array to `cap` slots; new rows are initialised. On failure the
+ * arrays that were already grown stay valid (larger), nothing is lost. */
+static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
+    size_t old = ix->capacity;
+    void *p;
+#define GROW(field, type, per) \
+    p = realloc(ix->field, (size_t)cap * (per) * sizeof(type) + 1); \
+    if (!p) return GHNSW_ENOMEM; \
+    ix->field = p;
+    GROW(vectors, float, ix->dim_pad)
+    GROW(links0, uint32_t, ix->M0)
+    GROW(degree0, uint32_t, 1)
+    GROW(labels, uint64_t, 1)
+    GROW(levels, uint8_t, 1)
+    GROW(upper, uint32_t *, 1)
+    GROW(slot_locks, uint8_t, 1)
+#undef GROW
+    p = realloc(ix->deleted, words(cap) * sizeof(uint32_t) + 4);
+    if (!p) return GHNSW_ENOMEM;
+    ix->deleted = p;
+    p = realloc(ix->dirty, words(cap) * sizeof(uint32_t) + 4);
+    if (!p) return GHNSW_ENOMEM;
+    ix->dirty = p;
+    if (cap > old) {
+        size_t n = cap - old;
+        memset(ix->vectors + old * ix->dim_pad, 0, n * ix->dim_pad * sizeof(float));
+        memset(ix->links0 + old * ix->M0, 0xFF, n * ix->M0 * sizeof(uint32_t));
+        memset(ix->degree0 + old, 0, n * sizeof(uint32_t));
+        memset(ix->labels + old, 0, n * sizeof(uint64_t));
+        memset(ix->levels + old, 0, n);
+        memset(ix->upper + old, 0, n * sizeof(uint32_t *));
+        memset(ix->slot_locks + old, 0, n);
+        size_t w0 = words(old), w1 = words(cap);
+        /* the partial word at the old end already has zero bits past `old` */
+        memset(ix->deleted + w0, 0, (w1 - w0) * sizeof(uint32_t));
+        memset(ix->dirty + w0, 0, (w1 - w0) * sizeof(uint32_t));
+    }
+    ix->capacity = cap;
+    return GHNSW_OK;
+}
+
+ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32_t capacity, uint32_t M,
+                            uint32_t ef_construction, uint64_t seed, int allow_replace_deleted,
+                            ghnsw_err_t *err) {
+    if (dim == 0) return ghnsw_fail(err, GHNSW_EINVAL, "dim must be positive");
+    if (M < 2) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at least 2 (got %u)", M);
+    if (M > 10000) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at most 10000 (got %u)", M);
+    if (capacity > GHNSW_MAX_CAPACITY)
+        return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
+    ghnsw_index_t *ix = calloc(1, sizeof(*ix));
+    if (!ix) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
+    ix->space = space;
+    ix->dim = dim;
+    ix->dim_pad = (dim + 3) & ~3u;
+    ix->M = M;
+    ix->M0 = 2 * M;
+    ix->ef_construction = ef_construction > M ? ef_construction : M;
+    ix->seed = seed;
+    ix->mult = 1.0 / log((double)M);
+    ix->allow_replace_deleted = allow_replace_deleted;
+    ix->dist = ghnsw_pick_distance(space);
+    ix->entry_point = GHNSW_INVALID;
+    ix->max_level = -1;
+    pthread_mutex_init(&ix->map_lock, NULL);
+    pthread_mutex_init(&ix->ep_lock, NULL);
+    pthread_mutex_init(&ix->mut_lock, NULL);
+    pthread_rwlock_init(&ix->resize_lock, NULL);
+    pthread_mutex_init(&ix->vpool.lock, NULL);
+    if (grow_arrays(ix, capacity) != GHNSW_OK || map_init(&ix->map, capacity) != GHNSW_OK) {
+        ghnsw_free(ix);
+        return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory allocating an index of %u elements", capacity);
+    }
+    ix->vpool.n = capacity;
+    *out = ix;
+    return GHNSW_OK;
+}
+
+void ghnsw_free(ghnsw_index_t *ix) {
+    if (!ix) return;
+    if (ix->upper)
+        for (uint32_t i = 0; i < ix->count; i++) free(ix->upper[i]);
+    free(ix->vectors); free(ix->links0); free(ix->degree0); free(ix->labels); free(ix->levels);
+    free(ix->upper); free(ix->slot_locks); free(ix->deleted); free(ix->dirty);
+    free(ix->map.keys); free(ix->map.vals);
+    ghnsw_visited_pool_clear(&ix->vpool);
+    pthread_mutex_destroy(&ix->map_lock);
+    pthread_mutex_destroy(&ix->ep_lock);
+    pthread_mutex_destroy(&ix->mut_lock);
+    pthread_rwlock_destroy(&ix->resize_lock);
+    pthread_mutex_destroy(&ix->vpool.lock);
+    free(ix);
+}
+
+/* Caller holds mut_lock; takes resize_lock exclusively so no reader sees arrays move. */
+ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_t *err) {
+    if (new_capacity < ix->count)
+        return ghnsw_fail(err, GHNSW_ESTATE,
+                          "Cannot resize, max element is less than the current number of elements");
+    if (new_capacity > GHNSW_MAX_CAPACITY)
+        return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
+    pthread_rwlock_wrlock(&ix->resize_lock);
+    ghnsw_status_t st = GHNSW_OK;
+    if (new_capacity > ix->capacity) {
+        st = grow_arrays(ix, new_capacity);
+        if (st == GHNSW_OK) st = map_rebuild(ix, new_capacity);
+    } else if (new_capacity < ix->capacity) {
+        /* shrinking keeps the larger allocation (cheap, and never loses rows); only capacity drops */
+        ix->capacity = new_capacity;
+    }
+    if (st == GHNSW_OK) {
+        ghnsw_visited_pool_clear(&ix->vpool);
+        ix->vpool.n = ix->capacity;
+    }
+    pthread_rwlock_unlock(&ix->resize_lock);
+    if (st != GHNSW_OK) return ghnsw_fail(err, st, "out of memory resizing to %u elements", new_capacity);
+    return GHNSW_OK;
+}
+
+void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s) { ghnsw_bit_set(ix->dirty, s); }
+
+/* Atomically takes and clears the dirty words, so a row written during the drain is either in this
+ * batch or stays dirty for the next one. */
+size_t ghnsw_drain_dirty(ghnsw_index_t *ix, uint32_t *out, size_t max_out) {
+    size_t n = 0, nw = words(ix->capacity);
+    for (size_t w = 0; w < nw; w++) {
+        if (!__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED)) continue;
+        uint32_t bits = __atomic_exchange_n(&ix->dirty[w], 0, __ATOMIC_ACQ_REL);
+        while (bits) {
+            int b = __builtin_ctz(bits);
+            bits &= bits - 1;
+            if (n < max_out) out[n] = (uint32_t)(w * 32 + b);
+            n++;
+        }
+    }
+    return n;
+}
+
+size_t ghnsw_count_dirty(ghnsw_index_t *ix) {
+    size_t n = 0, nw = words(ix->capacity);
+    for (size_t w = 0; w < nw; w++) n += __builtin_popcount(__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED));
+    return n;
+}
+
+size_t ghnsw_memory_bytes(const ghnsw_index_t *ix) {
+    size_t cap = ix->capacity;
+    size_t b = cap * ((size_t)ix->dim_pad * 4 + (size_t)ix->M0 * 4 + 4 + 8 + 1 + sizeof(void *) + 1);
+    b += 2 * words(cap) * 4;
+    b += (ix->map.mask + 1) * (8 + 4);
+    for (uint32_t i = 0; i < ix->count; i++) b += (size_t)ix->levels[i] * (1 + ix->M) * 4;
+    return b;
+}

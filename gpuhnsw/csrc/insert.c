@@ -1,0 +1,388 @@
+/* Insertion (hnswlib addPoint), updates of existing labels (updatePoint + repairConnectionsForUpdate),
+ * replace_deleted, and delete marks.
+ *
+ * An add runs in two phases.  A serial pre-pass resolves every label (dedupe within the batch: the last
+ * row of a label wins), checks capacity, assigns slots in row order and allocates upper blocks, so a
+ * rejected batch changes nothing and the parallel phase never touches the label map.  Then the rows are
+ * linked in parallel; the first element of an empty index is linked before the threads start. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpuhnsw.h"
+#include "locks.h"
+
+/* Counter-based level generator: level of the seq-th row ever added, independent of thread timing. */
+int ghnsw_level_for(uint64_t seed, uint64_t seq, double mult) {
+    uint64_t x = seed ^ (0x9E3779B97F4A7C15ULL * (seq + 1));
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    double u = ((double)(x >> 11) + 0.5) * (1.0 / 9007199254740992.0); /* (0, 1) */
+    double l = floor(-log(u) * mult);
+    return l > GHNSW_MAX_LEVEL ? GHNSW_MAX_LEVEL : (int)l;
+}
+
+static int cand_cmp(const void *a, const void *b) {
+    const ghnsw_cand_t *x = a, *y = b;
+    if (x->d < y->d) return -1;
+    if (x->d > y->d) return 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+static inline uint32_t *list_ptr(ghnsw_index_t *ix, uint32_t s, int level, uint32_t **count) {
+    if (level == 0) { *count = &ix->degree0[s]; return ghnsw_links0(ix, s); }
+    uint32_t *blk = ghnsw_upper(ix, s, level);
+    *count = blk;
+    return blk + 1;
+}
+
+/* Write a list (caller holds the slot lock); unused entries get the invalid sentinel. */
+static void write_list(ghnsw_index_t *ix, uint32_t s, int level, const ghnsw_cand_t *c, uint32_t n) {
+    uint32_t *cnt, *ids = list_ptr(ix, s, level, &cnt);
+    uint32_t cap = level ? ix->M : ix->M0;
+    for (uint32_t i = 0; i < n; i++) ids[i] = c[i].id;
+    for (uint32_t i = n; i < cap; i++) ids[i] = GHNSW_INVALID;
+    __atomic_store_n(cnt, n, __ATOMIC_RELEASE);
+}
+
+/* hnswlib mutuallyConnectNewElement: s links to the heuristic's M picks of cand[n] (sorted), each pick
+ * links back, re-pruning full lists with the same heuristic.  Returns the closest pick. */
+static uint32_t connect(ghnsw_index_t *ix, uint32_t s, ghnsw_cand_t *cand, uint32_t n, int level,
+                        ghnsw_cand_t *scratch /* [M0 + 1] */) {
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) if (cand[i].id != s) cand[m++] = cand[i];
+    n = ghnsw_select_heuristic(ix, cand, m, ix->M);
+    if (n == 0) return GHNSW_INVALID;
+    uint32_t mmax = level ? ix->M : ix->M0;
+    ghnsw_spin_lock(&ix->slot_locks[s]);
+    write_list(ix, s, level, cand, n);
+    ghnsw_spin_unlock(&ix->slot_locks[s]);
+    ghnsw_mark_dirty(ix, s);
+    const float *vs = ghnsw_vec(ix, s);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t nb = cand[i].id;
+        if (level > ix->levels[nb]) continue;
+        ghnsw_spin_lock(&ix->slot_locks[nb]);
+        uint32_t *cnt, *ids = list_ptr(ix, nb, level, &cnt);
+        uint32_t deg = *cnt, present = 0;
+        for (uint32_t j = 0; j < deg; j++) if (ids[j] == s) { present = 1; break; }
+        if (!present) {
+            if (deg < mmax) {
+                ids[deg] = s;
+                __atomic_store_n(cnt, deg + 1, __ATOMIC_RELEASE);
+            } else {
+                const float *vn = ghnsw_vec(ix, nb);
+                scratch[0].d = ix->dist(vs, vn, ix->dim_pad);
+                scratch[0].id = s;
+                for (uint32_t j = 0; j < deg; j++) {
+                    scratch[j + 1].id = ids[j];
+                    scratch[j + 1].d = ix->dist(ghnsw_vec(ix, ids[j]), vn, ix->dim_pad);
+                }
+                qsort(scratch, deg + 1, sizeof(ghnsw_cand_t), cand_cmp);
+                uint32_t kept = ghnsw_select_heuristic(ix, scratch, deg + 1, mmax);
+                write_list(ix, nb, level, scratch, kept);
+            }
+        }
+        ghnsw_spin_unlock(&ix->slot_locks[nb]);
+        ghnsw_mark_dirty(ix, nb);
+    }
+    return cand[0].id;
+}
+
+typedef struct {
+    ghnsw_cand_t *beam;    /* [ef_construction] */
+    ghnsw_cand_t *scratch; /* [M0 + 1] */
+} work_t;
+
+static ghnsw_status_t work_init(ghnsw_index_t *ix, work_t *w) {
+    w->beam = malloc(sizeof(ghnsw_cand_t) * (ix->ef_construction + 1));
+    w->scratch = malloc(sizeof(ghnsw_cand_t) * (ix->M0 + 1));
+    if (!w->beam || !w->scratch) { free(w->beam); free(w->scratch); return GHNSW_ENOMEM; }
+    return GHNSW_OK;
+}
+static void work_free(work_t *w) { free(w->beam); free(w->scratch); }
+
+/* Search levels min(level, maxl)..0 from ep and connect s on each (shared by insert and update). */
+static ghnsw_status_t link_levels(ghnsw_index_t *ix, uint32_t s, uint32_t ep, int maxl, int level) {
+    work_t w;
+    if (work_init(ix, &w) != GHNSW_OK) return GHNSW_ENOMEM;
+    ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
+    if (!vis) { work_free(&w); return GHNSW_ENOMEM; }
+    const float *q = ghnsw_vec(ix, s);
+    uint32_t cur = ep;
+    float d = ix->dist(q, ghnsw_vec(ix, cur), ix->dim_pad);
+    if (level < maxl) cur = ghnsw_greedy_descent(ix, q, cur, maxl, level + 1, &d);
+    for (int l = level < maxl ? level : maxl; l >= 0; l--) {
+        ghnsw_visited_next(vis);
+        uint32_t n = ghnsw_search_layer(ix, vis, q, cur, d, l, ix->ef_construction, w.beam);
+        uint32_t best = connect(ix, s, w.beam, n, l, w.scratch);
+        if (best != GHNSW_INVALID) { cur = best; d = ix->dist(q, ghnsw_vec(ix, cur), ix->dim_pad); }
+    }
+    ghnsw_visited_put(&ix->vpool, vis);
+    work_free(&w);
+    return GHNSW_OK;
+}
+
+static void store_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
+    float *v = ghnsw_vec(ix, s);
+    memcpy(v, src, sizeof(float) * ix->dim);
+    if (ix->space == GHNSW_COSINE) ghnsw_normalize(v, ix->dim);
+}
+
+static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src) {
+    store_vector(ix, s, src);
+    ghnsw_mark_dirty(ix, s);
+    int level = ix->levels[s];
+    /* As hnswlib: a node that raises the max level holds the entry-point lock for its whole insert. */
+    pthread_mutex_lock(&ix->ep_lock);
+    uint32_t ep = ix->entry_point;
+    int maxl = ix->max_level;
+    if (ep == GHNSW_INVALID) {
+        ix->entry_point = s;
+        ix->max_level = level;
+        pthread_mutex_unlock(&ix->ep_lock);
+        return GHNSW_OK;
+    }
+    int raises = level > maxl;
+    if (!raises) pthread_mutex_unlock(&ix->ep_lock);
+    ghnsw_status_t st = link_levels(ix, s, ep, maxl, level);
+    if (raises) {
+        if (st == GHNSW_OK) { ix->entry_point = s; ix->max_level = level; }
+        pthread_mutex_unlock(&ix->ep_lock);
+    }
+    return st;
+}
+
+/* hnswlib updatePoint with probability 1: rewire every neighbour of s over its 2-hop neighbourhood,
+ * then relink s itself from the entry point (repairConnectionsForUpdate). */
+static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float *src) {
+    ghnsw_spin_lock(&ix->slot_locks[s]);
+    store_vector(ix, s, src);
+    ghnsw_spin_unlock(&ix->slot_locks[s]);
+    ghnsw_mark_dirty(ix, s);
+    pthread_mutex_lock(&ix->ep_lock);
+    uint32_t ep = ix->entry_point;
+    int maxl = ix->max_level;
+    pthread_mutex_unlock(&ix->ep_lock);
+    if (ep == s && ix->count == 1) return GHNSW_OK;
+    int level = ix->levels[s];
+    uint32_t M0 = ix->M0;
+    uint32_t *n1 = malloc(sizeof(uint32_t) * (M0 + 1));
+    uint32_t *n2 = malloc(sizeof(uint32_t) * (M0 + 1));
+    uint32_t *hood = malloc(sizeof(uint32_t) * (M0 + 1) * (M0 + 1));
+    ghnsw_cand_t *cand = malloc(sizeof(ghnsw_cand_t) * (M0 + 1) * (M0 + 1));
+    ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
+    ghnsw_status_t st = GHNSW_OK;
+    if (!n1 || !n2 || !hood || !cand || !vis) { st = GHNSW_ENOMEM; goto done; }
+    for (int l = 0; l <= level && l <= maxl; l++) {
+        uint32_t mmax = l ? ix->M : ix->M0;
+        uint32_t k1 = ghnsw_read_links(ix, s, l, n1), nh = 0;
+        ghnsw_visited_next(vis);
+        for (uint32_t i = 0; i < k1; i++) {
+            if (!ghnsw_visit(vis, n1[i])) hood[nh++] = n1[i];
+            uint32_t k2 = ghnsw_read_links(ix, n1[i], l, n2);
+            for (uint32_t j = 0; j < k2; j++) if (!ghnsw_visit(vis, n2[j])) hood[nh++] = n2[j];
+        }
+        for (uint32_t i = 0; i < k1; i++) {
+            uint32_t nb = n1[i];
+            if (l > ix->levels[nb]) continue;
+            const float *vn = ghnsw_vec(ix, nb);
+            uint32_t nc = 0;
+            for (uint32_t j = 0; j < nh; j++) {
+                if (hood[j] == nb || ix->levels[hood[j]] < l) continue;
+                cand[nc].id = hood[j];
+                cand[nc].d = ix->dist(ghnsw_vec(ix, hood[j]), vn, ix->dim_pad);
+                nc++;
+            }
+            qsort(cand, nc, sizeof(ghnsw_cand_t), cand_cmp);
+            if (nc > ix->ef_construction) nc = ix->ef_construction;
+            uint32_t kept = ghnsw_select_heuristic(ix, cand, nc, mmax);
+            ghnsw_spin_lock(&ix->slot_locks[nb]);
+            write_list(ix, nb, l, cand, kept);
+            ghnsw_spin_unlock(&ix->slot_locks[nb]);
+            ghnsw_mark_dirty(ix, nb);
+        }
+    }
+    uint32_t start = ep;
+    if (start == s) { /* descend from a neighbour instead of from s itself */
+        uint32_t k1 = ghnsw_read_links(ix, s, maxl, n1);
+        if (k1 == 0) k1 = ghnsw_read_links(ix, s, 0, n1);
+        if (k1 == 0) goto done;
+        start = n1[0];
+    }
+    st = link_levels(ix, s, start, maxl, level);
+done:
+    if (vis) ghnsw_visited_put(&ix->vpool, vis);
+    free(n1); free(n2); free(hood); free(cand);
+    return st;
+}
+
+enum { TASK_SKIP = 0, TASK_NEW, TASK_UPDATE, TASK_REPLACE };
+
+typedef struct {
+    ghnsw_index_t *ix;
+    const float *data;
+    const uint8_t *kind; /* [n] */
+    const uint32_t *slot; /* [n] */
+} add_ctx_t;
+
+static int add_one(void *vctx, size_t i, int worker) {
+    add_ctx_t *c = vctx;
+    ghnsw_index_t *ix = c->ix;
+    const float *src = c->data + i * ix->dim;
+    uint32_t s = c->slot[i];
+    switch (c->kind[i]) {
+    case TASK_NEW: return insert_new(ix, s, src);
+    case TASK_UPDATE: return update_existing(ix, s, src);
+    case TASK_REPLACE: {
+        ghnsw_status_t st = update_existing(ix, s, src);
+        if (st == GHNSW_OK) { /* visible only once rewired */
+            ghnsw_bit_clear(ix->deleted, s);
+            __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED);
+        }
+        return st;
+    }
+    default: return 0;
+    }
+}
+
+ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *labels, size_t n,
+                         int num_threads, int replace_deleted, ghnsw_err_t *err) {
+    if (replace_deleted && !ix->allow_replace_deleted)
+        return ghnsw_fail(err, GHNSW_ESTATE, "Replacement of deleted elements is disabled in constructor");
+    if (n == 0) return GHNSW_OK;
+    uint8_t *kind = calloc(n, 1);
+    uint32_t *slot = malloc(n * sizeof(uint32_t));
+    uint32_t *vacant = NULL;
+    ghnsw_map_t rows = {0}; /* label -> last row in this batch */
+    ghnsw_status_t st = GHNSW_OK;
+    if (!kind || !slot) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto out; }
+    {
+        size_t sz = 16;
+        while (sz < n + n / 3 + 1) sz <<= 1;
+        rows.keys = malloc(sz * sizeof(uint64_t));
+        rows.vals = malloc(sz * sizeof(uint32_t));
+        if (!rows.keys || !rows.vals) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto out; }
+        memset(rows.vals, 0xFF, sz * sizeof(uint32_t));
+        rows.mask = sz - 1;
+    }
+    pthread_mutex_lock(&ix->mut_lock);
+    /* pre-pass 1: classify rows (nothing is modified yet) */
+    size_t n_new = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t prev = ghnsw_map_get(&rows, labels[i]);
+        if (prev != GHNSW_INVALID) kind[prev] = TASK_SKIP; /* the last row of a label wins */
+        ghnsw_map_put(&rows, labels[i], (uint32_t)i);
+        uint32_t s = ghnsw_map_get(&ix->map, labels[i]);
+        if (s == GHNSW_INVALID) {
+            if (prev == GHNSW_INVALID) n_new++;
+            kind[i] = TASK_NEW;
+            continue;
+        }
+        if (ix->allow_replace_deleted && ghnsw_bit_get(ix->deleted, s)) {
+            st = ghnsw_fail(err, GHNSW_ESTATE, "Can't use addPoint to update deleted elements if replacement "
+                            "of deleted elements is enabled.");
+            goto unlock;
+        }
+        kind[i] = TASK_UPDATE;
+        slot[i] = s;
+    }
+    size_t n_vacant = 0;
+    if (replace_deleted && ix->n_deleted > 0 && n_new > 0) {
+        size_t want = n_new < ix->n_deleted ? n_new : ix->n_deleted;
+        vacant = malloc(want * sizeof(uint32_t));
+        if (!vacant) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto unlock; }
+        for (uint32_t s = 0; s < ix->count && n_vacant < want; s++)
+            if (ghnsw_bit_get(ix->deleted, s)) vacant[n_vacant++] = s;
+    }
+    if ((size_t)ix->count + (n_new - n_vacant) > ix->capacity) {
+        st = ghnsw_fail(err, GHNSW_EFULL, "The number of elements exceeds the specified limit");
+        goto unlock;
+    }
+    /* pre-pass 2: allocate upper blocks for the new slots before anything becomes visible */
+    uint32_t next = ix->count;
+    size_t used_vacant = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (kind[i] != TASK_NEW) continue;
+        if (used_vacant < n_vacant) { slot[i] = vacant[used_vacant++]; kind[i] = TASK_REPLACE; continue; }
+        uint32_t s = next++;
+        int level = ghnsw_level_for(ix->seed, ix->insert_seq + i, ix->mult);
+        slot[i] = s;
+        ix->levels[s] = (uint8_t)level;
+        ix->upper[s] = NULL;
+        if (level > 0) {
+            ix->upper[s] = calloc((size_t)level * (1 + ix->M), sizeof(uint32_t));
+            if (!ix->upper[s]) {
+                for (uint32_t t = ix->count; t <= s; t++) { free(ix->upper[t]); ix->upper[t] = NULL; ix->levels[t] = 0; }
+                st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
+                goto unlock;
+            }
+        }
+    }
+    /* commit labels: from here on the batch is accepted */
+    pthread_mutex_lock(&ix->map_lock);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t s = slot[i];
+        if (kind[i] == TASK_NEW) {
+            ghnsw_map_put(&ix->map, labels[i], s);
+            ix->labels[s] = labels[i];
+        } else if (kind[i] == TASK_REPLACE) {
+            ghnsw_map_del(&ix->map, ix->labels[s]);
+            ghnsw_map_put(&ix->map, labels[i], s);
+            ix->labels[s] = labels[i];
+            ghnsw_mark_dirty(ix, s);
+        } else if (kind[i] == TASK_UPDATE && !ix->allow_replace_deleted && ghnsw_bit_get(ix->deleted, s)) {
+            ghnsw_bit_clear(ix->deleted, s); /* hnswlib: re-adding a deleted label undeletes it */
+            ix->n_deleted--;
+        }
+    }
+    pthread_mutex_unlock(&ix->map_lock);
+    __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
+    ix->insert_seq += n;
+
+    add_ctx_t ctx = {ix, data, kind, slot};
+    size_t first = 0;
+    if (ix->entry_point == GHNSW_INVALID) { /* the first element goes in alone */
+        while (first < n && kind[first] == TASK_SKIP) first++;
+        if (first < n) {
+            int rc = add_one(&ctx, first, 0);
+            if (rc) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto unlock; }
+        }
+        first++;
+    }
+    if (first < n) {
+        add_ctx_t rest = {ix, data + first * ix->dim, kind + first, slot + first};
+        int rc = ghnsw_parallel_for(n - first, num_threads, add_one, &rest);
+        if (rc) st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during insertion");
+    }
+unlock:
+    pthread_mutex_unlock(&ix->mut_lock);
+out:
+    free(kind); free(slot); free(vacant); free(rows.keys); free(rows.vals);
+    return st;
+}
+
+ghnsw_status_t ghnsw_mark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err) {
+    pthread_mutex_lock(&ix->mut_lock);
+    ghnsw_status_t st = GHNSW_OK;
+    uint32_t s = ghnsw_lookup(ix, label);
+    if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
+    else if (ghnsw_bit_get(ix->deleted, s))
+        st = ghnsw_fail(err, GHNSW_ESTATE, "The requested to delete element is already deleted");
+    else { ghnsw_bit_set(ix->deleted, s); __atomic_fetch_add(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+    pthread_mutex_unlock(&ix->mut_lock);
+    return st;
+}
+
+ghnsw_status_t ghnsw_unmark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err) {
+    pthread_mutex_lock(&ix->mut_lock);
+    ghnsw_status_t st = GHNSW_OK;
+    uint32_t s = ghnsw_lookup(ix, label);
+    if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
+    else if (!ghnsw_bit_get(ix->deleted, s))
+        st = ghnsw_fail(err, GHNSW_ESTATE, "The requested to undelete element is not deleted");
+    else { ghnsw_bit_clear(ix->deleted, s); __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+    pthread_mutex_unlock(&ix->mut_lock);
+    return st;
+}

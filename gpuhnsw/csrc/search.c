@@ -1,0 +1,210 @@
+/* Search: greedy descent through the upper levels, then a fixed-size beam (docs/architecture.md,
+ * "Search semantics").  The same beam serves construction (ef_construction) and queries (ef). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpuhnsw.h"
+#include "locks.h"
+
+/* Readers copy a list under its slot lock, so a concurrent insertion never shows a half-written list;
+ * ids are also checked against count (cheap insurance for a reader racing a new slot). */
+uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out) {
+    uint32_t n = 0;
+    ghnsw_spin_lock(&ix->slot_locks[s]);
+    if (level == 0) {
+        n = ix->degree0[s];
+        if (n > ix->M0) n = 0;
+        memcpy(out, ghnsw_links0(ix, s), n * sizeof(uint32_t));
+    } else if (ix->upper[s] && level <= ix->levels[s]) {
+        const uint32_t *blk = ghnsw_upper(ix, s, level);
+        n = blk[0];
+        if (n > ix->M) n = 0;
+        memcpy(out, blk + 1, n * sizeof(uint32_t));
+    }
+    ghnsw_spin_unlock(&ix->slot_locks[s]);
+    uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE), m = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (out[i] < count) out[m++] = out[i];
+    return m;
+}
+
+uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, int from_level, int to_level,
+                              float *ep_dist) {
+    uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M + 1));
+    uint32_t cur = ep;
+    float d = *ep_dist;
+    for (int l = from_level; l >= to_level; l--) {
+        int changed = 1;
+        while (changed) {
+            changed = 0;
+            uint32_t n = ghnsw_read_links(ix, cur, l, buf);
+            for (uint32_t i = 0; i < n; i++) {
+                float dn = ix->dist(q, ghnsw_vec(ix, buf[i]), ix->dim_pad);
+                if (dn < d) { d = dn; cur = buf[i]; changed = 1; }
+            }
+        }
+    }
+    *ep_dist = d;
+    return cur;
+}
+
+static inline int cand_less(float da, uint32_t ia, float db, uint32_t ib) {
+    return da < db || (da == db && ia < ib);
+}
+
+/* Insert (d, id) into the sorted list b[*n] of capacity cap.  Returns the position, or cap if the
+ * candidate does not make it in. */
+static inline uint32_t sorted_insert(ghnsw_cand_t *b, uint32_t *n, uint32_t cap, float d, uint32_t id) {
+    uint32_t lo = 0, hi = *n;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) >> 1;
+        if (cand_less(b[mid].d, b[mid].id & ~GHNSW_EXPANDED, d, id)) lo = mid + 1; else hi = mid;
+    }
+    if (lo >= cap) return cap;
+    uint32_t keep = *n < cap ? *n : cap - 1;
+    memmove(b + lo + 1, b + lo, (keep - lo) * sizeof(ghnsw_cand_t));
+    b[lo].d = d;
+    b[lo].id = id;
+    if (*n < cap) (*n)++;
+    return lo;
+}
+
+typedef struct {
+    ghnsw_cand_t *res; /* [cap] sorted, allowed slots only; NULL: results are the beam */
+    uint32_t n, cap;
+    const ghnsw_filter_t *filter;
+    int skip_deleted;
+    int error;         /* a filter callback failed */
+} results_t;
+
+static inline int is_allowed(ghnsw_index_t *ix, results_t *r, uint32_t s) {
+    if (r->skip_deleted && ghnsw_bit_get(ix->deleted, s)) return 0;
+    const ghnsw_filter_t *f = r->filter;
+    if (!f) return 1;
+    if (f->allowed_bits && !ghnsw_bit_get(f->allowed_bits, s)) return 0;
+    if (f->callback) {
+        int ok = 0;
+        if (f->callback(f->callback_ctx, ix->labels[s], &ok) != 0) { r->error = 1; return 0; }
+        return ok;
+    }
+    return 1;
+}
+
+static inline void offer(ghnsw_index_t *ix, results_t *r, float d, uint32_t s) {
+    if (!r->res || r->error) return;
+    if (r->n == r->cap && !cand_less(d, s, r->res[r->n - 1].d, r->res[r->n - 1].id)) return;
+    if (is_allowed(ix, r, s)) sorted_insert(r->res, &r->n, r->cap, d, s);
+}
+
+static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep, float ep_dist,
+                         int level, uint32_t ef, ghnsw_cand_t *beam, results_t *r) {
+    uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M0 + 1));
+    uint32_t n = 1, cursor = 0;
+    beam[0].d = ep_dist;
+    beam[0].id = ep;
+    ghnsw_visit(vis, ep);
+    offer(ix, r, ep_dist, ep);
+    while (cursor < n) {
+        uint32_t p = beam[cursor].id;
+        beam[cursor].id |= GHNSW_EXPANDED;
+        uint32_t next = cursor + 1; /* first unexpanded after the one just taken, unless an insert lands before */
+        uint32_t deg = ghnsw_read_links(ix, p, level, buf);
+        for (uint32_t i = 0; i < deg; i++) {
+            uint32_t s = buf[i];
+            if (i + 1 < deg) __builtin_prefetch(ghnsw_vec(ix, buf[i + 1]));
+            if (ghnsw_visit(vis, s)) continue;
+            float d = ix->dist(q, ghnsw_vec(ix, s), ix->dim_pad);
+            if (n < ef || cand_less(d, s, beam[n - 1].d, beam[n - 1].id & ~GHNSW_EXPANDED)) {
+                uint32_t pos = sorted_insert(beam, &n, ef, d, s);
+                if (pos < next) next = pos;
+            }
+            offer(ix, r, d, s);
+            if (r->error) return 0;
+        }
+        while (next < n && (beam[next].id & GHNSW_EXPANDED)) next++;
+        cursor = next;
+    }
+    for (uint32_t i = 0; i < n; i++) beam[i].id &= ~GHNSW_EXPANDED;
+    return n;
+}
+
+/* Construction search: candidates exclude deleted slots (new nodes should not link to them) unless
+ * nothing else is found. */
+uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
+                            float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam) {
+    if (__atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) == 0) {
+        results_t r = {NULL, 0, 0, NULL, 0, 0};
+        return beam_run(ix, vis, q, ep, ep_dist, level, ef, beam, &r);
+    }
+    ghnsw_cand_t *res = malloc(sizeof(ghnsw_cand_t) * ef);
+    if (!res) return 0;
+    results_t r = {res, 0, ef, NULL, 1, 0};
+    uint32_t n = beam_run(ix, vis, q, ep, ep_dist, level, ef, beam, &r);
+    if (r.n > 0) { memcpy(beam, res, r.n * sizeof(ghnsw_cand_t)); n = r.n; }
+    free(res);
+    return n;
+}
+
+typedef struct {
+    ghnsw_index_t *ix;
+    const float *queries;
+    uint32_t k, ef;
+    const ghnsw_filter_t *filter;
+    uint64_t *out_labels;
+    float *out_dists;
+    int32_t *out_found;
+    uint32_t ep;
+    int max_level;
+    int use_results;
+} query_ctx_t;
+
+static int query_one(void *vctx, size_t qi, int worker) {
+    query_ctx_t *c = vctx;
+    ghnsw_index_t *ix = c->ix;
+    uint64_t *lab = c->out_labels + qi * c->k;
+    float *dst = c->out_dists + qi * c->k;
+    uint32_t found = 0;
+    if (c->ep != GHNSW_INVALID && c->k > 0) {
+        uint32_t ef = c->ef > c->k ? c->ef : c->k;
+        float *q = alloca(sizeof(float) * ix->dim_pad);
+        memset(q, 0, sizeof(float) * ix->dim_pad);
+        memcpy(q, c->queries + qi * ix->dim, sizeof(float) * ix->dim);
+        if (ix->space == GHNSW_COSINE) ghnsw_normalize(q, ix->dim);
+        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef * 2);
+        ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
+        if (!beam || !vis) { free(beam); if (vis) ghnsw_visited_put(&ix->vpool, vis); return GHNSW_ENOMEM; }
+        float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
+        uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
+        results_t r = {c->use_results ? beam + ef : NULL, 0, ef, c->filter, 1, 0};
+        uint32_t n = beam_run(ix, vis, q, cur, d, 0, ef, beam, &r);
+        ghnsw_visited_put(&ix->vpool, vis);
+        if (r.error) { free(beam); return GHNSW_ECALLBACK; }
+        const ghnsw_cand_t *res = c->use_results ? r.res : beam;
+        uint32_t nres = c->use_results ? r.n : n;
+        for (; found < c->k && found < nres; found++) {
+            lab[found] = ix->labels[res[found].id];
+            dst[found] = res[found].d;
+        }
+        free(beam);
+    }
+    for (uint32_t j = found; j < c->k; j++) { lab[j] = UINT64_MAX; dst[j] = __builtin_inff(); }
+    c->out_found[qi] = (int32_t)found;
+    return 0;
+}
+
+ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
+                            int num_threads, const ghnsw_filter_t *filter, uint64_t *out_labels,
+                            float *out_dists, int32_t *out_found, ghnsw_err_t *err) {
+    pthread_rwlock_rdlock(&ix->resize_lock);
+    query_ctx_t c = {ix, queries, k, ef, filter, out_labels, out_dists, out_found, GHNSW_INVALID, -1, 0};
+    pthread_mutex_lock(&ix->ep_lock);
+    c.ep = ix->entry_point;
+    c.max_level = ix->max_level;
+    pthread_mutex_unlock(&ix->ep_lock);
+    c.use_results = filter != NULL || __atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) > 0;
+    int rc = ghnsw_parallel_for(nq, num_threads, query_one, &c);
+    pthread_rwlock_unlock(&ix->resize_lock);
+    if (rc == GHNSW_ECALLBACK) return GHNSW_ECALLBACK;
+    if (rc) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during search");
+    return GHNSW_OK;
+}
