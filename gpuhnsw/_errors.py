@@ -11,3 +11,11 @@ class IndexFileError(RuntimeError, ValueError):
 
 class DeviceError(RuntimeError):
     """A GPU was asked for and cannot be used (no CuPy, no device, out of memory)."""
+
+
+class InputShapeError(ValueError, RuntimeError):
+    """Input of the wrong shape or width.
+
+    A ``ValueError``, and also a ``RuntimeError`` because that is what hnswlib raises for the same
+    mistake in ``add_items``: ``except RuntimeError`` in existing hnswlib code still catches it.
+    """

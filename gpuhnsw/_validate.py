@@ -1,0 +1,154 @@
+"""Input checks shared by Index, BFIndex, knn_graph and the CLI.
+
+Each function returns the canonical form (C-contiguous array of the right dtype, plain int) or
+raises the exception hnswlib raises for the same mistake, with a message that says what was wrong.
+"""
+import functools
+import os
+
+import numpy as np
+
+from ._errors import DeviceError, InputShapeError
+
+SPACES = ("l2", "ip", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_space(space):
+    if not isinstance(space, str) or space not in SPACES:
+        raise RuntimeError("Space name must be one of l2, ip, or cosine.")
+    return space
+
+
+def check_dim(dim):
+    dim = as_int(dim, "dim")
+    if dim <= 0:
+        raise ValueError(f"dim must be a positive integer, got {dim}")
+    return dim
+
+
+def as_int(value, name, *, minimum=None):
+    """A Python int from an integer-like value; ``TypeError`` for non-integers and bools, and for
+    values below ``minimum`` (hnswlib's size_t arguments reject negatives with TypeError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise TypeError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def as_vectors(data, dim=None, what="data"):
+    """``data`` as a C-contiguous float32 matrix ``[n, dim]``; 1-D input is one row.
+
+    Wrong shape or width raises :class:`InputShapeError` (a ``ValueError`` and a ``RuntimeError``);
+    NaN, infinities and non-numeric data raise ``ValueError``.
+    """
+    if hasattr(data, "__cuda_array_interface__") and hasattr(data, "get"):
+        data = data.get()  # a CuPy array on the CPU path: validate the host copy
+    arr = np.asarray(data)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{what} must be real, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    elif arr.ndim != 2:
+        raise InputShapeError(f"Input vector data wrong shape. Number of dimensions {arr.ndim}. "
+                              "Data must be a 1D or 2D array.")
+    if dim is not None and arr.shape[1] != dim and arr.shape[0] > 0:
+        raise InputShapeError(f"Wrong dimensionality of the vectors: {what} has width {arr.shape[1]}, "
+                              f"the index has dim {dim}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
+        raise ValueError(f"{what} holds NaN or infinite values (first in row {bad}; values beyond "
+                         "the float32 range become infinite)")
+    return arr
+
+
+def as_label(label):
+    """One label as a Python int in [0, 2**64); ``OverflowError`` outside, as hnswlib."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"label must be an integer, got {type(label).__name__}")
+    label = int(label)
+    if label < 0 or label >= 1 << 64:
+        raise OverflowError(f"Python integer {label} out of bounds for uint64")
+    return label
+
+
+def as_labels(ids, rows=None):
+    """Labels as uint64 ``[rows]``; a scalar is allowed for one row.  Negative labels raise
+    ``OverflowError`` and a length mismatch ``RuntimeError`` (both as hnswlib)."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1 or (rows is not None and arr.shape[0] != rows):
+        got = arr.shape[0] if arr.ndim == 1 else arr.shape
+        raise InputShapeError(f"The input label shape {got} does not match the input data vector shape {rows}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if arr.dtype == object:
+        return np.array([as_label(x) for x in arr], dtype=np.uint64)
+    if np.issubdtype(arr.dtype, np.signedinteger):
+        if (arr < 0).any():
+            raise OverflowError(f"Python integer {int(arr[arr < 0][0])} out of bounds for uint64")
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or (arr != np.floor(arr)).any():
+            raise ValueError("labels must be integers")
+        if (arr < 0).any():
+            raise OverflowError(f"Python integer {int(arr[arr < 0][0])} out of bounds for uint64")
+    elif not np.issubdtype(arr.dtype, np.unsignedinteger):
+        raise TypeError(f"labels must be integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+def num_threads(n):
+    """hnswlib's rule: <= 0 means every core."""
+    n = as_int(n, "num_threads")
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_status():
+    """(usable, reason): whether CuPy is importable and sees a CUDA device."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CuPy that cannot load its CUDA libraries
+        return False, (f"CuPy cannot be imported ({exc.__class__.__name__}: {exc}); "
+                       "install gpuhnsw[cuda12] or gpuhnsw[cuda13]")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CUDA reports no usable device ({exc})"
+    if n < 1:
+        return False, "CUDA reports no device"
+    return True, ""
+
+
+def resolve_device(device):
+    """``"auto" | "cpu" | "cuda" | "cuda:N"`` -> ``("cpu", None)`` or ``("cuda", N)``.
+
+    ``"auto"`` picks the GPU when CuPy sees one and the CPU otherwise; asking for a GPU that cannot
+    be used raises :class:`DeviceError` saying why.
+    """
+    ordinal = 0
+    if isinstance(device, str) and device.startswith("cuda:"):
+        tail = device[5:]
+        if not tail.isdigit():
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        ordinal, device = int(tail), "cuda"
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device == "cpu":
+        return "cpu", None
+    usable, why = cuda_status()
+    if not usable:
+        if device == "auto":
+            return "cpu", None
+        raise DeviceError(f"device={device!r} was requested but no GPU can be used: {why}")
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    if ordinal >= count:
+        raise DeviceError(f"device 'cuda:{ordinal}' requested but only {count} GPU(s) are visible")
+    return "cuda", ordinal

@@ -1,0 +1,344 @@
+"""``gpuhnsw.Index``: hnswlib 0.8.0's Python surface over the C core, plus keyword-only extras.
+
+Existing hnswlib code runs unchanged after ``import gpuhnsw as hnswlib``.  Where hnswlib crashes or
+silently misbehaves (query of an uninitialised index, wrong query width, NaN input, ...), this class
+raises a clear exception and leaves the index exactly as it was.
+"""
+import os
+
+import numpy as np
+
+from . import _core, _io
+from ._errors import IndexFileError, InputShapeError
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+                        num_threads as num_threads_rule, resolve_device)
+
+PAD_LABEL = np.uint64(2**64 - 1)
+_NOT_FOUND = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small"
+
+
+class Index:
+    """An HNSW index (hnswlib-compatible).
+
+    ``Index(space, dim)``, ``Index(state_dict)`` (from ``__getstate__``) or ``Index(other)`` (a deep
+    copy).  ``space`` is ``'l2'`` (squared L2), ``'ip'`` (1 - dot) or ``'cosine'`` (ip on normalised
+    vectors).  Keyword-only ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where
+    queries run; ``"auto"`` uses a GPU when CuPy sees one.
+    """
+
+    def __init__(self, *args, device="auto", **kwargs):
+        self._core = None
+        self._ef = 10
+        self._num_threads = os.cpu_count() or 1
+        self._cur_l = 0
+        self._device, self._device_ordinal = resolve_device(device)
+        if len(args) == 1 and not kwargs and isinstance(args[0], (Index, dict)):
+            src = args[0]
+            state = src.__getstate__()[0] if isinstance(src, Index) else src
+            self._space, self._dim = check_space(state["space"]), check_dim(state["dim"])
+            self._restore(state)
+            return
+        names = ("space", "dim")
+        if len(args) > 2:
+            raise TypeError(f"Index() takes space and dim, got {len(args)} positional arguments")
+        params = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in names or key in params:
+                raise TypeError(f"Index() got an unexpected or repeated argument {key!r}")
+            params[key] = value
+        if set(params) != set(names):
+            raise TypeError("Index() needs space and dim")
+        self._space = check_space(params["space"])
+        self._dim = check_dim(params["dim"])
+
+    # ---------------------------------------------------------------- lifecycle
+    def init_index(self, max_elements, M=16, ef_construction=200, random_seed=100,
+                   allow_replace_deleted=False):
+        """Allocate an empty index of capacity ``max_elements``.
+
+        ``M`` links per node on upper levels (``2*M`` on level 0, at least 2); ``ef_construction``
+        is raised to at least ``M`` (as hnswlib); levels come from ``(random_seed, row number)``.
+        """
+        if self._core is not None:
+            raise RuntimeError("The index is already initiated.")
+        max_elements = as_int(max_elements, "max_elements", minimum=0)
+        M = as_int(M, "M", minimum=0)
+        ef_construction = as_int(ef_construction, "ef_construction", minimum=0)
+        random_seed = as_int(random_seed, "random_seed", minimum=0)
+        if M < 2:
+            raise ValueError(f"M must be at least 2, got {M}")
+        if M > 10000:
+            raise ValueError(f"M must be at most 10000, got {M}")
+        self._core = _core.Core(self._space, self._dim, max_elements, M, max(ef_construction, M),
+                                random_seed & (2**64 - 1), bool(allow_replace_deleted))
+        self._cur_l = 0
+
+    def _need_init(self):
+        if self._core is None:
+            raise RuntimeError("Index is not initialized: call init_index() or load_index() first")
+        return self._core
+
+    # ---------------------------------------------------------------- writes
+    def add_items(self, data, ids=None, num_threads=-1, replace_deleted=False):
+        """Insert rows ``data`` (float32-castable ``[n, dim]`` or one ``[dim]`` row) under ``ids``
+        (uint64 ``[n]``; default: consecutive labels as hnswlib).  An existing label is updated in
+        place.  A batch that would exceed capacity is rejected whole."""
+        core = self._need_init()
+        data = as_vectors(data, self._dim)
+        rows = data.shape[0]
+        if ids is None:
+            labels = np.arange(self._cur_l, self._cur_l + rows, dtype=np.uint64)
+        else:
+            labels = as_labels(ids, rows)
+        threads = self._threads(num_threads, rows)
+        core.add(data, labels, rows, threads, bool(replace_deleted))
+        self._cur_l += rows
+
+    def mark_deleted(self, label):
+        """Hide ``label`` from results; it stays in the graph as a waypoint."""
+        self._need_init().mark_deleted(as_label(label))
+
+    def unmark_deleted(self, label):
+        self._need_init().unmark_deleted(as_label(label))
+
+    def resize_index(self, new_size):
+        """Change capacity to ``new_size`` (not below the current count)."""
+        self._need_init().resize(as_int(new_size, "new_size", minimum=0))
+
+    # ---------------------------------------------------------------- search
+    def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False):
+        """The ``k`` nearest labels of each query row.
+
+        Parameters
+        ----------
+        data : array-like, float32-castable ``[nq, dim]`` (or one ``[dim]`` row)
+        k : int
+        num_threads : int, threads over queries (<= 0: all cores)
+        filter : callable ``label -> bool`` (hnswlib style, called with the GIL), or an array-like
+            of allowed labels (handled in C, no Python calls)
+        ef : int, keyword-only: beam width for this call (default: ``self.ef``); ``max(ef, k)`` is used
+        pad : bool, keyword-only: where fewer than ``k`` are found, fill with label ``2**64-1`` and
+            distance ``inf`` instead of raising ``RuntimeError``
+
+        Returns
+        -------
+        labels : uint64 ``[nq, k]``, ascending distance
+        distances : float32 ``[nq, k]``
+        """
+        core = self._need_init()
+        k = as_int(k, "k", minimum=0)
+        q = as_vectors(data, self._dim, what="query")
+        nq = q.shape[0]
+        ef = self._ef if ef is None else as_int(ef, "ef", minimum=1)
+        labels = np.empty((nq, k), dtype=np.uint64)
+        dists = np.empty((nq, k), dtype=np.float32)
+        if k == 0 or nq == 0:
+            return labels, dists
+        found = np.empty(nq, dtype=np.int32)
+        bits, callback = None, None
+        if filter is not None:
+            if callable(filter):
+                callback = filter
+            else:
+                allowed = filter if isinstance(filter, np.ndarray) else np.fromiter(filter, dtype=np.int64) \
+                    if isinstance(filter, (set, frozenset)) else filter
+                bits = core.allowed_bitset(as_labels(allowed))
+        core.search(q, nq, k, ef, self._threads(num_threads, nq), labels, dists, found, bits, callback)
+        if not pad and (found < k).any():
+            raise RuntimeError(_NOT_FOUND)
+        return labels, dists
+
+    def _threads(self, n, rows):
+        n = self._num_threads if n is None or as_int(n, "num_threads") <= 0 else int(n)
+        return 1 if rows <= 4 * n else n  # hnswlib's rule: small batches are not worth threads
+
+    # ---------------------------------------------------------------- reads
+    def get_items(self, ids=None, return_type="numpy"):
+        """Stored vectors of ``ids`` (cosine: normalised) as float32 ``[n, dim]`` or a list."""
+        if return_type not in ("numpy", "list"):
+            raise ValueError('return_type should be "numpy" or "list"')
+        core = self._need_init()
+        if ids is None:
+            labels = np.zeros(0, dtype=np.uint64)
+        else:
+            if np.ndim(ids) == 0:
+                raise ValueError("get_items accepts a list of indices and returns a list of vectors")
+            labels = as_labels(ids)
+        out = np.empty((labels.shape[0], self._dim), dtype=np.float32)
+        core.get_vectors(labels, out)
+        return out if return_type == "numpy" else out.tolist()
+
+    def get_ids_list(self):
+        """All labels, deleted ones included (as hnswlib)."""
+        if self._core is None:
+            return []
+        return np.frombuffer(self._core.labels(), dtype=np.uint64).tolist()
+
+    def get_neighbors(self, label, level=0):
+        """Labels of ``label``'s neighbours on ``level`` (uint64 ``[degree]``)."""
+        raw = self._need_init().neighbors(as_label(label), as_int(level, "level"))
+        return np.frombuffer(raw, dtype=np.uint64).copy()
+
+    def get_levels(self, ids):
+        """Top level of each label (uint8 ``[n]``)."""
+        labels = as_labels(ids)
+        out = np.empty(labels.shape[0], dtype=np.uint8)
+        self._need_init().levels_of(labels, out)
+        return out
+
+    def check_integrity(self, *, require_reachable=False):
+        """Check the graph from scratch (ids in range, no self loops or duplicate links, degrees
+        within M0/M, neighbour levels, label map, deleted count).  Returns a dict of counts; raises
+        ``RuntimeError`` naming the first problem.  ``require_reachable`` also fails on nodes the
+        entry point cannot reach (pruning can legitimately strand a few)."""
+        info = self._need_init().check_integrity()
+        if require_reachable and info["n_unreachable"]:
+            raise RuntimeError(f"{info['n_unreachable']} nodes are unreachable from the entry point")
+        return info
+
+    def memory_usage(self):
+        """Bytes held by the index's arrays (capacity-sized, plus upper links)."""
+        return 0 if self._core is None else self._core.memory_bytes
+
+    def __len__(self):
+        """Live (not deleted) elements."""
+        return 0 if self._core is None else self._core.count - self._core.n_deleted
+
+    def __contains__(self, label):
+        if self._core is None:
+            return False
+        try:
+            label = as_label(label)
+        except (TypeError, OverflowError):
+            return False
+        slot, deleted = self._core.lookup(label)
+        return slot >= 0 and not deleted
+
+    @property
+    def count_deleted(self):
+        return 0 if self._core is None else self._core.n_deleted
+
+    # ---------------------------------------------------------------- persistence
+    def save_index(self, path_to_index, *, format="gpuhnsw"):
+        """Write the index to ``path_to_index`` atomically (temporary file, then rename).
+
+        ``format="gpuhnsw"`` (default): versioned, checksummed, keeps ``ef``.  ``format="hnswlib"``:
+        hnswlib 0.8.0's layout, loadable by hnswlib itself.
+        """
+        core = self._need_init()
+        state = core.export_state()
+        if format == "gpuhnsw":
+            _io.write_gpuhnsw(path_to_index, state, ef=self._ef)
+        elif format == "hnswlib":
+            _io.write_hnswlib(path_to_index, state)
+        else:
+            raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
+
+    def load_index(self, path_to_index, max_elements=0, allow_replace_deleted=False):
+        """Load a file written by ``save_index`` in either format (or by hnswlib), detected from its
+        first bytes.  Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
+        :class:`IndexFileError` and leaves this index as it was."""
+        max_elements = as_int(max_elements, "max_elements", minimum=0)
+        state, ef, _fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+        state["max_elements"] = max(max_elements, state["max_elements"])
+        state["allow_replace_deleted"] = bool(allow_replace_deleted)
+        try:
+            core = _core.Core.from_state(state)
+        except ValueError as exc:
+            raise IndexFileError(f"{os.fspath(path_to_index)}: {exc}") from None
+        self._core = core
+        self._ef = 10 if ef is None else ef
+        self._cur_l = core.count
+
+    def index_file_size(self):
+        """Bytes ``save_index(..., format="hnswlib")`` writes (hnswlib's own measure)."""
+        core = self._need_init()
+        labels = np.frombuffer(core.labels(), dtype=np.uint64)
+        levels = np.empty(labels.shape[0], dtype=np.uint8)
+        core.levels_of(labels, levels)
+        per_elem = 4 + 4 * core.M0 + 4 * self._dim + 8
+        return 96 + core.count * (per_elem + 4) + int(levels.sum(dtype=np.int64)) * (4 + 4 * core.M)
+
+    def __getstate__(self):
+        state = {} if self._core is None else self._core.export_state()
+        state.update(space=self._space, dim=self._dim, ef=self._ef, num_threads=self._num_threads,
+                     cur_l=self._cur_l, index_inited=self._core is not None, ser_version=1)
+        return (state,)
+
+    def __setstate__(self, state):
+        state = state[0] if isinstance(state, tuple) else state
+        self.__init__(state["space"], state["dim"], device="auto")
+        self._restore(state)
+
+    def _restore(self, state):
+        if state.get("ser_version", 1) != 1:
+            raise ValueError(f"unsupported state version {state.get('ser_version')}")
+        self._ef = int(state.get("ef", 10))
+        self._num_threads = int(state.get("num_threads", self._num_threads))
+        if state.get("index_inited", True) and "links0" in state:
+            self._core = _core.Core.from_state(state)
+            self._cur_l = int(state.get("cur_l", self._core.count))
+
+    def __repr__(self):
+        return f"<gpuhnsw.Index(space='{self._space}', dim={self._dim})>"
+
+    # ---------------------------------------------------------------- parameters
+    def set_ef(self, ef):
+        self._ef = as_int(ef, "ef", minimum=0)
+
+    def set_num_threads(self, num_threads):
+        self._num_threads = num_threads_rule(num_threads)
+
+    def get_max_elements(self):
+        return 0 if self._core is None else self._core.max_elements
+
+    def get_current_count(self):
+        return 0 if self._core is None else self._core.count
+
+    @property
+    def ef(self):
+        return self._ef
+
+    @ef.setter
+    def ef(self, value):
+        self.set_ef(value)
+
+    @property
+    def num_threads(self):
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value):
+        self.set_num_threads(value)
+
+    @property
+    def space(self):
+        return self._space
+
+    @property
+    def dim(self):
+        return self._dim
+
+    @property
+    def M(self):
+        return 0 if self._core is None else self._core.M
+
+    @property
+    def ef_construction(self):
+        return 0 if self._core is None else self._core.ef_construction
+
+    @property
+    def max_elements(self):
+        return self.get_max_elements()
+
+    @property
+    def element_count(self):
+        return self.get_current_count()
+
+    @property
+    def device(self):
+        """Where queries run: ``"cpu"`` or ``"cuda"``."""
+        return self._device
+
+
+
