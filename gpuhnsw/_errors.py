@@ -19,3 +19,7 @@ class InputShapeError(ValueError, RuntimeError):
     A ``ValueError``, and also a ``RuntimeError`` because that is what hnswlib raises for the same
     mistake in ``add_items``: ``except RuntimeError`` in existing hnswlib code still catches it.
     """
+
+
+class IndexFileNotFoundError(FileNotFoundError, RuntimeError):
+    """``load_index`` of a missing file: a ``FileNotFoundError``, and a ``RuntimeError`` as hnswlib raises."""

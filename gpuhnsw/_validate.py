@@ -67,13 +67,14 @@ def as_vectors(data, dim=None, what="data"):
     return arr
 
 
-def as_label(label):
-    """One label as a Python int in [0, 2**64); ``OverflowError`` outside, as hnswlib."""
+def as_label(label, out_of_range=OverflowError):
+    """One label as a Python int in [0, 2**64).  Outside that range hnswlib raises OverflowError
+    where labels arrive in an array and TypeError where one label is an argument: ``out_of_range``."""
     if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
         raise TypeError(f"label must be an integer, got {type(label).__name__}")
     label = int(label)
     if label < 0 or label >= 1 << 64:
-        raise OverflowError(f"Python integer {label} out of bounds for uint64")
+        raise out_of_range(f"label {label} is out of range for uint64")
     return label
 
 

@@ -279,38 +279,86 @@ def _exact(base, queries, k, space, *, labels=None, self_rows=None, num_threads=
     return ids, dists
 
 
+class CandidatePool:
+    """Running pool of the ``pool`` smallest float32 keys per row, for rows ``0..m``.
+
+    Rows start empty. A row's first tile goes through :meth:`offer_dense` (``np.argpartition`` over
+    the tile); after that, :meth:`offer_sparse` takes only the entries below the row's current
+    threshold (the largest key in its full pool), which after a few tiles is a small fraction, so
+    the per-tile cost is one comparison pass instead of a selection.
+    """
+
+    def __init__(self, m, pool):
+        self.pool = pool
+        self.key = np.full((m, pool), np.inf, dtype=np.float32)
+        self.idx = np.full((m, pool), -1, dtype=np.int64)
+        self.thr = np.full(m, np.inf, dtype=np.float32)
+
+    def _merge(self, rows, key, idx):
+        """Rows ``rows`` [r]: keep the pool smallest of (pool, key [r, c], idx [r, c])."""
+        key = np.concatenate([self.key[rows], key], axis=1)
+        idx = np.concatenate([self.idx[rows], idx], axis=1)
+        sel = np.argpartition(key, self.pool - 1, axis=1)[:, :self.pool]
+        self.key[rows] = np.take_along_axis(key, sel, axis=1)
+        self.idx[rows] = np.take_along_axis(idx, sel, axis=1)
+        self.thr[rows] = self.key[rows].max(axis=1)
+
+    def offer_dense(self, r0, key, col0):
+        """A whole tile: rows ``r0 .. r0 + key.shape[0]``, columns = ids ``col0 ..``."""
+        m, t = key.shape
+        rows = slice(r0, r0 + m)
+        if t > self.pool:
+            sel = np.argpartition(key, self.pool - 1, axis=1)[:, :self.pool]
+            key, idx = np.take_along_axis(key, sel, axis=1), sel + col0
+        else:
+            idx = np.broadcast_to(np.arange(col0, col0 + t, dtype=np.int64), key.shape)
+        self._merge(rows, key, idx)
+
+    def offer_sparse(self, rows, ids, keys):
+        """Entries ``(rows[e], ids[e], keys[e])``, ``rows`` ascending; each id once per row."""
+        if rows.size == 0:
+            return
+        start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        touched = rows[start]
+        counts = np.diff(np.r_[start, rows.size])
+        width = int(counts.max())
+        pos = np.arange(rows.size) - np.repeat(start, counts)
+        slot = np.repeat(np.arange(touched.size), counts)
+        key = np.full((touched.size, width), np.inf, dtype=np.float32)
+        idx = np.full((touched.size, width), -1, dtype=np.int64)
+        key[slot, pos] = keys
+        idx[slot, pos] = ids
+        self._merge(touched, key, idx)
+
+
+def _tile_keys(q, base, sq32, t0, t1, space):
+    """float32 [nq, t1 - t0] ranking keys: |b|^2 - 2 q.b (l2) or -q.b (ip, cosine)."""
+    g = q @ base[t0:t1].T                                       # BLAS sgemm
+    if space == "l2":
+        g *= -2.0
+        g += sq32[t0:t1]
+    else:
+        np.negative(g, out=g)
+    return g
+
+
 def _screen_cpu(base, base_sq, q, pool, space, self_rows, base_block):
     """Rows of the ``pool`` smallest float32 keys per query, int64 [nq, pool] (unordered)."""
     nq = q.shape[0]
-    best_key = best_idx = None
-    row_ix = np.arange(nq)[:, None]
+    pools = CandidatePool(nq, pool)
     sq32 = None if base_sq is None else base_sq.astype(np.float32)
     for t0 in range(0, base.shape[0], base_block):
         t1 = min(t0 + base_block, base.shape[0])
-        g = q @ base[t0:t1].T                                   # [nq, t1 - t0] float32
-        if space == "l2":
-            g *= -2.0
-            g += sq32[t0:t1]
-        else:
-            np.negative(g, out=g)
+        g = _tile_keys(q, base, sq32, t0, t1, space)
         if self_rows is not None:
             hit = (self_rows >= t0) & (self_rows < t1)
             g[np.flatnonzero(hit), self_rows[hit] - t0] = _EXCLUDED
-        if g.shape[1] > pool:
-            sel = np.argpartition(g, pool - 1, axis=1)[:, :pool]
-            key, idx = g[row_ix, sel], sel + t0
+        if t0 == 0:
+            pools.offer_dense(0, g, t0)
         else:
-            key, idx = g, np.broadcast_to(np.arange(t0, t1), g.shape)
-        if best_key is None:
-            best_key, best_idx = key, idx
-            continue
-        key = np.concatenate([best_key, key], axis=1)
-        idx = np.concatenate([best_idx, idx], axis=1)
-        if key.shape[1] > pool:
-            sel = np.argpartition(key, pool - 1, axis=1)[:, :pool]
-            key, idx = key[row_ix, sel], idx[row_ix, sel]
-        best_key, best_idx = key, idx
-    return np.ascontiguousarray(best_idx, dtype=np.int64)
+            r, c = np.nonzero(g < pools.thr[:, None])
+            pools.offer_sparse(r, c + t0, g[r, c])
+    return pools.idx
 
 
 def _exact_dists(base, base_sq, q, cand, space):

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from . import _core, _io
-from ._errors import IndexFileError, InputShapeError
+from ._errors import IndexFileError, IndexFileNotFoundError
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, resolve_device)
 
@@ -96,10 +96,10 @@ class Index:
 
     def mark_deleted(self, label):
         """Hide ``label`` from results; it stays in the graph as a waypoint."""
-        self._need_init().mark_deleted(as_label(label))
+        self._need_init().mark_deleted(as_label(label, TypeError))
 
     def unmark_deleted(self, label):
-        self._need_init().unmark_deleted(as_label(label))
+        self._need_init().unmark_deleted(as_label(label, TypeError))
 
     def resize_index(self, new_size):
         """Change capacity to ``new_size`` (not below the current count)."""
@@ -239,7 +239,10 @@ class Index:
         first bytes.  Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
         :class:`IndexFileError` and leaves this index as it was."""
         max_elements = as_int(max_elements, "max_elements", minimum=0)
-        state, ef, _fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+        try:
+            state, ef, _fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+        except FileNotFoundError as exc:
+            raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
         state["max_elements"] = max(max_elements, state["max_elements"])
         state["allow_replace_deleted"] = bool(allow_replace_deleted)
         try:
