@@ -252,8 +252,9 @@ def write_gpuhnsw(path, state, *, ef):
         If the file cannot be written (no temp file is left behind).
     """
     a = _validated_arrays(state)
-    if ef is not None and not 0 <= ef < 2**63:
-        raise ValueError(f"ef={ef} out of range")
+    if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer))
+                           or not 0 <= ef < 2**63):
+        raise ValueError(f"ef must be None or an int in [0, 2**63), got {ef!r}")
     header = _HEADER.pack(
         MAGIC, FORMAT_VERSION, SPACES.index(state["space"]), bool(state["allow_replace_deleted"]),
         state["dim"], state["M"], state["ef_construction"], state["random_seed"],
@@ -463,9 +464,9 @@ def _read_hnswlib(buf, space, dim):
              upper=upper, deleted=deleted)
     _check_graph(a, M=M, entry_point=entry_point, max_level=max_level, err=IndexFileError)
     links0, upper = _normalised(a, M)
-    state.update(vectors=np.ascontiguousarray(rec["vector"], dtype="<f4").tobytes(),
-                 links0=links0.tobytes(), degree0=degree0.tobytes(),
-                 labels=np.ascontiguousarray(rec["label"]).tobytes(), levels=levels.tobytes(),
+    # tobytes() of a strided field view copies once, straight into C order.
+    state.update(vectors=rec["vector"].tobytes(), links0=links0.tobytes(), degree0=degree0.tobytes(),
+                 labels=rec["label"].tobytes(), levels=levels.tobytes(),
                  upper=upper.tobytes(), deleted=deleted.astype(np.uint8).tobytes())
     return state
 
