@@ -23,7 +23,6 @@ is ``ip`` on vectors normalised as ``x / (|x| + 1e-30)`` (base and queries alike
 """
 from __future__ import annotations
 
-import functools
 import os
 import struct
 import tempfile
@@ -32,12 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._errors import DeviceError, IndexFileError
+from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+                        num_threads as _num_workers, resolve_device)
 
-__all__ = ["BFIndex", "exact_search", "resolve_device"]
-
-SPACES = ("l2", "ip", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["BFIndex", "exact_search", "CandidatePool", "normalize_rows"]
 
 # Candidates kept per query beyond k before the exact float64 re-ranking (see module docstring).
 _MIN_MARGIN = 8
@@ -56,84 +54,12 @@ _REFINE_ENTRIES = 1 << 21
 
 
 # --------------------------------------------------------------------------------------------------
-# Devices
+# Input handling (validation itself lives in _validate, shared with Index and the CLI)
 # --------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _cuda_status():
-    """(usable, reason): whether CuPy is importable and sees a CUDA device."""
-    try:
-        import cupy
-    except Exception as exc:  # ImportError, or a CuPy that fails to load its CUDA libraries
-        return False, f"CuPy cannot be imported ({exc.__class__.__name__}: {exc}); " \
-                      f"install gpuhnsw[cuda12] or gpuhnsw[cuda13]"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return False, f"CUDA reports no usable device ({exc})"
-    if n < 1:
-        return False, "CUDA reports no device"
-    return True, ""
-
-
-def resolve_device(device):
-    """Map ``"auto" | "cpu" | "cuda"`` to ``"cpu"`` or ``"cuda"``.
-
-    ``"auto"`` picks the GPU when CuPy sees one and the CPU otherwise; ``"cuda"`` without a usable
-    GPU raises :class:`gpuhnsw.DeviceError`.
-    """
-    if not isinstance(device, str) or device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
-    if device == "cpu":
-        return "cpu"
-    usable, why = _cuda_status()
-    if usable:
-        return "cuda"
-    if device == "auto":
-        return "cpu"
-    raise DeviceError(f"device='cuda' was requested but no GPU can be used: {why}")
-
 
 def _import_cupy():
     import cupy
     return cupy
-
-
-# --------------------------------------------------------------------------------------------------
-# Input handling (shared with knn_graph and the CLI)
-# --------------------------------------------------------------------------------------------------
-
-def check_space(space):
-    if not isinstance(space, str) or space not in SPACES:
-        raise RuntimeError("Space name must be one of l2, ip, or cosine.")
-    return space
-
-
-def as_vectors(data, dim=None, what="data"):
-    """``data`` as a C-contiguous float32 matrix ``[n, dim]``; 1-D input is one row.
-
-    Raises ``ValueError`` for anything that is not a finite real matrix of width ``dim``.
-    """
-    if hasattr(data, "__cuda_array_interface__") and hasattr(data, "get"):
-        data = data.get()  # a CuPy array: validate and compute on the host copy
-    arr = np.asarray(data)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise ValueError(f"{what} must be real, got dtype {arr.dtype}")
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    elif arr.ndim != 2:
-        raise ValueError(f"{what} must be 1-D (one vector) or 2-D [n, dim], got shape {arr.shape}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"Wrong dimensionality of the vectors: {what} has width {arr.shape[1]}, "
-                         f"the index has dim {dim}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if arr.size and not np.isfinite(arr).all():
-        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        raise ValueError(f"{what} holds NaN or infinite values (first in row {bad})"
-                         " (values beyond the float32 range become infinite)")
-    return arr
 
 
 def normalize_rows(x):
@@ -149,20 +75,6 @@ def normalize_rows(x):
         norms = np.sqrt(np.einsum("ij,ij->i", xb, xb))
         out[a:a + step] = xb * (1.0 / (norms + 1e-30))[:, None]
     return out
-
-
-def _check_k(k):
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an integer, got {type(k).__name__}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    return int(k)
-
-
-def _num_workers(num_threads):
-    if num_threads is None or num_threads <= 0:
-        return os.cpu_count() or 1
-    return int(num_threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +106,7 @@ def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offs
     block, base_block : int, optional
         Queries per block and base rows per tile (memory: about ``12 * block * base_block`` bytes
         per worker). Defaults adapt to the sizes.
-    device : {"cpu", "cuda", "auto"}
+    device : {"cpu", "auto", "cuda", "cuda:N"}
         ``"cuda"`` runs the matrix products and the selection on the GPU through CuPy.
     progress : callable, optional
         Called with the number of queries finished after each block.
@@ -209,7 +121,7 @@ def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offs
     space = check_space(space)
     base = as_vectors(base, what="base")
     queries = as_vectors(queries, dim=base.shape[1], what="queries")
-    k = _check_k(k)
+    k = as_int(k, "k", minimum=0)
     n, nq = base.shape[0], queries.shape[0]
     self_rows = None
     if exclude_self:
@@ -229,11 +141,12 @@ def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offs
 
 
 def _exact(base, queries, k, space, *, labels=None, self_rows=None, num_threads=-1, block=None,
-           base_block=None, device="cpu", progress=None, base_cache=None):
+           base_block=None, device=("cpu", None), progress=None, base_cache=None):
     """The kernel on validated float32 input (cosine rows already normalised).
 
     labels : [n] integer array, optional. Tie-break key per base row (default: the row number).
     self_rows : [nq] int64, optional. Base row excluded for each query.
+    device : ("cpu", None) or ("cuda", ordinal), as from ``_validate.resolve_device``.
     Returns (rows int64 [nq, k] into ``base``, dists float32 [nq, k]).
     """
     n, nq = base.shape[0], queries.shape[0]
@@ -245,10 +158,11 @@ def _exact(base, queries, k, space, *, labels=None, self_rows=None, num_threads=
     pool = min(avail, k + max(_MIN_MARGIN, k // 4))
     if self_rows is not None:
         pool = min(pool + 1, n)  # the excluded row may occupy one slot of the pool
-    if device == "cuda":
-        return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
-                           block=block, base_block=base_block, progress=progress,
-                           base_cache=base_cache, out=(ids, dists))
+    if device[0] == "cuda":
+        with _import_cupy().cuda.Device(device[1] or 0):
+            return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
+                               block=block, base_block=base_block, progress=progress,
+                               base_cache=base_cache, out=(ids, dists))
 
     block = int(block) if block else min(_CPU_BLOCK, nq)
     base_block = int(base_block) if base_block else max(pool, _CPU_TILE_ENTRIES // block)
@@ -495,34 +409,6 @@ _SECTION = struct.Struct("<QI")        # byte length, crc32
 _SPACE_CODES = {"l2": 0, "ip": 1, "cosine": 2}
 
 
-def _as_label(label):
-    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
-        raise TypeError(f"label must be an integer, got {type(label).__name__}")
-    label = int(label)
-    if label < 0 or label >= 1 << 64:
-        raise OverflowError(f"label {label} does not fit in uint64")
-    return label
-
-
-def _as_labels(ids, rows):
-    arr = np.asarray(ids)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim != 1 or arr.shape[0] != rows:
-        raise RuntimeError(f"The input label shape {arr.shape[0] if arr.ndim == 1 else arr.shape} "
-                           f"does not match the input data vector shape {rows}")
-    if arr.size == 0:
-        return arr.astype(np.uint64)
-    if arr.dtype == object:
-        arr = np.array([_as_label(x) for x in arr], dtype=np.uint64)
-    elif np.issubdtype(arr.dtype, np.signedinteger):
-        if (arr < 0).any():
-            raise OverflowError("labels must be non-negative (they are stored as uint64)")
-    elif not np.issubdtype(arr.dtype, np.unsignedinteger):
-        raise TypeError(f"labels must be integers, got dtype {arr.dtype}")
-    return arr.astype(np.uint64)
-
-
 def _write_atomic(path, chunks):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -555,16 +441,14 @@ class BFIndex:
     ----------
     space : {"l2", "ip", "cosine"}
     dim : int
-    device : {"auto", "cpu", "cuda"}, keyword-only
+    device : {"auto", "cpu", "cuda", "cuda:N"}, keyword-only
         Where ``knn_query`` runs. ``"auto"``: the GPU when CuPy sees one.
     """
 
     def __init__(self, space, dim, *, device="auto"):
         self._space = check_space(space)
-        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        self._dim = int(dim)
-        self._device = resolve_device(device)
+        self._dim = check_dim(dim)
+        self._device = resolve_device(device)      # ("cpu", None) or ("cuda", ordinal)
         self._num_threads = os.cpu_count() or 1
         self._reset(None)
 
@@ -593,8 +477,8 @@ class BFIndex:
 
     @property
     def device(self):
-        """``"cpu"`` or ``"cuda"``: where ``knn_query`` runs."""
-        return self._device
+        """``"cpu"``, or ``"cuda:N"``: where ``knn_query`` runs."""
+        return "cpu" if self._device[0] == "cpu" else f"cuda:{self._device[1] or 0}"
 
     @property
     def max_elements(self):
@@ -613,7 +497,7 @@ class BFIndex:
         self.set_num_threads(value)
 
     def set_num_threads(self, num_threads):
-        self._num_threads = int(num_threads)
+        self._num_threads = as_int(num_threads, "num_threads")
 
     def get_max_elements(self):
         return self._max_elements
@@ -626,11 +510,7 @@ class BFIndex:
         """Allocate room for ``max_elements`` vectors."""
         if self._inited:
             raise RuntimeError("The index is already initiated.")
-        if isinstance(max_elements, bool) or not isinstance(max_elements, (int, np.integer)):
-            raise TypeError(f"max_elements must be an integer, got {type(max_elements).__name__}")
-        if max_elements < 0:
-            raise ValueError(f"max_elements must be >= 0, got {max_elements}")
-        self._reset(int(max_elements))
+        self._reset(as_int(max_elements, "max_elements", minimum=0))
 
     def _require_init(self):
         if not self._inited:
@@ -647,7 +527,7 @@ class BFIndex:
         if ids is None:
             labels = np.arange(self._next_auto, self._next_auto + rows, dtype=np.uint64)
         else:
-            labels = _as_labels(ids, rows)
+            labels = as_labels(ids, rows)
         if self._space == "cosine":
             x = normalize_rows(x)
         last = {}                                  # label -> last row of x carrying it
@@ -670,7 +550,7 @@ class BFIndex:
     def delete_vector(self, label):
         """Remove ``label`` (a label that is not present is ignored, as in hnswlib)."""
         self._require_init()
-        label = _as_label(label)
+        label = as_label(label, out_of_range=TypeError)
         r = self._rows.pop(label, None)
         if r is None:
             return
@@ -705,7 +585,7 @@ class BFIndex:
         """
         self._require_init()
         q = as_vectors(data, dim=self._dim, what="queries")
-        k = _check_k(k)
+        k = as_int(k, "k", minimum=0)
         if self._space == "cosine":
             q = normalize_rows(q)
         n = self._count
@@ -716,14 +596,15 @@ class BFIndex:
             if not keep.all():
                 base, labels = base[keep], labels[keep]
                 use_cache = False
-        if k > base.shape[0]:
+        if k > base.shape[0] and q.shape[0] > 0:
             raise RuntimeError(
                 f"Cannot return the results in a contiguous 2D array: k={k} but only "
                 f"{base.shape[0]} element(s) can be returned"
                 + (" (after the filter)" if filter is not None else ""))
-        threads = num_threads if num_threads is not None and num_threads > 0 else self._num_threads
+        threads = as_int(num_threads, "num_threads")
+        threads = threads if threads > 0 else self._num_threads
         cache = None
-        if self._device == "cuda" and use_cache and k > 0 and q.shape[0] > 0:
+        if self._device[0] == "cuda" and use_cache and k > 0 and q.shape[0] > 0:
             cache = self._device_base()
         rows, dists = _exact(base, q, k, self._space, labels=labels, num_threads=threads,
                              device=self._device, base_cache=cache)
@@ -732,8 +613,9 @@ class BFIndex:
     def _device_base(self):
         if self._gpu_cache is None:
             cp = _import_cupy()
-            b = cp.asarray(self._vectors[:self._count])
-            self._gpu_cache = (b, (b * b).sum(axis=1) if self._space == "l2" else None)
+            with cp.cuda.Device(self._device[1] or 0):
+                b = cp.asarray(self._vectors[:self._count])
+                self._gpu_cache = (b, (b * b).sum(axis=1) if self._space == "l2" else None)
         return self._gpu_cache
 
     # ---- persistence --------------------------------------------------------------------------
@@ -771,8 +653,12 @@ class BFIndex:
         is checked; any inconsistency raises :class:`gpuhnsw.IndexFileError`.
         """
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            blob = f.read()
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError as exc:
+            raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}",
+                                         exc.filename) from None
         if blob[:len(_MAGIC)] == _MAGIC:
             cap, vec, lab, next_auto = self._parse_own(blob, path)
         else:
@@ -782,7 +668,7 @@ class BFIndex:
             raise IndexFileError(f"{path}: vectors hold NaN or infinite values")
         if np.unique(lab).shape[0] != lab.shape[0]:
             raise IndexFileError(f"{path}: duplicate labels")
-        self._reset(max(int(max_elements or 0), cap))
+        self._reset(max(as_int(max_elements, "max_elements", minimum=0), cap))
         n = vec.shape[0]
         self._vectors[:n], self._labels[:n], self._count = vec, lab, n
         self._rows = {lab_: r for r, lab_ in enumerate(lab.tolist())}

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .bruteforce import (CandidatePool, _exact, _refine, as_vectors, check_space, normalize_rows,
-                         resolve_device, _MIN_MARGIN, _EXCLUDED, _num_workers)
+from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
+from .bruteforce import _EXCLUDED, _MIN_MARGIN, CandidatePool, _exact, _refine, normalize_rows
 
 __all__ = ["knn_graph"]
 
@@ -53,7 +53,7 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_con
         Squared L2, ``1 - a.b``, ``1 - cos`` (hnswlib's definitions).
     method : {"auto", "exact", "hnsw"}
         ``"auto"``: exact while ``n * n * d`` is small (see ``AUTO_EXACT_LIMIT``), else hnsw.
-    device : {"auto", "cpu", "cuda"}
+    device : {"auto", "cpu", "cuda", "cuda:N"}
         Where the exact search, or the queries of the hnsw path, run.
     M, ef_construction, random_seed : int
         HNSW build parameters (hnsw method only).
@@ -77,14 +77,12 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_con
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     x = as_vectors(data, what="data")
     n, d = x.shape
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an integer, got {type(k).__name__}")
-    k = int(k)
+    k = as_int(k, "k")
     if not 0 <= k <= max(n - 1, 0):
         raise ValueError(f"k must be in [0, n - 1] = [0, {max(n - 1, 0)}], got {k}")
-    dev = resolve_device(device)
+    dev = resolve_device(device)                 # ("cpu", None) or ("cuda", ordinal)
     if method == "auto":
-        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev] else "hnsw"
+        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] else "hnsw"
     if progress is None:
         progress = n >= PROGRESS_MIN_ROWS and _stderr_is_tty()
 
@@ -93,14 +91,14 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_con
     if space == "cosine":
         x = normalize_rows(x)
     if method == "exact":
-        if dev == "cuda":
+        if dev[0] == "cuda":
             with _Progress(progress, n, "exact k-NN graph") as bar:
                 return _exact(x, x, k, space, self_rows=np.arange(n, dtype=np.int64),
-                              device="cuda", progress=bar.to)
+                              device=dev, progress=bar.to)
         return _exact_graph_cpu(x, k, space, num_threads=num_threads, progress=progress)
     if ef is None:
         ef = max(2 * (k + 1), 64)
-    return _hnsw_graph(x, k, space, device=dev, M=M, ef_construction=ef_construction, ef=int(ef),
+    return _hnsw_graph(x, k, space, device=device, M=M, ef_construction=ef_construction, ef=int(ef),
                        num_threads=num_threads, progress=progress, random_seed=random_seed)
 
 
