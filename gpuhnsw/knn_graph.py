@@ -106,13 +106,14 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_con
 # exact, CPU: symmetric tiling
 # --------------------------------------------------------------------------------------------------
 
-def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=_TILE):
+def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
     """Exact graph of the (already normalised for cosine) float32 rows ``x`` [n, d].
 
     Tiles ``(i, j)`` with ``j >= i`` in row-major order; the product of one tile updates the pools
     of row block ``i`` (keys along its rows) and of row block ``j`` (keys along its columns).
     """
     n = x.shape[0]
+    tile = tile or _TILE
     pool = min(n, k + 1 + max(_MIN_MARGIN, k // 4))      # +1: a row's own slot is in its pool
     sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if space == "l2" else None
     sq32 = None if sq is None else sq.astype(np.float32)

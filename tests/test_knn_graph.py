@@ -1,0 +1,183 @@
+"""``knn_graph``: the exact method equals brute force, the hnsw method has high recall, self rows are
+dropped by id, and memory stays bounded."""
+import sys
+import tracemalloc
+import types
+
+import numpy as np
+import pytest
+
+from gpuhnsw import knn_graph as kg_module
+from gpuhnsw import testing
+from gpuhnsw.knn_graph import knn_graph
+
+
+def _oracle(x, k, space="l2"):
+    """float64 brute force with the row itself removed (by id) from k + 1 results."""
+    ids, dists = testing.exact_knn(x, x, k + 1, space)
+    keep = ids != np.arange(len(x))[:, None]
+    keep[keep.all(axis=1), -1] = False
+    return ids[keep].reshape(len(x), k), dists[keep].reshape(len(x), k)
+
+
+@pytest.fixture
+def hnsw_index_class(monkeypatch, hnswlib):
+    """gpuhnsw.Index when it works, else hnswlib.Index as a stand-in (same API)."""
+    try:
+        import gpuhnsw
+
+        gpuhnsw.Index("l2", 4).init_index(10)
+    except Exception:
+        monkeypatch.setattr(kg_module, "_index_class", lambda: hnswlib.Index)
+
+
+@pytest.fixture(scope="module")
+def sift_graph(datasets):
+    """siftsmall base and its exact 10-NN graph from the float64 oracle."""
+    base, _, _, _ = datasets("siftsmall")
+    return (base,) + _oracle(base, 10)
+
+
+def test_exact_equals_brute_force_on_siftsmall(sift_graph):
+    base, want, want_d = sift_graph
+    neighbors, distances = knn_graph(base, 10, method="exact")
+    assert neighbors.dtype == np.int64 and distances.dtype == np.float32
+    np.testing.assert_array_equal(neighbors, want)          # integer data: exact, ties by id
+    np.testing.assert_array_equal(distances, want_d)
+
+
+def test_exact_equals_brute_force_on_mnist_slice(datasets):
+    base, _, _, _ = datasets("mnist", n_base=5000, n_queries=1)
+    neighbors, distances = knn_graph(base, 15, method="exact")
+    want, want_d = _oracle(base, 15)
+    np.testing.assert_array_equal(neighbors, want)
+    np.testing.assert_array_equal(distances, want_d)
+
+
+@pytest.mark.parametrize("space", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("tile", [97, 512, 5000])
+def test_exact_any_space_and_tiling(make_data, space, tile):
+    x = make_data(1200, 16)
+    neighbors, distances = kg_module._exact_graph_cpu(
+        kg_module.normalize_rows(x) if space == "cosine" else x, 6, space, tile=tile)
+    want, want_d = _oracle(x, 6, space)
+    np.testing.assert_array_equal(neighbors, want)
+    np.testing.assert_allclose(distances, want_d, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_keeps_duplicates_and_drops_only_self():
+    x = np.array([[0, 0], [3, 3], [0, 0], [0, 0], [1, 0]], dtype=np.float32)
+    neighbors, distances = knn_graph(x, 3, method="exact")
+    np.testing.assert_array_equal(neighbors[0], [2, 3, 4])
+    np.testing.assert_array_equal(neighbors[2], [0, 3, 4])
+    np.testing.assert_array_equal(distances[0], [0, 0, 1])
+    assert not (neighbors == np.arange(5)[:, None]).any()
+
+
+def test_hnsw_recall_on_siftsmall(sift_graph, hnsw_index_class):
+    base, exact, _ = sift_graph
+    approx, dists = knn_graph(base, 10, method="hnsw", M=16, ef_construction=100)
+    assert approx.shape == (10000, 10) and approx.dtype == np.int64
+    assert not (approx == np.arange(10000)[:, None]).any()
+    assert testing.recall_at_k(approx, exact, 10) >= 0.95
+    assert (np.diff(dists, axis=1) >= 0).all()
+
+
+def test_hnsw_recall_on_mnist_slice_cosine(datasets, hnsw_index_class):
+    base, _, _, _ = datasets("mnist", n_base=3000, n_queries=1)
+    exact, _ = knn_graph(base, 10, space="cosine", method="exact")
+    approx, _ = knn_graph(base, 10, space="cosine", method="hnsw", ef_construction=100)
+    assert testing.recall_at_k(approx, exact, 10) >= 0.95
+
+
+def test_hnsw_keeps_duplicate_rows(make_data, hnsw_index_class):
+    x = make_data(400, 8)
+    x[200:] = x[:200]                                   # every row has an exact twin
+    neighbors, distances = knn_graph(x, 4, method="hnsw")
+    twin = np.r_[np.arange(200, 400), np.arange(200)]
+    assert (neighbors[:, 0] == twin).mean() >= 0.99
+    assert (distances[:, 0] == 0).mean() >= 0.99
+    assert not (neighbors == np.arange(400)[:, None]).any()
+
+
+def test_drop_self_by_id_not_by_column():
+    labels = np.array([[5, 0, 9], [1, 4, 2], [7, 8, 3]])  # row 0: self in column 1; row 2: absent
+    dists = np.array([[0, 0, 2], [0, 1, 1], [1, 2, 3]], dtype=np.float32)
+    out, d = kg_module._drop_self(labels, dists, np.array([0, 1, 2]), 2)
+    np.testing.assert_array_equal(out, [[5, 9], [2, 4], [7, 8]])  # row 1: tie ordered by id
+    np.testing.assert_array_equal(d, [[0, 2], [1, 1], [1, 2]])
+
+
+def test_auto_method_and_arguments(make_data, monkeypatch):
+    x = make_data(300, 8)
+    monkeypatch.setattr(kg_module, "_hnsw_graph", lambda *a, **kw: pytest.fail("hnsw for tiny n"))
+    auto = knn_graph(x, 5)
+    exact = knn_graph(x, 5, method="exact")
+    np.testing.assert_array_equal(auto[0], exact[0])
+    assert knn_graph(x, 0)[0].shape == (300, 0)
+    assert knn_graph(x, 299)[0].shape == (300, 299)
+    with pytest.raises(ValueError):
+        knn_graph(x, 300)
+    with pytest.raises(ValueError, match="method"):
+        knn_graph(x, 3, method="nndescent")
+    with pytest.raises(ValueError):
+        knn_graph(np.full((5, 2), np.nan), 1)
+    with pytest.raises(RuntimeError, match="Space name"):
+        knn_graph(x, 3, space="l1")
+    with pytest.raises(TypeError):
+        knn_graph(x, 2.5)
+
+
+def test_progress_bar_uses_tqdm_when_present(make_data, monkeypatch):
+    updates = []
+
+    class FakeBar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            updates.append("closed")
+
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    monkeypatch.setattr(kg_module, "_TILE", 64)
+    x = make_data(200, 4)
+    a = knn_graph(x, 3, method="exact", progress=True)
+    assert updates[-1] == "closed" and sum(updates[:-1]) == 10       # 4 row blocks: 10 tile pairs
+    updates.clear()
+    b = knn_graph(x, 3, method="exact", progress=False)
+    assert updates == []
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_progress_without_tqdm_is_silent(make_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)               # import raises ImportError
+    knn_graph(make_data(100, 4), 3, method="exact", progress=True)
+
+
+def test_exact_memory_is_bounded(make_data):
+    """No [n, n] matrix: peak extra memory is tiles and pools, far below n * n * 4 bytes."""
+    x = make_data(8000, 8)
+    tracemalloc.start()
+    try:
+        knn_graph(x, 10, method="exact")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8000 * 8000 * 4 / 2, peak                           # 128 MB for the full matrix
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_exact_gpu_equals_cpu(datasets, space):
+    base, _, _, _ = datasets("siftsmall")
+    cpu = knn_graph(base, 10, space=space, method="exact", device="cpu")
+    gpu = knn_graph(base, 10, space=space, method="exact", device="cuda")
+    np.testing.assert_allclose(gpu[1], cpu[1], rtol=1e-6, atol=1e-6)
+    assert testing.recall_at_k(gpu[0], cpu[0], 10) == 1.0
+    assert not (gpu[0] == np.arange(len(base))[:, None]).any()
