@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
+from ._io import _atomic_write
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as _num_workers, resolve_device)
 
@@ -409,25 +409,6 @@ _SECTION = struct.Struct("<QI")        # byte length, crc32
 _SPACE_CODES = {"l2": 0, "ip": 1, "cosine": 2}
 
 
-def _write_atomic(path, chunks):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 class BFIndex:
     """Exact search index with hnswlib 0.8.0's ``BFIndex`` API.
 
@@ -644,7 +625,7 @@ class BFIndex:
             chunks = [struct.pack("<QQQ", self._max_elements, rec.dtype.itemsize, n), rec.tobytes()]
         else:
             raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
-        _write_atomic(path, chunks)
+        _atomic_write(path, chunks)
 
     def load_index(self, path, max_elements=0):
         """Replace the contents with the index saved at ``path`` (either format).
