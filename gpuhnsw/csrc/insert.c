@@ -312,7 +312,10 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         ix->levels[s] = (uint8_t)level;
         ix->upper[s] = NULL;
         if (level > 0) {
-            ix->upper[s] = calloc((size_t)level * (1 + ix->M), sizeof(uint32_t));
+            size_t words = (size_t)level * (1 + ix->M);
+            ix->upper[s] = malloc(words * sizeof(uint32_t));
+            if (ix->upper[s]) /* each level block: count 0, then invalid ids */
+                for (size_t w = 0; w < words; w++) ix->upper[s][w] = w % (1 + ix->M) ? GHNSW_INVALID : 0;
             if (!ix->upper[s]) {
                 for (uint32_t t = ix->count; t <= s; t++) { free(ix->upper[t]); ix->upper[t] = NULL; ix->levels[t] = 0; }
                 st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");

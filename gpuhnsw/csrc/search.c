@@ -6,25 +6,33 @@
 #include "gpuhnsw.h"
 #include "locks.h"
 
-/* Readers copy a list under its slot lock, so a concurrent insertion never shows a half-written list;
- * ids are also checked against count (cheap insurance for a reader racing a new slot). */
+/* Readers copy a list without its slot lock and validate every id instead: a list being rewritten may
+ * read as a mix of its old and new entries, but each entry is a slot id that was valid when written,
+ * and ids are checked against count (unused entries hold GHNSW_INVALID, which fails that check).  A
+ * writer stores a new slot's vector before any list names it, and the acquire fence below orders the
+ * id reads before the vector reads.  Taking the lock instead cost 30% of single-thread query
+ * throughput (mnist 20k, ef=64: the locked exchange stalls the outstanding cache misses). */
 uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out) {
-    uint32_t n = 0;
-    ghnsw_spin_lock(&ix->slot_locks[s]);
+    const uint32_t *cnt, *ids;
+    uint32_t cap;
     if (level == 0) {
-        n = ix->degree0[s];
-        if (n > ix->M0) n = 0;
-        memcpy(out, ghnsw_links0(ix, s), n * sizeof(uint32_t));
-    } else if (ix->upper[s] && level <= ix->levels[s]) {
-        const uint32_t *blk = ghnsw_upper(ix, s, level);
-        n = blk[0];
-        if (n > ix->M) n = 0;
-        memcpy(out, blk + 1, n * sizeof(uint32_t));
+        cnt = &ix->degree0[s];
+        ids = ghnsw_links0(ix, s);
+        cap = ix->M0;
+    } else {
+        if (!ix->upper[s] || level > ix->levels[s]) return 0;
+        cnt = ghnsw_upper(ix, s, level);
+        ids = cnt + 1;
+        cap = ix->M;
     }
-    ghnsw_spin_unlock(&ix->slot_locks[s]);
+    uint32_t n = __atomic_load_n(cnt, __ATOMIC_ACQUIRE);
+    if (n > cap) n = cap;
     uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE), m = 0;
-    for (uint32_t i = 0; i < n; i++)
-        if (out[i] < count) out[m++] = out[i];
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t id = __atomic_load_n(&ids[i], __ATOMIC_RELAXED);
+        if (id < count && id != s) out[m++] = id;
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return m;
 }
 
