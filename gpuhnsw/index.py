@@ -17,6 +17,23 @@ PAD_LABEL = np.uint64(2**64 - 1)
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small"
 
 
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(capacity, dim, M, error):
+    """Refuse a capacity whose arrays cannot fit in this machine's memory, before allocating: a
+    corrupted file's capacity field must give a clear error, not an out-of-memory kill."""
+    per_slot = ((dim + 3) // 4) * 16 + 8 * M + 48  # vectors, links0, degree, label, level, map
+    need, have = capacity * per_slot, _physical_memory()
+    if have is not None and need > have:
+        raise error(f"an index of {capacity} elements needs about {need / 2**30:.1f} GiB, "
+                    f"more than this machine's {have / 2**30:.1f} GiB of memory")
+
+
 class Index:
     """An HNSW index (hnswlib-compatible).
 
@@ -69,6 +86,7 @@ class Index:
             raise ValueError(f"M must be at least 2, got {M}")
         if M > 10000:
             raise ValueError(f"M must be at most 10000, got {M}")
+        _check_memory(max_elements, self._dim, M, MemoryError)
         self._core = _core.Core(self._space, self._dim, max_elements, M, max(ef_construction, M),
                                 random_seed & (2**64 - 1), bool(allow_replace_deleted))
         self._cur_l = 0
@@ -103,7 +121,10 @@ class Index:
 
     def resize_index(self, new_size):
         """Change capacity to ``new_size`` (not below the current count)."""
-        self._need_init().resize(as_int(new_size, "new_size", minimum=0))
+        core = self._need_init()
+        new_size = as_int(new_size, "new_size", minimum=0)
+        _check_memory(new_size, self._dim, core.M, MemoryError)
+        core.resize(new_size)
 
     # ---------------------------------------------------------------- search
     def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False):
@@ -245,6 +266,7 @@ class Index:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
         state["max_elements"] = max(max_elements, state["max_elements"])
         state["allow_replace_deleted"] = bool(allow_replace_deleted)
+        _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
         try:
             core = _core.Core.from_state(state)
         except ValueError as exc:
