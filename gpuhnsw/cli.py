@@ -1,0 +1,551 @@
+"""The ``gpuhnsw`` command line: build, query, knn-graph, bench, info.
+
+::
+
+    gpuhnsw build base.fvecs -o sift.idx --space l2 --M 16 --ef-construction 200
+    gpuhnsw query sift.idx queries.fvecs -k 10 --ef 64 --labels L.npy --distances D.npy
+    gpuhnsw knn-graph base.npy -k 15 -o graph.npz            # CSR (scipy.sparse.load_npz)
+    gpuhnsw knn-graph base.npy -k 15 -o nbrs.npy --distances dists.npy
+    gpuhnsw bench base.npy --queries q.npy --gt gt.npy -k 10 --ef 16,32,64,128 --plot bench.png
+    gpuhnsw info sift.idx
+
+Vectors are read from ``.npy`` (2-D numeric), ``.fvecs`` (float32), ``.bvecs`` (uint8) and
+``.ivecs`` (int32; ground truth) files. Row ``i`` of the data gets label ``i``. Bad input (missing
+or malformed file, wrong width, NaN, unusable device) prints one line to stderr and exits with
+status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+
+import numpy as np
+
+from . import _io
+from ._errors import DeviceError, IndexFileError
+
+__all__ = ["main", "read_vectors"]
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A user error: reported as one line on stderr, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# vector files
+# --------------------------------------------------------------------------------------------------
+
+_VECS = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
+
+
+def read_vectors(path, *, limit=None):
+    """Read a vector file as a 2-D array (``.npy`` memory-mapped; ``*vecs`` as their dtype).
+
+    ``*vecs`` layout (TEXMEX): each vector is ``int32 dim`` followed by ``dim`` values.
+    Every record must carry the same ``dim`` and the file size must be a whole number of records.
+    ``limit`` keeps the first rows only. Raises :class:`CLIError` with the reason otherwise.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise CLIError(f"{path}: no such file")
+    if ext == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise CLIError(f"{path}: not a readable .npy file ({exc})") from None
+        if arr.ndim != 2:
+            raise CLIError(f"{path}: expected a 2-D array [n, dim], got shape {arr.shape}")
+        if not (np.issubdtype(arr.dtype, np.number) and not np.iscomplexobj(arr)):
+            raise CLIError(f"{path}: expected a real numeric array, got dtype {arr.dtype}")
+    elif ext in _VECS:
+        dtype = _VECS[ext]
+        size = os.path.getsize(path)
+        if size < 4:
+            raise CLIError(f"{path}: empty or truncated {ext} file ({size} bytes)")
+        with open(path, "rb") as f:
+            (dim,) = struct.unpack("<i", f.read(4))
+        if dim <= 0 or dim > 1 << 20:
+            raise CLIError(f"{path}: first record has dimension {dim}; not a {ext} file?")
+        record = 4 + dim * dtype.itemsize
+        if size % record:
+            raise CLIError(f"{path}: size {size} is not a multiple of the record size {record} "
+                           f"(dim {dim}); truncated or not a {ext} file")
+        rec = np.memmap(path, dtype=np.dtype([("dim", "<i4"), ("v", dtype, (dim,))]), mode="r")
+        dims = np.asarray(rec["dim"])
+        if (dims != dim).any():
+            bad = int(np.flatnonzero(dims != dim)[0])
+            raise CLIError(f"{path}: record {bad} has dimension {int(dims[bad])}, record 0 has {dim}")
+        arr = rec["v"]
+    else:
+        raise CLIError(f"{path}: unknown file type {ext!r} (use .npy, .fvecs, .bvecs or .ivecs)")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise CLIError(f"{path}: no vectors (shape {arr.shape})")
+    if limit is not None:
+        arr = arr[:limit]
+    return arr
+
+
+def _float_rows(path, *, limit=None, dim=None):
+    """Vectors of ``path`` as C-contiguous float32, checked finite (and of width ``dim``)."""
+    arr = read_vectors(path, limit=limit)
+    if dim is not None and arr.shape[1] != dim:
+        raise CLIError(f"{path}: vectors have dimension {arr.shape[1]}, the index has {dim}")
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise CLIError(f"{path}: row {int(np.flatnonzero(~finite)[0])} holds NaN or infinity")
+    return x
+
+
+def _write_npy(path, arr):
+    """np.save through a temporary file and rename (the name is used as given)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{path}: directory {folder} does not exist")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# index files
+# --------------------------------------------------------------------------------------------------
+
+_BF_MAGIC = b"GHNSWBF\x00"
+
+
+def index_header(path):
+    """What kind of index ``path`` holds, from its header alone.
+
+    Returns a dict with ``kind`` ('hnsw' or 'bruteforce'), ``format`` ('gpuhnsw' or 'hnswlib'),
+    ``space`` (None where the format does not store it) and ``dim``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CLIError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(max(_io._HEADER.size, _io._HNSW_HEADER.size, 64))
+    if head[:len(_io.MAGIC)] == _io.MAGIC:
+        if len(head) < _io._HEADER.size:
+            raise CLIError(f"{path}: truncated gpuhnsw index header")
+        fields = _io._HEADER.unpack_from(head)
+        code, dim = fields[2], fields[4]
+        if code >= len(_io.SPACES):
+            raise CLIError(f"{path}: corrupted gpuhnsw index header (space code {code})")
+        return dict(kind="hnsw", format="gpuhnsw", space=_io.SPACES[code], dim=int(dim))
+    if head[:len(_BF_MAGIC)] == _BF_MAGIC:
+        from .bruteforce import _HEADER as BF_HEADER, _SPACE_CODES
+        if len(head) < BF_HEADER.size:
+            raise CLIError(f"{path}: truncated BFIndex header")
+        _, _, code, dim, *_ = BF_HEADER.unpack_from(head)
+        names = {v: k for k, v in _SPACE_CODES.items()}
+        if code not in names:
+            raise CLIError(f"{path}: corrupted BFIndex header (space code {code})")
+        return dict(kind="bruteforce", format="gpuhnsw", space=names[code], dim=int(dim))
+    if len(head) >= _io._HNSW_HEADER.size:
+        (offset0, _, _, _, label_offset, offset_data, *_rest) = _io._HNSW_HEADER.unpack_from(head)
+        if offset0 == 0 and label_offset > offset_data and (label_offset - offset_data) % 4 == 0:
+            return dict(kind="hnsw", format="hnswlib", space=None,
+                        dim=int((label_offset - offset_data) // 4))
+    if len(head) >= 24:
+        cap, rec, n = struct.unpack_from("<QQQ", head)
+        if rec > 8 and (rec - 8) % 4 == 0 and n <= cap and size == 24 + cap * rec:
+            return dict(kind="bruteforce", format="hnswlib", space=None, dim=int((rec - 8) // 4))
+    raise CLIError(f"{path}: not a gpuhnsw or hnswlib index file")
+
+
+def _open_index(path, space, device):
+    """Load the index at ``path``; ``space`` is needed for hnswlib files (they do not store it)."""
+    from .bruteforce import BFIndex
+    from .index import Index
+
+    h = index_header(path)
+    if h["space"] is not None and space is not None and space != h["space"]:
+        raise CLIError(f"{path}: the index has space {h['space']!r}, --space says {space!r}")
+    space = h["space"] or space or "l2"
+    cls = Index if h["kind"] == "hnsw" else BFIndex
+    index = cls(space, h["dim"], device=device)
+    try:
+        index.load_index(os.fspath(path))
+    except IndexFileError as exc:
+        raise CLIError(f"{os.fspath(path)}: {exc}") from None
+    return index, h, space
+
+
+# --------------------------------------------------------------------------------------------------
+# subcommands
+# --------------------------------------------------------------------------------------------------
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_build(args):
+    from .index import Index
+
+    data = _float_rows(args.data, limit=args.limit)
+    n, dim = data.shape
+    index = Index(args.space, dim, device=args.device)
+    index.init_index(n, M=args.M, ef_construction=args.ef_construction, random_seed=args.seed)
+    t0 = time.perf_counter()
+    index.add_items(data, np.arange(n, dtype=np.int64), num_threads=args.threads)
+    took = time.perf_counter() - t0
+    index.save_index(args.output, format=args.format)
+    _log(f"built {n} x {dim} ({args.space}, M={args.M}, ef_construction={args.ef_construction}) "
+         f"in {took:.2f} s ({n / max(took, 1e-9):,.0f} vectors/s); wrote {args.output} "
+         f"({args.format} format)")
+    return 0
+
+
+def cmd_query(args):
+    index, h, space = _open_index(args.index, args.space, args.device)
+    queries = _float_rows(args.queries, limit=args.limit, dim=h["dim"])
+    kw = {}
+    if args.ef is not None:
+        if h["kind"] != "hnsw":
+            raise CLIError("--ef applies to HNSW indexes only (this is a brute-force index)")
+        kw["ef"] = args.ef
+    count = index.get_current_count() - getattr(index, "count_deleted", 0)
+    if args.k > count:
+        raise CLIError(f"-k {args.k} exceeds the {count} live elements of {args.index}")
+    t0 = time.perf_counter()
+    try:
+        labels, dists = index.knn_query(queries, k=args.k, num_threads=args.threads, **kw)
+    except RuntimeError as exc:
+        if "contiguous" in str(exc):
+            raise CLIError(f"fewer than k={args.k} results for some query: raise --ef") from None
+        raise
+    took = time.perf_counter() - t0
+    _write_npy(args.labels, labels)
+    if args.distances:
+        _write_npy(args.distances, dists)
+    _log(f"{len(queries)} queries, k={args.k}, in {took:.3f} s "
+         f"({len(queries) / max(took, 1e-9):,.0f} QPS); wrote {args.labels}"
+         + (f" and {args.distances}" if args.distances else ""))
+    return 0
+
+
+def cmd_knn_graph(args):
+    from .knn_graph import knn_graph
+
+    data = _float_rows(args.data, limit=args.limit)
+    n = data.shape[0]
+    if not 1 <= args.k <= n - 1:
+        raise CLIError(f"-k must be in [1, {n - 1}] for {n} vectors, got {args.k}")
+    out = os.fspath(args.output)
+    csr = out.lower().endswith(".npz")
+    if csr and args.distances:
+        raise CLIError("--distances goes with a .npy output; a .npz output holds both")
+    t0 = time.perf_counter()
+    neighbors, distances = knn_graph(
+        data, args.k, space=args.space, method=args.method, device=args.device, M=args.M,
+        ef_construction=args.ef_construction, ef=args.ef, num_threads=args.threads,
+        progress=args.progress, random_seed=args.seed)
+    took = time.perf_counter() - t0
+    if csr:
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise CLIError(f"{out}: directory {folder} does not exist")
+        tmp = f"{out}.{os.getpid()}.tmp.npz"
+        try:
+            # scipy.sparse.save_npz's layout, so scipy.sparse.load_npz reads it
+            np.savez(tmp, indices=neighbors.reshape(-1), indptr=np.arange(0, n * args.k + 1,
+                     args.k, dtype=np.int64), format=np.array(b"csr"),
+                     shape=np.array([n, n], dtype=np.int64), data=distances.reshape(-1))
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        _write_npy(out, neighbors)
+        if args.distances:
+            _write_npy(args.distances, distances)
+    _log(f"k-NN graph (method {args.method}) of {n} x {data.shape[1]} ({args.space}), k={args.k}, "
+         f"in {took:.2f} s; wrote {out}" + (f" and {args.distances}" if args.distances else ""))
+    return 0
+
+
+def _parse_efs(text):
+    try:
+        efs = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CLIError(f"--ef must be a comma-separated list of integers, got {text!r}") from None
+    if not efs or min(efs) < 1:
+        raise CLIError(f"--ef values must be >= 1, got {text!r}")
+    return efs
+
+
+def cmd_bench(args):
+    from .bruteforce import exact_search
+    from .index import Index
+    from .testing import recall_at_k
+
+    efs = _parse_efs(args.ef)
+    base = _float_rows(args.data, limit=args.limit)
+    if args.queries:
+        queries = _float_rows(args.queries, limit=args.n_queries, dim=base.shape[1])
+    else:  # hold out the last rows of the data as queries
+        nq = min(args.n_queries or 100, base.shape[0] // 10)
+        if nq < 1:
+            raise CLIError(f"{args.data}: too few vectors to hold out queries; pass --queries")
+        base, queries = base[:-nq], base[-nq:]
+    n, dim = base.shape
+    k = args.k
+    if not 1 <= k <= n:
+        raise CLIError(f"-k must be in [1, {n}], got {k}")
+    if args.gt:
+        gt = np.asarray(read_vectors(args.gt))
+        if gt.shape[0] < len(queries) or gt.shape[1] < k:
+            raise CLIError(f"{args.gt}: ground truth of shape {gt.shape} does not cover "
+                           f"{len(queries)} queries x k={k}")
+        if args.limit is not None:
+            raise CLIError("--gt refers to the whole data set; it cannot be used with --limit")
+        gt = gt[:len(queries), :k].astype(np.int64)
+        if gt.min() < 0 or gt.max() >= n:
+            raise CLIError(f"{args.gt}: ids outside [0, {n})")
+        gt_source = args.gt
+    else:
+        t0 = time.perf_counter()
+        gt, _ = exact_search(base, queries, k, args.space, device=args.device,
+                             num_threads=args.threads)
+        gt_source = f"exact search ({time.perf_counter() - t0:.2f} s)"
+    if args.index:
+        index, h, _ = _open_index(args.index, args.space, args.device)
+        if h["kind"] != "hnsw" or h["dim"] != dim:
+            raise CLIError(f"{args.index}: need an HNSW index of dim {dim}")
+        build_s = None
+    else:
+        index = Index(args.space, dim, device=args.device)
+        index.init_index(n, M=args.M, ef_construction=args.ef_construction, random_seed=args.seed)
+        t0 = time.perf_counter()
+        index.add_items(base, np.arange(n, dtype=np.int64), num_threads=args.threads)
+        build_s = time.perf_counter() - t0
+    index.knn_query(queries[:10], k=k, num_threads=args.threads, ef=max(efs[0], k), pad=True)
+    rows = []                                                       # (warmed up)
+    for ef in efs:
+        best = float("inf")
+        for _ in range(max(1, args.repeat)):
+            t0 = time.perf_counter()
+            labels, _ = index.knn_query(queries, k=k, num_threads=args.threads, ef=max(ef, k),
+                                        pad=True)
+            best = min(best, time.perf_counter() - t0)
+        rows.append(dict(ef=ef, recall=recall_at_k(labels, gt, k), qps=len(queries) / best,
+                         ms_per_query=1e3 * best / len(queries)))
+    result = dict(data=os.fspath(args.data), n=n, dim=dim, n_queries=len(queries), k=k,
+                  space=args.space, M=args.M, ef_construction=args.ef_construction,
+                  device=getattr(index, "device", args.device), threads=args.threads,
+                  build_s=build_s, ground_truth=gt_source, rows=rows)
+    print(f"{n} x {dim} ({args.space}), {len(queries)} queries, k={k}, ground truth: {gt_source}")
+    if build_s is not None:
+        print(f"build: M={args.M}, ef_construction={args.ef_construction}: {build_s:.2f} s")
+    print(f"{'ef':>6} {'recall@' + str(k):>10} {'QPS':>12} {'ms/query':>10}")
+    for r in rows:
+        print(f"{r['ef']:>6} {r['recall']:>10.4f} {r['qps']:>12,.0f} {r['ms_per_query']:>10.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        _plot_bench(result, args.plot)
+    return 0
+
+
+def _plot_bench(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no plot written")
+        return
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["recall"] for r in rows], [r["qps"] for r in rows], "o-")
+    for r in rows:
+        ax.annotate(f"ef={r['ef']}", (r["recall"], r["qps"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"recall@{result['k']}")
+    ax.set_ylabel("queries per second")
+    ax.set_yscale("log")
+    ax.set_title(f"gpuhnsw {result['n']} x {result['dim']} ({result['space']}), "
+                 f"M={result['M']}, device={result['device']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_info(args):
+    from .bruteforce import BFIndex
+
+    path = os.fspath(args.index)
+    h = index_header(path)
+    info = dict(file=path, file_bytes=os.path.getsize(path), kind=h["kind"], format=h["format"],
+                space=h["space"] or "unknown (not stored in hnswlib files)", dim=h["dim"])
+    if h["kind"] == "hnsw":
+        try:
+            state, ef, _ = _io.read_index(path, space=h["space"] or "l2", dim=h["dim"])
+        except IndexFileError as exc:
+            raise CLIError(f"{path}: {exc}") from None
+        n = state["count"]
+        levels = np.frombuffer(state["levels"], dtype=np.uint8)[:n]
+        deleted = int(np.frombuffer(state["deleted"], dtype=np.uint8)[:n].sum())
+        hist = np.bincount(levels, minlength=1) if n else np.zeros(1, dtype=np.int64)
+        info.update(count=n, deleted=deleted, live=n - deleted, max_elements=state["max_elements"],
+                    M=state["M"], ef_construction=state["ef_construction"],
+                    ef=ef, max_level=state["max_level"], entry_point=state["entry_point"],
+                    levels={int(lv): int(c) for lv, c in enumerate(hist)})
+    else:
+        bf = BFIndex(h["space"] or "l2", h["dim"], device="cpu")
+        bf.load_index(path)   # its errors already name the file
+        info.update(count=bf.get_current_count(), deleted=0, live=bf.get_current_count(),
+                    max_elements=bf.get_max_elements())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(key) for key in info)
+    for key, value in info.items():
+        if key == "levels":
+            value = ", ".join(f"{lv}: {c}" for lv, c in value.items())
+        elif value is None:
+            value = "-"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------------------
+
+def _positive(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto",
+                        help="auto (GPU if CuPy sees one), cpu, cuda or cuda:N (default: auto)")
+    common.add_argument("--threads", type=int, default=-1,
+                        help="CPU threads; <= 0 uses every core (default: -1)")
+
+    def space(p, default="l2"):
+        p.add_argument("--space", choices=("l2", "ip", "cosine"), default=default,
+                       help=f"distance: squared L2, 1 - dot, 1 - cosine (default: {default})")
+
+    def hnsw_params(p):
+        p.add_argument("--M", type=_positive, default=16, help="links per node (default: 16)")
+        p.add_argument("--ef-construction", type=_positive, default=200,
+                       help="build beam width (default: 200)")
+        p.add_argument("--seed", type=int, default=100, help="level seed (default: 100)")
+
+    def limit(p):
+        p.add_argument("--limit", type=_positive, help="use only the first N vectors")
+
+    parser = argparse.ArgumentParser(prog="gpuhnsw", description=__doc__.split("\n\n")[0])
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"gpuhnsw {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", parents=[common], help="build an HNSW index from vectors")
+    p.add_argument("data", help="vectors: .npy, .fvecs or .bvecs")
+    p.add_argument("-o", "--output", required=True, help="index file to write")
+    space(p)
+    hnsw_params(p)
+    limit(p)
+    p.add_argument("--format", choices=("gpuhnsw", "hnswlib"), default="gpuhnsw",
+                   help="file format (default: gpuhnsw; hnswlib files load in hnswlib 0.8.0)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("query", parents=[common], help="k nearest neighbours of query vectors")
+    p.add_argument("index", help="index file (gpuhnsw or hnswlib format, HNSW or BFIndex)")
+    p.add_argument("queries", help="query vectors: .npy, .fvecs or .bvecs")
+    p.add_argument("-k", type=_positive, default=10, help="neighbours per query (default: 10)")
+    p.add_argument("--ef", type=_positive, help="search beam width (default: the index's ef)")
+    p.add_argument("--space", choices=("l2", "ip", "cosine"),
+                   help="needed for hnswlib files, which do not store it (default: l2)")
+    p.add_argument("--labels", required=True, help=".npy output: uint64 labels [nq, k]")
+    p.add_argument("--distances", help=".npy output: float32 distances [nq, k]")
+    limit(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("knn-graph", parents=[common], help="k-NN graph of a data set")
+    p.add_argument("data", help="vectors: .npy, .fvecs or .bvecs")
+    p.add_argument("-k", type=_positive, default=10, help="neighbours per vector (default: 10)")
+    p.add_argument("-o", "--output", required=True,
+                   help="graph.npz (CSR, scipy.sparse.load_npz) or neighbors.npy (int64 [n, k])")
+    p.add_argument("--distances", help="with a .npy output: float32 distances [n, k]")
+    p.add_argument("--method", choices=("auto", "exact", "hnsw"), default="auto")
+    p.add_argument("--ef", type=_positive, help="hnsw method: query beam width")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (needs tqdm; default: on for large inputs on a terminal)")
+    space(p)
+    hnsw_params(p)
+    limit(p)
+    p.set_defaults(func=cmd_knn_graph)
+
+    p = sub.add_parser("bench", parents=[common], help="recall / QPS sweep over ef")
+    p.add_argument("data", help="base vectors: .npy, .fvecs or .bvecs")
+    p.add_argument("--queries", help="query vectors (default: hold out the last data rows)")
+    p.add_argument("--n-queries", type=_positive, help="use (or hold out) this many queries")
+    p.add_argument("--gt", help="ground-truth ids [nq, >=k] (.npy or .ivecs); default: exact search")
+    p.add_argument("--index", help="benchmark this index file instead of building one")
+    p.add_argument("-k", type=_positive, default=10, help="neighbours per query (default: 10)")
+    p.add_argument("--ef", default="10,20,40,80,160,320", help="comma-separated ef values")
+    p.add_argument("--repeat", type=_positive, default=1, help="best of N timings per ef")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a recall/QPS plot (PNG) here (needs matplotlib)")
+    space(p)
+    hnsw_params(p)
+    limit(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("info", help="what an index file holds")
+    p.add_argument("index", help="index file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``gpuhnsw`` console script; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        msg = str(exc)
+    except (IndexFileError, DeviceError) as exc:
+        msg = str(exc)
+    except FileNotFoundError as exc:
+        msg = f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    except PermissionError as exc:
+        msg = f"{exc.filename}: permission denied"
+    except ValueError as exc:   # invalid data or parameters found by the library
+        msg = str(exc)
+    except KeyboardInterrupt:
+        print("gpuhnsw: interrupted", file=sys.stderr)
+        return 130
+    print(f"gpuhnsw {args.command}: error: {msg.splitlines()[0] if msg else 'failed'}",
+          file=sys.stderr)
+    return EXIT_BAD_INPUT
