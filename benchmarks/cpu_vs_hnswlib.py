@@ -109,6 +109,7 @@ def measure_memory(lib, name, n_base, n_queries):
     """
     space, _, _, _ = DATASETS[name]
     base, _, _, _ = load_dataset(name, n_base=n_base, n_queries=n_queries)
+    base = np.array(base)  # resident before the baseline (load_dataset may hand back a memmap)
     index = make_index(lib, space, base.shape[1])
     gc.collect()
     try:
@@ -226,7 +227,7 @@ def summarise(build_seconds, curves, memory):
     qps = {lib: qps_at_recall(curves[lib], TARGET_RECALL) for lib in LIBS}
     qps_ratio = qps[g] / qps[h] if qps[g] is not None and qps[h] is not None else None
     shortfalls = [(hp["recall"] - gp["recall"], gp["ef"]) for gp, hp in zip(curves[g], curves[h])]
-    shortfall, shortfall_ef = max(shortfalls)
+    shortfall, shortfall_ef = max(shortfalls, key=lambda t: t[0])  # the lowest ef among ties
     mem = {lib: memory[lib]["peak_bytes_per_element"] for lib in LIBS}
     mem_ratio = mem[g] / mem[h] if mem[h] > 0 else None
     return {
