@@ -77,41 +77,16 @@ static inline uint32_t sorted_insert(ghnsw_cand_t *b, uint32_t *n, uint32_t cap,
     return lo;
 }
 
-typedef struct {
-    ghnsw_cand_t *res; /* [cap] sorted, allowed slots only; NULL: results are the beam */
-    uint32_t n, cap;
-    const ghnsw_filter_t *filter;
-    int skip_deleted;
-    int error;         /* a filter callback failed */
-} results_t;
-
-static inline int is_allowed(ghnsw_index_t *ix, results_t *r, uint32_t s) {
-    if (r->skip_deleted && ghnsw_bit_get(ix->deleted, s)) return 0;
-    const ghnsw_filter_t *f = r->filter;
-    if (!f) return 1;
-    if (f->allowed_bits && !ghnsw_bit_get(f->allowed_bits, s)) return 0;
-    if (f->callback) {
-        int ok = 0;
-        if (f->callback(f->callback_ctx, ix->labels[s], &ok) != 0) { r->error = 1; return 0; }
-        return ok;
-    }
-    return 1;
-}
-
-static inline void offer(ghnsw_index_t *ix, results_t *r, float d, uint32_t s) {
-    if (!r->res || r->error) return;
-    if (r->n == r->cap && !cand_less(d, s, r->res[r->n - 1].d, r->res[r->n - 1].id)) return;
-    if (is_allowed(ix, r, s)) sorted_insert(r->res, &r->n, r->cap, d, s);
-}
-
+/* The fixed-size beam (docs/architecture.md "Search semantics"): used when every visited slot may be
+ * returned, i.e. no filter and no deletions.  This is the order the GPU kernel and the NumPy reference
+ * reproduce. */
 static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep, float ep_dist,
-                         int level, uint32_t ef, ghnsw_cand_t *beam, results_t *r) {
+                         int level, uint32_t ef, ghnsw_cand_t *beam) {
     uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M0 + 1));
     uint32_t n = 1, cursor = 0;
     beam[0].d = ep_dist;
     beam[0].id = ep;
     ghnsw_visit(vis, ep);
-    offer(ix, r, ep_dist, ep);
     while (cursor < n) {
         uint32_t p = beam[cursor].id;
         beam[cursor].id |= GHNSW_EXPANDED;
@@ -126,8 +101,6 @@ static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q
                 uint32_t pos = sorted_insert(beam, &n, ef, d, s);
                 if (pos < next) next = pos;
             }
-            offer(ix, r, d, s);
-            if (r->error) return 0;
         }
         while (next < n && (beam[next].id & GHNSW_EXPANDED)) next++;
         cursor = next;
@@ -136,20 +109,117 @@ static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q
     return n;
 }
 
-/* Construction search: candidates exclude deleted slots (new nodes should not link to them) unless
- * nothing else is found. */
+/* Binary heaps of candidates; `sign` +1 keeps the smallest distance on top, -1 the largest. */
+typedef struct { ghnsw_cand_t *a; uint32_t n, cap; } heap_t;
+
+static inline int heap_above(const ghnsw_cand_t *x, const ghnsw_cand_t *y, int sign) {
+    return sign > 0 ? cand_less(x->d, x->id, y->d, y->id) : cand_less(y->d, y->id, x->d, x->id);
+}
+
+static int heap_push(heap_t *h, float d, uint32_t id, int sign) {
+    if (h->n == h->cap) {
+        uint32_t cap = h->cap ? h->cap * 2 : 256;
+        ghnsw_cand_t *a = realloc(h->a, sizeof(ghnsw_cand_t) * cap);
+        if (!a) return -1;
+        h->a = a;
+        h->cap = cap;
+    }
+    uint32_t i = h->n++;
+    ghnsw_cand_t c = {d, id};
+    while (i > 0) {
+        uint32_t parent = (i - 1) / 2;
+        if (!heap_above(&c, &h->a[parent], sign)) break;
+        h->a[i] = h->a[parent];
+        i = parent;
+    }
+    h->a[i] = c;
+    return 0;
+}
+
+static ghnsw_cand_t heap_pop(heap_t *h, int sign) {
+    ghnsw_cand_t top = h->a[0], last = h->a[--h->n];
+    uint32_t i = 0;
+    for (;;) {
+        uint32_t c = 2 * i + 1;
+        if (c >= h->n) break;
+        if (c + 1 < h->n && heap_above(&h->a[c + 1], &h->a[c], sign)) c++;
+        if (!heap_above(&h->a[c], &last, sign)) break;
+        h->a[i] = h->a[c];
+        i = c;
+    }
+    if (h->n) h->a[i] = last;
+    return top;
+}
+
+typedef struct {
+    const ghnsw_filter_t *filter;
+    int error; /* a filter callback failed, or out of memory */
+} allow_t;
+
+static inline int is_allowed(ghnsw_index_t *ix, allow_t *a, uint32_t s) {
+    if (ghnsw_bit_get(ix->deleted, s)) return 0;
+    const ghnsw_filter_t *f = a->filter;
+    if (!f) return 1;
+    if (f->allowed_bits && !ghnsw_bit_get(f->allowed_bits, s)) return 0;
+    if (f->callback) {
+        int ok = 0;
+        if (f->callback(f->callback_ctx, ix->labels[s], &ok) != 0) { a->error = GHNSW_ECALLBACK; return 0; }
+        return ok;
+    }
+    return 1;
+}
+
+/* hnswlib's search with deletions or a filter (searchBaseLayerST, non-bare-bone): excluded slots stay
+ * waypoints, and the search goes on until it holds ef allowed results (or runs out of graph), so a
+ * selective filter still finds what it allows.  Writes up to ef sorted results into out[ef]. */
+static uint32_t filtered_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep, float ep_dist,
+                             int level, uint32_t ef, allow_t *allow, ghnsw_cand_t *out) {
+    uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M0 + 1));
+    heap_t cand = {NULL, 0, 0}, res = {out, 0, ef}; /* res never grows past ef: it pops first */
+    float bound = __builtin_inff();
+    ghnsw_visit(vis, ep);
+    if (heap_push(&cand, ep_dist, ep, 1)) { allow->error = GHNSW_ENOMEM; return 0; }
+    if (is_allowed(ix, allow, ep)) { heap_push(&res, ep_dist, ep, -1); bound = ep_dist; }
+    while (cand.n && !allow->error) {
+        ghnsw_cand_t c = heap_pop(&cand, 1);
+        if (c.d > bound && res.n == ef) break;
+        uint32_t deg = ghnsw_read_links(ix, c.id, level, buf);
+        for (uint32_t i = 0; i < deg; i++) {
+            uint32_t s = buf[i];
+            if (i + 1 < deg) __builtin_prefetch(ghnsw_vec(ix, buf[i + 1]));
+            if (ghnsw_visit(vis, s)) continue;
+            float d = ix->dist(q, ghnsw_vec(ix, s), ix->dim_pad);
+            if (res.n < ef || d < bound) {
+                if (heap_push(&cand, d, s, 1)) { allow->error = GHNSW_ENOMEM; break; }
+                if (is_allowed(ix, allow, s)) {
+                    if (res.n == ef) heap_pop(&res, -1);
+                    heap_push(&res, d, s, -1);
+                    bound = res.a[0].d;
+                }
+            }
+        }
+    }
+    free(cand.a);
+    uint32_t n = res.n; /* heap order -> ascending, in place */
+    for (uint32_t i = n; i > 0; i--) {
+        ghnsw_cand_t worst = heap_pop(&res, -1);
+        out[i - 1] = worst;
+    }
+    return n;
+}
+
+/* Construction search: new nodes do not link to deleted slots (as hnswlib), so with deletions present
+ * the filtered search runs with "not deleted" as its filter. */
 uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
                             float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam) {
-    if (__atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) == 0) {
-        results_t r = {NULL, 0, 0, NULL, 0, 0};
-        return beam_run(ix, vis, q, ep, ep_dist, level, ef, beam, &r);
+    if (__atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) == 0)
+        return beam_run(ix, vis, q, ep, ep_dist, level, ef, beam);
+    allow_t allow = {NULL, 0};
+    uint32_t n = filtered_run(ix, vis, q, ep, ep_dist, level, ef, &allow, beam);
+    if (n == 0 && !allow.error) { /* everything reachable is deleted: link to waypoints anyway */
+        ghnsw_visited_next(vis);
+        n = beam_run(ix, vis, q, ep, ep_dist, level, ef, beam);
     }
-    ghnsw_cand_t *res = malloc(sizeof(ghnsw_cand_t) * ef);
-    if (!res) return 0;
-    results_t r = {res, 0, ef, NULL, 1, 0};
-    uint32_t n = beam_run(ix, vis, q, ep, ep_dist, level, ef, beam, &r);
-    if (r.n > 0) { memcpy(beam, res, r.n * sizeof(ghnsw_cand_t)); n = r.n; }
-    free(res);
     return n;
 }
 
@@ -163,7 +233,7 @@ typedef struct {
     int32_t *out_found;
     uint32_t ep;
     int max_level;
-    int use_results;
+    int use_filtered;
 } query_ctx_t;
 
 static int query_one(void *vctx, size_t qi, int worker) {
@@ -178,20 +248,20 @@ static int query_one(void *vctx, size_t qi, int worker) {
         memset(q, 0, sizeof(float) * ix->dim_pad);
         memcpy(q, c->queries + qi * ix->dim, sizeof(float) * ix->dim);
         if (ix->space == GHNSW_COSINE) ghnsw_normalize(q, ix->dim);
-        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef * 2);
+        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef);
         ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
         if (!beam || !vis) { free(beam); if (vis) ghnsw_visited_put(&ix->vpool, vis); return GHNSW_ENOMEM; }
         float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
-        results_t r = {c->use_results ? beam + ef : NULL, 0, ef, c->filter, 1, 0};
-        uint32_t n = beam_run(ix, vis, q, cur, d, 0, ef, beam, &r);
+        uint32_t nres;
+        allow_t allow = {c->filter, 0};
+        if (c->use_filtered) nres = filtered_run(ix, vis, q, cur, d, 0, ef, &allow, beam);
+        else nres = beam_run(ix, vis, q, cur, d, 0, ef, beam);
         ghnsw_visited_put(&ix->vpool, vis);
-        if (r.error) { free(beam); return GHNSW_ECALLBACK; }
-        const ghnsw_cand_t *res = c->use_results ? r.res : beam;
-        uint32_t nres = c->use_results ? r.n : n;
+        if (allow.error) { free(beam); return allow.error; }
         for (; found < c->k && found < nres; found++) {
-            lab[found] = ix->labels[res[found].id];
-            dst[found] = res[found].d;
+            lab[found] = ix->labels[beam[found].id];
+            dst[found] = beam[found].d;
         }
         free(beam);
     }
@@ -209,7 +279,7 @@ ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, 
     c.ep = ix->entry_point;
     c.max_level = ix->max_level;
     pthread_mutex_unlock(&ix->ep_lock);
-    c.use_results = filter != NULL || __atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) > 0;
+    c.use_filtered = filter != NULL || __atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) > 0;
     int rc = ghnsw_parallel_for(nq, num_threads, query_one, &c);
     pthread_rwlock_unlock(&ix->resize_lock);
     if (rc == GHNSW_ECALLBACK) return GHNSW_ECALLBACK;
