@@ -47,12 +47,11 @@ RECALL_SLACK = 0.005  # gpuhnsw may trail hnswlib by this much at equal ef
 EF_SWEEP = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MIN_BATCH_SECONDS = 0.1  # shorter query batches are repeated and averaged
 
-# name -> (space, ground-truth field, (n_base, n_queries) full, (n_base, n_queries) with --quick);
-# None keeps the whole set.
+# name -> (space, (n_base, n_queries) with --quick; None keeps every row); full runs use every row.
 DATASETS = {
-    "siftsmall": ("l2", "gt_l2", (None, None), (None, None)),
-    "mnist": ("l2", "gt_l2", (None, None), (10_000, 500)),
-    "minilm-debian": ("cosine", "gt_cosine", (None, None), (10_000, 500)),
+    "siftsmall": ("l2", (None, None)),
+    "mnist": ("l2", (10_000, 500)),
+    "minilm-debian": ("cosine", (10_000, 500)),
 }
 LIBS = ("gpuhnsw", "hnswlib")
 
@@ -107,7 +106,7 @@ def measure_memory(lib, name, n_base, n_queries):
     The data is loaded first and the peak-RSS mark reset (``/proc/self/clear_refs``), so the
     peak counts only what the build allocates, transient buffers included.
     """
-    space, _, _, _ = DATASETS[name]
+    space = DATASETS[name][0]
     base, _, _, _ = load_dataset(name, n_base=n_base, n_queries=n_queries)
     base = np.array(base)  # resident before the baseline (load_dataset may hand back a memmap)
     index = make_index(lib, space, base.shape[1])
@@ -165,11 +164,11 @@ def qps_at_recall(curve, target):
     raise AssertionError("unreachable: front brackets the target")
 
 
-def run_dataset(name, quick, repeats, ef_sweep):
-    space, gt_field, full, small = DATASETS[name]
-    n_base, n_queries = small if quick else full
+def run_dataset(name, quick, repeats):
+    space, quick_rows = DATASETS[name]
+    n_base, n_queries = quick_rows if quick else (None, None)
     base, queries, gt_l2, gt_cosine = load_dataset(name, n_base=n_base, n_queries=n_queries)
-    truth = {"gt_l2": gt_l2, "gt_cosine": gt_cosine}[gt_field]
+    truth = gt_cosine if space == "cosine" else gt_l2
     if truth is None:  # a sliced base: the shipped ground truth does not apply
         truth = exact_knn(base, queries, K, space)[0]
     print(f"\n== {name}: base {base.shape}, queries {queries.shape}, space {space}", flush=True)
@@ -191,7 +190,7 @@ def run_dataset(name, quick, repeats, ef_sweep):
             print(f"  build {lib} #{r + 1}: {seconds:.2f} s", flush=True)
 
     curves = {lib: [] for lib in LIBS}
-    for ef in ef_sweep:
+    for ef in EF_SWEEP:
         seconds = {lib: [] for lib in LIBS}
         labels = {}
         for r in range(repeats):
@@ -364,7 +363,7 @@ def main(argv=None):
         "datasets": {},
     }
     for name in names:
-        results["datasets"][name] = run_dataset(name, args.quick, args.repeats, EF_SWEEP)
+        results["datasets"][name] = run_dataset(name, args.quick, args.repeats)
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "cpu_vs_hnswlib")
