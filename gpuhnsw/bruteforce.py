@@ -331,7 +331,7 @@ def _topk_cuda(cp, g, pool, group=32):
     ng = g.shape[1] // group
     gg = g.reshape(m, ng, group)
     top = cp.argsort(gg.min(axis=2), axis=1)[:, :pool]                   # [m, pool] groups
-    cand = cp.take_along_axis(gg, top[:, :, None], axis=1).reshape(m, pool * group)
+    cand = gg[cp.arange(m)[:, None], top].reshape(m, pool * group)       # their entries
     cols = (top[:, :, None] * group + cp.arange(group)[None, None, :]).reshape(m, pool * group)
     sel = cp.argsort(cand, axis=1)[:, :pool]
     return cp.take_along_axis(cand, sel, axis=1), cp.take_along_axis(cols, sel, axis=1)

@@ -339,6 +339,86 @@ def test_bfindex_rejects_corrupted_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# The CUDA path's logic, run on NumPy through a stand-in for the few CuPy calls it makes
+# ------------------------------------------------------------------------------------------------
+
+class _NumpyAsCupy:
+    """The subset of CuPy used by bruteforce._exact_cuda, backed by NumPy."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def asarray(a):
+        return np.array(a)                    # a copy, like a host-to-device transfer
+
+    @staticmethod
+    def asnumpy(a):
+        return np.asarray(a)
+
+    class cuda:
+        class Device:
+            def __init__(self, ordinal=0):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class memory:
+            class OutOfMemoryError(MemoryError):
+                pass
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("base_block", [None, 250, 5000])
+def test_cuda_path_logic_matches_cpu(monkeypatch, make_data, space, base_block):
+    from gpuhnsw import bruteforce
+
+    monkeypatch.setattr(bruteforce, "_import_cupy", lambda: _NumpyAsCupy())
+    base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
+    if space == "cosine":
+        base, queries = bruteforce.normalize_rows(base), bruteforce.normalize_rows(queries)
+    cpu = bruteforce._exact(base, queries, 9, space)
+    gpu = bruteforce._exact(base, queries, 9, space, device=("cuda", 0), block=32,
+                            base_block=base_block)
+    np.testing.assert_array_equal(gpu[0], cpu[0])
+    np.testing.assert_allclose(gpu[1], cpu[1], rtol=1e-6, atol=1e-6)
+    # grouped top-k with padding (5000 is not a multiple of the group size): exclude-self too
+    self_rows = np.arange(90, dtype=np.int64)
+    cpu = bruteforce._exact(base, base[:90], 9, space, self_rows=self_rows)
+    gpu = bruteforce._exact(base, base[:90], 9, space, self_rows=self_rows, device=("cuda", 0),
+                            block=40, base_block=base_block)
+    np.testing.assert_array_equal(gpu[0], cpu[0])
+
+
+def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, make_data):
+    from gpuhnsw import bruteforce
+
+    monkeypatch.setattr(bruteforce, "_import_cupy", lambda: _NumpyAsCupy())
+    data, q = make_data(3000, 8), make_data(20, 8, seed=12)
+    cpu, gpu = BFIndex("l2", 8, device="cpu"), BFIndex("l2", 8, device="cpu")
+    gpu._device = ("cuda", 0)                          # as if a GPU had been found
+    for bf in (cpu, gpu):
+        bf.init_index(4000)
+        bf.add_items(data)
+    for step in range(3):
+        for a, b in zip(cpu.knn_query(q, k=5), gpu.knn_query(q, k=5)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(cpu.knn_query(q, k=5, filter=lambda x: x % 3 == 0),
+                        gpu.knn_query(q, k=5, filter=lambda x: x % 3 == 0)):
+            np.testing.assert_array_equal(a, b)
+        nearest = int(cpu.knn_query(q[:1], k=1)[0][0, 0])
+        for bf in (cpu, gpu):                          # every change must reach the device copy
+            if step == 0:
+                bf.delete_vector(nearest)
+            else:
+                bf.add_items(q[:5] + 0.01, [10_000 + step * 10 + i for i in range(5)])
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU (skipped without CuPy and a device)
 # ------------------------------------------------------------------------------------------------
 
