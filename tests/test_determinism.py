@@ -20,11 +20,11 @@ def data(make_data):
     return make_data(N, DIM, n_clusters=50, seed=99)
 
 
-def build(data, *, seed=100, threads=1, M=16, batches=(N,), space="l2"):
+def build(data, *, seed=100, threads=1, M=16, batches=None, space="l2"):
     index = gpuhnsw.Index(space, DIM)
     index.init_index(len(data), M=M, ef_construction=64, random_seed=seed)
     start = 0
-    for size in batches:
+    for size in batches or (len(data),):
         index.add_items(data[start:start + size], np.arange(start, start + size), num_threads=threads)
         start += size
     assert start == len(data)

@@ -14,17 +14,19 @@ from gpuhnsw.testing import exact_knn, recall_at_k
 N = 50_000
 DIM = 48
 K = 10
+PAD_LABEL = np.uint64(2**64 - 1)
 
 
 @pytest.fixture(scope="module")
 def data(make_data):
-    """float32 [N + 10000, DIM]: N rows to index, then spare rows for replacements and updates."""
-    return make_data(N + 10_000, DIM, n_clusters=100, spread=0.1, seed=77)
+    """float32 [N + 10200, DIM]: N rows to index, spare rows for replacements and updates, then
+    200 rows drawn from the same clusters that serve as queries (never indexed)."""
+    return make_data(N + 10_200, DIM, n_clusters=100, spread=0.1, seed=77)
 
 
 @pytest.fixture(scope="module")
-def queries(make_data):
-    return make_data(200, DIM, n_clusters=100, spread=0.1, seed=78)
+def queries(data):
+    return data[N + 10_000:]
 
 
 def live_recall(index, content, queries, ef=100):
@@ -73,8 +75,9 @@ def test_parallel_build_and_mutations(data, queries, threads):
     assert report["n_live"] == len(vectors) == N - 2000 and report["n_deleted"] == 2000
     assert len(index) == len(vectors)
     assert live_recall(index, content(), queries) >= 0.9
-    found = index.knn_query(data[N:N + 6000], k=1)[0][:, 0]
-    assert np.mean(found == np.concatenate([fresh, updated])) >= 0.99
+    found = index.knn_query(data[N:N + 6000], k=1, ef=100)[0][:, 0]
+    # each new vector finds its own label (hnswlib 0.8.0 on this data: 0.988, untouched rows 0.99)
+    assert np.mean(found == np.concatenate([fresh, updated])) >= 0.97
 
 
 def test_concurrent_add_calls_from_python_threads(data, queries):
@@ -140,23 +143,29 @@ def test_query_while_adding(data):
     q = data[40_000:40_064] + np.float32(0.01)
     thread = threading.Thread(target=writer)
     thread.start()
-    rounds = 0
+    rounds = short_rows = 0
     try:
         while not done.is_set() or rounds < 3:
-            labels, dists = index.knn_query(q, k=K, num_threads=1 + rounds % 2, ef=40)
+            labels, dists = index.knn_query(q, k=K, num_threads=1 + rounds % 2, ef=40, pad=True)
             limit = scheduled_end[0]
             assert labels.dtype == np.uint64 and labels.shape == (len(q), K)
-            assert (labels < limit).all(), f"label >= {limit}: never added"
-            rows = labels.astype(np.int64)
-            expected = ((data[rows] - q[:, None, :]) ** 2).sum(-1)
+            real = labels != PAD_LABEL
+            assert np.all(real[:, :-1] >= real[:, 1:]) and np.all(np.isinf(dists[~real]))
+            short_rows += int((~real).any(axis=1).sum())
+            assert (labels[real] < limit).all(), f"label >= {limit}: never added"
+            rows = np.where(real, labels, 0).astype(np.int64)
+            expected = np.where(real, ((data[rows] - q[:, None, :]) ** 2).sum(-1), np.inf)
             np.testing.assert_allclose(dists, expected, rtol=1e-3, atol=1e-5)
-            assert np.all(np.diff(dists, axis=1) >= 0)
-            assert all(len(set(row)) == K for row in labels.tolist())
+            for row_labels, row_dists, row_real in zip(labels, dists, real):
+                assert np.all(np.diff(row_dists[row_real]) >= 0)
+                assert len(set(row_labels[row_real].tolist())) == row_real.sum()
             rounds += 1
     finally:
         thread.join()
     assert not errors
     assert rounds >= 3
+    assert short_rows == 0, f"{short_rows} of {rounds * len(q)} query rows found fewer than {K} results " \
+                            f"in an index of >= 2000 elements while another thread was adding"
     assert index.check_integrity()["n_live"] == 40_000
 
 
@@ -192,7 +201,7 @@ def test_add_and_query_release_the_gil(data):
 
     during, _ = count_while(
         lambda: index.add_items(data[1000:31_000], np.arange(1000, 31_000), num_threads=1),
-        lambda i: index.knn_query(q, k=5, num_threads=1))
+        lambda i: index.knn_query(q, k=5, num_threads=1, pad=True))
     assert during >= 5, f"only {during} queries ran during one long add_items"
 
     many = np.repeat(data[50_000:50_500], 20, axis=0)  # 10k queries
