@@ -600,8 +600,8 @@ class BFIndex:
         return self._gpu_cache
 
     # ---- persistence --------------------------------------------------------------------------
-    def save_index(self, path, *, format="gpuhnsw"):
-        """Write the index to ``path`` (temporary file + rename: never a half-written file).
+    def save_index(self, path_to_index, *, format="gpuhnsw"):
+        """Write the index to ``path_to_index`` (temporary file + rename: never a half-written file).
 
         format : ``"gpuhnsw"`` (magic, version, checksums) or ``"hnswlib"`` (hnswlib 0.8.0's
         BFIndex layout, readable by ``hnswlib.BFIndex.load_index``).
@@ -625,15 +625,15 @@ class BFIndex:
             chunks = [struct.pack("<QQQ", self._max_elements, rec.dtype.itemsize, n), rec.tobytes()]
         else:
             raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
-        _atomic_write(path, chunks)
+        _atomic_write(path_to_index, chunks)
 
-    def load_index(self, path, max_elements=0):
-        """Replace the contents with the index saved at ``path`` (either format).
+    def load_index(self, path_to_index, max_elements=0):
+        """Replace the contents with the index saved at ``path_to_index`` (either format).
 
         The capacity becomes ``max(max_elements, saved capacity)``. Every length, checksum and label
         is checked; any inconsistency raises :class:`gpuhnsw.IndexFileError`.
         """
-        path = os.fspath(path)
+        path = os.fspath(path_to_index)
         try:
             with open(path, "rb") as f:
                 blob = f.read()
