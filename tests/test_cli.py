@@ -189,6 +189,24 @@ def test_fvecs_build_and_bruteforce_index_info(tmp_path, capsys, make_data):
     np.testing.assert_array_equal(np.load(tmp_path / "L.npy"), want)
 
 
+def test_info_counts_deleted_and_query_skips_them(tmp_path, capsys, make_data):
+    data = make_data(200, 6)
+    index = gpuhnsw.Index("l2", 6, device="cpu")
+    index.init_index(250, M=8, ef_construction=50)
+    index.add_items(data, np.arange(200) + 1000)
+    for label in (1000, 1001, 1002):
+        index.mark_deleted(label)
+    index.save_index(str(tmp_path / "del.idx"))
+    info = json.loads(run(capsys, "info", tmp_path / "del.idx", "--json")[1])
+    assert (info["count"], info["deleted"], info["live"], info["max_elements"]) == (200, 3, 197, 250)
+    np.save(tmp_path / "q.npy", data[:3])
+    status, _, err = run(capsys, "query", tmp_path / "del.idx", tmp_path / "q.npy", "-k", 2,
+                         "--labels", tmp_path / "L.npy")
+    assert status == 0, err
+    labels = np.load(tmp_path / "L.npy")
+    assert not np.isin(labels, [1000, 1001, 1002]).any()
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make_data):
     np.save(tmp_path / "nan.npy", np.array([[1, 2], [np.nan, 0]], dtype=np.float32))
     np.save(tmp_path / "ok.npy", make_data(50, 2))
