@@ -46,22 +46,28 @@ static void write_list(ghnsw_index_t *ix, uint32_t s, int level, const ghnsw_can
     __atomic_store_n(cnt, n, __ATOMIC_RELEASE);
 }
 
-/* hnswlib mutuallyConnectNewElement: s links to the heuristic's M picks of cand[n] (sorted), each pick
- * links back, re-pruning full lists with the same heuristic.  Returns the closest pick. */
-static uint32_t connect(ghnsw_index_t *ix, uint32_t s, ghnsw_cand_t *cand, uint32_t n, int level,
-                        ghnsw_cand_t *scratch /* [M0 + 1] */) {
+/* hnswlib mutuallyConnectNewElement, split in two so that a concurrent reader never reaches a node
+ * whose lower levels are still empty: set_own_links writes s's list on one level (the heuristic's M
+ * picks of cand[n], sorted), and link_back, run only once s has its lists on every level, adds the
+ * back-links, re-pruning full lists with the same heuristic. */
+static uint32_t set_own_links(ghnsw_index_t *ix, uint32_t s, ghnsw_cand_t *cand, uint32_t n, int level) {
     uint32_t m = 0;
     for (uint32_t i = 0; i < n; i++) if (cand[i].id != s) cand[m++] = cand[i];
     n = ghnsw_select_heuristic(ix, cand, m, ix->M);
-    if (n == 0) return GHNSW_INVALID;
-    uint32_t mmax = level ? ix->M : ix->M0;
+    if (n == 0) return 0;
     ghnsw_spin_lock(&ix->slot_locks[s]);
     write_list(ix, s, level, cand, n);
     ghnsw_spin_unlock(&ix->slot_locks[s]);
     ghnsw_mark_dirty(ix, s);
+    return n;
+}
+
+static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, uint32_t n, int level,
+                      ghnsw_cand_t *scratch /* [M0 + 1] */) {
+    uint32_t mmax = level ? ix->M : ix->M0;
     const float *vs = ghnsw_vec(ix, s);
     for (uint32_t i = 0; i < n; i++) {
-        uint32_t nb = cand[i].id;
+        uint32_t nb = picks[i].id;
         if (level > ix->levels[nb]) continue;
         ghnsw_spin_lock(&ix->slot_locks[nb]);
         uint32_t *cnt, *ids = list_ptr(ix, nb, level, &cnt);
@@ -87,7 +93,6 @@ static uint32_t connect(ghnsw_index_t *ix, uint32_t s, ghnsw_cand_t *cand, uint3
         ghnsw_spin_unlock(&ix->slot_locks[nb]);
         ghnsw_mark_dirty(ix, nb);
     }
-    return cand[0].id;
 }
 
 typedef struct {
@@ -103,25 +108,37 @@ static ghnsw_status_t work_init(ghnsw_index_t *ix, work_t *w) {
 }
 static void work_free(work_t *w) { free(w->beam); free(w->scratch); }
 
-/* Search levels min(level, maxl)..0 from ep and connect s on each (shared by insert and update). */
+/* Search levels min(level, maxl)..0 from ep and give s its own lists on each, then add the back-links
+ * on every level (shared by insert and update). */
 static ghnsw_status_t link_levels(ghnsw_index_t *ix, uint32_t s, uint32_t ep, int maxl, int level) {
+    int top = level < maxl ? level : maxl;
     work_t w;
     if (work_init(ix, &w) != GHNSW_OK) return GHNSW_ENOMEM;
+    ghnsw_cand_t *picks = malloc(sizeof(ghnsw_cand_t) * ix->M * (size_t)(top + 1)); /* [top+1, M] */
+    uint32_t *npicks = calloc((size_t)top + 1, sizeof(uint32_t));
     ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
-    if (!vis) { work_free(&w); return GHNSW_ENOMEM; }
+    ghnsw_status_t st = GHNSW_ENOMEM;
+    if (!picks || !npicks || !vis) goto out;
     const float *q = ghnsw_vec(ix, s);
     uint32_t cur = ep;
     float d = ix->dist(q, ghnsw_vec(ix, cur), ix->dim_pad);
     if (level < maxl) cur = ghnsw_greedy_descent(ix, q, cur, maxl, level + 1, &d);
-    for (int l = level < maxl ? level : maxl; l >= 0; l--) {
+    for (int l = top; l >= 0; l--) {
         ghnsw_visited_next(vis);
         uint32_t n = ghnsw_search_layer(ix, vis, q, cur, d, l, ix->ef_construction, w.beam);
-        uint32_t best = connect(ix, s, w.beam, n, l, w.scratch);
-        if (best != GHNSW_INVALID) { cur = best; d = ix->dist(q, ghnsw_vec(ix, cur), ix->dim_pad); }
+        n = set_own_links(ix, s, w.beam, n, l);
+        memcpy(picks + (size_t)l * ix->M, w.beam, n * sizeof(ghnsw_cand_t));
+        npicks[l] = n;
+        if (n) { cur = w.beam[0].id; d = w.beam[0].d; }
     }
-    ghnsw_visited_put(&ix->vpool, vis);
+    for (int l = top; l >= 0; l--) link_back(ix, s, picks + (size_t)l * ix->M, npicks[l], l, w.scratch);
+    st = GHNSW_OK;
+out:
+    if (vis) ghnsw_visited_put(&ix->vpool, vis);
+    free(picks);
+    free(npicks);
     work_free(&w);
-    return GHNSW_OK;
+    return st;
 }
 
 static void store_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
