@@ -447,6 +447,11 @@ class BFIndex:
     def __repr__(self):
         return f"<gpuhnsw.BFIndex(space='{self._space}', dim={self._dim})>"
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_gpu_cache"] = None          # device arrays are rebuilt on the next query
+        return state
+
     # ---- properties ---------------------------------------------------------------------------
     @property
     def space(self):

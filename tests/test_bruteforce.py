@@ -287,6 +287,16 @@ def test_bfindex_save_load_round_trip(tmp_path, space):
     assert bigger.get_current_count() == 302
 
 
+def test_bfindex_pickles(make_data):
+    import pickle
+
+    bf = _filled("cosine")
+    back = pickle.loads(pickle.dumps(bf))
+    q = make_data(5, 10)
+    for a, b in zip(bf.knn_query(q, k=4), back.knn_query(q, k=4)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bfindex_hnswlib_file_interchange(tmp_path, hnswlib, make_data):
     data, q = make_data(200, 16), make_data(10, 16, seed=8)
     theirs = hnswlib.BFIndex("l2", 16)
