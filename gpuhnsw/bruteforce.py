@@ -1,15 +1,18 @@
 """Exact (brute-force) nearest-neighbour search: ``exact_search`` and ``BFIndex``.
 
-This is the exact kernel of the project (DESIGN section 6): ``BFIndex``, the exact path of
-``knn_graph`` and the ground truth used by tests and benchmarks all run through ``exact_search``.
+The exact kernel of the project (DESIGN section 6): ``BFIndex``, ``exact_search`` and the exact
+method of ``knn_graph`` run through it. (The test oracle ``gpuhnsw.testing.exact_knn`` is separate,
+plain float64 NumPy code on purpose, so that it shares nothing with what it checks.)
 
-How one query block is answered (CPU; the CUDA path has the same phases)::
+How one block of queries is answered (CPU; the CUDA path has the same phases)::
 
     queries [nq, d] --split--> blocks of `block` rows
-      for each base tile of `base_block` rows:           key = |b|^2 - 2 q.b  (l2)
-          G = Q @ B_tile.T  (BLAS sgemm, float32)              -q.b          (ip, cosine)
-          keep the `pool` smallest keys of G                   (np.argpartition)
-          merge them into the block's running pool            (2 * pool columns)
+      for each base tile of `base_block` rows:
+          K = Q @ B_tile.T (BLAS sgemm, float32), then     K = |b|^2 - 2 q.b   (l2)
+                                                           K = -q.b           (ip, cosine)
+          first tile: keep the `pool` smallest keys per row (np.argpartition)
+          later tiles: keep only keys below the row's current pool maximum (one comparison
+                       pass; few survive), merge them into the pool (CandidatePool)
       refine: recompute the pool's distances in float64 from the vectors,
               sort by (distance, id), keep the first k
 
