@@ -111,7 +111,7 @@ def test_public_surface_covers_hnswlib(hnswlib):
     assert theirs_bf == (set(BF_METHODS) - {"__init__"}) | {"num_threads"}
     assert theirs_bf <= set(dir(gpuhnsw.BFIndex))
     for name in ("__getstate__", "__setstate__", "__repr__"):
-        assert name in vars(gpuhnsw.Index) or hasattr(gpuhnsw.Index, name)
+        assert name in vars(gpuhnsw.Index)
 
 
 @pytest.mark.parametrize("name", INDEX_METHODS)
@@ -587,8 +587,9 @@ def test_bfindex_exact(lib, space):
     bf.init_index(100)
     bf.add_items(X[:100], np.arange(100))
     assert (bf.get_current_count(), bf.get_max_elements()) == (100, 100)
-    q = X[150:160] if space != "cosine" or lib is gpuhnsw else X[150:160] / np.linalg.norm(
-        X[150:160], axis=1, keepdims=True)  # hnswlib 0.8.0 does not normalise cosine queries (#592)
+    q = X[150:160]
+    if space == "cosine" and lib is not gpuhnsw:
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)  # hnswlib 0.8.0 does not normalise queries (#592)
     labels, dists = bf.knn_query(q, k=5)
     assert labels.dtype == np.uint64 and dists.dtype == np.float32 and labels.shape == (10, 5)
     ids, expected = exact_knn(X[:100], q, 5, space)
