@@ -382,14 +382,17 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                         key = cp.take_along_axis(key, sel, axis=1)
                         idx = cp.take_along_axis(idx, sel, axis=1)
                 best_key, best_idx = key, idx
-            # exact float64 re-ranking of the pool on the device
-            v = bdev[best_idx].astype(cp.float64)                      # [m, pool, d]
-            q64 = q.astype(cp.float64)[:, None, :]
-            if space == "l2":
-                v -= q64
-                d64 = (v * v).sum(axis=2)
-            else:
-                d64 = 1.0 - (v * q64).sum(axis=2)
+            # exact float64 re-ranking of the pool on the device, [step, pool, d] at a time
+            d64 = cp.empty(best_idx.shape, dtype=cp.float64)
+            step = max(1, 8 * _REFINE_ENTRIES // (best_idx.shape[1] * base.shape[1]))
+            for r in range(0, b - a, step):
+                v = bdev[best_idx[r:r + step]].astype(cp.float64)
+                q64 = q[r:r + step].astype(cp.float64)[:, None, :]
+                if space == "l2":
+                    v -= q64
+                    d64[r:r + step] = (v * v).sum(axis=2)
+                else:
+                    d64[r:r + step] = 1.0 - (v * q64).sum(axis=2)
             cand = cp.asnumpy(best_idx).astype(np.int64)
             srows_h = None if self_rows is None else self_rows[a:b]
             ids[a:b], dists[a:b] = _order(cp.asnumpy(d64), cand, k, srows_h, labels)

@@ -388,6 +388,7 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, make_data, space, base_block):
     from gpuhnsw import bruteforce
 
     monkeypatch.setattr(bruteforce, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(bruteforce, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
     base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
     if space == "cosine":
         base, queries = bruteforce.normalize_rows(base), bruteforce.normalize_rows(queries)
