@@ -5,7 +5,8 @@
 from ._errors import DeviceError, IndexFileError
 from .index import Index
 from .bruteforce import BFIndex
+from .knn_graph import knn_graph
 
 __version__ = "0.1.0"
 
-__all__ = ["Index", "BFIndex", "IndexFileError", "DeviceError", "__version__"]
+__all__ = ["Index", "BFIndex", "knn_graph", "IndexFileError", "DeviceError", "__version__"]
