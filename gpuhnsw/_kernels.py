@@ -214,10 +214,19 @@ def search_hash_log2(capacity, search_width, m0, min_log2=10):
     return log2
 
 
-def search_shared_bytes(stride, capacity, search_width, m0, m, hash_log2):
-    """Dynamic shared memory of ``search_beam_kernel`` in bytes (see kernels/search.cu)."""
-    cand = max(int(search_width) * int(m0), int(m))
-    return 4 * (int(stride) + 4 * int(capacity) + 2 * cand + (1 << int(hash_log2)))
+def _pow2_ceil(n):
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def search_shared_bytes(stride, search_width, m0, m, hash_log2):
+    """Dynamic shared memory of ``search_beam_kernel`` in bytes (see kernels/search.cu): the query,
+    two candidate buffers of pow2_ceil(max(search_width * m0, m)) pairs, the visited hash. The beam
+    and result lists are static shared memory (16 * Capacity bytes)."""
+    cand = _pow2_ceil(max(int(search_width) * int(m0), int(m), 1))
+    return 4 * (int(stride) + 4 * cand + (1 << int(hash_log2)))
 
 
 def distance_shared_bytes(stride):
@@ -226,8 +235,9 @@ def distance_shared_bytes(stride):
 
 
 def topk_shared_bytes(capacity, n_warps):
-    """Dynamic shared memory of ``select_topk_kernel`` in bytes (see kernels/topk.cu)."""
-    return 12 * int(capacity) + 8 * int(n_warps) * int(capacity)
+    """Dynamic shared memory of ``select_topk_kernel`` in bytes (see kernels/topk.cu): the running
+    result (12 bytes per entry) and, per warp, a list and a buffer of `capacity` pairs."""
+    return 12 * int(capacity) + 16 * int(n_warps) * int(capacity)
 
 
 # ---------------------------------------------------------------------------------------------

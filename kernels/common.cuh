@@ -1,0 +1,77 @@
+// common.cuh: slot type, sentinels, metric ids, fp16 storage tag, pair ordering, team reductions.
+//
+// No system headers anywhere under kernels/: NVRTC (through cupy.RawModule or cuda-python) gets no
+// include path from us, so everything the kernels need is spelled out here (fp16 is converted
+// with one PTX instruction instead of <cuda_fp16.h>).
+#ifndef GPUHNSW_COMMON_CUH
+#define GPUHNSW_COMMON_CUH
+
+namespace gpuhnsw {
+
+typedef unsigned int slot_t;         // internal row id (never a user label)
+typedef unsigned long long label_t;  // user id, uint64
+
+constexpr slot_t kInvalidSlot = 0xFFFFFFFFu;  // unused links0 entry, padding in lists
+constexpr slot_t kExpandedTag = 0x80000000u;  // beam entry already expanded (tag bit of the slot)
+constexpr slot_t kSlotMask = 0x7FFFFFFFu;     // slot without the tag: slots must be < 2^31 - 1
+constexpr label_t kInvalidLabel = 0xFFFFFFFFFFFFFFFFull;  // "no result" label (uint64 max)
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr int kWarpSize = 32;
+
+// Metric ids: a runtime argument (it changes no layout).
+enum Metric : int {
+  kL2 = 0,      // squared L2
+  kIP = 1,      // 1 - a.b
+  kCosine = 2,  // 1 - a.b on normalised vectors; the kernels normalise the query themselves
+};
+
+// fp16 storage: 16 bits of IEEE half, converted to fp32 right after the load.
+struct half_t {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
+
+// The one ordering of (distance, slot) pairs used everywhere: distance, then slot without its tag.
+// Same as cand_less() in csrc/search.c.
+__device__ __forceinline__ bool pair_less(float da, slot_t sa, float db, slot_t sb) {
+  sa &= kSlotMask;
+  sb &= kSlotMask;
+  return da < db || (da == db && sa < sb);
+}
+
+// Sum over a team of Team consecutive lanes (Team a power of two <= 32); every lane of the warp
+// must call it (full-mask shuffles), every lane of a team gets the team's sum.
+template <int Team>
+__device__ __forceinline__ float team_sum(float v) {
+#pragma unroll
+  for (int off = Team / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off, Team);
+  return v;
+}
+
+// Bit s of a uint32 word bitset.
+__device__ __forceinline__ bool bit_get(const unsigned* __restrict__ words, slot_t s) {
+  return (words[s >> 5] >> (s & 31u)) & 1u;
+}
+
+// Block-wide sum; `scratch` is >= 32 floats of shared memory; all threads must call it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  v = team_sum<32>(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int w = 0; w < n_warps; ++w) s += scratch[w];  // same order in every thread: same value
+  return s;
+}
+
+}  // namespace gpuhnsw
+
+#endif  // GPUHNSW_COMMON_CUH

@@ -1,0 +1,319 @@
+// search.cu: batched HNSW search, one thread block per query (grid-stride over queries).
+//
+// Semantics: docs/architecture.md "Search semantics" (the C search is the reference):
+//   1. greedy descent through the upper levels from the entry point;
+//   2. level 0: a beam of limit = max(ef, k) entries; each iteration expands the first
+//      `search_width` unexpanded beam entries (1 = the C order exactly), visits their unvisited
+//      neighbours, and keeps the best `limit` of beam U candidates; stop when all are expanded;
+//   3. deleted / filtered slots are traversed but never returned: with a deleted or filter bitset
+//      a second list (results) keeps the best `limit` allowed slots among all visited ones.
+//
+// Template parameters change layout only: T (float | gpuhnsw::half_t storage), Team (lanes per
+// distance: 4, 8, 16, 32), Capacity (beam buffer: 32, 64, 128, 256, 512 >= max(ef, k)).
+// The instantiation list is generated in gpuhnsw/_kernels.py (name_expressions("search")).
+//
+// Launch: grid = (up to nq), block = 64..512 threads, a multiple of 32 (warp 0 merges the beam
+// while warp 1 merges the results), dynamic shared memory as drawn below
+// (gpuhnsw._kernels.search_shared_bytes computes the same number).
+//
+// Static shared memory (the Capacity template parameter):
+//
+//   beam     f32[Capacity] | u32[Capacity]   distances sorted; slots (| kExpandedTag once expanded)
+//   results  f32[Capacity] | u32[Capacity]   only used with a deleted or filter bitset
+//
+// Dynamic shared memory (4-byte words; the query first, so it is 16-byte aligned):
+//
+//   +-------------------------------+ 0
+//   | query     f32[stride]         |  zero padded to stride; normalised for cosine
+//   +-------------------------------+
+//   | cand      f32[cc] | u32[cc]   |  cc = pow2_ceil(max(search_width * m0, m)): one iteration's
+//   +-------------------------------+  new candidates, compacted then padded to a power of two
+//   | cand_res  f32[cc] | u32[cc]   |  the same, not-allowed ones replaced by padding (results)
+//   +-------------------------------+
+//   | visited   u32[1 << hash_log2] |  open-addressing hash; needs (1 << hash_log2) / 2 >=
+//   +-------------------------------+  2 * Capacity + search_width * m0
+//
+// One level-0 iteration, phase by phase (__syncthreads between phases):
+//   A  warp 0 picks the parents (first search_width unexpanded beam entries) and tags them
+//   B  if the visited hash could pass half full: clear it, re-insert beam and results slots
+//   C  all threads: parents' neighbours -> visited hash -> new ones appended to cand
+//   D  teams: distances of cand
+//   E  all threads: pad cand to a power of two, build cand_res (allowed ones only)
+//   F  warp 0: sort cand, merge into the beam; warp 1: sort cand_res, merge into the results
+//
+// Device graph (see gpuhnsw/_device.py):
+//   links0      u32 [capacity, m0]   level-0 adjacency, unused entries kInvalidSlot
+//   degree0     u32 [capacity]       live entries per row (> m0 is read as 0, like the C core)
+//   upper_start u32 [capacity]       per-slot index into upper_links (kInvalidSlot: no upper level)
+//   upper_links u32 [total]          slot s, level L >= 1: block at upper_start[s] + (L-1)*(m+1)
+//                                    = [count, m ids] (the C core's per-slot block, concatenated)
+// Ids >= n_slots are ignored wherever they are read (as the C core does for a racing reader).
+#include "beam.cuh"
+#include "common.cuh"
+#include "distance.cuh"
+#include "visited.cuh"
+
+using gpuhnsw::label_t;
+using gpuhnsw::slot_t;
+
+template <typename T, int Team, int Capacity>
+__global__ void __launch_bounds__(512)
+    search_beam_kernel(const T* __restrict__ vectors,                   // [capacity, stride]
+                       int stride,                                      // elements per row, 16-byte multiple
+                       int metric,                                      // gpuhnsw::Metric
+                       const slot_t* __restrict__ links0,               // [capacity, m0]
+                       const slot_t* __restrict__ degree0,              // [capacity]
+                       int m0,                                          // 2 * M
+                       const slot_t* __restrict__ upper_start,          // [capacity]
+                       const slot_t* __restrict__ upper_links,          // [total]
+                       int m,                                           // M
+                       int n_slots,                                     // slots in use (count)
+                       int entry_point,                                 // -1: empty index
+                       int max_level,                                   //
+                       const unsigned* __restrict__ deleted_bits,       // [ceil(capacity/32)] or null
+                       const unsigned* __restrict__ filter_bits,        // [nq or 1, filter_stride] or null
+                       long long filter_stride,                         // words per query; 0: shared
+                       const float* __restrict__ queries,               // [nq, dim]
+                       int nq, int dim,                                 //
+                       int k, int ef,                                   // limit = max(ef, k) <= Capacity
+                       int search_width,                                // parents per iteration, 1..32
+                       int hash_log2,                                   // visited hash size, log2
+                       int max_iters,                                   // 0: no limit
+                       const label_t* __restrict__ labels,              // [capacity]
+                       slot_t* __restrict__ out_slots,                  // [nq, k], kInvalidSlot pad
+                       float* __restrict__ out_dists,                   // [nq, k], inf pad
+                       label_t* __restrict__ out_labels,                // [nq, k] or null, uint64 max pad
+                       int* __restrict__ out_found) {                   // [nq]; -1: bad launch config
+  using namespace gpuhnsw;
+  static_assert(Team == 4 || Team == 8 || Team == 16 || Team == 32, "team of 4..32 lanes");
+  static_assert(Capacity % 32 == 0 && (Capacity & (Capacity - 1)) == 0, "capacity: power of two >= 32");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float beam_d[Capacity], res_d[Capacity];
+  __shared__ slot_t beam_s[Capacity], res_s[Capacity];
+  __shared__ float s_scratch[32];
+  __shared__ slot_t s_parents[32];
+  __shared__ int s_n_parents, s_n_cand, s_reseeded, s_changed, s_found;
+  __shared__ slot_t s_cur;
+  __shared__ float s_cur_dist;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int team = tid / Team, n_teams = blockDim.x / Team;
+  const int n_chunks = stride / Storage<T>::kPerChunk;
+  const int limit = max(ef, k);
+  const int cand_cap = bitonic::pow2_ceil(max(search_width * m0, max(m, 1)));
+  const bool use_results = deleted_bits != nullptr || filter_bits != nullptr;
+
+  // A launch configuration that would break an invariant gives found = -1 instead of a hang.
+  const bool bad = (blockDim.x & 31) != 0 || blockDim.x < 64 || search_width < 1 || search_width > 32 || m0 < 1 || m < 0 ||
+                   limit > Capacity || k < 0 || hash_log2 < 5 || hash_log2 > 30 ||
+                   (1 << (hash_log2 - 1)) < 2 * Capacity + search_width * m0 || stride % Storage<T>::kPerChunk != 0;
+  if (bad) {
+    for (int qi = blockIdx.x * blockDim.x + tid; qi < nq; qi += gridDim.x * blockDim.x) out_found[qi] = -1;
+    return;
+  }
+
+  float* q_s = reinterpret_cast<float*>(smem);
+  float* cand_d = q_s + stride;
+  slot_t* cand_s = reinterpret_cast<slot_t*>(cand_d + cand_cap);
+  float* cres_d = reinterpret_cast<float*>(cand_s + cand_cap);
+  slot_t* cres_s = reinterpret_cast<slot_t*>(cres_d + cand_cap);
+  const VisitedHash visited{cres_s + cand_cap, hash_log2};
+
+  for (int qi = blockIdx.x; qi < nq; qi += gridDim.x) {
+    const unsigned* filter_q = filter_bits == nullptr ? nullptr : filter_bits + filter_stride * qi;
+    slot_t* o_slots = out_slots + static_cast<long long>(qi) * k;
+    float* o_dists = out_dists + static_cast<long long>(qi) * k;
+    label_t* o_labels = out_labels == nullptr ? nullptr : out_labels + static_cast<long long>(qi) * k;
+
+    if (entry_point < 0 || entry_point >= n_slots) {  // empty index: nothing found
+      for (int j = tid; j < k; j += blockDim.x) {
+        o_slots[j] = kInvalidSlot;
+        o_dists[j] = inf_f();
+        if (o_labels != nullptr) o_labels[j] = kInvalidLabel;
+      }
+      if (tid == 0) out_found[qi] = 0;
+      continue;
+    }
+
+    // ---- query -> shared memory; distance to the entry point --------------------------------
+    load_query(q_s, queries + static_cast<long long>(qi) * dim, dim, stride, metric, s_scratch);
+    if (warp == 0) {
+      const float d = team_distance<T, Team>(q_s, vectors + static_cast<long long>(entry_point) * stride,
+                                             n_chunks, metric);
+      if (lane == 0) {
+        s_cur = static_cast<slot_t>(entry_point);
+        s_cur_dist = d;
+      }
+    }
+    __syncthreads();
+
+    // ---- greedy descent: per level, move to the best neighbour while it improves ------------
+    for (int level = max_level; level >= 1; --level) {
+      while (true) {
+        const slot_t cur = s_cur;
+        const slot_t start = upper_start[cur];
+        const slot_t* blk = upper_links + static_cast<long long>(start) + static_cast<long long>(level - 1) * (m + 1);
+        int cnt = start == kInvalidSlot ? 0 : static_cast<int>(blk[0]);
+        if (cnt > m) cnt = 0;
+        for (int i0 = 0; i0 < cnt; i0 += n_teams) {  // uniform trip count: the team shuffles need it
+          const int i = i0 + team;
+          const slot_t s = i < cnt ? blk[1 + i] : kInvalidSlot;
+          const bool ok = s < static_cast<slot_t>(n_slots);
+          const float d = team_distance<T, Team>(q_s, vectors + (ok ? static_cast<long long>(s) * stride : 0),
+                                                 ok ? n_chunks : 0, metric);
+          if (i < cnt && (tid & (Team - 1)) == 0) cand_d[i] = ok ? d : inf_f();
+        }
+        __syncthreads();
+        if (warp == 0) {  // argmin by (distance, position): the first best in stored order, as in C
+          float best = inf_f();
+          slot_t best_i = kInvalidSlot;
+          for (int i = lane; i < cnt; i += 32) {
+            if (pair_less(cand_d[i], static_cast<slot_t>(i), best, best_i)) {
+              best = cand_d[i];
+              best_i = static_cast<slot_t>(i);
+            }
+          }
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) {
+            const float ob = __shfl_xor_sync(kFullMask, best, off);
+            const slot_t oi = __shfl_xor_sync(kFullMask, best_i, off);
+            if (pair_less(ob, oi, best, best_i)) {
+              best = ob;
+              best_i = oi;
+            }
+          }
+          if (lane == 0) {
+            s_changed = best_i != kInvalidSlot && best < s_cur_dist;
+            if (s_changed) {
+              s_cur = blk[1 + best_i];
+              s_cur_dist = best;
+            }
+          }
+        }
+        __syncthreads();
+        if (!s_changed) break;
+      }
+    }
+
+    // ---- level 0: initialise beam, results, visited ----------------------------------------
+    for (int i = tid; i < Capacity; i += blockDim.x) {
+      beam_d[i] = inf_f();
+      beam_s[i] = kInvalidSlot;
+      res_d[i] = inf_f();
+      res_s[i] = kInvalidSlot;
+    }
+    visited.clear();
+    __syncthreads();
+    if (tid == 0) {
+      const slot_t cur = s_cur;
+      beam_d[0] = s_cur_dist;
+      beam_s[0] = cur;
+      visited.insert(cur);
+      if (use_results && beam::allowed(cur, deleted_bits, filter_q)) {
+        res_d[0] = s_cur_dist;
+        res_s[0] = cur;
+      }
+    }
+    int hash_count = 1;  // slots in the visited hash (same value in every thread)
+    __syncthreads();
+
+    for (int iter = 0; max_iters <= 0 || iter < max_iters; ++iter) {
+      // A. parents: the first search_width unexpanded beam entries
+      if (warp == 0) {
+        const int np = beam::select_parents(beam_s, limit, search_width, s_parents);
+        if (lane == 0) {
+          s_n_parents = np;
+          s_n_cand = 0;
+          s_reseeded = 0;
+        }
+      }
+      __syncthreads();
+      const int np = s_n_parents;
+      if (np == 0) break;
+
+      // B. keep the visited hash at most half full: clear it, re-insert the beam and the results
+      if (visited.needs_reset(hash_count, np * m0)) {
+        visited.clear();
+        __syncthreads();
+        for (int i = tid; i < 2 * limit; i += blockDim.x) {
+          const slot_t s = i < limit ? beam_s[i] : res_s[i - limit];
+          if (s != kInvalidSlot && visited.insert(s & kSlotMask)) atomicAdd(&s_reseeded, 1);
+        }
+        __syncthreads();
+        hash_count = s_reseeded;
+      }
+
+      // C. gather the parents' unvisited neighbours (compacted; order does not matter: sorted later)
+      for (int pos = tid; pos < np * m0; pos += blockDim.x) {
+        const int pi = pos / m0, j = pos - pi * m0;
+        const slot_t p = s_parents[pi] & kSlotMask;
+        slot_t deg = degree0[p];
+        if (deg > static_cast<slot_t>(m0)) deg = 0;
+        if (static_cast<slot_t>(j) < deg) {
+          const slot_t s = links0[static_cast<long long>(p) * m0 + j];
+          if (s < static_cast<slot_t>(n_slots) && visited.insert(s)) cand_s[atomicAdd(&s_n_cand, 1)] = s;
+        }
+      }
+      __syncthreads();
+      const int n_cand = s_n_cand;
+      hash_count += n_cand;
+
+      // D. distances, one team per candidate
+      for (int i0 = 0; i0 < n_cand; i0 += n_teams) {
+        const int i = i0 + team;
+        const bool ok = i < n_cand;
+        const slot_t s = ok ? cand_s[i] : 0;
+        const float d = team_distance<T, Team>(q_s, vectors + static_cast<long long>(s) * stride, ok ? n_chunks : 0,
+                                               metric);
+        if (ok && (tid & (Team - 1)) == 0) cand_d[i] = d;
+      }
+      __syncthreads();
+
+      if (n_cand == 0) continue;  // uniform: nothing to merge
+
+      // E. pad the candidates to a power of two; the allowed ones again for the results
+      const int m_pad = bitonic::pow2_ceil(max(n_cand, 1));
+      for (int i = tid; i < m_pad; i += blockDim.x) {
+        const bool ok = i < n_cand;
+        const slot_t s = ok ? cand_s[i] : kInvalidSlot;
+        const float d = ok ? cand_d[i] : inf_f();
+        if (!ok) {
+          cand_d[i] = d;
+          cand_s[i] = s;
+        }
+        if (use_results) {
+          const bool keep = ok && beam::allowed(s, deleted_bits, filter_q);
+          cres_d[i] = keep ? d : inf_f();
+          cres_s[i] = keep ? s : kInvalidSlot;
+        }
+      }
+      __syncthreads();
+
+      // F. merge: warp 0 into the beam, warp 1 into the results
+      if (warp == 0) {
+        beam::merge_candidates(beam_d, beam_s, limit, cand_d, cand_s, m_pad);
+      } else if (warp == 1 && use_results) {
+        beam::merge_candidates(res_d, res_s, limit, cres_d, cres_s, m_pad);
+      }
+      __syncthreads();
+    }
+
+    // ---- output: the first k of the results (or of the beam) --------------------------------
+    const float* list_d = use_results ? res_d : beam_d;
+    const slot_t* list_s = use_results ? res_s : beam_s;
+    if (tid == 0) s_found = k;
+    __syncthreads();
+    for (int j = tid; j < k; j += blockDim.x) {  // valid entries form a prefix of the sorted list
+      const bool ok = list_s[j] != kInvalidSlot;
+      if (!ok && (j == 0 || list_s[j - 1] != kInvalidSlot)) s_found = j;
+      const slot_t s = list_s[j] & kSlotMask;
+      o_slots[j] = ok ? s : kInvalidSlot;
+      o_dists[j] = ok ? list_d[j] : inf_f();
+      if (o_labels != nullptr) o_labels[j] = ok ? labels[s] : kInvalidLabel;
+    }
+    __syncthreads();
+    if (tid == 0) out_found[qi] = s_found;
+    __syncthreads();  // shared memory is reused by the next query
+  }
+}

@@ -1,0 +1,188 @@
+// topk.cu: the k smallest entries of each row of a distance tile, ties by the smaller index; the
+// exact-search path (tiled Q @ X.T, then this) and BFIndex.
+//
+// A tile holds columns [index_offset, index_offset + n) of the full distance matrix. An optional
+// running result (prev_*) is merged in, so a caller walks the tiles in order and keeps one [nq, k]
+// result; out_* may be the same arrays as prev_* (prev is read into shared memory first).
+//
+// Template parameter: Capacity (32, 64, ..., 1024) >= k, the size of each warp's list and buffer.
+// Launch: grid = (up to nq), block = 32 * n_warps threads, dynamic shared memory =
+// gpuhnsw._kernels.topk_shared_bytes(Capacity, n_warps):
+//
+//   +-------------------------------------+ 0
+//   | prev index  i64[Cap]                |  the running result (when prev_dists != null)
+//   | prev dist   f32[Cap]                |
+//   +-------------------------------------+
+//   | warp 0: list f32[Cap] | u32[Cap]    |  sorted; the k best columns this warp has seen
+//   |         buf  f32[Cap] | u32[Cap]    |  unsorted; columns that beat the list's k-th
+//   +-------------------------------------+
+//   | warp 1: ...                         |
+//   +-------------------------------------+
+//
+// Each warp reads groups of 32 columns (warp w: groups w, w + n_warps, ...; coalesced), appends
+// the columns that beat its current k-th best to its buffer, and when the buffer could overflow,
+// sorts it and merges it into its list (bitonic.cuh). Then warp 0 merges the other lists into its
+// own, and every thread places one entry of that list or of prev by its rank (merge path).
+// NaN distances count as +inf. Missing results: index -1, distance +inf. A launch with
+// k > Capacity or a block size that is not a multiple of 32 writes index -2 everywhere.
+#include "bitonic.cuh"
+#include "common.cuh"
+
+using gpuhnsw::slot_t;
+
+namespace gpuhnsw {
+namespace topk {
+
+constexpr long long kNoIndex = 0x7FFFFFFFFFFFFFFFll;  // comparison key of a missing entry
+
+__device__ __forceinline__ bool index_less(float da, long long ia, float db, long long ib) {
+  return da < db || (da == db && ia < ib);
+}
+
+// Number of entries of the sorted list (d[0..n), idx(0..n)) less than (x, ix): lower bound.
+template <typename IndexOf>
+__device__ __forceinline__ int count_less(const float* d, IndexOf idx, int n, float x, long long ix) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (index_less(d[mid], idx(mid), x, ix)) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+}  // namespace topk
+}  // namespace gpuhnsw
+
+template <int Capacity>
+__global__ void __launch_bounds__(1024)
+    select_topk_kernel(const float* __restrict__ dists,      // [nq, ld], columns [0, n) used
+                       long long ld,                          // floats between rows
+                       int n,                                 // columns in this tile (< 2^31 - 1)
+                       long long index_offset,                // global index of column 0
+                       const float* prev_dists,               // [nq, k] sorted, or null (may alias out_dists)
+                       const long long* prev_index,           // [nq, k], -1 = missing (may alias out_index)
+                       int nq, int k,                         // k <= Capacity
+                       float* out_dists,                      // [nq, k]
+                       long long* out_index) {                // [nq, k]
+  using namespace gpuhnsw;
+  using topk::kNoIndex;
+  static_assert(Capacity % 32 == 0 && (Capacity & (Capacity - 1)) == 0, "capacity: power of two >= 32");
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
+  if (k > Capacity || k < 0 || (blockDim.x & 31) != 0) {
+    for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + tid; i < static_cast<long long>(nq) * k;
+         i += static_cast<long long>(gridDim.x) * blockDim.x)
+      out_index[i] = -2;
+    return;
+  }
+  if (k == 0) return;
+  long long* prev_i = reinterpret_cast<long long*>(smem);
+  float* prev_d = reinterpret_cast<float*>(prev_i + Capacity);
+  float* my_list_d = prev_d + Capacity + warp * 4 * Capacity;
+  slot_t* my_list_s = reinterpret_cast<slot_t*>(my_list_d + Capacity);
+  float* my_buf_d = my_list_d + 2 * Capacity;
+  slot_t* my_buf_s = reinterpret_cast<slot_t*>(my_list_d + 3 * Capacity);
+  float* list_d = prev_d + Capacity;  // warp 0's list: the block's result
+  slot_t* list_s = reinterpret_cast<slot_t*>(list_d + Capacity);
+  const bool has_prev = prev_dists != nullptr;
+  const int n_list = bitonic::pow2_ceil(max(k, 1));
+
+  for (int qi = blockIdx.x; qi < nq; qi += gridDim.x) {
+    const float* row = dists + ld * qi;
+    float* o_d = out_dists + static_cast<long long>(qi) * k;
+    long long* o_i = out_index + static_cast<long long>(qi) * k;
+
+    // 1. each warp: the k smallest of its columns
+    for (int e = lane; e < Capacity; e += 32) {
+      my_list_d[e] = inf_f();
+      my_list_s[e] = kInvalidSlot;
+    }
+    __syncwarp();
+    float thr_d = inf_f();  // the list's k-th entry (same in every lane)
+    slot_t thr_s = kInvalidSlot;
+    int count = 0;          // entries in the buffer (same in every lane)
+    for (int base = warp * 32; base < n; base += n_warps * 32) {
+      const int col = base + lane;
+      float x = col < n ? row[col] : inf_f();
+      if (x != x) x = inf_f();
+      const bool pass = col < n && pair_less(x, static_cast<slot_t>(col), thr_d, thr_s);
+      const unsigned ballot = __ballot_sync(kFullMask, pass);
+      if (pass) {
+        const int pos = count + __popc(ballot & ((1u << lane) - 1u));
+        my_buf_d[pos] = x;
+        my_buf_s[pos] = static_cast<slot_t>(col);
+      }
+      count += __popc(ballot);
+      const bool last = base + n_warps * 32 >= n;
+      if (count > Capacity - 32 || (last && count > 0)) {  // flush the buffer into the list
+        __syncwarp();
+        const int m = bitonic::pow2_ceil(count);
+        for (int e = count + lane; e < m; e += 32) {
+          my_buf_d[e] = inf_f();
+          my_buf_s[e] = kInvalidSlot;
+        }
+        __syncwarp();
+        bitonic::warp_sort(my_buf_d, my_buf_s, m, false);
+        bitonic::warp_merge_smallest(my_list_d, my_list_s, n_list, my_buf_d, my_buf_s, m);
+        thr_d = my_list_d[k - 1];
+        thr_s = my_list_s[k - 1];
+        count = 0;
+        __syncwarp();
+      }
+    }
+    if (has_prev) {
+      for (int j = tid; j < k; j += blockDim.x) {
+        prev_d[j] = prev_dists[static_cast<long long>(qi) * k + j];
+        prev_i[j] = prev_index[static_cast<long long>(qi) * k + j];
+      }
+    }
+    __syncthreads();
+
+    // 2. warp 0 merges the other warps' lists into its own, then drops what is past k
+    if (warp == 0) {
+      for (int w = 1; w < n_warps; ++w) {
+        const float* other_d = list_d + w * 4 * Capacity;
+        const slot_t* other_s = reinterpret_cast<const slot_t*>(other_d + Capacity);
+        bitonic::warp_merge_smallest(list_d, list_s, n_list, other_d, other_s, n_list);
+      }
+      for (int e = k + lane; e < Capacity; e += 32) {
+        list_d[e] = inf_f();
+        list_s[e] = kInvalidSlot;
+      }
+    }
+    __syncthreads();
+
+    // 3. output: the tile list alone, or merged with prev by rank
+    auto tile_index = [&](int j) -> long long {
+      return list_s[j] == kInvalidSlot ? kNoIndex : index_offset + static_cast<long long>(list_s[j]);
+    };
+    auto prev_index_of = [&](int j) -> long long { return prev_i[j] < 0 ? kNoIndex : prev_i[j]; };
+    for (int j = tid; j < k; j += blockDim.x) {  // padding first; ranks below overwrite
+      o_d[j] = inf_f();
+      o_i[j] = -1;
+    }
+    __syncthreads();
+    for (int j = tid; j < k; j += blockDim.x) {
+      const long long ia = tile_index(j);
+      if (ia != kNoIndex) {
+        const int rank = j + (has_prev ? topk::count_less(prev_d, prev_index_of, k, list_d[j], ia) : 0);
+        if (rank < k) {
+          o_d[rank] = list_d[j];
+          o_i[rank] = ia;
+        }
+      }
+      if (has_prev) {
+        const long long ib = prev_index_of(j);
+        if (ib != kNoIndex) {
+          const int rank = j + topk::count_less(list_d, tile_index, k, prev_d[j], ib);
+          if (rank < k) {
+            o_d[rank] = prev_d[j];
+            o_i[rank] = ib;
+          }
+        }
+      }
+    }
+    __syncthreads();  // shared memory is reused by the next row
+  }
+}
