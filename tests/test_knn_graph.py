@@ -7,9 +7,12 @@ import types
 import numpy as np
 import pytest
 
-from gpuhnsw import knn_graph as kg_module
+import gpuhnsw.knn_graph  # noqa: F401
 from gpuhnsw import testing
 from gpuhnsw.knn_graph import knn_graph
+
+# gpuhnsw.knn_graph as an attribute is the function; the module itself is in sys.modules
+kg_module = sys.modules["gpuhnsw.knn_graph"]
 
 
 def _oracle(x, k, space="l2"):
