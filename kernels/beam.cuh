@@ -1,5 +1,11 @@
 // beam.cuh: the fixed-size beam (and the result list, same shape) of one query.
 //
+// Two uses (see search.cu):
+//   beam mode (no filter, no deletions): the beam of limit = max(ef, k) entries; expanded entries
+//     stay, tagged; select_parents picks the first untagged ones;
+//   filtered mode: the pending candidates (up to Capacity), expanded ones leave the list
+//     (pop_parents), next to a result list of the best `limit` allowed slots.
+//
 // A list is two shared-memory arrays of Capacity entries, sorted by pair_less:
 //
 //   dist: float [Capacity]   | d0 <= d1 <= ... <= d(limit-1) | inf ... inf          |
@@ -63,6 +69,34 @@ __device__ __forceinline__ int select_parents(slot_t* beam_s, int limit, int wid
   }
   __syncwarp();
   return taken;
+}
+
+// Warp, filtered mode: pop up to `width` (<= 32) parents off the front of the pending list
+// d/s[0, n_pending), as hnswlib pops its candidate heap: stop at the first entry farther than
+// `bound` (the worst result once `limit` results are held, else +inf). The rest shifts to the front.
+// Returns how many (same in every lane).
+__device__ __forceinline__ int pop_parents(float* d, slot_t* s, int n_pending, int width, float bound,
+                                           slot_t* parents) {
+  const int lane = threadIdx.x & 31;
+  const bool ok = lane < width && lane < n_pending && !(d[lane] > bound);
+  const unsigned ballot = __ballot_sync(kFullMask, ok);
+  const int np = ballot == kFullMask ? 32 : __ffs(~ballot) - 1;  // the leading run of ok entries
+  if (lane < np) parents[lane] = s[lane];
+  __syncwarp();
+  if (np == 0) return 0;
+  for (int base = 0; base < n_pending; base += 32) {  // reads run ahead of writes: safe in place
+    const int i = base + lane;
+    const bool from = i + np < n_pending;
+    const float dv = from ? d[i + np] : inf_f();
+    const slot_t sv = from ? s[i + np] : kInvalidSlot;
+    __syncwarp();
+    if (i < n_pending) {
+      d[i] = dv;
+      s[i] = sv;
+    }
+    __syncwarp();
+  }
+  return np;
 }
 
 }  // namespace beam

@@ -18,6 +18,12 @@ constexpr label_t kInvalidLabel = 0xFFFFFFFFFFFFFFFFull;  // "no result" label (
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr int kWarpSize = 32;
 
+// Per-query status bits of search_beam_kernel (out_status): where a filtered search left the C
+// search's semantics because a fixed-size structure ran out; the caller may re-run those queries on
+// the CPU.
+constexpr int kStatusVisitedFull = 1;      // the visited hash filled up: the search stopped early
+constexpr int kStatusPendingOverflow = 2;  // candidates that could still matter fell off the list
+
 // Metric ids: a runtime argument (it changes no layout).
 enum Metric : int {
   kL2 = 0,      // squared L2

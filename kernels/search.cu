@@ -2,14 +2,22 @@
 //
 // Semantics: docs/architecture.md "Search semantics" (the C search is the reference):
 //   1. greedy descent through the upper levels from the entry point;
-//   2. level 0: a beam of limit = max(ef, k) entries; each iteration expands the first
-//      `search_width` unexpanded beam entries (1 = the C order exactly), visits their unvisited
-//      neighbours, and keeps the best `limit` of beam U candidates; stop when all are expanded;
-//   3. deleted / filtered slots are traversed but never returned: with a deleted or filter bitset
-//      a second list (results) keeps the best `limit` allowed slots among all visited ones.
+//   2. level 0, beam mode (no deleted bitset, no filter): a beam of limit = max(ef, k) entries;
+//      each iteration expands the first `search_width` unexpanded beam entries (1 = the C order
+//      exactly), visits their unvisited neighbours, and keeps the best `limit` of beam U new;
+//      stop when every beam entry is expanded; return the beam's first k;
+//   3. level 0, filtered mode (a deleted bitset or a filter given): hnswlib's search as the C core
+//      runs it: pending candidates (smallest first, expanded ones leave) and the best `limit`
+//      allowed slots (results); pop up to `search_width` pending entries per iteration, stopping at
+//      one farther than the worst result once `limit` results are held; deleted and filtered slots
+//      are traversed, never returned. Pending is capped at Capacity and the visited hash is never
+//      reset in this mode; where either limit bites, out_status says so (kStatus* in common.cuh).
+//
+// Pass deleted_bits only when at least one slot is deleted: the C core switches to the filtered
+// search on "a filter or n_deleted > 0", and the kernel on "a filter or a deleted bitset".
 //
 // Template parameters change layout only: T (float | gpuhnsw::half_t storage), Team (lanes per
-// distance: 4, 8, 16, 32), Capacity (beam buffer: 32, 64, 128, 256, 512 >= max(ef, k)).
+// distance: 4, 8, 16, 32), Capacity (the static list buffers: 32, 64, 128, 256, 512 >= max(ef, k)).
 // The instantiation list is generated in gpuhnsw/_kernels.py (name_expressions("search")).
 //
 // Launch: grid = (up to nq), block = 64..512 threads, a multiple of 32 (warp 0 merges the beam
@@ -18,8 +26,9 @@
 //
 // Static shared memory (the Capacity template parameter):
 //
-//   beam     f32[Capacity] | u32[Capacity]   distances sorted; slots (| kExpandedTag once expanded)
-//   results  f32[Capacity] | u32[Capacity]   only used with a deleted or filter bitset
+//   beam     f32[Capacity] | u32[Capacity]   sorted; beam mode: the beam (slots | kExpandedTag once
+//                                            expanded); filtered mode: the pending candidates
+//   results  f32[Capacity] | u32[Capacity]   filtered mode only: the best `limit` allowed slots
 //
 // Dynamic shared memory (4-byte words; the query first, so it is 16-byte aligned):
 //
@@ -28,26 +37,30 @@
 //   +-------------------------------+
 //   | cand      f32[cc] | u32[cc]   |  cc = pow2_ceil(max(search_width * m0, m)): one iteration's
 //   +-------------------------------+  new candidates, compacted then padded to a power of two
-//   | cand_res  f32[cc] | u32[cc]   |  the same, not-allowed ones replaced by padding (results)
+//   | cand_res  f32[cc] | u32[cc]   |  filtered mode: the same, not-allowed ones as padding
 //   +-------------------------------+
 //   | visited   u32[1 << hash_log2] |  open-addressing hash; needs (1 << hash_log2) / 2 >=
-//   +-------------------------------+  2 * Capacity + search_width * m0
+//   +-------------------------------+  2 * Capacity + search_width * m0 (filtered mode: the
+//                                      more, the later a wide filtered search hits the limit)
 //
 // One level-0 iteration, phase by phase (__syncthreads between phases):
-//   A  warp 0 picks the parents (first search_width unexpanded beam entries) and tags them
-//   B  if the visited hash could pass half full: clear it, re-insert beam and results slots
+//   A  warp 0 picks the parents: beam mode, the first search_width unexpanded beam entries (tagged);
+//      filtered mode, up to search_width pending entries popped off the front
+//   B  if the visited hash could pass half full: beam mode, clear it and re-insert the beam's slots
+//      (a forgotten slot cannot re-enter, see visited.cuh); filtered mode, stop (kStatusVisitedFull)
 //   C  all threads: parents' neighbours -> visited hash -> new ones appended to cand
 //   D  teams: distances of cand
-//   E  all threads: pad cand to a power of two, build cand_res (allowed ones only)
-//   F  warp 0: sort cand, merge into the beam; warp 1: sort cand_res, merge into the results
+//   E  all threads: pad cand to a power of two; filtered mode: cand_res = the allowed ones
+//   F  warp 0: sort cand, merge into the beam (limit) or pending (Capacity);
+//      warp 1 (filtered mode): sort cand_res, merge into the results (limit)
 //
 // Device graph (see gpuhnsw/_device.py):
 //   links0      u32 [capacity, m0]   level-0 adjacency, unused entries kInvalidSlot
-//   degree0     u32 [capacity]       live entries per row (> m0 is read as 0, like the C core)
+//   degree0     u32 [capacity]       live entries per row (read as at most m0, like the C core)
 //   upper_start u32 [capacity]       per-slot index into upper_links (kInvalidSlot: no upper level)
 //   upper_links u32 [total]          slot s, level L >= 1: block at upper_start[s] + (L-1)*(m+1)
 //                                    = [count, m ids] (the C core's per-slot block, concatenated)
-// Ids >= n_slots are ignored wherever they are read (as the C core does for a racing reader).
+// As the C core reads lists: counts are capped (m0, m), ids >= n_slots and self links are skipped.
 #include "beam.cuh"
 #include "common.cuh"
 #include "distance.cuh"
@@ -83,7 +96,8 @@ __global__ void __launch_bounds__(512)
                        slot_t* __restrict__ out_slots,                  // [nq, k], kInvalidSlot pad
                        float* __restrict__ out_dists,                   // [nq, k], inf pad
                        label_t* __restrict__ out_labels,                // [nq, k] or null, uint64 max pad
-                       int* __restrict__ out_found) {                   // [nq]; -1: bad launch config
+                       int* __restrict__ out_found,                     // [nq]; -1: bad launch config
+                       int* __restrict__ out_status) {                  // [nq] or null: kStatus* bits
   using namespace gpuhnsw;
   static_assert(Team == 4 || Team == 8 || Team == 16 || Team == 32, "team of 4..32 lanes");
   static_assert(Capacity % 32 == 0 && (Capacity & (Capacity - 1)) == 0, "capacity: power of two >= 32");
@@ -102,12 +116,13 @@ __global__ void __launch_bounds__(512)
   const int n_chunks = stride / Storage<T>::kPerChunk;
   const int limit = max(ef, k);
   const int cand_cap = bitonic::pow2_ceil(max(search_width * m0, max(m, 1)));
-  const bool use_results = deleted_bits != nullptr || filter_bits != nullptr;
+  const bool filtered = deleted_bits != nullptr || filter_bits != nullptr;
 
   // A launch configuration that would break an invariant gives found = -1 instead of a hang.
-  const bool bad = (blockDim.x & 31) != 0 || blockDim.x < 64 || search_width < 1 || search_width > 32 || m0 < 1 || m < 0 ||
-                   limit > Capacity || k < 0 || hash_log2 < 5 || hash_log2 > 30 ||
-                   (1 << (hash_log2 - 1)) < 2 * Capacity + search_width * m0 || stride % Storage<T>::kPerChunk != 0;
+  const bool bad = (blockDim.x & 31) != 0 || blockDim.x < 64 || search_width < 1 || search_width > 32 ||
+                   m0 < 1 || m < 0 || limit < 1 || limit > Capacity || k < 0 || hash_log2 < 5 || hash_log2 > 30 ||
+                   (1 << (hash_log2 - 1)) < 2 * Capacity + search_width * m0 ||
+                   stride % Storage<T>::kPerChunk != 0;
   if (bad) {
     for (int qi = blockIdx.x * blockDim.x + tid; qi < nq; qi += gridDim.x * blockDim.x) out_found[qi] = -1;
     return;
@@ -132,7 +147,10 @@ __global__ void __launch_bounds__(512)
         o_dists[j] = inf_f();
         if (o_labels != nullptr) o_labels[j] = kInvalidLabel;
       }
-      if (tid == 0) out_found[qi] = 0;
+      if (tid == 0) {
+        out_found[qi] = 0;
+        if (out_status != nullptr) out_status[qi] = 0;
+      }
       continue;
     }
 
@@ -154,12 +172,11 @@ __global__ void __launch_bounds__(512)
         const slot_t cur = s_cur;
         const slot_t start = upper_start[cur];
         const slot_t* blk = upper_links + static_cast<long long>(start) + static_cast<long long>(level - 1) * (m + 1);
-        int cnt = start == kInvalidSlot ? 0 : static_cast<int>(blk[0]);
-        if (cnt > m) cnt = 0;
+        const int cnt = start == kInvalidSlot ? 0 : min(static_cast<int>(blk[0]), m);
         for (int i0 = 0; i0 < cnt; i0 += n_teams) {  // uniform trip count: the team shuffles need it
           const int i = i0 + team;
           const slot_t s = i < cnt ? blk[1 + i] : kInvalidSlot;
-          const bool ok = s < static_cast<slot_t>(n_slots);
+          const bool ok = s < static_cast<slot_t>(n_slots) && s != cur;
           const float d = team_distance<T, Team>(q_s, vectors + (ok ? static_cast<long long>(s) * stride : 0),
                                                  ok ? n_chunks : 0, metric);
           if (i < cnt && (tid & (Team - 1)) == 0) cand_d[i] = ok ? d : inf_f();
@@ -196,7 +213,7 @@ __global__ void __launch_bounds__(512)
       }
     }
 
-    // ---- level 0: initialise beam, results, visited ----------------------------------------
+    // ---- level 0: initialise beam (or pending), results, visited ---------------------------
     for (int i = tid; i < Capacity; i += blockDim.x) {
       beam_d[i] = inf_f();
       beam_s[i] = kInvalidSlot;
@@ -210,18 +227,27 @@ __global__ void __launch_bounds__(512)
       beam_d[0] = s_cur_dist;
       beam_s[0] = cur;
       visited.insert(cur);
-      if (use_results && beam::allowed(cur, deleted_bits, filter_q)) {
+      if (filtered && beam::allowed(cur, deleted_bits, filter_q)) {
         res_d[0] = s_cur_dist;
         res_s[0] = cur;
       }
     }
-    int hash_count = 1;  // slots in the visited hash (same value in every thread)
+    int hash_count = 1;  // slots in the visited hash    } the same value in every thread
+    int n_pending = 1;   // filtered mode: pending entries }
+    int status = 0;      // kStatus* bits, kept by thread 0
     __syncthreads();
 
     for (int iter = 0; max_iters <= 0 || iter < max_iters; ++iter) {
-      // A. parents: the first search_width unexpanded beam entries
+      // A. parents
       if (warp == 0) {
-        const int np = beam::select_parents(beam_s, limit, search_width, s_parents);
+        int np;
+        if (!filtered) {
+          np = beam::select_parents(beam_s, limit, search_width, s_parents);
+        } else {
+          const bool full = res_s[limit - 1] != kInvalidSlot;  // valid entries form a prefix
+          np = beam::pop_parents(beam_d, beam_s, n_pending, search_width, full ? res_d[limit - 1] : inf_f(),
+                                 s_parents);
+        }
         if (lane == 0) {
           s_n_parents = np;
           s_n_cand = 0;
@@ -231,13 +257,18 @@ __global__ void __launch_bounds__(512)
       __syncthreads();
       const int np = s_n_parents;
       if (np == 0) break;
+      if (filtered) n_pending -= np;
 
-      // B. keep the visited hash at most half full: clear it, re-insert the beam and the results
+      // B. keep the visited hash at most half full
       if (visited.needs_reset(hash_count, np * m0)) {
+        if (filtered) {  // forgetting expanded slots could expand them again: stop instead
+          status |= kStatusVisitedFull;
+          break;
+        }
         visited.clear();
         __syncthreads();
-        for (int i = tid; i < 2 * limit; i += blockDim.x) {
-          const slot_t s = i < limit ? beam_s[i] : res_s[i - limit];
+        for (int i = tid; i < limit; i += blockDim.x) {
+          const slot_t s = beam_s[i];
           if (s != kInvalidSlot && visited.insert(s & kSlotMask)) atomicAdd(&s_reseeded, 1);
         }
         __syncthreads();
@@ -248,11 +279,9 @@ __global__ void __launch_bounds__(512)
       for (int pos = tid; pos < np * m0; pos += blockDim.x) {
         const int pi = pos / m0, j = pos - pi * m0;
         const slot_t p = s_parents[pi] & kSlotMask;
-        slot_t deg = degree0[p];
-        if (deg > static_cast<slot_t>(m0)) deg = 0;
-        if (static_cast<slot_t>(j) < deg) {
+        if (j < min(static_cast<int>(degree0[p]), m0)) {
           const slot_t s = links0[static_cast<long long>(p) * m0 + j];
-          if (s < static_cast<slot_t>(n_slots) && visited.insert(s)) cand_s[atomicAdd(&s_n_cand, 1)] = s;
+          if (s < static_cast<slot_t>(n_slots) && s != p && visited.insert(s)) cand_s[atomicAdd(&s_n_cand, 1)] = s;
         }
       }
       __syncthreads();
@@ -269,11 +298,10 @@ __global__ void __launch_bounds__(512)
         if (ok && (tid & (Team - 1)) == 0) cand_d[i] = d;
       }
       __syncthreads();
-
       if (n_cand == 0) continue;  // uniform: nothing to merge
 
-      // E. pad the candidates to a power of two; the allowed ones again for the results
-      const int m_pad = bitonic::pow2_ceil(max(n_cand, 1));
+      // E. pad the candidates to a power of two; filtered mode: the allowed ones for the results
+      const int m_pad = bitonic::pow2_ceil(n_cand);
       for (int i = tid; i < m_pad; i += blockDim.x) {
         const bool ok = i < n_cand;
         const slot_t s = ok ? cand_s[i] : kInvalidSlot;
@@ -282,7 +310,7 @@ __global__ void __launch_bounds__(512)
           cand_d[i] = d;
           cand_s[i] = s;
         }
-        if (use_results) {
+        if (filtered) {
           const bool keep = ok && beam::allowed(s, deleted_bits, filter_q);
           cres_d[i] = keep ? d : inf_f();
           cres_s[i] = keep ? s : kInvalidSlot;
@@ -290,18 +318,27 @@ __global__ void __launch_bounds__(512)
       }
       __syncthreads();
 
-      // F. merge: warp 0 into the beam, warp 1 into the results
+      // F. merge: warp 0 into the beam (limit) or pending (Capacity), warp 1 into the results
       if (warp == 0) {
-        beam::merge_candidates(beam_d, beam_s, limit, cand_d, cand_s, m_pad);
-      } else if (warp == 1 && use_results) {
+        beam::merge_candidates(beam_d, beam_s, filtered ? Capacity : limit, cand_d, cand_s, m_pad);
+      } else if (warp == 1 && filtered) {
         beam::merge_candidates(res_d, res_s, limit, cres_d, cres_s, m_pad);
       }
       __syncthreads();
+      if (filtered) {
+        if (tid == 0 && n_pending + n_cand > Capacity) {
+          // something fell off pending; harmless only if all of it is farther than the worst result
+          // of a full result list (never to be expanded then)
+          const bool full = res_s[limit - 1] != kInvalidSlot;
+          if (!(full && beam_d[Capacity - 1] > res_d[limit - 1])) status |= kStatusPendingOverflow;
+        }
+        n_pending = min(n_pending + n_cand, Capacity);
+      }
     }
 
-    // ---- output: the first k of the results (or of the beam) --------------------------------
-    const float* list_d = use_results ? res_d : beam_d;
-    const slot_t* list_s = use_results ? res_s : beam_s;
+    // ---- output: the first k of the results (filtered mode) or of the beam ------------------
+    const float* list_d = filtered ? res_d : beam_d;
+    const slot_t* list_s = filtered ? res_s : beam_s;
     if (tid == 0) s_found = k;
     __syncthreads();
     for (int j = tid; j < k; j += blockDim.x) {  // valid entries form a prefix of the sorted list
@@ -313,7 +350,10 @@ __global__ void __launch_bounds__(512)
       if (o_labels != nullptr) o_labels[j] = ok ? labels[s] : kInvalidLabel;
     }
     __syncthreads();
-    if (tid == 0) out_found[qi] = s_found;
+    if (tid == 0) {
+      out_found[qi] = s_found;
+      if (out_status != nullptr) out_status[qi] = status;
+    }
     __syncthreads();  // shared memory is reused by the next query
   }
 }
