@@ -33,7 +33,8 @@ from pathlib import Path
 __all__ = [
     "OPTIONS", "MODULES", "STORAGE_TYPES", "TEAM_SIZES", "SEARCH_CAPACITIES", "TOPK_CAPACITIES",
     "METRICS", "kernel_source", "name_expressions", "get_kernel", "kernel_dir", "team_size",
-    "beam_capacity", "topk_capacity", "search_expr", "distance_expr", "topk_expr",
+    "beam_capacity", "topk_capacity", "search_expr", "distance_expr", "topk_expr", "scatter_expr",
+    "row_stride",
     "search_shared_bytes", "search_hash_log2", "distance_shared_bytes", "topk_shared_bytes",
 ]
 
@@ -41,7 +42,7 @@ __all__ = [
 OPTIONS = ("-std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
 
 #: Module name -> source file under the kernel folder.
-MODULES = {"distance": "distance.cu", "search": "search.cu", "topk": "topk.cu"}
+MODULES = {"distance": "distance.cu", "search": "search.cu", "topk": "topk.cu", "scatter": "scatter.cu"}
 
 #: Storage dtype name -> C++ type of the template parameter T.
 STORAGE_TYPES = {"float32": "float", "float16": "gpuhnsw::half_t"}
@@ -148,11 +149,16 @@ def topk_expr(capacity):
     return f"select_topk_kernel<{int(capacity)}>"
 
 
+def scatter_expr(dtype):
+    """Name expression of ``scatter_rows_kernel`` (device storage `dtype`)."""
+    return f"scatter_rows_kernel<{STORAGE_TYPES[dtype]}>"
+
+
 def name_expressions(name):
     """Every template instantiation of module `name`, as NVRTC name expressions.
 
     ``search``: storage x team x capacity (2 x 4 x 5 = 40); ``distance``: storage x team (8);
-    ``topk``: capacity (6).
+    ``topk``: capacity (6); ``scatter``: storage (2).
 
     Returns
     -------
@@ -165,6 +171,8 @@ def name_expressions(name):
         return [distance_expr(t, team) for t in STORAGE_TYPES for team in TEAM_SIZES]
     if name == "topk":
         return [topk_expr(cap) for cap in TOPK_CAPACITIES]
+    if name == "scatter":
+        return [scatter_expr(t) for t in STORAGE_TYPES]
     raise ValueError(f"unknown kernel module {name!r}; expected one of {sorted(MODULES)}")
 
 
@@ -194,9 +202,18 @@ def _bucket(n, buckets, what):
     raise ValueError(f"{what} = {n} exceeds the largest kernel capacity {buckets[-1]}")
 
 
-def beam_capacity(ef, k):
-    """The smallest search capacity bucket holding max(ef, k) (ValueError when none does)."""
-    return _bucket(max(int(ef), int(k)), SEARCH_CAPACITIES, "max(ef, k)")
+def beam_capacity(ef, k, filtered=False):
+    """The search capacity bucket for max(ef, k) (ValueError when none holds it).
+
+    Beam mode: the smallest bucket holding max(ef, k). Filtered mode (a filter or deletions): the
+    buffer is the pending-candidate list, which hnswlib's search lets grow past ef, so ask for
+    4 * max(ef, k), as far as the largest bucket allows.
+    """
+    limit = max(int(ef), int(k))
+    cap = _bucket(limit, SEARCH_CAPACITIES, "max(ef, k)")
+    if filtered:
+        cap = max(cap, min(_pow2_ceil(4 * limit), SEARCH_CAPACITIES[-1]))
+    return cap
 
 
 def topk_capacity(k):

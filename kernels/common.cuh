@@ -42,6 +42,12 @@ __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
   return f;
 }
 
+__device__ __forceinline__ unsigned short float_to_half_bits(float f) {  // round to nearest even
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }
 
 // The one ordering of (distance, slot) pairs used everywhere: distance, then slot without its tag.

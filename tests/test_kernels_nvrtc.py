@@ -37,6 +37,7 @@ def test_every_module_has_a_source_and_instantiations():
     assert len(_kernels.name_expressions("search")) == 2 * 4 * 5
     assert len(_kernels.name_expressions("distance")) == 2 * 4
     assert len(_kernels.name_expressions("topk")) == 6
+    assert len(_kernels.name_expressions("scatter")) == 2
     with pytest.raises(ValueError):
         _kernels.kernel_source("nope")
     with pytest.raises(ValueError):
