@@ -1,0 +1,447 @@
+"""The CUDA kernels, run on the CPU: every kernel against its oracle, no GPU needed.
+
+The loader's inlined source of each module is compiled with g++ against tests/cuda_emulation.h
+(one host thread per CUDA thread, real barriers for __syncthreads / __syncwarp / shuffles / ballots,
+real atomics) and run on small real graphs:
+
+* ``search_beam_kernel`` against the NumPy reference (gpuhnsw._reference), which is itself held to
+  the C search in tests/test_reference.py: beam mode with search_width 1, 2, 4 and with visited-hash
+  resets, filtered mode (filter, deletions, a 3-slot filter), fp16 storage, l2 / ip / cosine, an
+  empty index, a grid smaller than the batch;
+* ``compute_distances_kernel`` against NumPy, ``select_topk_kernel`` against a lexsort (ties and NaN,
+  a second tile merged with the first's result), ``scatter_rows_kernel`` against the staged rows.
+
+Skipped without a C++20 compiler with _Float16 (g++ >= 12). The GPU suite (``-m gpu``) still has to
+run the same kernels on a device: emulation proves the algorithm and the indexing, not timing,
+memory-model corner cases or the real warp scheduler.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpuhnsw
+from gpuhnsw import _kernels
+from gpuhnsw._reference import ReferenceGraph, beam_search_reference, normalize_queries
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "cuda_emulation.h"
+INVALID = 0xFFFFFFFF
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+# Text the host compiler cannot take, and what stands in for it.
+REPLACE = [
+    ('extern __shared__ __align__(16) unsigned char smem[];', 'unsigned char* smem = g_dynamic_smem;'),
+    ('asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));', 'f = emu_half_to_float(h);'),
+    ('asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));', 'h = emu_float_to_half(f);'),
+]
+
+IO = r'''
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+template <class T> std::vector<T> rd(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) { std::perror(path.c_str()); std::exit(2); }
+  std::fseek(f, 0, SEEK_END); long n = std::ftell(f); std::fseek(f, 0, SEEK_SET);
+  std::vector<T> v(n / sizeof(T) + 1);
+  if (n && std::fread(v.data(), 1, n, f) != (size_t)n) std::exit(3);
+  std::fclose(f);
+  return v;
+}
+template <class T> void wr(const std::string& path, const std::vector<T>& v) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  std::fwrite(v.data(), sizeof(T), v.size(), f);
+  std::fclose(f);
+}
+'''
+
+MAINS = {
+    "search": r'''
+int main(int, char** argv) {
+  std::string d = argv[1];
+  auto P = rd<long long>(d + "/params.bin");
+  int stride = P[0], metric = P[1], m0 = P[2], m = P[3], n_slots = P[4], ep = P[5], max_level = P[6];
+  int nq = P[7], dim = P[8], k = P[9], ef = P[10], width = P[11], hash_log2 = P[12], block = P[13];
+  int use_deleted = P[14], use_filter = P[15], grid = P[16];
+  auto vec = rd<STORAGE>(d + "/vectors.bin");
+  auto links0 = rd<unsigned>(d + "/links0.bin");
+  auto degree0 = rd<unsigned>(d + "/degree0.bin");
+  auto ustart = rd<unsigned>(d + "/upper_start.bin");
+  auto ulinks = rd<unsigned>(d + "/upper_links.bin");
+  auto labels = rd<unsigned long long>(d + "/labels.bin");
+  auto deleted = rd<unsigned>(d + "/deleted.bin");
+  auto filter = rd<unsigned>(d + "/filter.bin");
+  auto queries = rd<float>(d + "/queries.bin");
+  std::vector<unsigned> o_slots(std::max(1, nq * k));
+  std::vector<float> o_dists(std::max(1, nq * k));
+  std::vector<unsigned long long> o_labels(std::max(1, nq * k));
+  std::vector<int> o_found(nq), o_status(nq);
+  emu_launch(grid, block, [&] {
+    search_beam_kernel<STORAGE, TEAM, CAP>(vec.data(), stride, metric, links0.data(), degree0.data(), m0,
+        ustart.data(), ulinks.data(), m, n_slots, ep, max_level, use_deleted ? deleted.data() : nullptr,
+        use_filter ? filter.data() : nullptr, 0, queries.data(), nq, dim, k, ef, width, hash_log2, 0,
+        labels.data(), o_slots.data(), o_dists.data(), o_labels.data(), o_found.data(), o_status.data());
+  });
+  wr(d + "/out_slots.bin", o_slots); wr(d + "/out_dists.bin", o_dists); wr(d + "/out_labels.bin", o_labels);
+  wr(d + "/out_found.bin", o_found); wr(d + "/out_status.bin", o_status);
+}
+''',
+    "distance": r'''
+int main(int, char** argv) {
+  std::string d = argv[1];
+  auto P = rd<long long>(d + "/params.bin");
+  int stride = P[0], metric = P[1], n_slots = P[2], nq = P[3], dim = P[4], c = P[5], block = P[6], grid = P[7];
+  auto vec = rd<STORAGE>(d + "/vectors.bin");
+  auto queries = rd<float>(d + "/queries.bin");
+  auto slots = rd<unsigned>(d + "/slots.bin");
+  std::vector<float> out((size_t)nq * c);
+  emu_launch(grid, block, [&] {
+    compute_distances_kernel<STORAGE, TEAM>(vec.data(), stride, metric, n_slots, queries.data(), nq, dim,
+                                            slots.data(), c, c, out.data(), c);
+  });
+  wr(d + "/out.bin", out);
+}
+''',
+    "topk": r'''
+int main(int, char** argv) {
+  std::string d = argv[1];
+  auto P = rd<long long>(d + "/params.bin");
+  long long ld = P[0], offset = P[3];
+  int n = P[1], nq = P[2], k = P[4], block = P[5], grid = P[6], has_prev = P[7];
+  auto dists = rd<float>(d + "/dists.bin");
+  auto pd = rd<float>(d + "/prev_d.bin");
+  auto pi = rd<long long>(d + "/prev_i.bin");
+  std::vector<float> od((size_t)nq * k);
+  std::vector<long long> oi((size_t)nq * k);
+  emu_launch(grid, block, [&] {
+    select_topk_kernel<CAP>(dists.data(), ld, n, offset, has_prev ? pd.data() : nullptr,
+                            has_prev ? pi.data() : nullptr, nq, k, od.data(), oi.data());
+  });
+  wr(d + "/out_d.bin", od); wr(d + "/out_i.bin", oi);
+}
+''',
+    "scatter": r'''
+int main(int, char** argv) {
+  std::string d = argv[1];
+  auto P = rd<long long>(d + "/params.bin");
+  int r = P[0], m0 = P[1], dim_pad = P[2], stride = P[3], cap = P[4], block = P[5], grid = P[6];
+  auto slots = rd<unsigned>(d + "/slots.bin");
+  auto degree = rd<unsigned>(d + "/degree.bin");
+  auto labels = rd<unsigned long long>(d + "/labels.bin");
+  auto links = rd<unsigned>(d + "/links.bin");
+  auto rows = rd<float>(d + "/rows.bin");
+  std::vector<STORAGE> vec((size_t)cap * stride);
+  std::vector<unsigned> l0((size_t)cap * m0, 0xFFFFFFFFu), d0(cap, 0);
+  std::vector<unsigned long long> lab(cap, 0);
+  emu_launch(grid, block, [&] {
+    scatter_rows_kernel<STORAGE>(r, slots.data(), degree.data(), labels.data(), links.data(), rows.data(), m0,
+                                 dim_pad, vec.data(), stride, l0.data(), d0.data(), lab.data());
+  });
+  wr(d + "/vectors.bin", vec); wr(d + "/links0.bin", l0); wr(d + "/degree0.bin", d0); wr(d + "/labels.bin", lab);
+}
+''',
+}
+
+STORAGE_CXX = {"float32": "float", "float16": "gpuhnsw::half_t"}
+
+
+# ---------------------------------------------------------------------------------------------
+# building and running
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """``build(module, **defines) -> executable``, ``run(exe, **arrays) -> {name: bytes}``."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    root = tmp_path_factory.mktemp("cuda_emulation")
+    probe = root / "probe.cpp"
+    probe.write_text(f'#include "{HEADER}"\nint main() {{ return emu_float_to_half(1.0f) == 0x3C00 ? 0 : 1; }}\n')
+    res = subprocess.run([CXX, "-std=c++20", "-pthread", str(probe), "-o", str(root / "probe")],
+                         capture_output=True, text=True)
+    if res.returncode or subprocess.run([str(root / "probe")]).returncode:
+        pytest.skip(f"{CXX} cannot build the CUDA emulation (needs C++20 and _Float16): {res.stderr[-500:]}")
+    built = {}
+
+    def build(module, **defines):
+        src = _kernels.kernel_source(module)
+        for old, new in REPLACE:
+            src = src.replace(old, new)
+        assert "asm(" not in src and "extern __shared__" not in src, "REPLACE no longer matches the kernels"
+        src = f'#include "{HEADER}"\n' + src + IO + MAINS[module]
+        flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+        key = hashlib.sha1((src + " ".join(flags)).encode()).hexdigest()[:12]
+        if key not in built:
+            cpp, exe = root / f"{module}_{key}.cpp", root / f"{module}_{key}"
+            cpp.write_text(src)
+            res = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unused-variable",
+                                  "-Wno-unused-function", *flags, str(cpp), "-o", str(exe)],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-5000:]
+            built[key] = exe
+        return built[key]
+
+    counter = iter(range(1 << 30))
+
+    def run(exe, outputs, **arrays):
+        d = root / f"run{next(counter)}"
+        d.mkdir()
+        for name, a in arrays.items():
+            (d / f"{name}.bin").write_bytes(np.ascontiguousarray(a).tobytes())
+        res = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = {name: np.fromfile(d / f"{name}.bin", dtype) for name, dtype in outputs.items()}
+        shutil.rmtree(d)
+        return out
+
+    return build, run
+
+
+def bitset(mask):
+    b = np.packbits(np.asarray(mask, np.uint8), bitorder="little")
+    return np.concatenate([b, np.zeros((-len(b)) % 4, np.uint8)]).view(np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+
+def run_search(emulator, state, queries, k, ef, *, storage="float32", width=1, allowed=None, block=64, grid=3,
+               hash_log2=None):
+    """The kernel on `state` (device layout built as gpuhnsw._device does). Returns (outputs, capacity)."""
+    build, run = emulator
+    g = ReferenceGraph(state)
+    stride = _kernels.row_stride(g.dim, storage)
+    vec = np.zeros((g.n, stride), np.float32)
+    vec[:, :g.dim] = g.vectors
+    vec = vec.astype(np.float16) if storage == "float16" else vec
+    upper_start = np.full(g.n, INVALID, np.uint32)
+    upper_start[g.levels > 0] = g.upper_start[g.levels > 0]
+    filtered = allowed is not None or bool(g.deleted.any())
+    cap = _kernels.beam_capacity(ef, k, filtered)
+    team = _kernels.team_size(g.dim, storage)
+    log2 = hash_log2 or _kernels.search_hash_log2(cap, width, g.M0, 13 if filtered else 8)
+    exe = build("search", STORAGE=STORAGE_CXX[storage], TEAM=team, CAP=cap)
+    nq = len(queries)
+    params = [stride, _kernels.METRICS[g.space], g.M0, g.M, g.n, g.entry_point, g.max_level, nq, g.dim, k, ef,
+              width, log2, block, int(g.deleted.any()), int(allowed is not None), grid]
+    out = run(exe, {"out_slots": np.uint32, "out_dists": np.float32, "out_labels": np.uint64,
+                    "out_found": np.int32, "out_status": np.int32},
+              params=np.array(params, np.int64), vectors=vec, links0=g.links0, degree0=g.degree0,
+              upper_start=upper_start, upper_links=np.concatenate([g.upper, np.zeros(1, np.uint32)]),
+              labels=g.labels, deleted=bitset(g.deleted),
+              filter=bitset(allowed) if allowed is not None else np.zeros(1, np.uint32),
+              queries=np.asarray(queries, np.float32))
+    for name in ("out_slots", "out_dists", "out_labels"):
+        out[name] = out[name][:nq * k].reshape(nq, k)
+    return out, cap
+
+
+def assert_matches(out, ref, labels, min_same=0.99):
+    slots, dists, found = ref
+    got = np.where(out["out_slots"] == INVALID, -1, out["out_slots"].astype(np.int64))
+    same = np.mean([set(a.tolist()) == set(b.tolist()) for a, b in zip(got, slots)])
+    assert same >= min_same, f"same result sets for {same:.3f} of the queries"
+    np.testing.assert_array_equal(out["out_found"], found)
+    ok = np.isfinite(dists)
+    np.testing.assert_array_equal(np.isfinite(out["out_dists"]), ok)
+    np.testing.assert_allclose(out["out_dists"][ok], dists[ok], rtol=2e-4, atol=1e-5)
+    want_labels = np.where(got >= 0, labels[np.maximum(got, 0)], np.uint64(2**64 - 1))
+    np.testing.assert_array_equal(out["out_labels"], want_labels)
+
+
+def build_index(space, base, M, seed=5):
+    index = gpuhnsw.Index(space, base.shape[1])
+    index.init_index(len(base), M=M, ef_construction=40, random_seed=seed)
+    index.add_items(base, num_threads=2)
+    return index
+
+
+@pytest.fixture(scope="module")
+def sift(datasets):
+    base, queries, _, _ = datasets("siftsmall", n_base=2000, n_queries=12)
+    return build_index("l2", base, 8), base, queries
+
+
+@pytest.fixture(scope="module")
+def minilm(datasets):
+    base, queries, _, _ = datasets("minilm-debian", n_base=1500, n_queries=10)
+    return base, queries
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_search_beam_mode(emulator, sift, width):
+    index, _, queries = sift
+    state = index._core.export_state()
+    out, _ = run_search(emulator, state, queries, 10, 20, width=width)
+    assert np.all(out["out_status"] == 0)
+    assert_matches(out, beam_search_reference(state, queries, 10, 20, search_width=width),
+                   np.frombuffer(state["labels"], np.uint64))
+
+
+def test_search_visited_hash_resets(emulator, sift):
+    """A 256-slot hash must be cleared and reseeded from the beam many times: same answer."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    out, _ = run_search(emulator, state, queries, 10, 20, hash_log2=8, block=128)
+    assert_matches(out, beam_search_reference(state, queries, 10, 20), np.frombuffer(state["labels"], np.uint64))
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_search_filtered_mode(emulator, sift, width):
+    index, base, queries = sift
+    state = index._core.export_state()
+    labels = np.frombuffer(state["labels"], np.uint64)
+    allowed = labels % 5 == 0
+    out, cap = run_search(emulator, state, queries, 10, 20, width=width, allowed=allowed)
+    ref = beam_search_reference(state, queries, 10, 20, search_width=width, allowed=allowed, pending_limit=cap)
+    assert_matches(out, ref, labels)
+    assert np.all(allowed[out["out_slots"][out["out_slots"] != INVALID]])
+
+
+def test_search_selective_filter(emulator, sift):
+    """3 allowed slots: the search walks the whole graph. Pending is capped at Capacity (C's heap is
+    not): a query finds all 3 unless its status says candidates fell off the list."""
+    index, _, queries = sift
+    queries = queries[:4]
+    state = index._core.export_state()
+    allowed = np.zeros(ReferenceGraph(state).n, bool)
+    allowed[[10, 500, 1999]] = True
+    out, cap = run_search(emulator, state, queries, 5, 10, allowed=allowed, hash_log2=14)
+    assert np.all(out["out_status"] & 1 == 0)      # the hash held the whole graph
+    assert np.all((out["out_found"] == 3) | (out["out_status"] & 2 != 0))
+    ref = beam_search_reference(state, queries, 5, 10, allowed=allowed, pending_limit=cap)
+    assert_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+
+
+@pytest.mark.parametrize("space", ["cosine", "ip"])
+def test_search_metrics_and_fp16(emulator, minilm, space):
+    base, queries = minilm
+    state = build_index(space, base, 6)._core.export_state()
+    labels = np.frombuffer(state["labels"], np.uint64)
+    out, _ = run_search(emulator, state, queries, 10, 30, block=128)
+    assert_matches(out, beam_search_reference(state, queries, 10, 30), labels)
+    # fp16 storage: the reference on the same fp16-rounded vectors
+    rounded = dict(state, vectors=np.frombuffer(state["vectors"], np.float32).astype(np.float16)
+                   .astype(np.float32).tobytes())
+    out, _ = run_search(emulator, state, queries, 10, 30, storage="float16", block=96)
+    assert_matches(out, beam_search_reference(rounded, queries, 10, 30), labels, min_same=0.9)
+
+
+def test_search_with_deletions(emulator, minilm):
+    base, queries = minilm
+    index = build_index("cosine", base, 6)
+    for label in range(0, len(base), 4):
+        index.mark_deleted(label)
+    state = index._core.export_state()
+    out, cap = run_search(emulator, state, queries, 10, 30, width=2)
+    ref = beam_search_reference(state, queries, 10, 30, search_width=2, pending_limit=cap)
+    assert_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+    assert np.all(out["out_labels"][out["out_found"] > 0] % 4 != 0)
+
+
+def test_search_empty_index(emulator):
+    index = gpuhnsw.Index("l2", 8)
+    index.init_index(10)
+    out, _ = run_search(emulator, index._core.export_state(), np.zeros((3, 8), np.float32), 4, 4)
+    assert np.all(out["out_found"] == 0) and np.all(out["out_slots"] == INVALID)
+    assert np.all(np.isinf(out["out_dists"])) and np.all(out["out_labels"] == np.uint64(2**64 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# distances, top-k, scatter
+
+@pytest.mark.parametrize("storage, space, dim", [("float32", "l2", 37), ("float32", "ip", 128),
+                                                 ("float16", "cosine", 50), ("float16", "l2", 8),
+                                                 ("float32", "cosine", 300)])
+def test_compute_distances(emulator, rng, storage, space, dim):
+    build, run = emulator
+    n, nq, c = 200, 5, 70
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    if space == "cosine":
+        x = normalize_queries(x)
+    stride = _kernels.row_stride(dim, storage)
+    vec = np.zeros((n, stride), np.float32)
+    vec[:, :dim] = x
+    if storage == "float16":
+        vec = vec.astype(np.float16)
+        x = vec[:, :dim].astype(np.float32)
+    q = rng.standard_normal((nq, dim)).astype(np.float32)
+    slots = rng.integers(0, n, (nq, c)).astype(np.uint32)
+    slots[0, 3] = INVALID
+    slots[1, 5] = n + 7
+    exe = build("distance", STORAGE=STORAGE_CXX[storage], TEAM=_kernels.team_size(dim, storage))
+    params = [stride, _kernels.METRICS[space], n, nq, dim, c, 64, 2]
+    out = run(exe, {"out": np.float32}, params=np.array(params, np.int64), vectors=vec, queries=q,
+              slots=slots)["out"].reshape(nq, c)
+    qq = normalize_queries(q) if space == "cosine" else q
+    xs = x[np.minimum(slots, n - 1)]
+    want = ((xs - qq[:, None]) ** 2).sum(-1) if space == "l2" else 1 - (xs * qq[:, None]).sum(-1)
+    valid = slots < n
+    np.testing.assert_array_equal(np.isinf(out), ~valid)
+    np.testing.assert_allclose(out[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+def topk_oracle(d, k, offset=0, prev=None):
+    d = np.where(np.isnan(d), np.inf, d)
+    out_d = np.full((len(d), k), np.inf, np.float32)
+    out_i = np.full((len(d), k), -1, np.int64)
+    for r, row in enumerate(d):
+        cd, ci = row, np.arange(row.size) + offset
+        if prev is not None:
+            keep = prev[1][r] >= 0
+            cd, ci = np.concatenate([cd, prev[0][r][keep]]), np.concatenate([ci, prev[1][r][keep]])
+        order = np.lexsort((ci, cd))[:k]
+        out_d[r, :len(order)], out_i[r, :len(order)] = cd[order], ci[order]
+    return out_d, out_i
+
+
+@pytest.mark.parametrize("n, k, block", [(1000, 10, 64), (3000, 100, 128), (50, 20, 96), (5, 8, 64),
+                                         (2000, 300, 64), (4000, 1000, 64)])
+def test_select_topk(emulator, rng, n, k, block):
+    build, run = emulator
+    cap = _kernels.topk_capacity(k)
+    exe = build("topk", CAP=cap)
+    nq = 3
+
+    def topk(d, offset=0, prev=None):
+        params = [n, n, nq, offset, k, block, 2, int(prev is not None)]
+        out = run(exe, {"out_d": np.float32, "out_i": np.int64}, params=np.array(params, np.int64), dists=d,
+                  prev_d=prev[0] if prev is not None else np.zeros(1, np.float32),
+                  prev_i=prev[1] if prev is not None else np.zeros(1, np.int64))
+        return out["out_d"].reshape(nq, k), out["out_i"].reshape(nq, k)
+
+    d1 = rng.integers(0, 50, (nq, n)).astype(np.float32)   # many ties: the smaller index wins
+    d1[0, min(7, n - 1)] = np.nan
+    first = topk(d1)
+    for got, want in zip(first, topk_oracle(d1, k)):
+        np.testing.assert_array_equal(got, want)
+    d2 = rng.integers(0, 50, (nq, n)).astype(np.float32)   # the next tile, merged with the running result
+    for got, want in zip(topk(d2, offset=n, prev=first), topk_oracle(np.concatenate([d1, d2], 1), k)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_scatter_rows(emulator, rng, storage):
+    build, run = emulator
+    r, m0, dim_pad, cap = 40, 8, 12, 100
+    stride = _kernels.row_stride(dim_pad, storage)
+    slots = rng.choice(cap, r, replace=False).astype(np.uint32)
+    degree = rng.integers(0, m0, r).astype(np.uint32)
+    labels = rng.integers(0, 2**63, r).astype(np.uint64)
+    links = rng.integers(0, cap, (r, m0)).astype(np.uint32)
+    rows = rng.standard_normal((r, dim_pad)).astype(np.float32)
+    dtype = np.float32 if storage == "float32" else np.float16
+    exe = build("scatter", STORAGE=STORAGE_CXX[storage])
+    out = run(exe, {"vectors": dtype, "links0": np.uint32, "degree0": np.uint32, "labels": np.uint64},
+              params=np.array([r, m0, dim_pad, stride, cap, 64, 7], np.int64), slots=slots, degree=degree,
+              labels=labels, links=links, rows=rows)
+    vec = out["vectors"].reshape(cap, stride)
+    np.testing.assert_array_equal(vec[slots, :dim_pad], rows.astype(dtype))
+    assert np.all(vec[slots, dim_pad:] == 0)
+    np.testing.assert_array_equal(out["links0"].reshape(cap, m0)[slots], links)
+    np.testing.assert_array_equal(out["degree0"][slots], degree)
+    np.testing.assert_array_equal(out["labels"][slots], labels)
