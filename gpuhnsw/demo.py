@@ -18,7 +18,7 @@ import numpy as np
 
 from . import Index, __version__
 from ._validate import cuda_status
-from .testing import data_dir, exact_knn, load_dataset, recall_at_k
+from .testing import clustered, data_dir, exact_knn, load_dataset, recall_at_k
 
 K = 10
 M = 16
@@ -31,14 +31,6 @@ GENERATED_SHAPE = (20_000, 1_000, 64)  # base rows, queries, dim
 def _present(name):
     folder = data_dir() / name
     return (folder / "base.npy").exists() and (folder / "queries.npy").exists()
-
-
-def clustered(n, dim, seed, n_clusters=32, spread=0.15):
-    """Gaussian clusters around uniform centres: float32 [n, dim]."""
-    r = np.random.default_rng(seed)
-    centres = r.random((n_clusters, dim), dtype=np.float32)
-    noise = r.standard_normal((n, dim), dtype=np.float32) * np.float32(spread)
-    return np.ascontiguousarray(centres[r.integers(0, n_clusters, size=n)] + noise)
 
 
 def load(name, n):

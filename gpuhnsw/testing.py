@@ -77,6 +77,18 @@ def load_dataset(name, n_base=None, n_queries=None):
     return base, queries, ground_truth("l2"), ground_truth("cosine")
 
 
+
+def clustered(n, dim, *, n_clusters=32, spread=0.15, seed=0):
+    """Gaussian clusters around uniform centres: float32 [n, dim], no duplicate rows.
+
+    Harder than uniform noise for a graph index and closer to real embeddings.
+    """
+    r = np.random.default_rng(seed)
+    centres = r.random((n_clusters, dim), dtype=np.float32)
+    which = r.integers(0, n_clusters, size=n)
+    noise = r.standard_normal((n, dim), dtype=np.float32) * np.float32(spread)
+    return np.ascontiguousarray(centres[which] + noise, dtype=np.float32)
+
 def _normalise(x):
     """Rows scaled by 1 / (|x| + 1e-30), as hnswlib does for cosine (zero rows stay zero)."""
     return x / (np.sqrt(np.einsum("ij,ij->i", x, x)) + 1e-30)[:, None]

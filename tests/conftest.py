@@ -38,15 +38,7 @@ def rng():
 
 
 def clustered(n, dim, *, n_clusters=32, spread=0.15, seed=SEED):
-    """Gaussian clusters around uniform centres: float32 [n, dim], no duplicate rows.
-
-    Harder than uniform noise for a graph index and closer to real embeddings.
-    """
-    r = np.random.default_rng(seed)
-    centres = r.random((n_clusters, dim), dtype=np.float32)
-    which = r.integers(0, n_clusters, size=n)
-    noise = r.standard_normal((n, dim), dtype=np.float32) * np.float32(spread)
-    return np.ascontiguousarray(centres[which] + noise, dtype=np.float32)
+    return testing.clustered(n, dim, n_clusters=n_clusters, spread=spread, seed=seed)
 
 
 @pytest.fixture(scope="session")
