@@ -1,0 +1,187 @@
+"""The device mirror (gpuhnsw._device): sync bookkeeping on the CPU, the real thing on a GPU.
+
+Without a GPU, ``cupy`` is replaced by a NumPy-backed stand-in and the scatter kernel by its NumPy
+equivalent, so what is checked is the mirror's own logic: dirty rows plus new slots, capacity
+doubling, upper-level blocks, the deleted bitset, entry point and max level, O(changed rows).
+With a GPU (``-m gpu``): the same syncs on the device, and the search kernel against the NumPy
+reference (itself held to the C search in test_reference.py).
+"""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import gpuhnsw
+from gpuhnsw import _kernels
+from gpuhnsw._reference import beam_search_reference
+
+
+# ---------------------------------------------------------------------------------------------
+# a NumPy stand-in for the parts of CuPy the mirror uses
+
+class _Array(np.ndarray):
+    def set(self, a):
+        self[...] = a
+
+
+def _fake_cupy():
+    def wrap(a):
+        return np.asarray(a).view(_Array)
+
+    class Device:
+        def __init__(self, i=None):
+            self.id = i or 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cp = types.ModuleType("cupy")
+    for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
+        setattr(cp, name, getattr(np, name))
+    cp.empty = lambda *a, **k: wrap(np.empty(*a, **k))
+    cp.zeros = lambda *a, **k: wrap(np.zeros(*a, **k))
+    cp.full = lambda *a, **k: wrap(np.full(*a, **k))
+    cp.asarray = lambda a, dtype=None: wrap(np.array(a, dtype=dtype))
+    cp.ascontiguousarray = lambda a: wrap(np.ascontiguousarray(a))
+    cp.asnumpy = lambda a: np.asarray(a).view(np.ndarray)
+    cp.cuda = types.SimpleNamespace(Device=Device, alloc_pinned_memory=bytearray)
+    return cp
+
+
+def _numpy_scatter(grid, block, args):
+    """scatter_rows_kernel, in NumPy (same arguments)."""
+    r, slots, degree, labels, links, rows, m0, dim_pad, vectors, stride, links0, degree0, labels_out = args
+    r, m0, dim_pad = int(r), int(m0), int(dim_pad)
+    s = np.asarray(slots)[:r].astype(np.int64)
+    vectors[s, :dim_pad] = np.asarray(rows)[:r * dim_pad].reshape(r, dim_pad).astype(vectors.dtype)
+    vectors[s, dim_pad:] = 0
+    links0[s] = np.asarray(links)[:r * m0].reshape(r, m0)
+    degree0[s] = np.asarray(degree)[:r]
+    labels_out[s] = np.asarray(labels)[:r]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
+    monkeypatch.setattr(_kernels, "get_kernel", lambda name, expr, device=None: _numpy_scatter)
+    from gpuhnsw import _device
+    return _device
+
+
+@pytest.mark.parametrize("space, storage", [("l2", "float32"), ("cosine", "float16")])
+def test_sync_bookkeeping(fake_gpu, rng, space, storage):
+    index = gpuhnsw.Index(space, 10)
+    index.init_index(500, M=4, random_seed=1)
+    mirror = fake_gpu.DeviceMirror(index._core, storage=storage)
+    assert mirror.sync().rows == 0 and mirror.entry_point == -1          # empty index
+    index.add_items(rng.random((300, 10), dtype=np.float32))
+    st = mirror.sync()
+    assert st.rows == 300 and mirror.capacity >= 500 and mirror.check_against_core() == []
+    st = mirror.sync()
+    assert st.rows == 0 and st.bytes == 0                               # nothing changed: nothing moves
+    index.add_items(rng.random((20, 10), dtype=np.float32))
+    st = mirror.sync()
+    assert 20 <= st.rows < 320 and mirror.check_against_core() == []    # the new rows and their neighbours
+    index.resize_index(3000)
+    index.add_items(rng.random((2000, 10), dtype=np.float32))
+    index.mark_deleted(5)
+    index.mark_deleted(1000)
+    st = mirror.sync()
+    assert st.grows == 1 and mirror.capacity >= 3000 and mirror.n_deleted == 2
+    assert mirror.check_against_core() == []
+    index.add_items(rng.random((1, 10), dtype=np.float32), [7])         # an update of an existing label
+    mirror.sync()
+    assert mirror.check_against_core() == []
+    assert mirror.stats.syncs == 6 and mirror.stats.rows >= 2320
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU
+
+@pytest.fixture(scope="module")
+def sift_small(datasets):
+    base, queries, _, _ = datasets("siftsmall", n_base=4000, n_queries=50)
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=12, ef_construction=60, random_seed=3)
+    index.add_items(base, num_threads=2)
+    return index, base, queries
+
+
+def _compare(labels, dists, found, ref, state_labels, min_same=0.99):
+    import cupy as cp
+
+    labels, dists, found = cp.asnumpy(labels), cp.asnumpy(dists), cp.asnumpy(found)
+    slots, rdists, rfound = ref
+    want = np.where(slots >= 0, state_labels[np.maximum(slots, 0)], np.uint64(2**64 - 1))
+    same = np.mean([set(a.tolist()) == set(b.tolist()) for a, b in zip(labels, want)])
+    assert same >= min_same, same
+    np.testing.assert_array_equal(found, rfound)
+    ok = np.isfinite(rdists)
+    np.testing.assert_allclose(dists[ok], rdists[ok], rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [1, 4])
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_gpu_search_matches_reference(sift_small, width, storage):
+    from gpuhnsw import _device
+
+    index, _, queries = sift_small
+    mirror = _device.DeviceMirror(index._core, storage=storage)
+    mirror.sync()
+    assert mirror.check_against_core() == []
+    state = index._core.export_state()
+    if storage == "float16":
+        state = dict(state, vectors=np.frombuffer(state["vectors"], np.float32).astype(np.float16)
+                     .astype(np.float32).tobytes())
+    labels, dists, found, status = mirror.search(queries, 10, 40, search_width=width)
+    ref = beam_search_reference(state, queries, 10, 40, search_width=width)
+    _compare(labels, dists, found, ref, np.frombuffer(state["labels"], np.uint64),
+             0.99 if storage == "float32" else 0.9)
+
+
+@pytest.mark.gpu
+def test_gpu_filtered_search_matches_reference(sift_small):
+    import cupy as cp
+    from gpuhnsw import _device
+
+    index, _, queries = sift_small
+    mirror = _device.DeviceMirror(index._core)
+    mirror.sync()
+    state = index._core.export_state()
+    state_labels = np.frombuffer(state["labels"], np.uint64)
+    allowed = state_labels % 7 == 0
+    bits = np.packbits(np.concatenate([allowed, np.zeros(mirror.capacity - allowed.size, bool)]),
+                       bitorder="little").view(np.uint32)
+    labels, dists, found, status = mirror.search(queries, 10, 40, filter_bits=cp.asarray(bits))
+    cap = _kernels.beam_capacity(40, 10, True)
+    ref = beam_search_reference(state, queries, 10, 40, allowed=allowed, pending_limit=cap)
+    _compare(labels, dists, found, ref, state_labels)
+    assert np.all(cp.asnumpy(labels) % 7 == 0)
+
+
+@pytest.mark.gpu
+def test_gpu_sync_after_changes(sift_small, rng):
+    import pickle
+
+    from gpuhnsw import _device
+
+    index = pickle.loads(pickle.dumps(sift_small[0]))
+    mirror = _device.DeviceMirror(index._core)
+    mirror.sync()
+    index.resize_index(len(sift_small[1]) + 100)
+    index.add_items(rng.random((100, index.dim), dtype=np.float32) * 100)
+    for label in range(0, 4000, 9):
+        index.mark_deleted(label)
+    st = mirror.sync()
+    assert st.rows < len(sift_small[1])          # O(changed rows)
+    assert mirror.check_against_core() == []
+    queries = sift_small[2]
+    labels, dists, found, status = mirror.search(queries, 10, 40)
+    state = index._core.export_state()
+    ref = beam_search_reference(state, queries, 10, 40, pending_limit=_kernels.beam_capacity(40, 10, True))
+    _compare(labels, dists, found, ref, np.frombuffer(state["labels"], np.uint64))
