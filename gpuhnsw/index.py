@@ -4,17 +4,83 @@ Existing hnswlib code runs unchanged after ``import gpuhnsw as hnswlib``.  Where
 silently misbehaves (query of an uninitialised index, wrong query width, NaN input, ...), this class
 raises a clear exception and leaves the index exactly as it was.
 """
+import contextlib
 import os
+import threading
 
 import numpy as np
 
 from . import _core, _io
-from ._errors import IndexFileError, IndexFileNotFoundError
+from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError, InputShapeError
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, resolve_device)
 
 PAD_LABEL = np.uint64(2**64 - 1)
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small"
+
+
+def _cupy():
+    from ._kernels import _cupy as load
+    return load()
+
+
+def _gpu_max_beam():
+    from ._kernels import SEARCH_CAPACITIES
+    return SEARCH_CAPACITIES[-1]
+
+
+def _is_gpu_array(x):
+    """CuPy arrays, anything with ``__cuda_array_interface__``, or a DLPack producer on a CUDA device."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is None:
+        return False
+    try:
+        return int(dev()[0]) in (2, 13)  # kDLCUDA, kDLCUDAManaged
+    except Exception:
+        return False
+
+
+def _to_host(x):
+    """A host (NumPy-convertible) view of x; GPU arrays are copied to the host."""
+    if not _is_gpu_array(x):
+        return x
+    cp = _cupy()
+    arr = cp.asarray(x) if hasattr(x, "__cuda_array_interface__") else cp.from_dlpack(x)
+    return cp.asnumpy(arr)
+
+
+def _device_vectors(cp, data, dim):
+    """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device."""
+    arr = cp.asarray(data) if hasattr(data, "__cuda_array_interface__") else cp.from_dlpack(data)
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    elif arr.ndim != 2:
+        raise InputShapeError(f"Input vector data wrong shape. Number of dimensions {arr.ndim}. "
+                              "Data must be a 1D or 2D array.")
+    if arr.shape[1] != dim and arr.shape[0] > 0:
+        raise InputShapeError(f"Wrong dimensionality of the vectors: query has width {arr.shape[1]}, "
+                              f"the index has dim {dim}")
+    arr = cp.ascontiguousarray(arr, dtype=cp.float32)
+    if arr.size and not bool(cp.isfinite(arr).all()):
+        raise ValueError("query holds NaN or infinite values")
+    return arr
+
+
+@contextlib.contextmanager
+def _gpu_errors(index):
+    """GPU out-of-memory becomes a DeviceError; the device copy is dropped (rebuilt from the intact
+    CPU graph at the next query), so nothing is lost."""
+    cp = _cupy()
+    try:
+        yield
+    except cp.cuda.memory.OutOfMemoryError as exc:
+        index._mirror = None
+        raise DeviceError(f"GPU out of memory ({exc}); the index is intact on the CPU: free GPU memory, "
+                          "use storage='float16', or query with device='cpu'") from None
 
 
 def _physical_memory():
@@ -39,16 +105,26 @@ class Index:
 
     ``Index(space, dim)``, ``Index(state_dict)`` (from ``__getstate__``) or ``Index(other)`` (a deep
     copy).  ``space`` is ``'l2'`` (squared L2), ``'ip'`` (1 - dot) or ``'cosine'`` (ip on normalised
-    vectors).  Keyword-only ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where
-    queries run; ``"auto"`` uses a GPU when CuPy sees one.
+    vectors).
+
+    Keyword-only: ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where queries
+    run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  ``storage`` (``"float32"``
+    or ``"float16"``) is how vectors are stored on the GPU (float16 halves memory and bandwidth;
+    distances still accumulate in float32).  Inserts always run on the CPU and reach the GPU as
+    deltas at the next :meth:`sync` (done lazily before each GPU query).
     """
 
-    def __init__(self, *args, device="auto", **kwargs):
+    def __init__(self, *args, device="auto", storage="float32", **kwargs):
         self._core = None
         self._ef = 10
         self._num_threads = os.cpu_count() or 1
         self._cur_l = 0
         self._device, self._device_ordinal = resolve_device(device)
+        if storage not in ("float32", "float16"):
+            raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
+        self._storage = storage
+        self._mirror = None
+        self._gpu_lock = threading.Lock()  # one sync + launch at a time per index
         if len(args) == 1 and not kwargs and isinstance(args[0], (Index, dict)):
             src = args[0]
             state = src.__getstate__()[0] if isinstance(src, Index) else src
@@ -127,30 +203,45 @@ class Index:
         core.resize(new_size)
 
     # ---------------------------------------------------------------- search
-    def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False):
+    def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False, search_width=1):
         """The ``k`` nearest labels of each query row.
 
         Parameters
         ----------
-        data : array-like, float32-castable ``[nq, dim]`` (or one ``[dim]`` row)
+        data : array-like, float32-castable ``[nq, dim]`` (or one ``[dim]`` row); NumPy, or a GPU
+            array (CuPy, anything with ``__cuda_array_interface__`` or CUDA DLPack, e.g. torch)
         k : int
-        num_threads : int, threads over queries (<= 0: all cores)
-        filter : callable ``label -> bool`` (hnswlib style, called with the GIL), or an array-like
-            of allowed labels (handled in C, no Python calls)
+        num_threads : int, CPU threads over queries (<= 0: all cores)
+        filter : callable ``label -> bool`` (hnswlib style, called with the GIL; CPU only), or an
+            array-like of allowed labels (handled in C or on the GPU, no Python calls)
         ef : int, keyword-only: beam width for this call (default: ``self.ef``); ``max(ef, k)`` is used
         pad : bool, keyword-only: where fewer than ``k`` are found, fill with label ``2**64-1`` and
             distance ``inf`` instead of raising ``RuntimeError``
+        search_width : int, keyword-only, GPU only: parents expanded per beam iteration (1..32;
+            1 follows the CPU order exactly)
 
         Returns
         -------
         labels : uint64 ``[nq, k]``, ascending distance
         distances : float32 ``[nq, k]``
+            NumPy arrays for NumPy input; CuPy arrays for GPU input (no host round trip on the GPU).
         """
         core = self._need_init()
         k = as_int(k, "k", minimum=0)
-        q = as_vectors(data, self._dim, what="query")
-        nq = q.shape[0]
         ef = self._ef if ef is None else as_int(ef, "ef", minimum=1)
+        search_width = as_int(search_width, "search_width", minimum=1)
+        if self._device == "cuda" and not callable(filter) and max(ef, k) <= _gpu_max_beam():
+            return self._knn_query_gpu(data, k, ef, filter, pad, search_width)
+        on_gpu_input = _is_gpu_array(data)
+        q = as_vectors(_to_host(data), self._dim, what="query")
+        labels, dists = self._knn_query_cpu(core, q, k, ef, num_threads, filter, pad)
+        if on_gpu_input:
+            cp = _cupy()
+            return cp.asarray(labels), cp.asarray(dists)
+        return labels, dists
+
+    def _knn_query_cpu(self, core, q, k, ef, num_threads, filter, pad):
+        nq = q.shape[0]
         labels = np.empty((nq, k), dtype=np.uint64)
         dists = np.empty((nq, k), dtype=np.float32)
         if k == 0 or nq == 0:
@@ -161,13 +252,67 @@ class Index:
             if callable(filter):
                 callback = filter
             else:
-                allowed = filter if isinstance(filter, np.ndarray) else np.fromiter(filter, dtype=np.int64) \
-                    if isinstance(filter, (set, frozenset)) else filter
-                bits = core.allowed_bitset(as_labels(allowed))
+                bits = self._filter_bitset(core, filter)
         core.search(q, nq, k, ef, self._threads(num_threads, nq), labels, dists, found, bits, callback)
         if not pad and (found < k).any():
             raise RuntimeError(_NOT_FOUND)
         return labels, dists
+
+    @staticmethod
+    def _filter_bitset(core, allowed):
+        if isinstance(allowed, (set, frozenset)):
+            allowed = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
+        return core.allowed_bitset(as_labels(_to_host(allowed)))
+
+    def _knn_query_gpu(self, data, k, ef, filter, pad, search_width):
+        cp = _cupy()
+        core = self._core
+        gpu_input = _is_gpu_array(data)
+        with _gpu_errors(self), cp.cuda.Device(self._device_ordinal):
+            q = _device_vectors(cp, data, self._dim) if gpu_input else \
+                cp.asarray(as_vectors(data, self._dim, what="query"))
+            nq = q.shape[0]
+            if k == 0 or nq == 0:
+                labels, dists = cp.empty((nq, k), dtype=cp.uint64), cp.empty((nq, k), dtype=cp.float32)
+            else:
+                bits = None
+                if filter is not None:
+                    host = np.frombuffer(self._filter_bitset(core, filter), dtype=np.uint32)
+                    bits = cp.asarray(host)
+                with self._gpu_lock:
+                    mirror = self._gpu_mirror()
+                    mirror.sync()
+                    labels, dists, found, status = mirror.search(q, k, ef, search_width=search_width,
+                                                                 filter_bits=bits)
+                redo = cp.flatnonzero(status != 0)
+                if redo.size:  # a fixed-size GPU buffer bit (status bits): answer those rows on the CPU
+                    host_q = cp.asnumpy(q[redo])
+                    l_cpu, d_cpu = self._knn_query_cpu(core, host_q, k, ef, -1, filter, True)
+                    labels[redo], dists[redo] = cp.asarray(l_cpu), cp.asarray(d_cpu)
+                    found[redo] = cp.asarray((l_cpu != PAD_LABEL).sum(axis=1).astype(np.int32))
+                if not pad and int(found.min()) < k:
+                    raise RuntimeError(_NOT_FOUND)
+            if gpu_input:
+                return labels, dists
+            return cp.asnumpy(labels), cp.asnumpy(dists)
+
+    def _gpu_mirror(self):
+        if self._mirror is None or self._mirror.core is not self._core:
+            from ._device import DeviceMirror
+            self._mirror = DeviceMirror(self._core, device=self._device_ordinal, storage=self._storage)
+        return self._mirror
+
+    def sync(self):
+        """Bring the GPU copy of the graph up to date now; only rows changed since the last sync move.
+
+        Done lazily before every GPU query, so calling it is optional (e.g. to take the cost out of
+        the first query).  Returns the sync's counters (rows, bytes, seconds), or None on the CPU.
+        """
+        if self._device != "cuda" or self._core is None:
+            return None
+        cp = _cupy()
+        with _gpu_errors(self), cp.cuda.Device(self._device_ordinal), self._gpu_lock:
+            return self._gpu_mirror().sync()
 
     def _threads(self, n, rows):
         n = self._num_threads if n is None or as_int(n, "num_threads") <= 0 else int(n)

@@ -1,0 +1,195 @@
+"""Index's GPU query path (device="cuda") on a NumPy stand-in for CuPy, without a GPU.
+
+The device search is replaced by the NumPy reference of the kernel (gpuhnsw._reference), so what is
+checked is Index's own plumbing: device selection, input conversion and validation, the lazy sync,
+filters as device bitsets, rows flagged by the kernel's status re-run on the CPU, pad, and the
+output types (NumPy in -> NumPy out, GPU array in -> GPU array out).  The real kernel runs in the
+gpu-marked tests.
+"""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import gpuhnsw
+from gpuhnsw import _device, _validate
+from gpuhnsw._reference import beam_search_reference
+from gpuhnsw.index import PAD_LABEL
+
+
+class FakeGpuArray(np.ndarray):
+    """A host array that says it lives on a GPU (what Index looks for)."""
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False), "version": 3}
+
+
+def _fake_cupy():
+    def wrap(a, dtype=None):
+        return np.array(a, dtype=dtype).view(FakeGpuArray)
+
+    class Device:
+        def __init__(self, i=None):
+            self.id = i or 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class OutOfMemoryError(MemoryError):
+        pass
+
+    cp = types.ModuleType("cupy")
+    for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
+        setattr(cp, name, getattr(np, name))
+    cp.asarray = wrap
+    cp.ascontiguousarray = lambda a, dtype=None: wrap(np.ascontiguousarray(a, dtype=dtype))
+    cp.asnumpy = lambda a: np.array(a).view(np.ndarray)
+    cp.empty = lambda *a, **k: wrap(np.empty(*a, **k))
+    cp.isfinite = np.isfinite
+    cp.flatnonzero = np.flatnonzero
+    cp.from_dlpack = lambda x: wrap(np.from_dlpack(x))
+    cp.cuda = types.SimpleNamespace(Device=Device, memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    return cp
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """device="cuda" resolves; DeviceMirror.sync counts calls; DeviceMirror.search is the reference.
+
+    ``calls["status_rows"]`` lists query rows whose kernel status is forced non-zero."""
+    cp = _fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(_validate, "cuda_status", lambda: (True, ""))
+    calls = {"sync": 0, "search": 0, "status_rows": []}
+
+    def sync(self):
+        calls["sync"] += 1
+
+    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, **kw):
+        calls["search"] += 1
+        assert isinstance(queries, FakeGpuArray) and queries.dtype == np.float32
+        state = self.core.export_state()
+        allowed = None
+        if filter_bits is not None:
+            bits = np.unpackbits(np.asarray(filter_bits).view(np.uint8), bitorder="little")
+            allowed = bits[:state["count"]].astype(bool)
+        slots, dists, found = beam_search_reference(state, np.asarray(queries), k, ef,
+                                                    search_width=search_width, allowed=allowed)
+        labels = np.frombuffer(state["labels"], np.uint64)
+        out = np.where(slots >= 0, labels[np.maximum(slots, 0)], PAD_LABEL).astype(np.uint64)
+        status = np.zeros(len(found), np.int32)
+        status[calls["status_rows"]] = 1
+        if calls["status_rows"]:  # what a kernel that gave up on those rows would hand back
+            out[calls["status_rows"]] = PAD_LABEL
+            found = found.copy()
+            found[calls["status_rows"]] = 0
+        return cp.asarray(out), cp.asarray(dists), cp.asarray(found.astype(np.int32)), cp.asarray(status)
+
+    monkeypatch.setattr(_device.DeviceMirror, "sync", sync)
+    monkeypatch.setattr(_device.DeviceMirror, "search", search)
+    return calls
+
+
+@pytest.fixture
+def pair(make_data):
+    """The same data in a CPU index and a (fake) GPU index built identically on one thread."""
+    data = make_data(1500, 24, seed=11)
+    out = []
+    for device in ("cpu", "cuda"):
+        ix = gpuhnsw.Index("l2", 24, device=device)
+        ix.init_index(2000, M=8, ef_construction=64)
+        ix.add_items(data[:1400], num_threads=1)
+        out.append(ix)
+    return out[0], out[1], data
+
+
+def test_numpy_in_numpy_out_and_same_answers_as_cpu(fake_cuda, pair):
+    cpu, gpu, data = pair
+    assert gpu.device == "cuda"
+    q = data[1400:]
+    got = gpu.knn_query(q, k=10, ef=40)
+    want = cpu.knn_query(q, k=10, ef=40)
+    assert type(got[0]) is np.ndarray and got[0].dtype == np.uint64 and got[1].dtype == np.float32
+    assert fake_cuda["sync"] == 1 and fake_cuda["search"] == 1
+    assert np.mean(got[0] == want[0]) > 0.99
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+
+def test_gpu_array_in_gpu_array_out(fake_cuda, pair):
+    _, gpu, data = pair
+    q = data[1400:1410].view(FakeGpuArray)
+    labels, dists = gpu.knn_query(q, k=5)
+    assert isinstance(labels, FakeGpuArray) and isinstance(dists, FakeGpuArray)
+    assert labels.shape == (10, 5)
+
+
+def test_gpu_input_validated_on_device(fake_cuda, pair):
+    _, gpu, data = pair
+    with pytest.raises(gpuhnsw.InputShapeError):
+        gpu.knn_query(data[:3, :20].copy().view(FakeGpuArray), k=2)
+    bad = data[:3].copy()
+    bad[1, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        gpu.knn_query(bad.view(FakeGpuArray), k=2)
+    assert fake_cuda["search"] == 0
+
+
+def test_label_filter_becomes_device_bitset(fake_cuda, pair):
+    cpu, gpu, data = pair
+    allowed = np.arange(0, 1400, 7)
+    got = gpu.knn_query(data[1400:], k=5, ef=40, filter=allowed)
+    assert np.isin(got[0], allowed).all()
+    want = cpu.knn_query(data[1400:], k=5, ef=40, filter=allowed)
+    assert np.mean(got[0] == want[0]) > 0.9
+
+
+def test_callable_filter_runs_on_cpu(fake_cuda, pair):
+    _, gpu, data = pair
+    labels, _ = gpu.knn_query(data[1400:1405], k=3, filter=lambda label: label % 2 == 0)
+    assert fake_cuda["search"] == 0 and (labels % 2 == 0).all()
+
+
+def test_rows_flagged_by_status_are_answered_on_cpu(fake_cuda, pair):
+    cpu, gpu, data = pair
+    fake_cuda["status_rows"] = [2, 5]
+    got = gpu.knn_query(data[1400:1410], k=10, ef=40)
+    want = cpu.knn_query(data[1400:1410], k=10, ef=40)
+    np.testing.assert_array_equal(got[0][[2, 5]], want[0][[2, 5]])
+
+
+def test_pad_and_not_enough(fake_cuda, make_data):
+    data = make_data(20, 8, seed=3)
+    gpu = gpuhnsw.Index("l2", 8, device="cuda")
+    gpu.init_index(20)
+    gpu.add_items(data[:4])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        gpu.knn_query(data[5:7], k=6)
+    labels, dists = gpu.knn_query(data[5:7], k=6, pad=True)
+    assert (labels[:, 4:] == PAD_LABEL).all() and np.isinf(dists[:, 4:]).all()
+
+
+def test_beam_beyond_kernel_capacity_falls_back_to_cpu(fake_cuda, pair):
+    from gpuhnsw._kernels import SEARCH_CAPACITIES
+    _, gpu, data = pair
+    gpu.knn_query(data[1400:1402], k=3, ef=SEARCH_CAPACITIES[-1] + 1)
+    assert fake_cuda["search"] == 0
+
+
+def test_sync_is_explicit_too(fake_cuda, pair):
+    cpu, gpu, _ = pair
+    gpu.sync()
+    assert fake_cuda["sync"] == 1
+    assert cpu.sync() is None
+
+
+def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_validate, "cuda_status", lambda: (False, "CuPy cannot be imported"))
+    with pytest.raises(gpuhnsw.DeviceError, match="no GPU"):
+        gpuhnsw.Index("l2", 4, device="cuda")
+    assert gpuhnsw.Index("l2", 4, device="auto").device == "cpu"
