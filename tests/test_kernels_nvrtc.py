@@ -105,21 +105,21 @@ def test_launch_arithmetic():
 
 def _preload_libnvrtc():
     """Load libnvrtc from the nvidia-cuda-nvrtc wheel, for cuda-python releases that only look on
-    the system library path. Harmless when the bindings find it themselves."""
+    the system library path (recent ones find it through cuda-pathfinder). RTLD_LOCAL: the
+    library's symbols must not leak into extension modules loaded later in this process."""
     for base in sys.path:
         for sub in ("nvidia/cuda_nvrtc/lib", "nvidia/cu13/lib"):
             for lib in sorted(glob.glob(os.path.join(base, sub, "libnvrtc.so*"))):
                 if "builtins" in lib or ".alt." in lib:
                     continue
                 try:
-                    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                    ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
                     return
                 except OSError:
                     continue
 
 
 def _import_nvrtc():
-    _preload_libnvrtc()
     try:
         from cuda.bindings import nvrtc
     except ImportError:
@@ -127,11 +127,14 @@ def _import_nvrtc():
             from cuda import nvrtc
         except ImportError:
             return None
-    try:
-        err, _major, _minor = nvrtc.nvrtcVersion()
-    except Exception:  # the bindings are there but libnvrtc is not
-        return None
-    return nvrtc if int(err) == 0 else None
+    for attempt in range(2):
+        try:
+            err, _major, _minor = nvrtc.nvrtcVersion()
+            return nvrtc if int(err) == 0 else None
+        except Exception:  # the bindings are there but did not find libnvrtc: point them at the wheel's
+            if attempt:
+                return None
+            _preload_libnvrtc()
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +151,14 @@ def _check(result, what):
     return result[1:] if isinstance(result, tuple) else ()
 
 
+# Output buffers are bytearrays, never bytes: NVRTC writes into them, and a 1-byte ``b" " * 1`` is
+# CPython's shared single-character object; filling it with NUL turned every b" " of the process
+# into b"\0" (seen as another module's test failing after this one).
 def _log(nvrtc, prog):
     (size,) = _check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-    buf = b" " * size
+    buf = bytearray(size)
     _check(nvrtc.nvrtcGetProgramLog(prog, buf), "log")
-    return buf.rstrip(b"\0 ").decode(errors="replace")
+    return bytes(buf).rstrip(b"\0 ").decode(errors="replace")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -170,9 +176,9 @@ def test_nvrtc_compiles_every_instantiation(nvrtc, name, arch):
         assert int(result[0]) == 0, f"NVRTC failed for {name} ({arch}):\n{log}"
         assert "warning" not in log.lower(), f"NVRTC warnings for {name} ({arch}):\n{log}"
         (ptx_size,) = _check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
-        ptx = b" " * ptx_size
+        ptx = bytearray(ptx_size)
         _check(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
-        ptx = ptx.decode(errors="replace")
+        ptx = bytes(ptx).decode(errors="replace")
         for expr in exprs:
             (lowered,) = _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), f"lowered {expr}")
             lowered = lowered.decode() if isinstance(lowered, bytes) else str(lowered)
