@@ -21,8 +21,11 @@ Floating point. :data:`OPTIONS` asks for IEEE behaviour: no ``--use_fast_math``,
 (``-ftz=false``; CuPy's ElementwiseKernels flush them, our RawModule does not), correctly rounded
 division and square root. FMA contraction stays on (``-fmad=true``), as in the C core's AVX2 and
 AVX-512 kernels. GPU and CPU distances still differ in the last bits (different summation order),
-so tests compare them with a relative tolerance (1e-5 on distances, set equality of results
-allowing for flipped near-ties), never bit for bit.
+so tests compare them with a relative tolerance (about 1e-4 on distances; result sets equal for
+>= 99 % of queries, allowing for flipped exact ties), never bit for bit.
+
+Compile cost: NVRTC builds the whole search module (40 instantiations) in about 13 s, once per
+machine and architecture (CuPy caches the result on disk, keyed on source and options).
 """
 from __future__ import annotations
 
