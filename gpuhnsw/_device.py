@@ -219,16 +219,8 @@ class DeviceMirror:
         slots = np.asarray(slots, dtype=np.uint32)
         levels = self._levels[slots].astype(np.int64)
         sizes = levels * (1 + self.M)
-        if hasattr(self.core, "gather_upper"):
-            flat = np.frombuffer(self.core.gather_upper(slots), dtype=np.uint32)
-            starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        else:  # until the core has gather_upper: the whole state (O(N * dim), correct but slow)
-            state = self.core.export_state()
-            flat = np.frombuffer(state["upper"], dtype=np.uint32)
-            all_levels = np.frombuffer(state["levels"], dtype=np.uint8).astype(np.int64)
-            all_starts = np.concatenate(([0], np.cumsum(all_levels * (1 + self.M))[:-1]))
-            starts = all_starts[slots]
-            sizes = all_levels[slots] * (1 + self.M)
+        flat = np.frombuffer(self.core.gather_upper(slots), dtype=np.uint32)
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
         return {int(s): flat[a:a + n].copy() for s, a, n in zip(slots, starts, sizes) if n > 0}
 
     def _rebuild_upper(self, cp, changed):

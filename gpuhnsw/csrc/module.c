@@ -399,6 +399,44 @@ done:
     return ret;
 }
 
+/* Upper-level blocks of the given slots (levels[s] * (1 + M) uint32 each, concatenated in the given
+ * order), each copied under its slot lock: the GPU sync's upper-level gather. */
+static PyObject *Core_gather_upper(CoreObject *self, PyObject *args) {
+    Py_buffer sl;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "y*", &sl)) return NULL;
+    ghnsw_index_t *ix = IX(self);
+    const uint32_t *slots = sl.buf;
+    size_t n = (size_t)sl.len / 4, words = 0;
+    PyObject *out = NULL;
+    pthread_rwlock_rdlock(&ix->resize_lock);
+    uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
+    for (size_t i = 0; i < n; i++) {
+        if (slots[i] >= count) {
+            PyErr_SetString(PyExc_ValueError, "slot out of range");
+            goto done;
+        }
+        words += (size_t)ix->levels[slots[i]] * (1 + ix->M);
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(words * 4));
+    if (out) {
+        uint32_t *dst = (uint32_t *)PyBytes_AS_STRING(out);
+        for (size_t i = 0; i < n; i++) {
+            uint32_t s = slots[i];
+            size_t w = (size_t)ix->levels[s] * (1 + ix->M);
+            if (!w) continue;
+            ghnsw_spin_lock(&ix->slot_locks[s]);
+            memcpy(dst, ix->upper[s], w * 4);
+            ghnsw_spin_unlock(&ix->slot_locks[s]);
+            dst += w;
+        }
+    }
+done:
+    pthread_rwlock_unlock(&ix->resize_lock);
+    PyBuffer_Release(&sl);
+    return out;
+}
+
 static PyObject *Core_deleted_bitset(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
     ghnsw_index_t *ix = IX(self);
@@ -552,6 +590,8 @@ static PyMethodDef Core_methods[] = {
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> bytes u32[r]"},
     {"gather_rows", (PyCFunction)Core_gather_rows, METH_VARARGS,
      "gather_rows(slots u32[r], vectors f32[r,dim_pad], links u32[r,M0], degree u32[r], labels u64[r], levels u8[r])"},
+    {"gather_upper", (PyCFunction)Core_gather_upper, METH_VARARGS,
+     "gather_upper(slots u32[r]) -> bytes: each slot's levels[s]*(1+M) uint32 upper block, concatenated"},
     {"deleted_bitset", (PyCFunction)Core_deleted_bitset, METH_NOARGS, "deleted_bitset() -> bytes u32[ceil(cap/32)]"},
     {"export_state", (PyCFunction)Core_export_state, METH_NOARGS, "export_state() -> dict"},
     {"from_state", (PyCFunction)Core_from_state, METH_O | METH_CLASS, "from_state(dict) -> Core"},
