@@ -307,6 +307,40 @@ class DeviceMirror:
                 raise RuntimeError("search kernel rejected its launch configuration (see kernels/search.cu)")
             return out_labels, out_dists, found, status
 
+    def distances(self, queries, slots, *, block=256):
+        """Distances from each query to a list of slots (kernels/distance.cu), as of the last sync.
+
+        Parameters
+        ----------
+        queries : cupy or numpy array, float32-castable [nq, dim]
+        slots : cupy or numpy uint32 [nq, c] (one list per query) or [c] (one list for all);
+            0xFFFFFFFF or ids >= count give inf
+
+        Returns
+        -------
+        cupy float32 [nq, c]: l2 squared, ip 1 - dot, cosine 1 - cos
+        """
+        cp = _kernels._cupy()
+        with cp.cuda.Device(self.device):
+            q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
+            ids = cp.ascontiguousarray(cp.asarray(slots, dtype=cp.uint32))
+            nq = q.shape[0]
+            shared = ids.ndim == 1
+            c = ids.shape[-1]
+            if not shared and ids.shape[0] != nq:
+                raise ValueError(f"slots has {ids.shape[0]} rows for {nq} queries")
+            out = cp.empty((nq, c), dtype=cp.float32)
+            if nq == 0 or c == 0:
+                return out
+            team = _kernels.team_size(self.dim, self.storage)
+            kernel = _kernels.get_kernel("distance", _kernels.distance_expr(self.storage, team), self.device)
+            kernel((min(nq, 65535),), (int(block),),
+                   (self.vectors, np.int32(self.stride), np.int32(self.metric), np.int32(self.count), q,
+                    np.int32(nq), np.int32(self.dim), ids, np.int64(0 if shared else c), np.int32(c), out,
+                    np.int64(c)),
+                   shared_mem=_kernels.distance_shared_bytes(self.stride))
+            return out
+
     # ------------------------------------------------------------------ checks
 
     def check_against_core(self):

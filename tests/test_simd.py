@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 SCRIPT = r"""
 import json, sys, numpy as np, gpuhnsw
