@@ -254,7 +254,7 @@ class DeviceMirror:
     # ------------------------------------------------------------------ search
 
     def search(self, queries, k, ef, *, search_width=1, filter_bits=None, filter_stride=0, block=128,
-               hash_log2=None, max_iters=0):
+               hash_log2=None, max_iters=0, slots=False):
         """Batched search on the device (kernels/search.cu), as of the last sync.
 
         Parameters
@@ -266,9 +266,12 @@ class DeviceMirror:
             (filter_stride=0) or [nq, filter_stride]
         block : int, threads per block (multiple of 32, 64..512)
 
+        slots : bool, return slot ids (cupy uint32, 0xFFFFFFFF where missing) instead of labels
+            (GPU-assisted insertion needs slots)
+
         Returns
         -------
-        labels : cupy uint64 [nq, k] (2**64-1 where missing)
+        labels : cupy uint64 [nq, k] (2**64-1 where missing), or slots, see above
         dists : cupy float32 [nq, k] (inf where missing)
         found : cupy int32 [nq]
         status : cupy int32 [nq], kStatus* bits (filtered mode: where a fixed size bit; re-run on CPU)
@@ -305,7 +308,7 @@ class DeviceMirror:
                    shared_mem=smem)
             if int(found.min()) < 0:
                 raise RuntimeError("search kernel rejected its launch configuration (see kernels/search.cu)")
-            return out_labels, out_dists, found, status
+            return (out_slots if slots else out_labels), out_dists, found, status
 
     def distances(self, queries, slots, *, block=256):
         """Distances from each query to a list of slots (kernels/distance.cu), as of the last sync.

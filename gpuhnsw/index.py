@@ -16,6 +16,9 @@ from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, chec
                         num_threads as num_threads_rule, resolve_device)
 
 PAD_LABEL = np.uint64(2**64 - 1)
+GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least this large
+GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take GPU candidates
+GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small"
 
 
@@ -173,20 +176,77 @@ class Index:
         return self._core
 
     # ---------------------------------------------------------------- writes
-    def add_items(self, data, ids=None, num_threads=-1, replace_deleted=False):
+    def add_items(self, data, ids=None, num_threads=-1, replace_deleted=False, *, build="auto"):
         """Insert rows ``data`` (float32-castable ``[n, dim]`` or one ``[dim]`` row) under ``ids``
         (uint64 ``[n]``; default: consecutive labels as hnswlib).  An existing label is updated in
-        place.  A batch that would exceed capacity is rejected whole."""
+        place.  A batch that would exceed capacity is rejected whole.
+
+        ``build`` (keyword-only): ``"cpu"`` inserts with the C engine alone; ``"gpu"`` (needs
+        ``device="cuda"``) inserts in batches whose level-0 candidates come from the GPU: each new
+        point's ``ef_construction`` nearest in the current graph (the search kernel) and its nearest
+        among the other points of its batch (exact GPU search), so points of one batch link to each
+        other; the C engine applies the heuristic and links them.  ``"auto"`` takes the GPU for large
+        inserts (at least ``GPU_BUILD_MIN_ROWS`` rows) on a GPU index and the CPU otherwise.
+        """
         core = self._need_init()
-        data = as_vectors(data, self._dim)
+        if build not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"build must be 'auto', 'cpu' or 'gpu', got {build!r}")
+        if build == "gpu" and self._device != "cuda":
+            raise DeviceError("build='gpu' needs an index on a GPU (device='cuda')")
+        data = as_vectors(_to_host(data), self._dim)
         rows = data.shape[0]
         if ids is None:
             labels = np.arange(self._cur_l, self._cur_l + rows, dtype=np.uint64)
         else:
-            labels = as_labels(ids, rows)
+            labels = as_labels(_to_host(ids), rows)
         threads = self._threads(num_threads, rows)
-        core.add(data, labels, rows, threads, bool(replace_deleted))
+        use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
+        # batches go in one by one: only take that path when even an all-new batch fits, so a
+        # rejected insert still changes nothing
+        if use_gpu and not replace_deleted and core.count + rows <= core.max_elements:
+            self._add_assisted(data, labels, threads)
+        else:
+            core.add(data, labels, rows, threads, bool(replace_deleted))
         self._cur_l += rows
+
+    def _add_assisted(self, data, labels, threads):
+        """GPU-assisted insertion: the graph first grows on the CPU to GPU_BUILD_SEED elements, then
+        batches of at most a quarter of the current graph take their candidates from the GPU."""
+        core, start, n = self._core, 0, data.shape[0]
+        while start < n:
+            count = core.count
+            if count < GPU_BUILD_SEED:
+                stop = min(n, start + GPU_BUILD_SEED - count)
+                core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
+            else:
+                stop = min(n, start + max(1024, min(count // 4, GPU_BUILD_BATCH)))
+                graph, batch = self._gpu_candidates(data[start:stop])
+                core.add(data[start:stop], labels[start:stop], stop - start, threads, False, graph, batch)
+            start = stop
+
+    def _gpu_candidates(self, chunk):
+        """Level-0 candidates of the rows of ``chunk`` (float32 ``[b, dim]``): graph slots uint32
+        ``[b, ef_construction]`` from the search kernel, batch rows uint32 ``[b, M0]`` from exact
+        search within the chunk (0xFFFFFFFF pads both)."""
+        from .bruteforce import exact_search
+        from ._kernels import SEARCH_CAPACITIES
+
+        cp = _cupy()
+        core = self._core
+        kc = min(core.ef_construction, SEARCH_CAPACITIES[-1])
+        with _gpu_errors(self), cp.cuda.Device(self._device_ordinal):
+            with self._gpu_lock:
+                mirror = self._gpu_mirror()
+                mirror.sync()
+                slots, _, _, _ = mirror.search(cp.asarray(chunk), kc, kc, slots=True)
+            graph = cp.asnumpy(slots)
+        kb = min(core.M0, chunk.shape[0] - 1)
+        batch = np.full((chunk.shape[0], max(kb, 1)), 0xFFFFFFFF, dtype=np.uint32)
+        if kb > 0:
+            ids, _ = exact_search(chunk, chunk, kb, self._space, exclude_self=True,
+                                  device=f"cuda:{self._device_ordinal}")
+            batch[:, :kb] = ids
+        return np.ascontiguousarray(graph, dtype=np.uint32), batch
 
     def mark_deleted(self, label):
         """Hide ``label`` from results; it stays in the graph as a waypoint."""

@@ -178,3 +178,19 @@ def test_out_of_range_beam_falls_back_to_cpu(make_data):
     index.add_items(data)
     labels, _ = index.knn_query(data[:3], k=5, ef=5000)
     assert isinstance(labels, np.ndarray) and labels.shape == (3, 5)
+
+
+def test_gpu_assisted_build(datasets):
+    """build="gpu": integrity, and recall at equal ef within 0.01 of the CPU-built index (mnist)."""
+    base, queries, _, _ = datasets("mnist", n_base=30_000, n_queries=1000)
+    truth, _ = exact_knn(base, queries, K, "l2")
+    built = {}
+    for build in ("gpu", "cpu"):
+        index = gpuhnsw.Index("l2", base.shape[1], device="cuda")
+        index.init_index(len(base), M=16, ef_construction=200)
+        index.add_items(base, build=build)
+        index.check_integrity()
+        built[build] = index
+    for ef in (16, 32, 64, 128):
+        r = {b: recall_at_k(_cpu_query(ix, queries, K, ef), truth, K) for b, ix in built.items()}
+        assert r["gpu"] >= r["cpu"] - 0.01, f"ef={ef}: {r}"

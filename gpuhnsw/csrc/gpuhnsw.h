@@ -162,7 +162,7 @@ uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, in
 uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
                             float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam);
 ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
-                            int num_threads, const ghnsw_filter_t *filter, uint64_t *out_labels,
+                            int num_threads, const ghnsw_filter_t *filter, int want_slots, uint64_t *out_labels,
                             float *out_dists, int32_t *out_found, ghnsw_err_t *err);
 
 /* heuristic.c: keeps at most m of cand[n] (sorted ascending); returns the kept count, in place. */
@@ -170,8 +170,17 @@ uint32_t ghnsw_select_heuristic(const ghnsw_index_t *ix, ghnsw_cand_t *cand, uin
 
 /* insert.c */
 int ghnsw_level_for(uint64_t seed, uint64_t seq, double mult);
+/* Precomputed level-0 candidates for GPU-assisted insertion (optional argument of ghnsw_add):
+ * for row i, graph[i, :n_graph] are slots of the existing graph and batch[i, :n_batch] rows of the
+ * same batch; GHNSW_INVALID pads either list. */
+typedef struct {
+    const uint32_t *graph; /* [n, n_graph] */
+    uint32_t n_graph;
+    const uint32_t *batch; /* [n, n_batch] */
+    uint32_t n_batch;
+} ghnsw_cands_t;
 ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *labels, size_t n,
-                         int num_threads, int replace_deleted, ghnsw_err_t *err);
+                         int num_threads, int replace_deleted, const ghnsw_cands_t *cands, ghnsw_err_t *err);
 ghnsw_status_t ghnsw_mark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err);
 ghnsw_status_t ghnsw_unmark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err);
 

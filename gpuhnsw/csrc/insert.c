@@ -240,15 +240,32 @@ enum { TASK_SKIP = 0, TASK_NEW, TASK_UPDATE, TASK_REPLACE };
 typedef struct {
     ghnsw_index_t *ix;
     const float *data;
-    const uint8_t *kind; /* [n] */
+    const uint8_t *kind;  /* [n] */
     const uint32_t *slot; /* [n] */
+    const ghnsw_cands_t *cands; /* NULL: every row takes the plain path */
+    ghnsw_cand_t *picks;  /* [n, M] level-0 picks of candidate rows, for the back-link phase */
+    uint32_t *npicks;     /* [n] */
+    size_t n;             /* rows in the batch */
+    size_t skip_row;      /* a row already inserted (the first element of an empty index), or n */
 } add_ctx_t;
+
+/* A new level-0 row with precomputed candidates: its vector is stored in phase A, its own list is
+ * chosen from the candidates in phase B, its back-links are added in phase C. */
+static inline int uses_cands(const add_ctx_t *c, size_t i) {
+    return c->cands && i != c->skip_row && c->kind[i] == TASK_NEW && c->ix->levels[c->slot[i]] == 0;
+}
 
 static int add_one(void *vctx, size_t i, int worker) {
     add_ctx_t *c = vctx;
     ghnsw_index_t *ix = c->ix;
     const float *src = c->data + i * ix->dim;
     uint32_t s = c->slot[i];
+    if (i == c->skip_row) return 0;
+    if (uses_cands(c, i)) {
+        store_vector(ix, s, src);
+        ghnsw_mark_dirty(ix, s);
+        return 0;
+    }
     switch (c->kind[i]) {
     case TASK_NEW: return insert_new(ix, s, src);
     case TASK_UPDATE: return update_existing(ix, s, src);
@@ -264,8 +281,54 @@ static int add_one(void *vctx, size_t i, int worker) {
     }
 }
 
+/* Phase B: distances to the candidates (graph slots and batch rows that became new slots), sorted,
+ * de-duplicated, then the heuristic's picks become the row's own list. */
+static int own_from_cands(void *vctx, size_t i, int worker) {
+    add_ctx_t *c = vctx;
+    if (!uses_cands(c, i)) return 0;
+    ghnsw_index_t *ix = c->ix;
+    const ghnsw_cands_t *cd = c->cands;
+    uint32_t s = c->slot[i], total = cd->n_graph + cd->n_batch, n = 0;
+    ghnsw_cand_t *cand = malloc(sizeof(ghnsw_cand_t) * (total ? total : 1));
+    if (!cand) return GHNSW_ENOMEM;
+    const float *q = ghnsw_vec(ix, s);
+    uint32_t count = ix->count;
+    for (uint32_t j = 0; j < total; j++) {
+        uint32_t t;
+        if (j < cd->n_graph) {
+            t = cd->graph[i * cd->n_graph + j];
+        } else {
+            uint32_t row = cd->batch[i * cd->n_batch + (j - cd->n_graph)];
+            t = row < c->n && c->kind[row] == TASK_NEW ? c->slot[row] : GHNSW_INVALID;
+        }
+        if (t >= count || t == s) continue;
+        cand[n].id = t;
+        cand[n].d = ix->dist(q, ghnsw_vec(ix, t), ix->dim_pad);
+        n++;
+    }
+    qsort(cand, n, sizeof(ghnsw_cand_t), cand_cmp);
+    uint32_t m = 0;
+    for (uint32_t j = 0; j < n; j++) if (!m || cand[j].id != cand[m - 1].id || cand[j].d != cand[m - 1].d) cand[m++] = cand[j];
+    n = set_own_links(ix, s, cand, m, 0);
+    memcpy(c->picks + i * ix->M, cand, n * sizeof(ghnsw_cand_t));
+    c->npicks[i] = n;
+    free(cand);
+    return 0;
+}
+
+/* Phase C: back-links, once every candidate row has its own list. */
+static int back_from_cands(void *vctx, size_t i, int worker) {
+    add_ctx_t *c = vctx;
+    if (!uses_cands(c, i)) return 0;
+    ghnsw_cand_t *scratch = malloc(sizeof(ghnsw_cand_t) * (c->ix->M0 + 1));
+    if (!scratch) return GHNSW_ENOMEM;
+    link_back(c->ix, c->slot[i], c->picks + i * c->ix->M, c->npicks[i], 0, scratch);
+    free(scratch);
+    return 0;
+}
+
 ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *labels, size_t n,
-                         int num_threads, int replace_deleted, ghnsw_err_t *err) {
+                         int num_threads, int replace_deleted, const ghnsw_cands_t *cands, ghnsw_err_t *err) {
     if (replace_deleted && !ix->allow_replace_deleted)
         return ghnsw_fail(err, GHNSW_ESTATE, "Replacement of deleted elements is disabled in constructor");
     if (n == 0) return GHNSW_OK;
@@ -361,21 +424,24 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
     __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
     ix->insert_seq += n;
 
-    add_ctx_t ctx = {ix, data, kind, slot};
-    size_t first = 0;
-    if (ix->entry_point == GHNSW_INVALID) { /* the first element goes in alone */
+    add_ctx_t ctx = {ix, data, kind, slot, NULL, NULL, NULL, n, n};
+    if (ix->entry_point == GHNSW_INVALID) { /* the first element goes in alone, the plain way */
+        size_t first = 0;
         while (first < n && kind[first] == TASK_SKIP) first++;
-        if (first < n) {
-            int rc = add_one(&ctx, first, 0);
-            if (rc) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto unlock; }
-        }
-        first++;
+        if (first < n && add_one(&ctx, first, 0)) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto unlock; }
+        ctx.skip_row = first;
     }
-    if (first < n) {
-        add_ctx_t rest = {ix, data + first * ix->dim, kind + first, slot + first};
-        int rc = ghnsw_parallel_for(n - first, num_threads, add_one, &rest);
-        if (rc) st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during insertion");
+    if (cands) {
+        ctx.picks = malloc(sizeof(ghnsw_cand_t) * n * ix->M);
+        ctx.npicks = calloc(n, sizeof(uint32_t));
+        if (ctx.picks && ctx.npicks) ctx.cands = cands; /* else every row takes the plain path */
     }
+    int rc = ghnsw_parallel_for(n, num_threads, add_one, &ctx);
+    if (!rc && ctx.cands) rc = ghnsw_parallel_for(n, num_threads, own_from_cands, &ctx);
+    if (!rc && ctx.cands) rc = ghnsw_parallel_for(n, num_threads, back_from_cands, &ctx);
+    free(ctx.picks);
+    free(ctx.npicks);
+    if (rc) st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during insertion");
 unlock:
     pthread_mutex_unlock(&ix->mut_lock);
 out:

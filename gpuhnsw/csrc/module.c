@@ -75,22 +75,48 @@ static void Core_dealloc(CoreObject *self) {
 #define NEED_IX(self) do { if (!(self)->ix) { PyErr_SetString(PyExc_RuntimeError, "Core not initialised"); return NULL; } } while (0)
 
 static PyObject *Core_add(CoreObject *self, PyObject *args) {
-    Py_buffer data, labels;
+    Py_buffer data, labels, gc = {0}, bc = {0};
     Py_ssize_t n;
     int threads, replace;
+    PyObject *graph_obj = Py_None, *batch_obj = Py_None;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "y*y*nip", &data, &labels, &n, &threads, &replace)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*nip|OO", &data, &labels, &n, &threads, &replace, &graph_obj, &batch_obj))
+        return NULL;
     PyObject *ret = NULL;
+    int have_g = 0, have_b = 0;
+    ghnsw_cands_t cands = {NULL, 0, NULL, 0};
     if (n < 0 || check_len(&data, (size_t)n * IX(self)->dim * 4, "data") || check_len(&labels, (size_t)n * 8, "labels"))
         goto out;
+    /* optional candidates: uint32 [n, c_graph] graph slots and [n, c_batch] batch rows */
+    if (graph_obj != Py_None || batch_obj != Py_None) {
+        if (graph_obj == Py_None || batch_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "graph and batch candidates come together");
+            goto out;
+        }
+        if (PyObject_GetBuffer(graph_obj, &gc, PyBUF_SIMPLE) < 0) goto out;
+        have_g = 1;
+        if (PyObject_GetBuffer(batch_obj, &bc, PyBUF_SIMPLE) < 0) goto out;
+        have_b = 1;
+        if (n == 0 || gc.len % (4 * n) || bc.len % (4 * n)) {
+            PyErr_SetString(PyExc_ValueError, "candidate arrays must be uint32 [n, c]");
+            goto out;
+        }
+        cands.graph = gc.buf;
+        cands.n_graph = (uint32_t)(gc.len / (4 * n));
+        cands.batch = bc.buf;
+        cands.n_batch = (uint32_t)(bc.len / (4 * n));
+    }
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
+    const ghnsw_cands_t *cp = have_g ? &cands : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = ghnsw_add(IX(self), data.buf, labels.buf, (size_t)n, threads, replace, &err);
+    st = ghnsw_add(IX(self), data.buf, labels.buf, (size_t)n, threads, replace, cp, &err);
     Py_END_ALLOW_THREADS
     if (st) raise_status(st, &err, PyExc_RuntimeError);
     else ret = Py_NewRef(Py_None);
 out:
+    if (have_g) PyBuffer_Release(&gc);
+    if (have_b) PyBuffer_Release(&bc);
     PyBuffer_Release(&data);
     PyBuffer_Release(&labels);
     return ret;
@@ -132,8 +158,10 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     unsigned int k, ef;
     int threads;
     PyObject *bits_obj, *callback;
+    int want_slots = 0;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "y*nIIiw*w*w*OO", &q, &nq, &k, &ef, &threads, &ol, &od, &of, &bits_obj, &callback))
+    if (!PyArg_ParseTuple(args, "y*nIIiw*w*w*OO|p", &q, &nq, &k, &ef, &threads, &ol, &od, &of, &bits_obj, &callback,
+                          &want_slots))
         return NULL;
     PyObject *ret = NULL;
     ghnsw_index_t *ix = IX(self);
@@ -161,7 +189,7 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     ghnsw_status_t st;
     const ghnsw_filter_t *fp = (have_bits || pf.fn) ? &filter : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = ghnsw_search(ix, q.buf, (size_t)nq, k, ef, threads, fp, ol.buf, od.buf, of.buf, &err);
+    st = ghnsw_search(ix, q.buf, (size_t)nq, k, ef, threads, fp, want_slots, ol.buf, od.buf, of.buf, &err);
     Py_END_ALLOW_THREADS
     if (pf.exc_type) PyErr_Restore(pf.exc_type, pf.exc_value, pf.exc_tb);
     else if (st) raise_status(st, &err, PyExc_RuntimeError);
@@ -573,10 +601,11 @@ static PyGetSetDef Core_getset[] = {
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
-    {"add", (PyCFunction)Core_add, METH_VARARGS, "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted)"},
+    {"add", (PyCFunction)Core_add, METH_VARARGS,
+     "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted[, graph_cands u32[n,cg], batch_cands u32[n,cb]])"},
     {"search", (PyCFunction)Core_search, METH_VARARGS,
      "search(q f32[nq,dim], nq, k, ef, num_threads, out_labels u64[nq,k], out_dists f32[nq,k], out_found i32[nq], "
-     "allowed_bitset|None, callable|None)"},
+     "allowed_bitset|None, callable|None[, want_slots: slot ids instead of labels])"},
     {"allowed_bitset", (PyCFunction)Core_allowed_bitset, METH_VARARGS, "allowed_bitset(labels u64[n]) -> bytearray"},
     {"mark_deleted", (PyCFunction)Core_mark_deleted, METH_VARARGS, "mark_deleted(label)"},
     {"unmark_deleted", (PyCFunction)Core_unmark_deleted, METH_VARARGS, "unmark_deleted(label)"},

@@ -234,6 +234,7 @@ typedef struct {
     uint32_t ep;
     int max_level;
     int use_filtered;
+    int want_slots; /* output slot ids instead of labels */
 } query_ctx_t;
 
 static int query_one(void *vctx, size_t qi, int worker) {
@@ -260,7 +261,7 @@ static int query_one(void *vctx, size_t qi, int worker) {
         ghnsw_visited_put(&ix->vpool, vis);
         if (allow.error) { free(beam); return allow.error; }
         for (; found < c->k && found < nres; found++) {
-            lab[found] = ix->labels[beam[found].id];
+            lab[found] = c->want_slots ? beam[found].id : ix->labels[beam[found].id];
             dst[found] = beam[found].d;
         }
         free(beam);
@@ -271,10 +272,10 @@ static int query_one(void *vctx, size_t qi, int worker) {
 }
 
 ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
-                            int num_threads, const ghnsw_filter_t *filter, uint64_t *out_labels,
+                            int num_threads, const ghnsw_filter_t *filter, int want_slots, uint64_t *out_labels,
                             float *out_dists, int32_t *out_found, ghnsw_err_t *err) {
     pthread_rwlock_rdlock(&ix->resize_lock);
-    query_ctx_t c = {ix, queries, k, ef, filter, out_labels, out_dists, out_found, GHNSW_INVALID, -1, 0};
+    query_ctx_t c = {ix, queries, k, ef, filter, out_labels, out_dists, out_found, GHNSW_INVALID, -1, 0, want_slots};
     pthread_mutex_lock(&ix->ep_lock);
     c.ep = ix->entry_point;
     c.max_level = ix->max_level;
