@@ -20,14 +20,11 @@ repeat is kept.  Writes ``cpu_vs_hnswlib.json`` (machine, parameters, every raw 
 """
 import argparse
 import concurrent.futures
-import datetime
 import gc
-import importlib.metadata
 import json
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import time
 
@@ -35,6 +32,7 @@ import numpy as np
 
 import gpuhnsw
 import hnswlib
+from gpuhnsw import testing
 from gpuhnsw.testing import exact_knn, load_dataset, recall_at_k
 
 M = 16
@@ -248,24 +246,7 @@ def summarise(build_seconds, curves, memory):
 
 
 def machine_info():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "gpuhnsw": gpuhnsw.__version__,
-        "hnswlib": importlib.metadata.version("hnswlib"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return testing.machine_info("hnswlib")
 
 
 def _fmt(x, spec):

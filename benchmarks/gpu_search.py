@@ -31,11 +31,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_vs_hnswlib import machine_info, qps_at_recall  # noqa: E402  (sibling script)
+from cpu_vs_hnswlib import qps_at_recall  # noqa: E402  (sibling script)
 
 import gpuhnsw  # noqa: E402
 from gpuhnsw.bruteforce import exact_search  # noqa: E402
-from gpuhnsw.testing import load_dataset, recall_at_k  # noqa: E402
+from gpuhnsw.testing import load_dataset, machine_info, recall_at_k  # noqa: E402
 
 M, EF_CONSTRUCTION, K = 16, 200, 10
 EF_SWEEP = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -243,7 +243,7 @@ def main(argv=None):
     results = [run(name, args.n_synth, args.quick) for name in args.datasets.split(",")]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_search.json"), "w") as f:
-        json.dump({"machine": machine_info(), "gpu": gpu_name, "params": {"M": M, "ef_construction": EF_CONSTRUCTION,
+        json.dump({"machine": machine_info("hnswlib", "cupy-cuda12x", "cupy-cuda13x"), "gpu": gpu_name, "params": {"M": M, "ef_construction": EF_CONSTRUCTION,
                    "k": K, "ef_sweep": EF_SWEEP, "batches": BATCHES, "synthetic_seed": SEED},
                    "results": results}, f, indent=1, default=float)
     write_markdown(results, gpu_name, os.path.join(args.out, "gpu_search.md"))

@@ -24,12 +24,9 @@ set of that size is in the shared data; it serves timings, and recall is measure
 """
 import argparse
 import concurrent.futures
-import datetime
-import importlib.metadata
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import time
@@ -37,6 +34,7 @@ import time
 import numpy as np
 
 import gpuhnsw
+from gpuhnsw import testing
 from gpuhnsw.testing import exact_knn, load_dataset, recall_at_k
 
 DEFAULT_K = 10
@@ -51,33 +49,7 @@ PYNND_WARMUP_ROWS = 2000
 # --------------------------------------------------------------------------------------------------
 
 def machine_info():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "gpuhnsw": gpuhnsw.__version__,
-        "pynndescent": version("pynndescent"),
-        "numba": version("numba"),
-        "cupy": version("cupy-cuda12x") or version("cupy-cuda13x") or version("cupy"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return testing.machine_info("pynndescent", "numba", "cupy-cuda12x", "cupy-cuda13x")
 
 
 def _rss_mb():

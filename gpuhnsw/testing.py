@@ -193,3 +193,40 @@ def recall_at_k(found, truth, k):
     t = truth[:, :k].astype(np.int64).tolist()
     hits = sum(len(set(a) & set(b)) for a, b in zip(f, t))
     return hits / (len(f) * k)
+
+
+def machine_info(*packages):
+    """What a benchmark ran on: CPU model, cores, load, platform, Python, and the versions of
+    numpy, gpuhnsw and ``packages`` (distribution names; None where not installed)."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    from . import __version__
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "gpuhnsw": __version__,
+    }
+    info.update({name: version(name) for name in packages})
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return info
