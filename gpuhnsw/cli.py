@@ -498,7 +498,7 @@ def _build_parser():
     p.add_argument("--method", choices=("auto", "exact", "hnsw"), default="auto")
     p.add_argument("--ef", type=_positive, help="hnsw method: query beam width")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (needs tqdm; default: on for large inputs on a terminal)")
+                   help="progress bar (default: on for large inputs on a terminal)")
     space(p)
     hnsw_params(p)
     limit(p)
