@@ -113,7 +113,8 @@ class Index:
     Keyword-only: ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where queries
     run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  ``storage`` (``"float32"``
     or ``"float16"``) is how vectors are stored on the GPU (float16 halves memory and bandwidth;
-    distances still accumulate in float32).  Inserts always run on the CPU and reach the GPU as
+    distances still accumulate in float32).  Inserts are linked by the C engine (large inserts into
+    a GPU index take their candidates from the GPU, see :meth:`add_items`) and reach the GPU as
     deltas at the next :meth:`sync` (done lazily before each GPU query).
     """
 
