@@ -44,6 +44,9 @@ class CLIError(Exception):
 _VECS = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
 
 
+BUILD_PROGRESS_MIN_ROWS = 100_000  # build shows a progress bar from this size on a terminal
+BUILD_CHUNK = 20_000
+
 def read_vectors(path, *, limit=None):
     """Read a vector file as a 2-D array (``.npy`` memory-mapped; ``*vecs`` as their dtype).
 
@@ -202,8 +205,19 @@ def cmd_build(args):
     n, dim = data.shape
     index = Index(args.space, dim, device=args.device)
     index.init_index(n, M=args.M, ef_construction=args.ef_construction, random_seed=args.seed)
+    from ._progress import Progress, stderr_is_tty
+
+    progress = args.progress if args.progress is not None else n >= BUILD_PROGRESS_MIN_ROWS and stderr_is_tty()
+    # chunks only feed the progress bar; levels and the graph do not depend on them (levels come
+    # from the row number), and a GPU index keeps its GPU-assisted build
+    chunk = max(BUILD_CHUNK, n // 100) if progress else n
+    build = "gpu" if index.device == "cuda" and n >= 20_000 else "cpu"
+    labels = np.arange(n, dtype=np.int64)
     t0 = time.perf_counter()
-    index.add_items(data, np.arange(n, dtype=np.int64), num_threads=args.threads)
+    with Progress(progress, n, "build") as bar:
+        for a in range(0, n, chunk):
+            index.add_items(data[a:a + chunk], labels[a:a + chunk], num_threads=args.threads, build=build)
+            bar.to(min(a + chunk, n))
     took = time.perf_counter() - t0
     index.save_index(args.output, format=args.format)
     _log(f"built {n} x {dim} ({args.space}, M={args.M}, ef_construction={args.ef_construction}) "
@@ -475,6 +489,8 @@ def _build_parser():
     limit(p)
     p.add_argument("--format", choices=("gpuhnsw", "hnswlib"), default="gpuhnsw",
                    help="file format (default: gpuhnsw; hnswlib files load in hnswlib 0.8.0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on for large inputs on a terminal)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("query", parents=[common], help="k nearest neighbours of query vectors")

@@ -17,12 +17,12 @@ Ties are ordered by the smaller id in both cases.
 """
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
+from ._progress import Progress as _Progress, stderr_is_tty as _stderr_is_tty
 from .bruteforce import _EXCLUDED, _MIN_MARGIN, CandidatePool, _exact, _refine, normalize_rows
 
 __all__ = ["knn_graph"]
@@ -195,9 +195,11 @@ def _hnsw_graph(x, k, space, *, device, M, ef_construction, ef, num_threads, pro
     chunk = _HNSW_CHUNK if progress else n
     neighbors = np.empty((n, k), dtype=np.int64)
     distances = np.empty((n, k), dtype=np.float32)
+    # a GPU index builds GPU-assisted (its "auto" threshold would not see chunked inserts)
+    build = {"build": "gpu"} if getattr(index, "device", "cpu") == "cuda" and n >= 20_000 else {}
     with _Progress(progress, 2 * n, "HNSW k-NN graph (build, then query)") as bar:
         for a in range(0, n, chunk):
-            index.add_items(x[a:a + chunk], ids[a:a + chunk], num_threads=threads)
+            index.add_items(x[a:a + chunk], ids[a:a + chunk], num_threads=threads, **build)
             bar.to(min(a + chunk, n))
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
@@ -220,42 +222,3 @@ def _drop_self(labels, dists, self_ids, k):
     dst = dists[keep].reshape(-1, k)
     order = np.lexsort((lab, dst), axis=1)
     return np.take_along_axis(lab, order, axis=1), np.take_along_axis(dst, order, axis=1)
-
-
-# --------------------------------------------------------------------------------------------------
-# progress bars (tqdm, optional)
-# --------------------------------------------------------------------------------------------------
-
-def _stderr_is_tty():
-    try:
-        return sys.stderr is not None and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class _Progress:
-    """``with _Progress(enabled, total, desc) as bar: bar.to(done)``; silent without tqdm."""
-
-    def __init__(self, enabled, total, desc):
-        self._bar = None
-        self._done = 0
-        if enabled and total > 0:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, desc=desc, unit="it", leave=False)
-
-    def to(self, done):
-        if self._bar is not None and done > self._done:
-            self._bar.update(done - self._done)
-            self._done = done
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.close()
-        return False
