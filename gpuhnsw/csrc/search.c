@@ -245,13 +245,15 @@ static int query_one(void *vctx, size_t qi, int worker) {
     uint32_t found = 0;
     if (c->ep != GHNSW_INVALID && c->k > 0) {
         uint32_t ef = c->ef > c->k ? c->ef : c->k;
-        float *q = alloca(sizeof(float) * ix->dim_pad);
+        /* one heap block: the beam [ef], then the padded query [dim_pad] (dims can be too large for
+         * a worker thread's stack) */
+        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef + sizeof(float) * ix->dim_pad);
+        ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
+        if (!beam || !vis) { free(beam); if (vis) ghnsw_visited_put(&ix->vpool, vis); return GHNSW_ENOMEM; }
+        float *q = (float *)(beam + ef);
         memset(q, 0, sizeof(float) * ix->dim_pad);
         memcpy(q, c->queries + qi * ix->dim, sizeof(float) * ix->dim);
         if (ix->space == GHNSW_COSINE) ghnsw_normalize(q, ix->dim);
-        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef);
-        ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
-        if (!beam || !vis) { free(beam); if (vis) ghnsw_visited_put(&ix->vpool, vis); return GHNSW_ENOMEM; }
         float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
         uint32_t nres;
