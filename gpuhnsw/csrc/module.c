@@ -300,11 +300,20 @@ done:
     return ret;
 }
 
+/* Takes mut_lock with the GIL released: an add_items running in another thread holds mut_lock for
+ * its whole batch, and waiting for it with the GIL held would stall every Python thread.  Nothing
+ * that holds mut_lock ever waits for the GIL, so taking the GIL back while holding it is safe. */
+static void lock_writers(ghnsw_index_t *ix) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&ix->mut_lock);
+    Py_END_ALLOW_THREADS
+}
+
 /* All labels in slot order (deleted included, as hnswlib's get_ids_list). */
 static PyObject *Core_labels(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
     ghnsw_index_t *ix = IX(self);
-    pthread_mutex_lock(&ix->mut_lock);
+    lock_writers(ix);
     PyObject *b = PyBytes_FromStringAndSize((const char *)ix->labels, (Py_ssize_t)ix->count * 8);
     pthread_mutex_unlock(&ix->mut_lock);
     return b;
@@ -477,7 +486,7 @@ static PyObject *Core_deleted_bitset(CoreObject *self, PyObject *unused) {
 static PyObject *Core_export_state(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
     ghnsw_index_t *ix = IX(self);
-    pthread_mutex_lock(&ix->mut_lock); /* no writer while we copy */
+    lock_writers(ix); /* no writer while we copy */
     uint32_t n = ix->count, dim = ix->dim;
     size_t upper_words = 0;
     for (uint32_t s = 0; s < n; s++) upper_words += (size_t)ix->levels[s] * (1 + ix->M);
