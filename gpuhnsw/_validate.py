@@ -38,6 +38,20 @@ def as_int(value, name, *, minimum=None):
     return value
 
 
+def as_matrix(arr, dim=None, what="data"):
+    """``arr`` (NumPy or CuPy) as 2-D ``[n, dim]``: 1-D input is one row; any other shape, or a width
+    other than ``dim``, raises :class:`InputShapeError` with hnswlib's wording."""
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    elif arr.ndim != 2:
+        raise InputShapeError(f"Input vector data wrong shape. Number of dimensions {arr.ndim}. "
+                              "Data must be a 1D or 2D array.")
+    if dim is not None and arr.shape[1] != dim and arr.shape[0] > 0:
+        raise InputShapeError(f"Wrong dimensionality of the vectors: {what} has width {arr.shape[1]}, "
+                              f"the index has dim {dim}")
+    return arr
+
+
 def as_vectors(data, dim=None, what="data"):
     """``data`` as a C-contiguous float32 matrix ``[n, dim]``; 1-D input is one row.
 
@@ -51,14 +65,7 @@ def as_vectors(data, dim=None, what="data"):
         raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
         raise ValueError(f"{what} must be real, got dtype {arr.dtype}")
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    elif arr.ndim != 2:
-        raise InputShapeError(f"Input vector data wrong shape. Number of dimensions {arr.ndim}. "
-                              "Data must be a 1D or 2D array.")
-    if dim is not None and arr.shape[1] != dim and arr.shape[0] > 0:
-        raise InputShapeError(f"Wrong dimensionality of the vectors: {what} has width {arr.shape[1]}, "
-                              f"the index has dim {dim}")
+    arr = as_matrix(arr, dim, what)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     # min/max propagate NaN and show infinities without an [n, dim] temporary (np.isfinite(arr)
     # would allocate n*dim bytes: 47 MB for mnist, more than the index's own growth)

@@ -11,8 +11,8 @@ import threading
 import numpy as np
 
 from . import _core, _io
-from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError, InputShapeError
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
+from ._validate import (as_int, as_label, as_labels, as_matrix, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, resolve_device)
 
 PAD_LABEL = np.uint64(2**64 - 1)
@@ -59,15 +59,7 @@ def _device_vectors(cp, data, dim):
     arr = cp.asarray(data) if hasattr(data, "__cuda_array_interface__") else cp.from_dlpack(data)
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    elif arr.ndim != 2:
-        raise InputShapeError(f"Input vector data wrong shape. Number of dimensions {arr.ndim}. "
-                              "Data must be a 1D or 2D array.")
-    if arr.shape[1] != dim and arr.shape[0] > 0:
-        raise InputShapeError(f"Wrong dimensionality of the vectors: query has width {arr.shape[1]}, "
-                              f"the index has dim {dim}")
-    arr = cp.ascontiguousarray(arr, dtype=cp.float32)
+    arr = cp.ascontiguousarray(as_matrix(arr, dim, "query"), dtype=cp.float32)
     if arr.size and not bool(cp.isfinite(arr).all()):
         raise ValueError("query holds NaN or infinite values")
     return arr
@@ -570,6 +562,3 @@ class Index:
     def device(self):
         """Where queries run: ``"cpu"`` or ``"cuda"``."""
         return self._device
-
-
-
