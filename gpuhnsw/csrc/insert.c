@@ -449,26 +449,25 @@ out:
     return st;
 }
 
-ghnsw_status_t ghnsw_mark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err) {
+/* Set or clear a label's delete mark, with hnswlib's errors for a missing label or no change. */
+static ghnsw_status_t set_deleted(ghnsw_index_t *ix, uint64_t label, int deleted, ghnsw_err_t *err) {
     pthread_mutex_lock(&ix->mut_lock);
     ghnsw_status_t st = GHNSW_OK;
     uint32_t s = ghnsw_lookup(ix, label);
     if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
-    else if (ghnsw_bit_get(ix->deleted, s))
-        st = ghnsw_fail(err, GHNSW_ESTATE, "The requested to delete element is already deleted");
-    else { ghnsw_bit_set(ix->deleted, s); __atomic_fetch_add(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+    else if (ghnsw_bit_get(ix->deleted, s) == deleted)
+        st = ghnsw_fail(err, GHNSW_ESTATE, deleted ? "The requested to delete element is already deleted"
+                                                   : "The requested to undelete element is not deleted");
+    else if (deleted) { ghnsw_bit_set(ix->deleted, s); __atomic_fetch_add(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+    else { ghnsw_bit_clear(ix->deleted, s); __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
     pthread_mutex_unlock(&ix->mut_lock);
     return st;
 }
 
+ghnsw_status_t ghnsw_mark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err) {
+    return set_deleted(ix, label, 1, err);
+}
+
 ghnsw_status_t ghnsw_unmark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err) {
-    pthread_mutex_lock(&ix->mut_lock);
-    ghnsw_status_t st = GHNSW_OK;
-    uint32_t s = ghnsw_lookup(ix, label);
-    if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
-    else if (!ghnsw_bit_get(ix->deleted, s))
-        st = ghnsw_fail(err, GHNSW_ESTATE, "The requested to undelete element is not deleted");
-    else { ghnsw_bit_clear(ix->deleted, s); __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
-    pthread_mutex_unlock(&ix->mut_lock);
-    return st;
+    return set_deleted(ix, label, 0, err);
 }

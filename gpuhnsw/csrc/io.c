@@ -17,10 +17,9 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
     if (in->deleted_len != (size_t)n) return ghnsw_fail(err, GHNSW_ECORRUPT, "deleted: wrong length");
     size_t upper_words = 0;
     int top = -1;
-    uint32_t top_slot = GHNSW_INVALID;
     for (uint32_t s = 0; s < n; s++) {
         upper_words += (size_t)in->levels[s] * (1 + M);
-        if (in->levels[s] > top) { top = in->levels[s]; top_slot = s; }
+        if (in->levels[s] > top) top = in->levels[s];
     }
     if (in->upper_len != upper_words * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "upper links: wrong length");
     if (n == 0) {
@@ -32,7 +31,6 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
         if (in->max_level != top || in->levels[in->entry_point] != top)
             return ghnsw_fail(err, GHNSW_ECORRUPT, "max level / entry point level inconsistent");
     }
-    (void)top_slot;
     const uint32_t *deg = (const uint32_t *)in->degree0, *l0 = (const uint32_t *)in->links0;
     const uint32_t *up = (const uint32_t *)in->upper;
     size_t off = 0;
