@@ -5,7 +5,7 @@ Per dataset, in one run on one machine:
 - gpuhnsw on the GPU: recall@10 and QPS over an ef sweep at batch 1, 100 and 10,000 (queries already
   on the device, results left there: no host round trip is timed), and batch-1 latency;
 - peers: hnswlib 0.8.0 on every CPU core, gpuhnsw's own CPU path on every core, and exact GPU
-  search (CuPy matmul + top-k, ``gpuhnsw.bruteforce.exact_search(device="cuda")``);
+  search (CuPy matmul + top-k, ``gpuhnsw.exact.exact_search(device="cuda")``);
 - memory bandwidth: the device's measured copy bandwidth (device-to-device copy of 1 GiB, bytes read
   plus written) against what the distance kernel achieves on random slot lists;
 - sync cost: bytes and milliseconds of a sync after inserting 1 % more points, against the first
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_vs_hnswlib import qps_at_recall  # noqa: E402  (sibling script)
 
 import gpuhnsw  # noqa: E402
-from gpuhnsw.bruteforce import exact_search  # noqa: E402
+from gpuhnsw.exact import exact_search  # noqa: E402
 from gpuhnsw.testing import load_dataset, machine_info, recall_at_k  # noqa: E402
 
 M, EF_CONSTRUCTION, K = 16, 200, 10

@@ -36,7 +36,8 @@ import numpy as np
 
 from ._errors import IndexFileError
 
-__all__ = ["read_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["read_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC",
+           "read_bfindex", "write_bfindex", "bfindex_header", "BF_MAGIC", "BF_FORMAT_VERSION"]
 
 MAGIC = b"GPUHNSW\0"
 FORMAT_VERSION = 1
@@ -59,6 +60,15 @@ _SECTIONS = (  # (state key, tag, dtype); the order is the file order
     ("upper", b"UPPR", np.uint32),
     ("deleted", b"DELE", np.uint8),
 )
+
+# BFIndex files (see "BFIndex files" below): magic, version, space code, dim, max_elements, count,
+# next_auto_id; then sections [uint64 length][uint32 CRC32][data] for vectors and labels.
+BF_MAGIC = b"GHNSWBF\0"
+BF_FORMAT_VERSION = 1
+_BF_HEADER = struct.Struct("<8sIIQQQQ")
+_BF_SECTION = struct.Struct("<QI")
+# hnswlib's BFIndex: maxelements, size_per_element, cur_element_count, then max_elements records
+_BF_HNSW_HEADER = struct.Struct("<QQQ")
 
 # hnswlib's header: offsetLevel0, max_elements, cur_element_count, size_data_per_element,
 # label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M, mult, ef_construction
@@ -400,13 +410,7 @@ def _read_gpuhnsw(buf, space, dim):
         pos += _SECTION.size
         if ftag != tag:
             raise IndexFileError(f"expected section {tag.decode()}, found {ftag!r}")
-        if length > len(buf) - pos:  # before slicing: a huge length must not be trusted
-            raise IndexFileError(f"section {tag.decode()} ({length} bytes) runs past the end of "
-                                 f"the file")
-        data = memoryview(buf)[pos:pos + length]
-        if zlib.crc32(data) != crc:
-            raise IndexFileError(f"section {tag.decode()} checksum mismatch (file corrupted)")
-        state[key] = data
+        state[key] = _checked_section(buf, pos, length, crc, f"section {tag.decode()}")
         pos += length
     if pos != len(buf):
         raise IndexFileError(f"{len(buf) - pos} unexpected bytes after the last section")
@@ -417,6 +421,17 @@ def _read_gpuhnsw(buf, space, dim):
     state.update({key: bytes(state[key]) for key, _, _ in _SECTIONS})
     state["links0"], state["upper"] = links0.tobytes(), upper.tobytes()
     return state, None if ef == -1 else ef
+
+
+def _checked_section(buf, pos, length, crc, name):
+    """The ``length`` bytes of ``buf`` at ``pos`` as a memoryview, after checking that they lie
+    inside the file and match ``crc`` (CRC32); else IndexFileError naming ``name``."""
+    if length > len(buf) - pos:  # before slicing: a huge length must not be trusted
+        raise IndexFileError(f"{name} ({length} bytes) runs past the end of the file")
+    data = memoryview(buf)[pos:pos + length]
+    if zlib.crc32(data) != crc:
+        raise IndexFileError(f"{name} checksum mismatch (file corrupted)")
+    return data
 
 
 def _read_hnswlib(buf, space, dim):
@@ -520,3 +535,132 @@ def _read_hnswlib_link_lists(buf, start, n, M):
     upper = upper.astype(np.uint32)  # own, native copy
     upper[::block] &= 0xFFFF
     return levels, upper
+
+
+# ---------------------------------------------------------------------------------------------
+# BFIndex files
+# ---------------------------------------------------------------------------------------------
+
+def write_bfindex(path, vectors, labels, *, space, max_elements, next_auto_id, format="gpuhnsw"):
+    """Save a BFIndex: ``vectors`` float32 [n, dim] (normalised for cosine), ``labels`` uint64 [n].
+
+    format : ``"gpuhnsw"`` (``BF_MAGIC``, version, header CRC, checksummed sections) or
+    ``"hnswlib"`` (hnswlib 0.8.0's BFIndex layout: the header, then ``max_elements`` records of
+    ``[dim float32 | uint64 label]``). Replaced atomically, like every index file.
+    """
+    n, dim = vectors.shape
+    vec = np.ascontiguousarray(vectors, dtype="<f4")
+    lab = np.ascontiguousarray(labels, dtype="<u8")
+    if format == "gpuhnsw":
+        head = _BF_HEADER.pack(BF_MAGIC, BF_FORMAT_VERSION, SPACES.index(space), dim, max_elements,
+                               n, next_auto_id)
+        chunks = [head, _CRC.pack(zlib.crc32(head))]
+        for arr in (vec, lab):
+            data = memoryview(arr.reshape(-1).view(np.uint8))
+            chunks += [_BF_SECTION.pack(data.nbytes, zlib.crc32(data)), data]
+    elif format == "hnswlib":
+        rec = np.zeros(max_elements, dtype=_bf_record_dtype(dim))
+        rec["v"][:n], rec["l"][:n] = vec, lab
+        chunks = [_BF_HNSW_HEADER.pack(max_elements, rec.dtype.itemsize, n),
+                  memoryview(rec.view(np.uint8))]
+    else:
+        raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
+    _atomic_write(path, chunks)
+
+
+def _bf_record_dtype(dim):
+    return np.dtype([("v", "<f4", (dim,)), ("l", "<u8")])
+
+
+def bfindex_header(head):
+    """(space or None, dim) from the first bytes of a BFIndex file in our format; None if ``head``
+    does not start with ``BF_MAGIC``. IndexFileError if the header is truncated or invalid."""
+    if head[:len(BF_MAGIC)] != BF_MAGIC:
+        return None
+    if len(head) < _BF_HEADER.size:
+        raise IndexFileError("truncated BFIndex header")
+    _, _, code, dim, *_ = _BF_HEADER.unpack_from(head)
+    if code >= len(SPACES):
+        raise IndexFileError(f"corrupted BFIndex header (space code {code})")
+    return SPACES[code], int(dim)
+
+
+def read_bfindex(path, *, space, dim):
+    """Read a BFIndex file in either format (detected by ``BF_MAGIC``).
+
+    Returns a dict: ``max_elements`` (int), ``vectors`` float32 [n, dim], ``labels`` uint64 [n]
+    (unique), ``next_auto_id`` (int; ``n`` for hnswlib files), ``format``. Every length, checksum,
+    value and label is checked: IndexFileError (naming ``path``) on any inconsistency; OSError if
+    the file cannot be read.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        buf = f.read()
+    try:
+        if buf[:len(BF_MAGIC)] == BF_MAGIC:
+            out = _read_bf_own(buf, space, dim)
+        else:
+            out = _read_bf_hnswlib(buf, dim)
+        if not np.isfinite(out["vectors"]).all():
+            raise IndexFileError("vectors hold NaN or infinite values")
+        if np.unique(out["labels"]).shape[0] != out["labels"].shape[0]:
+            raise IndexFileError("duplicate labels")
+    except IndexFileError as exc:
+        raise IndexFileError(f"{path}: {exc}") from None
+    return out
+
+
+def _read_bf_own(buf, space, dim):
+    hs = _BF_HEADER.size
+    if len(buf) < hs + _CRC.size:
+        raise IndexFileError("truncated header")
+    _, version, code, fdim, cap, n, next_auto = _BF_HEADER.unpack_from(buf, 0)
+    if version != BF_FORMAT_VERSION:
+        raise IndexFileError(f"unsupported BFIndex file version {version} (this build reads "
+                             f"{BF_FORMAT_VERSION})")
+    if zlib.crc32(memoryview(buf)[:hs]) != _CRC.unpack_from(buf, hs)[0]:
+        raise IndexFileError("header checksum mismatch")
+    if code >= len(SPACES):
+        raise IndexFileError(f"unknown space code {code}")
+    if SPACES[code] != space or fdim != dim:
+        raise IndexFileError(f"holds space '{SPACES[code]}', dim {fdim}; this index is space "
+                             f"'{space}', dim {dim}")
+    if n > cap:
+        raise IndexFileError(f"count {n} exceeds capacity {cap}")
+    pos = hs + _CRC.size
+    out = {}
+    for name, dtype, width in (("vectors", "<f4", dim), ("labels", "<u8", 1)):
+        if len(buf) < pos + _BF_SECTION.size:
+            raise IndexFileError(f"truncated before the {name} section")
+        nbytes, crc = _BF_SECTION.unpack_from(buf, pos)
+        pos += _BF_SECTION.size
+        want = n * width * np.dtype(dtype).itemsize
+        if nbytes != want:
+            raise IndexFileError(f"{name} section holds {nbytes} bytes, expected {want}")
+        data = _checked_section(buf, pos, nbytes, crc, f"{name} section")
+        out[name] = np.frombuffer(data, dtype=dtype)
+        pos += nbytes
+    if pos != len(buf):
+        raise IndexFileError(f"{len(buf) - pos} unexpected trailing bytes")
+    return dict(max_elements=int(cap), vectors=out["vectors"].reshape(n, dim).astype(np.float32),
+                labels=out["labels"].astype(np.uint64), next_auto_id=int(next_auto),
+                format="gpuhnsw")
+
+
+def _read_bf_hnswlib(buf, dim):
+    def bad(msg):
+        return IndexFileError(f"not a BFIndex file or corrupted ({msg})")
+    hs = _BF_HNSW_HEADER.size
+    if len(buf) < hs:
+        raise bad(f"shorter than the {hs}-byte header")
+    cap, size, n = _BF_HNSW_HEADER.unpack_from(buf, 0)
+    rec_dtype = _bf_record_dtype(dim)
+    if size != rec_dtype.itemsize:
+        raise bad(f"record size {size} does not match dim {dim}")
+    if n > cap:
+        raise bad(f"count {n} exceeds capacity {cap}")
+    if len(buf) != hs + cap * size:
+        raise bad(f"file has {len(buf)} bytes, the header implies {hs + cap * size}")
+    rec = np.frombuffer(buf, dtype=rec_dtype, count=n, offset=hs)
+    return dict(max_elements=int(cap), vectors=rec["v"].astype(np.float32),
+                labels=rec["l"].astype(np.uint64), next_auto_id=int(n), format="hnswlib")

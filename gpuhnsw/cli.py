@@ -128,9 +128,6 @@ def _write_npy(path, arr):
 # index files
 # --------------------------------------------------------------------------------------------------
 
-_BF_MAGIC = b"GHNSWBF\x00"
-
-
 def index_header(path):
     """What kind of index ``path`` holds, from its header alone.
 
@@ -151,15 +148,12 @@ def index_header(path):
         if code >= len(_io.SPACES):
             raise CLIError(f"{path}: corrupted gpuhnsw index header (space code {code})")
         return dict(kind="hnsw", format="gpuhnsw", space=_io.SPACES[code], dim=int(dim))
-    if head[:len(_BF_MAGIC)] == _BF_MAGIC:
-        from .bruteforce import _HEADER as BF_HEADER, _SPACE_CODES
-        if len(head) < BF_HEADER.size:
-            raise CLIError(f"{path}: truncated BFIndex header")
-        _, _, code, dim, *_ = BF_HEADER.unpack_from(head)
-        names = {v: k for k, v in _SPACE_CODES.items()}
-        if code not in names:
-            raise CLIError(f"{path}: corrupted BFIndex header (space code {code})")
-        return dict(kind="bruteforce", format="gpuhnsw", space=names[code], dim=int(dim))
+    try:
+        bf = _io.bfindex_header(head)
+    except IndexFileError as exc:
+        raise CLIError(f"{path}: {exc}") from None
+    if bf is not None:
+        return dict(kind="bruteforce", format="gpuhnsw", space=bf[0], dim=bf[1])
     if len(head) >= _io._HNSW_HEADER.size:
         (offset0, _, _, _, label_offset, offset_data, *_rest) = _io._HNSW_HEADER.unpack_from(head)
         if offset0 == 0 and label_offset > offset_data and (label_offset - offset_data) % 4 == 0:
@@ -306,7 +300,7 @@ def _parse_efs(text):
 
 
 def cmd_bench(args):
-    from .bruteforce import exact_search
+    from .exact import exact_search
     from .index import Index
     from .testing import recall_at_k
 

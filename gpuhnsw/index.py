@@ -221,7 +221,7 @@ class Index:
         """Level-0 candidates of the rows of ``chunk`` (float32 ``[b, dim]``): graph slots uint32
         ``[b, ef_construction]`` from the search kernel, batch rows uint32 ``[b, M0]`` from exact
         search within the chunk (0xFFFFFFFF pads both)."""
-        from .bruteforce import exact_search
+        from .exact import exact_search
         from ._kernels import SEARCH_CAPACITIES
 
         cp = _cupy()

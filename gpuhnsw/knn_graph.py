@@ -7,7 +7,7 @@ exact
     above the diagonal are computed and each product ``X_i @ X_j.T`` feeds the candidate pools of
     both row blocks ``i`` and ``j`` (half the BLAS work of a plain query-vs-base search). Memory is
     the data plus one tile pair and a ``[n, pool]`` candidate pool: about 1.1 GB for 100k x 784.
-    The pools are then re-ranked in float64 exactly as in :func:`gpuhnsw.bruteforce.exact_search`.
+    The pools are then re-ranked in float64 exactly as in :func:`gpuhnsw.exact.exact_search`.
     On the GPU it is ``exact_search`` with every row as a query.
 hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
@@ -23,7 +23,7 @@ import numpy as np
 
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
 from ._progress import Progress as _Progress, stderr_is_tty as _stderr_is_tty
-from .bruteforce import _EXCLUDED, _MIN_MARGIN, CandidatePool, _exact, _refine, normalize_rows
+from .exact import EXCLUDED_KEY, CandidatePool, exact_rows, normalize_rows, pool_size, rerank
 
 __all__ = ["knn_graph"]
 
@@ -93,8 +93,8 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_con
     if method == "exact":
         if dev[0] == "cuda":
             with _Progress(progress, n, "exact k-NN graph") as bar:
-                return _exact(x, x, k, space, self_rows=np.arange(n, dtype=np.int64),
-                              device=dev, progress=bar.to)
+                return exact_rows(x, x, k, space, self_rows=np.arange(n, dtype=np.int64),
+                                  device=dev, progress=bar.to)
         return _exact_graph_cpu(x, k, space, num_threads=num_threads, progress=progress)
     if ef is None:
         ef = max(2 * (k + 1), 64)
@@ -114,9 +114,8 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
     """
     n = x.shape[0]
     tile = tile or _TILE
-    pool = min(n, k + 1 + max(_MIN_MARGIN, k // 4))      # +1: a row's own slot is in its pool
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64) if space == "l2" else None
-    sq32 = None if sq is None else sq.astype(np.float32)
+    pool = min(n, pool_size(k, n) + 1)                    # +1: a row's own slot is in its pool
+    sq32 = np.einsum("ij,ij->i", x, x, dtype=np.float64).astype(np.float32) if space == "l2" else None
     pools = CandidatePool(n, pool)
     seen = set()                                          # row blocks whose pools were offered
     starts = list(range(0, n, tile))
@@ -133,7 +132,7 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
             else:
                 key_a = key_b = np.negative(g, out=g)
             if i == j:
-                np.fill_diagonal(key_a, _EXCLUDED)
+                np.fill_diagonal(key_a, EXCLUDED_KEY)
             for blk, key, r0, c0, along_rows in ((i, key_a, a0, b0, True),
                                                  (j, key_b, b0, a0, False)):
                 if i == j and not along_rows:
@@ -156,8 +155,8 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
 
     def refine(a0):
         a1 = min(a0 + tile, n)
-        neighbors[a0:a1], distances[a0:a1] = _refine(
-            x, sq, x[a0:a1], pools.idx[a0:a1], k, space, np.arange(a0, a1, dtype=np.int64), None)
+        neighbors[a0:a1], distances[a0:a1] = rerank(
+            x, x[a0:a1], pools.idx[a0:a1], k, space, np.arange(a0, a1, dtype=np.int64))
 
     workers = min(_num_workers(num_threads), len(starts))
     if workers <= 1:

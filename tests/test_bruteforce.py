@@ -7,7 +7,7 @@ import pytest
 
 import gpuhnsw
 from gpuhnsw import BFIndex, DeviceError, IndexFileError, testing
-from gpuhnsw.bruteforce import exact_search
+from gpuhnsw.exact import exact_search
 
 SPACES = ("l2", "ip", "cosine")
 
@@ -353,7 +353,7 @@ def test_bfindex_rejects_corrupted_files(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 class _NumpyAsCupy:
-    """The subset of CuPy used by bruteforce._exact_cuda, backed by NumPy."""
+    """The subset of CuPy used by exact._exact_cuda, backed by NumPy."""
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -385,30 +385,30 @@ class _NumpyAsCupy:
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("base_block", [None, 250, 5000])
 def test_cuda_path_logic_matches_cpu(monkeypatch, make_data, space, base_block):
-    from gpuhnsw import bruteforce
+    from gpuhnsw import exact
 
-    monkeypatch.setattr(bruteforce, "_import_cupy", lambda: _NumpyAsCupy())
-    monkeypatch.setattr(bruteforce, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
+    monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(exact, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
     base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
     if space == "cosine":
-        base, queries = bruteforce.normalize_rows(base), bruteforce.normalize_rows(queries)
-    cpu = bruteforce._exact(base, queries, 9, space)
-    gpu = bruteforce._exact(base, queries, 9, space, device=("cuda", 0), block=32,
-                            base_block=base_block)
+        base, queries = exact.normalize_rows(base), exact.normalize_rows(queries)
+    cpu = exact.exact_rows(base, queries, 9, space)
+    gpu = exact.exact_rows(base, queries, 9, space, device=("cuda", 0), block=32,
+                           base_block=base_block)
     np.testing.assert_array_equal(gpu[0], cpu[0])
     np.testing.assert_allclose(gpu[1], cpu[1], rtol=1e-6, atol=1e-6)
     # grouped top-k with padding (5000 is not a multiple of the group size): exclude-self too
     self_rows = np.arange(90, dtype=np.int64)
-    cpu = bruteforce._exact(base, base[:90], 9, space, self_rows=self_rows)
-    gpu = bruteforce._exact(base, base[:90], 9, space, self_rows=self_rows, device=("cuda", 0),
-                            block=40, base_block=base_block)
+    cpu = exact.exact_rows(base, base[:90], 9, space, self_rows=self_rows)
+    gpu = exact.exact_rows(base, base[:90], 9, space, self_rows=self_rows, device=("cuda", 0),
+                           block=40, base_block=base_block)
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
 def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, make_data):
-    from gpuhnsw import bruteforce
+    from gpuhnsw import exact
 
-    monkeypatch.setattr(bruteforce, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
     data, q = make_data(3000, 8), make_data(20, 8, seed=12)
     cpu, gpu = BFIndex("l2", 8, device="cpu"), BFIndex("l2", 8, device="cpu")
     gpu._device = ("cuda", 0)                          # as if a GPU had been found

@@ -184,3 +184,18 @@ def test_exact_gpu_equals_cpu(datasets, space):
     np.testing.assert_allclose(gpu[1], cpu[1], rtol=1e-6, atol=1e-6)
     assert testing.recall_at_k(gpu[0], cpu[0], 10) == 1.0
     assert not (gpu[0] == np.arange(len(base))[:, None]).any()
+
+
+@pytest.mark.parametrize("module", ["knn_graph", "bruteforce", "exact"])
+def test_imports_no_private_names_of_other_modules(module):
+    """The exact engine is shared through public names only (issue 9, code layout)."""
+    import ast
+    import pathlib
+
+    import gpuhnsw
+
+    path = pathlib.Path(gpuhnsw.__file__).parent / f"{module}.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"{module}.py imports {private} from .{node.module}"

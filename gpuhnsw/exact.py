@@ -1,0 +1,422 @@
+"""The exact (brute-force) nearest-neighbour engine: ``exact_search`` and its building blocks.
+
+The exact kernel of the project (DESIGN section 6): ``exact_search``, :class:`gpuhnsw.BFIndex` and
+the exact method of ``knn_graph`` run through it. Public names: ``exact_search`` (validating entry
+point), ``exact_rows`` (the kernel on validated input), ``CandidatePool`` (the float32 screening
+pool), ``rerank`` (exact float64 re-ranking of a pool), ``normalize_rows`` (hnswlib's cosine rule),
+``pool_size``, ``upload_base``, ``EXCLUDED_KEY``. (The test oracle ``gpuhnsw.testing.exact_knn`` is separate,
+plain float64 NumPy code on purpose, so that it shares nothing with what it checks.)
+
+How one block of queries is answered (CPU; the CUDA path has the same phases)::
+
+    queries [nq, d] --split--> blocks of `block` rows
+      for each base tile of `base_block` rows:
+          K = Q @ B_tile.T (BLAS sgemm, float32), then     K = |b|^2 - 2 q.b   (l2)
+                                                           K = -q.b           (ip, cosine)
+          first tile: keep the `pool` smallest keys per row (np.argpartition)
+          later tiles: keep only keys below the row's current pool maximum (one comparison
+                       pass; few survive), merge them into the pool (CandidatePool)
+      refine: recompute the pool's distances in float64 from the vectors,
+              sort by (distance, id), keep the first k
+
+``pool = min(k + margin, n)`` candidates survive the float32 screening, so float32 rounding can only
+matter when it is larger than the gap between the k-th and the (k + margin)-th distance. The returned
+distances are the float64 ones rounded to float32: exact for integer data such as SIFT and MNIST, and
+ties are broken by the smaller id, so results are reproducible and match a float64 oracle.
+
+Distances follow hnswlib: ``l2`` is the squared Euclidean distance, ``ip`` is ``1 - a.b``, ``cosine``
+is ``ip`` on vectors normalised as ``x / (|x| + 1e-30)`` (base and queries alike).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ._errors import DeviceError
+from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
+
+__all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "normalize_rows", "pool_size",
+           "upload_base", "EXCLUDED_KEY"]
+
+# Candidates kept per query beyond k before the exact float64 re-ranking (see module docstring).
+_MIN_MARGIN = 8
+# Default tile shape on the CPU: block x base_block float32 keys (16 MiB) plus the argpartition
+# indices (32 MiB) per worker.
+_CPU_BLOCK = 512
+_CPU_TILE_ENTRIES = 1 << 22
+# On the GPU: 2048 x 32768 keys (256 MiB).
+_GPU_BLOCK = 2048
+_GPU_TILE_ENTRIES = 1 << 26
+# Key marking a base row excluded from a query (its own row). Finite, so that the CUDA path can pad
+# tiles with +inf and never pick padding before a real row.
+EXCLUDED_KEY = np.float32(np.finfo(np.float32).max)
+# Rows per chunk of the float64 re-ranking ([chunk, pool, d] float64 temporaries).
+_REFINE_ENTRIES = 1 << 21
+
+
+# --------------------------------------------------------------------------------------------------
+# Input handling (validation itself lives in _validate, shared with Index and the CLI)
+# --------------------------------------------------------------------------------------------------
+
+def _import_cupy():
+    import cupy
+    return cupy
+
+
+def normalize_rows(x):
+    """Rows scaled by ``1 / (|x| + 1e-30)`` as float32 (hnswlib's cosine rule; zero rows stay zero).
+
+    The norm is taken in float64 so the scaling is correctly rounded.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    step = max(1, (1 << 22) // max(1, x.shape[1]))
+    for a in range(0, x.shape[0], step):
+        xb = x[a:a + step].astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", xb, xb))
+        out[a:a + step] = xb * (1.0 / (norms + 1e-30))[:, None]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The exact kernel
+# --------------------------------------------------------------------------------------------------
+
+def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offset=0,
+                 num_threads=-1, block=None, base_block=None, device="cpu", progress=None):
+    """Exact k nearest neighbours of every query among the rows of ``base``.
+
+    Parameters
+    ----------
+    base : array_like, [n, d]
+        Database vectors (cast to float32). For ``space="cosine"`` they are normalised here.
+    queries : array_like, [nq, d]
+        Query vectors (cast to float32; normalised for cosine).
+    k : int
+        Neighbours per query; ``k <= n`` (``k <= n - 1`` with ``exclude_self``).
+    space : {"l2", "ip", "cosine"}
+        Squared L2, ``1 - a.b``, or ``1 - cos``.
+    exclude_self : bool
+        Query ``i`` is base row ``query_offset + i`` and that row is never returned for it (other
+        rows at distance 0, i.e. duplicates, are kept).
+    query_offset : int
+        See ``exclude_self``.
+    num_threads : int
+        ``<= 0``: one worker per CPU core. Query blocks are spread over a thread pool (NumPy and
+        BLAS release the GIL); BLAS itself may add its own threads.
+    block, base_block : int, optional
+        Queries per block and base rows per tile (memory: about ``12 * block * base_block`` bytes
+        per worker). Defaults adapt to the sizes.
+    device : {"cpu", "auto", "cuda", "cuda:N"}
+        ``"cuda"`` runs the matrix products and the selection on the GPU through CuPy.
+    progress : callable, optional
+        Called with the number of queries finished after each block.
+
+    Returns
+    -------
+    ids : ndarray, int64 [nq, k]
+        Row numbers in ``base``, nearest first; equal distances ordered by the smaller id.
+    dists : ndarray, float32 [nq, k]
+        Distances, ascending.
+    """
+    space = check_space(space)
+    base = as_vectors(base, what="base")
+    queries = as_vectors(queries, dim=base.shape[1], what="queries")
+    k = as_int(k, "k", minimum=0)
+    n, nq = base.shape[0], queries.shape[0]
+    self_rows = None
+    if exclude_self:
+        if query_offset < 0 or query_offset + nq > n:
+            raise ValueError(f"exclude_self: queries must be base rows {query_offset}.."
+                             f"{query_offset + nq - 1}, but base has {n} rows")
+        self_rows = np.arange(query_offset, query_offset + nq, dtype=np.int64)
+    limit = n - 1 if exclude_self else n
+    if k > limit:
+        raise ValueError(f"k={k} exceeds the {limit} base rows that can be returned per query")
+    if space == "cosine":
+        base = normalize_rows(base)
+        queries = normalize_rows(queries)
+    return exact_rows(base, queries, k, space, self_rows=self_rows, num_threads=num_threads,
+                      block=block, base_block=base_block, device=resolve_device(device),
+                      progress=progress)
+
+
+def pool_size(k, available):
+    """Candidates screened in float32 per query for ``k`` results out of ``available`` rows."""
+    return min(available, k + max(_MIN_MARGIN, k // 4))
+
+
+def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_threads=-1, block=None,
+               base_block=None, device=("cpu", None), progress=None, base_cache=None):
+    """The kernel on validated float32 input: base [n, d], queries [nq, d] C-contiguous float32
+    (cosine rows already normalised), ``0 <= k <=`` the rows that can be returned.
+
+    labels : [n] integer array, optional. Tie-break key per base row (default: the row number).
+    self_rows : [nq] int64, optional. Base row excluded for each query.
+    device : ("cpu", None) or ("cuda", ordinal), as from ``_validate.resolve_device``.
+    Returns (rows int64 [nq, k] into ``base``, dists float32 [nq, k]).
+    """
+    n, nq = base.shape[0], queries.shape[0]
+    ids = np.empty((nq, k), dtype=np.int64)
+    dists = np.empty((nq, k), dtype=np.float32)
+    if nq == 0 or k == 0:
+        return ids, dists
+    pool = pool_size(k, n - 1 if self_rows is not None else n)
+    if self_rows is not None:
+        pool = min(pool + 1, n)  # the excluded row may occupy one slot of the pool
+    if device[0] == "cuda":
+        with _import_cupy().cuda.Device(device[1] or 0):
+            return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
+                               block=block, base_block=base_block, progress=progress,
+                               base_cache=base_cache, out=(ids, dists))
+
+    block = int(block) if block else min(_CPU_BLOCK, nq)
+    base_block = int(base_block) if base_block else max(pool, _CPU_TILE_ENTRIES // block)
+    base_block = max(base_block, pool)
+    base_sq = np.einsum("ij,ij->i", base, base, dtype=np.float64) if space == "l2" else None
+
+    def run(a):
+        b = min(a + block, nq)
+        srows = None if self_rows is None else self_rows[a:b]
+        cand = _screen_cpu(base, base_sq, queries[a:b], pool, space, srows, base_block)
+        ids[a:b], dists[a:b] = rerank(base, queries[a:b], cand, k, space, srows, labels)
+        return b - a
+
+    starts = range(0, nq, block)
+    workers = min(_num_workers(num_threads), len(starts))
+    done = 0
+    if workers <= 1:
+        for a in starts:
+            done += run(a)
+            if progress is not None:
+                progress(done)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            for m in ex.map(run, starts):
+                done += m
+                if progress is not None:
+                    progress(done)
+    return ids, dists
+
+
+class CandidatePool:
+    """Running pool of the ``pool`` smallest float32 keys per row, for rows ``0..m``.
+
+    Rows start empty. A row's first tile goes through :meth:`offer_dense` (``np.argpartition`` over
+    the tile); after that, :meth:`offer_sparse` takes only the entries below the row's current
+    threshold (the largest key in its full pool), which after a few tiles is a small fraction, so
+    the per-tile cost is one comparison pass instead of a selection.
+    """
+
+    def __init__(self, m, pool):
+        self.pool = pool
+        self.key = np.full((m, pool), np.inf, dtype=np.float32)
+        self.idx = np.full((m, pool), -1, dtype=np.int64)
+        self.thr = np.full(m, np.inf, dtype=np.float32)
+
+    def _merge(self, rows, key, idx):
+        """Rows ``rows`` [r]: keep the pool smallest of (pool, key [r, c], idx [r, c])."""
+        key = np.concatenate([self.key[rows], key], axis=1)
+        idx = np.concatenate([self.idx[rows], idx], axis=1)
+        sel = np.argpartition(key, self.pool - 1, axis=1)[:, :self.pool]
+        self.key[rows] = np.take_along_axis(key, sel, axis=1)
+        self.idx[rows] = np.take_along_axis(idx, sel, axis=1)
+        self.thr[rows] = self.key[rows].max(axis=1)
+
+    def offer_dense(self, r0, key, col0):
+        """A whole tile: rows ``r0 .. r0 + key.shape[0]``, columns = ids ``col0 ..``."""
+        m, t = key.shape
+        rows = slice(r0, r0 + m)
+        if t > self.pool:
+            sel = np.argpartition(key, self.pool - 1, axis=1)[:, :self.pool]
+            key, idx = np.take_along_axis(key, sel, axis=1), sel + col0
+        else:
+            idx = np.broadcast_to(np.arange(col0, col0 + t, dtype=np.int64), key.shape)
+        self._merge(rows, key, idx)
+
+    def offer_sparse(self, rows, ids, keys):
+        """Entries ``(rows[e], ids[e], keys[e])``, ``rows`` ascending; each id once per row."""
+        if rows.size == 0:
+            return
+        start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        touched = rows[start]
+        counts = np.diff(np.r_[start, rows.size])
+        width = int(counts.max())
+        pos = np.arange(rows.size) - np.repeat(start, counts)
+        slot = np.repeat(np.arange(touched.size), counts)
+        key = np.full((touched.size, width), np.inf, dtype=np.float32)
+        idx = np.full((touched.size, width), -1, dtype=np.int64)
+        key[slot, pos] = keys
+        idx[slot, pos] = ids
+        self._merge(touched, key, idx)
+
+
+def _tile_keys(q, base, sq32, t0, t1, space):
+    """float32 [nq, t1 - t0] ranking keys: |b|^2 - 2 q.b (l2) or -q.b (ip, cosine)."""
+    g = q @ base[t0:t1].T                                       # BLAS sgemm
+    if space == "l2":
+        g *= -2.0
+        g += sq32[t0:t1]
+    else:
+        np.negative(g, out=g)
+    return g
+
+
+def _screen_cpu(base, base_sq, q, pool, space, self_rows, base_block):
+    """Rows of the ``pool`` smallest float32 keys per query, int64 [nq, pool] (unordered)."""
+    nq = q.shape[0]
+    pools = CandidatePool(nq, pool)
+    sq32 = None if base_sq is None else base_sq.astype(np.float32)
+    for t0 in range(0, base.shape[0], base_block):
+        t1 = min(t0 + base_block, base.shape[0])
+        g = _tile_keys(q, base, sq32, t0, t1, space)
+        if self_rows is not None:
+            hit = (self_rows >= t0) & (self_rows < t1)
+            g[np.flatnonzero(hit), self_rows[hit] - t0] = EXCLUDED_KEY
+        if t0 == 0:
+            pools.offer_dense(0, g, t0)
+        else:
+            r, c = np.nonzero(g < pools.thr[:, None])
+            pools.offer_sparse(r, c + t0, g[r, c])
+    return pools.idx
+
+
+def _exact_dists(base, q, cand, space):
+    """float64 [nq, pool]: exact distances of query i to base rows cand[i]."""
+    nq, pool = cand.shape
+    out = np.empty((nq, pool), dtype=np.float64)
+    step = max(1, _REFINE_ENTRIES // max(1, pool * base.shape[1]))
+    for a in range(0, nq, step):
+        c = cand[a:a + step]
+        v = base[c].astype(np.float64)                            # [step, pool, d]
+        q64 = q[a:a + step].astype(np.float64)[:, None, :]
+        if space == "l2":
+            v -= q64
+            out[a:a + step] = np.einsum("ijk,ijk->ij", v, v)
+        else:
+            out[a:a + step] = 1.0 - np.einsum("ijk,ijk->ij", v, q64)
+    return out
+
+
+def rerank(base, q, cand, k, space, self_rows=None, labels=None):
+    """Exact float64 re-ranking of a candidate pool, ties by the smaller id (or label).
+
+    base [n, d] float32, q [nq, d] float32 (both normalised for cosine), cand [nq, pool] int64 rows
+    of ``base``, self_rows [nq] int64 or None (that row is dropped), labels [n] or None (tie key).
+    Returns (rows int64 [nq, k], dists float32 [nq, k]).
+    """
+    d64 = _exact_dists(base, q, cand, space)
+    return _order(d64, cand, k, self_rows, labels)
+
+
+def _order(d64, cand, k, self_rows, labels):
+    if self_rows is not None:
+        d64[cand == self_rows[:, None]] = np.inf
+    tie = cand if labels is None else labels[cand]
+    order = np.lexsort((tie, d64), axis=1)[:, :k]
+    rows = np.take_along_axis(cand, order, axis=1)
+    return rows, np.take_along_axis(d64, order, axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA path (CuPy; imported lazily). Same phases as the CPU path; the candidate pool comes back to
+# the host for the final (distance, id) ordering, which is tiny.
+# --------------------------------------------------------------------------------------------------
+
+def _topk_cuda(cp, g, pool, group=32):
+    """Keys and column indices of the ``pool`` smallest entries per row of ``g`` [m, t], unordered.
+
+    CuPy's argpartition is a full sort, so sort only group minima: the ``pool`` groups of ``group``
+    columns with the smallest minima contain the ``pool`` smallest entries (each of those groups
+    holds an entry no larger than any entry outside them), then sort just their ``pool * group``
+    entries. Padding columns are +inf and real keys are finite, so padding is never chosen while
+    ``t >= pool``.
+    """
+    m, t = g.shape
+    if t <= max(pool * group, 4096):
+        sel = cp.argsort(g, axis=1)[:, :pool]
+        return cp.take_along_axis(g, sel, axis=1), sel
+    pad = (-t) % group
+    if pad:
+        g = cp.concatenate([g, cp.full((m, pad), cp.inf, dtype=g.dtype)], axis=1)
+    ng = g.shape[1] // group
+    gg = g.reshape(m, ng, group)
+    top = cp.argsort(gg.min(axis=2), axis=1)[:, :pool]                   # [m, pool] groups
+    cand = gg[cp.arange(m)[:, None], top].reshape(m, pool * group)       # their entries
+    cols = (top[:, :, None] * group + cp.arange(group)[None, None, :]).reshape(m, pool * group)
+    sel = cp.argsort(cand, axis=1)[:, :pool]
+    return cp.take_along_axis(cand, sel, axis=1), cp.take_along_axis(cols, sel, axis=1)
+
+
+def upload_base(base, space, device):
+    """``base`` [n, d] float32 on the GPU ``device`` (("cuda", ordinal)) with its squared norms
+    (l2 only): the ``base_cache`` of :func:`exact_rows`, for callers that query one base often."""
+    cp = _import_cupy()
+    with cp.cuda.Device(device[1] or 0):
+        b = cp.asarray(base)
+        return b, (b * b).sum(axis=1) if space == "l2" else None
+
+
+def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
+                base_cache, out):
+    cp = _import_cupy()
+    ids, dists = out
+    nq, n = queries.shape[0], base.shape[0]
+    try:
+        if base_cache is not None:
+            bdev, bsq = base_cache
+        else:
+            bdev = cp.asarray(base)
+            bsq = (bdev * bdev).sum(axis=1) if space == "l2" else None
+        block = int(block) if block else min(_GPU_BLOCK, nq)
+        base_block = int(base_block) if base_block else max(pool, _GPU_TILE_ENTRIES // block)
+        base_block = max(base_block, pool)
+        excluded = cp.float32(EXCLUDED_KEY)
+        for a in range(0, nq, block):
+            b = min(a + block, nq)
+            q = cp.asarray(queries[a:b])
+            srows = None if self_rows is None else cp.asarray(self_rows[a:b])
+            best_key = best_idx = None
+            for t0 in range(0, n, base_block):
+                t1 = min(t0 + base_block, n)
+                g = q @ bdev[t0:t1].T                                  # cuBLAS sgemm
+                if space == "l2":
+                    g *= -2.0
+                    g += bsq[t0:t1]
+                else:
+                    cp.negative(g, out=g)
+                if srows is not None:
+                    hit = cp.flatnonzero((srows >= t0) & (srows < t1))
+                    g[hit, srows[hit] - t0] = excluded
+                take = min(pool, t1 - t0)
+                key, idx = _topk_cuda(cp, g, take)
+                idx = idx + t0
+                if best_key is not None:
+                    key = cp.concatenate([best_key, key], axis=1)
+                    idx = cp.concatenate([best_idx, idx], axis=1)
+                    if key.shape[1] > pool:
+                        sel = cp.argsort(key, axis=1)[:, :pool]
+                        key = cp.take_along_axis(key, sel, axis=1)
+                        idx = cp.take_along_axis(idx, sel, axis=1)
+                best_key, best_idx = key, idx
+            # exact float64 re-ranking of the pool on the device, [step, pool, d] at a time
+            d64 = cp.empty(best_idx.shape, dtype=cp.float64)
+            step = max(1, 8 * _REFINE_ENTRIES // (best_idx.shape[1] * base.shape[1]))
+            for r in range(0, b - a, step):
+                v = bdev[best_idx[r:r + step]].astype(cp.float64)
+                q64 = q[r:r + step].astype(cp.float64)[:, None, :]
+                if space == "l2":
+                    v -= q64
+                    d64[r:r + step] = (v * v).sum(axis=2)
+                else:
+                    d64[r:r + step] = 1.0 - (v * q64).sum(axis=2)
+            cand = cp.asnumpy(best_idx).astype(np.int64)
+            srows_h = None if self_rows is None else self_rows[a:b]
+            ids[a:b], dists[a:b] = _order(cp.asnumpy(d64), cand, k, srows_h, labels)
+            if progress is not None:
+                progress(b)
+    except cp.cuda.memory.OutOfMemoryError as exc:
+        raise DeviceError(f"GPU out of memory in exact search ({exc}); pass a smaller block= or "
+                          f"base_block=, or device='cpu'") from exc
+    return ids, dists
