@@ -116,7 +116,7 @@ def copy_bandwidth(cp, nbytes=1 << 30):
 
 def distance_bandwidth(cp, index, queries, nq=1000, c=4096):
     """GB/s of vector rows the distance kernel reads for random slot lists [nq, c]."""
-    mirror = index._mirror
+    mirror = index._gpu.mirror
     slots = cp.random.default_rng(1).integers(0, mirror.count, size=(nq, c)).astype(cp.uint32)
     q = cp.asarray(queries[:nq])
     row_bytes = mirror.stride * (4 if mirror.storage == "float32" else 2)

@@ -26,18 +26,28 @@ Device arrays (slot = row; see kernels/README.md)::
                                      upper_start[s] + (L-1)*(M+1) = [count, M ids]
     deleted      [ceil(capacity/32)] uint32 bitset
 
+``DeviceIndex`` is the GPU side of one ``Index`` and the only one Index talks to: it owns the
+mirror and the lock that orders syncs and launches, runs GPU queries (rows the kernel flags are
+answered on the CPU) and produces the candidates of GPU-assisted inserts, and turns every device
+failure into :class:`~gpuhnsw.DeviceError` without losing anything (the C core is the master copy).
+
 CuPy is imported lazily; nothing here runs without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _kernels
+from ._errors import DeviceError
+from ._validate import as_matrix, as_vectors
 
-__all__ = ["DeviceMirror", "SyncStats"]
+__all__ = ["DeviceIndex", "DeviceMirror", "SyncStats", "is_gpu_array", "to_host", "to_device",
+           "device_matrix", "select_topk"]
 
 INVALID = 0xFFFFFFFF
 _CHUNK_BYTES = 64 << 20   # staging buffer size bound: rows per transfer = this / bytes per row
@@ -273,8 +283,9 @@ class DeviceMirror:
         -------
         labels : cupy uint64 [nq, k] (2**64-1 where missing), or slots, see above
         dists : cupy float32 [nq, k] (inf where missing)
-        found : cupy int32 [nq]
-        status : cupy int32 [nq], kStatus* bits (filtered mode: where a fixed size bit; re-run on CPU)
+        info : cupy int32 [2, nq]: row 0 ``found`` (-1 everywhere: the kernel rejected its launch
+            configuration), row 1 ``status``, kStatus* bits (filtered mode: where a fixed size bit;
+            re-run on CPU). One array, so the caller reads both back in one transfer.
         """
         cp = _kernels._cupy()
         with cp.cuda.Device(self.device):
@@ -291,10 +302,10 @@ class DeviceMirror:
             out_slots = cp.empty((nq, k), dtype=cp.uint32)
             out_dists = cp.empty((nq, k), dtype=cp.float32)
             out_labels = cp.empty((nq, k), dtype=cp.uint64)
-            found = cp.zeros(nq, dtype=cp.int32)
-            status = cp.zeros(nq, dtype=cp.int32)
+            info = cp.zeros((2, nq), dtype=cp.int32)
+            found, status = info[0], info[1]
             if nq == 0:
-                return out_labels, out_dists, found, status
+                return (out_slots if slots else out_labels), out_dists, info
             null = np.uint64(0)
             deleted = self.deleted if self.n_deleted > 0 else null
             fbits = null if filter_bits is None else filter_bits
@@ -306,9 +317,7 @@ class DeviceMirror:
                     np.int32(search_width), np.int32(log2), np.int32(max_iters), self.labels,
                     out_slots, out_dists, out_labels, found, status),
                    shared_mem=smem)
-            if int(found.min()) < 0:
-                raise RuntimeError("search kernel rejected its launch configuration (see kernels/search.cu)")
-            return (out_slots if slots else out_labels), out_dists, found, status
+            return (out_slots if slots else out_labels), out_dists, info
 
     def distances(self, queries, slots, *, block=256):
         """Distances from each query to a list of slots (kernels/distance.cu), as of the last sync.
@@ -381,3 +390,203 @@ class DeviceMirror:
             if self.entry_point != int(state["entry_point"]) or self.max_level != int(state["max_level"]):
                 problems.append("entry point / max level")
         return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# exact top-k on the device (kernels/topk.cu)
+
+_TILE_BYTES = 256 << 20   # bound on one [rows, n] distance tile of the in-batch search
+
+
+def select_topk(cp, tile, k, out_dists, out_index, *, index_offset=0, prev=False):
+    """The ``k`` smallest entries of each row of ``tile`` (cupy float32 ``[nq, n]``, C-contiguous),
+    ascending, ties by the smaller column, NaN as +inf: ``select_topk_kernel``, a partial selection
+    (no row is sorted). With ``prev``, ``out_dists``/``out_index`` hold a running result of earlier
+    tiles (columns before ``index_offset``) that is merged in.
+
+    out_dists : cupy float32 [nq, k]; out_index : cupy int64 [nq, k] (column + index_offset, -1 missing)
+    """
+    nq, n = tile.shape
+    if nq == 0 or k == 0:
+        return
+    cap = _kernels.topk_capacity(k)
+    warps = _kernels.topk_warps(cap)
+    kernel = _kernels.get_kernel("topk", _kernels.topk_expr(cap))
+    null = np.uint64(0)
+    kernel((min(nq, 65535),), (32 * warps,),
+           (tile, np.int64(n), np.int32(n), np.int64(index_offset), out_dists if prev else null,
+            out_index if prev else null, np.int32(nq), np.int32(k), out_dists, out_index),
+           shared_mem=_kernels.topk_shared_bytes(cap, warps))
+
+
+def _batch_neighbours(cp, rows, k, metric):
+    """Exact ``k`` nearest other rows of each row of ``rows`` (cupy float32 ``[b, dim]``, already on
+    the device), by the index's metric. Returns numpy uint32 ``[b, k]`` row numbers."""
+    b = rows.shape[0]
+    if metric == _kernels.METRICS["cosine"]:
+        rows = rows / cp.maximum(cp.sqrt((rows * rows).sum(axis=1, keepdims=True)), np.float32(1e-30))
+    sq = (rows * rows).sum(axis=1) if metric == _kernels.METRICS["l2"] else None
+    out_d = cp.empty((b, k), dtype=cp.float32)
+    out_i = cp.empty((b, k), dtype=cp.int64)
+    step = max(1, _TILE_BYTES // (4 * b))
+    for a in range(0, b, step):
+        e = min(b, a + step)
+        g = rows[a:e] @ rows.T                     # [e - a, b]; the ranking key of each pair
+        if sq is not None:
+            g *= np.float32(-2.0)
+            g += sq[None, :]
+        else:
+            cp.negative(g, out=g)
+        g[cp.arange(e - a), cp.arange(a, e)] = cp.inf   # not its own neighbour
+        select_topk(cp, g, k, out_d[a:e], out_i[a:e])
+    return cp.asnumpy(out_i).astype(np.uint32)      # all found: k <= b - 1 finite columns per row
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU arrays and the GPU side of an Index
+
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def is_gpu_array(x):
+    """CuPy arrays, anything with ``__cuda_array_interface__``, or a DLPack producer on a CUDA device."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is None:
+        return False
+    try:
+        return int(dev()[0]) in _DLPACK_CUDA
+    except Exception:
+        return False
+
+
+def _as_cupy(cp, x):
+    return cp.asarray(x) if hasattr(x, "__cuda_array_interface__") else cp.from_dlpack(x)
+
+
+def to_host(x):
+    """A host (NumPy-convertible) view of x; GPU arrays are copied to the host."""
+    if not is_gpu_array(x):
+        return x
+    cp = _kernels._cupy()
+    return cp.asnumpy(_as_cupy(cp, x))
+
+
+def to_device(x):
+    """``x`` (NumPy) copied to the current GPU as a CuPy array."""
+    return _kernels._cupy().asarray(x)
+
+
+def device_matrix(data, dim):
+    """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device."""
+    cp = _kernels._cupy()
+    arr = _as_cupy(cp, data)
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
+    arr = cp.ascontiguousarray(as_matrix(arr, dim, "query"), dtype=cp.float32)
+    if arr.size and not bool(cp.isfinite(arr).all()):
+        raise ValueError("query holds NaN or infinite values")
+    return arr
+
+
+class DeviceIndex:
+    """The GPU side of one ``Index``: the mirror of its core, the lock that orders syncs and
+    launches, GPU queries and the candidates of GPU-assisted inserts.
+
+    The core is passed to every call (``load_index`` and ``init_index`` replace it; the mirror is
+    rebuilt when it changed). Device failures (out of memory, a launch or driver error, a kernel
+    that does not compile) become :class:`DeviceError`; the mirror is dropped and rebuilt from the
+    intact C core at the next call, so nothing is lost.
+    """
+
+    def __init__(self, ordinal, storage):
+        self.ordinal, self.storage = int(ordinal), storage
+        self.mirror = None
+        self._lock = threading.Lock()   # one sync + launch at a time
+
+    @contextlib.contextmanager
+    def _guard(self):
+        cp = _kernels._cupy()
+        oom = cp.cuda.memory.OutOfMemoryError
+        failures = (oom, cp.cuda.driver.CUDADriverError, cp.cuda.runtime.CUDARuntimeError,
+                    cp.cuda.compiler.CompileException)
+        try:
+            with cp.cuda.Device(self.ordinal):
+                yield cp
+        except failures as exc:
+            self.mirror = None
+            what = "out of memory" if isinstance(exc, oom) else "error"
+            hint = "free GPU memory, use storage='float16', or " if isinstance(exc, oom) else ""
+            raise DeviceError(f"GPU {what} ({type(exc).__name__}: {exc}); the index is intact on the "
+                              f"CPU: {hint}query with device='cpu'") from None
+
+    def _mirror_of(self, core):
+        if self.mirror is None or self.mirror.core is not core:
+            self.mirror = DeviceMirror(core, device=self.ordinal, storage=self.storage)
+        return self.mirror
+
+    def sync(self, core):
+        """Bring the mirror of ``core`` up to date; returns the sync's :class:`SyncStats`."""
+        with self._guard(), self._lock:
+            return self._mirror_of(core).sync()
+
+    def knn_query(self, core, data, k, ef, allowed, search_width, cpu_search):
+        """Search on the GPU, or None where the kernel cannot take the query (the caller answers on
+        the CPU).
+
+        data : NumPy-convertible or GPU array ``[nq, dim]``; allowed : uint32 bitset words of the
+        allowed slots, or None; cpu_search(q float32 ``[r, dim]``) -> (labels, dists, found), the
+        padded CPU answer for rows the kernel flagged.
+
+        Returns (labels uint64 ``[nq, k]``, dists float32 ``[nq, k]``, found int32 ``[nq]`` NumPy):
+        labels and dists are CuPy arrays for GPU input, NumPy otherwise.
+        """
+        if max(int(ef), int(k)) > _kernels.SEARCH_CAPACITIES[-1]:
+            return None
+        gpu_input = is_gpu_array(data)
+        with self._guard() as cp:
+            q = device_matrix(data, int(core.dim)) if gpu_input else \
+                cp.asarray(as_vectors(data, int(core.dim), what="query"))
+            nq = q.shape[0]
+            if k == 0 or nq == 0:
+                labels, dists = cp.empty((nq, k), dtype=cp.uint64), cp.empty((nq, k), dtype=cp.float32)
+                found = np.zeros(nq, dtype=np.int32)
+            else:
+                bits = None if allowed is None else cp.asarray(allowed)
+                with self._lock:
+                    mirror = self._mirror_of(core)
+                    mirror.sync()
+                    labels, dists, info = mirror.search(q, k, ef, search_width=search_width, filter_bits=bits)
+                found, status = cp.asnumpy(info)   # the one read-back before the results
+                if (found < 0).any():
+                    raise DeviceError("the search kernel rejected its launch configuration (see kernels/search.cu)")
+                redo = np.flatnonzero(status)
+                if redo.size:   # a fixed-size buffer of the kernel was exceeded: C's exact answer
+                    l_cpu, d_cpu, f_cpu = cpu_search(cp.asnumpy(q[cp.asarray(redo)]))
+                    rows = cp.asarray(redo)
+                    labels[rows], dists[rows] = cp.asarray(l_cpu), cp.asarray(d_cpu)
+                    found[redo] = f_cpu
+            if gpu_input:
+                return labels, dists, found
+            return cp.asnumpy(labels), cp.asnumpy(dists), found
+
+    def insert_candidates(self, core, chunk, space):
+        """Level-0 candidates of the rows of ``chunk`` (float32 ``[b, dim]``) for GPU-assisted
+        insertion: graph slots uint32 ``[b, ef_construction]`` from the search kernel, and batch
+        rows uint32 ``[b, M0]``, exact nearest within the chunk (0xFFFFFFFF pads both). The chunk
+        is uploaded once; both searches read it there."""
+        kc = min(int(core.ef_construction), _kernels.SEARCH_CAPACITIES[-1])
+        b = chunk.shape[0]
+        kb = min(int(core.M0), b - 1)
+        batch = np.full((b, max(kb, 1)), 0xFFFFFFFF, dtype=np.uint32)
+        with self._guard() as cp:
+            rows = cp.asarray(chunk)
+            with self._lock:
+                mirror = self._mirror_of(core)
+                mirror.sync()
+                slots, _, _ = mirror.search(rows, kc, kc, slots=True)
+            graph = cp.asnumpy(slots)
+            if kb > 0:
+                batch[:, :kb] = _batch_neighbours(cp, rows, kb, _kernels.METRICS[space])
+        return np.ascontiguousarray(graph, dtype=np.uint32), batch

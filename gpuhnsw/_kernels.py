@@ -38,7 +38,7 @@ __all__ = [
     "METRICS", "kernel_source", "name_expressions", "get_kernel", "kernel_dir", "team_size",
     "beam_capacity", "topk_capacity", "search_expr", "distance_expr", "topk_expr", "scatter_expr",
     "row_stride",
-    "search_shared_bytes", "search_hash_log2", "distance_shared_bytes", "topk_shared_bytes",
+    "search_shared_bytes", "search_hash_log2", "distance_shared_bytes", "topk_shared_bytes", "topk_warps",
 ]
 
 #: NVRTC options of every module (an architecture option is added by CuPy, or by the CI check).
@@ -252,6 +252,12 @@ def search_shared_bytes(stride, search_width, m0, m, hash_log2):
 def distance_shared_bytes(stride):
     """Dynamic shared memory of ``compute_distances_kernel`` in bytes: the fp32 query row."""
     return 4 * int(stride)
+
+
+def topk_warps(capacity):
+    """Warps per block of ``select_topk_kernel`` for `capacity`: as many as fit in 48 KiB of
+    shared memory, at most 8 (256 threads)."""
+    return max(1, min(8, (48 * 1024 - 12 * int(capacity)) // (16 * int(capacity))))
 
 
 def topk_shared_bytes(capacity, n_warps):

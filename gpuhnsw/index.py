@@ -4,15 +4,13 @@ Existing hnswlib code runs unchanged after ``import gpuhnsw as hnswlib``.  Where
 silently misbehaves (query of an uninitialised index, wrong query width, NaN input, ...), this class
 raises a clear exception and leaves the index exactly as it was.
 """
-import contextlib
 import os
-import threading
 
 import numpy as np
 
-from . import _core, _io
+from . import _core, _device, _io
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
-from ._validate import (as_int, as_label, as_labels, as_matrix, as_vectors, check_dim, check_space,
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, resolve_device)
 
 PAD_LABEL = np.uint64(2**64 - 1)
@@ -20,62 +18,6 @@ GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least t
 GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take GPU candidates
 GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small"
-
-
-def _cupy():
-    from ._kernels import _cupy as load
-    return load()
-
-
-def _gpu_max_beam():
-    from ._kernels import SEARCH_CAPACITIES
-    return SEARCH_CAPACITIES[-1]
-
-
-def _is_gpu_array(x):
-    """CuPy arrays, anything with ``__cuda_array_interface__``, or a DLPack producer on a CUDA device."""
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
-    dev = getattr(x, "__dlpack_device__", None)
-    if dev is None:
-        return False
-    try:
-        return int(dev()[0]) in (2, 13)  # kDLCUDA, kDLCUDAManaged
-    except Exception:
-        return False
-
-
-def _to_host(x):
-    """A host (NumPy-convertible) view of x; GPU arrays are copied to the host."""
-    if not _is_gpu_array(x):
-        return x
-    cp = _cupy()
-    arr = cp.asarray(x) if hasattr(x, "__cuda_array_interface__") else cp.from_dlpack(x)
-    return cp.asnumpy(arr)
-
-
-def _device_vectors(cp, data, dim):
-    """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device."""
-    arr = cp.asarray(data) if hasattr(data, "__cuda_array_interface__") else cp.from_dlpack(data)
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
-    arr = cp.ascontiguousarray(as_matrix(arr, dim, "query"), dtype=cp.float32)
-    if arr.size and not bool(cp.isfinite(arr).all()):
-        raise ValueError("query holds NaN or infinite values")
-    return arr
-
-
-@contextlib.contextmanager
-def _gpu_errors(index):
-    """GPU out-of-memory becomes a DeviceError; the device copy is dropped (rebuilt from the intact
-    CPU graph at the next query), so nothing is lost."""
-    cp = _cupy()
-    try:
-        yield
-    except cp.cuda.memory.OutOfMemoryError as exc:
-        index._mirror = None
-        raise DeviceError(f"GPU out of memory ({exc}); the index is intact on the CPU: free GPU memory, "
-                          "use storage='float16', or query with device='cpu'") from None
 
 
 def _physical_memory():
@@ -119,8 +61,7 @@ class Index:
         if storage not in ("float32", "float16"):
             raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
         self._storage = storage
-        self._mirror = None
-        self._gpu_lock = threading.Lock()  # one sync + launch at a time per index
+        self._gpu = _device.DeviceIndex(self._device_ordinal, storage) if self._device == "cuda" else None
         if len(args) == 1 and not kwargs and isinstance(args[0], (Index, dict)):
             src = args[0]
             state = src.__getstate__()[0] if isinstance(src, Index) else src
@@ -186,12 +127,12 @@ class Index:
             raise ValueError(f"build must be 'auto', 'cpu' or 'gpu', got {build!r}")
         if build == "gpu" and self._device != "cuda":
             raise DeviceError("build='gpu' needs an index on a GPU (device='cuda')")
-        data = as_vectors(_to_host(data), self._dim)
+        data = as_vectors(_device.to_host(data), self._dim)
         rows = data.shape[0]
         if ids is None:
             labels = np.arange(self._cur_l, self._cur_l + rows, dtype=np.uint64)
         else:
-            labels = as_labels(_to_host(ids), rows)
+            labels = as_labels(_device.to_host(ids), rows)
         threads = self._threads(num_threads, rows)
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
         # batches go in one by one: only take that path when even an all-new batch fits, so a
@@ -213,33 +154,9 @@ class Index:
                 core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
             else:
                 stop = min(n, start + max(1024, min(count // 4, GPU_BUILD_BATCH)))
-                graph, batch = self._gpu_candidates(data[start:stop])
+                graph, batch = self._gpu.insert_candidates(core, data[start:stop], self._space)
                 core.add(data[start:stop], labels[start:stop], stop - start, threads, False, graph, batch)
             start = stop
-
-    def _gpu_candidates(self, chunk):
-        """Level-0 candidates of the rows of ``chunk`` (float32 ``[b, dim]``): graph slots uint32
-        ``[b, ef_construction]`` from the search kernel, batch rows uint32 ``[b, M0]`` from exact
-        search within the chunk (0xFFFFFFFF pads both)."""
-        from .exact import exact_search
-        from ._kernels import SEARCH_CAPACITIES
-
-        cp = _cupy()
-        core = self._core
-        kc = min(core.ef_construction, SEARCH_CAPACITIES[-1])
-        with _gpu_errors(self), cp.cuda.Device(self._device_ordinal):
-            with self._gpu_lock:
-                mirror = self._gpu_mirror()
-                mirror.sync()
-                slots, _, _, _ = mirror.search(cp.asarray(chunk), kc, kc, slots=True)
-            graph = cp.asnumpy(slots)
-        kb = min(core.M0, chunk.shape[0] - 1)
-        batch = np.full((chunk.shape[0], max(kb, 1)), 0xFFFFFFFF, dtype=np.uint32)
-        if kb > 0:
-            ids, _ = exact_search(chunk, chunk, kb, self._space, exclude_self=True,
-                                  device=f"cuda:{self._device_ordinal}")
-            batch[:, :kb] = ids
-        return np.ascontiguousarray(graph, dtype=np.uint32), batch
 
     def mark_deleted(self, label):
         """Hide ``label`` from results; it stays in the graph as a waypoint."""
@@ -283,23 +200,37 @@ class Index:
         k = as_int(k, "k", minimum=0)
         ef = self._ef if ef is None else as_int(ef, "ef", minimum=1)
         search_width = as_int(search_width, "search_width", minimum=1)
-        if self._device == "cuda" and not callable(filter) and max(ef, k) <= _gpu_max_beam():
-            return self._knn_query_gpu(data, k, ef, filter, pad, search_width)
-        on_gpu_input = _is_gpu_array(data)
-        q = as_vectors(_to_host(data), self._dim, what="query")
-        labels, dists = self._knn_query_cpu(core, q, k, ef, num_threads, filter, pad)
+        if search_width > 32:
+            raise ValueError(f"search_width must be 1..32, got {search_width}")
+        if self._gpu is not None and not callable(filter):
+            bits = None if filter is None else np.frombuffer(self._filter_bitset(core, filter), dtype=np.uint32)
+            out = self._gpu.knn_query(core, data, k, ef, bits, search_width,
+                                      lambda q: self._knn_query_cpu(core, q, k, ef, -1, filter))
+            if out is not None:
+                return self._check_found(out, k, pad)
+        on_gpu_input = _device.is_gpu_array(data)
+        q = as_vectors(_device.to_host(data), self._dim, what="query")
+        labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, filter)
+        self._check_found((labels, dists, found), k, pad)
         if on_gpu_input:
-            cp = _cupy()
-            return cp.asarray(labels), cp.asarray(dists)
+            return _device.to_device(labels), _device.to_device(dists)
         return labels, dists
 
-    def _knn_query_cpu(self, core, q, k, ef, num_threads, filter, pad):
+    @staticmethod
+    def _check_found(result, k, pad):
+        labels, dists, found = result
+        if not pad and (found < k).any():
+            raise RuntimeError(_NOT_FOUND)
+        return labels, dists
+
+    def _knn_query_cpu(self, core, q, k, ef, num_threads, filter):
+        """The C search; missing results padded. Returns labels, dists, found int32 ``[nq]``."""
         nq = q.shape[0]
         labels = np.empty((nq, k), dtype=np.uint64)
         dists = np.empty((nq, k), dtype=np.float32)
+        found = np.zeros(nq, dtype=np.int32)
         if k == 0 or nq == 0:
-            return labels, dists
-        found = np.empty(nq, dtype=np.int32)
+            return labels, dists, found
         bits, callback = None, None
         if filter is not None:
             if callable(filter):
@@ -307,53 +238,13 @@ class Index:
             else:
                 bits = self._filter_bitset(core, filter)
         core.search(q, nq, k, ef, self._threads(num_threads, nq), labels, dists, found, bits, callback)
-        if not pad and (found < k).any():
-            raise RuntimeError(_NOT_FOUND)
-        return labels, dists
+        return labels, dists, found
 
     @staticmethod
     def _filter_bitset(core, allowed):
         if isinstance(allowed, (set, frozenset)):
             allowed = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
-        return core.allowed_bitset(as_labels(_to_host(allowed)))
-
-    def _knn_query_gpu(self, data, k, ef, filter, pad, search_width):
-        cp = _cupy()
-        core = self._core
-        gpu_input = _is_gpu_array(data)
-        with _gpu_errors(self), cp.cuda.Device(self._device_ordinal):
-            q = _device_vectors(cp, data, self._dim) if gpu_input else \
-                cp.asarray(as_vectors(data, self._dim, what="query"))
-            nq = q.shape[0]
-            if k == 0 or nq == 0:
-                labels, dists = cp.empty((nq, k), dtype=cp.uint64), cp.empty((nq, k), dtype=cp.float32)
-            else:
-                bits = None
-                if filter is not None:
-                    host = np.frombuffer(self._filter_bitset(core, filter), dtype=np.uint32)
-                    bits = cp.asarray(host)
-                with self._gpu_lock:
-                    mirror = self._gpu_mirror()
-                    mirror.sync()
-                    labels, dists, found, status = mirror.search(q, k, ef, search_width=search_width,
-                                                                 filter_bits=bits)
-                redo = cp.flatnonzero(status != 0)
-                if redo.size:  # a fixed-size GPU buffer bit (status bits): answer those rows on the CPU
-                    host_q = cp.asnumpy(q[redo])
-                    l_cpu, d_cpu = self._knn_query_cpu(core, host_q, k, ef, -1, filter, True)
-                    labels[redo], dists[redo] = cp.asarray(l_cpu), cp.asarray(d_cpu)
-                    found[redo] = cp.asarray((l_cpu != PAD_LABEL).sum(axis=1).astype(np.int32))
-                if not pad and int(found.min()) < k:
-                    raise RuntimeError(_NOT_FOUND)
-            if gpu_input:
-                return labels, dists
-            return cp.asnumpy(labels), cp.asnumpy(dists)
-
-    def _gpu_mirror(self):
-        if self._mirror is None or self._mirror.core is not self._core:
-            from ._device import DeviceMirror
-            self._mirror = DeviceMirror(self._core, device=self._device_ordinal, storage=self._storage)
-        return self._mirror
+        return core.allowed_bitset(as_labels(_device.to_host(allowed)))
 
     def sync(self):
         """Bring the GPU copy of the graph up to date now; only rows changed since the last sync move.
@@ -361,11 +252,9 @@ class Index:
         Done lazily before every GPU query, so calling it is optional (e.g. to take the cost out of
         the first query).  Returns the sync's counters (rows, bytes, seconds), or None on the CPU.
         """
-        if self._device != "cuda" or self._core is None:
+        if self._gpu is None or self._core is None:
             return None
-        cp = _cupy()
-        with _gpu_errors(self), cp.cuda.Device(self._device_ordinal), self._gpu_lock:
-            return self._gpu_mirror().sync()
+        return self._gpu.sync(self._core)
 
     def _threads(self, n, rows):
         n = self._num_threads if n is None or as_int(n, "num_threads") <= 0 else int(n)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import index as index_module
+from gpuhnsw import _device, index as index_module
 from gpuhnsw.testing import exact_knn, recall_at_k
 
 INVALID = 0xFFFFFFFF
 
 
-def cpu_candidates(self, chunk):
-    core, b = self._core, chunk.shape[0]
+def cpu_candidates(self, core, chunk, space):
+    b = chunk.shape[0]
     kc = core.ef_construction
     slots = np.empty((b, kc), np.uint64)
     dists = np.empty((b, kc), np.float32)
@@ -21,7 +21,7 @@ def cpu_candidates(self, chunk):
     core.search(chunk, b, kc, kc, 2, slots, dists, found, None, None, True)
     graph = np.where(slots == np.uint64(2**64 - 1), INVALID, slots).astype(np.uint32)
     kb = min(core.M0, b - 1)
-    ids, _ = exact_knn(chunk, chunk, kb + 1, self._space)
+    ids, _ = exact_knn(chunk, chunk, kb + 1, space)
     batch = np.array([[j for j in row if j != i][:kb] for i, row in enumerate(ids)], dtype=np.uint32)
     return graph, batch
 
@@ -29,7 +29,7 @@ def cpu_candidates(self, chunk):
 @pytest.fixture
 def assisted(monkeypatch):
     """build="gpu" on a CPU index, with small thresholds so that several batches run."""
-    monkeypatch.setattr(index_module.Index, "_gpu_candidates", cpu_candidates)
+    monkeypatch.setattr(_device.DeviceIndex, "insert_candidates", cpu_candidates)
     monkeypatch.setattr(index_module, "GPU_BUILD_SEED", 1000)
 
     def make(space, dim, n, **kw):
@@ -42,11 +42,11 @@ def assisted(monkeypatch):
 def assisted_add(ix, *args, **kw):
     """add_items(..., build="gpu") with the device switched on for the insert only (queries stay on
     the CPU engine; the candidate source is patched by the fixture)."""
-    ix._device = "cuda"
+    ix._device, ix._gpu = "cuda", _device.DeviceIndex(0, "float32")
     try:
         ix.add_items(*args, build="gpu", **kw)
     finally:
-        ix._device = "cpu"
+        ix._device, ix._gpu = "cpu", None
 
 
 @pytest.mark.parametrize("name, space, n", [("siftsmall", "l2", None), ("mnist", "l2", 8000),

@@ -138,7 +138,8 @@ def test_gpu_search_matches_reference(sift_small, width, storage):
     if storage == "float16":
         state = dict(state, vectors=np.frombuffer(state["vectors"], np.float32).astype(np.float16)
                      .astype(np.float32).tobytes())
-    labels, dists, found, status = mirror.search(queries, 10, 40, search_width=width)
+    labels, dists, info = mirror.search(queries, 10, 40, search_width=width)
+    found = info[0]
     ref = beam_search_reference(state, queries, 10, 40, search_width=width)
     _compare(labels, dists, found, ref, np.frombuffer(state["labels"], np.uint64),
              0.99 if storage == "float32" else 0.9)
@@ -157,7 +158,8 @@ def test_gpu_filtered_search_matches_reference(sift_small):
     allowed = state_labels % 7 == 0
     bits = np.packbits(np.concatenate([allowed, np.zeros(mirror.capacity - allowed.size, bool)]),
                        bitorder="little").view(np.uint32)
-    labels, dists, found, status = mirror.search(queries, 10, 40, filter_bits=cp.asarray(bits))
+    labels, dists, info = mirror.search(queries, 10, 40, filter_bits=cp.asarray(bits))
+    found = info[0]
     cap = _kernels.beam_capacity(40, 10, True)
     ref = beam_search_reference(state, queries, 10, 40, allowed=allowed, pending_limit=cap)
     _compare(labels, dists, found, ref, state_labels)
@@ -181,7 +183,8 @@ def test_gpu_sync_after_changes(sift_small, rng):
     assert st.rows < len(sift_small[1])          # O(changed rows)
     assert mirror.check_against_core() == []
     queries = sift_small[2]
-    labels, dists, found, status = mirror.search(queries, 10, 40)
+    labels, dists, info = mirror.search(queries, 10, 40)
+    found = info[0]
     state = index._core.export_state()
     ref = beam_search_reference(state, queries, 10, 40, pending_limit=_kernels.beam_capacity(40, 10, True))
     _compare(labels, dists, found, ref, np.frombuffer(state["labels"], np.uint64))

@@ -67,7 +67,7 @@ def test_distances_against_numpy(space, storage, make_data):
     q = data[:20] + np.float32(0.01)
     slots = np.random.default_rng(0).integers(0, 3000, size=(20, 50)).astype(np.uint32)
     slots[3, 7] = 0xFFFFFFFF
-    got = cp.asnumpy(index._mirror.distances(q, slots))
+    got = cp.asnumpy(index._gpu.mirror.distances(q, slots))
     stored = index._core.export_state()
     vec = np.frombuffer(stored["vectors"], np.float32).reshape(3000, 100)
     if storage == "float16":
@@ -94,12 +94,12 @@ def test_mirror_equals_host_after_every_mutation(make_data):
     for step in steps:
         step()
         index.knn_query(data[:5], k=3)  # lazy sync
-        assert index._mirror.check_against_core() == []
-    before = index._mirror.stats.rows
+        assert index._gpu.mirror.check_against_core() == []
+    before = index._gpu.mirror.stats.rows
     index.add_items(data[:60] * 1.01, np.arange(20_000, 20_060))
     stats = index.sync()
     assert 60 <= stats.rows < 0.2 * 6000, "a small insert moves a small share of the rows"
-    assert index._mirror.stats.rows > before
+    assert index._gpu.mirror.stats.rows > before
     index.check_integrity()
 
 
@@ -168,7 +168,7 @@ def test_inserting_while_gpu_queries_run(make_data):
     thread.join()
     assert not errors
     index.sync()
-    assert index._mirror.check_against_core() == []
+    assert index._gpu.mirror.check_against_core() == []
 
 
 def test_out_of_range_beam_falls_back_to_cpu(make_data):

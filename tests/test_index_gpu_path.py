@@ -43,6 +43,15 @@ def _fake_cupy():
     class OutOfMemoryError(MemoryError):
         pass
 
+    class CUDADriverError(RuntimeError):
+        pass
+
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    class CompileException(Exception):
+        pass
+
     cp = types.ModuleType("cupy")
     for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
         setattr(cp, name, getattr(np, name))
@@ -54,7 +63,10 @@ def _fake_cupy():
     cp.flatnonzero = np.flatnonzero
     cp.from_dlpack = lambda x: wrap(np.from_dlpack(x))
     cp.cuda = types.SimpleNamespace(Device=Device, memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
-                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+                                    driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
+                                    compiler=types.SimpleNamespace(CompileException=CompileException),
+                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                                                  CUDARuntimeError=CUDARuntimeError))
     return cp
 
 
@@ -89,7 +101,7 @@ def fake_cuda(monkeypatch):
             out[calls["status_rows"]] = PAD_LABEL
             found = found.copy()
             found[calls["status_rows"]] = 0
-        return cp.asarray(out), cp.asarray(dists), cp.asarray(found.astype(np.int32)), cp.asarray(status)
+        return cp.asarray(out), cp.asarray(dists), cp.asarray(np.stack([found.astype(np.int32), status]))
 
     monkeypatch.setattr(_device.DeviceMirror, "sync", sync)
     monkeypatch.setattr(_device.DeviceMirror, "search", search)
@@ -193,3 +205,37 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(gpuhnsw.DeviceError, match="no GPU"):
         gpuhnsw.Index("l2", 4, device="cuda")
     assert gpuhnsw.Index("l2", 4, device="auto").device == "cpu"
+
+
+@pytest.mark.parametrize("failure", ["CUDADriverError", "OutOfMemoryError", "rejected"])
+def test_device_failure_is_a_device_error_and_loses_nothing(fake_cuda, pair, monkeypatch, failure):
+    cpu, gpu, data = pair
+    cp = sys.modules["cupy"]
+
+    def broken(self, queries, k, ef, **kw):
+        if failure == "rejected":  # the kernel's own report of a launch it cannot run: found = -1
+            nq = len(queries)
+            return (cp.empty((nq, k), dtype=np.uint64), cp.empty((nq, k), dtype=np.float32),
+                    cp.asarray(np.full((2, nq), -1, np.int32)))
+        errors = {"CUDADriverError": cp.cuda.driver.CUDADriverError, "OutOfMemoryError": cp.cuda.memory.OutOfMemoryError}
+        raise errors[failure]("CUDA_ERROR_INVALID_VALUE: invalid argument")
+
+    first = gpu.knn_query(data[1400:1420], k=5, ef=40)[0]
+    assert gpu._gpu.mirror is not None
+    with monkeypatch.context() as m:
+        m.setattr(_device.DeviceMirror, "search", broken)
+        with pytest.raises(gpuhnsw.DeviceError) as info:
+            gpu.knn_query(data[1400:1420], k=5, ef=40)
+    assert "intact" in str(info.value) or "rejected" in str(info.value)
+    if failure != "rejected":
+        assert gpu._gpu.mirror is None                  # dropped, rebuilt at the next call
+    assert gpu.get_current_count() == 1400 and gpu.check_integrity()["n_live"] == 1400
+    np.testing.assert_array_equal(gpu.knn_query(data[1400:1420], k=5, ef=40)[0], first)
+
+
+def test_search_width_checked(fake_cuda, pair):
+    _, gpu, data = pair
+    with pytest.raises(ValueError, match="search_width"):
+        gpu.knn_query(data[:2], k=2, search_width=33)
+    with pytest.raises(TypeError, match="search_width"):
+        gpu.knn_query(data[:2], k=2, search_width=0)
