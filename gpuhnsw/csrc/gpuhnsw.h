@@ -148,7 +148,8 @@ static inline int ghnsw_visit(ghnsw_visited_t *v, uint32_t s) {
 
 /* search.c */
 typedef struct {
-    const uint32_t *allowed_bits; /* optional bitset over slots */
+    const uint32_t *allowed_bits; /* optional bitset over slots: [words] or [nq, words_per_query] */
+    size_t words_per_query;       /* 0: one bitset for every query; else query qi's row of allowed_bits */
     int (*callback)(void *ctx, uint64_t label, int *allowed); /* optional; returns 0 ok, -1 error */
     void *callback_ctx;
 } ghnsw_filter_t;

@@ -159,14 +159,15 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     int threads;
     PyObject *bits_obj, *callback;
     int want_slots = 0;
+    Py_ssize_t stride = 0;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "y*nIIiw*w*w*OO|p", &q, &nq, &k, &ef, &threads, &ol, &od, &of, &bits_obj, &callback,
-                          &want_slots))
+    if (!PyArg_ParseTuple(args, "y*nIIiw*w*w*OO|pn", &q, &nq, &k, &ef, &threads, &ol, &od, &of, &bits_obj, &callback,
+                          &want_slots, &stride))
         return NULL;
     PyObject *ret = NULL;
     ghnsw_index_t *ix = IX(self);
     int have_bits = 0;
-    ghnsw_filter_t filter = {NULL, NULL, NULL};
+    ghnsw_filter_t filter = {NULL, 0, NULL, NULL};
     pyfilter_t pf = {NULL, NULL, NULL, NULL};
     if (nq < 0 || check_len(&q, (size_t)nq * ix->dim * 4, "queries") || check_len(&ol, (size_t)nq * k * 8, "labels out") ||
         check_len(&od, (size_t)nq * k * 4, "distances out") || check_len(&of, (size_t)nq * 4, "found out"))
@@ -174,11 +175,14 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     if (bits_obj != Py_None) {
         if (PyObject_GetBuffer(bits_obj, &bits, PyBUF_SIMPLE) < 0) goto out;
         have_bits = 1;
-        if ((size_t)bits.len < ((size_t)ix->capacity + 31) / 32 * 4) {
+        size_t words = ((size_t)ix->capacity + 31) / 32;
+        if (stride < 0 || (stride > 0 && (size_t)stride < words) ||
+            (size_t)bits.len < (stride ? (size_t)nq * (size_t)stride : words) * 4) {
             PyErr_SetString(PyExc_ValueError, "filter bitset is shorter than the index");
             goto out;
         }
         filter.allowed_bits = bits.buf;
+        filter.words_per_query = (size_t)stride;
     }
     if (callback != Py_None) {
         pf.fn = callback;
@@ -614,7 +618,8 @@ static PyMethodDef Core_methods[] = {
      "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted[, graph_cands u32[n,cg], batch_cands u32[n,cb]])"},
     {"search", (PyCFunction)Core_search, METH_VARARGS,
      "search(q f32[nq,dim], nq, k, ef, num_threads, out_labels u64[nq,k], out_dists f32[nq,k], out_found i32[nq], "
-     "allowed_bitset|None, callable|None[, want_slots: slot ids instead of labels])"},
+     "allowed_bitset|None, callable|None[, want_slots: slot ids instead of labels, "
+     "words_per_query: allowed_bitset is u32[nq, words_per_query], one row per query])"},
     {"allowed_bitset", (PyCFunction)Core_allowed_bitset, METH_VARARGS, "allowed_bitset(labels u64[n]) -> bytearray"},
     {"mark_deleted", (PyCFunction)Core_mark_deleted, METH_VARARGS, "mark_deleted(label)"},
     {"unmark_deleted", (PyCFunction)Core_unmark_deleted, METH_VARARGS, "unmark_deleted(label)"},

@@ -257,7 +257,14 @@ static int query_one(void *vctx, size_t qi, int worker) {
         float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
         uint32_t nres;
-        allow_t allow = {c->filter, 0};
+        ghnsw_filter_t row; /* a per-query filter: this query's bitset row */
+        const ghnsw_filter_t *f = c->filter;
+        if (f && f->words_per_query) {
+            row = *f;
+            row.allowed_bits += qi * f->words_per_query;
+            f = &row;
+        }
+        allow_t allow = {f, 0};
         if (c->use_filtered) nres = filtered_run(ix, vis, q, cur, d, 0, ef, &allow, beam);
         else nres = beam_run(ix, vis, q, cur, d, 0, ef, beam);
         ghnsw_visited_put(&ix->vpool, vis);
