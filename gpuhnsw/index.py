@@ -10,14 +10,17 @@ import numpy as np
 
 from . import _core, _device, _io
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
+from ._filters import MODES as FILTER_MODES, allowed_sets, log_plan, prefer_exact
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, resolve_device)
+from .exact import exact_search
 
 PAD_LABEL = np.uint64(2**64 - 1)
 GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least this large
 GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take GPU candidates
 GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
-_NOT_FOUND = "Cannot return the results in a contiguous 2D array. Probably ef or M is too small"
+# hnswlib's words for "fewer than k results", kept as the start of ours (existing code matches on it)
+_NOT_FOUND = "Cannot return the results in a contiguous 2D array"
 
 
 def _physical_memory():
@@ -159,11 +162,38 @@ class Index:
             start = stop
 
     def mark_deleted(self, label):
-        """Hide ``label`` from results; it stays in the graph as a waypoint."""
-        self._need_init().mark_deleted(as_label(label, TypeError))
+        """Hide ``label`` (one label, or an array of labels of any shape) from results; deleted
+        elements stay in the graph as waypoints.  For an array every label is checked first (known,
+        not yet deleted), so a rejected call deletes nothing."""
+        core = self._need_init()
+        if np.ndim(label) == 0:
+            core.mark_deleted(as_label(label, TypeError))
+            return
+        for one in self._labels_in_state(core, label, deleted=False):
+            core.mark_deleted(int(one))
 
     def unmark_deleted(self, label):
-        self._need_init().unmark_deleted(as_label(label, TypeError))
+        """Undo :meth:`mark_deleted` for one label or an array of labels (checked first, as there)."""
+        core = self._need_init()
+        if np.ndim(label) == 0:
+            core.unmark_deleted(as_label(label, TypeError))
+            return
+        for one in self._labels_in_state(core, label, deleted=True):
+            core.unmark_deleted(int(one))
+
+    @staticmethod
+    def _labels_in_state(core, labels, *, deleted):
+        """The distinct labels of ``labels`` (any shape) as uint64 ``[n]``, each known to the index
+        and currently deleted (or not); otherwise hnswlib's RuntimeError, naming the label."""
+        labels = np.unique(as_labels(np.ravel(np.asarray(labels))))
+        for one in labels:
+            slot, is_deleted = core.lookup(int(one))
+            if slot < 0:
+                raise RuntimeError(f"Label not found: {int(one)}")
+            if bool(is_deleted) != deleted:
+                raise RuntimeError(f"The requested to delete element is already deleted: {int(one)}" if not deleted
+                                   else f"The requested to undelete element is not deleted: {int(one)}")
+        return labels
 
     def resize_index(self, new_size):
         """Change capacity to ``new_size`` (not below the current count)."""
@@ -173,7 +203,8 @@ class Index:
         core.resize(new_size)
 
     # ---------------------------------------------------------------- search
-    def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False, search_width=1):
+    def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False, search_width=1,
+                  filter_mode="auto"):
         """The ``k`` nearest labels of each query row.
 
         Parameters
@@ -182,13 +213,26 @@ class Index:
             array (CuPy, anything with ``__cuda_array_interface__`` or CUDA DLPack, e.g. torch)
         k : int
         num_threads : int, CPU threads over queries (<= 0: all cores)
-        filter : callable ``label -> bool`` (hnswlib style, called with the GIL; CPU only), or an
-            array-like of allowed labels (handled in C or on the GPU, no Python calls)
+        filter : None, or which labels may be returned:
+
+            - a callable ``label -> bool`` (hnswlib style, called with the GIL; CPU only);
+            - for every query: allowed labels (array-like or set), or a boolean mask over labels
+              ``[n_labels]`` (``mask[label]`` True: allowed);
+            - per query row: a boolean mask ``[nq, n_labels]``, an integer array ``[nq, m]``, or a
+              list of ``nq`` label arrays / sets / masks.
+
+            Label filters run in C or on the GPU (no Python calls).  Where a filter allows so few
+            elements that exact search over them is cheaper than graph search, that query is
+            answered exactly (see ``filter_mode``; the choice is logged at DEBUG level on the
+            ``"gpuhnsw"`` logger).
         ef : int, keyword-only: beam width for this call (default: ``self.ef``); ``max(ef, k)`` is used
         pad : bool, keyword-only: where fewer than ``k`` are found, fill with label ``2**64-1`` and
             distance ``inf`` instead of raising ``RuntimeError``
         search_width : int, keyword-only, GPU only: parents expanded per beam iteration (1..32;
             1 follows the CPU order exactly)
+        filter_mode : ``"auto"`` (default), ``"graph"`` or ``"exact"``, keyword-only: for label
+            filters, choose per filter between graph search and exact search over the allowed rows
+            by estimated cost (``"auto"``), or force one
 
         Returns
         -------
@@ -202,49 +246,113 @@ class Index:
         search_width = as_int(search_width, "search_width", minimum=1)
         if search_width > 32:
             raise ValueError(f"search_width must be 1..32, got {search_width}")
-        if self._gpu is not None and not callable(filter):
-            bits = None if filter is None else np.frombuffer(self._filter_bitset(core, filter), dtype=np.uint32)
-            out = self._gpu.knn_query(core, data, k, ef, bits, search_width,
-                                      lambda q: self._knn_query_cpu(core, q, k, ef, -1, filter))
+        if filter_mode not in FILTER_MODES:
+            raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}, got {filter_mode!r}")
+        sets = exact = None
+        if filter is not None and not callable(filter):
+            sets = allowed_sets(core, _device.to_host(filter), 1 if np.ndim(data) == 1 else np.shape(data)[0])
+            exact = self._filter_plan(core, sets, k, ef, filter_mode)
+        if not pad:
+            self._check_enough(core, k, sets)
+        # the GPU takes unfiltered queries and graph search under one shared label filter
+        if self._gpu is not None and not callable(filter) and (sets is None or not (sets.per_query or exact[0])):
+            out = self._gpu.knn_query(core, data, k, ef, None if sets is None else sets.bits[0], search_width,
+                                      lambda q: self._knn_query_cpu(core, q, k, ef, -1, None, sets, exact))
             if out is not None:
-                return self._check_found(out, k, pad)
+                return self._check_found(core, out, k, ef, pad, filter)
         on_gpu_input = _device.is_gpu_array(data)
         q = as_vectors(_device.to_host(data), self._dim, what="query")
-        labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, filter)
-        self._check_found((labels, dists, found), k, pad)
+        labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, None if sets else filter, sets, exact)
+        self._check_found(core, (labels, dists, found), k, ef, pad, filter)
         if on_gpu_input:
             return _device.to_device(labels), _device.to_device(dists)
         return labels, dists
 
     @staticmethod
-    def _check_found(result, k, pad):
+    def _check_enough(core, k, sets):
+        """Fewer than ``k`` live elements, in the index or allowed by a label filter: hnswlib's
+        RuntimeError, with the numbers."""
+        live = core.count - core.n_deleted
+        if k > live:
+            raise RuntimeError(f"{_NOT_FOUND}: " + (f"k={k} but the index holds only {live} live elements"
+                                                     if live else f"k={k} but the index is empty")
+                               + "; pass pad=True to accept fewer")
+        if sets is not None and k and sets.live.min() < k:
+            i = int(np.argmin(sets.live))
+            which = f" of query row {i}" if sets.per_query else ""
+            raise RuntimeError(f"{_NOT_FOUND}: k={k} but the filter{which} allows only {sets.live[i]} live "
+                               "elements; pass pad=True to accept fewer")
+
+    @staticmethod
+    def _check_found(core, result, k, ef, pad, filter):
+        """A row that found fewer than ``k`` although enough are live: the graph search missed them."""
         labels, dists, found = result
         if not pad and (found < k).any():
-            raise RuntimeError(_NOT_FOUND)
+            row = int(np.argmax(found < k))
+            cause = "the filter may allow fewer than k elements, or " if callable(filter) else ""
+            raise RuntimeError(f"{_NOT_FOUND}: query row {row} found {found[row]} of k={k} neighbours among "
+                               f"{core.count - core.n_deleted} live elements ({cause}the graph search missed "
+                               f"some: raise ef, now {max(ef, k)}, or M); pass pad=True to accept fewer")
         return labels, dists
 
-    def _knn_query_cpu(self, core, q, k, ef, num_threads, filter):
-        """The C search; missing results padded. Returns labels, dists, found int32 ``[nq]``."""
+    @staticmethod
+    def _filter_plan(core, sets, k, ef, mode):
+        """bool ``[g]``: which allowed sets are searched exactly (see ``_filters.prefer_exact``)."""
+        if mode != "auto":
+            return np.full(sets.live.shape, mode == "exact")
+        return prefer_exact(sets.live, core.count - core.n_deleted, max(ef, k), core.M0)
+
+    def _knn_query_cpu(self, core, q, k, ef, num_threads, filter, sets=None, exact=None):
+        """The C search, missing results padded; ``filter`` is None or a callable, label filters
+        come parsed as ``sets`` with the plan ``exact`` (bool ``[g]``: exact search over the
+        allowed rows, else graph search; a graph row that misses allowed elements is redone
+        exactly).  Returns labels, dists, found int32 ``[nq]``."""
         nq = q.shape[0]
         labels = np.empty((nq, k), dtype=np.uint64)
         dists = np.empty((nq, k), dtype=np.float32)
         found = np.zeros(nq, dtype=np.int32)
         if k == 0 or nq == 0:
             return labels, dists, found
-        bits, callback = None, None
-        if filter is not None:
-            if callable(filter):
-                callback = filter
-            else:
-                bits = self._filter_bitset(core, filter)
-        core.search(q, nq, k, ef, self._threads(num_threads, nq), labels, dists, found, bits, callback)
+        threads = self._threads(num_threads, nq)
+        if sets is None:
+            core.search(q, nq, k, ef, threads, labels, dists, found, None, filter)
+            return labels, dists, found
+        row_live = sets.live if sets.per_query else np.repeat(sets.live, nq)  # int64 [nq]
+        exact = exact.copy() if sets.per_query else np.repeat(exact, nq)     # bool [nq]
+        graph = np.flatnonzero(~exact)
+        if graph.size:
+            bits = np.ascontiguousarray(sets.bits[graph] if sets.per_query else sets.bits[0])
+            sub_l, sub_d, sub_found = labels[graph], dists[graph], found[graph]
+            core.search(np.ascontiguousarray(q[graph]), graph.size, k, ef, threads, sub_l, sub_d, sub_found,
+                        bits, None, False, bits.shape[-1] if sets.per_query else 0)
+            labels[graph], dists[graph], found[graph] = sub_l, sub_d, sub_found
+            # graph search misses allowed elements where the filter cuts the graph apart: redo exactly
+            exact[graph[sub_found < np.minimum(k, row_live[graph])]] = True
+        log_plan(int(exact.sum()), nq, sets.live)
+        rows = np.flatnonzero(exact)
+        if sets.per_query:
+            for row in rows:
+                self._exact_query(core, q, np.array([row]), sets.slots(row), k, threads, labels, dists)
+        elif rows.size:
+            self._exact_query(core, q, rows, sets.slots(0), k, threads, labels, dists)
+        found[rows] = np.minimum(k, row_live[rows])
         return labels, dists, found
 
-    @staticmethod
-    def _filter_bitset(core, allowed):
-        if isinstance(allowed, (set, frozenset)):
-            allowed = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
-        return core.allowed_bitset(as_labels(_device.to_host(allowed)))
+    def _exact_query(self, core, q, rows, slots, k, threads, labels, dists):
+        """Exact search of queries ``q[rows]`` over the elements in ``slots`` (uint32 ``[m]``),
+        into ``labels[rows]`` / ``dists[rows]`` (padded past ``m``); on this index's GPU if it has one."""
+        m = slots.shape[0]
+        vectors = np.empty((m, core.dim_pad), dtype=np.float32)
+        slot_labels = np.empty(m, dtype=np.uint64)
+        core.gather_rows(slots, vectors, np.empty((m, core.M0), dtype=np.uint32), np.empty(m, dtype=np.uint32),
+                         slot_labels, np.empty(m, dtype=np.uint8))
+        kk = min(k, m)
+        labels[rows, kk:], dists[rows, kk:] = PAD_LABEL, np.inf
+        if kk:
+            device = "cpu" if self._gpu is None else f"cuda:{self._gpu.ordinal}"
+            ids, d = exact_search(vectors[:, :self._dim], q[rows], kk, self._space, num_threads=threads,
+                                  device=device)
+            labels[rows, :kk], dists[rows, :kk] = slot_labels[ids], d
 
     def sync(self):
         """Bring the GPU copy of the graph up to date now; only rows changed since the last sync move.
@@ -262,7 +370,10 @@ class Index:
 
     # ---------------------------------------------------------------- reads
     def get_items(self, ids=None, return_type="numpy"):
-        """Stored vectors of ``ids`` (cosine: normalised) as float32 ``[n, dim]`` or a list."""
+        """Stored vectors of ``ids`` (cosine: normalised) as float32 ``[n, dim]`` or a list.
+
+        ``ids`` may have any shape, e.g. the ``[nq, k]`` labels of :meth:`knn_query`; its labels are
+        taken in row-major order (``n = ids.size``)."""
         if return_type not in ("numpy", "list"):
             raise ValueError('return_type should be "numpy" or "list"')
         core = self._need_init()
@@ -271,7 +382,7 @@ class Index:
         else:
             if np.ndim(ids) == 0:
                 raise ValueError("get_items accepts a list of indices and returns a list of vectors")
-            labels = as_labels(ids)
+            labels = as_labels(np.ravel(_device.to_host(ids)))
         out = np.empty((labels.shape[0], self._dim), dtype=np.float32)
         core.get_vectors(labels, out)
         return out if return_type == "numpy" else out.tolist()

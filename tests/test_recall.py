@@ -115,10 +115,12 @@ def test_filter_callable_and_array_agree(sift, every):
     q = queries[:20]
     index.set_ef(100)
     by_callable = index.knn_query(q, k=K, filter=lambda label: label % every == 0)
-    by_array = index.knn_query(q, k=K, filter=allowed)
-    by_list = index.knn_query(q, k=K, filter=allowed.tolist())
-    by_int64 = index.knn_query(q, k=K, filter=allowed.astype(np.int64))
-    for other in (by_array, by_list, by_int64):
+    graph = {"filter_mode": "graph"}  # the callable always takes the graph path
+    by_array = index.knn_query(q, k=K, filter=allowed, **graph)
+    by_list = index.knn_query(q, k=K, filter=allowed.tolist(), **graph)
+    by_int64 = index.knn_query(q, k=K, filter=allowed.astype(np.int64), **graph)
+    by_mask = index.knn_query(q, k=K, filter=np.arange(len(base)) % every == 0, **graph)
+    for other in (by_array, by_list, by_int64, by_mask):
         np.testing.assert_array_equal(by_callable[0], other[0])
         np.testing.assert_array_equal(by_callable[1], other[1])
     assert np.all(by_callable[0] % every == 0)
@@ -131,7 +133,7 @@ def test_filtered_recall(sift, every, floor):
     ids, dists = exact_knn(base[allowed.astype(np.int64)], queries, K, "l2")
     truth = allowed[ids]
     index.set_ef(100)
-    labels, found = index.knn_query(queries, k=K, filter=allowed)
+    labels, found = index.knn_query(queries, k=K, filter=allowed, filter_mode="graph")
     assert np.all(np.isin(labels, allowed))
     r = recall_at_k(labels, truth, K)
     assert r >= floor, f"filtered recall@10 with 1/{every} allowed: {r:.4f}"
@@ -163,7 +165,7 @@ def test_selective_filter_finds_all_allowed(sift):
     index, base, queries = sift
     allowed = np.array([5, 17, 4242], dtype=np.uint64)
     index.set_ef(100)
-    labels, dists = index.knn_query(queries[:5], k=3, filter=allowed, pad=True)
+    labels, dists = index.knn_query(queries[:5], k=3, filter=allowed, pad=True, filter_mode="graph")
     ids, exact = exact_knn(base[allowed.astype(np.int64)], queries[:5], 3, "l2")
     np.testing.assert_array_equal(labels, allowed[ids])
     np.testing.assert_allclose(dists, exact, rtol=1e-4)

@@ -1,0 +1,121 @@
+"""Label filters of ``Index.knn_query``: every accepted form as allowed-slot bitsets, and the choice,
+per bitset, between graph search and exact search over the allowed rows.
+
+A selective filter makes graph search slow: the beam has to step over about ``live / allowed``
+excluded nodes for each allowed one it keeps (hnswlib's loop, ours too), while exact search over the
+allowed rows costs ``allowed`` distances in one matrix product.  ``prefer_exact`` compares the two.
+"""
+import logging
+
+import numpy as np
+
+from ._validate import as_labels
+
+log = logging.getLogger("gpuhnsw")
+
+MODES = ("auto", "graph", "exact")
+# Cost of one distance in exact search relative to one in graph search (which reads a random row and
+# keeps two heaps).  From benchmarks/filtered_search.py on minilm-debian (50k x 384, CPU): graph and
+# exact take equal time around 25% selectivity at ef=64 (about 0.1 us per graph distance, 0.06 us
+# per exact one); see benchmarks/results/filtered_search.md.
+EXACT_DISTANCE_COST = 0.6
+
+
+class AllowedSets:
+    """Allowed labels as bitsets over slots.
+
+    labels : list of ``g`` uint64 arrays, the allowed labels as given
+    bits : uint32 ``[g, words]``, ``g = 1`` (one filter for every query) or ``g = nq`` (one per row);
+        deleted slots are already cleared
+    live : int64 ``[g]``, allowed elements that are not deleted
+    per_query : bool
+    """
+
+    def __init__(self, labels, bits, live, per_query):
+        self.labels, self.bits, self.live, self.per_query = labels, bits, live, per_query
+
+    def slots(self, i):
+        """Allowed live slots of set ``i`` (uint32 ``[live[i]]``, ascending)."""
+        flags = np.unpackbits(self.bits[i].view(np.uint8), bitorder="little")
+        return np.flatnonzero(flags).astype(np.uint32)
+
+
+def _is_collection(x):
+    return isinstance(x, (set, frozenset, list, tuple)) or np.ndim(x) >= 1
+
+
+def _labels_of(one):
+    """One filter's allowed labels (uint64 ``[m]``): labels, a set of labels, or a boolean mask over
+    labels (``mask[label]`` True means allowed)."""
+    if isinstance(one, (set, frozenset)):
+        one = np.fromiter(one, dtype=np.int64, count=len(one)) if one else np.zeros(0, np.uint64)
+    arr = np.asarray(one)
+    if arr.dtype == np.bool_:
+        if arr.ndim != 1:
+            raise ValueError(f"a boolean filter mask must be 1-D over labels, got shape {arr.shape}")
+        return np.flatnonzero(arr).astype(np.uint64)
+    if arr.ndim != 1 and arr.size:
+        raise ValueError(f"a filter's allowed labels must be 1-D, got shape {arr.shape}")
+    return as_labels(arr.reshape(-1))
+
+
+def label_sets(filter, nq):
+    """``filter`` (anything but a callable) -> (list of uint64 label arrays, per_query).
+
+    One filter for every query: labels (array-like or set), or a boolean mask ``[n_labels]``.
+    Per query: a boolean mask ``[nq, n_labels]``, an integer array ``[nq, m]``, or a list of ``nq``
+    label arrays / sets / masks (ragged).
+    """
+    if isinstance(filter, (list, tuple)) and filter and _is_collection(filter[0]):
+        rows = list(filter)
+    else:
+        arr = filter if isinstance(filter, (set, frozenset)) else np.asarray(filter)
+        if isinstance(arr, (set, frozenset)) or arr.ndim <= 1:
+            return [_labels_of(arr)], False
+        if arr.ndim != 2:
+            raise ValueError(f"filter must be 1-D (one for all queries) or 2-D (one row per query), "
+                             f"got shape {arr.shape}")
+        rows = list(arr)
+    if len(rows) != nq:
+        raise ValueError(f"a per-query filter needs one entry per query row: got {len(rows)} for {nq} queries")
+    return [_labels_of(r) for r in rows], True
+
+
+def _popcount(words):
+    """Set bits per row of uint32 ``[g, words]`` -> int64 ``[g]``."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words).sum(axis=1, dtype=np.int64)
+    return np.unpackbits(words.view(np.uint8), axis=1).sum(axis=1, dtype=np.int64)
+
+
+def allowed_sets(core, filter, nq):
+    """Parse ``filter`` and turn its labels into live-slot bitsets of ``core`` (unknown labels are
+    ignored: they cannot be returned anyway)."""
+    sets, per_query = label_sets(filter, nq)
+    deleted = np.frombuffer(core.deleted_bitset(), dtype=np.uint32)
+    rows = [np.frombuffer(core.allowed_bitset(labels), dtype=np.uint32) for labels in sets]
+    words = min(deleted.shape[0], min(r.shape[0] for r in rows))  # a resize may run beside us
+    bits = np.empty((len(rows), words), dtype=np.uint32)
+    for i, r in enumerate(rows):
+        np.bitwise_and(r[:words], ~deleted[:words], out=bits[i])
+    return AllowedSets(sets, bits, _popcount(bits), per_query)
+
+
+def prefer_exact(allowed, live, ef, M0):
+    """bool ``[g]``: where exact search over the ``allowed`` rows (int64 ``[g]``) is cheaper than
+    graph search in an index of ``live`` elements with beam ``ef`` and ``M0`` level-0 links.
+
+    Graph search evaluates about ``M0`` neighbours per expanded node and expands about
+    ``ef * live / allowed`` nodes before its beam holds ``ef`` allowed ones, never more than the
+    whole graph; exact search evaluates each allowed row once, at ``EXACT_DISTANCE_COST``.
+    """
+    allowed = np.asarray(allowed, dtype=np.float64)
+    graph = np.minimum(float(live), ef * M0 * live / np.maximum(allowed, 1.0))
+    return EXACT_DISTANCE_COST * allowed < graph
+
+
+def log_plan(exact_rows, nq, allowed):
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("filtered knn_query: %d of %d query rows by exact search over the allowed rows, "
+                  "the rest by graph search (allowed live elements: min %d, max %d)",
+                  exact_rows, nq, int(allowed.min()), int(allowed.max()))
