@@ -352,6 +352,13 @@ def test_get_items(lib):
         index.get_items([3], return_type="tuple")
 
 
+def test_get_items_of_knn_query_labels(lib):
+    """knn_query's labels [n, 1] go straight into get_items, as in hnswlib."""
+    index = built(lib, n=10)
+    labels, _ = index.knn_query(X[[3, 1, 7]], k=1)
+    np.testing.assert_array_equal(index.get_items(labels), X[[3, 1, 7]])
+
+
 def test_get_items_cosine_returns_normalised(lib):
     index = lib.Index("cosine", DIM)
     index.init_index(10)
