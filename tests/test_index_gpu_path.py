@@ -155,9 +155,9 @@ def test_gpu_input_validated_on_device(fake_cuda, pair):
 def test_label_filter_becomes_device_bitset(fake_cuda, pair):
     cpu, gpu, data = pair
     allowed = np.arange(0, 1400, 7)
-    got = gpu.knn_query(data[1400:], k=5, ef=40, filter=allowed)
+    got = gpu.knn_query(data[1400:], k=5, ef=40, filter=allowed, filter_mode="graph")
     assert np.isin(got[0], allowed).all()
-    want = cpu.knn_query(data[1400:], k=5, ef=40, filter=allowed)
+    want = cpu.knn_query(data[1400:], k=5, ef=40, filter=allowed, filter_mode="graph")
     assert np.mean(got[0] == want[0]) > 0.9
 
 
