@@ -248,6 +248,16 @@ class Index:
             raise ValueError(f"search_width must be 1..32, got {search_width}")
         if filter_mode not in FILTER_MODES:
             raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}, got {filter_mode!r}")
+        while True:
+            # Label filters become slot bitsets before the search; if a replace_deleted moved a slot
+            # to another label meanwhile, the bitsets may name it by its old label: redo, so that no
+            # result ever carries a label the filter excludes.  (Callables see the returned labels.)
+            relabels = core.relabels
+            out = self._knn_query_once(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
+            if filter is None or callable(filter) or core.relabels == relabels:
+                return out
+
+    def _knn_query_once(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode):
         sets = exact = None
         if filter is not None and not callable(filter):
             sets = allowed_sets(core, _device.to_host(filter), 1 if np.ndim(data) == 1 else np.shape(data)[0])

@@ -23,6 +23,9 @@
 #define GHNSW_INVALID 0xFFFFFFFFu
 #define GHNSW_MAX_CAPACITY 0x7FFFFFFFu /* slots stay below 2^31: the top bit tags beam entries */
 #define GHNSW_MAX_LEVEL 255
+#define GHNSW_MAX_M 10000            /* hnswlib's init_index cap: no real file has more */
+#define GHNSW_MAX_DIM (1u << 24)
+#define GHNSW_MAX_EF_CONSTRUCTION (1u << 24)
 
 typedef enum { GHNSW_L2 = 0, GHNSW_IP = 1, GHNSW_COSINE = 2 } ghnsw_space_t;
 
@@ -41,6 +44,10 @@ typedef enum {
 #define GHNSW_ERRLEN 256
 typedef struct { char msg[GHNSW_ERRLEN]; } ghnsw_err_t;
 ghnsw_status_t ghnsw_fail(ghnsw_err_t *err, ghnsw_status_t st, const char *fmt, ...);
+
+/* Output buffers of the readers: called while the engine holds its locks, so the size is exact;
+ * returns NULL on failure (the reader then fails with GHNSW_ENOMEM). */
+typedef void *(*ghnsw_alloc_fn)(void *ctx, size_t bytes);
 
 typedef float (*ghnsw_dist_fn)(const float *a, const float *b, size_t dim_pad);
 
@@ -89,6 +96,8 @@ typedef struct ghnsw_index {
     uint32_t count;     /* slots in use (deleted included) */
     uint32_t n_deleted;
     uint64_t insert_seq; /* rows ever added: the level generator's counter */
+    uint64_t relabels;   /* adds that moved a slot to another label (replace_deleted): label bitsets
+                          * made before a change of it may name a slot by its old label */
 
     float *vectors;
     uint32_t *links0, *degree0;
@@ -102,7 +111,7 @@ typedef struct ghnsw_index {
     pthread_mutex_t map_lock;   /* the map's table */
     pthread_mutex_t ep_lock;    /* entry point, max level */
     pthread_mutex_t mut_lock;   /* serialises mutating calls (add, delete, resize) */
-    pthread_rwlock_t resize_lock; /* shared: anything reading arrays; exclusive: resize */
+    pthread_rwlock_t resize_lock; /* shared: anything reading arrays; exclusive: resize, relabel */
     uint32_t entry_point;
     int max_level;
 
@@ -118,8 +127,8 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
 uint32_t ghnsw_map_get(const ghnsw_map_t *m, uint64_t key);
 ghnsw_status_t ghnsw_map_put(ghnsw_map_t *m, uint64_t key, uint32_t val);
 void ghnsw_map_del(ghnsw_map_t *m, uint64_t key);
-uint32_t ghnsw_lookup(ghnsw_index_t *ix, uint64_t label); /* under map_lock */
-size_t ghnsw_memory_bytes(const ghnsw_index_t *ix);
+ghnsw_status_t ghnsw_map_reserve(ghnsw_index_t *ix, size_t extra); /* room for `extra` puts; under map_lock */
+uint32_t ghnsw_lookup(ghnsw_index_t *ix, uint64_t label); /* takes map_lock */
 static inline float *ghnsw_vec(const ghnsw_index_t *ix, uint32_t s) {
     return ix->vectors + (size_t)s * ix->dim_pad;
 }
@@ -131,8 +140,6 @@ static inline uint32_t *ghnsw_upper(const ghnsw_index_t *ix, uint32_t s, int l) 
     return ix->upper[s] + (size_t)(l - 1) * (1 + ix->M);
 }
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s);
-size_t ghnsw_drain_dirty(ghnsw_index_t *ix, uint32_t *out, size_t max_out);
-size_t ghnsw_count_dirty(ghnsw_index_t *ix);
 
 /* visited.c */
 ghnsw_visited_t *ghnsw_visited_get(ghnsw_visited_pool_t *p);
@@ -148,8 +155,9 @@ static inline int ghnsw_visit(ghnsw_visited_t *v, uint32_t s) {
 
 /* search.c */
 typedef struct {
-    const uint32_t *allowed_bits; /* optional bitset over slots: [words] or [nq, words_per_query] */
-    size_t words_per_query;       /* 0: one bitset for every query; else query qi's row of allowed_bits */
+    const uint32_t *allowed_bits; /* optional bitsets over slots: [words], or [nq, words] with per_query */
+    size_t words;                 /* one bitset's length: slots past it (made before a resize) are not allowed */
+    int per_query;                /* row qi of allowed_bits is query qi's */
     int (*callback)(void *ctx, uint64_t label, int *allowed); /* optional; returns 0 ok, -1 error */
     void *callback_ctx;
 } ghnsw_filter_t;
@@ -209,5 +217,43 @@ typedef struct {
     size_t vectors_len, links0_len, degree0_len, labels_len, levels_len, upper_len, deleted_len;
 } ghnsw_state_t;
 ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_err_t *err);
+
+/* read.c: readers and exporters.  Each takes its own locks (resize_lock shared at least), so a
+ * resize, relabel or add running beside it never moves memory under it.  Outputs of a size known
+ * only under the lock come from `alloc`. */
+ghnsw_status_t ghnsw_find(ghnsw_index_t *ix, uint64_t label, int64_t *slot, int *deleted); /* slot -1: absent */
+ghnsw_status_t ghnsw_levels_of(ghnsw_index_t *ix, const uint64_t *labels, size_t n, uint8_t *out /* [n] */,
+                               ghnsw_err_t *err);
+ghnsw_status_t ghnsw_neighbors(ghnsw_index_t *ix, uint64_t label, int level, uint64_t *out /* [M0] */,
+                               uint32_t *n_out, ghnsw_err_t *err);
+ghnsw_status_t ghnsw_get_vectors(ghnsw_index_t *ix, const uint64_t *labels, size_t n, float *out /* [n, dim] */,
+                                 ghnsw_err_t *err);
+/* u64[count] labels in slot order, deleted included */
+ghnsw_status_t ghnsw_labels(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
+/* u32[ceil(capacity/32)] bitset of the slots of `labels` (unknown labels ignored) */
+ghnsw_status_t ghnsw_allowed_bitset(ghnsw_index_t *ix, const uint64_t *labels, size_t n, ghnsw_alloc_fn alloc,
+                                    void *ctx, ghnsw_err_t *err);
+/* u32[ceil(capacity/32)] deleted bitset */
+ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
+/* u32[r] ascending slots changed since the last drain; clears them */
+ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
+size_t ghnsw_count_dirty(ghnsw_index_t *ix);
+size_t ghnsw_memory_bytes(ghnsw_index_t *ix);
+/* rows of slots[n] into vectors [n, dim_pad], links [n, M0], degree [n], labels [n], levels [n] */
+ghnsw_status_t ghnsw_gather_rows(ghnsw_index_t *ix, const uint32_t *slots, size_t n, float *vectors, uint32_t *links,
+                                 uint32_t *degree, uint64_t *labels, uint8_t *levels, ghnsw_err_t *err);
+/* each slot's levels[s] * (1 + M) uint32 upper block, concatenated in the given order */
+ghnsw_status_t ghnsw_gather_upper(ghnsw_index_t *ix, const uint32_t *slots, size_t n, ghnsw_alloc_fn alloc,
+                                  void *ctx, ghnsw_err_t *err);
+/* The state layout (docs/architecture.md): scalars here, then seven buffers from `alloc`, in this
+ * order: vectors, links0, degree0, labels, levels, upper, deleted.  Taken with no writer running. */
+typedef struct {
+    uint32_t capacity, count;
+    int64_t entry_point;
+    int max_level;
+    uint64_t insert_seq;
+} ghnsw_export_t;
+ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, ghnsw_export_t *out, ghnsw_alloc_fn alloc, void *ctx,
+                            ghnsw_err_t *err);
 
 #endif

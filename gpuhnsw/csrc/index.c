@@ -73,6 +73,15 @@ static ghnsw_status_t map_rebuild(ghnsw_index_t *ix, size_t capacity) {
     return GHNSW_OK;
 }
 
+/* Relabelling (replace_deleted) leaves a tombstone per old label; without a rebuild they fill the
+ * table until a probe for an absent key never ends.  Rebuilt here before they can, at the same size
+ * (live + extra fits: the caller checked capacity). */
+ghnsw_status_t ghnsw_map_reserve(ghnsw_index_t *ix, size_t extra) {
+    size_t size = ix->map.mask + 1;
+    if (ix->map.used + extra <= size - size / 4) return GHNSW_OK;
+    return map_rebuild(ix, ix->capacity);
+}
+
 static size_t words(size_t n) { return (n + 31) / 32; }
 
 /* Grow (or allocate) every per-slot array to `cap` slots; new rows are initialised. On failure the
@@ -121,7 +130,10 @@ ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32
                             ghnsw_err_t *err) {
     if (dim == 0) return ghnsw_fail(err, GHNSW_EINVAL, "dim must be positive");
     if (M < 2) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at least 2 (got %u)", M);
-    if (M > 10000) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at most 10000 (got %u)", M);
+    if (M > GHNSW_MAX_M) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at most %u (got %u)", GHNSW_MAX_M, M);
+    if (dim > GHNSW_MAX_DIM) return ghnsw_fail(err, GHNSW_EINVAL, "dim must be at most %u (got %u)", GHNSW_MAX_DIM, dim);
+    if (ef_construction > GHNSW_MAX_EF_CONSTRUCTION)
+        return ghnsw_fail(err, GHNSW_EINVAL, "ef_construction must be at most %u", GHNSW_MAX_EF_CONSTRUCTION);
     if (capacity > GHNSW_MAX_CAPACITY)
         return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
     ghnsw_index_t *ix = calloc(1, sizeof(*ix));
@@ -141,7 +153,13 @@ ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32
     pthread_mutex_init(&ix->map_lock, NULL);
     pthread_mutex_init(&ix->ep_lock, NULL);
     pthread_mutex_init(&ix->mut_lock, NULL);
-    pthread_rwlock_init(&ix->resize_lock, NULL);
+    /* writers first, so a stream of queries cannot starve a resize; no reader takes it twice
+     * (ghnsw_read_lock) */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&ix->resize_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
     pthread_mutex_init(&ix->vpool.lock, NULL);
     if (grow_arrays(ix, capacity) != GHNSW_OK || map_init(&ix->map, capacity) != GHNSW_OK) {
         ghnsw_free(ix);
@@ -168,13 +186,16 @@ void ghnsw_free(ghnsw_index_t *ix) {
     free(ix);
 }
 
-/* Caller holds mut_lock; takes resize_lock exclusively so no reader sees arrays move. */
+/* Takes mut_lock (no add runs) and resize_lock exclusively (no reader sees arrays move). */
 ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_t *err) {
-    if (new_capacity < ix->count)
-        return ghnsw_fail(err, GHNSW_ESTATE,
-                          "Cannot resize, max element is less than the current number of elements");
     if (new_capacity > GHNSW_MAX_CAPACITY)
         return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
+    if (ghnsw_writer_lock(ix, "resize_index", err)) return GHNSW_ESTATE;
+    if (new_capacity < ix->count) {
+        pthread_mutex_unlock(&ix->mut_lock);
+        return ghnsw_fail(err, GHNSW_ESTATE,
+                          "Cannot resize, max element is less than the current number of elements");
+    }
     pthread_rwlock_wrlock(&ix->resize_lock);
     ghnsw_status_t st = GHNSW_OK;
     if (new_capacity > ix->capacity) {
@@ -189,40 +210,9 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
         ix->vpool.n = ix->capacity;
     }
     pthread_rwlock_unlock(&ix->resize_lock);
+    pthread_mutex_unlock(&ix->mut_lock);
     if (st != GHNSW_OK) return ghnsw_fail(err, st, "out of memory resizing to %u elements", new_capacity);
     return GHNSW_OK;
 }
 
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s) { ghnsw_bit_set(ix->dirty, s); }
-
-/* Atomically takes and clears the dirty words, so a row written during the drain is either in this
- * batch or stays dirty for the next one. */
-size_t ghnsw_drain_dirty(ghnsw_index_t *ix, uint32_t *out, size_t max_out) {
-    size_t n = 0, nw = words(ix->capacity);
-    for (size_t w = 0; w < nw; w++) {
-        if (!__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED)) continue;
-        uint32_t bits = __atomic_exchange_n(&ix->dirty[w], 0, __ATOMIC_ACQ_REL);
-        while (bits) {
-            int b = __builtin_ctz(bits);
-            bits &= bits - 1;
-            if (n < max_out) out[n] = (uint32_t)(w * 32 + b);
-            n++;
-        }
-    }
-    return n;
-}
-
-size_t ghnsw_count_dirty(ghnsw_index_t *ix) {
-    size_t n = 0, nw = words(ix->capacity);
-    for (size_t w = 0; w < nw; w++) n += __builtin_popcount(__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED));
-    return n;
-}
-
-size_t ghnsw_memory_bytes(const ghnsw_index_t *ix) {
-    size_t cap = ix->capacity;
-    size_t b = cap * ((size_t)ix->dim_pad * 4 + (size_t)ix->M0 * 4 + 4 + 8 + 1 + sizeof(void *) + 1);
-    b += 2 * words(cap) * 4;
-    b += (ix->map.mask + 1) * (8 + 4);
-    for (uint32_t i = 0; i < ix->count; i++) b += (size_t)ix->levels[i] * (1 + ix->M) * 4;
-    return b;
-}

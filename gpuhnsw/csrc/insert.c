@@ -347,7 +347,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         memset(rows.vals, 0xFF, sz * sizeof(uint32_t));
         rows.mask = sz - 1;
     }
-    pthread_mutex_lock(&ix->mut_lock);
+    if ((st = ghnsw_writer_lock(ix, "add_items", err))) goto out;
     /* pre-pass 1: classify rows (nothing is modified yet) */
     size_t n_new = 0;
     for (size_t i = 0; i < n; i++) {
@@ -403,8 +403,21 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
             }
         }
     }
-    /* commit labels: from here on the batch is accepted */
+    /* commit labels: from here on the batch is accepted.  A relabel (replace_deleted) takes
+     * resize_lock exclusively, so no query sees a slot change label halfway (ghnsw_search). */
+    int relabel = n_vacant > 0;
+    if (relabel) {
+        pthread_rwlock_wrlock(&ix->resize_lock);
+        __atomic_fetch_add(&ix->relabels, 1, __ATOMIC_ACQ_REL);
+    }
     pthread_mutex_lock(&ix->map_lock);
+    if (ghnsw_map_reserve(ix, n_new) != GHNSW_OK) {
+        pthread_mutex_unlock(&ix->map_lock);
+        if (relabel) pthread_rwlock_unlock(&ix->resize_lock);
+        for (uint32_t t = ix->count; t < next; t++) { free(ix->upper[t]); ix->upper[t] = NULL; ix->levels[t] = 0; }
+        st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
+        goto unlock;
+    }
     for (size_t i = 0; i < n; i++) {
         uint32_t s = slot[i];
         if (kind[i] == TASK_NEW) {
@@ -421,6 +434,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         }
     }
     pthread_mutex_unlock(&ix->map_lock);
+    if (relabel) pthread_rwlock_unlock(&ix->resize_lock);
     __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
     ix->insert_seq += n;
 
@@ -451,8 +465,8 @@ out:
 
 /* Set or clear a label's delete mark, with hnswlib's errors for a missing label or no change. */
 static ghnsw_status_t set_deleted(ghnsw_index_t *ix, uint64_t label, int deleted, ghnsw_err_t *err) {
-    pthread_mutex_lock(&ix->mut_lock);
-    ghnsw_status_t st = GHNSW_OK;
+    ghnsw_status_t st = ghnsw_writer_lock(ix, deleted ? "mark_deleted" : "unmark_deleted", err);
+    if (st) return st;
     uint32_t s = ghnsw_lookup(ix, label);
     if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
     else if (ghnsw_bit_get(ix->deleted, s) == deleted)

@@ -24,8 +24,8 @@ static ghnsw_status_t check_list(ghnsw_index_t *ix, uint32_t s, int l, const uin
     return GHNSW_OK;
 }
 
-/* Caller holds mut_lock (no writer runs). */
-ghnsw_status_t ghnsw_check_integrity(ghnsw_index_t *ix, ghnsw_integrity_t *out, ghnsw_err_t *err) {
+/* Under mut_lock (no writer runs). */
+static ghnsw_status_t check_graph(ghnsw_index_t *ix, ghnsw_integrity_t *out, ghnsw_err_t *err) {
     uint32_t n = ix->count;
     memset(out, 0, sizeof(*out));
     out->max_level = ix->max_level;
@@ -91,5 +91,13 @@ ghnsw_status_t ghnsw_check_integrity(ghnsw_index_t *ix, ghnsw_integrity_t *out, 
     out->n_live = n - n_deleted;
     free(seen);
     free(queue);
+    return st;
+}
+
+ghnsw_status_t ghnsw_check_integrity(ghnsw_index_t *ix, ghnsw_integrity_t *out, ghnsw_err_t *err) {
+    ghnsw_status_t st = ghnsw_writer_lock(ix, "check_integrity", err);
+    if (st) return st;
+    st = check_graph(ix, out, err);
+    pthread_mutex_unlock(&ix->mut_lock);
     return st;
 }

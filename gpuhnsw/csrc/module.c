@@ -8,7 +8,6 @@
 #include <string.h>
 
 #include "gpuhnsw.h"
-#include "locks.h"
 
 typedef struct {
     PyObject_HEAD
@@ -52,11 +51,11 @@ static int Core_init(CoreObject *self, PyObject *args, PyObject *kw) {
         return -1;
     int sp = parse_space(space);
     if (sp < 0) { PyErr_SetString(PyExc_ValueError, "space must be one of l2, ip, or cosine"); return -1; }
-    if (dim > (1u << 24) || M > 10000 || efc > (1u << 24) || cap > GHNSW_MAX_CAPACITY) {
+    if (dim > GHNSW_MAX_DIM || M > GHNSW_MAX_M || efc > GHNSW_MAX_EF_CONSTRUCTION || cap > GHNSW_MAX_CAPACITY) {
         PyErr_SetString(PyExc_ValueError, "parameter out of range");
         return -1;
     }
-    if (self->ix) { ghnsw_free(self->ix); self->ix = NULL; }
+    if (self->ix) { PyErr_SetString(PyExc_RuntimeError, "Core is already initialised"); return -1; }
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     Py_BEGIN_ALLOW_THREADS
@@ -167,7 +166,7 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     PyObject *ret = NULL;
     ghnsw_index_t *ix = IX(self);
     int have_bits = 0;
-    ghnsw_filter_t filter = {NULL, 0, NULL, NULL};
+    ghnsw_filter_t filter = {NULL, 0, 0, NULL, NULL};
     pyfilter_t pf = {NULL, NULL, NULL, NULL};
     if (nq < 0 || check_len(&q, (size_t)nq * ix->dim * 4, "queries") || check_len(&ol, (size_t)nq * k * 8, "labels out") ||
         check_len(&od, (size_t)nq * k * 4, "distances out") || check_len(&of, (size_t)nq * 4, "found out"))
@@ -175,14 +174,15 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     if (bits_obj != Py_None) {
         if (PyObject_GetBuffer(bits_obj, &bits, PyBUF_SIMPLE) < 0) goto out;
         have_bits = 1;
-        size_t words = ((size_t)ix->capacity + 31) / 32;
-        if (stride < 0 || (stride > 0 && (size_t)stride < words) ||
-            (size_t)bits.len < (stride ? (size_t)nq * (size_t)stride : words) * 4) {
-            PyErr_SetString(PyExc_ValueError, "filter bitset is shorter than the index");
+        /* a bitset may be shorter than the index (made before a resize): the engine treats the
+         * slots past it as not allowed */
+        if (stride < 0 || (stride > 0 && (size_t)bits.len < (size_t)nq * (size_t)stride * 4)) {
+            PyErr_SetString(PyExc_ValueError, "per-query filter bitsets are shorter than nq rows of the stride");
             goto out;
         }
         filter.allowed_bits = bits.buf;
-        filter.words_per_query = (size_t)stride;
+        filter.words = stride ? (size_t)stride : (size_t)bits.len / 4;
+        filter.per_query = stride > 0;
     }
     if (callback != Py_None) {
         pf.fn = callback;
@@ -198,37 +198,53 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
     if (pf.exc_type) PyErr_Restore(pf.exc_type, pf.exc_value, pf.exc_tb);
     else if (st) raise_status(st, &err, PyExc_RuntimeError);
     else ret = Py_NewRef(Py_None);
-    if (st == GHNSW_OK && pf.exc_type) ret = NULL;
 out:
     if (have_bits) PyBuffer_Release(&bits);
     PyBuffer_Release(&q); PyBuffer_Release(&ol); PyBuffer_Release(&od); PyBuffer_Release(&of);
     return ret;
 }
 
+/* Outputs whose size the engine knows only under its locks: Python bytes objects, each made with the
+ * GIL taken for the allocation alone.  Safe because this file never waits for an engine lock while
+ * holding the GIL (every engine call runs with the GIL released). */
+#define MAX_OUTS 7
+typedef struct { PyObject *objs[MAX_OUTS]; int n; } outs_t;
+
+static void *alloc_bytes(void *ctx, size_t bytes) {
+    outs_t *o = ctx;
+    void *p = NULL;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *b = o->n < MAX_OUTS && bytes <= PY_SSIZE_T_MAX ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bytes) : NULL;
+    if (b) { o->objs[o->n++] = b; p = PyBytes_AS_STRING(b); }
+    else PyErr_Clear(); /* the engine reports GHNSW_ENOMEM */
+    PyGILState_Release(g);
+    return p;
+}
+
+static void outs_clear(outs_t *o) {
+    for (int i = 0; i < o->n; i++) Py_CLEAR(o->objs[i]);
+    o->n = 0;
+}
+
+/* The single output of a reader, or NULL with its exception set. */
+static PyObject *one_out(ghnsw_status_t st, const ghnsw_err_t *err, outs_t *o) {
+    if (st) { outs_clear(o); return raise_status(st, err, PyExc_RuntimeError); }
+    return o->objs[0];
+}
+
+#define CALL_NOGIL(st, call) do { Py_BEGIN_ALLOW_THREADS (st) = (call); Py_END_ALLOW_THREADS } while (0)
+
 /* labels -> bitset over slots (unknown labels are ignored: they cannot be returned anyway) */
 static PyObject *Core_allowed_bitset(CoreObject *self, PyObject *args) {
     Py_buffer lab;
     NEED_IX(self);
     if (!PyArg_ParseTuple(args, "y*", &lab)) return NULL;
-    ghnsw_index_t *ix = IX(self);
-    size_t words = ((size_t)ix->capacity + 31) / 32;
-    PyObject *out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(words * 4));
-    if (out) {
-        uint32_t *bits = (uint32_t *)PyByteArray_AS_STRING(out);
-        memset(bits, 0, words * 4);
-        const uint64_t *l = lab.buf;
-        size_t n = (size_t)lab.len / 8;
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&ix->map_lock);
-        for (size_t i = 0; i < n; i++) {
-            uint32_t s = ghnsw_map_get(&ix->map, l[i]);
-            if (s != GHNSW_INVALID) bits[s >> 5] |= 1u << (s & 31);
-        }
-        pthread_mutex_unlock(&ix->map_lock);
-        Py_END_ALLOW_THREADS
-    }
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_allowed_bitset(IX(self), lab.buf, (size_t)lab.len / 8, alloc_bytes, &o, &err));
     PyBuffer_Release(&lab);
-    return out;
+    return one_out(st, &err, &o);
 }
 
 static PyObject *label_op(CoreObject *self, PyObject *args,
@@ -238,9 +254,7 @@ static PyObject *label_op(CoreObject *self, PyObject *args,
     if (!PyArg_ParseTuple(args, "K", &label)) return NULL;
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
-    Py_BEGIN_ALLOW_THREADS
-    st = op(IX(self), label, &err);
-    Py_END_ALLOW_THREADS
+    CALL_NOGIL(st, op(IX(self), label, &err));
     if (st) return raise_status(st, &err, PyExc_RuntimeError);
     Py_RETURN_NONE;
 }
@@ -254,12 +268,7 @@ static PyObject *Core_resize(CoreObject *self, PyObject *args) {
     if (n > GHNSW_MAX_CAPACITY) { PyErr_SetString(PyExc_ValueError, "max_elements must be below 2**31"); return NULL; }
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
-    ghnsw_index_t *ix = IX(self);
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&ix->mut_lock);
-    st = ghnsw_resize(ix, (uint32_t)n, &err);
-    pthread_mutex_unlock(&ix->mut_lock);
-    Py_END_ALLOW_THREADS
+    CALL_NOGIL(st, ghnsw_resize(IX(self), (uint32_t)n, &err));
     if (st) return raise_status(st, &err, PyExc_RuntimeError);
     Py_RETURN_NONE;
 }
@@ -269,9 +278,12 @@ static PyObject *Core_lookup(CoreObject *self, PyObject *args) {
     unsigned long long label;
     NEED_IX(self);
     if (!PyArg_ParseTuple(args, "K", &label)) return NULL;
-    uint32_t s = ghnsw_lookup(IX(self), label);
-    if (s == GHNSW_INVALID) return Py_BuildValue("(iO)", -1, Py_False);
-    return Py_BuildValue("(IO)", s, ghnsw_bit_get(IX(self)->deleted, s) ? Py_True : Py_False);
+    int64_t slot;
+    int deleted;
+    ghnsw_status_t st;
+    CALL_NOGIL(st, ghnsw_find(IX(self), label, &slot, &deleted));
+    (void)st;
+    return Py_BuildValue("(LO)", (long long)slot, deleted ? Py_True : Py_False);
 }
 
 /* Vectors of live labels into out[n, dim]; a missing or deleted label raises "Label not found". */
@@ -279,48 +291,27 @@ static PyObject *Core_get_vectors(CoreObject *self, PyObject *args) {
     Py_buffer lab, out;
     NEED_IX(self);
     if (!PyArg_ParseTuple(args, "y*w*", &lab, &out)) return NULL;
-    ghnsw_index_t *ix = IX(self);
     size_t n = (size_t)lab.len / 8;
     PyObject *ret = NULL;
-    if (check_len(&out, n * ix->dim * 4, "out")) goto done;
-    int missing = 0;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    const uint64_t *l = lab.buf;
-    for (size_t i = 0; i < n && !missing; i++) {
-        uint32_t s = ghnsw_lookup(ix, l[i]);
-        if (s == GHNSW_INVALID || ghnsw_bit_get(ix->deleted, s)) { missing = 1; break; }
-        ghnsw_spin_lock(&ix->slot_locks[s]);
-        memcpy((float *)out.buf + i * ix->dim, ghnsw_vec(ix, s), ix->dim * 4);
-        ghnsw_spin_unlock(&ix->slot_locks[s]);
+    if (!check_len(&out, n * IX(self)->dim * 4, "out")) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_get_vectors(IX(self), lab.buf, n, out.buf, &err));
+        ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
     }
-    pthread_rwlock_unlock(&ix->resize_lock);
-    Py_END_ALLOW_THREADS
-    if (missing) PyErr_SetString(PyExc_RuntimeError, "Label not found");
-    else ret = Py_NewRef(Py_None);
-done:
     PyBuffer_Release(&lab);
     PyBuffer_Release(&out);
     return ret;
 }
 
-/* Takes mut_lock with the GIL released: an add_items running in another thread holds mut_lock for
- * its whole batch, and waiting for it with the GIL held would stall every Python thread.  Nothing
- * that holds mut_lock ever waits for the GIL, so taking the GIL back while holding it is safe. */
-static void lock_writers(ghnsw_index_t *ix) {
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&ix->mut_lock);
-    Py_END_ALLOW_THREADS
-}
-
 /* All labels in slot order (deleted included, as hnswlib's get_ids_list). */
 static PyObject *Core_labels(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
-    ghnsw_index_t *ix = IX(self);
-    lock_writers(ix);
-    PyObject *b = PyBytes_FromStringAndSize((const char *)ix->labels, (Py_ssize_t)ix->count * 8);
-    pthread_mutex_unlock(&ix->mut_lock);
-    return b;
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_labels(IX(self), alloc_bytes, &o, &err));
+    return one_out(st, &err, &o);
 }
 
 /* Labels of a label's neighbours on one level. */
@@ -329,22 +320,15 @@ static PyObject *Core_neighbors(CoreObject *self, PyObject *args) {
     int level;
     NEED_IX(self);
     if (!PyArg_ParseTuple(args, "Ki", &label, &level)) return NULL;
-    ghnsw_index_t *ix = IX(self);
-    uint32_t s = ghnsw_lookup(ix, label);
-    if (s == GHNSW_INVALID) { PyErr_SetString(PyExc_RuntimeError, "Label not found"); return NULL; }
-    if (level < 0 || level > ix->levels[s]) {
-        PyErr_Format(PyExc_ValueError, "level %d out of range: element %llu has levels 0..%d", level, label, ix->levels[s]);
-        return NULL;
-    }
-    uint32_t *buf = malloc(sizeof(uint32_t) * (ix->M0 + 1));
-    uint64_t *lab = malloc(sizeof(uint64_t) * (ix->M0 + 1));
-    if (!buf || !lab) { free(buf); free(lab); return PyErr_NoMemory(); }
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    uint32_t n = ghnsw_read_links(ix, s, level, buf);
-    for (uint32_t i = 0; i < n; i++) lab[i] = ix->labels[buf[i]];
-    pthread_rwlock_unlock(&ix->resize_lock);
-    PyObject *b = PyBytes_FromStringAndSize((const char *)lab, (Py_ssize_t)n * 8);
-    free(buf); free(lab);
+    uint64_t *lab = malloc(sizeof(uint64_t) * (IX(self)->M0 + 1));
+    if (!lab) return PyErr_NoMemory();
+    uint32_t n = 0;
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    CALL_NOGIL(st, ghnsw_neighbors(IX(self), label, level, lab, &n, &err));
+    PyObject *b = st ? raise_status(st, &err, PyExc_RuntimeError)
+                     : PyBytes_FromStringAndSize((const char *)lab, (Py_ssize_t)n * 8);
+    free(lab);
     return b;
 }
 
@@ -352,18 +336,14 @@ static PyObject *Core_levels_of(CoreObject *self, PyObject *args) {
     Py_buffer lab, out;
     NEED_IX(self);
     if (!PyArg_ParseTuple(args, "y*w*", &lab, &out)) return NULL;
-    ghnsw_index_t *ix = IX(self);
     size_t n = (size_t)lab.len / 8;
     PyObject *ret = NULL;
-    if (check_len(&out, n, "out")) goto done;
-    const uint64_t *l = lab.buf;
-    for (size_t i = 0; i < n; i++) {
-        uint32_t s = ghnsw_lookup(ix, l[i]);
-        if (s == GHNSW_INVALID) { PyErr_SetString(PyExc_RuntimeError, "Label not found"); goto done; }
-        ((uint8_t *)out.buf)[i] = ix->levels[s];
+    if (!check_len(&out, n, "out")) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_levels_of(IX(self), lab.buf, n, out.buf, &err));
+        ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
     }
-    ret = Py_NewRef(Py_None);
-done:
     PyBuffer_Release(&lab);
     PyBuffer_Release(&out);
     return ret;
@@ -371,15 +351,10 @@ done:
 
 static PyObject *Core_check_integrity(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
-    ghnsw_index_t *ix = IX(self);
     ghnsw_integrity_t info;
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&ix->mut_lock);
-    st = ghnsw_check_integrity(ix, &info, &err);
-    pthread_mutex_unlock(&ix->mut_lock);
-    Py_END_ALLOW_THREADS
+    CALL_NOGIL(st, ghnsw_check_integrity(IX(self), &info, &err));
     if (st) return raise_status(st, &err, PyExc_RuntimeError);
     return Py_BuildValue("{s:n,s:n,s:n,s:n,s:i}", "n_live", (Py_ssize_t)info.n_live, "n_deleted",
                          (Py_ssize_t)info.n_deleted, "n_edges", (Py_ssize_t)info.n_edges, "n_unreachable",
@@ -389,18 +364,11 @@ static PyObject *Core_check_integrity(CoreObject *self, PyObject *unused) {
 /* The dirty-row log: ascending slot ids (uint32) changed since the last drain; clears them. */
 static PyObject *Core_drain_dirty(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
-    ghnsw_index_t *ix = IX(self);
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    size_t cap = ix->capacity;
-    uint32_t *buf = malloc(sizeof(uint32_t) * (cap ? cap : 1));
-    PyObject *b = NULL;
-    if (buf) {
-        size_t n = ghnsw_drain_dirty(ix, buf, cap);
-        b = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)n * 4);
-    }
-    pthread_rwlock_unlock(&ix->resize_lock);
-    free(buf);
-    return b ? b : PyErr_NoMemory();
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_drain_dirty(IX(self), alloc_bytes, &o, &err));
+    return one_out(st, &err, &o);
 }
 
 /* Copy rows of the given slots into caller buffers (the GPU sync's staging gather). */
@@ -411,30 +379,14 @@ static PyObject *Core_gather_rows(CoreObject *self, PyObject *args) {
     ghnsw_index_t *ix = IX(self);
     size_t n = (size_t)sl.len / 4;
     PyObject *ret = NULL;
-    if (check_len(&vo, n * ix->dim_pad * 4, "vectors out") || check_len(&lo, n * ix->M0 * 4, "links out") ||
-        check_len(&dgo, n * 4, "degree out") || check_len(&lbo, n * 8, "labels out") || check_len(&lvo, n, "levels out"))
-        goto done;
-    const uint32_t *slots = sl.buf;
-    int bad = 0;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
-    for (size_t i = 0; i < n; i++) {
-        uint32_t s = slots[i];
-        if (s >= count) { bad = 1; break; }
-        ghnsw_spin_lock(&ix->slot_locks[s]);
-        memcpy((float *)vo.buf + i * ix->dim_pad, ghnsw_vec(ix, s), ix->dim_pad * 4);
-        memcpy((uint32_t *)lo.buf + i * ix->M0, ghnsw_links0(ix, s), ix->M0 * 4);
-        ((uint32_t *)dgo.buf)[i] = ix->degree0[s];
-        ghnsw_spin_unlock(&ix->slot_locks[s]);
-        ((uint64_t *)lbo.buf)[i] = ix->labels[s];
-        ((uint8_t *)lvo.buf)[i] = ix->levels[s];
+    if (!(check_len(&vo, n * ix->dim_pad * 4, "vectors out") || check_len(&lo, n * ix->M0 * 4, "links out") ||
+          check_len(&dgo, n * 4, "degree out") || check_len(&lbo, n * 8, "labels out") ||
+          check_len(&lvo, n, "levels out"))) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_gather_rows(ix, sl.buf, n, vo.buf, lo.buf, dgo.buf, lbo.buf, lvo.buf, &err));
+        ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
     }
-    pthread_rwlock_unlock(&ix->resize_lock);
-    Py_END_ALLOW_THREADS
-    if (bad) PyErr_SetString(PyExc_ValueError, "slot out of range");
-    else ret = Py_NewRef(Py_None);
-done:
     PyBuffer_Release(&sl); PyBuffer_Release(&vo); PyBuffer_Release(&lo);
     PyBuffer_Release(&dgo); PyBuffer_Release(&lbo); PyBuffer_Release(&lvo);
     return ret;
@@ -446,81 +398,42 @@ static PyObject *Core_gather_upper(CoreObject *self, PyObject *args) {
     Py_buffer sl;
     NEED_IX(self);
     if (!PyArg_ParseTuple(args, "y*", &sl)) return NULL;
-    ghnsw_index_t *ix = IX(self);
-    const uint32_t *slots = sl.buf;
-    size_t n = (size_t)sl.len / 4, words = 0;
-    PyObject *out = NULL;
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
-    for (size_t i = 0; i < n; i++) {
-        if (slots[i] >= count) {
-            PyErr_SetString(PyExc_ValueError, "slot out of range");
-            goto done;
-        }
-        words += (size_t)ix->levels[slots[i]] * (1 + ix->M);
-    }
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(words * 4));
-    if (out) {
-        uint32_t *dst = (uint32_t *)PyBytes_AS_STRING(out);
-        for (size_t i = 0; i < n; i++) {
-            uint32_t s = slots[i];
-            size_t w = (size_t)ix->levels[s] * (1 + ix->M);
-            if (!w) continue;
-            ghnsw_spin_lock(&ix->slot_locks[s]);
-            memcpy(dst, ix->upper[s], w * 4);
-            ghnsw_spin_unlock(&ix->slot_locks[s]);
-            dst += w;
-        }
-    }
-done:
-    pthread_rwlock_unlock(&ix->resize_lock);
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_gather_upper(IX(self), sl.buf, (size_t)sl.len / 4, alloc_bytes, &o, &err));
     PyBuffer_Release(&sl);
-    return out;
+    return one_out(st, &err, &o);
 }
 
 static PyObject *Core_deleted_bitset(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
-    ghnsw_index_t *ix = IX(self);
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    PyObject *b = PyBytes_FromStringAndSize((const char *)ix->deleted, (Py_ssize_t)((ix->capacity + 31) / 32 * 4));
-    pthread_rwlock_unlock(&ix->resize_lock);
-    return b;
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_deleted_bitset(IX(self), alloc_bytes, &o, &err));
+    return one_out(st, &err, &o);
 }
 
 static PyObject *Core_export_state(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
     ghnsw_index_t *ix = IX(self);
-    lock_writers(ix); /* no writer while we copy */
-    uint32_t n = ix->count, dim = ix->dim;
-    size_t upper_words = 0;
-    for (uint32_t s = 0; s < n; s++) upper_words += (size_t)ix->levels[s] * (1 + ix->M);
-    PyObject *vec = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n * dim * 4);
-    PyObject *links = PyBytes_FromStringAndSize((const char *)ix->links0, (Py_ssize_t)n * ix->M0 * 4);
-    PyObject *deg = PyBytes_FromStringAndSize((const char *)ix->degree0, (Py_ssize_t)n * 4);
-    PyObject *lab = PyBytes_FromStringAndSize((const char *)ix->labels, (Py_ssize_t)n * 8);
-    PyObject *lev = PyBytes_FromStringAndSize((const char *)ix->levels, (Py_ssize_t)n);
-    PyObject *up = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)upper_words * 4);
-    PyObject *del = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
-    PyObject *d = NULL;
-    if (vec && links && deg && lab && lev && up && del) {
-        char *v = PyBytes_AS_STRING(vec), *u = PyBytes_AS_STRING(up), *dl = PyBytes_AS_STRING(del);
-        for (uint32_t s = 0; s < n; s++) {
-            memcpy(v + (size_t)s * dim * 4, ghnsw_vec(ix, s), (size_t)dim * 4);
-            size_t w = (size_t)ix->levels[s] * (1 + ix->M) * 4;
-            if (w) { memcpy(u, ix->upper[s], w); u += w; }
-            dl[s] = (char)ghnsw_bit_get(ix->deleted, s);
-        }
-        d = Py_BuildValue("{s:s,s:I,s:I,s:I,s:K,s:O,s:I,s:I,s:L,s:i,s:K,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
-                          "space", SPACES[ix->space], "dim", dim, "M", ix->M, "ef_construction", ix->ef_construction,
-                          "random_seed", (unsigned long long)ix->seed, "allow_replace_deleted",
-                          ix->allow_replace_deleted ? Py_True : Py_False, "max_elements", ix->capacity, "count", n,
-                          "entry_point", n ? (long long)ix->entry_point : -1LL, "max_level", ix->max_level,
-                          "insert_seq", (unsigned long long)ix->insert_seq, "vectors", vec, "links0", links,
-                          "degree0", deg, "labels", lab, "levels", lev, "upper", up, "deleted", del);
-    }
-    pthread_mutex_unlock(&ix->mut_lock);
-    Py_XDECREF(vec); Py_XDECREF(links); Py_XDECREF(deg); Py_XDECREF(lab);
-    Py_XDECREF(lev); Py_XDECREF(up); Py_XDECREF(del);
+    ghnsw_export_t ex;
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_export(ix, &ex, alloc_bytes, &o, &err));
+    if (st) { outs_clear(&o); return raise_status(st, &err, PyExc_RuntimeError); }
+    PyObject *d = Py_BuildValue("{s:s,s:I,s:I,s:I,s:K,s:O,s:I,s:I,s:L,s:i,s:K,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
+                                "space", SPACES[ix->space], "dim", ix->dim, "M", ix->M, "ef_construction",
+                                ix->ef_construction, "random_seed", (unsigned long long)ix->seed,
+                                "allow_replace_deleted", ix->allow_replace_deleted ? Py_True : Py_False,
+                                "max_elements", ex.capacity, "count", ex.count, "entry_point",
+                                (long long)ex.entry_point, "max_level", ex.max_level, "insert_seq",
+                                (unsigned long long)ex.insert_seq, "vectors", o.objs[0], "links0", o.objs[1],
+                                "degree0", o.objs[2], "labels", o.objs[3], "levels", o.objs[4], "upper",
+                                o.objs[5], "deleted", o.objs[6]);
+    outs_clear(&o);
     return d;
 }
 
@@ -582,6 +495,19 @@ static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
     return (PyObject *)self;
 }
 
+static long long entry_point_of(ghnsw_index_t *ix) {
+    uint32_t ep = __atomic_load_n(&ix->entry_point, __ATOMIC_RELAXED);
+    return ep == GHNSW_INVALID ? -1LL : (long long)ep;
+}
+
+static size_t nogil_size(size_t (*fn)(ghnsw_index_t *), ghnsw_index_t *ix) {
+    size_t v;
+    Py_BEGIN_ALLOW_THREADS
+    v = fn(ix);
+    Py_END_ALLOW_THREADS
+    return v;
+}
+
 #define GETTER(name, expr) \
     static PyObject *Core_get_##name(CoreObject *self, void *c) { NEED_IX(self); ghnsw_index_t *ix = self->ix; return expr; }
 GETTER(space, PyUnicode_FromString(SPACES[ix->space]))
@@ -590,16 +516,17 @@ GETTER(dim_pad, PyLong_FromUnsignedLong(ix->dim_pad))
 GETTER(M, PyLong_FromUnsignedLong(ix->M))
 GETTER(M0, PyLong_FromUnsignedLong(ix->M0))
 GETTER(ef_construction, PyLong_FromUnsignedLong(ix->ef_construction))
-GETTER(max_elements, PyLong_FromUnsignedLong(ix->capacity))
+GETTER(max_elements, PyLong_FromUnsignedLong(__atomic_load_n(&ix->capacity, __ATOMIC_RELAXED)))
 GETTER(count, PyLong_FromUnsignedLong(__atomic_load_n(&ix->count, __ATOMIC_ACQUIRE)))
 GETTER(n_deleted, PyLong_FromUnsignedLong(__atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED)))
-GETTER(entry_point, PyLong_FromLongLong(ix->entry_point == GHNSW_INVALID ? -1LL : (long long)ix->entry_point))
-GETTER(max_level, PyLong_FromLong(ix->max_level))
+GETTER(entry_point, PyLong_FromLongLong(entry_point_of(ix)))
+GETTER(max_level, PyLong_FromLong(__atomic_load_n(&ix->max_level, __ATOMIC_RELAXED)))
 GETTER(random_seed, PyLong_FromUnsignedLongLong(ix->seed))
 GETTER(allow_replace_deleted, PyBool_FromLong(ix->allow_replace_deleted))
-GETTER(insert_seq, PyLong_FromUnsignedLongLong(ix->insert_seq))
-GETTER(memory_bytes, PyLong_FromSize_t(ghnsw_memory_bytes(ix)))
-GETTER(count_dirty, PyLong_FromSize_t(ghnsw_count_dirty(ix)))
+GETTER(insert_seq, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->insert_seq, __ATOMIC_RELAXED)))
+GETTER(relabels, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->relabels, __ATOMIC_ACQUIRE)))
+GETTER(memory_bytes, PyLong_FromSize_t(nogil_size(ghnsw_memory_bytes, ix)))
+GETTER(count_dirty, PyLong_FromSize_t(nogil_size(ghnsw_count_dirty, ix)))
 
 #define G(name, doc) {#name, (getter)Core_get_##name, NULL, doc, NULL}
 static PyGetSetDef Core_getset[] = {
@@ -611,6 +538,7 @@ static PyGetSetDef Core_getset[] = {
     G(random_seed, "level generator seed"), G(allow_replace_deleted, "replace_deleted enabled"),
     G(insert_seq, "rows ever added (level generator counter)"), G(memory_bytes, "bytes held by the index"),
     G(count_dirty, "slots in the dirty-row log"),
+    G(relabels, "adds that moved a slot to another label; label bitsets made before it changed are stale"),
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
@@ -620,7 +548,7 @@ static PyMethodDef Core_methods[] = {
      "search(q f32[nq,dim], nq, k, ef, num_threads, out_labels u64[nq,k], out_dists f32[nq,k], out_found i32[nq], "
      "allowed_bitset|None, callable|None[, want_slots: slot ids instead of labels, "
      "words_per_query: allowed_bitset is u32[nq, words_per_query], one row per query])"},
-    {"allowed_bitset", (PyCFunction)Core_allowed_bitset, METH_VARARGS, "allowed_bitset(labels u64[n]) -> bytearray"},
+    {"allowed_bitset", (PyCFunction)Core_allowed_bitset, METH_VARARGS, "allowed_bitset(labels u64[n]) -> bytes u32[ceil(cap/32)]"},
     {"mark_deleted", (PyCFunction)Core_mark_deleted, METH_VARARGS, "mark_deleted(label)"},
     {"unmark_deleted", (PyCFunction)Core_unmark_deleted, METH_VARARGS, "unmark_deleted(label)"},
     {"resize", (PyCFunction)Core_resize, METH_VARARGS, "resize(max_elements)"},

@@ -6,6 +6,8 @@
 #include "gpuhnsw.h"
 #include "locks.h"
 
+__thread ghnsw_frame_t *ghnsw_frames;
+
 /* Readers copy a list without its slot lock and validate every id instead: a list being rewritten may
  * read as a mix of its old and new entries, but each entry is a slot id that was valid when written,
  * and ids are checked against count (unused entries hold GHNSW_INVALID, which fails that check).  A
@@ -153,17 +155,21 @@ static ghnsw_cand_t heap_pop(heap_t *h, int sign) {
 
 typedef struct {
     const ghnsw_filter_t *filter;
+    const uint32_t *allowed_bits; /* this query's bitset over slots, or NULL */
     int error; /* a filter callback failed, or out of memory */
 } allow_t;
 
 static inline int is_allowed(ghnsw_index_t *ix, allow_t *a, uint32_t s) {
     if (ghnsw_bit_get(ix->deleted, s)) return 0;
+    if (a->allowed_bits && ((s >> 5) >= a->filter->words || !ghnsw_bit_get(a->allowed_bits, s))) return 0;
     const ghnsw_filter_t *f = a->filter;
-    if (!f) return 1;
-    if (f->allowed_bits && !ghnsw_bit_get(f->allowed_bits, s)) return 0;
-    if (f->callback) {
+    if (f && f->callback) {
         int ok = 0;
-        if (f->callback(f->callback_ctx, ix->labels[s], &ok) != 0) { a->error = GHNSW_ECALLBACK; return 0; }
+        ghnsw_frame_t frame = {ix, ghnsw_frames};
+        ghnsw_frames = &frame;
+        int rc = f->callback(f->callback_ctx, ix->labels[s], &ok);
+        ghnsw_frames = frame.up;
+        if (rc != 0) { a->error = GHNSW_ECALLBACK; return 0; }
         return ok;
     }
     return 1;
@@ -214,7 +220,7 @@ uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float
                             float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam) {
     if (__atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) == 0)
         return beam_run(ix, vis, q, ep, ep_dist, level, ef, beam);
-    allow_t allow = {NULL, 0};
+    allow_t allow = {NULL, NULL, 0};
     uint32_t n = filtered_run(ix, vis, q, ep, ep_dist, level, ef, &allow, beam);
     if (n == 0 && !allow.error) { /* everything reachable is deleted: link to waypoints anyway */
         ghnsw_visited_next(vis);
@@ -257,14 +263,9 @@ static int query_one(void *vctx, size_t qi, int worker) {
         float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
         uint32_t nres;
-        ghnsw_filter_t row; /* a per-query filter: this query's bitset row */
-        const ghnsw_filter_t *f = c->filter;
-        if (f && f->words_per_query) {
-            row = *f;
-            row.allowed_bits += qi * f->words_per_query;
-            f = &row;
-        }
-        allow_t allow = {f, 0};
+        const uint32_t *bits = c->filter ? c->filter->allowed_bits : NULL;
+        if (bits && c->filter->per_query) bits += qi * c->filter->words;
+        allow_t allow = {c->filter, bits, 0};
         if (c->use_filtered) nres = filtered_run(ix, vis, q, cur, d, 0, ef, &allow, beam);
         else nres = beam_run(ix, vis, q, cur, d, 0, ef, beam);
         ghnsw_visited_put(&ix->vpool, vis);
@@ -283,7 +284,10 @@ static int query_one(void *vctx, size_t qi, int worker) {
 ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
                             int num_threads, const ghnsw_filter_t *filter, int want_slots, uint64_t *out_labels,
                             float *out_dists, int32_t *out_found, ghnsw_err_t *err) {
-    pthread_rwlock_rdlock(&ix->resize_lock);
+    /* Held for the whole query: slots keep their labels (a relabel takes it exclusively), so the
+     * labels a callback sees are the labels returned.  Label bitsets are made before the query
+     * (Index compares Core.relabels before and after). */
+    int held = ghnsw_read_lock(ix);
     query_ctx_t c = {ix, queries, k, ef, filter, out_labels, out_dists, out_found, GHNSW_INVALID, -1, 0, want_slots};
     pthread_mutex_lock(&ix->ep_lock);
     c.ep = ix->entry_point;
@@ -291,7 +295,7 @@ ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, 
     pthread_mutex_unlock(&ix->ep_lock);
     c.use_filtered = filter != NULL || __atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) > 0;
     int rc = ghnsw_parallel_for(nq, num_threads, query_one, &c);
-    pthread_rwlock_unlock(&ix->resize_lock);
+    ghnsw_read_unlock(ix, held);
     if (rc == GHNSW_ECALLBACK) return GHNSW_ECALLBACK;
     if (rc) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during search");
     return GHNSW_OK;
