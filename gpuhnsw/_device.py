@@ -5,9 +5,10 @@
 1. takes the core's dirty-row log (``drain_dirty``: ascending slots, cleared atomically with respect
    to inserters), adds the slots created since the last sync, reads the entry point;
 2. grows the device arrays by doubling when the core's capacity passed theirs;
-3. gathers those rows (``gather_rows``: vector, level-0 links, degree, label, level) into one pinned
-   staging buffer, copies it to the device in one transfer and scatters it with one kernel
-   (``kernels/scatter.cu``), chunk by chunk;
+3. gathers those rows (``gather_rows``: vector, level-0 links, degree, label, level) into a pinned
+   staging buffer, copies it to the device in one asynchronous transfer and scatters it with one
+   kernel (``kernels/scatter.cu``), chunk by chunk; two staging buffers alternate, and each is
+   rewritten (or freed) only after an event says its previous upload ran;
 4. when a slot with upper levels changed, rebuilds the upper-level blocks (about N/M slots) and
    their per-slot index; uploads the deleted bitset when it changed.
 
@@ -87,6 +88,21 @@ class _Staging:
         self._pinned = cp.cuda.alloc_pinned_memory(nbytes)
         self.host = np.frombuffer(self._pinned, dtype=np.uint8, count=nbytes)
         self.device = cp.empty(nbytes, dtype=cp.uint8)
+        self._uploaded = None   # event recorded after the last upload from `host` was enqueued
+
+    def upload(self, cp, nbytes):
+        """Copy the first `nbytes` of the host buffer to the device twin: asynchronous on the current
+        stream (``ndarray.set`` from pinned memory), so the host buffer is not free until
+        :meth:`wait`."""
+        self.device[:nbytes].set(self.host[:nbytes])
+        self._uploaded = cp.cuda.Event(disable_timing=True)
+        self._uploaded.record()
+
+    def wait(self):
+        """Block until the last upload has read the host buffer: before it is rewritten or freed."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
 
     @staticmethod
     def layout(r, m0, dim_pad):
@@ -139,7 +155,9 @@ class DeviceMirror:
         self._levels = np.zeros(0, dtype=np.uint8)   # host: level of every synced slot
         self._upper = {}                              # host: slot -> uint32 block, level > 0 only
         self._deleted_host = None
-        self._staging = None
+        # two staging buffers taken in turn: one is filled while the other's upload may still run
+        self._staging = [None, None]
+        self._turn = 0
 
     # ------------------------------------------------------------------ sync
 
@@ -209,16 +227,20 @@ class DeviceMirror:
         one kernel. Returns the bytes copied."""
         r = len(part)
         layout, upload, total = _Staging.layout(r, self.M0, self.dim_pad)
-        if self._staging is None or self._staging.nbytes < total:
-            self._staging = _Staging(cp, max(total, 1 << 20))
-        host, dev = self._staging.views(cp, layout)
+        staging = self._staging[self._turn]
+        if staging is not None:
+            staging.wait()   # its previous upload has read it: it may be rewritten (or freed)
+        if staging is None or staging.nbytes < total:
+            staging = self._staging[self._turn] = _Staging(cp, max(total, 1 << 20))
+        self._turn ^= 1
+        host, dev = staging.views(cp, layout)
         host["slots"][:] = part
         self.core.gather_rows(host["slots"], host["vectors"], host["links"], host["degree"], host["labels"],
                               host["levels"])
         self._levels[part] = host["levels"]
-        self._staging.device[:upload].set(self._staging.host[:upload])  # synchronous: host reusable after
-        kernel = _kernels.get_kernel("scatter", _kernels.scatter_expr(self.storage), self.device)
-        kernel((min(r, 65535),), (128,),
+        staging.upload(cp, upload)   # the scatter below follows it on the same stream
+        kernel = _kernels.get_kernel("scatter", (self.storage,), self.device)
+        kernel((min(r, 65535),), (_kernels.SCATTER_BLOCK,),
                (np.int32(r), dev["slots"], dev["degree"], dev["labels"], dev["links"], dev["vectors"],
                 np.int32(self.M0), np.int32(self.dim_pad), self.vectors, np.int32(self.stride), self.links0,
                 self.degree0, self.labels))
@@ -263,8 +285,8 @@ class DeviceMirror:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, filter_stride=0, block=128,
-               hash_log2=None, max_iters=0, slots=False):
+    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, filter_stride=0, max_iters=0,
+               slots=False):
         """Batched search on the device (kernels/search.cu), as of the last sync.
 
         Parameters
@@ -274,13 +296,12 @@ class DeviceMirror:
         search_width : int, 1..32, parents per iteration (1 = the C order)
         filter_bits : cupy uint32 array, optional: allowed slots, [ceil(capacity/32)] for all queries
             (filter_stride=0) or [nq, filter_stride]
-        block : int, threads per block (multiple of 32, 64..512)
-
         slots : bool, return slot ids (cupy uint32, 0xFFFFFFFF where missing) instead of labels
             (GPU-assisted insertion needs slots)
 
         Returns
         -------
+        None where no launch fits this device's shared memory (``_kernels.search_launch``), else
         labels : cupy uint64 [nq, k] (2**64-1 where missing), or slots, see above
         dists : cupy float32 [nq, k] (inf where missing)
         info : cupy int32 [2, nq]: row 0 ``found`` (-1 everywhere: the kernel rejected its launch
@@ -292,34 +313,35 @@ class DeviceMirror:
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
             nq, k, ef = q.shape[0], int(k), int(ef)
             filtered = filter_bits is not None or self.n_deleted > 0
-            cap = _kernels.beam_capacity(ef, k, filtered)
-            team = _kernels.team_size(self.dim, self.storage)
-            log2 = hash_log2 or _kernels.search_hash_log2(cap, search_width, self.M0, 13 if filtered else 10)
-            smem = _kernels.search_shared_bytes(self.stride, search_width, self.M0, self.M, log2)
-            kernel = _kernels.get_kernel("search", _kernels.search_expr(self.storage, team, cap), self.device)
-            if smem > 48 * 1024:
-                kernel.max_dynamic_shared_size_bytes = smem
+            launch = _kernels.search_launch(
+                self.dim, self.storage, self.M, self.M0, ef, k, search_width, filtered,
+                lambda inst: _kernels.get_kernel("search", inst, self.device).shared_size_bytes,
+                _kernels.shared_limit(self.device))
+            if launch is None:
+                return None
+            kernel = _kernels.get_kernel("search", launch.instance, self.device)
+            if kernel.shared_size_bytes + launch.shared_bytes > _kernels.DEFAULT_SHARED_LIMIT:
+                kernel.max_dynamic_shared_size_bytes = launch.shared_bytes   # the opt-in
             out_slots = cp.empty((nq, k), dtype=cp.uint32)
             out_dists = cp.empty((nq, k), dtype=cp.float32)
             out_labels = cp.empty((nq, k), dtype=cp.uint64)
             info = cp.zeros((2, nq), dtype=cp.int32)
-            found, status = info[0], info[1]
             if nq == 0:
                 return (out_slots if slots else out_labels), out_dists, info
             null = np.uint64(0)
             deleted = self.deleted if self.n_deleted > 0 else null
             fbits = null if filter_bits is None else filter_bits
-            kernel((nq,), (int(block),),
+            kernel((nq,), (_kernels.SEARCH_BLOCK,),
                    (self.vectors, np.int32(self.stride), np.int32(self.metric), self.links0, self.degree0,
                     np.int32(self.M0), self.upper_start, self.upper_links, np.int32(self.M), np.int32(self.count),
                     np.int32(self.entry_point), np.int32(self.max_level), deleted, fbits,
                     np.int64(filter_stride), q, np.int32(nq), np.int32(self.dim), np.int32(k), np.int32(ef),
-                    np.int32(search_width), np.int32(log2), np.int32(max_iters), self.labels,
-                    out_slots, out_dists, out_labels, found, status),
-                   shared_mem=smem)
+                    np.int32(search_width), np.int32(launch.hash_log2), np.int32(max_iters), self.labels,
+                    out_slots, out_dists, out_labels, info[0], info[1]),
+                   shared_mem=launch.shared_bytes)
             return (out_slots if slots else out_labels), out_dists, info
 
-    def distances(self, queries, slots, *, block=256):
+    def distances(self, queries, slots):
         """Distances from each query to a list of slots (kernels/distance.cu), as of the last sync.
 
         Parameters
@@ -345,8 +367,8 @@ class DeviceMirror:
             if nq == 0 or c == 0:
                 return out
             team = _kernels.team_size(self.dim, self.storage)
-            kernel = _kernels.get_kernel("distance", _kernels.distance_expr(self.storage, team), self.device)
-            kernel((min(nq, 65535),), (int(block),),
+            kernel = _kernels.get_kernel("distance", (self.storage, team), self.device)
+            kernel((min(nq, 65535),), (_kernels.DISTANCE_BLOCK,),
                    (self.vectors, np.int32(self.stride), np.int32(self.metric), np.int32(self.count), q,
                     np.int32(nq), np.int32(self.dim), ids, np.int64(0 if shared else c), np.int32(c), out,
                     np.int64(c)),
@@ -411,7 +433,7 @@ def select_topk(cp, tile, k, out_dists, out_index, *, index_offset=0, prev=False
         return
     cap = _kernels.topk_capacity(k)
     warps = _kernels.topk_warps(cap)
-    kernel = _kernels.get_kernel("topk", _kernels.topk_expr(cap))
+    kernel = _kernels.get_kernel("topk", (cap,))
     null = np.uint64(0)
     kernel((min(nq, 65535),), (32 * warps,),
            (tile, np.int64(n), np.int32(n), np.int64(index_offset), out_dists if prev else null,
@@ -557,7 +579,10 @@ class DeviceIndex:
                 with self._lock:
                     mirror = self._mirror_of(core)
                     mirror.sync()
-                    labels, dists, info = mirror.search(q, k, ef, search_width=search_width, filter_bits=bits)
+                    out = mirror.search(q, k, ef, search_width=search_width, filter_bits=bits)
+                if out is None:   # no launch fits this device: the CPU answers
+                    return None
+                labels, dists, info = out
                 found, status = cp.asnumpy(info)   # the one read-back before the results
                 if (found < 0).any():
                     raise DeviceError("the search kernel rejected its launch configuration (see kernels/search.cu)")
@@ -574,8 +599,8 @@ class DeviceIndex:
     def insert_candidates(self, core, chunk, space):
         """Level-0 candidates of the rows of ``chunk`` (float32 ``[b, dim]``) for GPU-assisted
         insertion: graph slots uint32 ``[b, ef_construction]`` from the search kernel, and batch
-        rows uint32 ``[b, M0]``, exact nearest within the chunk (0xFFFFFFFF pads both). The chunk
-        is uploaded once; both searches read it there."""
+        rows uint32 ``[b, M0]``, exact nearest within the chunk (0xFFFFFFFF pads both); None where
+        no search launch fits the device. The chunk is uploaded once; both searches read it there."""
         kc = min(int(core.ef_construction), _kernels.SEARCH_CAPACITIES[-1])
         b = chunk.shape[0]
         kb = min(int(core.M0), b - 1)
@@ -585,8 +610,10 @@ class DeviceIndex:
             with self._lock:
                 mirror = self._mirror_of(core)
                 mirror.sync()
-                slots, _, _ = mirror.search(rows, kc, kc, slots=True)
-            graph = cp.asnumpy(slots)
+                out = mirror.search(rows, kc, kc, slots=True)
+            if out is None:   # no launch fits this device: the caller inserts on the CPU
+                return None
+            graph = cp.asnumpy(out[0])
             if kb > 0:
                 batch[:, :kb] = _batch_neighbours(cp, rows, kb, _kernels.METRICS[space])
         return np.ascontiguousarray(graph, dtype=np.uint32), batch

@@ -7,45 +7,70 @@ Everything about compilation lives here:
   (recursively, each once), each preceded by ``#line 1 "x.cuh"`` so compiler errors name the
   real file. Inlining matters beyond convenience: CuPy keys its on-disk cache on the source text
   and options, not on headers found through ``-I``, so a header edit would otherwise be ignored;
-* :data:`OPTIONS`: the NVRTC options (also used by the CI compile check, tests/test_kernels_nvrtc.py);
-* :func:`name_expressions`: the full template instantiation matrix, generated in one place;
-* :func:`get_kernel`: a ``cupy.RawKernel`` for one instantiation, modules memoised per
-  (device id, module name);
+* :data:`OPTIONS` and :func:`nvrtc_options`: our NVRTC options, and the complete list CuPy hands
+  NVRTC (what the CI compile checks use);
+* :func:`instances`: the template instantiation matrix, generated in one place;
+  :func:`instance_source`: one instantiation as its own program, with C linkage;
+* :func:`get_kernel`: a ``cupy.RawKernel`` for one instantiation, compiled on first use and
+  memoised per (device, module, instantiation);
 * the launch arithmetic the kernels' shared-memory drawings describe (``*_shared_bytes``,
-  :func:`team_size`, :func:`beam_capacity`).
+  :func:`team_size`, :func:`beam_capacity`, :func:`search_launch`).
 
-CuPy is imported lazily: this module imports (and :func:`kernel_source`, :func:`name_expressions`
-work) without CuPy.
+CuPy is imported lazily: this module imports (and everything but :func:`get_kernel` works)
+without CuPy.
 
-Floating point. :data:`OPTIONS` asks for IEEE behaviour: no ``--use_fast_math``, denormals kept
-(``-ftz=false``; CuPy's ElementwiseKernels flush them, our RawModule does not), correctly rounded
-division and square root. FMA contraction stays on (``-fmad=true``), as in the C core's AVX2 and
-AVX-512 kernels. GPU and CPU distances still differ in the last bits (different summation order),
-so tests compare them with a relative tolerance (about 1e-4 on distances; result sets equal for
->= 99 % of queries, allowing for flipped exact ties), never bit for bit.
+One program per instantiation. ``kernels/common.cuh``'s ``GPUHNSW_KERNEL`` turns the kernel
+template into one ``extern "C"`` kernel when ``GPUHNSW_INSTANCE`` is defined. CuPy then needs no
+``name_expressions``, which matters: CuPy before 14.2 never reads its disk cache for a module built
+with name expressions (CuPy 13.6 ``cupy/cuda/compiler.py``, ``_compile_with_cache_cuda``:
+``if os.path.exists(path) and not name_expressions``), so every process recompiled all of them.
+A ``RawKernel(code, name, options)`` is cached on disk, keyed on source and options, by every CuPy
+release; a query compiles only the one instantiation it launches, once per machine.
 
-Compile cost: NVRTC builds the whole search module (40 instantiations) in about 13 s, once per
-machine and architecture (CuPy caches the result on disk, keyed on source and options).
+Floating point: no ``--use_fast_math``, correctly rounded division and square root, FMA
+contraction on (``-fmad=true``, as the C core's AVX2 and AVX-512 kernels), and denormals flushed
+to zero (``-ftz=true``): CuPy appends ``-ftz=true`` after the caller's options whatever they say
+(CuPy 13.6 and 14.2 ``_compile_with_cache_cuda``), so we ask for it too and the code says what
+runs. The kernels do not need denormals: a product below 1.2e-38 is far under the float32
+resolution of any distance it is added to, and two vectors that differ only by denormals are a
+tie either way. GPU and CPU distances differ in the last bits (summation order), so tests compare
+them with a relative tolerance (about 1e-4 on distances; result sets equal for >= 99 % of queries,
+allowing for flipped exact ties), never bit for bit.
 """
 from __future__ import annotations
 
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "OPTIONS", "MODULES", "STORAGE_TYPES", "TEAM_SIZES", "SEARCH_CAPACITIES", "TOPK_CAPACITIES",
-    "METRICS", "kernel_source", "name_expressions", "get_kernel", "kernel_dir", "team_size",
-    "beam_capacity", "topk_capacity", "search_expr", "distance_expr", "topk_expr", "scatter_expr",
-    "row_stride",
+    "METRICS", "SEARCH_BLOCK", "DISTANCE_BLOCK", "SCATTER_BLOCK", "MAX_REGISTERS", "kernel_source", "instances",
+    "instance_source", "block_size", "nvrtc_options", "get_kernel", "kernel_dir", "team_size",
+    "beam_capacity", "topk_capacity", "row_stride", "SearchLaunch", "search_launch", "shared_limit",
+    "DEFAULT_SHARED_LIMIT",
     "search_shared_bytes", "search_hash_log2", "distance_shared_bytes", "topk_shared_bytes", "topk_warps",
 ]
 
-#: NVRTC options of every module (an architecture option is added by CuPy, or by the CI check).
-OPTIONS = ("-std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
+#: Our NVRTC options (an architecture option is added by CuPy, or by the CI check).
+OPTIONS = ("-std=c++17", "-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
 
-#: Module name -> source file under the kernel folder.
-MODULES = {"distance": "distance.cu", "search": "search.cu", "topk": "topk.cu", "scatter": "scatter.cu"}
+#: Module name -> (source file, kernel, template parameter names).
+MODULES = {
+    "distance": ("distance.cu", "compute_distances_kernel", ("T", "Team")),
+    "search": ("search.cu", "search_beam_kernel", ("T", "Team", "Capacity")),
+    "topk": ("topk.cu", "select_topk_kernel", ("Capacity",)),
+    "scatter": ("scatter.cu", "scatter_rows_kernel", ("T",)),
+}
+
+#: Threads per block of the launches (each kernel's __launch_bounds__; topk: see topk_warps).
+SEARCH_BLOCK = 128
+DISTANCE_BLOCK = 256
+SCATTER_BLOCK = 128
+#: Registers a thread may use (the launch bounds' minimum blocks per multiprocessor follow from it:
+#: 65536 registers / (128 * threads)); the CI check requires the search kernel not to spill.
+MAX_REGISTERS = 128
 
 #: Storage dtype name -> C++ type of the template parameter T.
 STORAGE_TYPES = {"float32": "float", "float16": "gpuhnsw::half_t"}
@@ -130,53 +155,61 @@ def kernel_source(name):
     if name not in MODULES:
         raise ValueError(f"unknown kernel module {name!r}; expected one of {sorted(MODULES)}")
     if name not in _source_cache:
-        _source_cache[name] = _inline(MODULES[name], set()) + "\n"
+        _source_cache[name] = _inline(MODULES[name][0], set()) + "\n"
     return _source_cache[name]
 
 
 # ---------------------------------------------------------------------------------------------
 # instantiation matrix
 
-def search_expr(dtype, team, capacity):
-    """Name expression of ``search_beam_kernel`` for storage `dtype` ("float32"/"float16")."""
-    return f"search_beam_kernel<{STORAGE_TYPES[dtype]}, {int(team)}, {int(capacity)}>"
-
-
-def distance_expr(dtype, team):
-    """Name expression of ``compute_distances_kernel``."""
-    return f"compute_distances_kernel<{STORAGE_TYPES[dtype]}, {int(team)}>"
-
-
-def topk_expr(capacity):
-    """Name expression of ``select_topk_kernel``."""
-    return f"select_topk_kernel<{int(capacity)}>"
-
-
-def scatter_expr(dtype):
-    """Name expression of ``scatter_rows_kernel`` (device storage `dtype`)."""
-    return f"scatter_rows_kernel<{STORAGE_TYPES[dtype]}>"
-
-
-def name_expressions(name):
-    """Every template instantiation of module `name`, as NVRTC name expressions.
+def instances(name):
+    """Every template instantiation of module `name`, as tuples of template arguments (storage
+    dtype names for ``T``).
 
     ``search``: storage x team x capacity (2 x 4 x 5 = 40); ``distance``: storage x team (8);
     ``topk``: capacity (6); ``scatter``: storage (2).
 
     Returns
     -------
-    list of str
+    list of tuple
     """
     if name == "search":
-        return [search_expr(t, team, cap) for t in STORAGE_TYPES for team in TEAM_SIZES
-                for cap in SEARCH_CAPACITIES]
+        return [(t, team, cap) for t in STORAGE_TYPES for team in TEAM_SIZES for cap in SEARCH_CAPACITIES]
     if name == "distance":
-        return [distance_expr(t, team) for t in STORAGE_TYPES for team in TEAM_SIZES]
+        return [(t, team) for t in STORAGE_TYPES for team in TEAM_SIZES]
     if name == "topk":
-        return [topk_expr(cap) for cap in TOPK_CAPACITIES]
+        return [(cap,) for cap in TOPK_CAPACITIES]
     if name == "scatter":
-        return [scatter_expr(t) for t in STORAGE_TYPES]
+        return [(t,) for t in STORAGE_TYPES]
     raise ValueError(f"unknown kernel module {name!r}; expected one of {sorted(MODULES)}")
+
+
+def block_size(name, instance):
+    """Threads per block the code launches instantiation `instance` of module `name` with (its
+    launch bound)."""
+    if name == "topk":
+        return 32 * topk_warps(instance[0])
+    return {"search": SEARCH_BLOCK, "distance": DISTANCE_BLOCK, "scatter": SCATTER_BLOCK}[name]
+
+
+def instance_source(name, instance):
+    """The program of one instantiation: ``GPUHNSW_INSTANCE`` (the template arguments as
+    declarations), ``GPUHNSW_MAX_THREADS`` and ``GPUHNSW_MIN_BLOCKS`` defined ahead of
+    :func:`kernel_source`, so the kernel (``MODULES[name][1]``) has C linkage and launch bounds
+    equal to its launch, with room for :data:`MAX_REGISTERS` registers a thread.
+
+    Returns
+    -------
+    str
+    """
+    instance = tuple(instance)
+    if instance not in instances(name):
+        raise ValueError(f"{instance!r} is not an instantiation of module {name!r}")
+    decls = " ".join(f"using T = {STORAGE_TYPES[v]};" if p == "T" else f"constexpr int {p} = {int(v)};"
+                     for p, v in zip(MODULES[name][2], instance))
+    threads = block_size(name, instance)
+    return (f"#define GPUHNSW_INSTANCE {decls}\n#define GPUHNSW_MAX_THREADS {threads}\n"
+            f"#define GPUHNSW_MIN_BLOCKS {max(1, 65536 // (MAX_REGISTERS * threads))}\n" + kernel_source(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +282,47 @@ def search_shared_bytes(stride, search_width, m0, m, hash_log2):
     return 4 * (int(stride) + 4 * cand + (1 << int(hash_log2)))
 
 
+#: Shared memory a block may use without the opt-in (static plus dynamic), every architecture.
+DEFAULT_SHARED_LIMIT = 48 * 1024
+
+
+@dataclass(frozen=True)
+class SearchLaunch:
+    """One launch of ``search_beam_kernel``: the instantiation (storage, team, capacity), the
+    visited hash (log2 of its size) and the dynamic shared memory in bytes."""
+    instance: tuple
+    hash_log2: int
+    shared_bytes: int
+
+
+def search_launch(dim, storage, m, m0, ef, k, search_width, filtered, static_bytes, limit):
+    """The launch of ``search_beam_kernel`` for a batch, or None when none fits the device (the
+    caller answers on the CPU).
+
+    Parameters
+    ----------
+    dim, storage, m, m0 : the mirror's row width, storage dtype name, M and M0
+    ef, k, search_width : the query's (``max(ef, k)`` <= 512)
+    filtered : bool, a filter or deleted elements (the pending-list mode, a larger capacity)
+    static_bytes : callable, instance -> the instantiation's static shared memory in bytes (what
+        CUDA reports for the loaded kernel at run time; ptxas -v in the CI check)
+    limit : int, shared memory per block with the opt-in (``shared_limit(device)``)
+
+    The preferred visited hash first (2**10 slots, 2**13 filtered: fewer resets and fewer
+    hash-full rows); where static plus dynamic memory would not fit, the smallest hash that holds
+    one iteration (more resets in beam mode, more rows answered on the CPU in filtered mode).
+    """
+    instance = (storage, team_size(dim, storage), beam_capacity(ef, k, filtered))
+    static = int(static_bytes(instance))
+    stride = row_stride(dim, storage)
+    for min_log2 in (13 if filtered else 10, 5):
+        log2 = search_hash_log2(instance[2], search_width, m0, min_log2)
+        dynamic = search_shared_bytes(stride, search_width, m0, m, log2)
+        if static + dynamic <= limit:
+            return SearchLaunch(instance, log2, dynamic)
+    return None
+
+
 def distance_shared_bytes(stride):
     """Dynamic shared memory of ``compute_distances_kernel`` in bytes: the fp32 query row."""
     return 4 * int(stride)
@@ -269,9 +343,30 @@ def topk_shared_bytes(capacity, n_warps):
 # ---------------------------------------------------------------------------------------------
 # compilation (CuPy)
 
+#: CuPy's additions to :data:`OPTIONS` for a ``RawKernel``, in order, for NVRTC >= 12 (read in
+#: CuPy 13.6 and 14.2): ``_compile_with_cache_cuda`` (cupy/cuda/compiler.py) appends ``-ftz=true``;
+#: ``compile_using_nvrtc`` (13.6) / ``_compile_using_nvrtc_no_warning`` (14.2) append the
+#: architecture (``-arch=sm_XX``, a cubin, where NVRTC knows the device; else ``compute_XX``) and
+#: ``--device-as-default-execution-space``. ``assemble_cupy_compiler_options`` (cupy/_core/core.pyx)
+#: also adds include directories (CCCL, CuPy's and the CUDA headers; our kernels include nothing)
+#: and ``--std=c++17`` only when no ``-std`` is given.
+def nvrtc_options(arch):
+    """The complete NVRTC option list CuPy compiles our kernels with, include directories aside.
+
+    Parameters
+    ----------
+    arch : str, e.g. ``"sm_80"`` (what CuPy passes for a device NVRTC knows) or ``"compute_90"``
+
+    Returns
+    -------
+    tuple of str
+    """
+    return OPTIONS + ("-ftz=true", f"-arch={arch}", "--device-as-default-execution-space")
+
+
 _lock = threading.Lock()
-_modules = {}
 _kernels = {}
+_shared_limits = {}
 
 
 def _cupy():
@@ -284,48 +379,124 @@ def _cupy():
     return cupy
 
 
-def _module(name, device_id):
-    key = (device_id, name)
-    with _lock:
-        mod = _modules.get(key)
-        if mod is None:
-            cp = _cupy()
-            with cp.cuda.Device(device_id):
-                mod = cp.RawModule(code=kernel_source(name), options=OPTIONS,
-                                   name_expressions=name_expressions(name))
-                mod.compile()  # load on this device now, not on whichever is current later
-            _modules[key] = mod
-    return mod
-
-
-def get_kernel(name, expr, device=None):
-    """A compiled kernel of module `name` for one name expression.
+def get_kernel(name, instance, device=None):
+    """The compiled kernel of one instantiation of module `name`, compiled (or read from CuPy's disk
+    cache) and loaded on `device` at the first call, memoised after.
 
     Parameters
     ----------
     name : str
-        ``"distance"``, ``"search"`` or ``"topk"``.
-    expr : str
-        One of :func:`name_expressions` (`name`), e.g. ``search_expr("float32", 32, 128)``.
-    device : int or cupy.cuda.Device, optional
+        A key of :data:`MODULES`.
+    instance : tuple
+        One of :func:`instances` (`name`), e.g. ``("float32", 32, 128)`` for ``search``.
+    device : int, optional
         Defaults to the current device.
 
     Returns
     -------
     cupy.RawKernel
-        Launch it with the device current; kernels needing more than 48 KiB of dynamic shared
-        memory need ``kernel.max_dynamic_shared_size_bytes`` set first.
+        Launch it with the device current and :func:`block_size` threads; its
+        ``shared_size_bytes`` is its static shared memory. Static plus dynamic shared memory above
+        48 KiB needs ``kernel.max_dynamic_shared_size_bytes`` set first.
     """
-    if expr not in name_expressions(name):
-        raise ValueError(f"{expr!r} is not an instantiation of module {name!r}")
+    instance = tuple(instance)
     cp = _cupy()
-    device_id = cp.cuda.Device(device).id if device is not None else cp.cuda.Device().id
-    key = (device_id, name, expr)
+    device_id = cp.cuda.Device(device).id
+    key = (device_id, name, instance)
     kernel = _kernels.get(key)
     if kernel is None:
-        mod = _module(name, device_id)
-        with cp.cuda.Device(device_id):
-            kernel = mod.get_function(expr)
+        source = instance_source(name, instance)  # checks the instance
         with _lock:
-            _kernels[key] = kernel
+            kernel = _kernels.get(key)
+            if kernel is None:
+                with cp.cuda.Device(device_id):
+                    kernel = cp.RawKernel(source, MODULES[name][1], options=OPTIONS)
+                    kernel.compile()   # load on this device now, not on whichever is current later
+                _kernels[key] = kernel
     return kernel
+
+
+def shared_limit(device_id):
+    """Shared memory one block of device `device_id` may use with the opt-in, in bytes."""
+    limit = _shared_limits.get(device_id)
+    if limit is None:
+        rt = _cupy().cuda.runtime
+        limit = _shared_limits[device_id] = int(rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                                                      device_id))
+    return limit
+
+
+# ---------------------------------------------------------------------------------------------
+# compilation without a GPU (NVRTC through cuda-python: the CI checks and benchmarks/nvrtc_cost.py)
+
+def _preload_libnvrtc():
+    """Load libnvrtc from the nvidia-cuda-nvrtc wheel, for cuda-python releases that only look on
+    the system library path (recent ones find it through cuda-pathfinder). RTLD_LOCAL: the
+    library's symbols must not leak into extension modules loaded later in this process."""
+    import ctypes
+    import glob
+    import os
+    import sys
+
+    for base in sys.path:
+        for sub in ("nvidia/cuda_nvrtc/lib", "nvidia/cu13/lib"):
+            for lib in sorted(glob.glob(os.path.join(base, sub, "libnvrtc.so*"))):
+                if "builtins" in lib or ".alt." in lib:
+                    continue
+                try:
+                    ctypes.CDLL(lib, mode=ctypes.RTLD_LOCAL)
+                    return
+                except OSError:
+                    continue
+
+
+def nvrtc_module():
+    """cuda-python's NVRTC bindings with a loadable libnvrtc, or None (``pip install
+    'gpuhnsw[nvrtc]'``)."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        try:
+            from cuda import nvrtc
+        except ImportError:
+            return None
+    for attempt in range(2):
+        try:
+            err, _major, _minor = nvrtc.nvrtcVersion()
+            return nvrtc if int(err) == 0 else None
+        except Exception:  # the bindings are there but did not find libnvrtc: point them at the wheel's
+            if attempt:
+                return None
+            _preload_libnvrtc()
+    return None
+
+
+def nvrtc_compile(name, instance, arch, extra=()):
+    """Compile one instantiation with NVRTC as CuPy would (:func:`instance_source`,
+    :func:`nvrtc_options` (`arch`) + `extra`), without a GPU.
+
+    Returns
+    -------
+    (ok, log, seconds) : bool, str (NVRTC's log: errors, warnings, ``-Xptxas=-v`` output), float
+    """
+    import time
+
+    nvrtc = nvrtc_module()
+    if nvrtc is None:
+        raise RuntimeError("NVRTC not available: pip install 'gpuhnsw[nvrtc]' (cuda-python + nvidia-cuda-nvrtc)")
+    src = instance_source(name, instance).encode()
+    err, prog = nvrtc.nvrtcCreateProgram(src, MODULES[name][0].encode(), 0, [], [])
+    if int(err):
+        raise RuntimeError(f"nvrtcCreateProgram: {err}")
+    try:
+        opts = [o.encode() for o in nvrtc_options(arch) + tuple(extra)]
+        t0 = time.perf_counter()
+        result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        seconds = time.perf_counter() - t0
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        buf = bytearray(size)   # a bytearray: NVRTC writes into it (never a shared bytes object)
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    err = result[0] if isinstance(result, tuple) else result
+    return int(err) == 0, bytes(buf).rstrip(b"\0 ").decode(errors="replace"), seconds

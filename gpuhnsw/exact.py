@@ -7,7 +7,9 @@ pool), ``rerank`` (exact float64 re-ranking of a pool), ``normalize_rows`` (hnsw
 ``pool_size``, ``upload_base``, ``EXCLUDED_KEY``. (The test oracle ``gpuhnsw.testing.exact_knn`` is separate,
 plain float64 NumPy code on purpose, so that it shares nothing with what it checks.)
 
-How one block of queries is answered (CPU; the CUDA path has the same phases)::
+How one block of queries is answered (CPU; the CUDA path has the same phases, its pool kept per
+tile by ``select_topk_kernel``, a partial selection merged with the running pool, up to a pool of
+1024)::
 
     queries [nq, d] --split--> blocks of `block` rows
       for each base tile of `base_block` rows:
@@ -33,7 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ._device import select_topk
 from ._errors import DeviceError
+from ._kernels import TOPK_CAPACITIES
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
 
 __all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "normalize_rows", "pool_size",
@@ -325,7 +329,8 @@ def _order(d64, cand, k, self_rows, labels):
 # --------------------------------------------------------------------------------------------------
 
 def _topk_cuda(cp, g, pool, group=32):
-    """Keys and column indices of the ``pool`` smallest entries per row of ``g`` [m, t], unordered.
+    """Keys and column indices of the ``pool`` smallest entries per row of ``g`` [m, t], unordered:
+    for pools beyond ``select_topk_kernel``'s largest capacity (1024), which run it for the rest.
 
     CuPy's argpartition is a full sort, so sort only group minima: the ``pool`` groups of ``group``
     columns with the smallest minima contain the ``pool`` smallest entries (each of those groups
@@ -378,6 +383,9 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
             q = cp.asarray(queries[a:b])
             srows = None if self_rows is None else cp.asarray(self_rows[a:b])
             best_key = best_idx = None
+            if pool <= TOPK_CAPACITIES[-1]:   # the running pool, merged tile by tile by select_topk
+                best_key = cp.empty((b - a, pool), dtype=cp.float32)
+                best_idx = cp.empty((b - a, pool), dtype=cp.int64)
             for t0 in range(0, n, base_block):
                 t1 = min(t0 + base_block, n)
                 g = q @ bdev[t0:t1].T                                  # cuBLAS sgemm
@@ -389,6 +397,9 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                 if srows is not None:
                     hit = cp.flatnonzero((srows >= t0) & (srows < t1))
                     g[hit, srows[hit] - t0] = excluded
+                if pool <= TOPK_CAPACITIES[-1]:
+                    select_topk(cp, g, pool, best_key, best_idx, index_offset=t0, prev=t0 > 0)
+                    continue
                 take = min(pool, t1 - t0)
                 key, idx = _topk_cuda(cp, g, take)
                 idx = idx + t0

@@ -157,8 +157,8 @@ class Index:
                 core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
             else:
                 stop = min(n, start + max(1024, min(count // 4, GPU_BUILD_BATCH)))
-                graph, batch = self._gpu.insert_candidates(core, data[start:stop], self._space)
-                core.add(data[start:stop], labels[start:stop], stop - start, threads, False, graph, batch)
+                cands = self._gpu.insert_candidates(core, data[start:stop], self._space)
+                core.add(data[start:stop], labels[start:stop], stop - start, threads, False, *(cands or ()))
             start = stop
 
     def mark_deleted(self, label):

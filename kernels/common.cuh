@@ -6,6 +6,21 @@
 #ifndef GPUHNSW_COMMON_CUH
 #define GPUHNSW_COMMON_CUH
 
+// Kernel entry points. The loader (gpuhnsw/_kernels.py) compiles one instantiation per program: it
+// defines GPUHNSW_INSTANCE as the template parameters' values (`using T = float; constexpr int
+// Team = 32; ...`), GPUHNSW_MAX_THREADS as the block size it launches and GPUHNSW_MIN_BLOCKS so
+// that ptxas may use up to 128 registers a thread. The kernel then has C linkage (a plain name:
+// CuPy loads it without name expressions and caches the binary on disk in every version) and
+// launch bounds equal to its launch. (A bound of 512 made ptxas cap registers and spill; a bare
+// 128 makes it aim for full occupancy, about 40 registers, and spill too.) Without
+// GPUHNSW_INSTANCE (the CPU emulation of tests/) kernels stay templates.
+#ifdef GPUHNSW_INSTANCE
+#define GPUHNSW_KERNEL(...) \
+  GPUHNSW_INSTANCE extern "C" __global__ void __launch_bounds__(GPUHNSW_MAX_THREADS, GPUHNSW_MIN_BLOCKS)
+#else
+#define GPUHNSW_KERNEL(...) template <__VA_ARGS__> __global__ void
+#endif
+
 namespace gpuhnsw {
 
 typedef unsigned int slot_t;         // internal row id (never a user label)

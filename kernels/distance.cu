@@ -15,8 +15,7 @@
 
 using gpuhnsw::slot_t;
 
-template <typename T, int Team>
-__global__ void __launch_bounds__(1024)
+GPUHNSW_KERNEL(typename T, int Team)
     compute_distances_kernel(const T* __restrict__ vectors,       // [capacity, stride]
                              int stride,                          // elements per row, 16-byte multiple
                              int metric,                          // gpuhnsw::Metric

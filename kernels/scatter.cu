@@ -24,8 +24,7 @@ __device__ __forceinline__ void store_element(half_t* dst, float v) { dst->bits 
 
 }  // namespace gpuhnsw
 
-template <typename T>
-__global__ void __launch_bounds__(1024)
+GPUHNSW_KERNEL(typename T)
     scatter_rows_kernel(int r,                                   // rows in the batch
                         const slot_t* __restrict__ slots,        // [r]
                         const slot_t* __restrict__ degree,       // [r]

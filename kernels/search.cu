@@ -69,8 +69,7 @@
 using gpuhnsw::label_t;
 using gpuhnsw::slot_t;
 
-template <typename T, int Team, int Capacity>
-__global__ void __launch_bounds__(512)
+GPUHNSW_KERNEL(typename T, int Team, int Capacity)
     search_beam_kernel(const T* __restrict__ vectors,                   // [capacity, stride]
                        int stride,                                      // elements per row, 16-byte multiple
                        int metric,                                      // gpuhnsw::Metric

@@ -53,8 +53,7 @@ __device__ __forceinline__ int count_less(const float* d, IndexOf idx, int n, fl
 }  // namespace topk
 }  // namespace gpuhnsw
 
-template <int Capacity>
-__global__ void __launch_bounds__(1024)
+GPUHNSW_KERNEL(int Capacity)
     select_topk_kernel(const float* __restrict__ dists,      // [nq, ld], columns [0, n) used
                        long long ld,                          // floats between rows
                        int n,                                 // columns in this tile (< 2^31 - 1)

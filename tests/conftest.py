@@ -102,3 +102,31 @@ def snapshot(index, queries, k=5):
 def index_snapshot():
     """``index_snapshot(index, queries, k=5)`` -> tuple; equal before and after a rejected call."""
     return snapshot
+
+
+def _numpy_topk(grid, block, args, shared_mem=0):
+    """select_topk_kernel (kernels/topk.cu) in NumPy, same arguments: the k smallest of each tile
+    row, NaN as inf, ties by the smaller index, merged with the running result when one is passed."""
+    tile, ld, n, offset, prev_d, prev_i, nq, k, out_d, out_i = args
+    n, nq, k = int(n), int(nq), int(k)
+    none = np.iinfo(np.int64).max
+    d = np.asarray(tile).reshape(nq, int(ld))[:, :n].astype(np.float32)
+    d = np.where(np.isnan(d), np.inf, d)
+    idx = np.broadcast_to(int(offset) + np.arange(n, dtype=np.int64), d.shape)
+    if not isinstance(prev_d, np.integer):   # a null pointer is np.uint64(0)
+        keep = np.asarray(prev_i) >= 0
+        d = np.concatenate([np.where(keep, prev_d, np.inf), d], axis=1)
+        idx = np.concatenate([np.where(keep, prev_i, none), idx], axis=1)
+    order = np.lexsort((idx, d), axis=1)[:, :k]
+    got_d, got_i = np.take_along_axis(d, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    m = got_d.shape[1]
+    out_d[:, :m], out_i[:, :m] = got_d, np.where(got_i == none, -1, got_i)
+    out_d[:, m:], out_i[:, m:] = np.inf, -1
+
+
+@pytest.fixture
+def numpy_select_topk(monkeypatch):
+    """The loader hands out a NumPy ``select_topk_kernel`` (for device paths run on NumPy)."""
+    from gpuhnsw import _kernels
+
+    monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None: _numpy_topk)

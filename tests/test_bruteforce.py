@@ -384,7 +384,7 @@ class _NumpyAsCupy:
 
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("base_block", [None, 250, 5000])
-def test_cuda_path_logic_matches_cpu(monkeypatch, make_data, space, base_block):
+def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_select_topk, make_data, space, base_block):
     from gpuhnsw import exact
 
     monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
@@ -405,7 +405,18 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, make_data, space, base_block):
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
-def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, make_data):
+def test_cuda_path_pool_beyond_select_topk(monkeypatch, make_data):
+    """A pool larger than select_topk_kernel's largest capacity takes the grouped-sort path."""
+    from gpuhnsw import exact
+
+    monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
+    base, queries = make_data(6000, 8), make_data(20, 8, seed=11)
+    cpu = exact.exact_rows(base, queries, 900, "l2")
+    gpu = exact.exact_rows(base, queries, 900, "l2", device=("cuda", 0), base_block=5000)
+    np.testing.assert_array_equal(gpu[0], cpu[0])
+
+
+def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, numpy_select_topk, make_data):
     from gpuhnsw import exact
 
     monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())

@@ -18,16 +18,50 @@ from gpuhnsw._reference import beam_search_reference
 
 
 # ---------------------------------------------------------------------------------------------
-# a NumPy stand-in for the parts of CuPy the mirror uses
+# a NumPy stand-in for the parts of CuPy the mirror uses, with an asynchronous stream
+
+class _Stream:
+    """The stand-in's one CUDA stream: uploads (``ndarray.set``) and kernels are queued and run in
+    order only when an event is synchronized or the host touches device memory, as on a GPU. An
+    upload reads its host buffer when it runs, so a host buffer rewritten too early corrupts it."""
+
+    def __init__(self):
+        self.queue = []
+
+    def run(self, until=None):
+        while self.queue and (until is None or not until.done):
+            self.queue.pop(0)()
+
+
+_stream = _Stream()
+
 
 class _Array(np.ndarray):
     def set(self, a):
-        self[...] = a
+        _stream.queue.append(lambda: self.__setitem__(Ellipsis, a))
+
+
+class _Event:
+    def __init__(self, **kw):
+        self.done = False
+
+    def record(self):
+        self.done = False
+        _stream.queue.append(lambda: setattr(self, "done", True))
+
+    def synchronize(self):
+        _stream.run(until=self)
 
 
 def _fake_cupy():
     def wrap(a):
         return np.asarray(a).view(_Array)
+
+    def synced(fn):  # the host waits for queued work before it allocates or reads
+        def call(*a, **k):
+            _stream.run()
+            return fn(*a, **k)
+        return call
 
     class Device:
         def __init__(self, i=None):
@@ -42,34 +76,37 @@ def _fake_cupy():
     cp = types.ModuleType("cupy")
     for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
         setattr(cp, name, getattr(np, name))
-    cp.empty = lambda *a, **k: wrap(np.empty(*a, **k))
-    cp.zeros = lambda *a, **k: wrap(np.zeros(*a, **k))
-    cp.full = lambda *a, **k: wrap(np.full(*a, **k))
-    cp.asarray = lambda a, dtype=None: wrap(np.array(a, dtype=dtype))
-    cp.ascontiguousarray = lambda a: wrap(np.ascontiguousarray(a))
-    cp.asnumpy = lambda a: np.asarray(a).view(np.ndarray)
-    cp.cuda = types.SimpleNamespace(Device=Device, alloc_pinned_memory=bytearray)
+    cp.empty = synced(lambda *a, **k: wrap(np.empty(*a, **k)))
+    cp.zeros = synced(lambda *a, **k: wrap(np.zeros(*a, **k)))
+    cp.full = synced(lambda *a, **k: wrap(np.full(*a, **k)))
+    cp.asarray = synced(lambda a, dtype=None: wrap(np.array(a, dtype=dtype)))
+    cp.ascontiguousarray = synced(lambda a: wrap(np.ascontiguousarray(a)))
+    cp.asnumpy = synced(lambda a: np.asarray(a).view(np.ndarray))
+    cp.cuda = types.SimpleNamespace(Device=Device, alloc_pinned_memory=bytearray, Event=_Event)
     return cp
 
 
 def _numpy_scatter(grid, block, args):
-    """scatter_rows_kernel, in NumPy (same arguments)."""
-    r, slots, degree, labels, links, rows, m0, dim_pad, vectors, stride, links0, degree0, labels_out = args
-    r, m0, dim_pad = int(r), int(m0), int(dim_pad)
-    s = np.asarray(slots)[:r].astype(np.int64)
-    vectors[s, :dim_pad] = np.asarray(rows)[:r * dim_pad].reshape(r, dim_pad).astype(vectors.dtype)
-    vectors[s, dim_pad:] = 0
-    links0[s] = np.asarray(links)[:r * m0].reshape(r, m0)
-    degree0[s] = np.asarray(degree)[:r]
-    labels_out[s] = np.asarray(labels)[:r]
+    """scatter_rows_kernel, in NumPy (same arguments), queued on the stream."""
+    def run():
+        r, slots, degree, labels, links, rows, m0, dim_pad, vectors, stride, links0, degree0, labels_out = args
+        r, m0, dim_pad = int(r), int(m0), int(dim_pad)
+        s = np.asarray(slots)[:r].astype(np.int64)
+        vectors[s, :dim_pad] = np.asarray(rows)[:r * dim_pad].reshape(r, dim_pad).astype(vectors.dtype)
+        vectors[s, dim_pad:] = 0
+        links0[s] = np.asarray(links)[:r * m0].reshape(r, m0)
+        degree0[s] = np.asarray(degree)[:r]
+        labels_out[s] = np.asarray(labels)[:r]
+    _stream.queue.append(run)
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
-    monkeypatch.setattr(_kernels, "get_kernel", lambda name, expr, device=None: _numpy_scatter)
+    monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None: _numpy_scatter)
     from gpuhnsw import _device
-    return _device
+    yield _device
+    _stream.queue.clear()
 
 
 @pytest.mark.parametrize("space, storage", [("l2", "float32"), ("cosine", "float16")])
@@ -188,3 +225,73 @@ def test_gpu_sync_after_changes(sift_small, rng):
     state = index._core.export_state()
     ref = beam_search_reference(state, queries, 10, 40, pending_limit=_kernels.beam_capacity(40, 10, True))
     _compare(labels, dists, found, ref, np.frombuffer(state["labels"], np.uint64))
+
+
+def test_staging_reuse_waits_for_the_upload(fake_gpu, monkeypatch, rng):
+    """Many chunks in one sync: each staging buffer is rewritten only after the event of its
+    previous (asynchronous) upload; a buffer rewritten before would scatter the wrong rows."""
+    monkeypatch.setattr(fake_gpu, "_CHUNK_BYTES", 2000)     # about 20 rows a chunk
+    index = gpuhnsw.Index("l2", 10)
+    index.init_index(600, M=4, random_seed=1)
+    index.add_items(rng.random((500, 10), dtype=np.float32))
+    mirror = fake_gpu.DeviceMirror(index._core)
+    st = mirror.sync()
+    assert st.rows == 500 and mirror.check_against_core() == []
+    index.add_items(rng.random((60, 10), dtype=np.float32))
+    mirror.sync()
+    assert mirror.check_against_core() == []
+
+
+def test_staging_without_the_wait_would_corrupt(fake_gpu, monkeypatch, rng):
+    """The stand-in's stream is strict enough to catch the defect the events prevent."""
+    monkeypatch.setattr(fake_gpu, "_CHUNK_BYTES", 2000)
+    monkeypatch.setattr(fake_gpu._Staging, "wait", lambda self: None)
+    index = gpuhnsw.Index("l2", 10)
+    index.init_index(600, M=4, random_seed=1)
+    index.add_items(rng.random((500, 10), dtype=np.float32))
+    mirror = fake_gpu.DeviceMirror(index._core)
+    mirror.sync()
+    assert mirror.check_against_core() != []
+
+
+# ---------------------------------------------------------------------------------------------
+# the in-batch candidates of GPU-assisted inserts, with a NumPy select_topk_kernel
+
+@pytest.fixture
+def numpy_device(monkeypatch, numpy_select_topk):
+    """CuPy as plain NumPy (enough for the in-batch search) and a NumPy select_topk_kernel."""
+    cp = types.SimpleNamespace(**{name: getattr(np, name) for name in (
+        "float32", "float64", "int64", "uint32", "inf", "empty", "arange", "sqrt", "maximum", "negative",
+        "flatnonzero", "concatenate", "argsort", "take_along_axis", "full")})
+    cp.asarray, cp.asnumpy = np.asarray, np.asarray
+
+    class Device:
+        def __init__(self, i=None):
+            self.id = i or 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cp.cuda = types.SimpleNamespace(Device=Device, memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    return cp
+
+
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, datasets, space):
+    """The in-batch candidates of GPU-assisted inserts: each row's k nearest other rows."""
+    from gpuhnsw import _device
+    from gpuhnsw.testing import exact_knn
+
+    monkeypatch.setattr(_device, "_TILE_BYTES", 4 * 500 * 37)   # several row tiles
+    name = "siftsmall" if space == "l2" else "minilm-debian"
+    rows, _, _, _ = datasets(name, n_base=500, n_queries=1)
+    got = _device._batch_neighbours(numpy_device, rows, 8, _kernels.METRICS[space])
+    ids, _ = exact_knn(rows, rows, 9, space)
+    want = np.array([[j for j in row if j != i][:8] for i, row in enumerate(ids)])
+    assert got.dtype == np.uint32 and got.shape == (500, 8)
+    assert np.mean(got == want) > 0.99            # float32 keys: rare near-ties may swap
+    assert not (got == np.arange(500)[:, None]).any()
