@@ -525,6 +525,11 @@ class ShardedIndex:
         return self._n_shards
 
     @property
+    def num_threads(self):
+        """C engine threads each shard uses."""
+        return self._threads
+
+    @property
     def space(self):
         return self._space
 
