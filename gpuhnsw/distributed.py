@@ -495,8 +495,7 @@ class ShardedIndex:
     # ------------------------------------------------------------------------------ reads
     def __len__(self):
         """Live (not deleted) elements over all shards."""
-        futures = [self._submit(_shard_len, f) for f in list(self._shards)]
-        return int(sum(self._client.gather(futures)))
+        return sum(self.shard_sizes())
 
     def __contains__(self, label):
         try:
