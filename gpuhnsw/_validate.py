@@ -52,12 +52,44 @@ def as_matrix(arr, dim=None, what="data"):
     return arr
 
 
+_DLPACK_CPU = 1  # DLDeviceType kDLCPU
+
+
+def plain_array(x):
+    """``x`` in a form NumPy (or CuPy, on the GPU) reads as it is, for tensors straight from a model.
+
+    A torch tensor is detached from its autograd graph and bfloat16 becomes float32, on its own
+    device (torch is not imported here); a NumPy array of ml_dtypes' bfloat16 becomes float32; a
+    host DLPack producer without the NumPy array protocols is read through ``np.from_dlpack``.
+    Anything else comes back unchanged.
+    """
+    if hasattr(x, "requires_grad") and hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach()
+        return x.float() if str(x.dtype) == "torch.bfloat16" else x
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+    if (hasattr(x, "__dlpack__") and not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")
+            and not hasattr(x, "__cuda_array_interface__")):
+        try:
+            on_host = int(x.__dlpack_device__()[0]) == _DLPACK_CPU
+        except Exception:
+            on_host = False
+        if on_host:
+            try:
+                return np.from_dlpack(x)
+            except (BufferError, TypeError, RuntimeError) as exc:
+                raise ValueError(f"cannot read the {type(x).__name__} through DLPack ({exc}); "
+                                 "pass a float32 array") from None
+    return x
+
+
 def as_vectors(data, dim=None, what="data"):
     """``data`` as a C-contiguous float32 matrix ``[n, dim]``; 1-D input is one row.
 
     Wrong shape or width raises :class:`InputShapeError` (a ``ValueError`` and a ``RuntimeError``);
     NaN, infinities and non-numeric data raise ``ValueError``.
     """
+    data = plain_array(data)
     if hasattr(data, "__cuda_array_interface__") and hasattr(data, "get"):
         data = data.get()  # a CuPy array on the CPU path: validate the host copy
     arr = np.asarray(data)
@@ -90,7 +122,7 @@ def as_label(label, out_of_range=OverflowError):
 def as_labels(ids, rows=None):
     """Labels as uint64 ``[rows]``; a scalar is allowed for one row.  Negative labels raise
     ``OverflowError`` and a length mismatch ``RuntimeError`` (both as hnswlib)."""
-    arr = np.asarray(ids)
+    arr = np.asarray(plain_array(ids))
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (rows is not None and arr.shape[0] != rows):

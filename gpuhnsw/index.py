@@ -12,7 +12,7 @@ from . import _core, _device, _io
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
 from ._filters import MODES as FILTER_MODES, allowed_sets, log_plan, prefer_exact
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
-                        num_threads as num_threads_rule, resolve_device)
+                        num_threads as num_threads_rule, plain_array, resolve_device)
 from .exact import exact_search
 
 PAD_LABEL = np.uint64(2**64 - 1)
@@ -130,12 +130,12 @@ class Index:
             raise ValueError(f"build must be 'auto', 'cpu' or 'gpu', got {build!r}")
         if build == "gpu" and self._device != "cuda":
             raise DeviceError("build='gpu' needs an index on a GPU (device='cuda')")
-        data = as_vectors(_device.to_host(data), self._dim)
+        data = as_vectors(_device.to_host(plain_array(data)), self._dim)
         rows = data.shape[0]
         if ids is None:
             labels = np.arange(self._cur_l, self._cur_l + rows, dtype=np.uint64)
         else:
-            labels = as_labels(_device.to_host(ids), rows)
+            labels = as_labels(_device.to_host(plain_array(ids)), rows)
         threads = self._threads(num_threads, rows)
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
         # batches go in one by one: only take that path when even an all-new batch fits, so a
@@ -248,6 +248,7 @@ class Index:
             raise ValueError(f"search_width must be 1..32, got {search_width}")
         if filter_mode not in FILTER_MODES:
             raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}, got {filter_mode!r}")
+        data = plain_array(data)
         while True:
             # Label filters become slot bitsets before the search; if a replace_deleted moved a slot
             # to another label meanwhile, the bitsets may name it by its old label: redo, so that no
@@ -260,7 +261,8 @@ class Index:
     def _knn_query_once(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode):
         sets = exact = None
         if filter is not None and not callable(filter):
-            sets = allowed_sets(core, _device.to_host(filter), 1 if np.ndim(data) == 1 else np.shape(data)[0])
+            sets = allowed_sets(core, _device.to_host(plain_array(filter)),
+                                1 if np.ndim(data) == 1 else np.shape(data)[0])
             exact = self._filter_plan(core, sets, k, ef, filter_mode)
         if not pad:
             self._check_enough(core, k, sets)
