@@ -67,10 +67,12 @@ class BFIndex:
     # ---- properties ---------------------------------------------------------------------------
     @property
     def space(self):
+        """``'l2'``, ``'ip'`` or ``'cosine'``."""
         return self._space
 
     @property
     def dim(self):
+        """Width of the vectors."""
         return self._dim
 
     @property
@@ -80,14 +82,17 @@ class BFIndex:
 
     @property
     def max_elements(self):
+        """Capacity (see :meth:`get_max_elements`)."""
         return self._max_elements
 
     @property
     def element_count(self):
+        """Vectors stored (see :meth:`get_current_count`)."""
         return self._count
 
     @property
     def num_threads(self):
+        """Default query thread count (read-write; <= 0: every core)."""
         return self._num_threads
 
     @num_threads.setter
@@ -95,12 +100,15 @@ class BFIndex:
         self.set_num_threads(value)
 
     def set_num_threads(self, num_threads):
+        """Default query thread count (<= 0: every core)."""
         self._num_threads = as_int(num_threads, "num_threads")
 
     def get_max_elements(self):
+        """Capacity in vectors (0 before :meth:`init_index`)."""
         return self._max_elements
 
     def get_current_count(self):
+        """Vectors stored."""
         return self._count
 
     # ---- building -----------------------------------------------------------------------------

@@ -447,6 +447,7 @@ class Index:
 
     @property
     def count_deleted(self):
+        """Elements marked deleted (they count in :meth:`get_current_count`, not in ``len``)."""
         return 0 if self._core is None else self._core.n_deleted
 
     # ---------------------------------------------------------------- persistence
@@ -518,20 +519,30 @@ class Index:
         return f"<gpuhnsw.Index(space='{self._space}', dim={self._dim})>"
 
     # ---------------------------------------------------------------- parameters
-    def set_ef(self, ef):
-        self._ef = as_int(ef, "ef", minimum=0)
+    def set_ef(self, ef: int) -> None:
+        """Default beam width of :meth:`knn_query` (``max(ef, k)`` is used).  Not saved by
+        hnswlib's format; kept by ours.  ``ef=0`` (which hnswlib takes and silently treats as
+        ``k``) raises ``ValueError``."""
+        ef = as_int(ef, "ef", minimum=0)
+        if ef == 0:
+            raise ValueError("ef must be at least 1 (the beam is max(ef, k) wide); got 0")
+        self._ef = ef
 
-    def set_num_threads(self, num_threads):
+    def set_num_threads(self, num_threads: int) -> None:
+        """Default thread count of :meth:`add_items` and :meth:`knn_query` (<= 0: every core)."""
         self._num_threads = num_threads_rule(num_threads)
 
-    def get_max_elements(self):
+    def get_max_elements(self) -> int:
+        """Capacity in elements (0 before :meth:`init_index`)."""
         return 0 if self._core is None else self._core.max_elements
 
-    def get_current_count(self):
+    def get_current_count(self) -> int:
+        """Elements stored, deleted ones included (as hnswlib; ``len(index)`` counts live ones)."""
         return 0 if self._core is None else self._core.count
 
     @property
-    def ef(self):
+    def ef(self) -> int:
+        """Default beam width of :meth:`knn_query` (read-write, see :meth:`set_ef`)."""
         return self._ef
 
     @ef.setter
@@ -539,7 +550,8 @@ class Index:
         self.set_ef(value)
 
     @property
-    def num_threads(self):
+    def num_threads(self) -> int:
+        """Default thread count (read-write, see :meth:`set_num_threads`)."""
         return self._num_threads
 
     @num_threads.setter
@@ -547,27 +559,33 @@ class Index:
         self.set_num_threads(value)
 
     @property
-    def space(self):
+    def space(self) -> str:
+        """``'l2'`` (squared L2), ``'ip'`` (1 - dot) or ``'cosine'`` (ip on normalised vectors)."""
         return self._space
 
     @property
-    def dim(self):
+    def dim(self) -> int:
+        """Width of the vectors."""
         return self._dim
 
     @property
-    def M(self):
+    def M(self) -> int:
+        """Links per node on the upper levels (``2*M`` on level 0); 0 before :meth:`init_index`."""
         return 0 if self._core is None else self._core.M
 
     @property
-    def ef_construction(self):
+    def ef_construction(self) -> int:
+        """Beam width while inserting; 0 before :meth:`init_index`."""
         return 0 if self._core is None else self._core.ef_construction
 
     @property
-    def max_elements(self):
+    def max_elements(self) -> int:
+        """Capacity (see :meth:`get_max_elements`)."""
         return self.get_max_elements()
 
     @property
-    def element_count(self):
+    def element_count(self) -> int:
+        """Elements stored, deleted included (see :meth:`get_current_count`)."""
         return self.get_current_count()
 
     @property

@@ -51,3 +51,26 @@ def test_get_items_of_knn_query_labels(sift):
     items = index.get_items(labels)
     assert items.shape == (18, base.shape[1])
     np.testing.assert_array_equal(items, base[labels.ravel().astype(np.int64)])
+
+
+def test_set_ef_zero_rejected():
+    index = gpuhnsw.Index("l2", 4)
+    with pytest.raises(ValueError, match="ef must be at least 1"):
+        index.set_ef(0)
+    with pytest.raises(TypeError):  # hnswlib's size_t argument
+        index.ef = -1
+    assert index.ef == 10
+
+
+@pytest.mark.parametrize("cls", [gpuhnsw.Index, gpuhnsw.BFIndex])
+def test_every_public_method_documented(cls):
+    import inspect
+    import pydoc
+
+    missing = [name for name, member in inspect.getmembers(cls)
+               if not name.startswith("_") and (callable(member) or isinstance(member, property))
+               and not (member.__doc__ or "").strip()]
+    assert not missing, f"{cls.__name__} members without a docstring: {missing}"
+    if cls is gpuhnsw.Index:
+        text = pydoc.render_doc(cls)
+        assert "squared L2" in text and "Width of the vectors" in text  # help() shows space and dim

@@ -1,5 +1,6 @@
 """Every Python example in README.md and docs/*.md runs as written (each block on its own, in a
-temporary working directory).  Blocks that import cupy run only with a GPU (``-m gpu``)."""
+temporary working directory).  Blocks that import cupy or torch show GPU pipelines: they run only
+with a GPU (``-m gpu``)."""
 import pathlib
 import re
 
@@ -17,7 +18,7 @@ def blocks():
             line = text.count("\n", 0, match.start()) + 2
             name = f"{path.relative_to(ROOT)}:{line}"
             code = match.group(1)
-            marks = [pytest.mark.gpu] if re.search(r"^import cupy", code, re.M) else []
+            marks = [pytest.mark.gpu] if re.search(r"^import (cupy|torch)\b", code, re.M) else []
             out.append(pytest.param(name, code, id=name, marks=marks))
     return out
 
