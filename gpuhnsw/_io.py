@@ -196,13 +196,38 @@ def _check_scalars(state, err):
 # writing
 # ---------------------------------------------------------------------------------------------
 
+def is_file_object(target):
+    """A file-like object (``BytesIO``, an open file, an fsspec file) rather than a path."""
+    return hasattr(target, "write") or hasattr(target, "read")
+
+
+def source_name(target):
+    """How error messages name ``target``: the path, or a file object's name (or its type)."""
+    if is_file_object(target):
+        return str(getattr(target, "name", None) or f"<{type(target).__name__}>")
+    return os.fspath(target)
+
+
+def _read_all(target):
+    """The whole content of a path, or of a file object from its current position."""
+    if is_file_object(target):
+        return bytes(target.read())
+    with open(target, "rb") as f:
+        return f.read()
+
+
 def _atomic_write(path, chunks):
     """Write the buffers ``chunks`` to ``path`` through a temp file in the same directory.
 
     The temp file is fsynced before ``os.replace`` and removed on any error, so ``path`` holds either
     its old content or the complete new file. OSErrors (permission, missing directory, full disk)
-    propagate.
+    propagate.  A file object (``BytesIO``, an fsspec file) is written in place at its position;
+    atomicity is then the caller's (e.g. fsspec's transaction).
     """
+    if is_file_object(path):
+        for chunk in chunks:
+            path.write(chunk)
+        return
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -345,7 +370,7 @@ def read_index(path, *, space, dim):
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, os.PathLike, or a binary file object (read from its position to the end)
     space : {'l2', 'ip', 'cosine'}
         The caller's space. Our format stores it and must agree; hnswlib files do not store it.
     dim : int
@@ -369,8 +394,7 @@ def read_index(path, *, space, dim):
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    with open(path, "rb") as f:
-        buf = f.read()
+    buf = _read_all(path)
     if not buf:
         raise IndexFileError("index file is empty")
     if buf[:len(MAGIC)] == MAGIC:
@@ -593,9 +617,8 @@ def read_bfindex(path, *, space, dim):
     value and label is checked: IndexFileError (naming ``path``) on any inconsistency; OSError if
     the file cannot be read.
     """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        buf = f.read()
+    buf = _read_all(path)
+    path = source_name(path)
     try:
         if buf[:len(BF_MAGIC)] == BF_MAGIC:
             out = _read_bf_own(buf, space, dim)

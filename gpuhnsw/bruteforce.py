@@ -239,9 +239,8 @@ class BFIndex:
         The capacity becomes ``max(max_elements, saved capacity)``. Every length, checksum and label
         is checked; any inconsistency raises :class:`gpuhnsw.IndexFileError`.
         """
-        path = os.fspath(path_to_index)
         try:
-            saved = read_bfindex(path, space=self._space, dim=self._dim)
+            saved = read_bfindex(path_to_index, space=self._space, dim=self._dim)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}",
                                          exc.filename) from None
