@@ -44,8 +44,7 @@ class CLIError(Exception):
 _VECS = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
 
 
-BUILD_PROGRESS_MIN_ROWS = 100_000  # build shows a progress bar from this size on a terminal
-BUILD_CHUNK = 20_000
+BUILD_PROGRESS_MIN_ROWS = 10_000  # build shows a progress bar from this size on a terminal
 
 def read_vectors(path, *, limit=None):
     """Read a vector file as a 2-D array (``.npy`` memory-mapped; ``*vecs`` as their dtype).
@@ -108,8 +107,11 @@ def _float_rows(path, *, limit=None, dim=None):
 
 
 def _write_npy(path, arr):
-    """np.save through a temporary file and rename (the name is used as given)."""
+    """np.save through a temporary file and rename; any name but ``*.npy`` is refused (NumPy's
+    bytes in a ``.csv`` or ``.txt`` would mislead whoever opens it)."""
     path = os.fspath(path)
+    if not path.lower().endswith(".npy"):
+        raise CLIError(f"{path}: this output is written as .npy; name it *.npy")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"{path}: directory {folder} does not exist")
@@ -174,7 +176,10 @@ def _open_index(path, space, device):
     h = index_header(path)
     if h["space"] is not None and space is not None and space != h["space"]:
         raise CLIError(f"{path}: the index has space {h['space']!r}, --space says {space!r}")
-    space = h["space"] or space or "l2"
+    if h["space"] is None and space is None:
+        raise CLIError(f"{os.fspath(path)} is an hnswlib file, which does not store its space: "
+                       "pass --space l2, ip or cosine")
+    space = h["space"] or space
     cls = Index if h["kind"] == "hnsw" else BFIndex
     index = cls(space, h["dim"], device=device)
     try:
@@ -199,19 +204,11 @@ def cmd_build(args):
     n, dim = data.shape
     index = Index(args.space, dim, device=args.device)
     index.init_index(n, M=args.M, ef_construction=args.ef_construction, random_seed=args.seed)
-    from ._progress import Progress, stderr_is_tty
+    from ._progress import stderr_is_tty
 
     progress = args.progress if args.progress is not None else n >= BUILD_PROGRESS_MIN_ROWS and stderr_is_tty()
-    # chunks only feed the progress bar; levels and the graph do not depend on them (levels come
-    # from the row number), and a GPU index keeps its GPU-assisted build
-    chunk = max(BUILD_CHUNK, n // 100) if progress else n
-    build = "gpu" if index.device == "cuda" and n >= 20_000 else "cpu"
-    labels = np.arange(n, dtype=np.int64)
     t0 = time.perf_counter()
-    with Progress(progress, n, "build") as bar:
-        for a in range(0, n, chunk):
-            index.add_items(data[a:a + chunk], labels[a:a + chunk], num_threads=args.threads, build=build)
-            bar.to(min(a + chunk, n))
+    index.add_items(data, np.arange(n, dtype=np.int64), num_threads=args.threads, progress=progress)
     took = time.perf_counter() - t0
     index.save_index(args.output, format=args.format)
     _log(f"built {n} x {dim} ({args.space}, M={args.M}, ef_construction={args.ef_construction}) "
@@ -239,12 +236,16 @@ def cmd_query(args):
             raise CLIError(f"fewer than k={args.k} results for some query: raise --ef") from None
         raise
     took = time.perf_counter() - t0
-    _write_npy(args.labels, labels)
-    if args.distances:
-        _write_npy(args.distances, dists)
-    _log(f"{len(queries)} queries, k={args.k}, in {took:.3f} s "
-         f"({len(queries) / max(took, 1e-9):,.0f} QPS); wrote {args.labels}"
-         + (f" and {args.distances}" if args.distances else ""))
+    written = [path for path, arr in ((args.labels, labels), (args.distances, dists)) if path]
+    for path, arr in ((args.labels, labels), (args.distances, dists)):
+        if path:
+            _write_npy(path, arr)
+    if not written:  # no output file: the results go to stdout, one query per line
+        print("query\tlabels\tdistances")
+        for i, (row_l, row_d) in enumerate(zip(labels, dists)):
+            print(f"{i}\t{','.join(map(str, row_l.tolist()))}\t{','.join(f'{d:.6g}' for d in row_d.tolist())}")
+    _log(f"{len(queries)} queries, k={args.k}, in {took:.3f} s ({len(queries) / max(took, 1e-9):,.0f} QPS)"
+         + (f"; wrote {' and '.join(written)}" if written else ""))
     return 0
 
 
@@ -257,6 +258,8 @@ def cmd_knn_graph(args):
         raise CLIError(f"-k must be in [1, {n - 1}] for {n} vectors, got {args.k}")
     out = os.fspath(args.output)
     csr = out.lower().endswith(".npz")
+    if not (csr or out.lower().endswith(".npy")):
+        raise CLIError(f"{out}: the output must be .npz (CSR graph) or .npy (neighbour ids)")
     if csr and args.distances:
         raise CLIError("--distances goes with a .npy output; a .npz output holds both")
     t0 = time.perf_counter()
@@ -305,6 +308,17 @@ def cmd_bench(args):
     from .testing import recall_at_k
 
     efs = _parse_efs(args.ef)
+    if args.plot:   # before the work, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib (pip install matplotlib)") from None
+    opened = None
+    if args.index:   # its space, where the file stores it, decides
+        opened = _open_index(args.index, args.space, args.device)
+        args.space = opened[2]
+    elif args.space is None:
+        args.space = "l2"   # building: l2 is the documented default
     base = _float_rows(args.data, limit=args.limit)
     if args.queries:
         queries = _float_rows(args.queries, limit=args.n_queries, dim=base.shape[1])
@@ -334,7 +348,7 @@ def cmd_bench(args):
                              num_threads=args.threads)
         gt_source = f"exact search ({time.perf_counter() - t0:.2f} s)"
     if args.index:
-        index, h, _ = _open_index(args.index, args.space, args.device)
+        index, h, _ = opened
         if h["kind"] != "hnsw" or h["dim"] != dim:
             raise CLIError(f"{args.index}: need an HNSW index of dim {dim}")
         build_s = None
@@ -374,13 +388,9 @@ def cmd_bench(args):
 
 
 def _plot_bench(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed: no plot written")
-        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["recall"] for r in rows], [r["qps"] for r in rows], "o-")
@@ -493,8 +503,9 @@ def _build_parser():
     p.add_argument("-k", type=_positive, default=10, help="neighbours per query (default: 10)")
     p.add_argument("--ef", type=_positive, help="search beam width (default: the index's ef)")
     p.add_argument("--space", choices=("l2", "ip", "cosine"),
-                   help="needed for hnswlib files, which do not store it (default: l2)")
-    p.add_argument("--labels", required=True, help=".npy output: uint64 labels [nq, k]")
+                   help="required for hnswlib files, which do not store it (gpuhnsw files do)")
+    p.add_argument("--labels", help=".npy output: uint64 labels [nq, k] (neither --labels nor "
+                   "--distances: results are printed)")
     p.add_argument("--distances", help=".npy output: float32 distances [nq, k]")
     limit(p)
     p.set_defaults(func=cmd_query)
@@ -525,7 +536,9 @@ def _build_parser():
     p.add_argument("--repeat", type=_positive, default=1, help="best of N timings per ef")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a recall/QPS plot (PNG) here (needs matplotlib)")
-    space(p)
+    p.add_argument("--space", choices=("l2", "ip", "cosine"),
+                   help="distance (default: l2 when building; gpuhnsw index files store it, hnswlib "
+                   "files need it)")
     hnsw_params(p)
     limit(p)
     p.set_defaults(func=cmd_bench)

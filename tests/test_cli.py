@@ -121,17 +121,21 @@ def test_bench_small(tmp_path, capsys):
                            "--gt", SIFT / "gt_l2.npy", "-k", 10, "--ef", "10,80",
                            "--M", 8, "--ef-construction", 64, "--json", tmp_path / "b.json",
                            "--plot", tmp_path / "b.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # refused before any work, with the reason
+        assert status == 2 and "--plot needs matplotlib" in err and not (tmp_path / "b.json").exists()
+        status, out, err = run(capsys, "bench", SIFT / "base.npy", "--queries", SIFT / "queries.npy",
+                               "--gt", SIFT / "gt_l2.npy", "-k", 10, "--ef", "10,80",
+                               "--M", 8, "--ef-construction", 64, "--json", tmp_path / "b.json")
+    else:
+        assert (tmp_path / "b.png").stat().st_size > 0
     assert status == 0, err
     assert "recall@10" in out and "QPS" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert [r["ef"] for r in result["rows"]] == [10, 80]
     assert result["rows"][1]["recall"] >= 0.95
     assert result["rows"][1]["recall"] >= result["rows"][0]["recall"]
-    try:
-        import matplotlib  # noqa: F401
-        assert (tmp_path / "b.png").stat().st_size > 0
-    except ImportError:
-        assert not (tmp_path / "b.png").exists() and "matplotlib" in err
     # held-out queries and computed ground truth
     status, out, _ = run(capsys, "bench", SIFT / "base.npy", "--limit", 2000, "--n-queries", 50,
                          "--ef", "40", "--M", 8, "--ef-construction", 64)
@@ -254,3 +258,30 @@ def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpuhnsw", "--version"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0 and gpuhnsw.__version__ in proc.stdout
+
+
+@needs_sift
+def test_footguns(sift_index, tmp_path, capsys):
+    """Outputs named by their format, results printed without an output file, no silent l2."""
+    status, _, err = run(capsys, "knn-graph", SIFT / "base.npy", "--limit", 500, "-k", 5, "-o", tmp_path / "g.csv")
+    assert status == 2 and ".npz" in err and not (tmp_path / "g.csv").exists()
+    status, _, err = run(capsys, "query", sift_index, SIFT / "queries.npy", "--labels", tmp_path / "L.txt")
+    assert status == 2 and "*.npy" in err and not (tmp_path / "L.txt").exists()
+
+    status, out, err = run(capsys, "query", sift_index, SIFT / "queries.npy", "-k", 3, "--limit", 4)
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "query\tlabels\tdistances" and len(lines) == 5
+    status, _, _ = run(capsys, "query", sift_index, SIFT / "queries.npy", "-k", 3, "--limit", 4,
+                       "--labels", tmp_path / "L.npy", "--distances", tmp_path / "D.npy")
+    labels, dists = np.load(tmp_path / "L.npy"), np.load(tmp_path / "D.npy")
+    for i, line in enumerate(lines[1:]):
+        row, lab, dist = line.split("\t")
+        assert int(row) == i and [int(x) for x in lab.split(",")] == labels[i].tolist()
+        np.testing.assert_allclose([float(x) for x in dist.split(",")], dists[i], rtol=1e-5)
+
+    path = tmp_path / "h.bin"
+    assert run(capsys, "build", SIFT / "base.npy", "--limit", 500, "-o", path, "--format", "hnswlib")[0] == 0
+    for argv in (("query", path, SIFT / "queries.npy"), ("bench", SIFT / "base.npy", "--limit", 500, "--index", path)):
+        status, _, err = run(capsys, *argv)
+        assert status == 2 and "does not store its space: pass --space" in err, err
