@@ -59,6 +59,21 @@ def _labels_of(one):
     return as_labels(arr.reshape(-1))
 
 
+def _per_query_list(filter):
+    return isinstance(filter, (list, tuple)) and filter and _is_collection(filter[0])
+
+
+def filter_rows(filter, rows):
+    """The part of a ``knn_query`` filter that applies to query rows ``rows`` (int ``[r]``): a
+    per-query filter is cut to those rows; a callable or a filter for every row is returned as is."""
+    if filter is None or callable(filter) or isinstance(filter, (set, frozenset)):
+        return filter
+    if _per_query_list(filter):
+        return [filter[i] for i in rows]
+    arr = np.asarray(filter)
+    return arr[rows] if arr.ndim == 2 else filter
+
+
 def label_sets(filter, nq):
     """``filter`` (anything but a callable) -> (list of uint64 label arrays, per_query).
 
@@ -66,7 +81,7 @@ def label_sets(filter, nq):
     Per query: a boolean mask ``[nq, n_labels]``, an integer array ``[nq, m]``, or a list of ``nq``
     label arrays / sets / masks (ragged).
     """
-    if isinstance(filter, (list, tuple)) and filter and _is_collection(filter[0]):
+    if _per_query_list(filter):
         rows = list(filter)
     else:
         arr = filter if isinstance(filter, (set, frozenset)) else np.asarray(filter)

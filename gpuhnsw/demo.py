@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from . import Index, __version__
+from ._progress import stderr_is_tty
 from ._validate import cuda_status
 from .testing import clustered, data_dir, exact_knn, load_dataset, recall_at_k
 
@@ -99,7 +100,8 @@ def main(argv=None):
     print(f"device: {describe_device(index, args.device)}", flush=True)
     start = time.perf_counter()
     index.init_index(max_elements=len(base), M=M, ef_construction=EF_CONSTRUCTION)
-    index.add_items(base)
+    print(f"building the graph: {len(base):,} inserts on {index.num_threads} threads ...", flush=True)
+    index.add_items(base, progress=stderr_is_tty())
     build = time.perf_counter() - start
     print(f"build: {build:.2f} s ({len(base) / build:,.0f} inserts/s, M={M}, "
           f"ef_construction={EF_CONSTRUCTION}, {index.num_threads} threads)", flush=True)

@@ -10,7 +10,8 @@ import numpy as np
 
 from . import _core, _device, _io
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
-from ._filters import MODES as FILTER_MODES, allowed_sets, log_plan, prefer_exact
+from ._filters import MODES as FILTER_MODES, allowed_sets, filter_rows, log_plan, prefer_exact
+from ._progress import Progress, stderr_is_tty
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, plain_array, resolve_device)
 from .exact import exact_search
@@ -19,6 +20,7 @@ PAD_LABEL = np.uint64(2**64 - 1)
 GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least this large
 GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take GPU candidates
 GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
+PROGRESS_MIN_ROWS = 100_000   # add_items shows a progress bar by default from this size (on a terminal)
 # hnswlib's words for "fewer than k results", kept as the start of ours (existing code matches on it)
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array"
 
@@ -60,6 +62,7 @@ class Index:
         self._ef = 10
         self._num_threads = os.cpu_count() or 1
         self._cur_l = 0
+        self._auto_resize = False
         self._device, self._device_ordinal = resolve_device(device)
         if storage not in ("float32", "float16"):
             raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
@@ -86,11 +89,13 @@ class Index:
 
     # ---------------------------------------------------------------- lifecycle
     def init_index(self, max_elements, M=16, ef_construction=200, random_seed=100,
-                   allow_replace_deleted=False):
+                   allow_replace_deleted=False, *, auto_resize=False):
         """Allocate an empty index of capacity ``max_elements``.
 
         ``M`` links per node on upper levels (``2*M`` on level 0, at least 2); ``ef_construction``
         is raised to at least ``M`` (as hnswlib); levels come from ``(random_seed, row number)``.
+        ``auto_resize`` (keyword-only): :meth:`add_items` grows the capacity (at least doubling it)
+        instead of raising when a batch does not fit.
         """
         if self._core is not None:
             raise RuntimeError("The index is already initiated.")
@@ -106,6 +111,7 @@ class Index:
         self._core = _core.Core(self._space, self._dim, max_elements, M, max(ef_construction, M),
                                 random_seed & (2**64 - 1), bool(allow_replace_deleted))
         self._cur_l = 0
+        self._auto_resize = bool(auto_resize)
 
     def _need_init(self):
         if self._core is None:
@@ -113,7 +119,7 @@ class Index:
         return self._core
 
     # ---------------------------------------------------------------- writes
-    def add_items(self, data, ids=None, num_threads=-1, replace_deleted=False, *, build="auto"):
+    def add_items(self, data, ids=None, num_threads=-1, replace_deleted=False, *, build="auto", progress=None):
         """Insert rows ``data`` (float32-castable ``[n, dim]`` or one ``[dim]`` row) under ``ids``
         (uint64 ``[n]``; default: consecutive labels as hnswlib).  An existing label is updated in
         place.  A batch that would exceed capacity is rejected whole.
@@ -124,6 +130,9 @@ class Index:
         among the other points of its batch (exact GPU search), so points of one batch link to each
         other; the C engine applies the heuristic and links them.  ``"auto"`` takes the GPU for large
         inserts (at least ``GPU_BUILD_MIN_ROWS`` rows) on a GPU index and the CPU otherwise.
+
+        ``progress`` (keyword-only): show a tqdm bar; ``None`` shows one for inserts of at least
+        ``PROGRESS_MIN_ROWS`` rows when stderr is a terminal.
         """
         core = self._need_init()
         if build not in ("auto", "cpu", "gpu"):
@@ -137,16 +146,28 @@ class Index:
         else:
             labels = as_labels(_device.to_host(plain_array(ids)), rows)
         threads = self._threads(num_threads, rows)
+        if self._auto_resize and core.count + rows > core.max_elements:
+            self.resize_index(max(core.count + rows, 2 * core.max_elements))
+        if progress is None:
+            progress = rows >= PROGRESS_MIN_ROWS and stderr_is_tty()
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
         # batches go in one by one: only take that path when even an all-new batch fits, so a
         # rejected insert still changes nothing
-        if use_gpu and not replace_deleted and core.count + rows <= core.max_elements:
-            self._add_assisted(data, labels, threads)
-        else:
-            core.add(data, labels, rows, threads, bool(replace_deleted))
+        in_parts = (use_gpu or progress) and not replace_deleted and core.count + rows <= core.max_elements
+        with Progress(in_parts and progress, rows, "add_items") as bar:
+            if in_parts and use_gpu:
+                self._add_assisted(data, labels, threads, bar)
+            elif in_parts:
+                step = max(PROGRESS_MIN_ROWS // 10, rows // 100)
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
+                    bar.to(stop)
+            else:
+                core.add(data, labels, rows, threads, bool(replace_deleted))
         self._cur_l += rows
 
-    def _add_assisted(self, data, labels, threads):
+    def _add_assisted(self, data, labels, threads, bar):
         """GPU-assisted insertion: the graph first grows on the CPU to GPU_BUILD_SEED elements, then
         batches of at most a quarter of the current graph take their candidates from the GPU."""
         core, start, n = self._core, 0, data.shape[0]
@@ -160,6 +181,7 @@ class Index:
                 cands = self._gpu.insert_candidates(core, data[start:stop], self._space)
                 core.add(data[start:stop], labels[start:stop], stop - start, threads, False, *(cands or ()))
             start = stop
+            bar.to(stop)
 
     def mark_deleted(self, label):
         """Hide ``label`` (one label, or an array of labels of any shape) from results; deleted
@@ -366,6 +388,60 @@ class Index:
                                   device=device)
             labels[rows, :kk], dists[rows, :kk] = slot_labels[ids], d
 
+    def range_query(self, data, radius, *, max_results=None, ef=None, num_threads=-1, filter=None,
+                    filter_mode="auto"):
+        """Every label within ``radius`` of each query row (distance ``<= radius``), as CSR arrays.
+
+        The graph search is asked for more neighbours (doubling ``k`` from ``max(ef, 16)``) until a
+        row's farthest result lies beyond ``radius``, every live (allowed) element was returned,
+        or ``max_results`` is reached; like :meth:`knn_query` it is approximate (exact for rows
+        that a filter sends to exact search).
+
+        Parameters
+        ----------
+        data : array-like ``[nq, dim]`` (or one ``[dim]`` row), as :meth:`knn_query`
+        radius : float, in the index's distance (squared L2 for ``'l2'``)
+        max_results : int, optional: at most this many results per row (the nearest)
+        ef, num_threads, filter, filter_mode : as :meth:`knn_query`
+
+        Returns
+        -------
+        offsets : int64 ``[nq + 1]``: row ``i``'s results are ``[offsets[i], offsets[i+1])``
+        labels : uint64 ``[offsets[-1]]``, ascending distance within each row
+        distances : float32 ``[offsets[-1]]``
+        """
+        core = self._need_init()
+        radius = float(radius)
+        if not np.isfinite(radius) or radius < 0 and self._space == "l2":
+            raise ValueError(f"radius must be finite (and >= 0 for l2), got {radius}")
+        q = as_vectors(_device.to_host(plain_array(data)), self._dim, what="query")
+        limit = core.count - core.n_deleted
+        if max_results is not None:
+            limit = min(limit, as_int(max_results, "max_results", minimum=0))
+        ef = self._ef if ef is None else as_int(ef, "ef", minimum=1)
+        nq = q.shape[0]
+        found = [None] * nq
+        todo = np.arange(nq)
+        k = min(limit, max(ef, 16))
+        while todo.size and k > 0:
+            labels, dists = self.knn_query(q[todo], k=k, num_threads=num_threads, ef=max(ef, k), pad=True,
+                                           filter=filter_rows(filter, todo), filter_mode=filter_mode)
+            inside = dists <= radius
+            more = inside[:, -1] & (k < limit)  # all k inside: there may be more
+            for j, row in enumerate(todo):
+                if not more[j]:
+                    found[row] = (labels[j][inside[j]], dists[j][inside[j]])
+            todo = todo[more]
+            k = min(limit, 2 * k)
+        for row in todo:  # k reached 0 (nothing can be returned)
+            found[row] = (np.zeros(0, np.uint64), np.zeros(0, np.float32))
+        sizes = np.array([len(f[0]) if f is not None else 0 for f in found], dtype=np.int64)
+        offsets = np.zeros(nq + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        labels = np.concatenate([f[0] for f in found if f is not None] or [np.zeros(0, np.uint64)])
+        dists = np.concatenate([f[1] for f in found if f is not None] or [np.zeros(0, np.float32)])
+        return offsets, labels.astype(np.uint64), dists.astype(np.float32)
+
     def sync(self):
         """Bring the GPU copy of the graph up to date now; only rows changed since the last sync move.
 
@@ -452,7 +528,8 @@ class Index:
 
     # ---------------------------------------------------------------- persistence
     def save_index(self, path_to_index, *, format="gpuhnsw"):
-        """Write the index to ``path_to_index`` atomically (temporary file, then rename).
+        """Write the index to ``path_to_index`` atomically (temporary file, then rename), or to a
+        binary file object (``io.BytesIO``, an open file, an fsspec file) at its position.
 
         ``format="gpuhnsw"`` (default): versioned, checksummed, keeps ``ef``.  ``format="hnswlib"``:
         hnswlib 0.8.0's layout, loadable by hnswlib itself.
@@ -468,7 +545,7 @@ class Index:
 
     def load_index(self, path_to_index, max_elements=0, allow_replace_deleted=False):
         """Load a file written by ``save_index`` in either format (or by hnswlib), detected from its
-        first bytes.  Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
+        first bytes; ``path_to_index`` is a path or a binary file object (read to its end).  Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
         :class:`IndexFileError` and leaves this index as it was."""
         max_elements = as_int(max_elements, "max_elements", minimum=0)
         try:
@@ -481,7 +558,7 @@ class Index:
         try:
             core = _core.Core.from_state(state)
         except ValueError as exc:
-            raise IndexFileError(f"{os.fspath(path_to_index)}: {exc}") from None
+            raise IndexFileError(f"{_io.source_name(path_to_index)}: {exc}") from None
         self._core = core
         self._ef = 10 if ef is None else ef
         self._cur_l = core.count
@@ -498,7 +575,8 @@ class Index:
     def __getstate__(self):
         state = {} if self._core is None else self._core.export_state()
         state.update(space=self._space, dim=self._dim, ef=self._ef, num_threads=self._num_threads,
-                     cur_l=self._cur_l, index_inited=self._core is not None, ser_version=1)
+                     cur_l=self._cur_l, auto_resize=self._auto_resize, index_inited=self._core is not None,
+                     ser_version=1)
         return (state,)
 
     def __setstate__(self, state):
@@ -511,6 +589,7 @@ class Index:
             raise ValueError(f"unsupported state version {state.get('ser_version')}")
         self._ef = int(state.get("ef", 10))
         self._num_threads = int(state.get("num_threads", self._num_threads))
+        self._auto_resize = bool(state.get("auto_resize", False))
         if state.get("index_inited", True) and "links0" in state:
             self._core = _core.Core.from_state(state)
             self._cur_l = int(state.get("cur_l", self._core.count))

@@ -74,3 +74,110 @@ def test_every_public_method_documented(cls):
     if cls is gpuhnsw.Index:
         text = pydoc.render_doc(cls)
         assert "squared L2" in text and "Width of the vectors" in text  # help() shows space and dim
+
+
+def brute_range(base, queries, radius):
+    """NumPy oracle: per query, the rows with squared L2 distance <= radius, nearest first."""
+    out = []
+    for q in queries.astype(np.float64):
+        d = ((base.astype(np.float64) - q) ** 2).sum(1)
+        rows = np.flatnonzero(d <= radius)
+        out.append(rows[np.argsort(d[rows], kind="stable")])
+    return out
+
+
+def test_range_query_against_oracle(sift):
+    index, base, queries = sift
+    q = queries[:12]
+    kth = np.sort(((base[None, :2000] - q[:, None]) ** 2).sum(-1), axis=1)
+    radius = float(np.median(kth[:, 40]))  # a few rows past 16, others below: several doublings
+    index.set_ef(200)
+    offsets, labels, dists = index.range_query(q, radius)
+    assert offsets.dtype == np.int64 and labels.dtype == np.uint64 and dists.dtype == np.float32
+    assert offsets.shape == (13,) and offsets[0] == 0 and offsets[-1] == len(labels) == len(dists)
+    truth = brute_range(base, q, radius)
+    hits = total = 0
+    for i, want in enumerate(truth):
+        got, got_d = labels[offsets[i]:offsets[i + 1]], dists[offsets[i]:offsets[i + 1]]
+        assert np.all(got_d <= radius) and np.all(np.diff(got_d) >= 0)
+        hits += len(np.intersect1d(got.astype(np.int64), want))
+        total += len(want)
+    assert total > 12 * 16 and hits / total >= 0.97
+    capped = index.range_query(q, radius, max_results=5)
+    assert np.all(np.diff(capped[0]) <= 5)
+    none = index.range_query(q, 0.0)
+    assert none[0].tolist() == [0] * 13
+
+
+def test_range_query_with_per_query_filter(sift):
+    index, base, queries = sift
+    allowed = [np.arange(r * 100, r * 100 + 300, dtype=np.uint64) for r in range(4)]
+    offsets, labels, dists = index.range_query(queries[:4], 1e12, filter=allowed)  # everything allowed
+    for r in range(4):
+        np.testing.assert_array_equal(np.sort(labels[offsets[r]:offsets[r + 1]]), allowed[r])
+
+
+def test_auto_resize_grows_instead_of_raising(sift):
+    _, base, queries = sift
+    index = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    index.init_index(100, M=12, ef_construction=80, auto_resize=True)
+    index.add_items(base[:150])
+    assert index.get_max_elements() >= 150
+    for start in range(150, 2000, 370):
+        index.add_items(base[start:start + 370], np.arange(start, min(2000, start + 370)))
+    assert index.get_current_count() == 2000 and index.get_max_elements() < 4000
+    assert index.check_integrity()["n_live"] == 2000
+    plain = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    plain.init_index(100)
+    with pytest.raises(RuntimeError, match="exceeds the specified limit"):
+        plain.add_items(base[:150])
+
+
+def test_add_items_progress_bar(sift, capsys):
+    _, base, _ = sift
+    index = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    index.init_index(len(base), M=8, ef_construction=40)
+    index.add_items(base[:500])
+    assert "add_items" not in capsys.readouterr().err  # not a terminal, and small: no bar
+    index.add_items(base[500:], progress=True)
+    assert "add_items" in capsys.readouterr().err
+    assert index.get_current_count() == len(base) and index.check_integrity()["n_live"] == len(base)
+
+
+@pytest.mark.parametrize("fmt", ["gpuhnsw", "hnswlib"])
+def test_save_and_load_through_bytesio(sift, fmt, tmp_path):
+    import io
+
+    index, base, queries = sift
+    index.mark_deleted([3, 4])
+    buf = io.BytesIO()
+    index.save_index(buf, format=fmt)
+    index.save_index(tmp_path / "x.idx", format=fmt)
+    assert buf.getvalue() == (tmp_path / "x.idx").read_bytes()
+    buf.seek(0)
+    loaded = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    loaded.load_index(buf)
+    assert loaded.get_current_count() == index.get_current_count() and loaded.count_deleted == 2
+    np.testing.assert_array_equal(loaded.knn_query(queries, k=5, ef=50)[0], index.knn_query(queries, k=5, ef=50)[0])
+    with open(tmp_path / "x.idx", "rb") as f:  # an open file works too
+        again = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+        again.load_index(f)
+    assert again.get_current_count() == index.get_current_count()
+    broken = io.BytesIO(buf.getvalue()[:1000])
+    with pytest.raises(gpuhnsw.IndexFileError):
+        gpuhnsw.Index("l2", base.shape[1], device="cpu").load_index(broken)
+
+
+def test_bfindex_through_bytesio(sift):
+    import io
+
+    _, base, queries = sift
+    bf = gpuhnsw.BFIndex("l2", base.shape[1], device="cpu")
+    bf.init_index(1000)
+    bf.add_items(base[:1000])
+    buf = io.BytesIO()
+    bf.save_index(buf)
+    buf.seek(0)
+    other = gpuhnsw.BFIndex("l2", base.shape[1], device="cpu")
+    other.load_index(buf)
+    np.testing.assert_array_equal(other.knn_query(queries, k=3)[0], bf.knn_query(queries, k=3)[0])
