@@ -1,6 +1,6 @@
 """k-nearest-neighbour graphs of a whole dataset (DESIGN section 6).
 
-``knn_graph(data, k)`` returns, for every row, its ``k`` nearest other rows. Two methods:
+``knn_graph(data, k)`` returns, for every row, its ``k`` nearest other rows. Three methods:
 
 exact
     Every pair is compared. The distance matrix is symmetric, so on the CPU only the tiles on and
@@ -9,68 +9,117 @@ exact
     the data plus one tile pair and a ``[n, pool]`` candidate pool: about 1.1 GB for 100k x 784.
     The pools are then re-ranked in float64 exactly as in :func:`gpuhnsw.exact.exact_search`.
     On the GPU it is ``exact_search`` with every row as a query.
+nndescent
+    NN-descent in the C engine (``csrc/nndescent.c``): random-projection-tree initial graph, then
+    local joins over sampled new/old neighbour lists until a round changes fewer than
+    ``delta * n * k`` entries. The data is read in place (a float32 C-contiguous array or
+    ``np.memmap`` is not copied, cosine included). Deterministic for a seed, whatever the thread
+    count. On a GPU the local joins are batched matrix products (:mod:`gpuhnsw._nndescent_gpu`).
 hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
     width ``ef`` and drop the row itself (by id, so duplicates of a row survive as neighbours).
 
-Ties are ordered by the smaller id in both cases.
+Ties are ordered by the smaller id. ``include_self=True`` puts each row itself in column 0 (UMAP's
+``precomputed_knn`` layout); ``as_sparse=True`` returns a ``scipy.sparse`` CSR distance graph.
 """
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _core
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
 from ._progress import Progress as _Progress, stderr_is_tty as _stderr_is_tty
 from .exact import EXCLUDED_KEY, CandidatePool, exact_rows, normalize_rows, pool_size, rerank
 
 __all__ = ["knn_graph"]
 
-METHODS = ("auto", "exact", "hnsw")
-# method="auto" takes the exact path while n * n * d stays below this (CPU: about 10 s of BLAS on
-# 2 cores with the symmetric tiling; GPU: a few seconds of cuBLAS).
-AUTO_EXACT_LIMIT = {"cpu": 2e11, "cuda": 2e14}
+METHODS = ("auto", "exact", "nndescent", "hnsw")
+# method="auto" takes the exact path while n * n * d stays below this, else NN-descent (CPU: where
+# the symmetric exact tiling stops being faster than NN-descent on 2 cores, measured in
+# benchmarks/knn_graph.py; GPU: a few seconds of cuBLAS).
+AUTO_EXACT_LIMIT = {"cpu": 4e9, "cuda": 2e14}
 # Show a progress bar by default above this many rows (when stderr is a terminal).
 PROGRESS_MIN_ROWS = 50_000
 # Square tile edge of the symmetric exact path on the CPU.
 _TILE = 2048
 # Rows per add_items / knn_query call on the hnsw path (progress granularity).
 _HNSW_CHUNK = 16384
+# NN-descent's stopping rule: a round that changes at most delta * n * k heap entries is the last.
+NNDESCENT_DELTA = 0.001
+
+_log = logging.getLogger("gpuhnsw")
 
 
-def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_construction=200,
-              ef=None, num_threads=-1, progress=None, random_seed=100):
+def nndescent_defaults(n, k):
+    """NN-descent parameters used when the caller leaves them None, as a dict: ``n_trees``,
+    ``leaf_size``, ``max_candidates``, ``n_iters`` (tuned with benchmarks/knn_graph.py so that the
+    shared datasets reach recall@k >= 0.95)."""
+    return dict(n_trees=int(max(3, min(12, round(2 * np.log10(max(n, 2)))))),
+                leaf_size=int(max(30, min(128, 2 * k))),
+                max_candidates=int(min(60, max(20, k + k // 2))),
+                n_iters=int(max(5, round(np.log2(max(n, 2))))))
+
+
+def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self=False,
+              as_sparse=False, return_info=False, M=16, ef_construction=200, ef=None, n_trees=None,
+              leaf_size=None, max_candidates=None, n_iters=None, delta=NNDESCENT_DELTA,
+              num_threads=-1, progress=None, random_seed=100):
     """The k nearest neighbours of every row of ``data`` among the other rows.
 
     Parameters
     ----------
     data : array_like, [n, d]
-        Vectors (cast to float32; must be finite). Row ``i`` has id ``i``.
+        Vectors (cast to float32 unless already float32 C-contiguous; must be finite). Row ``i``
+        has id ``i``.
     k : int
-        Neighbours per row, ``0 <= k <= n - 1``.
+        Neighbours per row: ``0 <= k <= n - 1``, or ``0 <= k <= n`` with ``include_self``.
     space : {"l2", "ip", "cosine"}
         Squared L2, ``1 - a.b``, ``1 - cos`` (hnswlib's definitions).
-    method : {"auto", "exact", "hnsw"}
-        ``"auto"``: exact while ``n * n * d`` is small (see ``AUTO_EXACT_LIMIT``), else hnsw.
+    method : {"auto", "exact", "nndescent", "hnsw"}
+        ``"auto"``: exact while ``n * n * d`` is small (see ``AUTO_EXACT_LIMIT``), else NN-descent.
     device : {"auto", "cpu", "cuda", "cuda:N"}
-        Where the exact search, or the queries of the hnsw path, run.
-    M, ef_construction, random_seed : int
+        Where the exact search, the NN-descent joins or the hnsw queries run.
+    include_self : bool
+        Column 0 holds the row itself (distance 0) and columns ``1..k-1`` its ``k - 1`` nearest
+        other rows: the layout of UMAP's ``precomputed_knn`` and pynndescent's ``neighbor_graph``.
+    as_sparse : bool
+        Return a ``scipy.sparse.csr_matrix`` [n, n] of distances (row ``i`` holds its ``k``
+        neighbours, explicit zeros included) instead of the two arrays. Needs scipy.
+    return_info : bool
+        Also return a dict: ``method`` (the one that ran), ``device``, ``dist_evals`` (distance
+        evaluations, or None where not counted), ``rounds`` (NN-descent), ``seconds``. The same
+        facts are logged at INFO level on the ``gpuhnsw`` logger.
+    M, ef_construction : int
         HNSW build parameters (hnsw method only).
     ef : int, optional
         Beam width of the hnsw queries; default ``max(2 * (k + 1), 64)``.
+    n_trees, leaf_size, max_candidates, n_iters : int, optional
+        NN-descent: random-projection trees of the initial graph (0: a random initial graph),
+        their leaf size, candidates sampled per row and round, and the most rounds. None: see
+        :func:`nndescent_defaults`.
+    delta : float
+        NN-descent stops after a round that changes at most ``delta * n * k`` entries.
     num_threads : int
         ``<= 0``: all cores.
     progress : bool, optional
-        Show a tqdm progress bar (if tqdm is installed). ``None``: only for large inputs when
-        stderr is a terminal.
+        Show a tqdm progress bar (tiles, rows or NN-descent rounds). ``None``: only for large
+        inputs when stderr is a terminal.
+    random_seed : int
+        Seeds NN-descent (its result depends on the seed only, not on the thread count) and the
+        HNSW build.
 
     Returns
     -------
     neighbors : ndarray, int64 [n, k]
-        Ids of the neighbours of each row, nearest first, never the row itself.
+        Ids of the neighbours of each row, nearest first (never the row itself, except column 0
+        with ``include_self``).
     distances : ndarray, float32 [n, k]
         Their distances, ascending; equal distances ordered by the smaller id.
+    (or the CSR matrix with ``as_sparse``; then the info dict with ``return_info``)
     """
     space = check_space(space)
     if method not in METHODS:
@@ -78,28 +127,103 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", M=16, ef_con
     x = as_vectors(data, what="data")
     n, d = x.shape
     k = as_int(k, "k")
-    if not 0 <= k <= max(n - 1, 0):
-        raise ValueError(f"k must be in [0, n - 1] = [0, {max(n - 1, 0)}], got {k}")
+    top = n if include_self else max(n - 1, 0)
+    if not 0 <= k <= top:
+        raise ValueError(f"k must be in [0, {'n' if include_self else 'n - 1'}] = [0, {top}], "
+                         f"got {k}")
+    if as_sparse:
+        _import_scipy_sparse()                  # fail before the work, not after it
     dev = resolve_device(device)                 # ("cpu", None) or ("cuda", ordinal)
     if method == "auto":
-        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] else "hnsw"
+        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] else "nndescent"
     if progress is None:
         progress = n >= PROGRESS_MIN_ROWS and _stderr_is_tty()
-
-    if k == 0 or n == 0:
-        return np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)
-    if space == "cosine":
-        x = normalize_rows(x)
-    if method == "exact":
+    info = dict(method=method, device="cpu" if dev[0] == "cpu" else f"cuda:{dev[1] or 0}",
+                dist_evals=None, rounds=None, seconds=None)
+    start = time.perf_counter()
+    kk = k - 1 if include_self else k            # other rows to find
+    if kk <= 0 or n <= 1:
+        neighbors, distances = np.empty((n, 0), dtype=np.int64), np.empty((n, 0), dtype=np.float32)
+        info["dist_evals"] = 0
+    elif method == "nndescent":
+        params = nndescent_defaults(n, kk)
+        given = dict(n_trees=n_trees, leaf_size=leaf_size, max_candidates=max_candidates,
+                     n_iters=n_iters)
+        params.update({key: as_int(v, key, minimum=0) for key, v in given.items() if v is not None})
+        neighbors, distances = _nndescent_graph(x, kk, space, dev, params, float(delta),
+                                                num_threads, progress, random_seed, info)
+    elif method == "exact":
+        xs = normalize_rows(x) if space == "cosine" else x
         if dev[0] == "cuda":
             with _Progress(progress, n, "exact k-NN graph") as bar:
-                return exact_rows(x, x, k, space, self_rows=np.arange(n, dtype=np.int64),
-                                  device=dev, progress=bar.to)
-        return _exact_graph_cpu(x, k, space, num_threads=num_threads, progress=progress)
-    if ef is None:
-        ef = max(2 * (k + 1), 64)
-    return _hnsw_graph(x, k, space, device=device, M=M, ef_construction=ef_construction, ef=int(ef),
-                       num_threads=num_threads, progress=progress, random_seed=random_seed)
+                neighbors, distances = exact_rows(xs, xs, kk, space, device=dev, progress=bar.to,
+                                                  self_rows=np.arange(n, dtype=np.int64))
+            info["dist_evals"] = n * n
+        else:
+            neighbors, distances, info["dist_evals"] = _exact_graph_cpu(
+                xs, kk, space, num_threads=num_threads, progress=progress)
+    else:
+        xs = normalize_rows(x) if space == "cosine" else x
+        if ef is None:
+            ef = max(2 * (kk + 1), 64)
+        neighbors, distances = _hnsw_graph(xs, kk, space, device=device, M=M,
+                                           ef_construction=ef_construction, ef=int(ef),
+                                           num_threads=num_threads, progress=progress,
+                                           random_seed=random_seed)
+    if include_self and k > 0:
+        neighbors = np.concatenate([np.arange(n, dtype=np.int64)[:, None], neighbors], axis=1)
+        distances = np.concatenate([np.zeros((n, 1), dtype=np.float32), distances], axis=1)
+    info["seconds"] = time.perf_counter() - start
+    _log.info("knn_graph: n=%d k=%d method=%s device=%s dist_evals=%s rounds=%s %.3f s", n, k,
+              info["method"], info["device"], info["dist_evals"], info["rounds"], info["seconds"])
+    out = (to_csr(neighbors, distances, n),) if as_sparse else (neighbors, distances)
+    if return_info:
+        out += (info,)
+    return out[0] if len(out) == 1 else out
+
+
+def _import_scipy_sparse():
+    try:
+        import scipy.sparse
+    except ImportError:
+        raise ImportError("as_sparse=True needs scipy: pip install scipy "
+                          "(or gpuhnsw[sklearn])") from None
+    return scipy.sparse
+
+
+def to_csr(neighbors, distances, n_cols):
+    """CSR distance graph [n, n_cols] from neighbors int64 [n, k] and distances float32 [n, k];
+    every entry is stored, zeros included (a zero distance is an edge, not a missing one)."""
+    n, k = neighbors.shape
+    return _import_scipy_sparse().csr_matrix(
+        (distances.ravel(), neighbors.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n_cols))
+
+
+# --------------------------------------------------------------------------------------------------
+# NN-descent
+# --------------------------------------------------------------------------------------------------
+
+def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info):
+    """x [n, d] float32 C-contiguous (read in place); returns (ids int64 [n, k], dists f32 [n, k])."""
+    n, d = x.shape
+    if dev[0] == "cuda":
+        from . import _nndescent_gpu
+        return _nndescent_gpu.nndescent_graph(x, k, space, dev, params, delta, progress, seed,
+                                              info)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if params["max_candidates"] < 1 or params["leaf_size"] < 2:
+        raise ValueError("max_candidates must be >= 1 and leaf_size >= 2")
+    ids = np.empty((n, k), dtype=np.int64)
+    dists = np.empty((n, k), dtype=np.float32)
+    threads = _num_workers(num_threads)
+    with _Progress(progress, params["n_iters"], "NN-descent rounds") as bar:
+        rounds, evals, _ = _core.nndescent(
+            x, n, d, space, k, params["max_candidates"], params["n_trees"], params["leaf_size"],
+            params["n_iters"], delta, int(seed) & (2**64 - 1), threads, ids, dists,
+            lambda r, updates: bar.to(r))
+    info.update(rounds=rounds, dist_evals=evals)
+    return ids, dists
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,12 +235,14 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
 
     Tiles ``(i, j)`` with ``j >= i`` in row-major order; the product of one tile updates the pools
     of row block ``i`` (keys along its rows) and of row block ``j`` (keys along its columns).
+    Returns (neighbors int64 [n, k], distances float32 [n, k], distance evaluations).
     """
     n = x.shape[0]
     tile = tile or _TILE
     pool = min(n, pool_size(k, n) + 1)                    # +1: a row's own slot is in its pool
     sq32 = np.einsum("ij,ij->i", x, x, dtype=np.float64).astype(np.float32) if space == "l2" else None
     pools = CandidatePool(n, pool)
+    evals = n * pool                                      # the float64 re-ranking
     seen = set()                                          # row blocks whose pools were offered
     starts = list(range(0, n, tile))
     pairs = [(i, j) for i in range(len(starts)) for j in range(i, len(starts))]
@@ -125,6 +251,7 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
             a0, a1 = starts[i], min(starts[i] + tile, n)
             b0, b1 = starts[j], min(starts[j] + tile, n)
             g = x[a0:a1] @ x[b0:b1].T                            # [ta, tb] float32 (sgemm)
+            evals += g.size
             if space == "l2":
                 g *= -2.0
                 key_a = g + sq32[b0:b1]                          # keys of block i's rows
@@ -165,7 +292,7 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
     else:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             list(ex.map(refine, starts))
-    return neighbors, distances
+    return neighbors, distances, evals
 
 
 # --------------------------------------------------------------------------------------------------

@@ -199,6 +199,26 @@ typedef int (*ghnsw_task_fn)(void *ctx, size_t i, int worker);
 int ghnsw_parallel_for(size_t n, int num_threads, ghnsw_task_fn fn, void *ctx);
 int ghnsw_default_threads(void);
 
+/* nndescent.c: the k nearest other rows of every row of data [n, dim] (row-major, unpadded, read in
+ * place), approximately, by NN-descent.  Deterministic for a seed, whatever num_threads. */
+typedef struct {
+    uint32_t k;              /* neighbours per row, 1 <= k < n */
+    uint32_t max_candidates; /* sampled new (and old) candidates per row and round */
+    uint32_t n_trees;        /* random-projection trees of the initial graph (0: random init) */
+    uint32_t leaf_size;      /* tree leaves hold at most this many rows (all pairs joined) */
+    uint32_t n_iters;        /* at most this many rounds */
+    double delta;            /* stop once a round changes <= delta * n * k heap entries */
+    uint64_t seed;
+    int num_threads;         /* <= 0: all cores */
+    /* optional, after each round: non-zero stops with GHNSW_ECALLBACK */
+    int (*on_round)(void *ctx, uint32_t round, uint64_t updates);
+    void *on_round_ctx;
+} ghnsw_nnd_params_t;
+typedef struct { uint32_t rounds; uint64_t dist_evals, last_updates; } ghnsw_nnd_info_t;
+ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int space, const ghnsw_nnd_params_t *p,
+                               int64_t *out_ids /* [n, k] */, float *out_dists /* [n, k] */, ghnsw_nnd_info_t *info,
+                               ghnsw_err_t *err);
+
 /* integrity.c */
 typedef struct {
     size_t n_live, n_deleted, n_edges, n_unreachable;

@@ -588,8 +588,51 @@ static PyObject *mod_level_for(PyObject *m, PyObject *args) {
     return PyLong_FromLong(ghnsw_level_for(seed, seq, mult));
 }
 
+/* NN-descent's per-round callback: the Python callable gets (round, updates); an exception stops the run. */
+static int call_on_round(void *ctx, uint32_t round, uint64_t updates) {
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *res = PyObject_CallFunction((PyObject *)ctx, "IK", round, (unsigned long long)updates);
+    Py_XDECREF(res);
+    PyGILState_Release(g);
+    return res ? 0 : -1;
+}
+
+static PyObject *mod_nndescent(PyObject *m, PyObject *args) {
+    Py_buffer data, oi, od;
+    Py_ssize_t n, dim;
+    const char *space;
+    ghnsw_nnd_params_t p = {0};
+    unsigned long long seed;
+    PyObject *cb;
+    if (!PyArg_ParseTuple(args, "y*nnsIIIIIdKiw*w*O", &data, &n, &dim, &space, &p.k, &p.max_candidates, &p.n_trees,
+                          &p.leaf_size, &p.n_iters, &p.delta, &seed, &p.num_threads, &oi, &od, &cb))
+        return NULL;
+    PyObject *ret = NULL;
+    int sp = parse_space(space);
+    if (sp < 0) { PyErr_Format(PyExc_ValueError, "unknown space '%s'", space); goto out; }
+    if (n < 0 || dim < 0 || check_len(&data, (size_t)n * dim * 4, "data") ||
+        check_len(&oi, (size_t)n * p.k * 8, "ids out") || check_len(&od, (size_t)n * p.k * 4, "distances out"))
+        goto out;
+    p.seed = seed;
+    if (cb != Py_None) { p.on_round = call_on_round; p.on_round_ctx = cb; }
+    ghnsw_nnd_info_t info = {0};
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ghnsw_nndescent(data.buf, (size_t)n, (size_t)dim, sp, &p, oi.buf, od.buf, &info, &err);
+    Py_END_ALLOW_THREADS
+    if (st) raise_status(st, &err, PyExc_RuntimeError);
+    else ret = Py_BuildValue("IKK", info.rounds, (unsigned long long)info.dist_evals, (unsigned long long)info.last_updates);
+out:
+    PyBuffer_Release(&data); PyBuffer_Release(&oi); PyBuffer_Release(&od);
+    return ret;
+}
+
 static PyMethodDef module_methods[] = {
     {"level_for", mod_level_for, METH_VARARGS, "level_for(seed, seq, mult) -> level of the seq-th row"},
+    {"nndescent", mod_nndescent, METH_VARARGS,
+     "nndescent(data f32[n,dim], n, dim, space, k, max_candidates, n_trees, leaf_size, n_iters, delta, seed, "
+     "threads, out_ids i64[n,k], out_dists f32[n,k], on_round) -> (rounds, dist_evals, last_updates)"},
     {NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "gpuhnsw._core", "gpuhnsw C core", -1, module_methods};
