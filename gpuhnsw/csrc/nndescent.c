@@ -135,7 +135,7 @@ static void cand_push(nnd_t *s, int list, uint32_t row, uint32_t pr, uint32_t id
             size_t i = m;
             while (i > 0) {
                 size_t par = (i - 1) / 2;
-                if (before_u(prio[par], ids[par], pr, id)) break;
+                if (before_u(pr, id, prio[par], ids[par])) break; /* the parent stays above */
                 prio[i] = prio[par]; ids[i] = ids[par];
                 i = par;
             }

@@ -1,0 +1,237 @@
+"""NN-descent (``knn_graph(method="nndescent")``, csrc/nndescent.c): recall floors on the shared
+data in every space, determinism across thread counts, memmap input read in place, unpadded widths,
+duplicates, the output formats (include_self, as_sparse, return_info) and bad arguments."""
+import sys
+import tracemalloc
+import types
+
+import numpy as np
+import pytest
+
+import gpuhnsw.knn_graph  # noqa: F401
+from gpuhnsw import _core, testing
+from gpuhnsw.knn_graph import knn_graph
+
+kg_module = sys.modules["gpuhnsw.knn_graph"]
+
+
+def _exact(x, k, space="l2"):
+    return knn_graph(x, k, space=space, method="exact")
+
+
+@pytest.fixture(scope="module")
+def sift():
+    base, _, _, _ = testing.load_dataset("siftsmall")
+    return base, _exact(base, 10)
+
+
+def test_recall_on_siftsmall_with_defaults(sift):
+    base, (want, want_d) = sift
+    ids, dists, info = knn_graph(base, 10, method="nndescent", return_info=True)
+    assert ids.shape == (10000, 10) and ids.dtype == np.int64 and dists.dtype == np.float32
+    assert not (ids == np.arange(10000)[:, None]).any()
+    assert (np.diff(dists, axis=1) >= 0).all()
+    assert testing.recall_at_k(ids, want, 10) >= 0.95
+    # the distances are the true ones of the ids returned (squared L2 of integer data: exact)
+    np.testing.assert_allclose(dists, _true_dists(base, ids, "l2"), rtol=1e-6)
+    assert info["method"] == "nndescent" and info["rounds"] >= 1
+    assert 0 < info["dist_evals"] < 10000 * 9999 // 2 // 5        # far below brute force
+
+
+@pytest.mark.parametrize("name,space,n", [("mnist", "l2", 10000), ("minilm-debian", "cosine", 10000),
+                                          ("minilm-debian", "ip", 6000), ("mnist", "cosine", 6000)])
+def test_recall_on_real_data_every_space(name, space, n):
+    base, _, _, _ = testing.load_dataset(name, n_base=n, n_queries=1)
+    want, _ = _exact(base, 10, space)
+    ids, dists = knn_graph(base, 10, space=space, method="nndescent")
+    assert testing.recall_at_k(ids, want, 10) >= 0.95
+    assert not (ids == np.arange(n)[:, None]).any()
+
+
+def test_k32_recall_on_mnist_slice():
+    base, _, _, _ = testing.load_dataset("mnist", n_base=10000, n_queries=1)
+    want, _ = _exact(base, 32)
+    ids, _ = knn_graph(base, 32, method="nndescent")
+    assert testing.recall_at_k(ids, want, 32) >= 0.95
+
+
+def test_same_seed_same_graph_whatever_the_thread_count(sift):
+    base, _ = sift
+    runs = [knn_graph(base, 10, method="nndescent", num_threads=t, random_seed=7, return_info=True)
+            for t in (1, 2, 3)]
+    for ids, dists, info in runs[1:]:
+        np.testing.assert_array_equal(ids, runs[0][0])
+        np.testing.assert_array_equal(dists, runs[0][1])
+        assert info["dist_evals"] == runs[0][2]["dist_evals"]
+        assert info["rounds"] == runs[0][2]["rounds"]
+    other = knn_graph(base, 10, method="nndescent", num_threads=2, random_seed=8)
+    assert not np.array_equal(other[0], runs[0][0])               # the seed does matter
+
+
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_memmap_input_is_read_in_place(tmp_path, space):
+    """No copy of the data: numpy allocates only the outputs (tracemalloc sees every numpy
+    allocation; the float32 mnist slice is 31 MB, the [n, k] outputs under 4 MB)."""
+    base, _, _, _ = testing.load_dataset("mnist", n_base=10000, n_queries=1)
+    np.save(tmp_path / "x.npy", base.astype(np.float32))
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert isinstance(mm, np.memmap) and not mm.flags.writeable
+    tracemalloc.start()
+    try:
+        ids, dists = knn_graph(mm, 10, space=space, method="nndescent")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mm.nbytes / 4, peak
+    want, _ = _exact(base, 10, space)
+    assert testing.recall_at_k(ids, want, 10) >= 0.95
+
+
+def _true_dists(x, ids, space):
+    """float64 distances of row i to rows ids[i], [n, k]."""
+    x = x.astype(np.float64)
+    if space == "cosine":
+        x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-30)
+    if space == "l2":
+        return ((x[:, None, :] - x[ids]) ** 2).sum(axis=2)
+    return 1.0 - np.einsum("id,ikd->ik", x, x[ids])
+
+
+@pytest.mark.parametrize("space", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("dim", [2, 7, 18])
+def test_unpadded_widths_every_space(space, dim):
+    """Rows are read unpadded: the SIMD kernels take the first dim & ~3 columns, a scalar tail the
+    rest. (ip on unit rows: on raw clustered data the largest-norm rows are everyone's nearest and
+    NN-descent's neighbour-of-a-neighbour premise, and so its recall, is weaker.)"""
+    x = testing.clustered(3000, dim, seed=dim)
+    if space == "ip":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    want, _ = _exact(x, 8, space)
+    ids, dists = knn_graph(x, 8, space=space, method="nndescent")
+    assert testing.recall_at_k(ids, want, 8) >= 0.95
+    np.testing.assert_allclose(dists, _true_dists(x, ids, space), rtol=1e-4, atol=1e-5)
+
+
+def test_duplicates_are_neighbours_and_self_is_not():
+    x = testing.clustered(1000, 16, seed=3)
+    x[500:] = x[:500]                                 # every row has an exact twin
+    ids, dists = knn_graph(x, 5, method="nndescent")
+    twin = np.r_[np.arange(500, 1000), np.arange(500)]
+    assert (ids[:, 0] == twin).mean() >= 0.99
+    assert (dists[:, 0] == 0).mean() >= 0.99
+    assert not (ids == np.arange(1000)[:, None]).any()
+
+
+def test_every_other_row_when_k_is_n_minus_1():
+    x = testing.clustered(60, 8, seed=4)
+    ids, dists = knn_graph(x, 59, method="nndescent", n_trees=0)
+    for i in range(60):
+        assert sorted(ids[i]) == [j for j in range(60) if j != i]
+    want, want_d = _exact(x, 59)
+    np.testing.assert_allclose(dists, want_d, rtol=1e-5)
+
+
+def test_random_init_and_one_round():
+    x = testing.clustered(2000, 8, seed=5)
+    ids, _, info = knn_graph(x, 6, method="nndescent", n_trees=0, n_iters=1, return_info=True)
+    assert info["rounds"] == 1 and not (ids == np.arange(2000)[:, None]).any()
+
+
+def test_include_self_and_sparse_output(sift):
+    sparse = pytest.importorskip("scipy.sparse")
+    base, (want, want_d) = sift
+    ids, dists = knn_graph(base, 11, method="nndescent", include_self=True)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(10000))
+    assert (dists[:, 0] == 0).all()
+    assert testing.recall_at_k(ids[:, 1:], want, 10) >= 0.95
+    g = knn_graph(base, 11, method="nndescent", include_self=True, as_sparse=True)
+    assert sparse.isspmatrix_csr(g) and g.shape == (10000, 10000) and g.nnz == 110000
+    np.testing.assert_array_equal(g.indices.reshape(10000, 11), ids)
+    np.testing.assert_array_equal(g.data.reshape(10000, 11), dists)  # explicit zeros kept
+    g2, info = knn_graph(base[:500], 5, method="exact", as_sparse=True, return_info=True)
+    assert g2.nnz == 2500 and info["method"] == "exact"
+
+
+def test_include_self_edges():
+    x = testing.clustered(50, 4, seed=6)
+    assert knn_graph(x, 50, include_self=True)[0].shape == (50, 50)
+    assert knn_graph(x, 1, include_self=True)[0].tolist() == [[i] for i in range(50)]
+    assert knn_graph(x, 0, include_self=True)[0].shape == (50, 0)
+    with pytest.raises(ValueError, match=r"\[0, n\]"):
+        knn_graph(x, 51, include_self=True)
+
+
+def test_sparse_without_scipy_fails_before_the_work(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.sparse", None)
+    monkeypatch.setattr(kg_module, "_nndescent_graph", lambda *a, **kw: pytest.fail("ran"))
+    with pytest.raises(ImportError, match="scipy"):
+        knn_graph(np.ones((10, 2)), 2, method="nndescent", as_sparse=True)
+
+
+def test_auto_picks_exact_small_and_nndescent_large(monkeypatch):
+    small = testing.clustered(500, 8)
+    assert knn_graph(small, 5, return_info=True)[2]["method"] == "exact"
+    big_n = int((kg_module.AUTO_EXACT_LIMIT["cpu"] / 8) ** 0.5) + 1
+    seen = {}
+
+    def fake(x, k, *a, **kw):
+        seen["n"] = x.shape[0]
+        return np.zeros((x.shape[0], k), np.int64), np.zeros((x.shape[0], k), np.float32)
+
+    monkeypatch.setattr(kg_module, "_nndescent_graph", fake)
+    info = knn_graph(np.zeros((big_n, 8), np.float32), 3, return_info=True, device="cpu")[2]
+    assert info["method"] == "nndescent" and seen["n"] == big_n
+
+
+def test_progress_shows_rounds(monkeypatch):
+    updates = []
+
+    class FakeBar:
+        def __init__(self, total, **kw):
+            updates.append(("total", total))
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            updates.append("closed")
+
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    x = testing.clustered(3000, 8, seed=9)
+    _, _, info = knn_graph(x, 5, method="nndescent", n_iters=7, progress=True, return_info=True)
+    assert updates[0] == ("total", 7) and updates[-1] == "closed"
+    assert sum(updates[1:-1]) == info["rounds"]
+
+
+def test_bad_arguments():
+    x = testing.clustered(200, 8)
+    with pytest.raises(ValueError, match="delta"):
+        knn_graph(x, 3, method="nndescent", delta=0)
+    with pytest.raises(ValueError, match="max_candidates"):
+        knn_graph(x, 3, method="nndescent", max_candidates=0)
+    with pytest.raises(TypeError):
+        knn_graph(x, 3, method="nndescent", n_trees=2.5)
+    with pytest.raises(TypeError):
+        knn_graph(x, 3, method="nndescent", leaf_size=-1)
+    with pytest.raises(ValueError):
+        knn_graph(np.full((5, 2), np.inf), 1, method="nndescent")
+
+
+def test_core_checks_lengths_and_reports_callback_errors():
+    x = testing.clustered(300, 8)
+    ids, d = np.empty((300, 4), np.int64), np.empty((300, 4), np.float32)
+    with pytest.raises(ValueError, match="data"):
+        _core.nndescent(x, 301, 8, "l2", 4, 8, 2, 30, 5, 0.001, 1, 2, ids, d, None)
+    with pytest.raises(ValueError, match="k must be"):
+        _core.nndescent(x, 300, 8, "l2", 300, 8, 2, 30, 5, 0.001, 1, 2,
+                        np.empty((300, 300), np.int64), np.empty((300, 300), np.float32), None)
+
+    def boom(r, updates):
+        raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        _core.nndescent(x, 300, 8, "l2", 4, 8, 2, 30, 5, 0.001, 1, 2, ids, d, boom)
