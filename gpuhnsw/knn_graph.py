@@ -14,7 +14,7 @@ nndescent
     local joins over sampled new/old neighbour lists until a round changes fewer than
     ``delta * n * k`` entries. The data is read in place (a float32 C-contiguous array or
     ``np.memmap`` is not copied, cosine included). Deterministic for a seed, whatever the thread
-    count. On a GPU the local joins are batched matrix products (:mod:`gpuhnsw._nndescent_gpu`).
+    count. It runs on the CPU whatever ``device`` says (``info["device"]`` tells).
 hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
     width ``ef`` and drop the row itself (by id, so duplicates of a row survive as neighbours).
@@ -214,10 +214,7 @@ def to_csr(neighbors, distances, n_cols):
 def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info):
     """x [n, d] float32 C-contiguous (read in place); returns (ids int64 [n, k], dists f32 [n, k])."""
     n, d = x.shape
-    if dev[0] == "cuda":
-        from . import _nndescent_gpu
-        return _nndescent_gpu.nndescent_graph(x, k, space, dev, params, delta, progress, seed,
-                                              info)
+    info["device"] = "cpu"
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if params["max_candidates"] < 1 or params["leaf_size"] < 2:
