@@ -14,7 +14,8 @@ nndescent
     local joins over sampled new/old neighbour lists until a round changes fewer than
     ``delta * n * k`` entries. The data is read in place (a float32 C-contiguous array or
     ``np.memmap`` is not copied, cosine included). Deterministic for a seed, whatever the thread
-    count. It runs on the CPU whatever ``device`` says (``info["device"]`` tells).
+    count. With ``device="cuda"`` the local joins are batched matrix products on the GPU
+    (:mod:`gpuhnsw._nndescent_gpu`, random initial graph).
 hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
     width ``ef`` and drop the row itself (by id, so duplicates of a row survive as neighbours).
@@ -214,11 +215,14 @@ def to_csr(neighbors, distances, n_cols):
 def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info):
     """x [n, d] float32 C-contiguous (read in place); returns (ids int64 [n, k], dists f32 [n, k])."""
     n, d = x.shape
-    info["device"] = "cpu"
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if params["max_candidates"] < 1 or params["leaf_size"] < 2:
         raise ValueError("max_candidates must be >= 1 and leaf_size >= 2")
+    if dev[0] == "cuda":
+        from . import _nndescent_gpu
+        return _nndescent_gpu.nndescent_graph(x, k, space, dev, params, delta, progress, seed,
+                                              info)
     degree = min(max(params["intermediate_degree"], k), n - 1)
     ids = np.empty((n, degree), dtype=np.int64)
     dists = np.empty((n, degree), dtype=np.float32)

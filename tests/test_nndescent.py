@@ -16,7 +16,7 @@ kg_module = sys.modules["gpuhnsw.knn_graph"]
 
 
 def _exact(x, k, space="l2"):
-    return knn_graph(x, k, space=space, method="exact")
+    return knn_graph(x, k, space=space, method="exact", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,92 @@ def test_core_checks_lengths_and_reports_callback_errors():
 
     with pytest.raises(KeyboardInterrupt):
         _core.nndescent(x, 300, 8, "l2", 4, 8, 2, 30, 5, 0.001, 1, 2, ids, d, boom)
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU path (gpuhnsw._nndescent_gpu) on NumPy through a stand-in for the CuPy calls it makes
+# ------------------------------------------------------------------------------------------------
+
+class _NumpyAsCupy:
+    """The subset of CuPy used by _nndescent_gpu, backed by NumPy."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def asnumpy(a):
+        return np.asarray(a)
+
+    class cuda:
+        class Device:
+            def __init__(self, ordinal=0):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class memory:
+            class OutOfMemoryError(MemoryError):
+                pass
+
+
+@pytest.fixture
+def numpy_gpu(monkeypatch):
+    from gpuhnsw import _nndescent_gpu
+
+    monkeypatch.setattr(_nndescent_gpu, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(kg_module, "resolve_device",
+                        lambda device: ("cpu", None) if device == "cpu" else ("cuda", 0))
+    return _nndescent_gpu
+
+
+@pytest.mark.parametrize("name,space,n", [("siftsmall", "l2", 3000), ("minilm-debian", "cosine", 2000),
+                                          ("minilm-debian", "ip", 2000)])
+def test_gpu_path_logic_recall_and_distances(numpy_gpu, name, space, n):
+    base, _, _, _ = testing.load_dataset(name, n_base=n, n_queries=1)
+    want, _ = _exact(base, 10, space)
+    ids, dists, info = knn_graph(base, 10, space=space, method="nndescent", device="cuda",
+                                 return_info=True)
+    assert info["device"] == "cuda:0" and info["rounds"] >= 1 and info["dist_evals"] > 0
+    assert testing.recall_at_k(ids, want, 10) >= 0.95
+    assert not (ids == np.arange(n)[:, None]).any()
+    assert (np.diff(dists, axis=1) >= 0).all()
+    np.testing.assert_allclose(dists, _true_dists(base, ids, space), rtol=1e-4, atol=1e-4)
+    again = knn_graph(base, 10, space=space, method="nndescent", device="cuda")
+    np.testing.assert_array_equal(again[0], ids)                    # seeded, deterministic
+
+
+def test_gpu_path_small_blocks_and_merges(numpy_gpu, monkeypatch):
+    """Many join blocks and several merges per round give the same kind of graph."""
+    monkeypatch.setattr(numpy_gpu, "_BLOCK_ENTRIES", 1 << 14)
+    monkeypatch.setattr(numpy_gpu, "_MERGE_ENTRIES", 1 << 12)
+    x = testing.clustered(1500, 12, seed=2)
+    want, _ = _exact(x, 6)
+    ids, dists = knn_graph(x, 6, method="nndescent", device="cuda", random_seed=3)
+    assert testing.recall_at_k(ids, want, 6) >= 0.95
+    np.testing.assert_allclose(dists, _true_dists(x, ids, "l2"), rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_path_duplicates_and_tiny_inputs(numpy_gpu):
+    x = testing.clustered(300, 8, seed=4)
+    x[150:] = x[:150]
+    ids, dists = knn_graph(x, 3, method="nndescent", device="cuda")
+    assert (ids[:, 0] == np.r_[np.arange(150, 300), np.arange(150)]).mean() >= 0.99
+    assert not (ids == np.arange(300)[:, None]).any()
+    ids, _ = knn_graph(x[:5], 4, method="nndescent", device="cuda")
+    assert all(sorted(ids[i]) == [j for j in range(5) if j != i] for i in range(5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_gpu_nndescent_recall(space):
+    base, _, _, _ = testing.load_dataset("siftsmall")
+    want, _ = _exact(base, 10, space)
+    ids, dists, info = knn_graph(base, 10, space=space, method="nndescent", device="cuda",
+                                 return_info=True)
+    assert info["device"].startswith("cuda")
+    assert testing.recall_at_k(ids, want, 10) >= 0.95
+    np.testing.assert_allclose(dists, _true_dists(base, ids, space), rtol=1e-3, atol=1e-3)
