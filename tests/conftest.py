@@ -1,4 +1,5 @@
-"""Shared fixtures: the gpu skip, seeded random data, the shipped datasets, hnswlib, index snapshots.
+"""Shared fixtures: the gpu skip, seeded random data, the shipped datasets, hnswlib, index snapshots,
+a NumPy stand-in for CuPy, a tqdm recorder.
 
 Markers ``gpu`` and ``slow`` are declared in pyproject.toml (``--strict-markers``).
 """
@@ -130,3 +131,65 @@ def numpy_select_topk(monkeypatch):
     from gpuhnsw import _kernels
 
     monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None: _numpy_topk)
+
+
+class NumpyAsCupy:
+    """The subset of CuPy that the exact engine and GPU NN-descent use, backed by NumPy."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def asarray(a, dtype=None):
+        return np.array(a, dtype=dtype)       # a copy, like a host-to-device transfer
+
+    @staticmethod
+    def asnumpy(a):
+        return np.asarray(a)
+
+    class cuda:
+        class Device:
+            def __init__(self, ordinal=0):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class memory:
+            class OutOfMemoryError(MemoryError):
+                pass
+
+
+@pytest.fixture
+def numpy_as_cupy():
+    """A NumPy-backed stand-in for the ``cupy`` module (GPU code paths run on the CPU)."""
+    return NumpyAsCupy()
+
+
+@pytest.fixture
+def fake_tqdm(monkeypatch):
+    """Replaces tqdm with a recorder; returns the list of events: ("total", n), each update's
+    count, and "closed"."""
+    import sys
+    import types
+
+    events = []
+
+    class FakeBar:
+        def __init__(self, total, **kw):
+            events.append(("total", total))
+
+        def update(self, n):
+            events.append(n)
+
+        def close(self):
+            events.append("closed")
+
+    fake = types.ModuleType("tqdm.auto")
+    fake.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+    return events

@@ -352,42 +352,13 @@ def test_bfindex_rejects_corrupted_files(tmp_path):
 # The CUDA path's logic, run on NumPy through a stand-in for the few CuPy calls it makes
 # ------------------------------------------------------------------------------------------------
 
-class _NumpyAsCupy:
-    """The subset of CuPy used by exact._exact_cuda, backed by NumPy."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def asarray(a):
-        return np.array(a)                    # a copy, like a host-to-device transfer
-
-    @staticmethod
-    def asnumpy(a):
-        return np.asarray(a)
-
-    class cuda:
-        class Device:
-            def __init__(self, ordinal=0):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-        class memory:
-            class OutOfMemoryError(MemoryError):
-                pass
-
-
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("base_block", [None, 250, 5000])
-def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_select_topk, make_data, space, base_block):
+def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_as_cupy, numpy_select_topk, make_data, space,
+                                     base_block):
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(exact, "_import_cupy", lambda: numpy_as_cupy)
     monkeypatch.setattr(exact, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
     base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
     if space == "cosine":
@@ -405,21 +376,22 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_select_topk, make_data, 
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
-def test_cuda_path_pool_beyond_select_topk(monkeypatch, make_data):
+def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data):
     """A pool larger than select_topk_kernel's largest capacity takes the grouped-sort path."""
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(exact, "_import_cupy", lambda: numpy_as_cupy)
     base, queries = make_data(6000, 8), make_data(20, 8, seed=11)
     cpu = exact.exact_rows(base, queries, 900, "l2")
     gpu = exact.exact_rows(base, queries, 900, "l2", device=("cuda", 0), base_block=5000)
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
-def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, numpy_select_topk, make_data):
+def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, numpy_as_cupy, numpy_select_topk,
+                                                        make_data):
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(exact, "_import_cupy", lambda: numpy_as_cupy)
     data, q = make_data(3000, 8), make_data(20, 8, seed=12)
     cpu, gpu = BFIndex("l2", 8, device="cpu"), BFIndex("l2", 8, device="cpu")
     gpu._device = ("cuda", 0)                          # as if a GPU had been found

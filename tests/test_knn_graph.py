@@ -2,7 +2,6 @@
 dropped by id, and memory stays bounded."""
 import sys
 import tracemalloc
-import types
 
 import numpy as np
 import pytest
@@ -131,27 +130,12 @@ def test_auto_method_and_arguments(make_data, monkeypatch):
         knn_graph(x, 2.5)
 
 
-def test_progress_bar_uses_tqdm_when_present(make_data, monkeypatch):
-    updates = []
-
-    class FakeBar:
-        def __init__(self, total, **kw):
-            self.total = total
-
-        def update(self, n):
-            updates.append(n)
-
-        def close(self):
-            updates.append("closed")
-
-    fake = types.ModuleType("tqdm.auto")
-    fake.tqdm = FakeBar
-    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
-    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+def test_progress_bar_uses_tqdm_when_present(make_data, monkeypatch, fake_tqdm):
+    updates = fake_tqdm
     monkeypatch.setattr(kg_module, "_TILE", 64)
     x = make_data(200, 4)
     a = knn_graph(x, 3, method="exact", progress=True)
-    assert updates[-1] == "closed" and sum(updates[:-1]) == 10       # 4 row blocks: 10 tile pairs
+    assert updates[-1] == "closed" and sum(updates[1:-1]) == 10      # 4 row blocks: 10 tile pairs
     updates.clear()
     b = knn_graph(x, 3, method="exact", progress=False)
     assert updates == []

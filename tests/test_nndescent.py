@@ -3,7 +3,6 @@ data in every space, determinism across thread counts, memmap input read in plac
 duplicates, the output formats (include_self, as_sparse, return_info) and bad arguments."""
 import sys
 import tracemalloc
-import types
 
 import numpy as np
 import pytest
@@ -184,23 +183,8 @@ def test_auto_picks_exact_small_and_nndescent_large(monkeypatch):
     assert info["method"] == "nndescent" and seen["n"] == big_n
 
 
-def test_progress_shows_rounds(monkeypatch):
-    updates = []
-
-    class FakeBar:
-        def __init__(self, total, **kw):
-            updates.append(("total", total))
-
-        def update(self, n):
-            updates.append(n)
-
-        def close(self):
-            updates.append("closed")
-
-    fake = types.ModuleType("tqdm.auto")
-    fake.tqdm = FakeBar
-    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
-    monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
+def test_progress_shows_rounds(fake_tqdm):
+    updates = fake_tqdm
     x = testing.clustered(3000, 8, seed=9)
     _, _, info = knn_graph(x, 5, method="nndescent", n_iters=7, progress=True, return_info=True)
     assert updates[0] == ("total", 7) and updates[-1] == "closed"
@@ -241,37 +225,11 @@ def test_core_checks_lengths_and_reports_callback_errors():
 # The GPU path (gpuhnsw._nndescent_gpu) on NumPy through a stand-in for the CuPy calls it makes
 # ------------------------------------------------------------------------------------------------
 
-class _NumpyAsCupy:
-    """The subset of CuPy used by _nndescent_gpu, backed by NumPy."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def asnumpy(a):
-        return np.asarray(a)
-
-    class cuda:
-        class Device:
-            def __init__(self, ordinal=0):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-        class memory:
-            class OutOfMemoryError(MemoryError):
-                pass
-
-
 @pytest.fixture
-def numpy_gpu(monkeypatch):
+def numpy_gpu(monkeypatch, numpy_as_cupy):
     from gpuhnsw import _nndescent_gpu
 
-    monkeypatch.setattr(_nndescent_gpu, "_import_cupy", lambda: _NumpyAsCupy())
+    monkeypatch.setattr(_nndescent_gpu, "_import_cupy", lambda: numpy_as_cupy)
     monkeypatch.setattr(kg_module, "resolve_device",
                         lambda device: ("cpu", None) if device == "cpu" else ("cuda", 0))
     return _nndescent_gpu
