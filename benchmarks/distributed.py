@@ -17,13 +17,18 @@ Measured per contender: build time; QPS at recall@10 = 0.95 (interpolated on an 
 import argparse
 import json
 import os
-import resource
+import sys
 import time
 
-import numpy as np
+# This file shares its name with Dask's ``distributed`` package: keep its folder off the import path
+# (here and in the spawned worker processes, which inherit sys.path).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import gpuhnsw
-from gpuhnsw import testing
+import numpy as np  # noqa: E402
+
+import gpuhnsw  # noqa: E402
+from gpuhnsw import testing  # noqa: E402
 
 EF_SWEEP = (10, 16, 24, 32, 48, 64, 96, 128, 192)
 PARAMS = dict(M=16, ef_construction=200)
@@ -34,7 +39,13 @@ SEED = 12345
 
 
 def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM of this process (getrusage's ru_maxrss survives fork + exec, so a spawned worker would
+    report its parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _transferred(dask_worker):

@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("gpuhnsw.distributed needs Dask and fsspec: "
                       'pip install "gpuhnsw[distributed]"') from exc
 
-from ._errors import IndexFileError
+from ._errors import IndexFileError, InputShapeError
 from ._progress import Progress, stderr_is_tty
 from ._validate import as_int, as_label, as_labels, as_vectors, check_dim, check_space
 from .index import PAD_LABEL, Index
@@ -130,7 +130,7 @@ def _is_dask(x):
 def _row_blocks(data, dim=None):
     """A Dask array [n, d] as delayed row blocks (one column chunk) and their row offsets."""
     if data.ndim != 2 or (dim is not None and data.shape[1] != dim):
-        raise ValueError(f"data must be a 2-D Dask array of width {dim}, got shape {data.shape}")
+        raise InputShapeError(f"data must be a 2-D Dask array of width {dim}, got shape {data.shape}")
     if len(data.chunks[1]) > 1:
         data = data.rechunk({1: -1})
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(np.int64)
@@ -318,8 +318,9 @@ class ShardedIndex:
     space : {"l2", "ip", "cosine"}
     dim : int
     n_shards : int, optional
-        Default: one per worker.  Shard ``s`` starts on worker ``s mod W`` (workers sorted by
-        address); the shard count is fixed for the life of the index (routing depends on it).
+        Default: one per worker.  Fixed for the life of the index (routing depends on it).  The Dask
+        scheduler places the shards (empty shards go to idle workers; every later task of a shard
+        runs where it is), see docs/architecture.md, section 5.
     M, ef_construction, random_seed : int
         Every shard's HNSW parameters (one seed for all shards).
     device : {"auto", "cpu", "cuda", "cuda:N"}
@@ -356,12 +357,12 @@ class ShardedIndex:
         self._shards = [self._submit(_new_shard, self._space, self._dim, self._params["M"],
                                      self._params["ef_construction"], self._params["random_seed"],
                                      device, self._threads)
-                        for s in range(self._n_shards)]
+                        for _ in range(self._n_shards)]
         _raise_first_error(self._shards)
 
     def _submit(self, fn, *args):
-        """A task; with no worker restrictions the scheduler runs it where its shard is (see the
-        module docstring), and anywhere after that worker is lost."""
+        """A task without worker restrictions: it runs where its shard is (Dask sizes a shard by
+        its arrays), and anywhere once that worker is lost."""
         return self._client.submit(fn, *args, pure=False)
 
     # ------------------------------------------------------------------------------ writes
@@ -371,7 +372,10 @@ class ShardedIndex:
         Parameters
         ----------
         data : ndarray or dask.array.Array, float32-castable [n, dim]
-            A Dask array is read by tasks block by block (never gathered on the client).
+            A Dask array is read by tasks block by block (never gathered on the client).  NumPy
+            rows travel inside the task specs, which the scheduler keeps so that a lost shard can
+            be rebuilt (Dask warns about graphs over 10 MB: for large data pass a Dask array that
+            reads from storage).
         ids : array_like or dask.array.Array, uint64 [n], optional
             Default: consecutive labels continuing from the previous call (as hnswlib).
 
@@ -801,18 +805,27 @@ def _recall_estimate(client, blocks, starts, neighbors, k, space, m, seed):
 class _Checkpoint:
     """Finished blocks of a knn_graph run under an fsspec folder, with the run's parameters."""
 
+    @staticmethod
+    def saved_params(url):
+        """The parameters of the run checkpointed under ``url``, or None."""
+        fs, root = fsspec.core.url_to_fs(url)
+        try:
+            with fs.open(f"{root}/{GRAPH_MANIFEST_NAME}", "rb") as f:
+                saved = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or (saved.get("format"), saved.get("version")) != \
+                (GRAPH_FORMAT, GRAPH_VERSION) or not isinstance(saved.get("params"), dict):
+            return None
+        return saved["params"]
+
     def __init__(self, url, params):
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.fs.makedirs(self.root, exist_ok=True)
         path = f"{self.root}/{GRAPH_MANIFEST_NAME}"
         manifest = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "params": params}
         if self.fs.exists(path):
-            with self.fs.open(path, "rb") as f:
-                try:
-                    old = json.loads(f.read())
-                except ValueError:
-                    old = None
-            if old != manifest:
+            if self.saved_params(url) != params:
                 raise ValueError(f"{url} holds a checkpoint of a different knn_graph run "
                                  f"({path}); use another checkpoint_dir or remove it")
         else:
@@ -857,7 +870,8 @@ def knn_graph(data, k, *, client, method="shards", space="l2", n_shards=None, n_
         ``"shards"``: rows hashed into ``n_shards`` random shards (default: one per worker), one
         HNSW index each, every row queried against every shard for ``k + 1`` and the lists merged
         (self excluded, ties by smaller id): each shard is a smaller graph searched with the same
-        ``ef``, so recall is at least that of one index over everything.  ``"clusters"``: k-means on
+        ``ef``, so recall matches or beats one index over everything (up to the run-to-run noise
+        of multithreaded builds).  ``"clusters"``: k-means on
         a sample (``n_clusters``, default 4 per worker), each row stored in the indexes of its 2
         nearest centroids and queried only against those 2: ``2 / n_clusters`` of the query work of
         ``"shards"`` with that many shards, but a neighbour across a third cluster is missed, so
@@ -900,9 +914,13 @@ def knn_graph(data, k, *, client, method="shards", space="l2", n_shards=None, n_
     if not 1 <= k <= n - 1:
         raise ValueError(f"k must be in [1, n - 1] = [1, {n - 1}], got {k}")
     workers = _workers(client)
-    n_parts = as_int(n_shards if method == "shards" else n_clusters, "n_shards", minimum=1) \
-        if (n_shards if method == "shards" else n_clusters) is not None else \
-        (len(workers) if method == "shards" else 4 * len(workers))
+    given = n_shards if method == "shards" else n_clusters
+    if given is not None:
+        n_parts = as_int(given, "n_shards" if method == "shards" else "n_clusters", minimum=1)
+    else:  # a resumed run keeps its shard count even if the cluster has changed size since
+        saved = _Checkpoint.saved_params(checkpoint_dir) if checkpoint_dir is not None else None
+        n_parts = saved["n_parts"] if saved and saved.get("method") == method else \
+            (len(workers) if method == "shards" else 4 * len(workers))
     ef = max(2 * (k + 1), 64) if ef is None else as_int(ef, "ef", minimum=1)
     threads = _default_threads(client) if num_threads is None else as_int(num_threads, "num_threads", minimum=1)
     params = {"n": n, "dim": dim, "k": k, "method": method, "space": space, "n_parts": n_parts,
@@ -933,8 +951,13 @@ def knn_graph(data, k, *, client, method="shards", space="l2", n_shards=None, n_
                                  for blk, a in zip(blocks, starts[:-1])])
         _raise_first_error(routed)
         parts = [[client.submit(_pick, r, p, pure=False) for r in routed] for p in range(n_parts)]
+        # A build runs where most of its input is unless placed: pin index p to worker p mod W
+        # (loosely), so the indexes spread.  Not with one worker: a loosely pinned task whose worker
+        # is gone while no other worker runs stays unrunnable in Dask (see docs/architecture.md).
+        place = (lambda p: {"workers": [workers[p % len(workers)]], "allow_other_workers": True}) \
+            if len(workers) > 1 else (lambda p: {})
         indexes = [client.submit(_build_index, space, dim, M, ef_construction, random_seed, device,
-                                 threads, *parts[p], pure=False)
+                                 threads, *parts[p], pure=False, **place(p))
                    for p in range(n_parts)]
         info["n_indexes"] = n_parts
         merged = {}

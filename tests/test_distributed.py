@@ -330,14 +330,18 @@ def test_knn_graph_resumes_from_its_checkpoint(client, sift, tmp_path):
 # ------------------------------------------------------------------------------------------- faults
 
 class KillOnce(distributed.WorkerPlugin):
-    """SIGKILL this worker's process right after the first task whose key starts with ``prefix``
-    finishes (on any worker: a marker file makes it happen once per cluster)."""
+    """SIGKILL this worker's process right after the ``after``-th task whose key starts with
+    ``prefix`` finishes (counted over all workers; a marker file makes it happen once per cluster)."""
 
-    def __init__(self, prefix, marker):
-        self.prefix, self.marker = prefix, marker
+    def __init__(self, prefix, marker, after=1):
+        self.prefix, self.marker, self.after = prefix, marker, after
 
     def transition(self, key, start, finish, **kwargs):
         if finish == "memory" and str(key).startswith(self.prefix):
+            with open(self.marker + ".count", "a") as f:   # one byte per finished task
+                f.write(".")
+            if os.path.getsize(self.marker + ".count") < self.after:
+                return
             try:
                 fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
@@ -380,3 +384,24 @@ def test_worker_killed_mid_graph(fault_client, sift, tmp_path):
                          num_threads=1, progress=False, **BUILD)
     assert (tmp_path / "graph-kill").exists()
     np.testing.assert_array_equal(nb, exact_graph(x, k)[0])
+
+
+def test_interrupted_knn_graph_resumes_with_only_the_missing_blocks(client, sift, tmp_path):
+    x, k = sift[0][:3000], 8
+    data = da.from_array(x, chunks=(375, -1))              # 8 blocks
+    ckpt = tmp_path / "ckpt"
+    # allowed-failures=0: the first task running on a killed worker fails the whole computation
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), new_cluster() as cluster, \
+            distributed.Client(cluster) as c:
+        c.register_plugin(KillOnce("_graph_merge", str(tmp_path / "kill"), after=3))
+        with pytest.raises(distributed.KilledWorker):
+            knn_graph(data, k, client=c, checkpoint_dir=str(ckpt), num_threads=1, progress=False,
+                      **BUILD)
+        done = len(list(ckpt.glob("block-*.npz")))
+        assert done < 8
+        nb, dist, info = knn_graph(data, k, client=c, checkpoint_dir=str(ckpt), num_threads=1,
+                                   progress=False, return_info=True, recall_sample=0, **BUILD)
+    assert (info["blocks_loaded"], info["blocks_computed"]) == (done, 8 - done)
+    want_nb, want_dist = knn_graph(data, k, client=client, num_threads=1, progress=False, **BUILD)
+    np.testing.assert_array_equal(nb, want_nb)
+    np.testing.assert_array_equal(dist, want_dist)
