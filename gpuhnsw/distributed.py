@@ -582,7 +582,7 @@ class ShardedIndex:
     @classmethod
     def load(cls, client, path, *, device="auto", num_threads=None):
         """Load a saved ``ShardedIndex`` onto this cluster's workers (any number of them: the shard
-        count stays as saved, shards are spread round-robin).  Every shard is checked against the
+        count stays as saved, the scheduler spreads the shards).  Every shard is checked against the
         manifest (size, sha256, counts, routing) and by the library's own file checks; any mismatch
         raises :class:`gpuhnsw.IndexFileError` naming the file."""
         fs, root = fsspec.core.url_to_fs(path)
