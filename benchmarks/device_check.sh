@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# One run that verifies gpuhnsw's GPU side on a GPU machine (issue 7). See benchmarks/README.md.
+#
+#   bash benchmarks/device_check.sh --plan         here, no GPU: prepare the carried folder .devdata/
+#                                                  (data slices, hnswlib 0.8.0 sdist), print what travels
+#                                                  and its size; exit 1 when over 64 MiB
+#   bash benchmarks/device_check.sh "$OUT"         on the GPU machine, from the repository root: build,
+#                                                  GPU tests, compile cost, compute-sanitizer, benchmark;
+#                                                  logs and results into "$OUT"
+#   bash benchmarks/device_check.sh --dry-run DIR  here: the same stages up to the first that needs CuPy
+#
+# On the GPU machine every stage runs under `timeout` inside a 7-minute budget; a stage that fails or
+# times out is recorded in summary.md and the next one still runs. Files written into the output
+# folder (at most 8 come back from a lent machine): device_check.log (every stage's output, as it
+# goes), summary.md (one line per stage), compile.json, sanitize.log, gpu_search.{json,md,png}.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+CARRY=.devdata                 # git-ignored; name it in the device call's carry list
+LIMIT_BYTES=$((64 * 1024 * 1024))
+BUDGET_S=${DEVICE_CHECK_BUDGET_S:-410}
+PY=${PYTHON:-python3}
+SYNTH_N=200000                 # benchmark size: synthetic clustered 200,000 x 128 (fits the budget)
+
+plan() {
+    local data=/work/shared/data
+    [ -d "$data" ] || data="$(cd .. && pwd)/shared/data"
+    [ -d "$data" ] || { echo "plan: no shared data at $data" >&2; return 1; }
+    mkdir -p "$CARRY/data" "$CARRY/sdist" || return 1
+    # Slices large enough for every gpu-marked test: siftsmall whole, mnist 30,000 base rows
+    # (tests/test_gpu.py), minilm-debian 20,000 (the tests use all rows given); 1,000 queries.
+    # No ground truth for the slices: the tests compute it (load_dataset returns None without it).
+    "$PY" - "$data" "$CARRY/data" <<'PY' || return 1
+import shutil, sys
+from pathlib import Path
+import numpy as np
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for name, n_base, n_queries in (("siftsmall", None, None), ("mnist", 30_000, 1000), ("minilm-debian", 20_000, 1000)):
+    out = dst / name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.npy"):
+        f.unlink()
+    if n_base is None:
+        for f in (src / name).glob("*.npy"):
+            shutil.copyfile(f, out / f.name)
+        continue
+    np.save(out / "base.npy", np.load(src / name / "base.npy", mmap_mode="r")[:n_base])
+    np.save(out / "queries.npy", np.load(src / name / "queries.npy", mmap_mode="r")[:n_queries])
+print("data slices written")
+PY
+    if ! ls "$CARRY"/sdist/hnswlib-0.8.0.tar.gz >/dev/null 2>&1; then
+        # --no-binary hnswlib, not :all: (that also builds pip's build dependencies from source)
+        "$PY" -m pip download --quiet --no-binary hnswlib --no-deps hnswlib==0.8.0 -d "$CARRY/sdist" || return 1
+    fi
+    # What travels: tracked and untracked-not-ignored files, plus the carried folder.
+    local tree carried total
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null \
+           | awk '{s += $1} END {print s + 0}')
+    carried=$(du -sb "$CARRY" | cut -f1)
+    total=$((tree + carried))
+    echo "travels: working tree $tree bytes + $CARRY $carried bytes = $total bytes" \
+         "($((total / 1048576)) MiB; limit $((LIMIT_BYTES / 1048576)) MiB)"
+    du -sh "$CARRY"/data/* "$CARRY"/sdist/* | sed 's/^/  /'
+    echo "device call: run(command='bash benchmarks/device_check.sh \"\$OUT\"', carry=['$CARRY'], timeout_s=480)"
+    if [ "$total" -gt "$LIMIT_BYTES" ]; then
+        echo "plan: over the limit by $((total - LIMIT_BYTES)) bytes" >&2
+        return 1
+    fi
+}
+
+case "${1:-}" in
+    --plan) plan; exit $? ;;
+    --dry-run) DRY=1; OUT=${2:?--dry-run needs an output folder} ;;
+    ""|-*) echo "usage: $0 --plan | --dry-run DIR | OUT_DIR" >&2; exit 2 ;;
+    *) DRY=0; OUT=$1 ;;
+esac
+mkdir -p "$OUT" || exit 2
+LOG="$OUT/device_check.log"
+SUMMARY="$OUT/summary.md"
+: >"$LOG"
+printf '| stage | status | seconds |\n|---|---|---|\n' >"$SUMMARY"
+export PYTHONUNBUFFERED=1 GHNSW_DATA="$PWD/$CARRY/data" PYTHONPATH="$PWD:/tmp/ghnsw-site${PYTHONPATH:+:$PYTHONPATH}"
+
+# stage NAME CAP_SECONDS COMMAND...: run under timeout (the cap, or what is left of the budget),
+# output appended to the log as it comes, status into the summary; never stops the script.
+stage() {
+    local name=$1 cap=$2 left rc start
+    shift 2
+    left=$((BUDGET_S - SECONDS))
+    [ "$cap" -gt "$left" ] && cap=$left
+    if [ "$cap" -lt 10 ]; then
+        echo "== $name: skipped (budget spent)" | tee -a "$LOG"
+        echo "| $name | skipped: budget spent | 0 |" >>"$SUMMARY"
+        return 0
+    fi
+    echo "== $name (timeout ${cap}s, at ${SECONDS}s): $*" | tee -a "$LOG"
+    start=$SECONDS
+    timeout --kill-after=5 "$cap" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=ok ;;
+        124|137) status="TIMED OUT after ${cap}s" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    echo "== $name: $status" | tee -a "$LOG"
+    echo "| $name | $status | $((SECONDS - start)) |" >>"$SUMMARY"
+    return 0
+}
+
+# A fresh process: build a small index on the GPU and query it, printing the first query's time.
+FIRST_QUERY=$(cat <<'PY'
+import json, sys, time
+import numpy as np
+import gpuhnsw
+t0 = time.perf_counter()
+rng = np.random.default_rng(0)
+data = rng.random((5000, 128), dtype=np.float32)
+ix = gpuhnsw.Index("l2", 128, device="cuda")
+ix.init_index(5000, M=16, ef_construction=100)
+ix.add_items(data, build="cpu")
+t1 = time.perf_counter()
+ix.knn_query(data[:100], k=10, ef=64)          # sync + compile (or cache load) + launch
+t2 = time.perf_counter()
+ix.knn_query(data[:100], k=10, ef=64)
+t3 = time.perf_counter()
+print(json.dumps({"first_query_s": t2 - t1, "second_query_s": t3 - t2, "build_s": t1 - t0}))
+PY
+)
+
+# The small search compute-sanitizer watches: raw cudaMalloc (no pool), so an access past an
+# array is past an allocation; argv[1] = "filter" for the filtered mode.
+SANITIZE=$(cat <<'PY'
+import sys
+import numpy as np
+import cupy as cp
+cp.cuda.set_allocator(None)
+cp.cuda.set_pinned_memory_allocator(None)
+import gpuhnsw
+rng = np.random.default_rng(1)
+data = rng.random((3000, 48), dtype=np.float32)
+ix = gpuhnsw.Index("l2", 48, device="cuda")
+ix.init_index(3000, M=12, ef_construction=80)
+ix.add_items(data, build="cpu")
+flt = np.arange(0, 3000, 3) if sys.argv[1] == "filter" else None
+labels, _ = ix.knn_query(data[:64], k=10, ef=40, filter=flt, search_width=2)
+assert flt is None or (labels % 3 == 0).all()
+print("ok", sys.argv[1])
+PY
+)
+
+env_info() {
+    nvidia-smi
+    "$PY" --version
+    nproc
+    "$PY" -c 'import numpy, cupy; print("numpy", numpy.__version__, "cupy", cupy.__version__)
+print("GPU:", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())'
+}
+
+compile_cost() {   # the first GPU query of a fresh process: cold CuPy kernel cache, then warm
+    local cold warm
+    export CUPY_CACHE_DIR=/tmp/ghnsw-cold-cache
+    rm -rf "$CUPY_CACHE_DIR"
+    cold=$("$PY" -c "$FIRST_QUERY") && warm=$("$PY" -c "$FIRST_QUERY") || return 1
+    echo "{\"cold_cache\": $cold, \"warm_cache\": $warm}" | tee "$OUT/compile.json"
+}
+
+sanitize_all() {   # every run even after a failure; exit 1 if any reported an error
+    local tool mode failed=0
+    : >"$OUT/sanitize.log"
+    for tool in memcheck racecheck; do
+        for mode in plain filter; do
+            echo "-- compute-sanitizer --tool $tool, $mode search" | tee -a "$OUT/sanitize.log"
+            compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" -c "$SANITIZE" "$mode" 2>&1 \
+                | tee -a "$OUT/sanitize.log"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+        done
+    done
+    return "$failed"
+}
+
+hnswlib_built() {
+    tail -n 5 "$HNSWLIB_LOG"
+    "$PY" -c 'import hnswlib; print("hnswlib", hnswlib.__file__)' || return 1
+    return "$(cat "$HNSWLIB_LOG.rc" 2>/dev/null || echo 1)"
+}
+export -f env_info compile_cost sanitize_all hnswlib_built
+export PY OUT FIRST_QUERY SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
+
+stage env 30 bash -c env_info
+# hnswlib builds in the background while the GPU stages run (16 cores); the benchmark waits for it
+stage build-extension 90 "$PY" setup.py build_ext --inplace -j 8
+# (setup.py build_ext in the unpacked sdist: no pip, no wheel package, no network; needs setuptools,
+# numpy and pybind11, which the machine has)
+( rm -rf /tmp/ghnsw-site && mkdir -p /tmp/ghnsw-site && tar -xzf "$CARRY"/sdist/hnswlib-0.8.0.tar.gz -C /tmp/ghnsw-site \
+      && cd /tmp/ghnsw-site/hnswlib-0.8.0 && timeout 240 "$PY" setup.py build_ext --inplace >"$HNSWLIB_LOG" 2>&1 \
+      && cp hnswlib*.so /tmp/ghnsw-site/; echo $? >"$HNSWLIB_LOG.rc" ) &
+HNSWLIB_PID=$!
+
+if [ "$DRY" = 1 ]; then
+    wait "$HNSWLIB_PID"
+    stage hnswlib-built 10 bash -c hnswlib_built
+    stage import-check 30 "$PY" -c "import gpuhnsw, hnswlib; print('gpuhnsw', gpuhnsw.__file__, 'hnswlib', hnswlib.__file__)"
+    for s in gpu-tests compile-cost sanitize bench; do
+        echo "== $s: not run (--dry-run: needs CuPy and a GPU)" | tee -a "$LOG"
+        echo "| $s | not run (dry run) | 0 |" >>"$SUMMARY"
+    done
+    cat "$SUMMARY"
+    exit 0
+fi
+
+stage gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests
+stage compile-cost 60 bash -c compile_cost
+stage sanitize 120 bash -c sanitize_all
+wait "$HNSWLIB_PID"
+stage hnswlib-built 10 bash -c hnswlib_built
+stage bench 400 "$PY" benchmarks/gpu_search.py --datasets synthetic-1m --n-synth "$SYNTH_N" --out "$OUT"
+echo "total ${SECONDS}s" | tee -a "$LOG"
+cat "$SUMMARY"
