@@ -53,6 +53,17 @@ class _Event:
         _stream.run(until=self)
 
 
+class _Device:
+    def __init__(self, i=None):
+        self.id = i or 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _fake_cupy():
     def wrap(a):
         return np.asarray(a).view(_Array)
@@ -63,16 +74,6 @@ def _fake_cupy():
             return fn(*a, **k)
         return call
 
-    class Device:
-        def __init__(self, i=None):
-            self.id = i or 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
     cp = types.ModuleType("cupy")
     for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
         setattr(cp, name, getattr(np, name))
@@ -82,7 +83,7 @@ def _fake_cupy():
     cp.asarray = synced(lambda a, dtype=None: wrap(np.array(a, dtype=dtype)))
     cp.ascontiguousarray = synced(lambda a: wrap(np.ascontiguousarray(a)))
     cp.asnumpy = synced(lambda a: np.asarray(a).view(np.ndarray))
-    cp.cuda = types.SimpleNamespace(Device=Device, alloc_pinned_memory=bytearray, Event=_Event)
+    cp.cuda = types.SimpleNamespace(Device=_Device, alloc_pinned_memory=bytearray, Event=_Event)
     return cp
 
 
@@ -265,17 +266,7 @@ def numpy_device(monkeypatch, numpy_select_topk):
         "flatnonzero", "concatenate", "argsort", "take_along_axis", "full")})
     cp.asarray, cp.asnumpy = np.asarray, np.asarray
 
-    class Device:
-        def __init__(self, i=None):
-            self.id = i or 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    cp.cuda = types.SimpleNamespace(Device=Device, memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
+    cp.cuda = types.SimpleNamespace(Device=_Device, memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
     monkeypatch.setitem(sys.modules, "cupy", cp)
     return cp
 
