@@ -4,9 +4,13 @@ Existing hnswlib code runs unchanged after ``import gpuhnsw as hnswlib``.  Where
 silently misbehaves (query of an uninitialised index, wrong query width, NaN input, ...), this class
 raises a clear exception and leaves the index exactly as it was.
 """
+from __future__ import annotations
+
 import os
+from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _core, _device, _io
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
@@ -15,6 +19,11 @@ from ._progress import Progress, stderr_is_tty
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, plain_array, resolve_device)
 from .exact import exact_search
+
+# Annotation aliases: a label filter (see knn_query), a file argument, a NumPy or CuPy result
+Filter = Union[Callable[[int], bool], ArrayLike, set, list]
+IndexFile = Union[str, os.PathLike, BinaryIO]
+Array = Any
 
 PAD_LABEL = np.uint64(2**64 - 1)
 GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least this large
@@ -88,8 +97,8 @@ class Index:
         self._dim = check_dim(params["dim"])
 
     # ---------------------------------------------------------------- lifecycle
-    def init_index(self, max_elements, M=16, ef_construction=200, random_seed=100,
-                   allow_replace_deleted=False, *, auto_resize=False):
+    def init_index(self, max_elements: int, M: int = 16, ef_construction: int = 200, random_seed: int = 100,
+                   allow_replace_deleted: bool = False, *, auto_resize: bool = False) -> None:
         """Allocate an empty index of capacity ``max_elements``.
 
         ``M`` links per node on upper levels (``2*M`` on level 0, at least 2); ``ef_construction``
@@ -119,7 +128,8 @@ class Index:
         return self._core
 
     # ---------------------------------------------------------------- writes
-    def add_items(self, data, ids=None, num_threads=-1, replace_deleted=False, *, build="auto", progress=None):
+    def add_items(self, data: ArrayLike, ids: ArrayLike | None = None, num_threads: int = -1,
+                  replace_deleted: bool = False, *, build: str = "auto", progress: bool | None = None) -> None:
         """Insert rows ``data`` (float32-castable ``[n, dim]`` or one ``[dim]`` row) under ``ids``
         (uint64 ``[n]``; default: consecutive labels as hnswlib).  An existing label is updated in
         place.  A batch that would exceed capacity is rejected whole.
@@ -183,7 +193,7 @@ class Index:
             start = stop
             bar.to(stop)
 
-    def mark_deleted(self, label):
+    def mark_deleted(self, label: int | ArrayLike) -> None:
         """Hide ``label`` (one label, or an array of labels of any shape) from results; deleted
         elements stay in the graph as waypoints.  For an array every label is checked first (known,
         not yet deleted), so a rejected call deletes nothing."""
@@ -194,7 +204,7 @@ class Index:
         for one in self._labels_in_state(core, label, deleted=False):
             core.mark_deleted(int(one))
 
-    def unmark_deleted(self, label):
+    def unmark_deleted(self, label: int | ArrayLike) -> None:
         """Undo :meth:`mark_deleted` for one label or an array of labels (checked first, as there)."""
         core = self._need_init()
         if np.ndim(label) == 0:
@@ -217,7 +227,7 @@ class Index:
                                    else f"The requested to undelete element is not deleted: {int(one)}")
         return labels
 
-    def resize_index(self, new_size):
+    def resize_index(self, new_size: int) -> None:
         """Change capacity to ``new_size`` (not below the current count)."""
         core = self._need_init()
         new_size = as_int(new_size, "new_size", minimum=0)
@@ -225,8 +235,9 @@ class Index:
         core.resize(new_size)
 
     # ---------------------------------------------------------------- search
-    def knn_query(self, data, k=1, num_threads=-1, filter=None, *, ef=None, pad=False, search_width=1,
-                  filter_mode="auto"):
+    def knn_query(self, data: ArrayLike, k: int = 1, num_threads: int = -1, filter: Filter | None = None, *,
+                  ef: int | None = None, pad: bool = False, search_width: int = 1,
+                  filter_mode: str = "auto") -> tuple[Array, Array]:
         """The ``k`` nearest labels of each query row.
 
         Parameters
@@ -296,7 +307,8 @@ class Index:
                 return self._check_found(core, out, k, ef, pad, filter)
         on_gpu_input = _device.is_gpu_array(data)
         q = as_vectors(_device.to_host(data), self._dim, what="query")
-        labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, None if sets else filter, sets, exact)
+        labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, None if sets else filter,
+                                                   sets, exact)
         self._check_found(core, (labels, dists, found), k, ef, pad, filter)
         if on_gpu_input:
             return _device.to_device(labels), _device.to_device(dists)
@@ -388,8 +400,9 @@ class Index:
                                   device=device)
             labels[rows, :kk], dists[rows, :kk] = slot_labels[ids], d
 
-    def range_query(self, data, radius, *, max_results=None, ef=None, num_threads=-1, filter=None,
-                    filter_mode="auto"):
+    def range_query(self, data: ArrayLike, radius: float, *, max_results: int | None = None,
+                    ef: int | None = None, num_threads: int = -1, filter: Filter | None = None,
+                    filter_mode: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every label within ``radius`` of each query row (distance ``<= radius``), as CSR arrays.
 
         The graph search is asked for more neighbours (doubling ``k`` from ``max(ef, 16)``) until a
@@ -442,7 +455,7 @@ class Index:
         dists = np.concatenate([f[1] for f in found if f is not None] or [np.zeros(0, np.float32)])
         return offsets, labels.astype(np.uint64), dists.astype(np.float32)
 
-    def sync(self):
+    def sync(self) -> Any:
         """Bring the GPU copy of the graph up to date now; only rows changed since the last sync move.
 
         Done lazily before every GPU query, so calling it is optional (e.g. to take the cost out of
@@ -457,7 +470,7 @@ class Index:
         return 1 if rows <= 4 * n else n  # hnswlib's rule: small batches are not worth threads
 
     # ---------------------------------------------------------------- reads
-    def get_items(self, ids=None, return_type="numpy"):
+    def get_items(self, ids: ArrayLike | None = None, return_type: str = "numpy") -> np.ndarray | list:
         """Stored vectors of ``ids`` (cosine: normalised) as float32 ``[n, dim]`` or a list.
 
         ``ids`` may have any shape, e.g. the ``[nq, k]`` labels of :meth:`knn_query`; its labels are
@@ -475,25 +488,25 @@ class Index:
         core.get_vectors(labels, out)
         return out if return_type == "numpy" else out.tolist()
 
-    def get_ids_list(self):
+    def get_ids_list(self) -> list[int]:
         """All labels, deleted ones included (as hnswlib)."""
         if self._core is None:
             return []
         return np.frombuffer(self._core.labels(), dtype=np.uint64).tolist()
 
-    def get_neighbors(self, label, level=0):
+    def get_neighbors(self, label: int, level: int = 0) -> np.ndarray:
         """Labels of ``label``'s neighbours on ``level`` (uint64 ``[degree]``)."""
         raw = self._need_init().neighbors(as_label(label), as_int(level, "level"))
         return np.frombuffer(raw, dtype=np.uint64).copy()
 
-    def get_levels(self, ids):
+    def get_levels(self, ids: ArrayLike) -> np.ndarray:
         """Top level of each label (uint8 ``[n]``)."""
         labels = as_labels(ids)
         out = np.empty(labels.shape[0], dtype=np.uint8)
         self._need_init().levels_of(labels, out)
         return out
 
-    def check_integrity(self, *, require_reachable=False):
+    def check_integrity(self, *, require_reachable: bool = False) -> dict:
         """Check the graph from scratch (ids in range, no self loops or duplicate links, degrees
         within M0/M, neighbour levels, label map, deleted count).  Returns a dict of counts; raises
         ``RuntimeError`` naming the first problem.  ``require_reachable`` also fails on nodes the
@@ -503,15 +516,16 @@ class Index:
             raise RuntimeError(f"{info['n_unreachable']} nodes are unreachable from the entry point")
         return info
 
-    def memory_usage(self):
+    def memory_usage(self) -> int:
         """Bytes held by the index's arrays (capacity-sized, plus upper links)."""
         return 0 if self._core is None else self._core.memory_bytes
 
-    def __len__(self):
+    def __len__(self) -> int:
         """Live (not deleted) elements."""
         return 0 if self._core is None else self._core.count - self._core.n_deleted
 
-    def __contains__(self, label):
+    def __contains__(self, label: object) -> bool:
+        """Whether ``label`` is stored and not deleted."""
         if self._core is None:
             return False
         try:
@@ -522,12 +536,12 @@ class Index:
         return slot >= 0 and not deleted
 
     @property
-    def count_deleted(self):
+    def count_deleted(self) -> int:
         """Elements marked deleted (they count in :meth:`get_current_count`, not in ``len``)."""
         return 0 if self._core is None else self._core.n_deleted
 
     # ---------------------------------------------------------------- persistence
-    def save_index(self, path_to_index, *, format="gpuhnsw"):
+    def save_index(self, path_to_index: IndexFile, *, format: str = "gpuhnsw") -> None:
         """Write the index to ``path_to_index`` atomically (temporary file, then rename), or to a
         binary file object (``io.BytesIO``, an open file, an fsspec file) at its position.
 
@@ -543,9 +557,11 @@ class Index:
         else:
             raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
 
-    def load_index(self, path_to_index, max_elements=0, allow_replace_deleted=False):
+    def load_index(self, path_to_index: IndexFile, max_elements: int = 0,
+                   allow_replace_deleted: bool = False) -> None:
         """Load a file written by ``save_index`` in either format (or by hnswlib), detected from its
-        first bytes; ``path_to_index`` is a path or a binary file object (read to its end).  Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
+        first bytes; ``path_to_index`` is a path or a binary file object (read to its end).
+        Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
         :class:`IndexFileError` and leaves this index as it was."""
         max_elements = as_int(max_elements, "max_elements", minimum=0)
         try:
@@ -563,7 +579,7 @@ class Index:
         self._ef = 10 if ef is None else ef
         self._cur_l = core.count
 
-    def index_file_size(self):
+    def index_file_size(self) -> int:
         """Bytes ``save_index(..., format="hnswlib")`` writes (hnswlib's own measure)."""
         core = self._need_init()
         labels = np.frombuffer(core.labels(), dtype=np.uint64)
@@ -668,6 +684,6 @@ class Index:
         return self.get_current_count()
 
     @property
-    def device(self):
+    def device(self) -> str:
         """Where queries run: ``"cpu"`` or ``"cuda"``."""
         return self._device

@@ -181,3 +181,16 @@ def test_bfindex_through_bytesio(sift):
     other = gpuhnsw.BFIndex("l2", base.shape[1], device="cpu")
     other.load_index(buf)
     np.testing.assert_array_equal(other.knn_query(queries, k=3)[0], bf.knn_query(queries, k=3)[0])
+
+
+def test_save_and_load_through_an_fsspec_file(sift):
+    fsspec = pytest.importorskip("fsspec")  # a test dependency (also of gpuhnsw.distributed)
+    index, base, queries = sift
+    fs = fsspec.filesystem("memory")
+    with fs.open("/i11/sift.idx", "wb") as f:
+        index.save_index(f)
+    loaded = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    with fs.open("/i11/sift.idx", "rb") as f:
+        loaded.load_index(f)
+    fs.rm("/i11/sift.idx")
+    np.testing.assert_array_equal(loaded.knn_query(queries, k=5, ef=50)[0], index.knn_query(queries, k=5, ef=50)[0])
