@@ -184,7 +184,7 @@ def test_bfindex_through_bytesio(sift):
 
 
 def test_save_and_load_through_an_fsspec_file(sift):
-    fsspec = pytest.importorskip("fsspec")  # a test dependency (also of gpuhnsw.distributed)
+    import fsspec  # a test dependency (also of gpuhnsw.distributed)
     index, base, queries = sift
     fs = fsspec.filesystem("memory")
     with fs.open("/i11/sift.idx", "wb") as f:
