@@ -197,27 +197,26 @@ class Index:
         """Hide ``label`` (one label, or an array of labels of any shape) from results; deleted
         elements stay in the graph as waypoints.  For an array every label is checked first (known,
         not yet deleted), so a rejected call deletes nothing."""
-        core = self._need_init()
-        if np.ndim(label) == 0:
-            core.mark_deleted(as_label(label, TypeError))
-            return
-        for one in self._labels_in_state(core, label, deleted=False):
-            core.mark_deleted(int(one))
+        self._set_deleted(label, True)
 
     def unmark_deleted(self, label: int | ArrayLike) -> None:
         """Undo :meth:`mark_deleted` for one label or an array of labels (checked first, as there)."""
+        self._set_deleted(label, False)
+
+    def _set_deleted(self, label, delete):
         core = self._need_init()
+        op = core.mark_deleted if delete else core.unmark_deleted
         if np.ndim(label) == 0:
-            core.unmark_deleted(as_label(label, TypeError))
+            op(as_label(label, TypeError))
             return
-        for one in self._labels_in_state(core, label, deleted=True):
-            core.unmark_deleted(int(one))
+        for one in self._labels_in_state(core, label, deleted=not delete):
+            op(int(one))
 
     @staticmethod
     def _labels_in_state(core, labels, *, deleted):
         """The distinct labels of ``labels`` (any shape) as uint64 ``[n]``, each known to the index
         and currently deleted (or not); otherwise hnswlib's RuntimeError, naming the label."""
-        labels = np.unique(as_labels(np.ravel(np.asarray(labels))))
+        labels = np.unique(as_labels(np.ravel(_device.to_host(plain_array(labels)))))
         for one in labels:
             slot, is_deleted = core.lookup(int(one))
             if slot < 0:
