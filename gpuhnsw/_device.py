@@ -558,8 +558,9 @@ class DeviceIndex:
         the CPU).
 
         data : NumPy-convertible or GPU array ``[nq, dim]``; allowed : uint32 bitset words of the
-        allowed slots, or None; cpu_search(q float32 ``[r, dim]``) -> (labels, dists, found), the
-        padded CPU answer for rows the kernel flagged.
+        allowed slots ``[words]`` (every query) or ``[nq, words]`` (one row per query), or None;
+        cpu_search(q float32 ``[r, dim]``, rows int ``[r]``) -> (labels, dists, found), the padded
+        CPU answer for the query rows ``rows`` that the kernel flagged.
 
         Returns (labels uint64 ``[nq, k]``, dists float32 ``[nq, k]``, found int32 ``[nq]`` NumPy):
         labels and dists are CuPy arrays for GPU input, NumPy otherwise.
@@ -576,10 +577,12 @@ class DeviceIndex:
                 found = np.zeros(nq, dtype=np.int32)
             else:
                 bits = None if allowed is None else cp.asarray(allowed)
+                stride = 0 if allowed is None or allowed.ndim == 1 else allowed.shape[1]
                 with self._lock:
                     mirror = self._mirror_of(core)
                     mirror.sync()
-                    out = mirror.search(q, k, ef, search_width=search_width, filter_bits=bits)
+                    out = mirror.search(q, k, ef, search_width=search_width, filter_bits=bits,
+                                        filter_stride=stride)
                 if out is None:   # no launch fits this device: the CPU answers
                     return None
                 labels, dists, info = out
@@ -588,7 +591,7 @@ class DeviceIndex:
                     raise DeviceError("the search kernel rejected its launch configuration (see kernels/search.cu)")
                 redo = np.flatnonzero(status)
                 if redo.size:   # a fixed-size buffer of the kernel was exceeded: C's exact answer
-                    l_cpu, d_cpu, f_cpu = cpu_search(cp.asnumpy(q[cp.asarray(redo)]))
+                    l_cpu, d_cpu, f_cpu = cpu_search(cp.asnumpy(q[cp.asarray(redo)]), redo)
                     rows = cp.asarray(redo)
                     labels[rows], dists[rows] = cp.asarray(l_cpu), cp.asarray(d_cpu)
                     found[redo] = f_cpu

@@ -34,6 +34,12 @@ class AllowedSets:
     def __init__(self, labels, bits, live, per_query):
         self.labels, self.bits, self.live, self.per_query = labels, bits, live, per_query
 
+    def take(self, rows):
+        """The sets of query rows ``rows`` (int ``[r]``): per-query sets are cut, shared ones kept."""
+        if not self.per_query:
+            return self
+        return AllowedSets([self.labels[i] for i in rows], self.bits[rows], self.live[rows], True)
+
     def slots(self, i):
         """Allowed live slots of set ``i`` (uint32 ``[live[i]]``, ascending)."""
         flags = np.unpackbits(self.bits[i].view(np.uint8), bitorder="little")

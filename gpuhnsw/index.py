@@ -298,10 +298,13 @@ class Index:
             exact = self._filter_plan(core, sets, k, ef, filter_mode)
         if not pad:
             self._check_enough(core, k, sets)
-        # the GPU takes unfiltered queries and graph search under one shared label filter
-        if self._gpu is not None and not callable(filter) and (sets is None or not (sets.per_query or exact[0])):
-            out = self._gpu.knn_query(core, data, k, ef, None if sets is None else sets.bits[0], search_width,
-                                      lambda q: self._knn_query_cpu(core, q, k, ef, -1, None, sets, exact))
+        # the GPU takes unfiltered queries and graph search under label filters (shared or per query)
+        if self._gpu is not None and not callable(filter) and (sets is None or not exact.any()):
+            bits = None if sets is None else sets.bits if sets.per_query else sets.bits[0]
+            out = self._gpu.knn_query(
+                core, data, k, ef, bits, search_width,
+                lambda q, rows: self._knn_query_cpu(core, q, k, ef, -1, None, *(
+                    (None, None) if sets is None else (sets.take(rows), exact[rows] if sets.per_query else exact))))
             if out is not None:
                 return self._check_found(core, out, k, ef, pad, filter)
         on_gpu_input = _device.is_gpu_array(data)

@@ -83,16 +83,24 @@ def fake_cuda(monkeypatch):
     def sync(self):
         calls["sync"] += 1
 
-    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, **kw):
+    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, filter_stride=0, **kw):
         calls["search"] += 1
+        calls["filter_stride"] = filter_stride
         assert isinstance(queries, FakeGpuArray) and queries.dtype == np.float32
         state = self.core.export_state()
-        allowed = None
-        if filter_bits is not None:
-            bits = np.unpackbits(np.asarray(filter_bits).view(np.uint8), bitorder="little")
-            allowed = bits[:state["count"]].astype(bool)
-        slots, dists, found = beam_search_reference(state, np.asarray(queries), k, ef,
-                                                    search_width=search_width, allowed=allowed)
+
+        def mask(words):  # uint32 bitset -> bool [count]
+            return np.unpackbits(np.asarray(words).view(np.uint8), bitorder="little")[:state["count"]].astype(bool)
+
+        if filter_stride:  # one bitset row per query: the kernel reads row qi for query qi
+            rows = np.asarray(filter_bits).reshape(len(queries), filter_stride)
+            parts = [beam_search_reference(state, np.asarray(queries)[i:i + 1], k, ef, search_width=search_width,
+                                           allowed=mask(rows[i])) for i in range(len(queries))]
+            slots, dists, found = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        else:
+            slots, dists, found = beam_search_reference(
+                state, np.asarray(queries), k, ef, search_width=search_width,
+                allowed=None if filter_bits is None else mask(filter_bits))
         labels = np.frombuffer(state["labels"], np.uint64)
         out = np.where(slots >= 0, labels[np.maximum(slots, 0)], PAD_LABEL).astype(np.uint64)
         status = np.zeros(len(found), np.int32)
@@ -159,6 +167,21 @@ def test_label_filter_becomes_device_bitset(fake_cuda, pair):
     assert np.isin(got[0], allowed).all()
     want = cpu.knn_query(data[1400:], k=5, ef=40, filter=allowed, filter_mode="graph")
     assert np.mean(got[0] == want[0]) > 0.9
+
+
+def test_per_query_filters_become_device_bitset_rows(fake_cuda, pair):
+    cpu, gpu, data = pair
+    sets = [np.arange(r % 5, 1400, 5 + r % 3) for r in range(len(data) - 1400)]
+    got = gpu.knn_query(data[1400:], k=5, ef=40, filter=sets, filter_mode="graph")
+    assert fake_cuda["filter_stride"] > 0
+    for row, allowed in enumerate(sets):
+        assert np.isin(got[0][row], allowed).all()
+    want = cpu.knn_query(data[1400:], k=5, ef=40, filter=sets, filter_mode="graph")
+    assert np.mean(got[0] == want[0]) > 0.9
+    fake_cuda["status_rows"] = [1, 3]  # rows the kernel gives up on are answered by C with their own sets
+    again = gpu.knn_query(data[1400:], k=5, ef=40, filter=sets, filter_mode="graph")
+    for row in (1, 3):
+        np.testing.assert_array_equal(again[0][row], want[0][row])
 
 
 def test_callable_filter_runs_on_cpu(fake_cuda, pair):
