@@ -24,21 +24,20 @@ EXACT_DISTANCE_COST = 0.6
 class AllowedSets:
     """Allowed labels as bitsets over slots.
 
-    labels : list of ``g`` uint64 arrays, the allowed labels as given
     bits : uint32 ``[g, words]``, ``g = 1`` (one filter for every query) or ``g = nq`` (one per row);
         deleted slots are already cleared
     live : int64 ``[g]``, allowed elements that are not deleted
     per_query : bool
     """
 
-    def __init__(self, labels, bits, live, per_query):
-        self.labels, self.bits, self.live, self.per_query = labels, bits, live, per_query
+    def __init__(self, bits, live, per_query):
+        self.bits, self.live, self.per_query = bits, live, per_query
 
     def take(self, rows):
         """The sets of query rows ``rows`` (int ``[r]``): per-query sets are cut, shared ones kept."""
         if not self.per_query:
             return self
-        return AllowedSets([self.labels[i] for i in rows], self.bits[rows], self.live[rows], True)
+        return AllowedSets(self.bits[rows], self.live[rows], True)
 
     def slots(self, i):
         """Allowed live slots of set ``i`` (uint32 ``[live[i]]``, ascending)."""
@@ -119,7 +118,7 @@ def allowed_sets(core, filter, nq):
     bits = np.empty((len(rows), words), dtype=np.uint32)
     for i, r in enumerate(rows):
         np.bitwise_and(r[:words], ~deleted[:words], out=bits[i])
-    return AllowedSets(sets, bits, _popcount(bits), per_query)
+    return AllowedSets(bits, _popcount(bits), per_query)
 
 
 def prefer_exact(allowed, live, ef, M0):
