@@ -28,12 +28,23 @@ Our format (all little-endian)::
 """
 import math
 import os
+import re
 import struct
 import uuid
 import zlib
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so stale temp files are not cleaned up there
+    fcntl = None
+
+# The engine's limits have one home (gpuhnsw/csrc/gpuhnsw.h).  SPACES: position = space code in our
+# header; NO_LINK: unused link entry in the state; MAX_M: hnswlib's init_index cap (no real file has
+# more); MAX_LEVEL: levels are uint8.
+from ._core import (INVALID_SLOT as NO_LINK, MAX_CAPACITY, MAX_DIM, MAX_EF_CONSTRUCTION, MAX_LEVEL, MAX_M,
+                    SPACES)
 from ._errors import IndexFileError
 
 __all__ = ["read_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC",
@@ -41,10 +52,6 @@ __all__ = ["read_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MA
 
 MAGIC = b"GPUHNSW\0"
 FORMAT_VERSION = 1
-SPACES = ("l2", "ip", "cosine")  # position = space code in our header
-NO_LINK = 0xFFFFFFFF  # unused link entry in the state; also why ids (and capacity) stay below it
-MAX_M = 10000  # hnswlib's init_index caps M here, so no real file has more; bounds allocations
-MAX_LEVEL = 255  # levels are uint8 in the state
 
 # magic, version, space code, allow_replace_deleted, dim, M, ef_construction, random_seed,
 # max_elements, count, entry_point, max_level, insert_seq, ef (-1 = not stored)
@@ -169,27 +176,69 @@ def _normalised(a, M):
     return links0, upper
 
 
+def physical_memory():
+    """Bytes of memory of this machine, or None where unknown: the bound on what an untrusted
+    number (a file's capacity, a request's k) may make us allocate."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_int(state, key, lo, hi, err):
+    v = state[key]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise err(f"{key} must be an int, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise err(f"{key}={v} outside [{lo}, {hi}]")
+
+
 def _check_scalars(state, err):
-    """Range-check the scalar fields of ``state`` (their types and bounds)."""
-    for key in ("dim", "M", "ef_construction", "random_seed", "max_elements", "count",
-                "entry_point", "max_level", "insert_seq"):
-        v = state[key]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise err(f"{key} must be an int, got {type(v).__name__}")
+    """Range-check the scalar fields of ``state`` (their types and bounds): the engine's limits, so
+    whatever passes here also loads, and saves again."""
     if state["space"] not in SPACES:
         raise err(f"space must be one of {SPACES}, got {state['space']!r}")
-    if not 1 <= state["M"] <= MAX_M:
-        raise err(f"M={state['M']} outside [1, {MAX_M}]")
-    if state["dim"] < 1:
-        raise err(f"dim={state['dim']} must be positive")
-    if not 0 <= state["count"] <= state["max_elements"] < NO_LINK:
-        raise err(f"count={state['count']}, max_elements={state['max_elements']}: need "
-                  f"0 <= count <= max_elements < 2**32 - 1")
-    for key in ("ef_construction", "random_seed", "insert_seq"):
-        if not 0 <= state[key] < 2**64:
-            raise err(f"{key}={state[key]} outside the uint64 range")
-    if not -1 <= state["max_level"] <= MAX_LEVEL:
-        raise err(f"max_level={state['max_level']} outside [-1, {MAX_LEVEL}]")
+    for key, lo, hi in (("dim", 1, MAX_DIM), ("M", 2, MAX_M), ("ef_construction", 0, MAX_EF_CONSTRUCTION),
+                        ("random_seed", 0, 2**64 - 1), ("max_elements", 0, MAX_CAPACITY),
+                        ("count", 0, state["max_elements"]), ("entry_point", -1, state["count"] - 1),
+                        ("max_level", -1, MAX_LEVEL), ("insert_seq", 0, 2**64 - 1)):
+        _check_int(state, key, lo, hi, err)
+
+
+def check_state(state):
+    """Check a pickled or ``Index(dict)`` state before anything is built from it: the Index fields
+    (``space``, ``dim``, ``ef``, ``num_threads``, ``cur_l``, ``index_inited``, ``auto_resize``,
+    ``ser_version``) and,
+    for an initialised index, the scalars of the core state.  Raises :class:`IndexFileError` naming
+    the field (array contents are checked by the engine's import)."""
+    if not isinstance(state, dict):
+        raise IndexFileError(f"index state must be a dict, got {type(state).__name__}")
+    defaults = dict(ser_version=1, ef=10, num_threads=1, cur_l=0, index_inited=True)
+    full = {**defaults, **state}
+    missing = [key for key in ("space", "dim") if key not in state]
+    if missing:
+        raise IndexFileError(f"index state lacks {', '.join(missing)}")
+    version = full["ser_version"]
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)) or version != 1:
+        raise IndexFileError(f"ser_version={version!r}: unsupported state version")
+    if full["space"] not in SPACES:
+        raise IndexFileError(f"space must be one of {SPACES}, got {full['space']!r}")
+    for key, lo, hi in (("dim", 1, MAX_DIM), ("ef", 0, 2**63 - 1), ("num_threads", -2**31, 2**31 - 1),
+                        ("cur_l", 0, 2**64 - 1)):
+        _check_int(full, key, lo, hi, IndexFileError)
+    for key in ("index_inited", "auto_resize"):
+        if key in full and not isinstance(full[key], (bool, np.bool_)):
+            raise IndexFileError(f"{key} must be a bool, got {type(full[key]).__name__}")
+    if not full["index_inited"] or "links0" not in state:
+        return
+    missing = [key for key in ("M", "ef_construction", "random_seed", "max_elements", "count", "entry_point",
+                               "max_level", "insert_seq", "allow_replace_deleted") + tuple(k for k, _, _ in _SECTIONS)
+               if key not in state]
+    if missing:
+        raise IndexFileError(f"index state lacks {', '.join(missing)}")
+    if not isinstance(state["allow_replace_deleted"], (bool, np.bool_)):
+        raise IndexFileError("allow_replace_deleted must be a bool")
+    _check_scalars(state, IndexFileError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +261,59 @@ def _read_all(target):
     """The whole content of a path, or of a file object from its current position."""
     if is_file_object(target):
         return bytes(target.read())
+    _remove_stale_temps(target)
     with open(target, "rb") as f:
         return f.read()
+
+
+def _temp_pattern(name):
+    """Temp files of a save of ``name``: ``.{name}.{12 hex}.tmp`` in the same directory."""
+    return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
+
+
+def _remove_stale_temps(path):
+    """Remove temp files that killed saves of ``path`` left behind.  A live save holds an exclusive
+    flock on its temp file, so a temp file whose lock can be taken belongs to no running writer (on
+    any process or thread); best effort, silent on any error."""
+    if fcntl is None:
+        return
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    pattern = _temp_pattern(name)
+    try:
+        entries = [e for e in os.listdir(directory) if pattern.fullmatch(e)]
+    except OSError:
+        return
+    for entry in entries:
+        tmp = os.path.join(directory, entry)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _create_locked_temp(directory, name):
+    """A new temp file for a save of ``name``, flocked so that no cleanup removes it while we write.
+    Returns (path, fd)."""
+    while True:
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        # os.open with 0o666 (not mkstemp's 0o600) so the file gets the usual umask-derived mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        if fcntl is None:
+            return tmp, fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # a cleanup may have taken the lock first and removed the file: then start over
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _atomic_write(path, chunks):
@@ -222,7 +322,8 @@ def _atomic_write(path, chunks):
     The temp file is fsynced before ``os.replace`` and removed on any error, so ``path`` holds either
     its old content or the complete new file. OSErrors (permission, missing directory, full disk)
     propagate.  A file object (``BytesIO``, an fsspec file) is written in place at its position;
-    atomicity is then the caller's (e.g. fsspec's transaction).
+    atomicity is then the caller's (e.g. fsspec's transaction).  Temp files of earlier saves of
+    ``path`` that were killed are removed first.
     """
     if is_file_object(path):
         for chunk in chunks:
@@ -230,16 +331,15 @@ def _atomic_write(path, chunks):
         return
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with 0o666 (not mkstemp's 0o600) so the file gets the usual umask-derived mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    _remove_stale_temps(path)
+    tmp, fd = _create_locked_temp(directory, name)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # before the close releases the lock
     except BaseException:
         try:
             os.unlink(tmp)
@@ -467,9 +567,9 @@ def _read_hnswlib(buf, space, dim):
      maxM, maxM0, M, mult, ef_c) = _HNSW_HEADER.unpack_from(buf)
     if offset_level0 != 0:
         raise IndexFileError(f"not an hnswlib index: offsetLevel0={offset_level0}, expected 0")
-    if not 1 <= M <= MAX_M or maxM != M or maxM0 != 2 * M:
+    if not 2 <= M <= MAX_M or maxM != M or maxM0 != 2 * M:
         raise IndexFileError(f"unsupported hnswlib index: M={M}, maxM={maxM}, maxM0={maxM0} "
-                             f"(need 1 <= M <= {MAX_M}, maxM = M, maxM0 = 2M)")
+                             f"(need 2 <= M <= {MAX_M}, maxM = M, maxM0 = 2M)")
     if M > 1 and not math.isclose(mult, 1.0 / math.log(M), rel_tol=1e-9):
         raise IndexFileError(f"unsupported hnswlib index: mult={mult} is not 1/ln(M)")
     if offset_data != 4 + 4 * maxM0:
@@ -482,8 +582,9 @@ def _read_hnswlib(buf, space, dim):
     if size_per_element != label_offset + 8:
         raise IndexFileError(f"hnswlib header: size_data_per_element={size_per_element}, "
                              f"expected {label_offset + 8}")
-    if not n <= max_elements < NO_LINK:
-        raise IndexFileError(f"hnswlib header: count={n}, max_elements={max_elements}")
+    if not n <= max_elements <= MAX_CAPACITY:
+        raise IndexFileError(f"hnswlib header: count={n}, max_elements={max_elements} (need count <= "
+                             f"max_elements <= {MAX_CAPACITY})")
     # Each element takes its level-0 record and at least a 4-byte linkListSize.
     if n * (size_per_element + 4) > size - _HNSW_HEADER.size:
         raise IndexFileError(f"hnswlib file truncated: {n} elements need at least "
@@ -499,6 +600,7 @@ def _read_hnswlib(buf, space, dim):
     state = dict(space=space, dim=dim, M=M, ef_construction=ef_c, random_seed=_HNSW_RANDOM_SEED,
                  allow_replace_deleted=False, max_elements=max_elements, count=n,
                  entry_point=entry_point, max_level=max_level, insert_seq=n)
+    _check_scalars(state, IndexFileError)
     a = dict(links0=rec["links"], degree0=degree0, labels=rec["label"], levels=levels,
              upper=upper, deleted=deleted)
     _check_graph(a, M=M, entry_point=entry_point, max_level=max_level, err=IndexFileError)
@@ -650,6 +752,9 @@ def _read_bf_own(buf, space, dim):
                              f"'{space}', dim {dim}")
     if n > cap:
         raise IndexFileError(f"count {n} exceeds capacity {cap}")
+    have = physical_memory()
+    if cap > MAX_CAPACITY or (have is not None and cap * dim * 4 > have):
+        raise IndexFileError(f"capacity {cap} is beyond {MAX_CAPACITY} or this machine's memory")
     pos = hs + _CRC.size
     out = {}
     for name, dtype, width in (("vectors", "<f4", dim), ("labels", "<u8", 1)):

@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 
+from ._core import SPACES
 from ._errors import DeviceError, InputShapeError
 
-SPACES = ("l2", "ip", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 

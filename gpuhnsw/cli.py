@@ -106,15 +106,25 @@ def _float_rows(path, *, limit=None, dim=None):
     return x
 
 
+def _check_output(path):
+    """An output path must name a file in an existing directory: checked before any work."""
+    if path is None:
+        return
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{path}: directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"{path}: is a directory, not a file name")
+
+
 def _write_npy(path, arr):
     """np.save through a temporary file and rename; any name but ``*.npy`` is refused (NumPy's
     bytes in a ``.csv`` or ``.txt`` would mislead whoever opens it)."""
     path = os.fspath(path)
     if not path.lower().endswith(".npy"):
         raise CLIError(f"{path}: this output is written as .npy; name it *.npy")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CLIError(f"{path}: directory {folder} does not exist")
+    _check_output(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -200,6 +210,7 @@ def _log(msg):
 def cmd_build(args):
     from .index import Index
 
+    _check_output(args.output)
     data = _float_rows(args.data, limit=args.limit)
     n, dim = data.shape
     index = Index(args.space, dim, device=args.device)
@@ -218,6 +229,8 @@ def cmd_build(args):
 
 
 def cmd_query(args):
+    _check_output(args.labels)
+    _check_output(args.distances)
     index, h, space = _open_index(args.index, args.space, args.device)
     queries = _float_rows(args.queries, limit=args.limit, dim=h["dim"])
     kw = {}
@@ -252,6 +265,8 @@ def cmd_query(args):
 def cmd_knn_graph(args):
     from .knn_graph import knn_graph
 
+    _check_output(args.output)
+    _check_output(args.distances)
     data = _float_rows(args.data, limit=args.limit)
     n = data.shape[0]
     if not 1 <= args.k <= n - 1:
@@ -269,9 +284,6 @@ def cmd_knn_graph(args):
         progress=args.progress, random_seed=args.seed)
     took = time.perf_counter() - t0
     if csr:
-        folder = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(folder):
-            raise CLIError(f"{out}: directory {folder} does not exist")
         tmp = f"{out}.{os.getpid()}.tmp.npz"
         try:
             # scipy.sparse.save_npz's layout, so scipy.sparse.load_npz reads it
@@ -450,6 +462,16 @@ def cmd_info(args):
 # argument parsing
 # --------------------------------------------------------------------------------------------------
 
+def _seed(text):
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}")
+    return v
+
+
 def _positive(text):
     try:
         v = int(text)
@@ -475,7 +497,7 @@ def _build_parser():
         p.add_argument("--M", type=_positive, default=16, help="links per node (default: 16)")
         p.add_argument("--ef-construction", type=_positive, default=200,
                        help="build beam width (default: 200)")
-        p.add_argument("--seed", type=int, default=100, help="level seed (default: 100)")
+        p.add_argument("--seed", type=_seed, default=100, help="level seed, 0..2**64-1 (default: 100)")
 
     def limit(p):
         p.add_argument("--limit", type=_positive, help="use only the first N vectors")
@@ -564,6 +586,8 @@ def main(argv=None):
         msg = f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
     except PermissionError as exc:
         msg = f"{exc.filename}: permission denied"
+    except OSError as exc:      # a directory as the output path, a full disk, ...
+        msg = f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
     except ValueError as exc:   # invalid data or parameters found by the library
         msg = str(exc)
     except KeyboardInterrupt:

@@ -34,18 +34,11 @@ PROGRESS_MIN_ROWS = 100_000   # add_items shows a progress bar by default from t
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array"
 
 
-def _physical_memory():
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _check_memory(capacity, dim, M, error):
     """Refuse a capacity whose arrays cannot fit in this machine's memory, before allocating: a
     corrupted file's capacity field must give a clear error, not an out-of-memory kill."""
     per_slot = ((dim + 3) // 4) * 16 + 8 * M + 48  # vectors, links0, degree, label, level, map
-    need, have = capacity * per_slot, _physical_memory()
+    need, have = capacity * per_slot, _io.physical_memory()
     if have is not None and need > have:
         raise error(f"an index of {capacity} elements needs about {need / 2**30:.1f} GiB, "
                     f"more than this machine's {have / 2**30:.1f} GiB of memory")
@@ -80,6 +73,7 @@ class Index:
         if len(args) == 1 and not kwargs and isinstance(args[0], (Index, dict)):
             src = args[0]
             state = src.__getstate__()[0] if isinstance(src, Index) else src
+            _io.check_state(state)
             self._space, self._dim = check_space(state["space"]), check_dim(state["dim"])
             self._restore(state)
             return
@@ -114,8 +108,8 @@ class Index:
         random_seed = as_int(random_seed, "random_seed", minimum=0)
         if M < 2:
             raise ValueError(f"M must be at least 2, got {M}")
-        if M > 10000:
-            raise ValueError(f"M must be at most 10000, got {M}")
+        if M > _core.MAX_M:
+            raise ValueError(f"M must be at most {_core.MAX_M}, got {M}")
         _check_memory(max_elements, self._dim, M, MemoryError)
         self._core = _core.Core(self._space, self._dim, max_elements, M, max(ef_construction, M),
                                 random_seed & (2**64 - 1), bool(allow_replace_deleted))
@@ -281,6 +275,11 @@ class Index:
         if filter_mode not in FILTER_MODES:
             raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}, got {filter_mode!r}")
         data = plain_array(data)
+        nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
+        need, have = nq * k * 12, _io.physical_memory()  # labels + distances, before allocating them
+        if have is not None and need > have:
+            raise MemoryError(f"k={k} for {nq} queries needs {need / 2**30:.1f} GiB of results, more than "
+                              f"this machine's {have / 2**30:.1f} GiB of memory")
         while True:
             # Label filters become slot bitsets before the search; if a replace_deleted moved a slot
             # to another label meanwhile, the bitsets may name it by its old label: redo, so that no
@@ -562,15 +561,19 @@ class Index:
     def load_index(self, path_to_index: IndexFile, max_elements: int = 0,
                    allow_replace_deleted: bool = False) -> None:
         """Load a file written by ``save_index`` in either format (or by hnswlib), detected from its
-        first bytes; ``path_to_index`` is a path or a binary file object (read to its end).
-        Capacity is ``max(max_elements, saved capacity)``.  A bad file raises
+        first bytes; ``path_to_index`` is a path or a binary file object (read to its end).  Capacity is
+        ``max(max_elements, saved capacity)`` (an hnswlib file: as hnswlib, ``max_elements`` unless it
+        is below the element count, then the saved capacity).  A bad file raises
         :class:`IndexFileError` and leaves this index as it was."""
         max_elements = as_int(max_elements, "max_elements", minimum=0)
         try:
-            state, ef, _fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+            state, ef, fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
-        state["max_elements"] = max(max_elements, state["max_elements"])
+        if fmt == "hnswlib":  # hnswlib's rule: the argument, unless it cannot hold the elements
+            state["max_elements"] = max_elements if max_elements >= state["count"] else state["max_elements"]
+        else:
+            state["max_elements"] = max(max_elements, state["max_elements"])
         state["allow_replace_deleted"] = bool(allow_replace_deleted)
         _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
         try:
@@ -598,18 +601,23 @@ class Index:
         return (state,)
 
     def __setstate__(self, state):
-        state = state[0] if isinstance(state, tuple) else state
+        state = state[0] if isinstance(state, tuple) and len(state) == 1 else state
+        _io.check_state(state)
         self.__init__(state["space"], state["dim"], device="auto")
         self._restore(state)
 
     def _restore(self, state):
-        if state.get("ser_version", 1) != 1:
-            raise ValueError(f"unsupported state version {state.get('ser_version')}")
+        """Build from a state checked by ``_io.check_state``; any inconsistency the engine finds is
+        an IndexFileError too, as for files."""
         self._ef = int(state.get("ef", 10))
-        self._num_threads = int(state.get("num_threads", self._num_threads))
+        self._num_threads = num_threads_rule(state.get("num_threads", self._num_threads))
         self._auto_resize = bool(state.get("auto_resize", False))
         if state.get("index_inited", True) and "links0" in state:
-            self._core = _core.Core.from_state(state)
+            _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
+            try:
+                self._core = _core.Core.from_state(state)
+            except ValueError as exc:
+                raise IndexFileError(f"index state: {exc}") from None
             self._cur_l = int(state.get("cur_l", self._core.count))
 
     def __repr__(self):

@@ -285,3 +285,32 @@ def test_footguns(sift_index, tmp_path, capsys):
     for argv in (("query", path, SIFT / "queries.npy"), ("bench", SIFT / "base.npy", "--limit", 500, "--index", path)):
         status, _, err = run(capsys, *argv)
         assert status == 2 and "does not store its space: pass --space" in err, err
+
+
+def test_cli_directory_output_negative_seed_and_negative_npy_shape_exit_2_without_traceback(tmp_path, make_data):
+    """An output path that is a directory, --seed -1 and an .npy header with a negative shape
+    printed tracebacks (exit 1); now one line and exit status 2, as for the other bad inputs, and
+    the directory is refused before any work."""
+    np.save(tmp_path / "ok.npy", make_data(50, 4))
+    blob = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "neg.npy").write_bytes(blob.replace(b"'shape': (50, 4)", b"'shape': (-5, 4)"))
+    (tmp_path / "dir").mkdir()
+    assert cli.main(["build", str(tmp_path / "ok.npy"), "-o", str(tmp_path / "ok.idx")]) == 0
+    cases = [
+        ("build", "ok.npy", "-o", "dir"),
+        ("build", "ok.npy", "-o", "x.idx", "--seed", "-1"),
+        ("build", "ok.npy", "-o", "x.idx", "--seed", str(2**64)),
+        ("build", "neg.npy", "-o", "x.idx"),
+        ("query", "ok.idx", "neg.npy", "--labels", "l.npy"),
+        ("query", "ok.idx", "ok.npy", "--labels", "dir"),
+        ("knn-graph", "ok.npy", "-k", "3", "-o", "dir"),
+        ("knn-graph", "neg.npy", "-k", "3", "-o", "g.npy"),
+    ]
+    for argv in cases:  # a separate process: argparse errors exit through SystemExit
+        proc = subprocess.run([sys.executable, "-m", "gpuhnsw", *argv], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr and "error" in proc.stderr.strip().splitlines()[-1], argv
+        assert sum("error" in line for line in proc.stderr.splitlines()) == 1, (argv, proc.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["dir", "neg.npy", "ok.idx", "ok.npy"]
+    assert os.listdir(tmp_path / "dir") == []

@@ -405,9 +405,9 @@ def test_targeted_hnswlib_corruptions(small_files, tmp_path):
         "mult": _patched_hnswlib(data, mult=0.5),
         "offsetLevel0": _patched_hnswlib(data, offset_level0=4),
         "max_elements=": _patched_hnswlib(data, max_elements=n - 1),
-        "truncated": _patched_hnswlib(data, count=2**31, max_elements=2**31),
+        "truncated": _patched_hnswlib(data, count=2**31 - 1, max_elements=2**31 - 1),
         "count=": _patched_hnswlib(data, count=2**60),
-        "entry point": _patched_hnswlib(data, entry_point=n),
+        "entry.point": _patched_hnswlib(data, entry_point=n),
         "max level": _patched_hnswlib(data, max_level=0),
     }
     tail = 96 + n * size
@@ -495,7 +495,7 @@ def test_invalid_state_is_rejected_before_writing(tmp_path):
     bad_cases = {
         "vectors": dict(good, vectors=good["vectors"][:-4]),
         "space": dict(good, space="hamming"),
-        "entry point": dict(good, entry_point=20),
+        "entry.point": dict(good, entry_point=20),
         "exceeds M0": dict(good, degree0=np.full(20, 7, np.uint32).tobytes()),
     }
     for match, state in bad_cases.items():

@@ -443,31 +443,42 @@ static int state_buffer(PyObject *d, const char *key, Py_buffer *b) {
     return PyObject_GetBuffer(o, b, PyBUF_SIMPLE);
 }
 
-static int state_int(PyObject *d, const char *key, long long *out) {
+/* An integer field of the state in [lo, hi] (lo >= -1; -1 comes back as ULLONG_MAX); anything
+ * else is a ValueError naming the field. */
+static int state_int(PyObject *d, const char *key, long long lo, unsigned long long hi, unsigned long long *out) {
     PyObject *o = PyDict_GetItemString(d, key);
     if (!o) { PyErr_Format(PyExc_ValueError, "state: missing '%s'", key); return -1; }
-    *out = PyLong_AsLongLong(o);
-    if (*out == -1 && PyErr_Occurred()) return -1;
-    return 0;
+    int overflow = 0, ok = PyLong_Check(o);
+    long long v = ok ? PyLong_AsLongLongAndOverflow(o, &overflow) : 0;
+    if (ok && !PyErr_Occurred()) {
+        if (overflow > 0) {
+            *out = PyLong_AsUnsignedLongLong(o);
+            ok = !PyErr_Occurred() && *out <= hi;
+        } else {
+            *out = (unsigned long long)v;
+            ok = !overflow && v >= lo && (v < 0 || (unsigned long long)v <= hi);
+        }
+    }
+    if (ok) return 0;
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "state: '%s' must be an integer in [%lld, %llu]", key, lo, hi);
+    return -1;
 }
 
 /* Core.from_state(dict): a new Core filled from the state layout, everything validated. */
 static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
     if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "state must be a dict"); return NULL; }
-    long long dim, M, efc, seed, cap, count, ep, maxl, seq, allow;
+    unsigned long long dim, M, efc, seed, cap, count, ep, maxl, seq, allow;
     PyObject *space = PyDict_GetItemString(d, "space");
     if (!space || !PyUnicode_Check(space)) { PyErr_SetString(PyExc_ValueError, "state: bad 'space'"); return NULL; }
-    if (state_int(d, "dim", &dim) || state_int(d, "M", &M) || state_int(d, "ef_construction", &efc) ||
-        state_int(d, "random_seed", &seed) || state_int(d, "max_elements", &cap) || state_int(d, "count", &count) ||
-        state_int(d, "entry_point", &ep) || state_int(d, "max_level", &maxl) || state_int(d, "insert_seq", &seq) ||
-        state_int(d, "allow_replace_deleted", &allow))
+    if (state_int(d, "dim", 1, GHNSW_MAX_DIM, &dim) || state_int(d, "M", 2, GHNSW_MAX_M, &M) ||
+        state_int(d, "ef_construction", 0, GHNSW_MAX_EF_CONSTRUCTION, &efc) ||
+        state_int(d, "random_seed", 0, UINT64_MAX, &seed) || state_int(d, "max_elements", 0, GHNSW_MAX_CAPACITY, &cap) ||
+        state_int(d, "count", 0, cap, &count) || state_int(d, "entry_point", -1, count, &ep) ||
+        state_int(d, "max_level", -1, GHNSW_MAX_LEVEL, &maxl) || state_int(d, "insert_seq", 0, UINT64_MAX, &seq) ||
+        state_int(d, "allow_replace_deleted", 0, 1, &allow))
         return NULL;
-    if (dim <= 0 || dim > (1 << 24) || M < 2 || M > 10000 || efc < 0 || efc > (1 << 24) || cap < 0 ||
-        cap > GHNSW_MAX_CAPACITY || count < 0 || count > cap || maxl < -1 || maxl > GHNSW_MAX_LEVEL) {
-        PyErr_SetString(PyExc_ValueError, "state: parameter out of range");
-        return NULL;
-    }
-    PyObject *args = Py_BuildValue("(OLLLLL)", space, dim, cap, M, efc, seed);
+    PyObject *args = Py_BuildValue("(OKKKKK)", space, dim, cap, M, efc, seed);
     PyObject *kw = Py_BuildValue("{s:O}", "allow_replace_deleted", allow ? Py_True : Py_False);
     CoreObject *self = args && kw ? (CoreObject *)PyObject_Call(cls, args, kw) : NULL;
     Py_XDECREF(args); Py_XDECREF(kw);
@@ -479,7 +490,7 @@ static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
     ghnsw_status_t st = GHNSW_OK;
     ghnsw_err_t err = {{0}};
     if (got == 7) {
-        ghnsw_state_t in = {(uint32_t)count, ep, (int)maxl, (uint64_t)seq,
+        ghnsw_state_t in = {(uint32_t)count, (int64_t)ep, (int)(long long)maxl, (uint64_t)seq,
                             b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[5].buf, b[4].buf, b[6].buf,
                             (size_t)b[0].len, (size_t)b[1].len, (size_t)b[2].len, (size_t)b[3].len,
                             (size_t)b[4].len, (size_t)b[5].len, (size_t)b[6].len};
@@ -645,5 +656,13 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) { Py_DECREF(&CoreType); Py_DECREF(m); return NULL; }
     PyModule_AddStringConstant(m, "simd", ghnsw_simd_name());
     PyModule_AddIntConstant(m, "default_threads", ghnsw_default_threads());
+    /* the one home of each limit; gpuhnsw._io and gpuhnsw.index read them from here */
+    PyModule_AddIntConstant(m, "MAX_CAPACITY", GHNSW_MAX_CAPACITY);
+    PyModule_AddIntConstant(m, "MAX_M", GHNSW_MAX_M);
+    PyModule_AddIntConstant(m, "MAX_DIM", GHNSW_MAX_DIM);
+    PyModule_AddIntConstant(m, "MAX_EF_CONSTRUCTION", GHNSW_MAX_EF_CONSTRUCTION);
+    PyModule_AddIntConstant(m, "MAX_LEVEL", GHNSW_MAX_LEVEL);
+    PyModule_AddObject(m, "INVALID_SLOT", PyLong_FromUnsignedLong(GHNSW_INVALID));
+    PyModule_AddObject(m, "SPACES", Py_BuildValue("(sss)", SPACES[0], SPACES[1], SPACES[2]));
     return m;
 }

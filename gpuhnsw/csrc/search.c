@@ -250,7 +250,9 @@ static int query_one(void *vctx, size_t qi, int worker) {
     float *dst = c->out_dists + qi * c->k;
     uint32_t found = 0;
     if (c->ep != GHNSW_INVALID && c->k > 0) {
-        uint32_t ef = c->ef > c->k ? c->ef : c->k;
+        /* a beam wider than the index holds nothing more: bound what a request can allocate */
+        uint32_t ef = c->ef > c->k ? c->ef : c->k, count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
+        if (ef > count) ef = count;
         /* one heap block: the beam [ef], then the padded query [dim_pad] (dims can be too large for
          * a worker thread's stack) */
         ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef + sizeof(float) * ix->dim_pad);
