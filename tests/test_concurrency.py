@@ -4,6 +4,7 @@ Regression tests are named after the bug they pin.  Every loop is bounded by a c
 clock; scenarios that used to hang run in a child process with a generous timeout, so a hang fails
 the test instead of the CI run.
 """
+import os
 import subprocess
 import sys
 import textwrap
@@ -213,3 +214,135 @@ def test_filter_callback_result_is_not_relabelled_by_a_replace_during_the_query(
     started[0].join()
     assert found[0, 0] % 2 == 0, f"the filter excludes {found[0, 0]}"
     assert index.get_ids_list().count(51) == 1 and 0 not in index
+
+
+# ---------------------------------------------------------------------------------------------
+# the torture: every kind of call at once on one index
+# ---------------------------------------------------------------------------------------------
+
+TORTURE_SCALE = float(os.environ.get("GHNSW_TORTURE_SCALE", "1"))  # the sanitizer run uses less
+
+
+def test_torture_every_public_call_at_once(datasets, tmp_path):
+    """Twelve threads on one index: queries without a filter, with a label array and with a callable,
+    inserts, updates, deletes, replace_deleted, resizes, saves in both formats and pickles.  Bounded
+    by operation counts (never a clock).  Afterwards: integrity, the exact label set, recall against
+    exact search; every filtered result was checked against its filter as it came."""
+    import pickle
+
+    from gpuhnsw.testing import exact_knn, recall_at_k
+
+    base, queries, _, _ = datasets("siftsmall", n_queries=50)
+    n0, rounds = 3000, max(4, int(400 * TORTURE_SCALE))
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(n0, M=12, ef_construction=80, random_seed=3, allow_replace_deleted=True)
+    index.add_items(base[:n0], np.arange(n0))
+    index.set_ef(64)
+    lock = threading.Lock()
+    vectors = {label: label for label in range(n0)}  # live label -> row of base
+    updatable = set(range(0, n0, 7))                 # never deleted: the updater's labels
+    deletable = [label for label in range(n0) if label not in updatable]
+    spare = iter(range(n0, base.shape[0]))           # rows for new labels
+    next_label = [10**6]
+    checked = dict(labels=0, callable=0)
+
+    def new_rows(count):
+        with lock:
+            rows = [next(spare) for _ in range(count)]
+            labels = list(range(next_label[0], next_label[0] + count))
+            next_label[0] += count
+        return rows, labels
+
+    def add(rows, labels, **kw):
+        while True:  # a full index rejects the whole batch: grow it and try again
+            try:
+                index.add_items(base[rows], labels, **kw)
+                break
+            except RuntimeError as exc:
+                if "exceeds the specified limit" not in str(exc):
+                    raise
+                index.resize_index(index.get_max_elements() + 256)
+        with lock:
+            vectors.update(zip(labels, rows))
+
+    def insert():
+        for _ in range(rounds):
+            rows, labels = new_rows(8)
+            add(rows, labels)
+            with lock:
+                deletable.extend(labels)
+
+    def replace():
+        for _ in range(rounds):
+            rows, labels = new_rows(4)
+            add(rows, labels, replace_deleted=True)
+            with lock:
+                deletable.extend(labels)
+
+    def delete():
+        rng = np.random.default_rng(1)
+        for _ in range(rounds * 6):
+            with lock:
+                label = deletable.pop(int(rng.integers(len(deletable))))
+                del vectors[label]
+            index.mark_deleted(label)
+
+    def update():
+        rng = np.random.default_rng(2)
+        keys = sorted(updatable)
+        for _ in range(rounds * 2):
+            labels = rng.choice(keys, 8, replace=False)
+            rows = rng.integers(0, n0, 8)
+            index.add_items(base[rows], labels)
+            with lock:
+                vectors.update(zip(labels.tolist(), rows.tolist()))
+
+    def resize():
+        for _ in range(rounds):
+            index.resize_index(index.get_max_elements() + 64)
+
+    def save():
+        for i in range(max(2, rounds // 8)):
+            fmt = ("gpuhnsw", "hnswlib")[i % 2]
+            path = tmp_path / f"torture.{fmt}"
+            index.save_index(path, format=fmt)
+            loaded = gpuhnsw.Index("l2", base.shape[1])
+            loaded.load_index(path)
+            loaded.check_integrity()
+            pickle.loads(pickle.dumps(index)).check_integrity()
+
+    def query_plain():
+        for _ in range(rounds * 2):
+            labels, _ = index.knn_query(queries[:20], k=10, pad=True)
+            assert labels.shape == (20, 10)
+
+    even = np.arange(0, 2 * 10**6 + 10**5, 2)
+
+    def query_labels():
+        for _ in range(rounds * 2):
+            labels, _ = index.knn_query(queries[:10], k=10, filter=even, pad=True, filter_mode="graph")
+            got = labels[labels != np.uint64(2**64 - 1)]
+            assert (got % 2 == 0).all(), f"label filter broken: {got[got % 2 == 1]}"
+            checked["labels"] += got.size
+
+    def query_callable():
+        for _ in range(rounds):
+            labels, _ = index.knn_query(queries[:5], k=10, filter=lambda label: label % 3 != 0, pad=True)
+            got = labels[labels != np.uint64(2**64 - 1)]
+            assert (got % 3 != 0).all(), f"callable filter broken: {got[got % 3 == 0]}"
+            checked["callable"] += got.size
+
+    run_threads(insert, replace, delete, update, resize, save, query_plain, query_plain, query_labels,
+                query_labels, query_callable, query_callable)
+
+    report = index.check_integrity()
+    labels = np.array(sorted(vectors), dtype=np.uint64)
+    assert report["n_live"] == labels.size
+    assert sorted(label for label in index.get_ids_list() if label in index) == labels.tolist()
+    rows = np.array([vectors[label] for label in labels.tolist()])
+    truth, _ = exact_knn(base[rows], queries, 10)
+    found, _ = index.knn_query(queries, k=10, ef=128)
+    recall = recall_at_k(found, labels[truth], 10)
+    print(f"torture: rounds={rounds}, live={labels.size}, capacity={index.get_max_elements()}, "
+          f"filtered results checked {checked}, recall@10={recall:.3f}")
+    assert recall >= 0.9 and checked["labels"] > 0 and checked["callable"] > 0
