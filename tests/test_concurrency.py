@@ -233,7 +233,7 @@ def test_torture_every_public_call_at_once(datasets, tmp_path):
     from gpuhnsw.testing import exact_knn, recall_at_k
 
     base, queries, _, _ = datasets("siftsmall", n_queries=50)
-    n0, rounds = 3000, max(4, int(400 * TORTURE_SCALE))
+    n0, rounds = 3000, max(4, int(300 * TORTURE_SCALE))
     index = gpuhnsw.Index("l2", base.shape[1])
     index.init_index(n0, M=12, ef_construction=80, random_seed=3, allow_replace_deleted=True)
     index.add_items(base[:n0], np.arange(n0))
@@ -253,6 +253,12 @@ def test_torture_every_public_call_at_once(datasets, tmp_path):
             next_label[0] += count
         return rows, labels
 
+    resizing = threading.Lock()  # grow only: capacity read and resize as one step
+
+    def grow(step):
+        with resizing:
+            index.resize_index(index.get_max_elements() + step)
+
     def add(rows, labels, **kw):
         while True:  # a full index rejects the whole batch: grow it and try again
             try:
@@ -261,7 +267,7 @@ def test_torture_every_public_call_at_once(datasets, tmp_path):
             except RuntimeError as exc:
                 if "exceeds the specified limit" not in str(exc):
                     raise
-                index.resize_index(index.get_max_elements() + 256)
+                grow(256)
         with lock:
             vectors.update(zip(labels, rows))
 
@@ -299,7 +305,7 @@ def test_torture_every_public_call_at_once(datasets, tmp_path):
 
     def resize():
         for _ in range(rounds):
-            index.resize_index(index.get_max_elements() + 64)
+            grow(64)
 
     def save():
         for i in range(max(2, rounds // 8)):
