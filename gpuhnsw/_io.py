@@ -200,9 +200,10 @@ def _check_scalars(state, err):
         raise err(f"space must be one of {SPACES}, got {state['space']!r}")
     for key, lo, hi in (("dim", 1, MAX_DIM), ("M", 2, MAX_M), ("ef_construction", 0, MAX_EF_CONSTRUCTION),
                         ("random_seed", 0, 2**64 - 1), ("max_elements", 0, MAX_CAPACITY),
-                        ("count", 0, state["max_elements"]), ("entry_point", -1, state["count"] - 1),
                         ("max_level", -1, MAX_LEVEL), ("insert_seq", 0, 2**64 - 1)):
         _check_int(state, key, lo, hi, err)
+    _check_int(state, "count", 0, state["max_elements"], err)
+    _check_int(state, "entry_point", -1, state["count"] - 1, err)
 
 
 def check_state(state):
