@@ -278,10 +278,10 @@ def cmd_knn_graph(args):
     if csr and args.distances:
         raise CLIError("--distances goes with a .npy output; a .npz output holds both")
     t0 = time.perf_counter()
-    neighbors, distances = knn_graph(
+    neighbors, distances, info = knn_graph(
         data, args.k, space=args.space, method=args.method, device=args.device, M=args.M,
         ef_construction=args.ef_construction, ef=args.ef, num_threads=args.threads,
-        progress=args.progress, random_seed=args.seed)
+        progress=args.progress, random_seed=args.seed, return_info=True)
     took = time.perf_counter() - t0
     if csr:
         tmp = f"{out}.{os.getpid()}.tmp.npz"
@@ -299,7 +299,8 @@ def cmd_knn_graph(args):
         _write_npy(out, neighbors)
         if args.distances:
             _write_npy(args.distances, distances)
-    _log(f"k-NN graph (method {args.method}) of {n} x {data.shape[1]} ({args.space}), k={args.k}, "
+    method = info["method"] + (" (chosen by --method auto)" if args.method == "auto" else "")
+    _log(f"k-NN graph (method {method}, {info['device']}) of {n} x {data.shape[1]} ({args.space}), k={args.k}, "
          f"in {took:.2f} s; wrote {out}" + (f" and {args.distances}" if args.distances else ""))
     return 0
 

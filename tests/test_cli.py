@@ -265,6 +265,8 @@ def test_footguns(sift_index, tmp_path, capsys):
     """Outputs named by their format, results printed without an output file, no silent l2."""
     status, _, err = run(capsys, "knn-graph", SIFT / "base.npy", "--limit", 500, "-k", 5, "-o", tmp_path / "g.csv")
     assert status == 2 and ".npz" in err and not (tmp_path / "g.csv").exists()
+    status, _, err = run(capsys, "knn-graph", SIFT / "base.npy", "--limit", 500, "-k", 5, "-o", tmp_path / "g.npy")
+    assert status == 0 and "(chosen by --method auto)" in err and "method auto " not in err, err
     status, _, err = run(capsys, "query", sift_index, SIFT / "queries.npy", "--labels", tmp_path / "L.txt")
     assert status == 2 and "*.npy" in err and not (tmp_path / "L.txt").exists()
 
