@@ -5,6 +5,7 @@ Markers ``gpu`` and ``slow`` are declared in pyproject.toml (``--strict-markers`
 """
 import functools
 import importlib.metadata
+import os
 
 import numpy as np
 import pytest
@@ -48,19 +49,41 @@ def make_data():
     return clustered
 
 
+def _unavailable(reason):
+    """Skip a test whose prerequisite (shared data, hnswlib) is missing; in CI (``CI`` set) fail
+    instead, since there a skip would silently drop the tests that matter."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must have it", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def datasets():
+def dataset_folder():
+    """``dataset_folder(name)`` -> the dataset's folder (``GHNSW_DATA`` or ../shared/data).
+
+    Skips the calling test when the folder holds no ``base.npy`` (fails in CI).
+    """
+
+    def folder(name):
+        path = testing.data_dir() / name
+        if not (path / "base.npy").exists():
+            _unavailable(f"dataset {name!r} not found under {testing.data_dir()} (set GHNSW_DATA)")
+        return path
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def datasets(dataset_folder):
     """``datasets(name, n_base=None, n_queries=None)`` -> ``testing.load_dataset(...)``, cached.
 
-    Skips the calling test when the dataset folder is not there (``GHNSW_DATA`` or ../shared/data).
+    Skips the calling test when the dataset is missing (fails in CI, see ``dataset_folder``).
     Returned arrays are shared between tests: do not modify them in place.
     """
 
     @functools.lru_cache(maxsize=None)
     def load(name, n_base=None, n_queries=None):
-        folder = testing.data_dir() / name
-        if not (folder / "base.npy").exists():
-            pytest.skip(f"dataset {name!r} not found under {testing.data_dir()}")
+        dataset_folder(name)
         arrays = testing.load_dataset(name, n_base=n_base, n_queries=n_queries)
         for a in arrays:
             if a is not None:
@@ -72,11 +95,14 @@ def datasets():
 
 @pytest.fixture(scope="session")
 def hnswlib():
-    """The reference implementation, hnswlib 0.8.0 (skips when it is not installed)."""
-    module = pytest.importorskip("hnswlib")
+    """The reference implementation, hnswlib 0.8.0 (skips when it is not installed; fails in CI)."""
+    try:
+        import hnswlib as module
+    except ImportError:
+        _unavailable("hnswlib is not installed (the test extra pulls 0.8.0)")
     version = importlib.metadata.version("hnswlib")
     if version != "0.8.0":
-        pytest.skip(f"the compatibility tests describe hnswlib 0.8.0, found {version}")
+        _unavailable(f"the compatibility tests describe hnswlib 0.8.0, found {version}")
     return module
 
 

@@ -13,7 +13,7 @@ from gpuhnsw import cli, testing
 from gpuhnsw.knn_graph import knn_graph
 
 SIFT = testing.data_dir() / "siftsmall"
-needs_sift = pytest.mark.skipif(not (SIFT / "base.npy").exists(), reason="siftsmall not found")
+needs_sift = pytest.mark.usefixtures("siftsmall_folder")
 
 
 def run(capsys, *argv):
@@ -34,10 +34,14 @@ def write_vecs(path, arr):
 
 
 @pytest.fixture(scope="module")
-def sift_index(tmp_path_factory):
+def siftsmall_folder(dataset_folder):
+    """The siftsmall folder; skips (fails in CI) without it."""
+    return dataset_folder("siftsmall")
+
+
+@pytest.fixture(scope="module")
+def sift_index(tmp_path_factory, siftsmall_folder):
     """siftsmall built once through the CLI (gpuhnsw format)."""
-    if not (SIFT / "base.npy").exists():
-        pytest.skip("siftsmall not found")
     path = tmp_path_factory.mktemp("cli") / "sift.idx"
     assert cli.main(["build", str(SIFT / "base.npy"), "-o", str(path), "--M", "12",
                      "--ef-construction", "100"]) == 0

@@ -93,10 +93,9 @@ CASES = {  # name: (space, rows, M, capacity, deleted fraction)
 
 
 @pytest.fixture(scope="module")
-def sift():
+def sift(dataset_folder):
     """siftsmall (base float32 [10000, 128], queries float32 [100, 128])."""
-    if not (testing.data_dir() / "siftsmall" / "base.npy").exists():
-        pytest.skip(f"siftsmall not found under {testing.data_dir()} (set GHNSW_DATA)")
+    dataset_folder("siftsmall")
     return testing.load_dataset("siftsmall")[:2]
 
 
