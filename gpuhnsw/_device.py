@@ -163,7 +163,7 @@ class DeviceMirror:
 
     def sync(self):
         """Bring the device arrays up to date with the core. Returns this call's :class:`SyncStats`."""
-        cp = _kernels._cupy()
+        cp = _kernels.import_cupy()
         t0 = time.perf_counter()
         st = SyncStats(syncs=1)
         with cp.cuda.Device(self.device):
@@ -201,7 +201,7 @@ class DeviceMirror:
         """Allocate (first sync) or double the device arrays until they hold `needed` slots."""
         if needed <= self.capacity:
             return 0
-        cp = _kernels._cupy()
+        cp = _kernels.import_cupy()
         new = max(needed, 2 * self.capacity, 1024)
         dtype = np.float32 if self.storage == "float32" else np.float16
         old = (self.vectors, self.links0, self.degree0, self.labels, self.upper_start, self.deleted)
@@ -308,7 +308,7 @@ class DeviceMirror:
             configuration), row 1 ``status``, kStatus* bits (filtered mode: where a fixed size bit;
             re-run on CPU). One array, so the caller reads both back in one transfer.
         """
-        cp = _kernels._cupy()
+        cp = _kernels.import_cupy()
         with cp.cuda.Device(self.device):
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
             nq, k, ef = q.shape[0], int(k), int(ef)
@@ -354,7 +354,7 @@ class DeviceMirror:
         -------
         cupy float32 [nq, c]: l2 squared, ip 1 - dot, cosine 1 - cos
         """
-        cp = _kernels._cupy()
+        cp = _kernels.import_cupy()
         with cp.cuda.Device(self.device):
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
             ids = cp.ascontiguousarray(cp.asarray(slots, dtype=cp.uint32))
@@ -379,7 +379,7 @@ class DeviceMirror:
 
     def check_against_core(self):
         """Compare the mirror with the core's exported state (O(N), for tests). Returns problems."""
-        cp = _kernels._cupy()
+        cp = _kernels.import_cupy()
         state = self.core.export_state()
         n, problems = int(state["count"]), []
         with cp.cuda.Device(self.device):
@@ -491,18 +491,18 @@ def to_host(x):
     """A host (NumPy-convertible) view of x; GPU arrays are copied to the host."""
     if not is_gpu_array(x):
         return x
-    cp = _kernels._cupy()
+    cp = _kernels.import_cupy()
     return cp.asnumpy(_as_cupy(cp, x))
 
 
 def to_device(x):
     """``x`` (NumPy) copied to the current GPU as a CuPy array."""
-    return _kernels._cupy().asarray(x)
+    return _kernels.import_cupy().asarray(x)
 
 
 def device_matrix(data, dim):
     """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device."""
-    cp = _kernels._cupy()
+    cp = _kernels.import_cupy()
     arr = _as_cupy(cp, data)
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
@@ -529,7 +529,7 @@ class DeviceIndex:
 
     @contextlib.contextmanager
     def _guard(self):
-        cp = _kernels._cupy()
+        cp = _kernels.import_cupy()
         oom = cp.cuda.memory.OutOfMemoryError
         failures = (oom, cp.cuda.driver.CUDADriverError, cp.cuda.runtime.CUDARuntimeError,
                     cp.cuda.compiler.CompileException)

@@ -369,7 +369,8 @@ _kernels = {}
 _shared_limits = {}
 
 
-def _cupy():
+def import_cupy():
+    """The cupy module, or DeviceError saying how to install it (the one place that imports CuPy)."""
     try:
         import cupy
     except ImportError as e:  # pragma: no cover - depends on the machine
@@ -400,7 +401,7 @@ def get_kernel(name, instance, device=None):
         48 KiB needs ``kernel.max_dynamic_shared_size_bytes`` set first.
     """
     instance = tuple(instance)
-    cp = _cupy()
+    cp = import_cupy()
     device_id = cp.cuda.Device(device).id
     key = (device_id, name, instance)
     kernel = _kernels.get(key)
@@ -420,7 +421,7 @@ def shared_limit(device_id):
     """Shared memory one block of device `device_id` may use with the opt-in, in bytes."""
     limit = _shared_limits.get(device_id)
     if limit is None:
-        rt = _cupy().cuda.runtime
+        rt = import_cupy().cuda.runtime
         limit = _shared_limits[device_id] = int(rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                                                       device_id))
     return limit

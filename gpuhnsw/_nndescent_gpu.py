@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._errors import DeviceError
+from ._kernels import import_cupy
 
 __all__ = ["nndescent_graph"]
 
@@ -32,11 +33,6 @@ _BLOCK_ENTRIES = 1 << 24
 # Proposals collected before a merge.
 _MERGE_ENTRIES = 1 << 24
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _import_cupy():
-    import cupy
-    return cupy
 
 
 def _mix(xp, x):
@@ -55,7 +51,7 @@ def _hash(xp, seed, a, b):
 def nndescent_graph(x, k, space, dev, params, delta, progress, seed, info):
     """x [n, d] float32 (host); returns (ids int64 [n, k], dists float32 [n, k]) on the host."""
     from ._progress import Progress
-    cp = _import_cupy()
+    cp = import_cupy()
     try:
         with cp.cuda.Device(dev[1] or 0):
             with Progress(progress, params["n_iters"], "NN-descent rounds (GPU)") as bar:

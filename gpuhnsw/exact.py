@@ -37,7 +37,7 @@ import numpy as np
 
 from ._device import select_topk
 from ._errors import DeviceError
-from ._kernels import TOPK_CAPACITIES
+from ._kernels import TOPK_CAPACITIES, import_cupy
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
 
 __all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "normalize_rows", "pool_size",
@@ -62,11 +62,6 @@ _REFINE_ENTRIES = 1 << 21
 # --------------------------------------------------------------------------------------------------
 # Input handling (validation itself lives in _validate, shared with Index and the CLI)
 # --------------------------------------------------------------------------------------------------
-
-def _import_cupy():
-    import cupy
-    return cupy
-
 
 def normalize_rows(x):
     """Rows scaled by ``1 / (|x| + 1e-30)`` as float32 (hnswlib's cosine rule; zero rows stay zero).
@@ -170,7 +165,7 @@ def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_thre
     if self_rows is not None:
         pool = min(pool + 1, n)  # the excluded row may occupy one slot of the pool
     if device[0] == "cuda":
-        with _import_cupy().cuda.Device(device[1] or 0):
+        with import_cupy().cuda.Device(device[1] or 0):
             return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
                                block=block, base_block=base_block, progress=progress,
                                base_cache=base_cache, out=(ids, dists))
@@ -357,7 +352,7 @@ def _topk_cuda(cp, g, pool, group=32):
 def upload_base(base, space, device):
     """``base`` [n, d] float32 on the GPU ``device`` (("cuda", ordinal)) with its squared norms
     (l2 only): the ``base_cache`` of :func:`exact_rows`, for callers that query one base often."""
-    cp = _import_cupy()
+    cp = import_cupy()
     with cp.cuda.Device(device[1] or 0):
         b = cp.asarray(base)
         return b, (b * b).sum(axis=1) if space == "l2" else None
@@ -365,7 +360,7 @@ def upload_base(base, space, device):
 
 def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
                 base_cache, out):
-    cp = _import_cupy()
+    cp = import_cupy()
     ids, dists = out
     nq, n = queries.shape[0], base.shape[0]
     try:

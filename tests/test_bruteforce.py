@@ -358,7 +358,7 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_as_cupy, numpy_select_to
                                      base_block):
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "_import_cupy", lambda: numpy_as_cupy)
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     monkeypatch.setattr(exact, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
     base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
     if space == "cosine":
@@ -380,7 +380,7 @@ def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data
     """A pool larger than select_topk_kernel's largest capacity takes the grouped-sort path."""
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "_import_cupy", lambda: numpy_as_cupy)
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     base, queries = make_data(6000, 8), make_data(20, 8, seed=11)
     cpu = exact.exact_rows(base, queries, 900, "l2")
     gpu = exact.exact_rows(base, queries, 900, "l2", device=("cuda", 0), base_block=5000)
@@ -391,7 +391,7 @@ def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, numpy_as_cu
                                                         make_data):
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "_import_cupy", lambda: numpy_as_cupy)
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     data, q = make_data(3000, 8), make_data(20, 8, seed=12)
     cpu, gpu = BFIndex("l2", 8, device="cpu"), BFIndex("l2", 8, device="cpu")
     gpu._device = ("cuda", 0)                          # as if a GPU had been found

@@ -229,7 +229,7 @@ def test_core_checks_lengths_and_reports_callback_errors():
 def numpy_gpu(monkeypatch, numpy_as_cupy):
     from gpuhnsw import _nndescent_gpu
 
-    monkeypatch.setattr(_nndescent_gpu, "_import_cupy", lambda: numpy_as_cupy)
+    monkeypatch.setattr(_nndescent_gpu, "import_cupy", lambda: numpy_as_cupy)
     monkeypatch.setattr(kg_module, "resolve_device",
                         lambda device: ("cpu", None) if device == "cpu" else ("cuda", 0))
     return _nndescent_gpu
