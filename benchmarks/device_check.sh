@@ -12,7 +12,8 @@
 # On the GPU machine every stage runs under `timeout` inside a 7-minute budget; a stage that fails or
 # times out is recorded in summary.md and the next one still runs. Files written into the output
 # folder (at most 8 come back from a lent machine): device_check.log (every stage's output, as it
-# goes), summary.md (one line per stage), compile.json, sanitize.log, gpu_search.{json,md,png}.
+# goes), summary.md (one line per stage), compile.json, sanitize.log, gpu_search.{json,md,png},
+# knn_graph_gpu.json (the last stage, issue 9's GPU k-NN graph part, runs on what is left of the budget).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -21,6 +22,7 @@ LIMIT_BYTES=$((64 * 1024 * 1024))
 BUDGET_S=${DEVICE_CHECK_BUDGET_S:-410}
 PY=${PYTHON:-python3}
 SYNTH_N=200000                 # benchmark size: synthetic clustered 200,000 x 128 (fits the budget)
+KNN_N=500000                   # k-NN graph size (exact, GPU NN-descent, CPU NN-descent at k=32)
 
 plan() {
     local data=/work/shared/data
@@ -183,8 +185,13 @@ hnswlib_built() {
     "$PY" -c 'import hnswlib; print("hnswlib", hnswlib.__file__)' || return 1
     return "$(cat "$HNSWLIB_LOG.rc" 2>/dev/null || echo 1)"
 }
-export -f env_info compile_cost sanitize_all hnswlib_built
-export PY OUT FIRST_QUERY SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
+# Only the JSON comes back (8 files at most); benchmarks/knn_graph.py's Markdown table is rebuilt from it here.
+knn_graph_gpu() {
+    "$PY" benchmarks/knn_graph.py --gpu --gpu-nndescent --gpu-n "$KNN_N" --out /tmp/ghnsw-knn || return 1
+    cp /tmp/ghnsw-knn/knn_graph_gpu.json "$OUT"/
+}
+export -f env_info compile_cost sanitize_all hnswlib_built knn_graph_gpu
+export PY OUT KNN_N FIRST_QUERY SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
 
 stage env 30 bash -c env_info
 # hnswlib builds in the background while the GPU stages run (16 cores); the benchmark waits for it
@@ -200,7 +207,7 @@ if [ "$DRY" = 1 ]; then
     wait "$HNSWLIB_PID"
     stage hnswlib-built 10 bash -c hnswlib_built
     stage import-check 30 "$PY" -c "import gpuhnsw, hnswlib; print('gpuhnsw', gpuhnsw.__file__, 'hnswlib', hnswlib.__file__)"
-    for s in gpu-tests compile-cost sanitize bench; do
+    for s in gpu-tests compile-cost sanitize bench knn-graph; do
         echo "== $s: not run (--dry-run: needs CuPy and a GPU)" | tee -a "$LOG"
         echo "| $s | not run (dry run) | 0 |" >>"$SUMMARY"
     done
@@ -214,5 +221,6 @@ stage sanitize 120 bash -c sanitize_all
 wait "$HNSWLIB_PID"
 stage hnswlib-built 10 bash -c hnswlib_built
 stage bench 400 "$PY" benchmarks/gpu_search.py --datasets synthetic-1m --n-synth "$SYNTH_N" --out "$OUT"
+stage knn-graph 150 bash -c knn_graph_gpu
 echo "total ${SECONDS}s" | tee -a "$LOG"
 cat "$SUMMARY"
