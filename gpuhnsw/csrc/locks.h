@@ -15,41 +15,6 @@
 #define GHNSW_PAUSE() _mm_pause()
 #else
 #define GHNSW_PAUSE() ((void)0)
-/* Filter callbacks run user code in the middle of a query, which holds its index's resize_lock shared.
- * Each thread keeps a stack of the indexes whose callback it is running (frames on the C stack), so
- * that a call from such a callback on the same index neither takes resize_lock again (the query
- * holds it on the callback's behalf; a second shared lock would wait behind a queued writer) nor
- * waits for a writer's lock (the writer may be waiting for this very query): readers work, writers
- * refuse with GHNSW_ESTATE. */
-typedef struct ghnsw_frame { const ghnsw_index_t *ix; struct ghnsw_frame *up; } ghnsw_frame_t;
-extern __thread ghnsw_frame_t *ghnsw_frames;
-
-static inline int ghnsw_in_callback(const ghnsw_index_t *ix) {
-    for (const ghnsw_frame_t *f = ghnsw_frames; f; f = f->up)
-        if (f->ix == ix) return 1;
-    return 0;
-}
-
-/* Shared hold of resize_lock for a reader: arrays and labels do not move while it is held.  Returns
- * whether the lock was taken, for ghnsw_read_unlock. */
-static inline int ghnsw_read_lock(ghnsw_index_t *ix) {
-    if (ghnsw_in_callback(ix)) return 0;
-    pthread_rwlock_rdlock(&ix->resize_lock);
-    return 1;
-}
-static inline void ghnsw_read_unlock(ghnsw_index_t *ix, int taken) {
-    if (taken) pthread_rwlock_unlock(&ix->resize_lock);
-}
-
-/* mut_lock for a writer (or a reader that needs no writer running); refused inside a callback. */
-static inline ghnsw_status_t ghnsw_writer_lock(ghnsw_index_t *ix, const char *what, ghnsw_err_t *err) {
-    if (ghnsw_in_callback(ix))
-        return ghnsw_fail(err, GHNSW_ESTATE, "%s is not allowed inside a filter callback of a query on the same "
-                          "index", what);
-    pthread_mutex_lock(&ix->mut_lock);
-    return GHNSW_OK;
-}
-
 #endif
 
 static inline void ghnsw_spin_lock(uint8_t *l) {
