@@ -251,14 +251,15 @@ class CandidatePool:
         self._merge(touched, key, idx)
 
 
-def _tile_keys(q, base, sq32, t0, t1, space):
-    """float32 [nq, t1 - t0] ranking keys: |b|^2 - 2 q.b (l2) or -q.b (ip, cosine)."""
-    g = q @ base[t0:t1].T                                       # BLAS sgemm
+def _tile_keys(xp, q, base, sq32, t0, t1, space):
+    """float32 [nq, t1 - t0] ranking keys: |b|^2 - 2 q.b (l2) or -q.b (ip, cosine); ``xp`` is numpy
+    (BLAS sgemm) or cupy (cuBLAS)."""
+    g = q @ base[t0:t1].T
     if space == "l2":
         g *= -2.0
         g += sq32[t0:t1]
     else:
-        np.negative(g, out=g)
+        xp.negative(g, out=g)
     return g
 
 
@@ -269,7 +270,7 @@ def _screen_cpu(base, base_sq, q, pool, space, self_rows, base_block):
     sq32 = None if base_sq is None else base_sq.astype(np.float32)
     for t0 in range(0, base.shape[0], base_block):
         t1 = min(t0 + base_block, base.shape[0])
-        g = _tile_keys(q, base, sq32, t0, t1, space)
+        g = _tile_keys(np, q, base, sq32, t0, t1, space)
         if self_rows is not None:
             hit = (self_rows >= t0) & (self_rows < t1)
             g[np.flatnonzero(hit), self_rows[hit] - t0] = EXCLUDED_KEY
@@ -383,12 +384,7 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                 best_idx = cp.empty((b - a, pool), dtype=cp.int64)
             for t0 in range(0, n, base_block):
                 t1 = min(t0 + base_block, n)
-                g = q @ bdev[t0:t1].T                                  # cuBLAS sgemm
-                if space == "l2":
-                    g *= -2.0
-                    g += bsq[t0:t1]
-                else:
-                    cp.negative(g, out=g)
+                g = _tile_keys(cp, q, bdev, bsq, t0, t1, space)
                 if srows is not None:
                     hit = cp.flatnonzero((srows >= t0) & (srows < t1))
                     g[hit, srows[hit] - t0] = excluded
