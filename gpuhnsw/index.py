@@ -305,6 +305,8 @@ class Index:
                 lambda q, rows: self._knn_query_cpu(core, q, k, ef, -1, None, *(
                     (None, None) if sets is None else (sets.take(rows), exact[rows] if sets.per_query else exact))))
             if out is not None:
+                if sets is not None:
+                    out = self._redo_missed(core, data, out, k, ef, sets)
                 return self._check_found(core, out, k, ef, pad, filter)
         on_gpu_input = _device.is_gpu_array(data)
         q = as_vectors(_device.to_host(data), self._dim, what="query")
@@ -314,6 +316,26 @@ class Index:
         if on_gpu_input:
             return _device.to_device(labels), _device.to_device(dists)
         return labels, dists
+
+    def _redo_missed(self, core, data, out, k, ef, sets):
+        """GPU graph rows that found fewer than ``min(k, allowed)`` results (the filter cut the
+        graph apart) answered by exact search over the allowed rows, as the CPU path answers them, so
+        a result never depends on where the query ran.  ``out``: the GPU's (labels, dists, found)."""
+        labels, dists, found = out
+        row_live = sets.live if sets.per_query else np.repeat(sets.live, found.shape[0])  # int64 [nq]
+        miss = np.flatnonzero(found < np.minimum(k, row_live))
+        if not miss.size:
+            return out
+        q = as_vectors(_device.to_host(data), self._dim, what="query")[miss]
+        sub = sets.take(miss)
+        l_cpu, d_cpu, found[miss] = self._knn_query_cpu(core, q, k, ef, -1, None, sub,
+                                                        np.ones(sub.live.shape, dtype=bool))
+        if _device.is_gpu_array(labels):
+            rows = _device.to_device(miss)
+            labels[rows], dists[rows] = _device.to_device(l_cpu), _device.to_device(d_cpu)
+        else:
+            labels[miss], dists[miss] = l_cpu, d_cpu
+        return labels, dists, found
 
     @staticmethod
     def _check_enough(core, k, sets):

@@ -74,11 +74,13 @@ def _fake_cupy():
 def fake_cuda(monkeypatch):
     """device="cuda" resolves; DeviceMirror.sync counts calls; DeviceMirror.search is the reference.
 
-    ``calls["status_rows"]`` lists query rows whose kernel status is forced non-zero."""
+    ``calls["status_rows"]`` lists query rows whose kernel status is forced non-zero;
+    ``calls["miss_rows"]`` rows whose search loses its last two results (status zero), as a graph
+    search does where a filter cuts the graph apart."""
     cp = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setattr(_validate, "cuda_status", lambda: (True, ""))
-    calls = {"sync": 0, "search": 0, "status_rows": []}
+    calls = {"sync": 0, "search": 0, "status_rows": [], "miss_rows": []}
 
     def sync(self):
         calls["sync"] += 1
@@ -109,6 +111,10 @@ def fake_cuda(monkeypatch):
             out[calls["status_rows"]] = PAD_LABEL
             found = found.copy()
             found[calls["status_rows"]] = 0
+        for row in calls["miss_rows"]:
+            found = found.copy()
+            found[row] = max(0, found[row] - 2)
+            out[row, found[row]:], dists[row, found[row]:] = PAD_LABEL, np.inf
         return cp.asarray(out), cp.asarray(dists), cp.asarray(np.stack([found.astype(np.int32), status]))
 
     monkeypatch.setattr(_device.DeviceMirror, "sync", sync)
@@ -182,6 +188,27 @@ def test_per_query_filters_become_device_bitset_rows(fake_cuda, pair):
     again = gpu.knn_query(data[1400:], k=5, ef=40, filter=sets, filter_mode="graph")
     for row in (1, 3):
         np.testing.assert_array_equal(again[0][row], want[0][row])
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+@pytest.mark.parametrize("gpu_input", [False, True])
+def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, pair, monkeypatch, numpy_as_cupy,
+                                                                  numpy_select_topk, per_query, gpu_input):
+    from gpuhnsw import exact
+
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)  # the exact engine's GPU path on NumPy
+    cpu, gpu, data = pair
+    q = data[1400:1420]
+    sets = [np.arange(r % 4, 1400, 9) for r in range(len(q))] if per_query else np.arange(0, 1400, 9)
+    fake_cuda["miss_rows"] = [3, 11]
+    got = gpu.knn_query(q.view(FakeGpuArray) if gpu_input else q, k=6, ef=40, filter=sets, filter_mode="graph")
+    assert isinstance(got[0], FakeGpuArray) == gpu_input
+    exact = cpu.knn_query(q, k=6, filter=sets, filter_mode="exact")
+    np.testing.assert_array_equal(np.asarray(got[0])[[3, 11]], exact[0][[3, 11]])
+    np.testing.assert_allclose(np.asarray(got[1])[[3, 11]], exact[1][[3, 11]], rtol=1e-5)
+    graph = cpu.knn_query(q, k=6, ef=40, filter=sets, filter_mode="graph")  # the rows the kernel found
+    others = np.setdiff1d(np.arange(len(q)), [3, 11])
+    assert np.mean(np.asarray(got[0])[others] == graph[0][others]) > 0.9
 
 
 def test_callable_filter_runs_on_cpu(fake_cuda, pair):
