@@ -2,8 +2,9 @@
 
 ``DeviceMirror(core).sync()``:
 
-1. takes the core's dirty-row log (``drain_dirty``: ascending slots, cleared atomically with respect
-   to inserters), adds the slots created since the last sync, reads the entry point;
+1. reads the entry point, then takes the core's dirty-row log (``drain_dirty``: ascending slots,
+   cleared atomically with respect to inserters), then the count, and adds the slots created since
+   the last sync (why in this order: the comment in ``sync``);
 2. grows the device arrays by doubling when the core's capacity passed theirs;
 3. gathers those rows (``gather_rows``: vector, level-0 links, degree, label, level) into a pinned
    staging buffer, copies it to the device in one asynchronous transfer and scatters it with one
@@ -167,9 +168,16 @@ class DeviceMirror:
         t0 = time.perf_counter()
         st = SyncStats(syncs=1)
         with cp.cuda.Device(self.device):
+            # Order matters (an insert may run beside this sync): the entry point first, then the
+            # drain, then the count.  A node becomes the entry only after it wrote (and marked) its
+            # lists, so the entry read here has its final row in this drain or gathered after an
+            # earlier one; read after the drain, it could be a node whose half-built row an earlier
+            # sync gathered and whose last marks came after this drain: queries would start from a
+            # row without links.  Slots are marked only once below count, so every drained slot
+            # (and the entry) is below the count read last.
+            entry = int(self.core.entry_point)
             dirty = np.frombuffer(self.core.drain_dirty(), dtype=np.uint32)
-            entry = int(self.core.entry_point)     # read after the drain, count after the entry:
-            count = int(self.core.count)           # the entry's row is dirty or below count
+            count = int(self.core.count)
             st.grows = self._ensure_capacity(int(self.core.max_elements))
             fresh = np.arange(self.count, count, dtype=np.uint32)
             slots = np.union1d(dirty, fresh).astype(np.uint32)   # ascending, unique

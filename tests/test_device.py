@@ -286,3 +286,82 @@ def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, data
     assert got.dtype == np.uint32 and got.shape == (500, 8)
     assert np.mean(got == want) > 0.99            # float32 keys: rare near-ties may swap
     assert not (got == np.arange(500)[:, None]).any()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# a sync beside an insert (tests/test_gpu.py::test_inserting_while_gpu_queries_run failed on an H200)
+
+class _MidInsertCore:
+    """A real core as a sync sees it while ``slot``, the node that raises the max level, is being
+    inserted: its row and upper blocks read as ``store_vector`` left them (vector and label, no
+    links) and the entry point is still the old one.  ``finish()`` is the rest of that insert, in
+    the core's order: the row's last dirty mark (taken by the next drain), then the entry switch.
+    ``during_drain`` runs once inside the next ``drain_dirty``, right after the log is taken."""
+
+    def __init__(self, core, slot, old_entry):
+        self._core, self._slot, self._old_entry = core, slot, old_entry
+        self._levels = np.frombuffer(core.export_state()["levels"], np.uint8)   # [count]
+        self._inserting, self._marked = True, []
+        self.during_drain = None
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+    @property
+    def entry_point(self):
+        return self._old_entry if self._inserting else self._core.entry_point
+
+    def finish(self):
+        self._marked.append(self._slot)
+        self._inserting = False
+
+    def drain_dirty(self):
+        taken = np.union1d(np.frombuffer(self._core.drain_dirty(), np.uint32), self._marked)
+        self._marked = []
+        hook, self.during_drain = self.during_drain, None
+        if hook:
+            hook()
+        return taken.astype(np.uint32).tobytes()
+
+    def gather_rows(self, slots, vectors, links, degree, labels, levels):
+        self._core.gather_rows(slots, vectors, links, degree, labels, levels)
+        if self._inserting:
+            mine = slots == self._slot
+            links[mine], degree[mine] = 0xFFFFFFFF, 0
+
+    def gather_upper(self, slots):
+        blocks = np.frombuffer(self._core.gather_upper(slots), np.uint32).copy()
+        if self._inserting:
+            width = 1 + int(self._core.M)
+            sizes = self._levels[slots].astype(np.int64) * width
+            for at, size in zip((np.cumsum(sizes) - sizes)[slots == self._slot], sizes[slots == self._slot]):
+                block = blocks[at:at + size].reshape(-1, width)   # each level: count 0, no ids
+                block[:, 0], block[:, 1:] = 0, 0xFFFFFFFF
+        return blocks.tobytes()
+
+
+def test_sync_beside_an_insert_that_raises_the_max_level(fake_gpu, datasets):
+    """The new entry point's row went up half-built in one sync; its last writes and the entry
+    switch land between the next sync's drain and the rest of that sync.  That sync must not take
+    the new entry (its mirrored row has no links: every query would start from a dead end)."""
+    base, _, _, _ = datasets("siftsmall", n_base=3000, n_queries=1)
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=4, ef_construction=40, random_seed=5)
+    index.add_items(base[:200])
+    old_entry, lo = index._core.entry_point, 200
+    while index._core.entry_point == old_entry:           # one row at a time until one raises the level
+        index.add_items(base[lo:lo + 1], [lo])
+        lo += 1
+    new_entry = index._core.entry_point
+    core = _MidInsertCore(index._core, new_entry, old_entry)
+    mirror = fake_gpu.DeviceMirror(core)
+    mirror.sync()                                          # the new entry's row goes up half-built
+    assert mirror.entry_point == old_entry
+    core.during_drain = core.finish
+    mirror.sync()
+    entry = mirror.entry_point
+    want = np.frombuffer(index._core.export_state()["degree0"], np.uint32)[entry]
+    assert want > 0 and int(mirror.degree0[entry]) == want, (entry, old_entry, new_entry)
+    mirror.sync()                                          # the insert's last mark arrives now
+    assert mirror.entry_point == new_entry and mirror.check_against_core() == []

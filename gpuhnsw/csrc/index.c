@@ -215,4 +215,7 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
     return GHNSW_OK;
 }
 
-void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s) { ghnsw_bit_set(ix->dirty, s); }
+/* A release: the drain (acquire) that takes the mark also sees the row writes made before it. */
+void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s) {
+    __atomic_fetch_or(&ix->dirty[s >> 5], 1u << (s & 31), __ATOMIC_RELEASE);
+}

@@ -147,6 +147,14 @@ static void store_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
     if (ix->space == GHNSW_COSINE) ghnsw_normalize(v, ix->dim);
 }
 
+/* The entry switch comes after every write (and dirty mark) of the new entry's lists, and is a
+ * release: a reader that acquires the new entry point, and only then drains the dirty log, finds
+ * those marks in its drain or in an earlier one (the GPU sync relies on this, _device.py). */
+static void publish_entry(ghnsw_index_t *ix, uint32_t s, int level) {
+    __atomic_store_n(&ix->max_level, level, __ATOMIC_RELAXED);
+    __atomic_store_n(&ix->entry_point, s, __ATOMIC_RELEASE);
+}
+
 static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src) {
     store_vector(ix, s, src);
     ghnsw_mark_dirty(ix, s);
@@ -156,8 +164,7 @@ static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src
     uint32_t ep = ix->entry_point;
     int maxl = ix->max_level;
     if (ep == GHNSW_INVALID) {
-        ix->entry_point = s;
-        ix->max_level = level;
+        publish_entry(ix, s, level);
         pthread_mutex_unlock(&ix->ep_lock);
         return GHNSW_OK;
     }
@@ -165,7 +172,7 @@ static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src
     if (!raises) pthread_mutex_unlock(&ix->ep_lock);
     ghnsw_status_t st = link_levels(ix, s, ep, maxl, level);
     if (raises) {
-        if (st == GHNSW_OK) { ix->entry_point = s; ix->max_level = level; }
+        if (st == GHNSW_OK) publish_entry(ix, s, level);
         pthread_mutex_unlock(&ix->ep_lock);
     }
     return st;

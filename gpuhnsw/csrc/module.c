@@ -507,7 +507,7 @@ static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
 }
 
 static long long entry_point_of(ghnsw_index_t *ix) {
-    uint32_t ep = __atomic_load_n(&ix->entry_point, __ATOMIC_RELAXED);
+    uint32_t ep = __atomic_load_n(&ix->entry_point, __ATOMIC_ACQUIRE);
     return ep == GHNSW_INVALID ? -1LL : (long long)ep;
 }
 
