@@ -428,11 +428,15 @@ class DeviceMirror:
 _TILE_BYTES = 256 << 20   # bound on one [rows, n] distance tile of the in-batch search
 
 
-def select_topk(cp, tile, k, out_dists, out_index, *, index_offset=0, prev=False):
-    """The ``k`` smallest entries of each row of ``tile`` (cupy float32 ``[nq, n]``, C-contiguous),
+def select_topk(cp, tile, k, out_dists, out_index, *, index_offset=0, prev=False, key_scale=1.0,
+                key_bias=None, exclude=None, exclude_key=0.0):
+    """The ``k`` smallest keys of each row of ``tile`` (cupy float32 ``[nq, n]``, C-contiguous),
     ascending, ties by the smaller column, NaN as +inf: ``select_topk_kernel``, a partial selection
-    (no row is sorted). With ``prev``, ``out_dists``/``out_index`` hold a running result of earlier
-    tiles (columns before ``index_offset``) that is merged in.
+    (no row is sorted). The key of column ``c`` is ``key_scale * tile[:, c] + key_bias[c]``
+    (``key_bias``: cupy float32 ``[n]`` or None), formed as the kernel reads it. With ``prev``,
+    ``out_dists``/``out_index`` hold a running result of earlier tiles (columns before
+    ``index_offset``) that is merged in. ``exclude`` (cupy int64 ``[nq]`` or None): row ``i``'s
+    column of global index ``exclude[i]`` gets the key ``exclude_key``.
 
     out_dists : cupy float32 [nq, k]; out_index : cupy int64 [nq, k] (column + index_offset, -1 missing)
     """
@@ -444,8 +448,10 @@ def select_topk(cp, tile, k, out_dists, out_index, *, index_offset=0, prev=False
     kernel = _kernels.get_kernel("topk", (cap,))
     null = np.uint64(0)
     kernel((min(nq, 65535),), (32 * warps,),
-           (tile, np.int64(n), np.int32(n), np.int64(index_offset), out_dists if prev else null,
-            out_index if prev else null, np.int32(nq), np.int32(k), out_dists, out_index),
+           (tile, np.int64(n), np.int32(n), np.int64(index_offset), np.float32(key_scale),
+            null if key_bias is None else key_bias, null if exclude is None else exclude,
+            np.float32(exclude_key), out_dists if prev else null, out_index if prev else null,
+            np.int32(nq), np.int32(k), out_dists, out_index),
            shared_mem=_kernels.topk_shared_bytes(cap, warps))
 
 

@@ -9,7 +9,8 @@ plain float64 NumPy code on purpose, so that it shares nothing with what it chec
 
 How one block of queries is answered (CPU; the CUDA path has the same phases, its pool kept per
 tile by ``select_topk_kernel``, a partial selection merged with the running pool, up to a pool of
-1024)::
+1024, which forms the keys from the raw product as it reads it; the float64 re-ranking and the
+final ordering stay on the device too)::
 
     queries [nq, d] --split--> blocks of `block` rows
       for each base tile of `base_block` rows:
@@ -320,8 +321,8 @@ def _order(d64, cand, k, self_rows, labels):
 
 
 # --------------------------------------------------------------------------------------------------
-# CUDA path (CuPy; imported lazily). Same phases as the CPU path; the candidate pool comes back to
-# the host for the final (distance, id) ordering, which is tiny.
+# CUDA path (CuPy; imported lazily). Same phases as the CPU path, all on the device; the results
+# come back to the host once, at the end.
 # --------------------------------------------------------------------------------------------------
 
 def _topk_cuda(cp, g, pool, group=32):
@@ -361,6 +362,10 @@ def upload_base(base, space, device):
 
 def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
                 base_cache, out):
+    """Per block of queries: the tiles' keys go straight from cuBLAS into ``select_topk_kernel``
+    (which forms the key and excludes the query's own row as it reads), the pool is re-ranked in
+    float64 and ordered on the device, and nothing comes back to the host before the end: the only
+    waits are on the block two back (progress), so the GPU always has the next block queued."""
     cp = import_cupy()
     ids, dists = out
     nq, n = queries.shape[0], base.shape[0]
@@ -370,55 +375,109 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
         else:
             bdev = cp.asarray(base)
             bsq = (bdev * bdev).sum(axis=1) if space == "l2" else None
+        qdev = bdev if queries is base else None          # a k-NN graph: the queries are the base
+        sdev = None if self_rows is None else cp.asarray(self_rows)
+        tie = None if labels is None else cp.asarray(labels)
+        ids_dev = cp.empty((nq, k), dtype=cp.int64)
+        dists_dev = cp.empty((nq, k), dtype=cp.float32)
         block = int(block) if block else min(_GPU_BLOCK, nq)
         base_block = int(base_block) if base_block else max(pool, _GPU_TILE_ENTRIES // block)
         base_block = max(base_block, pool)
-        excluded = cp.float32(EXCLUDED_KEY)
+        fused = pool <= TOPK_CAPACITIES[-1]    # else the grouped sort of _topk_cuda, keys made first
+        queued = []                             # (rows done, event) of blocks not yet waited for
         for a in range(0, nq, block):
             b = min(a + block, nq)
-            q = cp.asarray(queries[a:b])
-            srows = None if self_rows is None else cp.asarray(self_rows[a:b])
-            best_key = best_idx = None
-            if pool <= TOPK_CAPACITIES[-1]:   # the running pool, merged tile by tile by select_topk
+            q = qdev[a:b] if qdev is not None else cp.asarray(queries[a:b])
+            srows = None if sdev is None else sdev[a:b]
+            if fused:
                 best_key = cp.empty((b - a, pool), dtype=cp.float32)
                 best_idx = cp.empty((b - a, pool), dtype=cp.int64)
-            for t0 in range(0, n, base_block):
-                t1 = min(t0 + base_block, n)
-                g = _tile_keys(cp, q, bdev, bsq, t0, t1, space)
-                if srows is not None:
-                    hit = cp.flatnonzero((srows >= t0) & (srows < t1))
-                    g[hit, srows[hit] - t0] = excluded
-                if pool <= TOPK_CAPACITIES[-1]:
-                    select_topk(cp, g, pool, best_key, best_idx, index_offset=t0, prev=t0 > 0)
-                    continue
-                take = min(pool, t1 - t0)
-                key, idx = _topk_cuda(cp, g, take)
-                idx = idx + t0
-                if best_key is not None:
-                    key = cp.concatenate([best_key, key], axis=1)
-                    idx = cp.concatenate([best_idx, idx], axis=1)
-                    if key.shape[1] > pool:
-                        sel = cp.argsort(key, axis=1)[:, :pool]
-                        key = cp.take_along_axis(key, sel, axis=1)
-                        idx = cp.take_along_axis(idx, sel, axis=1)
-                best_key, best_idx = key, idx
-            # exact float64 re-ranking of the pool on the device, [step, pool, d] at a time
-            d64 = cp.empty(best_idx.shape, dtype=cp.float64)
-            step = max(1, 8 * _REFINE_ENTRIES // (best_idx.shape[1] * base.shape[1]))
-            for r in range(0, b - a, step):
-                v = bdev[best_idx[r:r + step]].astype(cp.float64)
-                q64 = q[r:r + step].astype(cp.float64)[:, None, :]
-                if space == "l2":
-                    v -= q64
-                    d64[r:r + step] = (v * v).sum(axis=2)
-                else:
-                    d64[r:r + step] = 1.0 - (v * q64).sum(axis=2)
-            cand = cp.asnumpy(best_idx).astype(np.int64)
-            srows_h = None if self_rows is None else self_rows[a:b]
-            ids[a:b], dists[a:b] = _order(cp.asnumpy(d64), cand, k, srows_h, labels)
-            if progress is not None:
-                progress(b)
+                for t0 in range(0, n, base_block):
+                    t1 = min(t0 + base_block, n)
+                    select_topk(cp, q @ bdev[t0:t1].T, pool, best_key, best_idx, index_offset=t0,
+                                prev=t0 > 0, key_scale=-2.0 if space == "l2" else -1.0,
+                                key_bias=None if bsq is None else bsq[t0:t1], exclude=srows,
+                                exclude_key=EXCLUDED_KEY)
+            else:
+                best_idx = _pool_cuda_grouped(cp, q, bdev, bsq, space, srows, pool, base_block)
+            d64 = _exact_dists_cuda(cp, bdev, q, best_idx, space)
+            ids_dev[a:b], dists_dev[a:b] = _order_cuda(cp, d64, best_idx, k, srows, tie)
+            event = cp.cuda.Event(disable_timing=True)
+            event.record()
+            queued.append((b, event))
+            if len(queued) > 2:
+                done, event = queued.pop(0)
+                event.synchronize()
+                if progress is not None:
+                    progress(done)
+        ids[:], dists[:] = cp.asnumpy(ids_dev), cp.asnumpy(dists_dev)
+        if progress is not None:
+            progress(nq)
     except cp.cuda.memory.OutOfMemoryError as exc:
         raise DeviceError(f"GPU out of memory in exact search ({exc}); pass a smaller block= or "
                           f"base_block=, or device='cpu'") from exc
     return ids, dists
+
+
+def _pool_cuda_grouped(cp, q, bdev, bsq, space, srows, pool, base_block):
+    """int64 [nq, pool] candidate rows for pools beyond select_topk_kernel's capacity."""
+    n = bdev.shape[0]
+    best_key = best_idx = None
+    for t0 in range(0, n, base_block):
+        t1 = min(t0 + base_block, n)
+        g = _tile_keys(cp, q, bdev, bsq, t0, t1, space)
+        if srows is not None:
+            hit = cp.flatnonzero((srows >= t0) & (srows < t1))
+            g[hit, srows[hit] - t0] = cp.float32(EXCLUDED_KEY)
+        key, idx = _topk_cuda(cp, g, min(pool, t1 - t0))
+        idx = idx + t0
+        if best_key is not None:
+            key = cp.concatenate([best_key, key], axis=1)
+            idx = cp.concatenate([best_idx, idx], axis=1)
+            if key.shape[1] > pool:
+                sel = cp.argsort(key, axis=1)[:, :pool]
+                key = cp.take_along_axis(key, sel, axis=1)
+                idx = cp.take_along_axis(idx, sel, axis=1)
+        best_key, best_idx = key, idx
+    return best_idx
+
+
+def _exact_dists_cuda(cp, bdev, q, cand, space):
+    """float64 [nq, pool]: exact distances of q[i] to bdev[cand[i]], [step, pool, d] at a time."""
+    d64 = cp.empty(cand.shape, dtype=cp.float64)
+    step = max(1, 8 * _REFINE_ENTRIES // (cand.shape[1] * bdev.shape[1]))
+    for r in range(0, cand.shape[0], step):
+        v = bdev[cand[r:r + step]].astype(cp.float64)
+        q64 = q[r:r + step].astype(cp.float64)[:, None, :]
+        if space == "l2":
+            v -= q64
+            d64[r:r + step] = (v * v).sum(axis=2)
+        else:
+            d64[r:r + step] = 1.0 - (v * q64).sum(axis=2)
+    return d64
+
+
+def _order_cuda(cp, d64, cand, k, srows, tie):
+    """:func:`_order` on the device: the first k of each row by (distance, tie key), its own row
+    (``srows``) last. A row's rank is the number of entries before it, from a [r, pool, pool]
+    comparison (pools are small; no per-row sort exists in CuPy). Returns (rows int64 [nq, k],
+    dists float32 [nq, k]) on the device."""
+    nq, pool = cand.shape
+    if srows is not None:
+        d64[cand == srows[:, None]] = cp.inf
+    key = cand if tie is None else tie[cand]
+    rows = cp.empty((nq, k), dtype=cp.int64)
+    dists = cp.empty((nq, k), dtype=cp.float32)
+    step = max(1, 8 * _REFINE_ENTRIES // (pool * pool))
+    for r in range(0, nq, step):
+        d, c, t = d64[r:r + step], cand[r:r + step], key[r:r + step]
+        before = (d[:, None, :] < d[:, :, None]) | ((d[:, None, :] == d[:, :, None])
+                                                     & (t[:, None, :] < t[:, :, None]))
+        rank = before.sum(axis=2)                                  # [m, pool], a permutation
+        m = c.shape[0]
+        slot = cp.empty((m, pool), dtype=cp.int64)
+        slot[cp.arange(m)[:, None], rank] = cp.arange(pool, dtype=cp.int64)[None, :]
+        first = slot[:, :k]                                        # positions of the k best
+        rows[r:r + m] = cp.take_along_axis(c, first, axis=1)
+        dists[r:r + m] = cp.take_along_axis(d, first, axis=1).astype(cp.float32)
+    return rows, dists

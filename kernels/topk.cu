@@ -3,7 +3,14 @@
 //
 // A tile holds columns [index_offset, index_offset + n) of the full distance matrix. An optional
 // running result (prev_*) is merged in, so a caller walks the tiles in order and keeps one [nq, k]
-// result; out_* may be the same arrays as prev_* (prev is read into shared memory first).
+// result; out_* may be the same arrays as prev_* (prev is read into shared memory first). A column
+// only enters a warp's buffer when it is no larger than prev's k-th entry, so after the first tiles
+// almost nothing does.
+//
+// The ranking key of column c is key_scale * tile[c] + key_bias[c] (bias may be null), computed as
+// it is read: exact search passes the raw Q @ X^T product with (-2, |x|^2) for l2 and (-1, null) for
+// ip, which spares the separate passes over the tile that scaling it would cost. With exclude_index,
+// row qi's column of global index exclude_index[qi] gets the key exclude_key (its own row).
 //
 // Template parameter: Capacity (32, 64, ..., 1024) >= k, the size of each warp's list and buffer.
 // Launch: grid = (up to nq), block = 32 * n_warps threads, dynamic shared memory =
@@ -58,6 +65,10 @@ GPUHNSW_KERNEL(int Capacity)
                        long long ld,                          // floats between rows
                        int n,                                 // columns in this tile (< 2^31 - 1)
                        long long index_offset,                // global index of column 0
+                       float key_scale,                       // key = key_scale * tile + key_bias
+                       const float* key_bias,                 // [n] or null (0)
+                       const long long* exclude_index,        // [nq] global index, or null
+                       float exclude_key,                     // its key
                        const float* prev_dists,               // [nq, k] sorted, or null (may alias out_dists)
                        const long long* prev_index,           // [nq, k], -1 = missing (may alias out_index)
                        int nq, int k,                         // k <= Capacity
@@ -101,11 +112,18 @@ GPUHNSW_KERNEL(int Capacity)
     float thr_d = inf_f();  // the list's k-th entry (same in every lane)
     slot_t thr_s = kInvalidSlot;
     int count = 0;          // entries in the buffer (same in every lane)
+    // prev's k-th distance bounds what can still enter (inf while prev has missing entries)
+    const float prev_thr = has_prev ? prev_dists[static_cast<long long>(qi) * k + k - 1] : inf_f();
+    const long long excluded = exclude_index != nullptr ? exclude_index[qi] - index_offset : -1;
     for (int base = warp * 32; base < n; base += n_warps * 32) {
       const int col = base + lane;
-      float x = col < n ? row[col] : inf_f();
+      float x = inf_f();
+      if (col < n) {
+        x = key_bias != nullptr ? fmaf(key_scale, row[col], key_bias[col]) : key_scale * row[col];
+        if (col == excluded) x = exclude_key;
+      }
       if (x != x) x = inf_f();
-      const bool pass = col < n && pair_less(x, static_cast<slot_t>(col), thr_d, thr_s);
+      const bool pass = col < n && x <= prev_thr && pair_less(x, static_cast<slot_t>(col), thr_d, thr_s);
       const unsigned ballot = __ballot_sync(kFullMask, pass);
       if (pass) {
         const int pos = count + __popc(ballot & ((1u << lane) - 1u));

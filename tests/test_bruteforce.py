@@ -374,6 +374,16 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_as_cupy, numpy_select_to
     gpu = exact.exact_rows(base, base[:90], 9, space, self_rows=self_rows, device=("cuda", 0),
                            block=40, base_block=base_block)
     np.testing.assert_array_equal(gpu[0], cpu[0])
+    # a k-NN graph (the queries are the base itself), progress reported per finished block
+    small = np.ascontiguousarray(base[:700])
+    self_rows = np.arange(700, dtype=np.int64)
+    seen = []
+    cpu = exact.exact_rows(small, small, 9, space, self_rows=self_rows)
+    gpu = exact.exact_rows(small, small, 9, space, self_rows=self_rows, device=("cuda", 0), block=64,
+                           base_block=base_block, progress=seen.append)
+    np.testing.assert_array_equal(gpu[0], cpu[0])
+    np.testing.assert_array_equal(gpu[1], cpu[1])
+    assert seen == sorted(seen) and seen[-1] == 700 and len(seen) >= 700 // 64
 
 
 def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data):
@@ -384,6 +394,11 @@ def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data
     base, queries = make_data(6000, 8), make_data(20, 8, seed=11)
     cpu = exact.exact_rows(base, queries, 900, "l2")
     gpu = exact.exact_rows(base, queries, 900, "l2", device=("cuda", 0), base_block=5000)
+    np.testing.assert_array_equal(gpu[0], cpu[0])
+    self_rows = np.arange(100, 120, dtype=np.int64)
+    cpu = exact.exact_rows(base, base[100:120], 900, "l2", self_rows=self_rows)
+    gpu = exact.exact_rows(base, base[100:120], 900, "l2", self_rows=self_rows, device=("cuda", 0),
+                           base_block=5000)
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 

@@ -112,14 +112,18 @@ int main(int, char** argv) {
   std::string d = argv[1];
   auto P = rd<long long>(d + "/params.bin");
   long long ld = P[0], offset = P[3];
-  int n = P[1], nq = P[2], k = P[4], block = P[5], grid = P[6], has_prev = P[7];
+  int n = P[1], nq = P[2], k = P[4], block = P[5], grid = P[6], has_prev = P[7], has_bias = P[8], has_excl = P[9];
+  auto F = rd<float>(d + "/fparams.bin");  // key_scale, exclude_key
   auto dists = rd<float>(d + "/dists.bin");
+  auto bias = rd<float>(d + "/bias.bin");
+  auto excl = rd<long long>(d + "/exclude.bin");
   auto pd = rd<float>(d + "/prev_d.bin");
   auto pi = rd<long long>(d + "/prev_i.bin");
   std::vector<float> od((size_t)nq * k);
   std::vector<long long> oi((size_t)nq * k);
   emu_launch(grid, block, [&] {
-    select_topk_kernel<CAP>(dists.data(), ld, n, offset, has_prev ? pd.data() : nullptr,
+    select_topk_kernel<CAP>(dists.data(), ld, n, offset, F[0], has_bias ? bias.data() : nullptr,
+                            has_excl ? excl.data() : nullptr, F[1], has_prev ? pd.data() : nullptr,
                             has_prev ? pi.data() : nullptr, nq, k, od.data(), oi.data());
   });
   wr(d + "/out_d.bin", od); wr(d + "/out_i.bin", oi);
@@ -407,9 +411,13 @@ def test_select_topk(emulator, rng, n, k, block):
     exe = build("topk", CAP=cap)
     nq = 3
 
-    def topk(d, offset=0, prev=None):
-        params = [n, n, nq, offset, k, block, 2, int(prev is not None)]
+    def topk(d, offset=0, prev=None, scale=1.0, bias=None, exclude=None, exclude_key=0.0):
+        params = [n, n, nq, offset, k, block, 2, int(prev is not None), int(bias is not None),
+                  int(exclude is not None)]
         out = run(exe, {"out_d": np.float32, "out_i": np.int64}, params=np.array(params, np.int64), dists=d,
+                  fparams=np.array([scale, exclude_key], np.float32),
+                  bias=bias if bias is not None else np.zeros(1, np.float32),
+                  exclude=exclude if exclude is not None else np.zeros(1, np.int64),
                   prev_d=prev[0] if prev is not None else np.zeros(1, np.float32),
                   prev_i=prev[1] if prev is not None else np.zeros(1, np.int64))
         return out["out_d"].reshape(nq, k), out["out_i"].reshape(nq, k)
@@ -421,6 +429,15 @@ def test_select_topk(emulator, rng, n, k, block):
         np.testing.assert_array_equal(got, want)
     d2 = rng.integers(0, 50, (nq, n)).astype(np.float32)   # the next tile, merged with the running result
     for got, want in zip(topk(d2, offset=n, prev=first), topk_oracle(np.concatenate([d1, d2], 1), k)):
+        np.testing.assert_array_equal(got, want)
+    # keys formed in the kernel (exact search's l2 key: |x|^2 - 2 q.x), one column per row excluded,
+    # against a running result from an earlier tile: equal to the keys formed beforehand
+    bias = rng.integers(0, 100, n).astype(np.float32)
+    exclude = (n + rng.integers(0, n, nq)).astype(np.int64)
+    keys = d2 * np.float32(-2) + bias
+    keys[np.arange(nq), exclude - n] = np.float32(1e30)
+    for got, want in zip(topk(d2, offset=n, prev=first, scale=-2.0, bias=bias, exclude=exclude, exclude_key=1e30),
+                         topk_oracle(np.concatenate([d1, keys], 1), k)):
         np.testing.assert_array_equal(got, want)
 
 
