@@ -148,13 +148,16 @@ def pool_size(k, available):
 
 
 def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_threads=-1, block=None,
-               base_block=None, device=("cpu", None), progress=None, base_cache=None):
+               base_block=None, device=("cpu", None), progress=None, base_cache=None, phases=None):
     """The kernel on validated float32 input: base [n, d], queries [nq, d] C-contiguous float32
     (cosine rows already normalised), ``0 <= k <=`` the rows that can be returned.
 
     labels : [n] integer array, optional. Tie-break key per base row (default: the row number).
     self_rows : [nq] int64, optional. Base row excluded for each query.
     device : ("cpu", None) or ("cuda", ordinal), as from ``_validate.resolve_device``.
+    phases : dict, optional. CUDA path: filled with GPU seconds per phase (``upload``, ``tiles``
+        (products and selection), ``rerank`` (float64 re-ranking and ordering), ``download``), from
+        CUDA events, so measuring adds no waits.
     Returns (rows int64 [nq, k] into ``base``, dists float32 [nq, k]).
     """
     n, nq = base.shape[0], queries.shape[0]
@@ -169,7 +172,7 @@ def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_thre
         with import_cupy().cuda.Device(device[1] or 0):
             return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
                                block=block, base_block=base_block, progress=progress,
-                               base_cache=base_cache, out=(ids, dists))
+                               base_cache=base_cache, out=(ids, dists), phases=phases)
 
     block = int(block) if block else min(_CPU_BLOCK, nq)
     base_block = int(base_block) if base_block else max(pool, _CPU_TILE_ENTRIES // block)
@@ -361,7 +364,7 @@ def upload_base(base, space, device):
 
 
 def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
-                base_cache, out):
+                base_cache, out, phases):
     """Per block of queries: the tiles' keys go straight from cuBLAS into ``select_topk_kernel``
     (which forms the key and excludes the query's own row as it reads), the pool is re-ranked in
     float64 and ordered on the device, and nothing comes back to the host before the end: the only
@@ -369,13 +372,26 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
     cp = import_cupy()
     ids, dists = out
     nq, n = queries.shape[0], base.shape[0]
+    marks = {}                                  # phase -> [(start event, end event)]
+
+    def mark(phase, start):
+        if phases is not None:
+            event = cp.cuda.Event()
+            event.record()
+            if start:
+                marks.setdefault(phase, []).append([event])
+            else:
+                marks[phase][-1].append(event)
+
     try:
+        mark("upload", True)
         if base_cache is not None:
             bdev, bsq = base_cache
         else:
             bdev = cp.asarray(base)
             bsq = (bdev * bdev).sum(axis=1) if space == "l2" else None
         qdev = bdev if queries is base else None          # a k-NN graph: the queries are the base
+        mark("upload", False)
         sdev = None if self_rows is None else cp.asarray(self_rows)
         tie = None if labels is None else cp.asarray(labels)
         ids_dev = cp.empty((nq, k), dtype=cp.int64)
@@ -389,6 +405,7 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
             b = min(a + block, nq)
             q = qdev[a:b] if qdev is not None else cp.asarray(queries[a:b])
             srows = None if sdev is None else sdev[a:b]
+            mark("tiles", True)
             if fused:
                 best_key = cp.empty((b - a, pool), dtype=cp.float32)
                 best_idx = cp.empty((b - a, pool), dtype=cp.int64)
@@ -400,8 +417,11 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                                 exclude_key=EXCLUDED_KEY)
             else:
                 best_idx = _pool_cuda_grouped(cp, q, bdev, bsq, space, srows, pool, base_block)
+            mark("tiles", False)
+            mark("rerank", True)
             d64 = _exact_dists_cuda(cp, bdev, q, best_idx, space)
             ids_dev[a:b], dists_dev[a:b] = _order_cuda(cp, d64, best_idx, k, srows, tie)
+            mark("rerank", False)
             event = cp.cuda.Event(disable_timing=True)
             event.record()
             queued.append((b, event))
@@ -410,7 +430,12 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                 event.synchronize()
                 if progress is not None:
                     progress(done)
+        mark("download", True)
         ids[:], dists[:] = cp.asnumpy(ids_dev), cp.asnumpy(dists_dev)
+        mark("download", False)
+        if phases is not None:
+            for phase, pairs in marks.items():
+                phases[phase] = sum(cp.cuda.get_elapsed_time(e0, e1) for e0, e1 in pairs) / 1e3
         if progress is not None:
             progress(nq)
     except cp.cuda.memory.OutOfMemoryError as exc:

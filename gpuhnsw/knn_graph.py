@@ -100,8 +100,9 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
         neighbours, explicit zeros included) instead of the two arrays. Needs scipy.
     return_info : bool
         Also return a dict: ``method`` (the one that ran), ``device``, ``dist_evals`` (distance
-        evaluations, or None where not counted), ``rounds`` (NN-descent), ``seconds``. The same
-        facts are logged at INFO level on the ``gpuhnsw`` logger.
+        evaluations, or None where not counted), ``rounds`` (NN-descent), ``seconds``, ``phases``
+        (GPU exact and NN-descent: seconds per phase, a dict; else None). The same facts are logged
+        at INFO level on the ``gpuhnsw`` logger.
     M, ef_construction : int
         HNSW build parameters (hnsw method only).
     ef : int, optional
@@ -149,7 +150,7 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     if progress is None:
         progress = n >= PROGRESS_MIN_ROWS and _stderr_is_tty()
     info = dict(method=method, device="cpu" if dev[0] == "cpu" else f"cuda:{dev[1] or 0}",
-                dist_evals=None, rounds=None, seconds=None)
+                dist_evals=None, rounds=None, seconds=None, phases=None)
     start = time.perf_counter()
     kk = k - 1 if include_self else k            # other rows to find
     if kk <= 0 or n <= 1:
@@ -165,9 +166,11 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     elif method == "exact":
         xs = normalize_rows(x) if space == "cosine" else x
         if dev[0] == "cuda":
+            info["phases"] = {}
             with _Progress(progress, n, "exact k-NN graph") as bar:
                 neighbors, distances = exact_rows(xs, xs, kk, space, device=dev, progress=bar.to,
-                                                  self_rows=np.arange(n, dtype=np.int64))
+                                                  self_rows=np.arange(n, dtype=np.int64),
+                                                  phases=info["phases"])
             info["dist_evals"] = n * n
         else:
             neighbors, distances, info["dist_evals"] = _exact_graph_cpu(

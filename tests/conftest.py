@@ -206,6 +206,10 @@ class NumpyAsCupy:
             def synchronize(self):
                 pass
 
+        @staticmethod
+        def get_elapsed_time(start, end):
+            return 0.0
+
         class memory:
             class OutOfMemoryError(MemoryError):
                 pass

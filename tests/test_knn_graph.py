@@ -159,6 +159,23 @@ def test_exact_memory_is_bounded(make_data):
     assert peak < 8000 * 8000 * 4 / 2, peak                           # 128 MB for the full matrix
 
 
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+def test_exact_cuda_path_logic_equals_cpu(monkeypatch, numpy_as_cupy, numpy_select_topk, datasets, space):
+    """The GPU exact graph (fused keys, self excluded in the kernel, ordering on the device) on NumPy
+    through the CuPy stand-in: the same graph as the CPU's symmetric tiling, and its phases reported."""
+    from gpuhnsw import exact
+
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
+    monkeypatch.setattr(kg_module, "resolve_device", lambda device: ("cuda", 0) if device == "cuda" else ("cpu", None))
+    base, _, _, _ = datasets("mnist" if space == "l2" else "minilm-debian")
+    base = np.ascontiguousarray(base[:1500])
+    cpu = knn_graph(base, 10, space=space, method="exact", device="cpu")
+    ids, dists, info = knn_graph(base, 10, space=space, method="exact", device="cuda", return_info=True)
+    np.testing.assert_array_equal(ids, cpu[0])
+    np.testing.assert_array_equal(dists, cpu[1])
+    assert set(info["phases"]) == {"upload", "tiles", "rerank", "download"}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("space", ["l2", "cosine"])
 def test_exact_gpu_equals_cpu(datasets, space):
