@@ -243,6 +243,7 @@ def test_gpu_path_logic_recall_and_distances(numpy_gpu, name, space, n):
     ids, dists, info = knn_graph(base, 10, space=space, method="nndescent", device="cuda",
                                  return_info=True)
     assert info["device"] == "cuda:0" and info["rounds"] >= 1 and info["dist_evals"] > 0
+    assert set(info["phases"]) == {"init", "sample", "join", "merge", "final"}
     assert testing.recall_at_k(ids, want, 10) >= 0.95
     assert not (ids == np.arange(n)[:, None]).any()
     assert (np.diff(dists, axis=1) >= 0).all()
@@ -252,14 +253,30 @@ def test_gpu_path_logic_recall_and_distances(numpy_gpu, name, space, n):
 
 
 def test_gpu_path_small_blocks_and_merges(numpy_gpu, monkeypatch):
-    """Many join blocks and several merges per round give the same kind of graph."""
-    monkeypatch.setattr(numpy_gpu, "_BLOCK_ENTRIES", 1 << 14)
-    monkeypatch.setattr(numpy_gpu, "_MERGE_ENTRIES", 1 << 12)
+    """Many join blocks and merge chunks per round give the same kind of graph."""
+    monkeypatch.setattr(numpy_gpu, "_BLOCK_ENTRIES", 1 << 12)
     x = testing.clustered(1500, 12, seed=2)
     want, _ = _exact(x, 6)
     ids, dists = knn_graph(x, 6, method="nndescent", device="cuda", random_seed=3)
     assert testing.recall_at_k(ids, want, 6) >= 0.95
     np.testing.assert_allclose(dists, _true_dists(x, ids, "l2"), rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_path_keys_order_by_distance_then_flags_then_id(numpy_gpu):
+    """The packed graph keys: one unsigned compare orders (distance, flags, id), negative
+    distances (ip) and -0.0 included, and they unpack to what was packed."""
+    d = np.array([2.0, -1.5, 0.0, -0.0, 2.0, 1e-30, -3e38, 7.0, 2.0], np.float32)
+    ids = np.array([7, 5, 3, 1, 2, 9, 1, 0, 2], np.int64)     # -0.0 first either way
+    new = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1], bool)
+    keys = numpy_gpu._pack(np, d, ids, np.where(new, numpy_gpu._NEW, np.uint64(0)))
+    order = np.argsort(keys, kind="stable")
+    np.testing.assert_array_equal(order, np.lexsort((ids, new, d)))
+    np.testing.assert_array_equal(numpy_gpu._ids(np, keys), ids)
+    np.testing.assert_array_equal(numpy_gpu._dists(np, keys), d)
+    empty = np.full(2, numpy_gpu._EMPTY)
+    assert (keys < numpy_gpu._EMPTY).all()
+    np.testing.assert_array_equal(numpy_gpu._ids(np, empty), [-1, -1])
+    assert np.isinf(numpy_gpu._dists(np, empty)).all()
 
 
 def test_gpu_path_duplicates_and_tiny_inputs(numpy_gpu):
