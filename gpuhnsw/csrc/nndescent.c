@@ -9,6 +9,13 @@
  * So the graph, the round count and the number of distance evaluations depend on the seed and the
  * data only: not on the thread count, nor on scheduling.
  *
+ * Speed.  Distances come GHNSW_TILE x GHNSW_TILE pairs at a time from a register-tiled kernel
+ * (distance.c), so each row loaded from cache serves several pairs: a leaf of a tree, and a row's
+ * new x (new + old) candidates, are joined as small blocks.  The forest is built breadth-first over
+ * all trees while its nodes are larger than the cache (one pass over the data per level, not one per
+ * level and tree), then depth-first.  The joins visit rows in the first tree's leaf order, so that
+ * consecutive rows share candidates whose vectors are still cached.
+ *
  * Memory besides the caller's data (read in place, never copied; rows of `dim` floats, unpadded):
  *
  *   ids, d, flag [n, k]   uint32, float, uint8   per-row max-heap on (d, id), root = the worst entry
@@ -16,7 +23,9 @@
  *   locks        [n]      uint8                  one spin lock per row (heap and candidate lists)
  *   cand ids/prio [2, n, mc] uint32, count [2, n] sampled new (0) and old (1) candidates per row
  *   inv_norm     [n]      float                  cosine only: 1 / (|x| + 1e-30), hnswlib's rule
- *   per worker:  [n] uint32 tree permutation, [dim] float hyperplane, a counter cache line
+ *   perm, node_of [n_trees, n] uint32, bf_left [n_trees, n] uint8   the forest (see build_forest)
+ *   order        [n]      uint32                 the joins' row order
+ *   per worker:  [n] uint8 plane sides, [dim] float hyperplane, [2 mc] uint32 candidates, a counter
  */
 #include <math.h>
 #include <stdlib.h>
@@ -27,7 +36,9 @@
 
 enum { FLAG_OLD = 0, FLAG_NEW = 1, FLAG_FRESH = 2 /* inserted during the running join */ };
 enum { NEW_LIST = 0, OLD_LIST = 1 };
-#define ROW_BLOCK 128 /* rows per task of the thread pool */
+#define ROW_BLOCK 128   /* rows per task of the thread pool */
+#define PREFETCH_ROWS 2 /* tree splits: rows fetched ahead of the one being projected */
+#define LOCAL_BYTES (1u << 20) /* tree nodes whose rows fit in this many bytes are split depth-first */
 
 static inline uint64_t mix64(uint64_t x) { /* splitmix64's finaliser */
     x += 0x9E3779B97F4A7C15ull;
@@ -38,12 +49,14 @@ static inline uint64_t mix64(uint64_t x) { /* splitmix64's finaliser */
 static inline uint64_t hash3(uint64_t a, uint64_t b, uint64_t c) { return mix64(mix64(mix64(a) ^ b) ^ c); }
 
 typedef struct { uint64_t evals, fresh, pad[6]; } counter_t; /* one cache line per worker */
+typedef struct { uint32_t tree, start, size; uint64_t key; } tnode_t; /* perm[tree][start, start + size) */
 
 typedef struct {
     const float *data; /* [n, dim] */
     size_t n, dim, dim4; /* dim4 = dim rounded down to 4: the SIMD kernels' part of a row */
     int space;
-    ghnsw_dist_fn dist, dot1m; /* the space's kernel; the ip kernel (1 - a.b) */
+    ghnsw_tile_fn tile;        /* pair distances, GHNSW_TILE x GHNSW_TILE at a time */
+    ghnsw_dist_fn dot1m;       /* the ip kernel (1 - a.b): tree splits */
     float *inv_norm;           /* [n], cosine only */
     const ghnsw_nnd_params_t *p;
     uint32_t k, mc;
@@ -52,8 +65,17 @@ typedef struct {
     uint8_t *flag, *locks;
     uint32_t *cand_ids, *cand_prio, *cand_n; /* [2, n, mc], [2, n, mc], [2, n] */
     uint64_t round_seed;
-    uint32_t *perm; /* [workers, n] */
+    uint32_t *perm;  /* [n_trees, n] each tree's rows, in leaf order once built */
+    uint32_t *order; /* [n] rows in the first tree's leaf order (near rows adjacent): the join's order */
+    uint32_t *cands; /* [workers, 2 * mc] one row's new then old candidates */
     float *plane;   /* [workers, dim] */
+    uint8_t *side;  /* [workers, n] a tree node's rows: left of its plane? */
+    /* the forest's breadth-first levels: nodes with more than local_rows rows */
+    size_t local_rows;
+    tnode_t *front, *kids, *local; /* this level's nodes [nf]; their children [2 nf]; depth-first ones */
+    float *planes, *offsets;       /* [nf, dim], [nf] */
+    uint32_t *node_of;             /* [n_trees, n] row -> its node of this level, or GHNSW_INVALID */
+    uint8_t *bf_left;              /* [n_trees, n] row -> left of that node's plane? */
     counter_t *cnt; /* [workers] */
 } nnd_t;
 
@@ -65,19 +87,15 @@ static inline float dot_tail(const float *x, const float *y, size_t from, size_t
     return s;
 }
 
-/* Distance of rows a and b, computed in one fixed operand order so that d(a, b) == d(b, a) bit for
- * bit (a pair reached from either side must offer the same key). */
-static float pair_dist(const nnd_t *s, uint32_t a, uint32_t b) {
+static inline const float *row_of(const nnd_t *s, uint32_t i) { return s->data + (size_t)i * s->dim; }
+
+/* Distance of rows a and b from the tile kernel's raw sum, in one fixed operand order so that
+ * d(a, b) == d(b, a) bit for bit (a pair reached from either side must offer the same key). */
+static inline float pair_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw) {
+    if (s->space == GHNSW_L2) return raw;
+    if (s->space == GHNSW_IP) return 1.0f - raw;
     if (a > b) { uint32_t t = a; a = b; b = t; }
-    const float *x = s->data + (size_t)a * s->dim, *y = s->data + (size_t)b * s->dim;
-    float r = s->dist(x, y, s->dim4);
-    if (s->space == GHNSW_L2) {
-        for (size_t i = s->dim4; i < s->dim; i++) { float t = x[i] - y[i]; r += t * t; }
-        return r;
-    }
-    r -= dot_tail(x, y, s->dim4, s->dim); /* r = 1 - a.b */
-    if (s->space == GHNSW_COSINE) r = 1.0f - ((1.0f - r) * s->inv_norm[a]) * s->inv_norm[b];
-    return r;
+    return 1.0f - (raw * s->inv_norm[a]) * s->inv_norm[b];
 }
 
 static inline float dot(const nnd_t *s, const float *x, const float *y) {
@@ -89,16 +107,12 @@ static inline float dot(const nnd_t *s, const float *x, const float *y) {
 static inline int before(float da, uint32_t ia, float db, uint32_t ib) { return da < db || (da == db && ia < ib); }
 static inline int before_u(uint32_t pa, uint32_t ia, uint32_t pb, uint32_t ib) { return pa < pb || (pa == pb && ia < ib); }
 
-/* Offers (dv, id) to row's heap; returns 1 if it entered. */
-static int heap_push(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag) {
-    float t;
-    __atomic_load(&s->thr[row], &t, __ATOMIC_RELAXED);
-    if (dv > t) return 0; /* thr only decreases, so this rejection is final */
+/* Offers (dv, id) to row's heap, under the row's lock. */
+static void heap_insert(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag) {
     size_t k = s->k;
     uint32_t *ids = s->ids + row * k;
     float *d = s->d + row * k;
     uint8_t *fl = s->flag + row * k;
-    int entered = 0;
     ghnsw_spin_lock(&s->locks[row]);
     if (before(dv, id, d[0], ids[0])) {
         size_t j;
@@ -115,11 +129,17 @@ static int heap_push(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag
             }
             d[i] = dv; ids[i] = id; fl[i] = flag;
             __atomic_store(&s->thr[row], &d[0], __ATOMIC_RELAXED);
-            entered = 1;
         }
     }
     ghnsw_spin_unlock(&s->locks[row]);
-    return entered;
+}
+
+/* The common case inline: most offers lose to the row's worst entry (read without the lock: thr
+ * only decreases, so the rejection is final). */
+static inline void heap_push(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag) {
+    float t;
+    __atomic_load(&s->thr[row], &t, __ATOMIC_RELAXED);
+    if (dv <= t) heap_insert(s, row, dv, id, flag);
 }
 
 /* Offers candidate id with priority pr to row's list (NEW_LIST or OLD_LIST): keeps the mc smallest
@@ -157,39 +177,69 @@ static void cand_push(nnd_t *s, int list, uint32_t row, uint32_t pr, uint32_t id
     ghnsw_spin_unlock(&s->locks[row]);
 }
 
-/* ---- random-projection trees ------------------------------------------------------------------ */
+/* ---- joins ------------------------------------------------------------------------------------ */
 
-static void leaf_join(nnd_t *s, const uint32_t *idx, size_t m, int worker) {
-    for (size_t a = 0; a < m; a++)
-        for (size_t b = a + 1; b < m; b++) {
-            float dv = pair_dist(s, idx[a], idx[b]);
-            heap_push(s, idx[a], dv, idx[b], FLAG_NEW);
-            heap_push(s, idx[b], dv, idx[a], FLAG_NEW);
+/* Every pair (ids[a], ids[b]) with a < na and a < b < m is evaluated, a tile at a time (tiles on
+ * and right of the diagonal; the padding of a short tile repeats its last row), and offered to both
+ * rows' heaps; pairs of one id with itself are skipped.  Returns the pairs evaluated. */
+static uint64_t join_list(nnd_t *s, const uint32_t *ids /* [m] */, uint32_t na, uint32_t m, uint8_t flag) {
+    enum { T = GHNSW_TILE };
+    const float *pa[T], *pb[T];
+    float out[T * T];
+    uint64_t evals = 0;
+    for (uint32_t a0 = 0; a0 < na; a0 += T) {
+        for (uint32_t r = 0; r < T; r++) pa[r] = row_of(s, ids[a0 + r < na ? a0 + r : na - 1]);
+        for (uint32_t b0 = a0; b0 < m; b0 += T) {
+            for (uint32_t c = 0; c < T; c++) pb[c] = row_of(s, ids[b0 + c < m ? b0 + c : m - 1]);
+            s->tile(pa, pb, s->dim, out);
+            for (uint32_t r = 0; r < T && a0 + r < na; r++)
+                for (uint32_t c = 0; c < T && b0 + c < m; c++) {
+                    uint32_t p = ids[a0 + r], q = ids[b0 + c];
+                    if (b0 + c <= a0 + r || p == q) continue;
+                    float dv = pair_dist(s, p, q, out[r * T + c]);
+                    heap_push(s, p, dv, q, flag);
+                    heap_push(s, q, dv, p, flag);
+                    evals++;
+                }
         }
-    s->cnt[worker].evals += m * (m - 1) / 2;
+    }
+    return evals;
 }
 
-/* Splits idx[0, m) by a hyperplane through two random members (l2, ip: their perpendicular
- * bisector; cosine: the plane between their directions) and recurses; leaves join all pairs. */
-static void split_node(nnd_t *s, uint32_t *idx, size_t m, uint64_t key, int worker) {
-    if (m <= s->p->leaf_size) { leaf_join(s, idx, m, worker); return; }
+/* ---- random-projection trees ------------------------------------------------------------------ */
+
+/* The hyperplane of a tree node over idx[0, m), through two members picked by its key (l2, ip: their
+ * perpendicular bisector; cosine: the plane between their directions): w [dim]; rows with
+ * dot(w, x) > offset go left. */
+static float node_plane(const nnd_t *s, const uint32_t *idx, size_t m, uint64_t key, float *w) {
     uint64_t h = hash3(s->p->seed, key, 0x5eed);
     size_t ia = (size_t)(h % m), ib = (size_t)((h >> 32) % (m - 1));
     if (ib >= ia) ib++;
-    const float *xa = s->data + (size_t)idx[ia] * s->dim, *xb = s->data + (size_t)idx[ib] * s->dim;
-    float *w = s->plane + (size_t)worker * s->dim, offset = 0;
+    const float *xa = row_of(s, idx[ia]), *xb = row_of(s, idx[ib]);
+    float offset = 0;
     if (s->space == GHNSW_COSINE) {
         float ua = s->inv_norm[idx[ia]], ub = s->inv_norm[idx[ib]];
         for (size_t i = 0; i < s->dim; i++) w[i] = xa[i] * ua - xb[i] * ub;
     } else {
         for (size_t i = 0; i < s->dim; i++) { w[i] = xa[i] - xb[i]; offset += w[i] * 0.5f * (xa[i] + xb[i]); }
     }
+    return offset;
+}
+
+/* Moves the rows of idx[0, m) whose left[j] is set to the front (left [m] moves along when not
+ * NULL); a degenerate plane (all on one side, e.g. duplicates) splits at random instead.  Returns
+ * the size of the left part, in [1, m - 1]. */
+static size_t partition(uint32_t *idx, uint8_t *left, size_t m, uint64_t key) {
     size_t lo = 0, hi = m; /* idx[0, lo) goes left, idx[hi, m) right */
     while (lo < hi) {
-        if (dot(s, w, s->data + (size_t)idx[lo] * s->dim) > offset) lo++;
-        else { uint32_t t = idx[lo]; idx[lo] = idx[--hi]; idx[hi] = t; }
+        if (left[lo]) lo++;
+        else {
+            hi--;
+            uint32_t t = idx[lo]; idx[lo] = idx[hi]; idx[hi] = t;
+            uint8_t u = left[lo]; left[lo] = left[hi]; left[hi] = u;
+        }
     }
-    if (lo == 0 || lo == m) { /* degenerate plane (e.g. duplicates): split at random */
+    if (lo == 0 || lo == m) {
         lo = 0; hi = m;
         while (lo < hi) {
             if (hash3(key, idx[lo], 0x51de) & 1) lo++;
@@ -197,30 +247,146 @@ static void split_node(nnd_t *s, uint32_t *idx, size_t m, uint64_t key, int work
         }
         if (lo == 0 || lo == m) lo = m / 2;
     }
+    return lo;
+}
+
+/* Depth-first below a node whose rows fit in cache: splits idx[0, m) and recurses; leaves join
+ * all pairs. */
+static void split_node(nnd_t *s, uint32_t *idx, size_t m, uint64_t key, int worker) {
+    if (m <= s->p->leaf_size) { s->cnt[worker].evals += join_list(s, idx, (uint32_t)m, (uint32_t)m, FLAG_NEW); return; }
+    float *w = s->plane + (size_t)worker * s->dim;
+    float offset = node_plane(s, idx, m, key, w);
+    uint8_t *left = s->side + (size_t)worker * s->n;
+    for (size_t j = 0; j < m; j++) { /* rows are scattered: fetch the next ones early */
+        if (j + PREFETCH_ROWS < m) {
+            const char *ahead = (const char *)row_of(s, idx[j + PREFETCH_ROWS]);
+            for (size_t b = 0; b < s->dim * sizeof(float); b += 64) __builtin_prefetch(ahead + b);
+        }
+        left[j] = dot(s, w, row_of(s, idx[j])) > offset;
+    }
+    size_t lo = partition(idx, left, m, key);
     split_node(s, idx, lo, mix64(2 * key), worker);
     split_node(s, idx + lo, m - lo, mix64(2 * key + 1), worker);
 }
 
-static int tree_task(void *ctx, size_t t, int worker) {
+/* Breadth-first above that: one level of every tree's large nodes per pass, and each pass reads
+ * every row once and projects it on the planes of its nodes in all trees (the data is read once a
+ * level, not once a level and tree). */
+static int plane_task(void *ctx, size_t f, int worker) {
     nnd_t *s = ctx;
-    uint32_t *idx = s->perm + (size_t)worker * s->n;
-    for (size_t i = 0; i < s->n; i++) idx[i] = (uint32_t)i;
-    split_node(s, idx, s->n, hash3(s->p->seed, t, 0x7ee), worker);
+    const tnode_t *nd = &s->front[f];
+    uint32_t *idx = s->perm + (size_t)nd->tree * s->n + nd->start;
+    s->offsets[f] = node_plane(s, idx, nd->size, nd->key, s->planes + f * s->dim);
+    uint32_t *owner = s->node_of + (size_t)nd->tree * s->n;
+    for (uint32_t j = 0; j < nd->size; j++) owner[idx[j]] = (uint32_t)f;
     return 0;
+}
+
+static int side_task(void *ctx, size_t blk, int worker) {
+    nnd_t *s = ctx;
+    size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    for (size_t i = blk * ROW_BLOCK; i < end; i++)
+        for (size_t t = 0; t < s->p->n_trees; t++) {
+            uint32_t f = s->node_of[t * s->n + i];
+            if (f != GHNSW_INVALID) s->bf_left[t * s->n + i] = dot(s, s->planes + f * s->dim, row_of(s, (uint32_t)i)) > s->offsets[f];
+        }
+    return 0;
+}
+
+static int part_task(void *ctx, size_t f, int worker) {
+    nnd_t *s = ctx;
+    const tnode_t *nd = &s->front[f];
+    uint32_t *idx = s->perm + (size_t)nd->tree * s->n + nd->start;
+    uint8_t *left = s->side + (size_t)worker * s->n; /* this node's flags, in idx order */
+    const uint8_t *side = s->bf_left + (size_t)nd->tree * s->n;
+    for (uint32_t j = 0; j < nd->size; j++) left[j] = side[idx[j]];
+    uint32_t lo = (uint32_t)partition(idx, left, nd->size, nd->key);
+    s->kids[2 * f] = (tnode_t){nd->tree, nd->start, lo, mix64(2 * nd->key)};
+    s->kids[2 * f + 1] = (tnode_t){nd->tree, nd->start + lo, nd->size - lo, mix64(2 * nd->key + 1)};
+    return 0;
+}
+
+static int local_task(void *ctx, size_t f, int worker) {
+    nnd_t *s = ctx;
+    const tnode_t *nd = &s->local[f];
+    split_node(s, s->perm + (size_t)nd->tree * s->n + nd->start, nd->size, nd->key, worker);
+    return 0;
+}
+
+static int grow(void **buf, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return 0;
+    size_t c = *cap ? *cap : 64;
+    while (c < need) c *= 2;
+    void *b = realloc(*buf, c * elem);
+    if (!b) return -1;
+    *buf = b; *cap = c;
+    return 0;
+}
+
+/* Builds the forest: every tree's rows end in leaf order in perm [n_trees, n], leaves joined. */
+static ghnsw_status_t build_forest(nnd_t *s, int workers, ghnsw_err_t *err) {
+    size_t T = s->p->n_trees, n = s->n, nf = 0, nl = 0, cap_f = 0, cap_k = 0, cap_l = 0, cap_p = 0;
+    ghnsw_status_t st = GHNSW_OK;
+    for (size_t t = 0; t < T; t++)
+        for (size_t i = 0; i < n; i++) s->perm[t * n + i] = (uint32_t)i;
+    if (grow((void **)&s->front, &cap_f, T, sizeof *s->front)) goto oom;
+    for (size_t t = 0; t < T; t++) {
+        tnode_t root = {(uint32_t)t, 0, (uint32_t)n, hash3(s->p->seed, t, 0x7ee)};
+        if (n > s->local_rows) s->front[nf++] = root;
+        else {
+            if (grow((void **)&s->local, &cap_l, nl + 1, sizeof *s->local)) goto oom;
+            s->local[nl++] = root;
+        }
+    }
+    while (nf) {
+        if (grow((void **)&s->planes, &cap_p, nf * s->dim, sizeof *s->planes) ||
+            grow((void **)&s->offsets, &cap_k, nf, sizeof *s->offsets)) goto oom;
+        memset(s->node_of, 0xFF, T * n * sizeof *s->node_of);
+        ghnsw_parallel_for(nf, workers, plane_task, s);
+        ghnsw_parallel_for((n + ROW_BLOCK - 1) / ROW_BLOCK, workers, side_task, s);
+        size_t cap_kids = 0;
+        tnode_t *kids = NULL;
+        if (grow((void **)&kids, &cap_kids, 2 * nf, sizeof *kids)) goto oom;
+        s->kids = kids;
+        ghnsw_parallel_for(nf, workers, part_task, s);
+        size_t next = 0;
+        if (grow((void **)&s->front, &cap_f, 2 * nf, sizeof *s->front)) { free(kids); goto oom; }
+        for (size_t c = 0; c < 2 * nf; c++) {
+            if (kids[c].size > s->local_rows) { s->front[next++] = kids[c]; continue; }
+            if (grow((void **)&s->local, &cap_l, nl + 1, sizeof *s->local)) { free(kids); goto oom; }
+            s->local[nl++] = kids[c];
+        }
+        free(kids);
+        s->kids = NULL;
+        nf = next;
+    }
+    ghnsw_parallel_for(nl, workers, local_task, s);
+    return st;
+oom:
+    return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the random-projection forest of %zu rows", n);
 }
 
 /* Rows the trees left short of k neighbours get random ones (hashed from the seed and the row). */
 static int fill_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    enum { T = GHNSW_TILE };
+    const float *pa[T], *pb[T];
+    float out[T * T];
+    uint32_t js[T];
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
-        for (uint64_t t = 0; s->ids[i * s->k] == GHNSW_INVALID; t++) {
-            /* hashed picks first; then consecutive rows, which end the loop since k < n */
-            uint32_t j = t < 4 * (uint64_t)s->k ? (uint32_t)(hash3(s->p->seed, i, t) % s->n)
-                                                 : (uint32_t)((i + 1 + t) % s->n);
-            if (j == i) continue;
-            heap_push(s, (uint32_t)i, pair_dist(s, (uint32_t)i, j), j, FLAG_NEW);
-            s->cnt[worker].evals++;
+        for (int r = 0; r < T; r++) pa[r] = row_of(s, (uint32_t)i);
+        for (uint64_t t = 0; s->ids[i * s->k] == GHNSW_INVALID;) {
+            int m = 0; /* the next T picks other than i: hashed first, then consecutive rows (which
+                        * end the loop since k < n) */
+            for (; m < T; t++) {
+                uint32_t j = t < 4 * (uint64_t)s->k ? (uint32_t)(hash3(s->p->seed, i, t) % s->n)
+                                                     : (uint32_t)((i + 1 + t) % s->n);
+                if (j != i) { js[m] = j; pb[m++] = row_of(s, j); }
+            }
+            s->tile(pa, pb, s->dim, out);
+            for (int c = 0; c < T; c++) heap_push(s, (uint32_t)i, pair_dist(s, (uint32_t)i, js[c], out[c]), js[c], FLAG_NEW);
+            s->cnt[worker].evals += T;
         }
     }
     return 0;
@@ -265,25 +431,20 @@ static int age_task(void *ctx, size_t blk, int worker) {
     return 0;
 }
 
-/* Local join around row i: every new-new and new-old pair of its candidates meets. */
+/* Local join around row i: every new-new and new-old pair of its candidates meets.  Rows go in
+ * leaf order, so consecutive rows share candidates and their vectors are still in cache. */
 static int join_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
     uint64_t evals = 0;
-    for (size_t i = blk * ROW_BLOCK; i < end; i++) {
-        const uint32_t *nc = s->cand_ids + i * s->mc, *oc = s->cand_ids + (s->n + i) * s->mc;
+    uint32_t *list = s->cands + (size_t)worker * 2 * s->mc;
+    for (size_t pos = blk * ROW_BLOCK; pos < end; pos++) {
+        size_t i = s->order[pos];
         uint32_t nn = s->cand_n[i], no = s->cand_n[s->n + i];
-        for (uint32_t a = 0; a < nn; a++) {
-            uint32_t p = nc[a];
-            for (uint32_t b = a + 1; b < nn + no; b++) {
-                uint32_t q = b < nn ? nc[b] : oc[b - nn];
-                if (q == p) continue;
-                float dv = pair_dist(s, p, q);
-                evals++;
-                heap_push(s, p, dv, q, FLAG_FRESH);
-                heap_push(s, q, dv, p, FLAG_FRESH);
-            }
-        }
+        if (!nn) continue;
+        memcpy(list, s->cand_ids + i * s->mc, nn * sizeof *list);
+        memcpy(list + nn, s->cand_ids + (s->n + i) * s->mc, no * sizeof *list);
+        evals += join_list(s, list, nn, nn + no, FLAG_FRESH);
     }
     s->cnt[worker].evals += evals;
     return 0;
@@ -332,7 +493,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     size_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
     nnd_t s = {0};
     s.data = data; s.n = n; s.dim = dim; s.dim4 = dim & ~(size_t)3; s.space = space; s.p = p;
-    s.dist = ghnsw_pick_distance(space);
+    s.tile = ghnsw_pick_tile(space);
     s.dot1m = ghnsw_pick_distance(GHNSW_IP);
     s.k = p->k; s.mc = p->max_candidates;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
@@ -344,21 +505,32 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.cand_ids = malloc(nmc * sizeof *s.cand_ids);
     s.cand_prio = malloc(nmc * sizeof *s.cand_prio);
     s.cand_n = malloc(2 * n * sizeof *s.cand_n);
-    s.perm = p->n_trees ? malloc((size_t)workers * n * sizeof *s.perm) : NULL;
+    size_t tn = (size_t)p->n_trees * n;
+    s.perm = malloc(tn * sizeof *s.perm);
+    s.node_of = malloc(tn * sizeof *s.node_of);
+    s.bf_left = malloc(tn);
+    s.side = malloc((size_t)workers * n);
+    s.local_rows = LOCAL_BYTES / (dim * sizeof(float));
+    if (s.local_rows < p->leaf_size) s.local_rows = p->leaf_size;
+    s.order = malloc(n * sizeof *s.order);
+    s.cands = malloc((size_t)workers * 2 * s.mc * sizeof *s.cands);
     s.plane = malloc((size_t)workers * dim * sizeof *s.plane);
     s.cnt = calloc((size_t)workers, sizeof *s.cnt);
     s.inv_norm = space == GHNSW_COSINE ? malloc(n * sizeof *s.inv_norm) : NULL;
     ghnsw_status_t st = GHNSW_OK;
     if (!s.ids || !s.d || !s.flag || !s.thr || !s.locks || !s.cand_ids || !s.cand_prio || !s.cand_n ||
-        (p->n_trees && !s.perm) || !s.plane || !s.cnt || (space == GHNSW_COSINE && !s.inv_norm)) {
+        (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space == GHNSW_COSINE && !s.inv_norm)) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the NN-descent state of %zu rows", n);
         goto out;
     }
     for (size_t e = 0; e < nk; e++) { s.ids[e] = GHNSW_INVALID; s.d[e] = INFINITY; }
-    for (size_t i = 0; i < n; i++) s.thr[i] = INFINITY;
+    for (size_t i = 0; i < n; i++) { s.thr[i] = INFINITY; s.order[i] = (uint32_t)i; }
     if (s.inv_norm) ghnsw_parallel_for(blocks, workers, norm_task, &s);
 
-    if (p->n_trees) ghnsw_parallel_for(p->n_trees, workers, tree_task, &s);
+    if (tn) {
+        if ((st = build_forest(&s, workers, err)) != GHNSW_OK) goto out;
+        memcpy(s.order, s.perm, n * sizeof *s.order); /* the first tree's leaf order */
+    }
     ghnsw_parallel_for(blocks, workers, fill_task, &s);
 
     uint64_t stop_below = (uint64_t)(p->delta * (double)nk), fresh = 0;
@@ -391,6 +563,6 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     if (info) { info->rounds = round; info->dist_evals = sum_field(&s, workers, 0); info->last_updates = fresh; }
 out:
     free(s.ids); free(s.d); free(s.flag); free(s.thr); free(s.locks);
-    free(s.cand_ids); free(s.cand_prio); free(s.cand_n); free(s.perm); free(s.plane); free(s.cnt); free(s.inv_norm);
+    free(s.cand_ids); free(s.cand_prio); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.inv_norm);
     return st;
 }
