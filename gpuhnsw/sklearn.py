@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .exact import exact_search
+from .exact import exact_search, normalize_rows, rerank
 from .knn_graph import AUTO_EXACT_LIMIT, METHODS, knn_graph, to_csr
 
 __all__ = ["KNNTransformer"]
@@ -128,14 +128,25 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     def _self_graph(self, k, space):
         key = ("graph", k)
         if key not in self._cache:
-            self._cache[key] = knn_graph(self._fit_X, k, space=space, method=self.method,
+            ids, dists, info = knn_graph(self._fit_X, k, space=space, method=self.method,
                                          device=self.device, include_self=True,
-                                         num_threads=self._threads(), random_seed=self._seed())
+                                         num_threads=self._threads(), random_seed=self._seed(),
+                                         return_info=True)
+            if info["method"] != "exact" and self._query_is_exact(self._fit_X):
+                # the query path's float64 distances, so that transform gives a row the same
+                # values whether or not X is the fitted data (NN-descent's are float32 sums)
+                x = normalize_rows(self._fit_X) if space == "cosine" else self._fit_X
+                ids, dists = rerank(x, x, ids, k, space)
+            self._cache[key] = ids, dists
         return self._cache[key]
+
+    def _query_is_exact(self, X):
+        n, d = self._fit_X.shape
+        return float(X.shape[0]) * n * d <= AUTO_EXACT_LIMIT["cpu"] or self.method == "exact"
 
     def _query(self, X, k, space):
         n, d = self._fit_X.shape
-        if float(X.shape[0]) * n * d <= AUTO_EXACT_LIMIT["cpu"] or self.method == "exact":
+        if self._query_is_exact(X):
             return exact_search(self._fit_X, X, k, space, num_threads=self._threads(),
                                 device=self.device)
         index = self._cache.get("index")
