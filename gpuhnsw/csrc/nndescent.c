@@ -20,8 +20,8 @@
  *
  *   ids, d, flag [n, k]   uint32, float, uint8   per-row max-heap on (d, id), root = the worst entry
  *   thr          [n]      float                  root distance, read without the lock as a pre-check
- *   locks        [n]      uint8                  one spin lock per row (heap and candidate lists)
- *   cand ids/prio [2, n, mc] uint32, count [2, n] sampled new (0) and old (1) candidates per row
+ *   locks        [n]      uint8                  one spin lock per row's heap
+ *   cand [2, n, mc] uint64, count [2, n] uint32   sampled new (0) and old (1) candidates per row
  *   inv_norm     [n]      float                  cosine only: 1 / (|x| + 1e-30), hnswlib's rule
  *   perm, node_of [n_trees, n] uint32, bf_left [n_trees, n] uint8   the forest (see build_forest)
  *   order        [n]      uint32                 the joins' row order
@@ -63,7 +63,8 @@ typedef struct {
     uint32_t *ids;
     float *d, *thr;
     uint8_t *flag, *locks;
-    uint32_t *cand_ids, *cand_prio, *cand_n; /* [2, n, mc], [2, n, mc], [2, n] */
+    uint64_t *cand;   /* [2, n, mc] sampled candidates: hash priority << 32 | id */
+    uint32_t *cand_n; /* [2, n] */
     uint64_t round_seed;
     uint32_t *perm;  /* [n_trees, n] each tree's rows, in leaf order once built */
     uint32_t *order; /* [n] rows in the first tree's leaf order (near rows adjacent): the join's order */
@@ -77,6 +78,7 @@ typedef struct {
     uint32_t *node_of;             /* [n_trees, n] row -> its node of this level, or GHNSW_INVALID */
     uint8_t *bf_left;              /* [n_trees, n] row -> left of that node's plane? */
     counter_t *cnt; /* [workers] */
+    size_t stripes; /* sampling tasks, one per worker */
 } nnd_t;
 
 /* ---- distances -------------------------------------------------------------------------------- */
@@ -105,7 +107,13 @@ static inline float dot(const nnd_t *s, const float *x, const float *y) {
 /* ---- bounded heaps ---------------------------------------------------------------------------- */
 
 static inline int before(float da, uint32_t ia, float db, uint32_t ib) { return da < db || (da == db && ia < ib); }
-static inline int before_u(uint32_t pa, uint32_t ia, uint32_t pb, uint32_t ib) { return pa < pb || (pa == pb && ia < ib); }
+
+/* Whether ids [m] holds id: no early exit, so that the compiler vectorises it (m is small). */
+static inline int holds(const uint32_t *ids, size_t m, uint32_t id) {
+    uint32_t hit = 0;
+    for (size_t j = 0; j < m; j++) hit |= ids[j] == id;
+    return hit != 0;
+}
 
 /* Offers (dv, id) to row's heap, under the row's lock. */
 static void heap_insert(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag) {
@@ -114,22 +122,18 @@ static void heap_insert(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t f
     float *d = s->d + row * k;
     uint8_t *fl = s->flag + row * k;
     ghnsw_spin_lock(&s->locks[row]);
-    if (before(dv, id, d[0], ids[0])) {
-        size_t j;
-        for (j = 0; j < k && ids[j] != id; j++) {}
-        if (j == k) {
-            size_t i = 0;
-            for (;;) { /* sift the new entry down from the root */
-                size_t c = 2 * i + 1;
-                if (c >= k) break;
-                if (c + 1 < k && before(d[c], ids[c], d[c + 1], ids[c + 1])) c++;
-                if (before(d[c], ids[c], dv, id)) break;
-                d[i] = d[c]; ids[i] = ids[c]; fl[i] = fl[c];
-                i = c;
-            }
-            d[i] = dv; ids[i] = id; fl[i] = flag;
-            __atomic_store(&s->thr[row], &d[0], __ATOMIC_RELAXED);
+    if (before(dv, id, d[0], ids[0]) && !holds(ids, k, id)) {
+        size_t i = 0;
+        for (;;) { /* sift the new entry down from the root */
+            size_t c = 2 * i + 1;
+            if (c >= k) break;
+            if (c + 1 < k && before(d[c], ids[c], d[c + 1], ids[c + 1])) c++;
+            if (before(d[c], ids[c], dv, id)) break;
+            d[i] = d[c]; ids[i] = ids[c]; fl[i] = fl[c];
+            i = c;
         }
+        d[i] = dv; ids[i] = id; fl[i] = flag;
+        __atomic_store(&s->thr[row], &d[0], __ATOMIC_RELAXED);
     }
     ghnsw_spin_unlock(&s->locks[row]);
 }
@@ -142,39 +146,35 @@ static inline void heap_push(nnd_t *s, uint32_t row, float dv, uint32_t id, uint
     if (dv <= t) heap_insert(s, row, dv, id, flag);
 }
 
-/* Offers candidate id with priority pr to row's list (NEW_LIST or OLD_LIST): keeps the mc smallest
- * (priority, id) pairs, as a max-heap. */
-static void cand_push(nnd_t *s, int list, uint32_t row, uint32_t pr, uint32_t id) {
-    size_t mc = s->mc, base = ((size_t)list * s->n + row) * mc;
-    uint32_t *ids = s->cand_ids + base, *prio = s->cand_prio + base, *cnt = s->cand_n + (size_t)list * s->n + row;
-    ghnsw_spin_lock(&s->locks[row]);
-    size_t m = *cnt, j;
-    for (j = 0; j < m && ids[j] != id; j++) {}
-    if (j == m) {
-        if (m < mc) { /* sift up */
-            size_t i = m;
-            while (i > 0) {
-                size_t par = (i - 1) / 2;
-                if (before_u(pr, id, prio[par], ids[par])) break; /* the parent stays above */
-                prio[i] = prio[par]; ids[i] = ids[par];
-                i = par;
-            }
-            prio[i] = pr; ids[i] = id;
-            *cnt = (uint32_t)(m + 1);
-        } else if (before_u(pr, id, prio[0], ids[0])) { /* replace the root, sift down */
-            size_t i = 0;
-            for (;;) {
-                size_t c = 2 * i + 1;
-                if (c >= mc) break;
-                if (c + 1 < mc && before_u(prio[c], ids[c], prio[c + 1], ids[c + 1])) c++;
-                if (before_u(prio[c], ids[c], pr, id)) break;
-                prio[i] = prio[c]; ids[i] = ids[c];
-                i = c;
-            }
-            prio[i] = pr; ids[i] = id;
+static inline uint32_t cand_id(uint64_t key) { return (uint32_t)key; }
+
+/* Offers candidate key (priority << 32 | id) to row's list (NEW_LIST or OLD_LIST): keeps the mc
+ * smallest keys, as a max-heap.  Only the sampling stripe that owns the row writes its lists, so
+ * no lock. */
+static void cand_push(nnd_t *s, int list, uint32_t row, uint64_t key) {
+    size_t mc = s->mc;
+    uint64_t *c = s->cand + ((size_t)list * s->n + row) * mc;
+    uint32_t *cnt = s->cand_n + (size_t)list * s->n + row;
+    size_t m = *cnt;
+    if (m == mc && key >= c[0]) return; /* most offers, once the list is full */
+    uint64_t hit = 0;                    /* the same edge offered from both ends: the same key */
+    for (size_t j = 0; j < m; j++) hit |= c[j] == key;
+    if (hit) return;
+    size_t i;
+    if (m < mc) { /* sift up */
+        for (i = m; i > 0 && c[(i - 1) / 2] < key; i = (i - 1) / 2) c[i] = c[(i - 1) / 2];
+        *cnt = (uint32_t)(m + 1);
+    } else { /* replace the root, sift down */
+        for (i = 0;;) {
+            size_t ch = 2 * i + 1;
+            if (ch >= mc) break;
+            if (ch + 1 < mc && c[ch] < c[ch + 1]) ch++;
+            if (c[ch] < key) break;
+            c[i] = c[ch];
+            i = ch;
         }
     }
-    ghnsw_spin_unlock(&s->locks[row]);
+    c[i] = key;
 }
 
 /* ---- joins ------------------------------------------------------------------------------------ */
@@ -398,34 +398,44 @@ static inline uint32_t edge_priority(const nnd_t *s, uint32_t a, uint32_t b) {
     return (uint32_t)hash3(s->round_seed, a < b ? a : b, a < b ? b : a);
 }
 
-/* Each heap entry (i -> j) is offered, with one priority, to the candidate lists of i and j. */
-static int sample_task(void *ctx, size_t blk, int worker) {
-    nnd_t *s = ctx;
-    size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
-    for (size_t i = blk * ROW_BLOCK; i < end; i++)
+/* Each heap entry (i -> j) is offered, with one priority, to the candidate lists of i and j: new
+ * entries to the new lists, then (a second pass) old entries to the old lists of the rows that have
+ * new candidates (the old list of a row without any is never joined).  Task `stripe` reads every
+ * entry but writes only the lists of its own rows [lo, hi) (whole row blocks, so no two stripes
+ * share a cache line of the lists): no locks, and the reads are sequential. */
+static void sample_pass(nnd_t *s, size_t stripe, int list) {
+    const uint32_t *has_new = s->cand_n; /* [n], complete when the old pass runs */
+    size_t blocks = (s->n + ROW_BLOCK - 1) / ROW_BLOCK;
+    size_t lo = blocks * stripe / s->stripes * ROW_BLOCK, hi = blocks * (stripe + 1) / s->stripes * ROW_BLOCK;
+    for (size_t i = 0; i < s->n; i++) {
+        int mine = i >= lo && i < hi && (list == NEW_LIST || has_new[i]);
         for (size_t e = 0; e < s->k; e++) {
             uint32_t j = s->ids[i * s->k + e];
-            if (j == GHNSW_INVALID) continue;
-            int list = s->flag[i * s->k + e] == FLAG_OLD ? OLD_LIST : NEW_LIST;
-            uint32_t pr = edge_priority(s, (uint32_t)i, j);
-            cand_push(s, list, (uint32_t)i, pr, j);
-            cand_push(s, list, j, pr, (uint32_t)i);
+            if (j == GHNSW_INVALID || (s->flag[i * s->k + e] == FLAG_OLD) != (list == OLD_LIST)) continue;
+            int theirs = j >= lo && j < hi && (list == NEW_LIST || has_new[j]);
+            if (!mine && !theirs) continue;
+            uint64_t pr = (uint64_t)edge_priority(s, (uint32_t)i, j) << 32;
+            if (mine) cand_push(s, list, (uint32_t)i, pr | j);
+            if (theirs) cand_push(s, list, j, pr | i);
         }
-    return 0;
+    }
 }
+
+static int sample_new_task(void *ctx, size_t stripe, int worker) { sample_pass(ctx, stripe, NEW_LIST); return 0; }
+static int sample_old_task(void *ctx, size_t stripe, int worker) { sample_pass(ctx, stripe, OLD_LIST); return 0; }
 
 /* New entries sampled into row i's new list take part in this round's join: they become old. */
 static int age_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
-        const uint32_t *nc = s->cand_ids + i * s->mc;
+        const uint64_t *nc = s->cand + i * s->mc;
         uint32_t m = s->cand_n[i];
         for (size_t e = 0; e < s->k; e++) {
             if (s->flag[i * s->k + e] != FLAG_NEW) continue;
             uint32_t j = s->ids[i * s->k + e];
             for (uint32_t c = 0; c < m; c++)
-                if (nc[c] == j) { s->flag[i * s->k + e] = FLAG_OLD; break; }
+                if (cand_id(nc[c]) == j) { s->flag[i * s->k + e] = FLAG_OLD; break; }
         }
     }
     return 0;
@@ -440,11 +450,11 @@ static int join_task(void *ctx, size_t blk, int worker) {
     uint32_t *list = s->cands + (size_t)worker * 2 * s->mc;
     for (size_t pos = blk * ROW_BLOCK; pos < end; pos++) {
         size_t i = s->order[pos];
-        uint32_t nn = s->cand_n[i], no = s->cand_n[s->n + i];
+        uint32_t nn = s->cand_n[i], m = nn + s->cand_n[s->n + i];
         if (!nn) continue;
-        memcpy(list, s->cand_ids + i * s->mc, nn * sizeof *list);
-        memcpy(list + nn, s->cand_ids + (s->n + i) * s->mc, no * sizeof *list);
-        evals += join_list(s, list, nn, nn + no, FLAG_FRESH);
+        const uint64_t *nc = s->cand + i * s->mc, *oc = s->cand + (s->n + i) * s->mc;
+        for (uint32_t c = 0; c < m; c++) list[c] = cand_id(c < nn ? nc[c] : oc[c - nn]);
+        evals += join_list(s, list, nn, m, FLAG_FRESH);
     }
     s->cnt[worker].evals += evals;
     return 0;
@@ -495,15 +505,14 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.data = data; s.n = n; s.dim = dim; s.dim4 = dim & ~(size_t)3; s.space = space; s.p = p;
     s.tile = ghnsw_pick_tile(space);
     s.dot1m = ghnsw_pick_distance(GHNSW_IP);
-    s.k = p->k; s.mc = p->max_candidates;
+    s.k = p->k; s.mc = p->max_candidates; s.stripes = (size_t)workers;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
     s.ids = malloc(nk * sizeof *s.ids);
     s.d = malloc(nk * sizeof *s.d);
     s.flag = calloc(nk, 1);
     s.thr = malloc(n * sizeof *s.thr);
     s.locks = calloc(n, 1);
-    s.cand_ids = malloc(nmc * sizeof *s.cand_ids);
-    s.cand_prio = malloc(nmc * sizeof *s.cand_prio);
+    s.cand = malloc(nmc * sizeof *s.cand);
     s.cand_n = malloc(2 * n * sizeof *s.cand_n);
     size_t tn = (size_t)p->n_trees * n;
     s.perm = malloc(tn * sizeof *s.perm);
@@ -518,7 +527,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.cnt = calloc((size_t)workers, sizeof *s.cnt);
     s.inv_norm = space == GHNSW_COSINE ? malloc(n * sizeof *s.inv_norm) : NULL;
     ghnsw_status_t st = GHNSW_OK;
-    if (!s.ids || !s.d || !s.flag || !s.thr || !s.locks || !s.cand_ids || !s.cand_prio || !s.cand_n ||
+    if (!s.ids || !s.d || !s.flag || !s.thr || !s.locks || !s.cand || !s.cand_n ||
         (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space == GHNSW_COSINE && !s.inv_norm)) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the NN-descent state of %zu rows", n);
         goto out;
@@ -538,7 +547,8 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     while (round < p->n_iters) {
         s.round_seed = hash3(p->seed, round, 0xd05);
         memset(s.cand_n, 0, 2 * n * sizeof *s.cand_n);
-        ghnsw_parallel_for(blocks, workers, sample_task, &s);
+        ghnsw_parallel_for(s.stripes, workers, sample_new_task, &s);
+        ghnsw_parallel_for(s.stripes, workers, sample_old_task, &s);
         ghnsw_parallel_for(blocks, workers, age_task, &s);
         ghnsw_parallel_for(blocks, workers, join_task, &s);
         uint64_t before_fresh = sum_field(&s, workers, 1);
@@ -563,6 +573,6 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     if (info) { info->rounds = round; info->dist_evals = sum_field(&s, workers, 0); info->last_updates = fresh; }
 out:
     free(s.ids); free(s.d); free(s.flag); free(s.thr); free(s.locks);
-    free(s.cand_ids); free(s.cand_prio); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.inv_norm);
+    free(s.cand); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.inv_norm);
     return st;
 }
