@@ -1,6 +1,10 @@
 """NN-descent (``knn_graph(method="nndescent")``, csrc/nndescent.c): recall floors on the shared
 data in every space, determinism across thread counts, memmap input read in place, unpadded widths,
-duplicates, the output formats (include_self, as_sparse, return_info) and bad arguments."""
+the distance tiles of every SIMD path, duplicates, the output formats (include_self, as_sparse,
+return_info) and bad arguments."""
+import json
+import os
+import subprocess
 import sys
 import tracemalloc
 
@@ -109,6 +113,38 @@ def test_unpadded_widths_every_space(space, dim):
     ids, dists = knn_graph(x, 8, space=space, method="nndescent")
     assert testing.recall_at_k(ids, want, 8) >= 0.95
     np.testing.assert_allclose(dists, _true_dists(x, ids, space), rtol=1e-4, atol=1e-5)
+
+
+TILE_SCRIPT = r"""
+import json, numpy as np
+from gpuhnsw import _core
+from gpuhnsw.knn_graph import knn_graph
+rng = np.random.default_rng(5)
+out = {"simd": _core.simd}
+for space in ("l2", "ip", "cosine"):
+    for dim in (1, 3, 7, 16, 17, 33, 100):
+        x = rng.standard_normal((61, dim)).astype(np.float32)
+        ids, d = knn_graph(x, 60, space=space, method="nndescent", n_trees=1, leaf_size=64)
+        out[f"{space}-{dim}"] = [x.tolist(), ids.tolist(), d.tolist()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("level", ["portable", "avx2", "avx512"])
+def test_distance_tiles_on_every_simd_path(level):
+    """The tiled pair kernels (4x4 blocks, short blocks padded, masked row tails) of every SIMD
+    path give every pair's true distance: 61 rows in one leaf, all pairs joined."""
+    env = dict(os.environ, GHNSW_SIMD=level)
+    res = subprocess.run([sys.executable, "-c", TILE_SCRIPT], capture_output=True, text=True,
+                         env=env, check=True)
+    out = json.loads(res.stdout)
+    for key, (x, ids, dists) in ((k, v) for k, v in out.items() if k != "simd"):
+        space = key.split("-")[0]
+        x, ids = np.asarray(x, dtype=np.float32), np.asarray(ids)
+        for i in range(61):
+            assert sorted(ids[i]) == [j for j in range(61) if j != i], key
+        np.testing.assert_allclose(dists, _true_dists(x, ids, space), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{key} on {out['simd']}")
 
 
 def test_duplicates_are_neighbours_and_self_is_not():
