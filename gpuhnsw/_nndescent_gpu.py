@@ -16,9 +16,10 @@ count of the stopping rule) and no sort of anything larger than the edge list::
     propose  a proposal goes into its row's slot hash(row, id) of a [n, T] table by an atomic
              minimum of its key (``minimum.at``): the same id always meets itself (no repeats),
              two ids that share a slot keep the nearer (the other is dropped this round)
-    merge    per row: table entries whose id the row already holds are dropped, then the row's K
-             and its T table entries are sorted together (one [n, K + T] integer sort) and the
-             first K stay; entries from the table are this round's updates (and are new)
+    merge    per row: table entries whose id the row already holds, and the second copy of one
+             kept in both its slots, are dropped; select_topk_kernel (kernels/topk.cu) keeps the
+             K nearest of the row's K and its T table entries; entries from the table are this
+             round's updates (and are new)
 
 It stops after a round with at most ``delta * n * K`` updates. The initial graph is random
 (hash of the seed); the returned distances are recomputed directly (no |p|^2 + |q|^2 - 2pq
@@ -34,8 +35,9 @@ import time
 
 import numpy as np
 
+from ._device import select_topk
 from ._errors import DeviceError
-from ._kernels import import_cupy
+from ._kernels import TOPK_CAPACITIES, import_cupy
 
 __all__ = ["nndescent_graph"]
 
@@ -110,6 +112,9 @@ def nndescent_graph(x, k, space, dev, params, delta, progress, seed, info):
     from ._progress import Progress
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"GPU NN-descent takes at most {MAX_ROWS} rows, got {x.shape[0]}; "
+                         f"use device='cpu'")
+    if min(max(int(params["intermediate_degree"]), k), x.shape[0] - 1) > TOPK_CAPACITIES[-1]:
+        raise ValueError(f"GPU NN-descent keeps at most {TOPK_CAPACITIES[-1]} neighbours per row; "
                          f"use device='cpu'")
     cp = import_cupy()
     try:
@@ -246,34 +251,50 @@ def _join_block(xp, X, sq, cn, ca, space, m, worst, table):
     return valid.sum()
 
 
+def _slots(xp, target, cand, T):
+    """The two table slots (int64, same shape) of a proposal of ``cand`` to row ``target``
+    (uint64 arrays of one shape)."""
+    h = (cand * _GOLDEN) ^ (target * _ROW_MULT)
+    return tuple(((h >> shift) % np.uint64(T)).astype(xp.int64)
+                 for shift in (np.uint64(40), np.uint64(16)))
+
+
 def _propose(xp, table, target, cand, dist):
     """Atomic minimum of each proposal's key (target, cand: int64 [p], dist: float32 [p]) into two
     slots of its target's row, chosen by two hashes of (target, cand): a proposal is lost only
     when nearer ones take both."""
     T = table.shape[1]
-    t, c = target.astype(xp.uint64), cand.astype(xp.uint64)
-    h = (c * _GOLDEN) ^ (t * _ROW_MULT)
-    key = _pack(xp, dist, c, _FROM_TABLE | _NEW)
+    key = _pack(xp, dist, cand, _FROM_TABLE | _NEW)
     row = target * T
     flat = table.reshape(-1)
-    for shift in (np.uint64(40), np.uint64(16)):
-        xp.minimum.at(flat, row + ((h >> shift) % np.uint64(T)).astype(xp.int64), key)
+    for slot in _slots(xp, target.astype(xp.uint64), cand.astype(xp.uint64), T):
+        xp.minimum.at(flat, row + slot, key)
 
 
 def _merge(xp, graph, table):
-    """The K best of each row's entries and its proposals (those whose id the row holds dropped),
-    in place, row blocks at a time. Flags of kept entries stay as they were; proposals are new.
-    Returns how many entries came from proposals."""
+    """The K best of each row's entries and its proposals, in place, row blocks at a time: a
+    proposal of an id the row holds, and the second copy of one kept in both its slots, are
+    dropped, then ``select_topk_kernel`` picks the K smallest distances of the K + T entries
+    (ties: the row's own entries first). Flags of kept entries stay as they were; proposals are
+    new. Returns how many entries came from proposals."""
     n, K = graph.shape
-    step = max(1, _BLOCK_ENTRIES // (K * table.shape[1]))
+    T = table.shape[1]
+    step = max(1, _BLOCK_ENTRIES // (K * T))
     came = xp.zeros((), dtype=xp.int64)
+    col = xp.arange(T, dtype=xp.int64)[None, :]
+    out_d = xp.empty((min(step, n), K), dtype=xp.float32)
+    out_i = xp.empty((min(step, n), K), dtype=xp.int64)
     for a in range(0, n, step):
         g, t = graph[a:a + step], table[a:a + step]
+        r = g.shape[0]
         held = ((t[:, :, None] & _ID_MASK) == (g[:, None, :] & _ID_MASK)).any(axis=2)
-        t[held] = _EMPTY
-        both = xp.sort(xp.concatenate([g, t], axis=1), axis=1)
-        both[:, 1:][both[:, 1:] == both[:, :-1]] = _EMPTY      # a proposal kept in both its slots
-        best = xp.sort(both, axis=1)[:, :K]
+        rows = xp.arange(a, a + r, dtype=xp.uint64)[:, None]
+        s1, s2 = _slots(xp, rows, t & _ID_MASK, T)
+        second = (t != _EMPTY) & (col == s2) & (s1 != s2) & (xp.take_along_axis(t, s1, axis=1) == t)
+        t[held | second] = _EMPTY
+        both = xp.concatenate([g, t], axis=1)                      # [r, K + T]
+        select_topk(xp, _dists(xp, both), K, out_d[:r], out_i[:r])
+        best = xp.take_along_axis(both, out_i[:r], axis=1)         # ascending by distance
         proposed = (best != _EMPTY) & ((best & _FROM_TABLE) != 0)
         came += proposed.sum()
         graph[a:a + step] = xp.where(proposed, best & ~_FROM_TABLE, best)

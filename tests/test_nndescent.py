@@ -262,7 +262,7 @@ def test_core_checks_lengths_and_reports_callback_errors():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def numpy_gpu(monkeypatch, numpy_as_cupy):
+def numpy_gpu(monkeypatch, numpy_as_cupy, numpy_select_topk):
     from gpuhnsw import _nndescent_gpu
 
     monkeypatch.setattr(_nndescent_gpu, "import_cupy", lambda: numpy_as_cupy)
@@ -280,6 +280,7 @@ def test_gpu_path_logic_recall_and_distances(numpy_gpu, name, space, n):
                                  return_info=True)
     assert info["device"] == "cuda:0" and info["rounds"] >= 1 and info["dist_evals"] > 0
     assert set(info["phases"]) == {"init", "sample", "join", "merge", "final"}
+    assert (np.diff(np.sort(ids, axis=1), axis=1) > 0).all()        # no id twice in a row
     assert testing.recall_at_k(ids, want, 10) >= 0.95
     assert not (ids == np.arange(n)[:, None]).any()
     assert (np.diff(dists, axis=1) >= 0).all()
