@@ -139,12 +139,21 @@ int main(int, char** argv) {
   auto labels = rd<unsigned long long>(d + "/labels.bin");
   auto links = rd<unsigned>(d + "/links.bin");
   auto rows = rd<float>(d + "/rows.bin");
+  int q = P[7];
+  auto lslots = rd<unsigned>(d + "/lslots.bin");
+  auto ldegree = rd<unsigned>(d + "/ldegree.bin");
+  auto lstart = rd<unsigned>(d + "/lstart.bin");
+  auto lfirst = rd<unsigned>(d + "/lfirst.bin");
+  auto lpacked = rd<unsigned>(d + "/lpacked.bin");
+  auto l0 = rd<unsigned>(d + "/links0_before.bin");   // [cap, m0] (+1: rd never returns an empty vector)
+  l0.resize((size_t)cap * m0);
   std::vector<STORAGE> vec((size_t)cap * stride);
-  std::vector<unsigned> l0((size_t)cap * m0, 0xFFFFFFFFu), d0(cap, 0);
+  std::vector<unsigned> d0(cap, 0);
   std::vector<unsigned long long> lab(cap, 0);
   emu_launch(grid, block, [&] {
     scatter_rows_kernel<STORAGE>(r, slots.data(), degree.data(), labels.data(), links.data(), rows.data(), m0,
-                                 dim_pad, vec.data(), stride, l0.data(), d0.data(), lab.data());
+                                 dim_pad, vec.data(), stride, l0.data(), d0.data(), lab.data(), q, lslots.data(),
+                                 ldegree.data(), lstart.data(), lfirst.data(), lpacked.data());
   });
   wr(d + "/vectors.bin", vec); wr(d + "/links0.bin", l0); wr(d + "/degree0.bin", d0); wr(d + "/labels.bin", lab);
 }
@@ -443,22 +452,40 @@ def test_select_topk(emulator, rng, n, k, block):
 
 @pytest.mark.parametrize("storage", ["float32", "float16"])
 def test_scatter_rows(emulator, rng, storage):
+    """Full rows, and link rows that ship their whole list (start 0) or only their last entries."""
     build, run = emulator
-    r, m0, dim_pad, cap = 40, 8, 12, 100
+    r, q, m0, dim_pad, cap = 40, 30, 8, 12, 100
     stride = _kernels.row_stride(dim_pad, storage)
-    slots = rng.choice(cap, r, replace=False).astype(np.uint32)
+    slots, lslots = np.split(rng.choice(cap, r + q, replace=False).astype(np.uint32), [r])
     degree = rng.integers(0, m0, r).astype(np.uint32)
     labels = rng.integers(0, 2**63, r).astype(np.uint64)
     links = rng.integers(0, cap, (r, m0)).astype(np.uint32)
     rows = rng.standard_normal((r, dim_pad)).astype(np.float32)
+    before = rng.integers(0, cap, (cap, m0)).astype(np.uint32)          # links0 on the device before
+    ldegree = rng.integers(0, m0 + 1, q).astype(np.uint32)
+    lstart = np.where(rng.random(q) < 0.5, 0, rng.integers(0, ldegree + 1)).astype(np.uint32)
+    col = np.arange(m0)
+    want = rng.integers(0, cap, (q, m0)).astype(np.uint32)              # the new lists
+    kept = col < lstart[:, None]
+    want[kept] = before[lslots][kept]                                   # entries before start stay
+    want[col >= ldegree[:, None]] = 0xFFFFFFFF
+    lpacked = want[~kept & (col < ldegree[:, None])]                    # row by row
+    counts = (ldegree - lstart).astype(np.int64)
+    lfirst = (np.cumsum(counts) - counts).astype(np.uint32)
     dtype = np.float32 if storage == "float32" else np.float16
     exe = build("scatter", STORAGE=STORAGE_CXX[storage])
     out = run(exe, {"vectors": dtype, "links0": np.uint32, "degree0": np.uint32, "labels": np.uint64},
-              params=np.array([r, m0, dim_pad, stride, cap, 64, 7], np.int64), slots=slots, degree=degree,
-              labels=labels, links=links, rows=rows)
+              params=np.array([r, m0, dim_pad, stride, cap, 64, 7, q], np.int64), slots=slots, degree=degree,
+              labels=labels, links=links, rows=rows, lslots=lslots, ldegree=ldegree, lstart=lstart, lfirst=lfirst,
+              lpacked=lpacked, links0_before=before)
     vec = out["vectors"].reshape(cap, stride)
     np.testing.assert_array_equal(vec[slots, :dim_pad], rows.astype(dtype))
     assert np.all(vec[slots, dim_pad:] == 0)
-    np.testing.assert_array_equal(out["links0"].reshape(cap, m0)[slots], links)
+    links0 = out["links0"].reshape(cap, m0)
+    np.testing.assert_array_equal(links0[slots], links)
     np.testing.assert_array_equal(out["degree0"][slots], degree)
     np.testing.assert_array_equal(out["labels"][slots], labels)
+    np.testing.assert_array_equal(links0[lslots], want)
+    np.testing.assert_array_equal(out["degree0"][lslots], ldegree)
+    untouched = np.setdiff1d(np.arange(cap), np.concatenate([slots, lslots]))
+    np.testing.assert_array_equal(links0[untouched], before[untouched])

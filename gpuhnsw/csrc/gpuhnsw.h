@@ -10,6 +10,7 @@
  *   upper    [capacity] -> uint32[levels[i] * (1 + M)]   level l (1-based) at (l-1)*(1+M): [count, M ids]
  *   deleted  [ceil(capacity/32)] uint32 bitset
  *   dirty    [ceil(capacity/32)] uint32 bitset: slots whose row changed since the last drain
+ *   dirty_kind [capacity]       uint8     what changed in each of them (GHNSW_DIRTY_* bits)
  *
  * Two id spaces, never mixed: a label is the user's uint64 id, a slot the internal uint32 row.
  */
@@ -114,6 +115,7 @@ typedef struct ghnsw_index {
     uint8_t *levels;
     uint32_t **upper;
     uint32_t *deleted, *dirty;
+    uint8_t *dirty_kind;
     uint8_t *slot_locks;
 
     ghnsw_map_t map;
@@ -148,7 +150,16 @@ static inline uint32_t *ghnsw_links0(const ghnsw_index_t *ix, uint32_t s) {
 static inline uint32_t *ghnsw_upper(const ghnsw_index_t *ix, uint32_t s, int l) {
     return ix->upper[s] + (size_t)(l - 1) * (1 + ix->M);
 }
-void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s);
+/* What changed in a dirty slot (bits of dirty_kind), so that the GPU sync ships only that: the whole
+ * row, the level-0 list, the entries appended to it, the upper blocks, or the delete mark. */
+enum {
+    GHNSW_DIRTY_ROW = 1,     /* vector or label */
+    GHNSW_DIRTY_LINKS = 2,   /* level-0 list rewritten */
+    GHNSW_DIRTY_APPEND = 4,  /* level-0 list only grown at its end */
+    GHNSW_DIRTY_UPPER = 8,   /* an upper-level block */
+    GHNSW_DIRTY_DELETED = 16 /* the delete mark set or cleared */
+};
+void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind);
 
 /* visited.c */
 ghnsw_visited_t *ghnsw_visited_get(ghnsw_visited_pool_t *p);
@@ -264,11 +275,12 @@ ghnsw_status_t ghnsw_allowed_bitset(ghnsw_index_t *ix, const uint64_t *labels, s
                                     void *ctx, ghnsw_err_t *err);
 /* u32[ceil(capacity/32)] deleted bitset */
 ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
-/* u32[r] ascending slots changed since the last drain; clears them */
+/* u64[r]: (kind << 32) | slot of the slots changed since the last drain, ascending; clears them */
 ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
 size_t ghnsw_count_dirty(ghnsw_index_t *ix);
 size_t ghnsw_memory_bytes(ghnsw_index_t *ix);
-/* rows of slots[n] into vectors [n, dim_pad], links [n, M0], degree [n], labels [n], levels [n] */
+/* rows of slots[n] into vectors [n, dim_pad], links [n, M0], degree [n], labels [n], levels [n]
+ * (vectors, labels, levels may be NULL: not gathered) */
 ghnsw_status_t ghnsw_gather_rows(ghnsw_index_t *ix, const uint32_t *slots, size_t n, float *vectors, uint32_t *links,
                                  uint32_t *degree, uint64_t *labels, uint8_t *levels, ghnsw_err_t *err);
 /* each slot's levels[s] * (1 + M) uint32 upper block, concatenated in the given order */

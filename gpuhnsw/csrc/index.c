@@ -100,6 +100,7 @@ static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
     GROW(levels, uint8_t, 1)
     GROW(upper, uint32_t *, 1)
     GROW(slot_locks, uint8_t, 1)
+    GROW(dirty_kind, uint8_t, 1)
 #undef GROW
     p = realloc(ix->deleted, words(cap) * sizeof(uint32_t) + 4);
     if (!p) return GHNSW_ENOMEM;
@@ -116,6 +117,7 @@ static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
         memset(ix->levels + old, 0, n);
         memset(ix->upper + old, 0, n * sizeof(uint32_t *));
         memset(ix->slot_locks + old, 0, n);
+        memset(ix->dirty_kind + old, 0, n);
         size_t w0 = words(old), w1 = words(cap);
         /* the partial word at the old end already has zero bits past `old` */
         memset(ix->deleted + w0, 0, (w1 - w0) * sizeof(uint32_t));
@@ -176,6 +178,7 @@ void ghnsw_free(ghnsw_index_t *ix) {
         for (uint32_t i = 0; i < ix->count; i++) free(ix->upper[i]);
     free(ix->vectors); free(ix->links0); free(ix->degree0); free(ix->labels); free(ix->levels);
     free(ix->upper); free(ix->slot_locks); free(ix->deleted); free(ix->dirty);
+    free(ix->dirty_kind);
     free(ix->map.keys); free(ix->map.vals);
     ghnsw_visited_pool_clear(&ix->vpool);
     pthread_mutex_destroy(&ix->map_lock);
@@ -215,7 +218,10 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
     return GHNSW_OK;
 }
 
-/* A release: the drain (acquire) that takes the mark also sees the row writes made before it. */
-void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s) {
+/* The kind first, then the bit, both releases: a drain that takes the bit (acquire) finds the kind
+ * and sees the writes made before the mark.  A kind that a drain takes before its bit is set leaves
+ * a bit with kind 0 for the next drain, which skips it (the earlier drain shipped those writes). */
+void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind) {
+    __atomic_fetch_or(&ix->dirty_kind[s], (uint8_t)kind, __ATOMIC_RELEASE);
     __atomic_fetch_or(&ix->dirty[s >> 5], 1u << (s & 31), __ATOMIC_RELEASE);
 }

@@ -58,7 +58,7 @@ static uint32_t set_own_links(ghnsw_index_t *ix, uint32_t s, ghnsw_cand_t *cand,
     ghnsw_spin_lock(&ix->slot_locks[s]);
     write_list(ix, s, level, cand, n);
     ghnsw_spin_unlock(&ix->slot_locks[s]);
-    ghnsw_mark_dirty(ix, s);
+    ghnsw_mark_dirty(ix, s, level ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_LINKS);
     return n;
 }
 
@@ -72,11 +72,13 @@ static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, 
         ghnsw_spin_lock(&ix->slot_locks[nb]);
         uint32_t *cnt, *ids = list_ptr(ix, nb, level, &cnt);
         uint32_t deg = *cnt, present = 0;
+        int kind = 0; /* what changed, for the dirty log */
         for (uint32_t j = 0; j < deg; j++) if (ids[j] == s) { present = 1; break; }
         if (!present) {
             if (deg < mmax) {
                 ids[deg] = s;
                 __atomic_store_n(cnt, deg + 1, __ATOMIC_RELEASE);
+                kind = level ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_APPEND;
             } else {
                 const float *vn = ghnsw_vec(ix, nb);
                 scratch[0].d = ix->dist(vs, vn, ix->dim_pad);
@@ -88,10 +90,11 @@ static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, 
                 qsort(scratch, deg + 1, sizeof(ghnsw_cand_t), cand_cmp);
                 uint32_t kept = ghnsw_select_heuristic(ix, scratch, deg + 1, mmax);
                 write_list(ix, nb, level, scratch, kept);
+                kind = level ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_LINKS;
             }
         }
         ghnsw_spin_unlock(&ix->slot_locks[nb]);
-        ghnsw_mark_dirty(ix, nb);
+        if (kind) ghnsw_mark_dirty(ix, nb, kind);
     }
 }
 
@@ -157,7 +160,7 @@ static void publish_entry(ghnsw_index_t *ix, uint32_t s, int level) {
 
 static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src) {
     store_vector(ix, s, src);
-    ghnsw_mark_dirty(ix, s);
+    ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     int level = ix->levels[s];
     /* As hnswlib: a node that raises the max level holds the entry-point lock for its whole insert. */
     pthread_mutex_lock(&ix->ep_lock);
@@ -184,7 +187,7 @@ static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float
     ghnsw_spin_lock(&ix->slot_locks[s]);
     store_vector(ix, s, src);
     ghnsw_spin_unlock(&ix->slot_locks[s]);
-    ghnsw_mark_dirty(ix, s);
+    ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     pthread_mutex_lock(&ix->ep_lock);
     uint32_t ep = ix->entry_point;
     int maxl = ix->max_level;
@@ -225,7 +228,7 @@ static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float
             ghnsw_spin_lock(&ix->slot_locks[nb]);
             write_list(ix, nb, l, cand, kept);
             ghnsw_spin_unlock(&ix->slot_locks[nb]);
-            ghnsw_mark_dirty(ix, nb);
+            ghnsw_mark_dirty(ix, nb, l ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_LINKS);
         }
     }
     uint32_t start = ep;
@@ -270,7 +273,7 @@ static int add_one(void *vctx, size_t i, int worker) {
     if (i == c->skip_row) return 0;
     if (uses_cands(c, i)) {
         store_vector(ix, s, src);
-        ghnsw_mark_dirty(ix, s);
+        ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
         return 0;
     }
     switch (c->kind[i]) {
@@ -281,6 +284,7 @@ static int add_one(void *vctx, size_t i, int worker) {
         if (st == GHNSW_OK) { /* visible only once rewired */
             ghnsw_bit_clear(ix->deleted, s);
             __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED);
+            ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_DELETED);
         }
         return st;
     }
@@ -434,10 +438,11 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
             ghnsw_map_del(&ix->map, ix->labels[s]);
             ghnsw_map_put(&ix->map, labels[i], s);
             ix->labels[s] = labels[i];
-            ghnsw_mark_dirty(ix, s);
+            ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
         } else if (kind[i] == TASK_UPDATE && !ix->allow_replace_deleted && ghnsw_bit_get(ix->deleted, s)) {
             ghnsw_bit_clear(ix->deleted, s); /* hnswlib: re-adding a deleted label undeletes it */
             ix->n_deleted--;
+            ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_DELETED);
         }
     }
     pthread_mutex_unlock(&ix->map_lock);
@@ -479,8 +484,11 @@ static ghnsw_status_t set_deleted(ghnsw_index_t *ix, uint64_t label, int deleted
     else if (ghnsw_bit_get(ix->deleted, s) == deleted)
         st = ghnsw_fail(err, GHNSW_ESTATE, deleted ? "The requested to delete element is already deleted"
                                                    : "The requested to undelete element is not deleted");
-    else if (deleted) { ghnsw_bit_set(ix->deleted, s); __atomic_fetch_add(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
-    else { ghnsw_bit_clear(ix->deleted, s); __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+    else {
+        if (deleted) { ghnsw_bit_set(ix->deleted, s); __atomic_fetch_add(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+        else { ghnsw_bit_clear(ix->deleted, s); __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED); }
+        ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_DELETED);
+    }
     pthread_mutex_unlock(&ix->mut_lock);
     return st;
 }

@@ -81,7 +81,7 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
             off += w;
         }
         if (in->deleted[s]) { ghnsw_bit_set(ix->deleted, s); ix->n_deleted++; }
-        ghnsw_bit_set(ix->dirty, s);
+        ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW | GHNSW_DIRTY_UPPER | GHNSW_DIRTY_DELETED);
     }
     ix->count = n;
     ix->entry_point = n ? (uint32_t)in->entry_point : GHNSW_INVALID;

@@ -361,7 +361,8 @@ static PyObject *Core_check_integrity(CoreObject *self, PyObject *unused) {
                          (Py_ssize_t)info.n_unreachable, "max_level", info.max_level);
 }
 
-/* The dirty-row log: ascending slot ids (uint32) changed since the last drain; clears them. */
+/* The dirty-row log: (kind << 32) | slot (uint64, GHNSW_DIRTY_* kinds) of the slots changed since the
+ * last drain, ascending; clears them. */
 static PyObject *Core_drain_dirty(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
     ghnsw_err_t err = {{0}};
@@ -389,6 +390,24 @@ static PyObject *Core_gather_rows(CoreObject *self, PyObject *args) {
     }
     PyBuffer_Release(&sl); PyBuffer_Release(&vo); PyBuffer_Release(&lo);
     PyBuffer_Release(&dgo); PyBuffer_Release(&lbo); PyBuffer_Release(&lvo);
+    return ret;
+}
+
+/* Level-0 lists and degrees alone of the given slots (the GPU sync's rows whose links alone changed). */
+static PyObject *Core_gather_links(CoreObject *self, PyObject *args) {
+    Py_buffer sl, lo, dgo;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "y*w*w*", &sl, &lo, &dgo)) return NULL;
+    ghnsw_index_t *ix = IX(self);
+    size_t n = (size_t)sl.len / 4;
+    PyObject *ret = NULL;
+    if (!(check_len(&lo, n * ix->M0 * 4, "links out") || check_len(&dgo, n * 4, "degree out"))) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_gather_rows(ix, sl.buf, n, NULL, lo.buf, dgo.buf, NULL, NULL, &err));
+        ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&sl); PyBuffer_Release(&lo); PyBuffer_Release(&dgo);
     return ret;
 }
 
@@ -569,9 +588,10 @@ static PyMethodDef Core_methods[] = {
     {"neighbors", (PyCFunction)Core_neighbors, METH_VARARGS, "neighbors(label, level) -> bytes u64[deg]"},
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
-    {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> bytes u32[r]"},
+    {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> bytes u64[r]: (kind << 32) | slot, ascending"},
     {"gather_rows", (PyCFunction)Core_gather_rows, METH_VARARGS,
      "gather_rows(slots u32[r], vectors f32[r,dim_pad], links u32[r,M0], degree u32[r], labels u64[r], levels u8[r])"},
+    {"gather_links", (PyCFunction)Core_gather_links, METH_VARARGS, "gather_links(slots u32[r], links u32[r,M0], degree u32[r])"},
     {"gather_upper", (PyCFunction)Core_gather_upper, METH_VARARGS,
      "gather_upper(slots u32[r]) -> bytes: each slot's levels[s]*(1+M) uint32 upper block, concatenated"},
     {"deleted_bitset", (PyCFunction)Core_deleted_bitset, METH_NOARGS, "deleted_bitset() -> bytes u32[ceil(cap/32)]"},
@@ -662,6 +682,11 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "MAX_DIM", GHNSW_MAX_DIM);
     PyModule_AddIntConstant(m, "MAX_EF_CONSTRUCTION", GHNSW_MAX_EF_CONSTRUCTION);
     PyModule_AddIntConstant(m, "MAX_LEVEL", GHNSW_MAX_LEVEL);
+    PyModule_AddIntConstant(m, "DIRTY_ROW", GHNSW_DIRTY_ROW);
+    PyModule_AddIntConstant(m, "DIRTY_LINKS", GHNSW_DIRTY_LINKS);
+    PyModule_AddIntConstant(m, "DIRTY_APPEND", GHNSW_DIRTY_APPEND);
+    PyModule_AddIntConstant(m, "DIRTY_UPPER", GHNSW_DIRTY_UPPER);
+    PyModule_AddIntConstant(m, "DIRTY_DELETED", GHNSW_DIRTY_DELETED);
     PyModule_AddObject(m, "INVALID_SLOT", PyLong_FromUnsignedLong(GHNSW_INVALID));
     PyModule_AddObject(m, "SPACES", Py_BuildValue("(sss)", SPACES[0], SPACES[1], SPACES[2]));
     return m;

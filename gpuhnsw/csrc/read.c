@@ -119,15 +119,17 @@ ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, voi
     return st;
 }
 
-/* Atomically takes and clears the dirty words, so a row written during the drain is either in this
- * batch or stays dirty for the next one.  Counted first so the output is sized exactly; rows that
- * turn dirty between the count and the drain stay for the next drain. */
+/* Atomically takes and clears the dirty words, then the kinds of the slots taken (in this order, so
+ * a kind marked in between is taken here and its bit, set again, comes with kind 0 next time), so a
+ * row written during the drain is either in this batch or stays dirty for the next one.  Counted
+ * first so the output is sized exactly; rows that turn dirty between the count and the drain stay
+ * for the next drain. */
 ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
     ghnsw_status_t st = GHNSW_OK;
     int held = ghnsw_read_lock(ix);
     size_t nw = bitset_words(ix->capacity), max_out = 0, n = 0;
     for (size_t w = 0; w < nw; w++) max_out += __builtin_popcount(__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED));
-    uint32_t *out = alloc(ctx, max_out * sizeof(uint32_t));
+    uint64_t *out = alloc(ctx, max_out * sizeof(uint64_t));
     if (!out) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
         goto done;
@@ -136,13 +138,14 @@ ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *
         uint32_t cur = __atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED);
         if (!cur) continue;
         /* take only as many bits as fit; the rest stay dirty */
-        uint32_t take = 0;
-        for (uint32_t b = cur; b && n < max_out; b &= b - 1, n++) {
-            int i = __builtin_ctz(b);
-            take |= 1u << i;
-            out[n] = (uint32_t)(w * 32 + i);
-        }
+        uint32_t take = 0, m = 0;
+        for (uint32_t b = cur; b && n + m < max_out; b &= b - 1, m++) take |= 1u << __builtin_ctz(b);
         __atomic_fetch_and(&ix->dirty[w], ~take, __ATOMIC_ACQ_REL);
+        for (uint32_t b = take; b; b &= b - 1, n++) {
+            uint32_t s = (uint32_t)(w * 32 + __builtin_ctz(b));
+            uint64_t kind = __atomic_exchange_n(&ix->dirty_kind[s], 0, __ATOMIC_ACQ_REL);
+            out[n] = kind << 32 | s;
+        }
     }
 done:
     ghnsw_read_unlock(ix, held);
@@ -160,7 +163,7 @@ size_t ghnsw_count_dirty(ghnsw_index_t *ix) {
 size_t ghnsw_memory_bytes(ghnsw_index_t *ix) {
     int held = ghnsw_read_lock(ix);
     size_t cap = ix->capacity;
-    size_t b = cap * ((size_t)ix->dim_pad * 4 + (size_t)ix->M0 * 4 + 4 + 8 + 1 + sizeof(void *) + 1);
+    size_t b = cap * ((size_t)ix->dim_pad * 4 + (size_t)ix->M0 * 4 + 4 + 8 + 1 + sizeof(void *) + 1 + 1);
     b += 2 * bitset_words(cap) * 4;
     pthread_mutex_lock(&ix->map_lock);
     b += (ix->map.mask + 1) * (8 + 4);
@@ -180,12 +183,12 @@ ghnsw_status_t ghnsw_gather_rows(ghnsw_index_t *ix, const uint32_t *slots, size_
         uint32_t s = slots[i];
         if (s >= count) { st = ghnsw_fail(err, GHNSW_EINVAL, "slot %u out of range (count %u)", s, count); break; }
         ghnsw_spin_lock(&ix->slot_locks[s]);
-        memcpy(vectors + i * ix->dim_pad, ghnsw_vec(ix, s), ix->dim_pad * sizeof(float));
+        if (vectors) memcpy(vectors + i * ix->dim_pad, ghnsw_vec(ix, s), ix->dim_pad * sizeof(float));
         memcpy(links + i * ix->M0, ghnsw_links0(ix, s), ix->M0 * sizeof(uint32_t));
         degree[i] = ix->degree0[s];
         ghnsw_spin_unlock(&ix->slot_locks[s]);
-        labels[i] = ix->labels[s];
-        levels[i] = ix->levels[s];
+        if (labels) labels[i] = ix->labels[s];
+        if (levels) levels[i] = ix->levels[s];
     }
     ghnsw_read_unlock(ix, held);
     return st;
