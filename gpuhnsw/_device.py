@@ -170,6 +170,7 @@ class DeviceMirror:
         self._degree = np.zeros(0, dtype=np.uint32)
         self._upper_at = np.zeros(0, dtype=np.int64)
         self._upper_used = 0
+        self._launches = {}   # (ef, k, search_width, filtered) -> (SearchLaunch, kernel): _search_kernel
         # two staging buffers taken in turn: one is filled while the other's upload may still run
         self._staging = [None, None]
         self._turn = 0
@@ -363,19 +364,13 @@ class DeviceMirror:
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
             nq, k, ef = q.shape[0], int(k), int(ef)
             filtered = filter_bits is not None or self.n_deleted > 0
-            launch = _kernels.search_launch(
-                self.dim, self.storage, self.M, self.M0, ef, k, search_width, filtered,
-                lambda inst: _kernels.get_kernel("search", inst, self.device).shared_size_bytes,
-                _kernels.shared_limit(self.device))
+            launch, kernel = self._search_kernel(ef, k, search_width, filtered)
             if launch is None:
                 return None
-            kernel = _kernels.get_kernel("search", launch.instance, self.device)
-            if kernel.shared_size_bytes + launch.shared_bytes > _kernels.DEFAULT_SHARED_LIMIT:
-                kernel.max_dynamic_shared_size_bytes = launch.shared_bytes   # the opt-in
             out_slots = cp.empty((nq, k), dtype=cp.uint32)
             out_dists = cp.empty((nq, k), dtype=cp.float32)
             out_labels = cp.empty((nq, k), dtype=cp.uint64)
-            info = cp.zeros((2, nq), dtype=cp.int32)
+            info = cp.empty((2, nq), dtype=cp.int32)   # the kernel writes every row's found and status
             if nq == 0:
                 return (out_slots if slots else out_labels), out_dists, info
             null = np.uint64(0)
@@ -390,6 +385,24 @@ class DeviceMirror:
                     out_slots, out_dists, out_labels, info[0], info[1]),
                    shared_mem=launch.shared_bytes)
             return (out_slots if slots else out_labels), out_dists, info
+
+    def _search_kernel(self, ef, k, search_width, filtered):
+        """(launch, kernel) of a search (``_kernels.search_launch``; (None, None) where none fits),
+        memoised per parameters: a batch of one query should pay for its launch, not for choosing it."""
+        key = (ef, k, search_width, filtered)
+        found = self._launches.get(key)
+        if found is None:
+            launch = _kernels.search_launch(
+                self.dim, self.storage, self.M, self.M0, ef, k, search_width, filtered,
+                lambda inst: _kernels.get_kernel("search", inst, self.device).shared_size_bytes,
+                _kernels.shared_limit(self.device))
+            kernel = None if launch is None else _kernels.get_kernel("search", launch.instance, self.device)
+            if kernel is not None and kernel.shared_size_bytes + launch.shared_bytes > _kernels.DEFAULT_SHARED_LIMIT:
+                # the opt-in, to all the device allows: a permission, not a reservation, so every
+                # launch of this kernel (other parameters, other indexes) stays covered
+                kernel.max_dynamic_shared_size_bytes = _kernels.shared_limit(self.device) - kernel.shared_size_bytes
+            found = self._launches[key] = (launch, kernel)
+        return found
 
     def distances(self, queries, slots):
         """Distances from each query to a list of slots (kernels/distance.cu), as of the last sync.
