@@ -403,3 +403,31 @@ def test_one_percent_insert_moves_a_small_share_of_a_full_upload(fake_gpu, datas
     assert delta.rows == len(base) - n and delta.link_rows > 5 * delta.rows
     assert delta.bytes <= 0.03 * full.bytes, delta.bytes / full.bytes
     assert mirror.check_against_core() == []
+
+
+def test_search_launch_chosen_once_per_parameters(fake_gpu, monkeypatch, rng):
+    """A batch of one query pays for its launch, not for choosing it: the launch of each (ef, k,
+    search_width, filtered) is computed once; the shared-memory opt-in covers every launch."""
+    class Kernel:
+        shared_size_bytes = 46_000
+        max_dynamic_shared_size_bytes = 0
+
+        def __call__(self, grid, block, args, shared_mem):
+            calls.append(shared_mem)
+
+    calls, chosen, kernel = [], [], Kernel()
+    real_launch = _kernels.search_launch
+    monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None:
+                        kernel if name == "search" else _numpy_scatter)
+    monkeypatch.setattr(_kernels, "shared_limit", lambda device: 227 * 1024)
+    monkeypatch.setattr(_kernels, "search_launch", lambda *a: chosen.append(a[4:8]) or real_launch(*a))
+    index = gpuhnsw.Index("l2", 16)
+    index.init_index(200, M=8, random_seed=1)
+    index.add_items(rng.random((200, 16), dtype=np.float32))
+    mirror = fake_gpu.DeviceMirror(index._core)
+    mirror.sync()
+    for ef in (32, 32, 64, 32):
+        mirror.search(rng.random((1, 16), dtype=np.float32), 10, ef)
+    assert chosen == [(32, 10, 1, False), (64, 10, 1, False)]
+    assert len(calls) == 4 and all(b > 0 for b in calls)
+    assert kernel.max_dynamic_shared_size_bytes == 227 * 1024 - 46_000    # 46,000 + dynamic > 48 KiB
