@@ -170,7 +170,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 load8(const float *p, s
     static const int32_t ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, _mm256_loadu_si256((const __m256i *)(ramp + 8 - left)));
 }
-/* 16 ymm registers: l2 takes the columns two at a time (8 sums + 4 + 2 rows live), ip all four */
+/* 16 ymm registers: the columns two at a time (8 sums + 4 + 2 rows live) */
 __attribute__((target("avx2,fma"))) static void tile_l2_avx2(const float *const *a, const float *const *b, size_t dim,
                                                              float *out) {
     TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_sub_ps, _mm256_fmadd_ps, 1, 2)
