@@ -25,7 +25,7 @@ for reference; each in a fresh process under its own timeout (``--gpu-timeout``)
 phases (``info["phases"]``) and NN-descent's rounds printed as they come. Writes
 ``knn_graph_gpu.json`` / ``.md``.
 
-    python benchmarks/knn_graph.py                          # full CPU run (about 30 min, 2 cores)
+    python benchmarks/knn_graph.py                          # full CPU run (about 25 min, 2 cores)
     python benchmarks/knn_graph.py --quick --out /tmp/kg    # smoke test (small slices)
     python benchmarks/knn_graph.py --gpu --out /tmp/kg      # GPU part only
 """
