@@ -14,11 +14,12 @@
    copy and into the arrays by one kernel (``kernels/scatter.cu``), chunk by chunk; two staging
    buffers alternate, and each is rewritten (or freed) only after an event says its upload ran;
 4. uploads the upper-level blocks of the slots whose upper lists changed, in place (a slot's
-   blocks keep their place in ``upper_links``; new ones are appended), and the deleted bitset when
-   it changed.
+   blocks keep their place in ``upper_links``; new ones are appended), and the words of the deleted
+   bitset that hold slots whose delete mark changed (or new slots).
 
-Cost: O(changed rows), plus O(capacity/32) words to compare the deleted bitset; a 1 % insert moves
-about 1.5 % of a full upload's bytes (tests/test_device.py).  A query sees the graph as of its sync
+Cost: O(changed rows), plus one scan of the core's dirty bitset (O(capacity/32) words, all a sync
+with nothing to do costs); a 1 % insert moves about 1.5 % of a full upload's bytes
+(tests/test_device.py).  A query sees the graph as of its sync
 (snapshot semantics), up to rows written while the sync gathers them: those are dirty again and go
 with the next sync, and meanwhile read as a mix of old and new entries, each a valid slot (as the C
 readers' lists do).
