@@ -24,9 +24,17 @@ Our format (all little-endian)::
 
     header   _HEADER (magic b"GPUHNSW\\0", version, scalars; 100 bytes) + uint32 CRC32 of it
     sections links0, degree0, vectors, labels, levels, upper, deleted, in this order, each
-             [4-byte tag][uint64 length][uint32 CRC32 of the data][data]
+             version 2: [4-byte tag][uint64 length][uint32 CRC32 of the data][uint32 pad][pad zero
+                        bytes][data], where links0 and vectors start at a multiple of MAP_ALIGN (64) and
+                        hold the engine's rows as they are in memory: links0 uint32 [n, 2M] with
+                        unused entries 0xFFFFFFFF, vectors float32 [n, dim_pad] (dim_pad =
+                        ceil(dim/4)*4, zero padding), so that a load can map them (``map_index``)
+             version 1: [4-byte tag][uint64 length][uint32 CRC32 of the data][data], vectors
+                        [n, dim]; still read, not mappable
 """
+import contextlib
 import math
+import mmap
 import os
 import re
 import struct
@@ -47,17 +55,22 @@ from ._core import (INVALID_SLOT as NO_LINK, MAX_CAPACITY, MAX_DIM, MAX_EF_CONST
                     SPACES)
 from ._errors import IndexFileError
 
-__all__ = ["read_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC",
+__all__ = ["read_index", "map_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC",
            "read_bfindex", "write_bfindex", "bfindex_header", "BF_MAGIC", "BF_FORMAT_VERSION"]
 
 MAGIC = b"GPUHNSW\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Mapped sections (links0, vectors) start at multiples of this (a cache line): the engine maps the
+# pages around them and reads rows in place, which needs 16-byte rows.
+MAP_ALIGN = 64
 
 # magic, version, space code, allow_replace_deleted, dim, M, ef_construction, random_seed,
 # max_elements, count, entry_point, max_level, insert_seq, ef (-1 = not stored)
 _HEADER = struct.Struct("<8sIIIQQQQQQqqQq")
 _CRC = struct.Struct("<I")
-_SECTION = struct.Struct("<4sQI")  # tag, data length, CRC32 of the data
+_SECTION_V1 = struct.Struct("<4sQI")  # tag, data length, CRC32 of the data
+_SECTION = struct.Struct("<4sQII")    # the same, then the zero bytes before the data (version 2)
+_MAPPED = ("links0", "vectors")        # the sections a load may map
 _SECTIONS = (  # (state key, tag, dtype); the order is the file order
     ("links0", b"LNK0", np.uint32),
     ("degree0", b"DEG0", np.uint32),
@@ -92,13 +105,17 @@ def _arrays_from_state(state, err):
 
     Returns a dict with ``vectors`` float32 [n, dim], ``links0`` uint32 [n, 2M], ``degree0`` uint32
     [n], ``labels`` uint64 [n], ``levels`` uint8 [n], ``upper`` uint32 [sum(levels) * (1 + M)],
-    ``deleted`` uint8 [n]. ``err`` is the exception class to raise.
+    ``deleted`` uint8 [n]. ``err`` is the exception class to raise.  A field that is None (mapped
+    from a file, see ``map_index``) stays None.
     """
     n, dim, M = state["count"], state["dim"], state["M"]
     shapes = {"links0": (n, 2 * M), "degree0": (n,), "vectors": (n, dim), "labels": (n,),
               "levels": (n,), "deleted": (n,)}
     out = {}
     for key, _, dtype in _SECTIONS:
+        if state[key] is None and key in _MAPPED:
+            out[key] = None
+            continue
         try:
             raw = np.frombuffer(state[key], dtype=np.uint8)
         except (TypeError, ValueError) as e:  # not a contiguous buffer
@@ -120,7 +137,8 @@ def _check_graph(a, *, M, entry_point, max_level, err):
     """Check the graph invariants the C core and the GPU kernels rely on.
 
     ``a`` is the dict of :func:`_arrays_from_state`; unused link entries may hold anything (only the
-    first ``count`` of each list are read). Raises ``err`` naming the first problem found.
+    first ``count`` of each list are read); mapped ``links0`` (None) is checked by the engine as it
+    adopts the mapping. Raises ``err`` naming the first problem found.
     """
     n = a["degree0"].shape[0]
     M0 = 2 * M
@@ -128,7 +146,7 @@ def _check_graph(a, *, M, entry_point, max_level, err):
         i = int(np.argmax(a["degree0"] > M0))
         raise err(f"level-0 link count {int(a['degree0'][i])} of slot {i} exceeds M0={M0}")
     used0 = np.arange(M0, dtype=np.uint32)[None, :] < a["degree0"][:, None]
-    if n and int(a["links0"][used0].max(initial=0)) >= n:
+    if n and a["links0"] is not None and int(a["links0"][used0].max(initial=0)) >= n:
         raise err(f"level-0 link id out of range (count={n})")
     if n and int(a["deleted"].max()) > 1:
         raise err("deleted flags must be 0 or 1")
@@ -167,9 +185,10 @@ def _check_graph(a, *, M, entry_point, max_level, err):
 
 
 def _normalised(a, M):
-    """Copies of ``links0`` and ``upper`` with every unused entry set to ``NO_LINK``."""
-    links0 = a["links0"].copy()
-    links0[np.arange(2 * M)[None, :] >= a["degree0"][:, None]] = NO_LINK
+    """Copies of ``links0`` (None stays None) and ``upper`` with every unused entry set to ``NO_LINK``."""
+    links0 = None if a["links0"] is None else a["links0"].copy()
+    if links0 is not None:
+        links0[np.arange(2 * M)[None, :] >= a["degree0"][:, None]] = NO_LINK
     upper = a["upper"].copy()
     blocks = upper.reshape(-1, 1 + M)
     blocks[:, 1:][np.arange(M)[None, :] >= blocks[:, :1]] = NO_LINK
@@ -397,9 +416,20 @@ def write_gpuhnsw(path, state, *, ef):
         state["max_elements"], state["count"], state["entry_point"], state["max_level"],
         state["insert_seq"], -1 if ef is None else ef)
     chunks = [header, _CRC.pack(zlib.crc32(header))]
+    pos = len(header) + _CRC.size
+    # the mappable sections hold the engine's rows (see the module docstring)
+    a["links0"], _ = _normalised(a, state["M"])
+    dim = state["dim"]
+    if dim % 4:
+        padded = np.zeros((state["count"], _dim_pad(dim)), dtype=np.float32)
+        padded[:, :dim] = a["vectors"]
+        a["vectors"] = padded
     for key, tag, _ in _SECTIONS:
         data = memoryview(a[key].reshape(-1).view(np.uint8))
-        chunks += [_SECTION.pack(tag, data.nbytes, zlib.crc32(data)), data]
+        pos += _SECTION.size
+        pad = -pos % MAP_ALIGN if key in _MAPPED else 0
+        chunks += [_SECTION.pack(tag, data.nbytes, zlib.crc32(data), pad), bytes(pad), data]
+        pos += pad + data.nbytes
     _atomic_write(path, chunks)
 
 
@@ -489,32 +519,72 @@ def read_index(path, *, space, dim):
     Raises
     ------
     IndexFileError
-        The file is truncated, corrupted, unsupported, or does not match ``space``/``dim``.
+        The file is truncated, corrupted, unsupported, or does not match ``space``/``dim``; the
+        message starts with the file's name.
     OSError
         The file cannot be opened or read.
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     buf = _read_all(path)
-    if not buf:
-        raise IndexFileError("index file is empty")
-    if buf[:len(MAGIC)] == MAGIC:
-        state, ef = _read_gpuhnsw(buf, space, dim)
-        return state, ef, "gpuhnsw"
-    return _read_hnswlib(buf, space, dim), None, "hnswlib"
+    try:
+        if not buf:
+            raise IndexFileError("index file is empty")
+        if buf[:len(MAGIC)] == MAGIC:
+            state, ef = _read_gpuhnsw(buf, space, dim)
+            return state, ef, "gpuhnsw"
+        return _read_hnswlib(buf, space, dim), None, "hnswlib"
+    except IndexFileError as exc:
+        raise IndexFileError(f"{source_name(path)}: {exc}") from None
 
 
-def _read_gpuhnsw(buf, space, dim):
+@contextlib.contextmanager
+def map_index(path, *, space, dim, verify=False):
+    """Open an index file in our format (version 2) for a mapped load.
+
+    Yields ``(state, ef, mapping)``: the state dict with ``vectors`` and ``links0`` None, the stored
+    ``ef`` (or None), and the keyword arguments of ``_core.Core.from_state`` that map those two
+    sections from the open file (``fd``, ``vectors_offset``, ``links0_offset``); the file is closed
+    when the block ends (a mapping keeps its own reference to the file).
+
+    Verified here: the header, every section's bounds, the CRC32 of every section but ``vectors``
+    and the invariants ``read_index`` checks; the engine range-checks ``links0`` as it adopts the
+    mapping (its integrity check).  ``vectors`` are not read (that is what makes the load fast), or
+    checksummed and checked for NaN/inf and zero padding with ``verify=True`` (one read of them).
+
+    Raises
+    ------
+    IndexFileError
+        As ``read_index``; also for a file that cannot be mapped (hnswlib's format, version 1,
+        sections not aligned to this machine's pages), saying to load it without mmap.
+    ValueError
+        ``path`` is a file object (only a file on disk can be mapped).
+    """
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if is_file_object(path):
+        raise ValueError("mmap=True needs a path: a file object cannot be mapped")
+    _remove_stale_temps(path)
+    with open(path, "rb") as f:
+        try:
+            state, ef, mapping = _map_gpuhnsw(f.fileno(), space, dim, verify)
+        except IndexFileError as exc:
+            raise IndexFileError(f"{source_name(path)}: {exc}") from None
+        yield state, ef, mapping
+
+
+def _parse_header(head, space, dim):
+    """(state scalars, ef, version) from the first bytes of a file in our format."""
     hsize = _HEADER.size + _CRC.size
-    if len(buf) < hsize:
-        raise IndexFileError(f"gpuhnsw file truncated in the header ({len(buf)} bytes)")
-    fields = _HEADER.unpack_from(buf)
+    if len(head) < hsize:
+        raise IndexFileError(f"gpuhnsw file truncated in the header ({len(head)} bytes)")
+    fields = _HEADER.unpack_from(head)
     (_, version, space_code, allow_replace, fdim, M, ef_c, seed, max_elements, n, ep, max_level,
      insert_seq, ef) = fields
-    if version != FORMAT_VERSION:
-        raise IndexFileError(f"unsupported gpuhnsw file version {version} (this build reads "
+    if version not in (1, FORMAT_VERSION):
+        raise IndexFileError(f"unsupported gpuhnsw file version {version} (this build reads 1 and "
                              f"{FORMAT_VERSION})")
-    if _CRC.unpack_from(buf, _HEADER.size)[0] != zlib.crc32(memoryview(buf)[:_HEADER.size]):
+    if _CRC.unpack_from(head, _HEADER.size)[0] != zlib.crc32(memoryview(head)[:_HEADER.size]):
         raise IndexFileError("gpuhnsw header checksum mismatch (file corrupted)")
     if space_code >= len(SPACES) or allow_replace > 1 or ef < -1:
         raise IndexFileError("gpuhnsw header has invalid space code, flag or ef")
@@ -526,26 +596,129 @@ def _read_gpuhnsw(buf, space, dim):
                  allow_replace_deleted=bool(allow_replace), max_elements=max_elements, count=n,
                  entry_point=ep, max_level=max_level, insert_seq=insert_seq)
     _check_scalars(state, IndexFileError)
+    return state, None if ef == -1 else ef, version
 
-    pos = hsize
+
+def _section_layout(read, size, version):
+    """{state key: (offset, length, crc)} of the sections of a file of ``size`` bytes in our format,
+    from the section headers alone (``read(pos, n) -> bytes``): each in order, inside the file,
+    nothing after the last."""
+    fmt = _SECTION if version >= 2 else _SECTION_V1
+    pos = _HEADER.size + _CRC.size
+    out = {}
     for key, tag, _ in _SECTIONS:
-        if len(buf) - pos < _SECTION.size:
+        head = read(pos, fmt.size)
+        if len(head) < fmt.size:
             raise IndexFileError(f"gpuhnsw file truncated before section {tag.decode()}")
-        ftag, length, crc = _SECTION.unpack_from(buf, pos)
-        pos += _SECTION.size
+        ftag, length, crc, *pad = fmt.unpack_from(head)
         if ftag != tag:
             raise IndexFileError(f"expected section {tag.decode()}, found {ftag!r}")
-        state[key] = _checked_section(buf, pos, length, crc, f"section {tag.decode()}")
+        pos += fmt.size
+        if pad and (pad[0] >= MAP_ALIGN or read(pos, pad[0]) != bytes(pad[0])):
+            raise IndexFileError(f"section {tag.decode()}: bad padding before the data")
+        pos += sum(pad)
+        if pos > size or length > size - pos:  # before reading: a huge length must not be trusted
+            raise IndexFileError(f"section {tag.decode()} ({length} bytes) runs past the end of the file")
+        out[key] = (pos, length, crc)
         pos += length
-    if pos != len(buf):
-        raise IndexFileError(f"{len(buf) - pos} unexpected bytes after the last section")
+    if pos != size:
+        raise IndexFileError(f"{size - pos} unexpected bytes after the last section")
+    return out
 
+
+def _dim_pad(dim):
+    """The engine's row width in floats (``dim_pad`` of gpuhnsw.h): rows of 16 bytes."""
+    return -(-dim // 4) * 4
+
+
+def _unpadded(vectors, n, dim):
+    """Version-2 vectors (bytes-like float32 [n, dim_pad]) as the state's float32 [n, dim] bytes."""
+    if len(vectors) != n * 4 * _dim_pad(dim):
+        raise IndexFileError(f"section VECS: {len(vectors)} bytes, expected {n * 4 * _dim_pad(dim)}")
+    if dim % 4 == 0:
+        return vectors
+    return np.frombuffer(vectors, dtype=np.float32).reshape(n, _dim_pad(dim))[:, :dim].tobytes()
+
+
+def _finished(state, M):
+    """``state`` whose sections were read (None: mapped) after the graph checks, with unused link
+    entries normalised, byte fields as ``bytes``."""
     a = _arrays_from_state(state, IndexFileError)
-    _check_graph(a, M=M, entry_point=ep, max_level=max_level, err=IndexFileError)
+    _check_graph(a, M=M, entry_point=state["entry_point"], max_level=state["max_level"], err=IndexFileError)
     links0, upper = _normalised(a, M)
-    state.update({key: bytes(state[key]) for key, _, _ in _SECTIONS})
-    state["links0"], state["upper"] = links0.tobytes(), upper.tobytes()
-    return state, None if ef == -1 else ef
+    state.update({key: bytes(state[key]) for key, _, _ in _SECTIONS if state[key] is not None})
+    state["upper"] = upper.tobytes()
+    if links0 is not None:
+        state["links0"] = links0.tobytes()
+    return state
+
+
+def _read_gpuhnsw(buf, space, dim):
+    state, ef, version = _parse_header(buf[:_HEADER.size + _CRC.size], space, dim)
+    layout = _section_layout(lambda pos, n: buf[pos:pos + n], len(buf), version)
+    for key, tag, _ in _SECTIONS:
+        state[key] = _checked_section(buf, *layout[key], f"section {tag.decode()}")
+    if version >= 2:
+        state["vectors"] = _unpadded(state["vectors"], state["count"], dim)
+    return _finished(state, state["M"]), ef
+
+
+def _map_gpuhnsw(fd, space, dim, verify):
+    """(state, ef, Core.from_state mapping keywords) of the open file ``fd`` (see ``map_index``)."""
+    size = os.fstat(fd).st_size
+
+    def read(pos, n):
+        return os.pread(fd, n, pos)
+
+    head = read(0, _HEADER.size + _CRC.size)
+    if head[:len(MAGIC)] != MAGIC:
+        raise IndexFileError("not in gpuhnsw's own format (an hnswlib file?): it cannot be mapped; load it "
+                             "without mmap, and save it to map it next time")
+    state, ef, version = _parse_header(head, space, dim)
+    if version < 2:
+        raise IndexFileError(f"a version {version} file cannot be mapped; load it without mmap, and save it "
+                             "to map it next time")
+    layout = _section_layout(read, size, version)
+    n = state["count"]
+    for key, tag, _ in _SECTIONS:
+        off, length, crc = layout[key]
+        name = f"section {tag.decode()}"
+        if key not in _MAPPED:
+            data = read(off, length)
+            if len(data) != length or zlib.crc32(data) != crc:
+                raise IndexFileError(f"{name} checksum mismatch (file corrupted)")
+            state[key] = data
+            continue
+        row = 8 * state["M"] if key == "links0" else 4 * _dim_pad(dim)
+        if length != n * row:
+            raise IndexFileError(f"{name}: {length} bytes, expected {n * row} for {n} rows")
+        if key == "links0" or verify:
+            _check_mapped(fd, off, length, crc, name, dim if key == "vectors" else None)
+        state[key] = None
+    mapping = dict(fd=fd, vectors_offset=layout["vectors"][0], links0_offset=layout["links0"][0])
+    return _finished(state, state["M"]), ef, mapping
+
+
+def _check_mapped(fd, off, length, crc, name, dim):
+    """CRC32 of ``length`` bytes of ``fd`` at ``off``, read through a mapping (the page cache, no
+    private copy); for vectors (``dim`` given) also finite values and zero padding."""
+    if not length:
+        ok = zlib.crc32(b"") == crc
+    else:
+        start = off - off % mmap.ALLOCATIONGRANULARITY   # mappings start at page boundaries
+        with mmap.mmap(fd, off - start + length, offset=start, access=mmap.ACCESS_READ) as mm:
+            data = memoryview(mm)[off - start:]
+            ok = zlib.crc32(data) == crc
+            bad = False
+            if ok and dim is not None:
+                rows = np.frombuffer(data, dtype=np.float32).reshape(-1, _dim_pad(dim))
+                bad = not np.isfinite(rows).all() or bool(rows[:, dim:].any())
+                del rows
+            data.release()  # before the mapping closes
+            if bad:
+                raise IndexFileError(f"{name}: NaN, inf or non-zero padding")
+    if not ok:
+        raise IndexFileError(f"{name} checksum mismatch (file corrupted)")
 
 
 def _checked_section(buf, pos, length, crc, name):

@@ -432,7 +432,7 @@ def cmd_info(args):
         try:
             state, ef, _ = _io.read_index(path, space=h["space"] or "l2", dim=h["dim"])
         except IndexFileError as exc:
-            raise CLIError(f"{path}: {exc}") from None
+            raise CLIError(str(exc)) from None   # it names the file
         n = state["count"]
         levels = np.frombuffer(state["levels"], dtype=np.uint8)[:n]
         deleted = int(np.frombuffer(state["deleted"], dtype=np.uint8)[:n].sum())

@@ -581,17 +581,43 @@ class Index:
             raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
 
     def load_index(self, path_to_index: IndexFile, max_elements: int = 0,
-                   allow_replace_deleted: bool = False) -> None:
+                   allow_replace_deleted: bool = False, *, mmap: bool = False, verify: bool = False) -> None:
         """Load a file written by ``save_index`` in either format (or by hnswlib), detected from its
         first bytes; ``path_to_index`` is a path or a binary file object (read to its end).  Capacity is
         ``max(max_elements, saved capacity)`` (an hnswlib file: as hnswlib, ``max_elements`` unless it
         is below the element count, then the saved capacity).  A bad file raises
-        :class:`IndexFileError` and leaves this index as it was."""
+        :class:`IndexFileError` naming the file and leaves this index as it was.
+
+        ``mmap=True`` (keyword-only; a path to a file saved by this version's ``save_index``): the
+        vectors and level-0 links are mapped from the file instead of read, so a large index opens
+        without reading its vectors and processes that map one file share its pages.  The mapping is
+        private copy-on-write: every call works as usual, and a write (``add_items``, an
+        update, ``replace_deleted``) copies just the pages it touches into this process's memory;
+        the file never changes.  Growing the capacity past the mapped one (``resize_index``, an
+        ``auto_resize``) copies vectors and links into owned memory.  Saving to the same path is safe
+        (the save replaces the file; the mapping keeps the old one), but the file must not be
+        truncated or rewritten in place while mapped.  Checked at open: everything but the vectors
+        (header, checksums, every link in range, the integrity check); ``verify=True`` also reads and
+        checksums the vectors.  Files of version 1, hnswlib's format or a file object cannot be
+        mapped: IndexFileError (ValueError for a file object), load them without mmap.
+        """
         max_elements = as_int(max_elements, "max_elements", minimum=0)
+        name = _io.source_name(path_to_index)
         try:
-            state, ef, fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+            if mmap:
+                with _io.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
+                    core, ef = self._core_from_file(name, *opened, "gpuhnsw", max_elements, allow_replace_deleted)
+            else:
+                state, ef, fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+                core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
+        self._core = core
+        self._ef = 10 if ef is None else ef
+        self._cur_l = core.count
+
+    def _core_from_file(self, name, state, ef, mapping, fmt, max_elements, allow_replace_deleted):
+        """(Core, ef) from a file's state; ``mapping``: ``Core.from_state``'s keywords of a mapped load."""
         if fmt == "hnswlib":  # hnswlib's rule: the argument, unless it cannot hold the elements
             state["max_elements"] = max_elements if max_elements >= state["count"] else state["max_elements"]
         else:
@@ -599,12 +625,9 @@ class Index:
         state["allow_replace_deleted"] = bool(allow_replace_deleted)
         _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
         try:
-            core = _core.Core.from_state(state)
+            return _core.Core.from_state(state, **mapping), ef
         except ValueError as exc:
-            raise IndexFileError(f"{_io.source_name(path_to_index)}: {exc}") from None
-        self._core = core
-        self._ef = 10 if ef is None else ef
-        self._cur_l = core.count
+            raise IndexFileError(f"{name}: {exc}") from None
 
     def index_file_size(self) -> int:
         """Bytes ``save_index(..., format="hnswlib")`` writes (hnswlib's own measure)."""

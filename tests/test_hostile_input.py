@@ -203,12 +203,12 @@ def _fix_own_checksums(buf):
     struct.pack_into("<I", buf, hs, zlib.crc32(bytes(buf[:hs])))
     pos = hs + 4
     while pos + _io._SECTION.size <= len(buf):
-        tag, length, _ = _io._SECTION.unpack_from(buf, pos)
-        end = pos + _io._SECTION.size + length
-        if end > len(buf):
+        tag, length, _, pad = _io._SECTION.unpack_from(buf, pos)
+        start = pos + _io._SECTION.size + pad
+        if start + length > len(buf):
             break
-        struct.pack_into("<4sQI", buf, pos, tag, length, zlib.crc32(bytes(buf[pos + _io._SECTION.size:end])))
-        pos = end
+        _io._SECTION.pack_into(buf, pos, tag, length, zlib.crc32(bytes(buf[start:start + length])), pad)
+        pos = start + length
     return bytes(buf)
 
 
@@ -278,6 +278,8 @@ def test_loader_fuzz(base, tmp_path, monkeypatch):
             if kind in ("own", "hnswlib"):
                 data = _mutate_bytes(rng, own if kind == "own" else hnsw, own_fields if kind == "own" else hnsw_fields)
                 path.write_bytes(_fix_own_checksums(data) if kind == "own" else data)
+                if kind == "own":
+                    _fuzz_mapped(path, base, loaded)
                 result = gpuhnsw.Index("l2", DIM)
                 result.load_index(path)
             elif kind == "pickle":
@@ -290,6 +292,24 @@ def test_loader_fuzz(base, tmp_path, monkeypatch):
         assert_working(result, base)
     print(f"loader fuzz: cases {counts}, loaded and verified {loaded}")
     assert sum(counts.values()) == 480 and all(loaded[k] < counts[k] for k in counts)
+    assert 0 < loaded["own mapped"] < 2 * counts["own"]
+
+
+def _fuzz_mapped(path, base, loaded):
+    """A mapped load of a mutated file: IndexFileError, or an index that works (verified vectors:
+    as a normal load; unverified ones may hold anything, so only integrity and a query)."""
+    for verify in (True, False):
+        try:
+            mapped = gpuhnsw.Index("l2", DIM)
+            mapped.load_index(path, mmap=True, verify=verify)
+        except IndexFileError:
+            continue
+        loaded["own mapped"] = loaded.get("own mapped", 0) + 1
+        mapped.check_integrity()
+        mapped.knn_query(base[:3], k=5, pad=True)
+        if verify:
+            assert_working(mapped, base)
+        del mapped   # unmapped before the next case rewrites the file in place
 
 
 class _Pickled:

@@ -4,7 +4,9 @@ hnswlib itself (the ``hnswlib`` fixture of conftest.py, 0.8.0) is the oracle for
 it saves must read back, and files we write must load in hnswlib and answer queries exactly as the
 index that was saved. Needs no GPU; does not use Index or the C core.
 """
+import io
 import os
+import re
 import struct
 import time
 
@@ -381,8 +383,8 @@ def test_wrong_space_in_our_format(small_files, tmp_path):
 
 def test_unknown_version(small_files, tmp_path):
     bad = bytearray(small_files["gpuhnsw"])
-    bad[8:12] = struct.pack("<I", 2)
-    with pytest.raises(IndexFileError, match="version 2"):
+    bad[8:12] = struct.pack("<I", 3)
+    with pytest.raises(IndexFileError, match="version 3"):
         read_bytes(bytes(bad), tmp_path)
 
 
@@ -502,3 +504,17 @@ def test_invalid_state_is_rejected_before_writing(tmp_path):
             with pytest.raises(ValueError, match=match):
                 write(tmp_path / "x.bin")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["gpuhnsw", "hnswlib"])
+def test_file_errors_name_the_file(small_files, tmp_path, fmt):
+    bad = small_files[fmt][:-5]
+    path = tmp_path / f"damaged-{fmt}.bin"
+    path.write_bytes(bad)
+    with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}: "):
+        _io.read_index(path, space="l2", dim=8)
+    with pytest.raises(IndexFileError, match=r"^<BytesIO>: "):
+        _io.read_index(io.BytesIO(bad), space="l2", dim=8)
+    path.write_bytes(small_files[fmt])
+    with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}: .*dim"):   # a mismatch too
+        _io.read_index(path, space="l2", dim=9)

@@ -111,6 +111,10 @@ typedef struct ghnsw_index {
 
     float *vectors;
     uint32_t *links0, *degree0;
+    /* vectors and links0 may be mapped from an index file (ghnsw_map_rows, MAP_PRIVATE): a non-zero
+     * *_map_len is that mapping's length (munmap, not free), map_rows the slots it has room for. */
+    size_t vectors_map_len, links0_map_len;
+    uint32_t map_rows;
     uint64_t *labels;
     uint8_t *levels;
     uint32_t **upper;
@@ -160,6 +164,12 @@ enum {
     GHNSW_DIRTY_DELETED = 16 /* the delete mark set or cleared */
 };
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind);
+/* A fresh index (count 0, created with capacity 0) takes `capacity` slots whose vectors and links0
+ * rows 0..n-1 are mapped copy-on-write from `fd` at the given offsets (multiples of 16; file layout =
+ * memory layout: [n, dim_pad] float32 and [n, M0] uint32); the rows past n are initialised anonymous
+ * memory.  Writes touch private pages only; a resize beyond capacity copies into owned memory. */
+ghnsw_status_t ghnsw_map_rows(ghnsw_index_t *ix, uint32_t capacity, int fd, uint64_t vectors_off,
+                              uint64_t links0_off, uint32_t n, ghnsw_err_t *err);
 
 /* visited.c */
 ghnsw_visited_t *ghnsw_visited_get(ghnsw_visited_pool_t *p);
@@ -246,7 +256,8 @@ typedef struct {
 } ghnsw_integrity_t;
 ghnsw_status_t ghnsw_check_integrity(ghnsw_index_t *ix, ghnsw_integrity_t *out, ghnsw_err_t *err);
 
-/* io.c: fill a freshly created index from flat arrays (state dict layout, docs/architecture.md) */
+/* io.c: fill a freshly created index from flat arrays (state dict layout, docs/architecture.md);
+ * vectors and links0 NULL: those rows are already in place (ghnsw_map_rows), links0 is checked there */
 typedef struct {
     uint32_t count;
     int64_t entry_point;

@@ -1,10 +1,18 @@
-/* Index storage: create / free / resize, the label -> slot map, the dirty-row log. */
+/* Index storage: create / free / resize, rows mapped from a file, the label -> slot map, the dirty-row
+ * log. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "gpuhnsw.h"
 #include "locks.h"
+
+/* Page size and the start of the page holding p (the base of a mapping made by map_region). */
+static size_t page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
+static void *page_of(const void *p) { return (void *)((uintptr_t)p & ~(uintptr_t)(page_size() - 1)); }
 
 static inline uint64_t mix64(uint64_t x) { /* splitmix64 finaliser: labels are often sequential */
     x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
@@ -84,17 +92,40 @@ ghnsw_status_t ghnsw_map_reserve(ghnsw_index_t *ix, size_t extra) {
 
 static size_t words(size_t n) { return (n + 31) / 32; }
 
+/* Grow the rows of `*arr` (`row` bytes each) from ix->capacity to `cap` slots.  A mapped array
+ * with room for `cap` stays (its rows past count are still as mapped: initialised); one without room
+ * is copied into owned memory and unmapped.  Returns non-zero, leaving `*arr` valid, on failure. */
+static int grow_rows(ghnsw_index_t *ix, void **arr, size_t *map_len, size_t row, uint32_t cap) {
+    if (*map_len && cap <= ix->map_rows) return 0;
+    void *p;
+    if (*map_len) {
+        p = malloc((size_t)cap * row + 1);
+        if (!p) return -1;
+        memcpy(p, *arr, (size_t)ix->capacity * row);
+        munmap(page_of(*arr), *map_len);
+        *map_len = 0;
+    } else {
+        p = realloc(*arr, (size_t)cap * row + 1);
+        if (!p) return -1;
+    }
+    *arr = p;
+    return 0;
+}
+
 /* Grow (or allocate) every per-slot array to `cap` slots; new rows are initialised. On failure the
  * arrays that were already grown stay valid (larger), nothing is lost. */
 static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
     size_t old = ix->capacity;
+    int vectors_init = ix->vectors_map_len && cap <= ix->map_rows;
+    int links0_init = ix->links0_map_len && cap <= ix->map_rows;
     void *p;
+    if (grow_rows(ix, (void **)&ix->vectors, &ix->vectors_map_len, ix->dim_pad * sizeof(float), cap) ||
+        grow_rows(ix, (void **)&ix->links0, &ix->links0_map_len, ix->M0 * sizeof(uint32_t), cap))
+        return GHNSW_ENOMEM;
 #define GROW(field, type, per) \
     p = realloc(ix->field, (size_t)cap * (per) * sizeof(type) + 1); \
     if (!p) return GHNSW_ENOMEM; \
     ix->field = p;
-    GROW(vectors, float, ix->dim_pad)
-    GROW(links0, uint32_t, ix->M0)
     GROW(degree0, uint32_t, 1)
     GROW(labels, uint64_t, 1)
     GROW(levels, uint8_t, 1)
@@ -110,8 +141,8 @@ static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
     ix->dirty = p;
     if (cap > old) {
         size_t n = cap - old;
-        memset(ix->vectors + old * ix->dim_pad, 0, n * ix->dim_pad * sizeof(float));
-        memset(ix->links0 + old * ix->M0, 0xFF, n * ix->M0 * sizeof(uint32_t));
+        if (!vectors_init) memset(ix->vectors + old * ix->dim_pad, 0, n * ix->dim_pad * sizeof(float));
+        if (!links0_init) memset(ix->links0 + old * ix->M0, 0xFF, n * ix->M0 * sizeof(uint32_t));
         memset(ix->degree0 + old, 0, n * sizeof(uint32_t));
         memset(ix->labels + old, 0, n * sizeof(uint64_t));
         memset(ix->levels + old, 0, n);
@@ -176,7 +207,9 @@ void ghnsw_free(ghnsw_index_t *ix) {
     if (!ix) return;
     if (ix->upper)
         for (uint32_t i = 0; i < ix->count; i++) free(ix->upper[i]);
-    free(ix->vectors); free(ix->links0); free(ix->degree0); free(ix->labels); free(ix->levels);
+    if (ix->vectors_map_len) munmap(page_of(ix->vectors), ix->vectors_map_len); else free(ix->vectors);
+    if (ix->links0_map_len) munmap(page_of(ix->links0), ix->links0_map_len); else free(ix->links0);
+    free(ix->degree0); free(ix->labels); free(ix->levels);
     free(ix->upper); free(ix->slot_locks); free(ix->deleted); free(ix->dirty);
     free(ix->dirty_kind);
     free(ix->map.keys); free(ix->map.vals);
@@ -224,4 +257,58 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind) {
     __atomic_fetch_or(&ix->dirty_kind[s], (uint8_t)kind, __ATOMIC_RELEASE);
     __atomic_fetch_or(&ix->dirty[s >> 5], 1u << (s & 31), __ATOMIC_RELEASE);
+}
+
+/* `cap_bytes` of memory whose first `file_bytes` are mapped copy-on-write from fd at `off` (any
+ * offset: the mapping starts at its page, the array inside it), the rest anonymous; every byte past
+ * `file_bytes` is `fill`.  Returns the mapping's length (0 on failure); munmap(page_of(*out), len). */
+static size_t map_region(void **out, size_t cap_bytes, int fd, uint64_t off, size_t file_bytes, int fill) {
+    size_t page = page_size(), delta = (size_t)(off % page);
+    size_t len = (delta + cap_bytes + page) / page * page; /* at least one page, even when empty */
+    /* reserve the whole range anonymously, then place the file over its start */
+    char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return 0;
+    size_t flen = file_bytes ? (delta + file_bytes + page - 1) / page * page : 0;
+    if (flen && mmap(p, flen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, (off_t)(off - delta)) == MAP_FAILED) {
+        munmap(p, len);
+        return 0;
+    }
+    char *arr = p + delta, *end = arr + cap_bytes;
+    /* the last file page goes on with the file's next bytes: this copies that one page */
+    if (flen) memset(arr + file_bytes, fill, (size_t)((p + flen < end ? p + flen : end) - (arr + file_bytes)));
+    if (fill && end > p + flen) memset(p + flen, fill, (size_t)(end - (p + flen))); /* anonymous pages are zero */
+    *out = arr;
+    return len;
+}
+
+ghnsw_status_t ghnsw_map_rows(ghnsw_index_t *ix, uint32_t capacity, int fd, uint64_t vectors_off,
+                              uint64_t links0_off, uint32_t n, ghnsw_err_t *err) {
+    if (ix->count || ix->capacity || ix->vectors_map_len)
+        return ghnsw_fail(err, GHNSW_ESTATE, "rows can only be mapped into a fresh index of capacity 0");
+    if (capacity > GHNSW_MAX_CAPACITY) return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
+    if (n > capacity) return ghnsw_fail(err, GHNSW_ECORRUPT, "count %u exceeds max_elements %u", n, capacity);
+    if (vectors_off % 16 || links0_off % 16) /* whole floats and ids, 16-byte rows as in owned memory */
+        return ghnsw_fail(err, GHNSW_EINVAL, "mapped sections must start at multiples of 16 bytes");
+    size_t vrow = (size_t)ix->dim_pad * sizeof(float), lrow = (size_t)ix->M0 * sizeof(uint32_t);
+    struct stat st;
+    if (fstat(fd, &st)) return ghnsw_fail(err, GHNSW_EINVAL, "cannot stat the index file");
+    /* checked here too: a page mapped past the end of the file faults on first touch */
+    if (vectors_off + (uint64_t)n * vrow > (uint64_t)st.st_size || links0_off + (uint64_t)n * lrow > (uint64_t)st.st_size)
+        return ghnsw_fail(err, GHNSW_ECORRUPT, "mapped sections run past the end of the file");
+    void *vec = NULL, *links = NULL;
+    size_t vlen = map_region(&vec, (size_t)capacity * vrow, fd, vectors_off, (size_t)n * vrow, 0);
+    size_t llen = vlen ? map_region(&links, (size_t)capacity * lrow, fd, links0_off, (size_t)n * lrow, 0xFF) : 0;
+    if (!llen) {
+        if (vlen) munmap(page_of(vec), vlen);
+        return ghnsw_fail(err, GHNSW_ENOMEM, "cannot map the index file's rows");
+    }
+    free(ix->vectors); free(ix->links0);
+    ix->vectors = vec; ix->vectors_map_len = vlen;
+    ix->links0 = links; ix->links0_map_len = llen;
+    ix->map_rows = capacity;
+    if (grow_arrays(ix, capacity) != GHNSW_OK || map_rebuild(ix, capacity) != GHNSW_OK)
+        return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory allocating an index of %u elements", capacity);
+    ghnsw_visited_pool_clear(&ix->vpool);
+    ix->vpool.n = capacity;
+    return GHNSW_OK;
 }

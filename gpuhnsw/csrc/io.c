@@ -9,8 +9,13 @@
 ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_err_t *err) {
     uint32_t n = in->count, M = ix->M, M0 = ix->M0;
     if (n > ix->capacity) return ghnsw_fail(err, GHNSW_ECORRUPT, "count %u exceeds max_elements %u", n, ix->capacity);
-    if (in->vectors_len != (size_t)n * ix->dim * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: wrong length");
-    if (in->links0_len != (size_t)n * M0 * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "links0: wrong length");
+    /* rows in place (mapped): they must be the mapping's, and it must hold count rows */
+    int in_place = !in->vectors || !in->links0;
+    if (in_place && (in->vectors || in->links0 || !ix->vectors_map_len || ix->map_rows < n))
+        return ghnsw_fail(err, GHNSW_EINVAL, "vectors and links0 must both be given or both be mapped");
+    if (!in_place && in->vectors_len != (size_t)n * ix->dim * 4)
+        return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: wrong length");
+    if (!in_place && in->links0_len != (size_t)n * M0 * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "links0: wrong length");
     if (in->degree0_len != (size_t)n * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "degree0: wrong length");
     if (in->labels_len != (size_t)n * 8) return ghnsw_fail(err, GHNSW_ECORRUPT, "labels: wrong length");
     if (in->levels_len != (size_t)n) return ghnsw_fail(err, GHNSW_ECORRUPT, "levels: wrong length");
@@ -31,7 +36,8 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
         if (in->max_level != top || in->levels[in->entry_point] != top)
             return ghnsw_fail(err, GHNSW_ECORRUPT, "max level / entry point level inconsistent");
     }
-    const uint32_t *deg = (const uint32_t *)in->degree0, *l0 = (const uint32_t *)in->links0;
+    const uint32_t *deg = (const uint32_t *)in->degree0;
+    const uint32_t *l0 = in_place ? ix->links0 : (const uint32_t *)in->links0;
     const uint32_t *up = (const uint32_t *)in->upper;
     size_t off = 0;
     for (uint32_t s = 0; s < n; s++) {
@@ -45,8 +51,10 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
         }
         if (in->deleted[s] > 1) return ghnsw_fail(err, GHNSW_ECORRUPT, "slot %u: bad deleted flag", s);
     }
+    /* mapped vectors are not read here (that is what makes a mapped load fast): a bad value can only
+     * give a wrong distance, never a bad access; _io verifies them on request */
     const float *vec = (const float *)in->vectors;
-    for (size_t i = 0; i < (size_t)n * ix->dim; i++)
+    for (size_t i = 0; !in_place && i < (size_t)n * ix->dim; i++)
         if (!(vec[i] - vec[i] == 0.0f)) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: NaN or inf");
     /* labels must be unique: insert into the (empty) map, checking for a previous entry */
     const uint64_t *lab = (const uint64_t *)in->labels;
@@ -60,9 +68,11 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
     /* all checked: copy in */
     off = 0;
     for (uint32_t s = 0; s < n; s++) {
-        memcpy(ghnsw_vec(ix, s), vec + (size_t)s * ix->dim, ix->dim * 4);
-        memcpy(ghnsw_links0(ix, s), l0 + (size_t)s * M0, (size_t)M0 * 4);
-        for (uint32_t j = deg[s]; j < M0; j++) ghnsw_links0(ix, s)[j] = GHNSW_INVALID;
+        if (!in_place) { /* mapped rows: unused links must already be invalid (the checker below) */
+            memcpy(ghnsw_vec(ix, s), vec + (size_t)s * ix->dim, ix->dim * 4);
+            memcpy(ghnsw_links0(ix, s), l0 + (size_t)s * M0, (size_t)M0 * 4);
+            for (uint32_t j = deg[s]; j < M0; j++) ghnsw_links0(ix, s)[j] = GHNSW_INVALID;
+        }
         ix->degree0[s] = deg[s];
         ix->labels[s] = lab[s];
         ix->levels[s] = in->levels[s];

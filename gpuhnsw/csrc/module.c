@@ -484,8 +484,15 @@ static int state_int(PyObject *d, const char *key, long long lo, unsigned long l
     return -1;
 }
 
-/* Core.from_state(dict): a new Core filled from the state layout, everything validated. */
-static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
+/* Core.from_state(dict, fd=-1, vectors_offset=0, links0_offset=0): a new Core filled from the state
+ * layout, everything validated.  With fd, vectors and links0 are mapped from that file at those
+ * offsets (ghnsw_map_rows) and the dict's vectors / links0 are not read. */
+static PyObject *Core_from_state(PyObject *cls, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"state", "fd", "vectors_offset", "links0_offset", NULL};
+    PyObject *d;
+    int fd = -1;
+    unsigned long long voff = 0, loff = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iKK", kwlist, &d, &fd, &voff, &loff)) return NULL;
     if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "state must be a dict"); return NULL; }
     unsigned long long dim, M, efc, seed, cap, count, ep, maxl, seq, allow;
     PyObject *space = PyDict_GetItemString(d, "space");
@@ -497,15 +504,20 @@ static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
         state_int(d, "max_level", -1, GHNSW_MAX_LEVEL, &maxl) || state_int(d, "insert_seq", 0, UINT64_MAX, &seq) ||
         state_int(d, "allow_replace_deleted", 0, 1, &allow))
         return NULL;
-    PyObject *args = Py_BuildValue("(OKKKKK)", space, dim, cap, M, efc, seed);
+    int mapped = fd >= 0;
+    /* a mapped Core starts with capacity 0, so that no row is allocated before the mapping */
+    PyObject *cargs = Py_BuildValue("(OKKKKK)", space, dim, mapped ? 0ULL : cap, M, efc, seed);
     PyObject *kw = Py_BuildValue("{s:O}", "allow_replace_deleted", allow ? Py_True : Py_False);
-    CoreObject *self = args && kw ? (CoreObject *)PyObject_Call(cls, args, kw) : NULL;
-    Py_XDECREF(args); Py_XDECREF(kw);
+    CoreObject *self = cargs && kw ? (CoreObject *)PyObject_Call(cls, cargs, kw) : NULL;
+    Py_XDECREF(cargs); Py_XDECREF(kw);
     if (!self) return NULL;
-    Py_buffer b[7];
+    Py_buffer b[7] = {{0}};
     const char *keys[7] = {"vectors", "links0", "degree0", "labels", "levels", "upper", "deleted"};
     int got = 0;
-    for (; got < 7; got++) if (state_buffer(d, keys[got], &b[got]) < 0) break;
+    for (; got < 7; got++) {
+        if (mapped && got < 2) continue; /* vectors, links0: from the mapping */
+        if (state_buffer(d, keys[got], &b[got]) < 0) break;
+    }
     ghnsw_status_t st = GHNSW_OK;
     ghnsw_err_t err = {{0}};
     if (got == 7) {
@@ -514,10 +526,11 @@ static PyObject *Core_from_state(PyObject *cls, PyObject *d) {
                             (size_t)b[0].len, (size_t)b[1].len, (size_t)b[2].len, (size_t)b[3].len,
                             (size_t)b[4].len, (size_t)b[5].len, (size_t)b[6].len};
         Py_BEGIN_ALLOW_THREADS
-        st = ghnsw_import(self->ix, &in, &err);
+        if (mapped) st = ghnsw_map_rows(self->ix, (uint32_t)cap, fd, voff, loff, (uint32_t)count, &err);
+        if (!st) st = ghnsw_import(self->ix, &in, &err);
         Py_END_ALLOW_THREADS
     }
-    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]); /* a skipped one is zeroed: a no-op */
     if (got < 7 || st) {
         Py_DECREF(self);
         return got < 7 ? NULL : raise_status(st, &err, PyExc_ValueError);
@@ -596,7 +609,9 @@ static PyMethodDef Core_methods[] = {
      "gather_upper(slots u32[r]) -> bytes: each slot's levels[s]*(1+M) uint32 upper block, concatenated"},
     {"deleted_bitset", (PyCFunction)Core_deleted_bitset, METH_NOARGS, "deleted_bitset() -> bytes u32[ceil(cap/32)]"},
     {"export_state", (PyCFunction)Core_export_state, METH_NOARGS, "export_state() -> dict"},
-    {"from_state", (PyCFunction)Core_from_state, METH_O | METH_CLASS, "from_state(dict) -> Core"},
+    {"from_state", (PyCFunction)(void (*)(void))Core_from_state, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     "from_state(dict, fd=-1, vectors_offset=0, links0_offset=0) -> Core; with fd, vectors [count, dim_pad] "
+     "and links0 [count, M0] are mapped copy-on-write from that file at those page-aligned offsets"},
     {NULL}};
 
 static PyTypeObject CoreType = {
