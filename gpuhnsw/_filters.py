@@ -14,6 +14,9 @@ from ._validate import as_labels
 log = logging.getLogger("gpuhnsw")
 
 MODES = ("auto", "graph", "exact")
+# Per-query filters take one bitset of capacity / 8 bytes per query row: knn_query parses and
+# searches them in parts of at most this many bytes of bitsets (``chunk_rows``).
+BITSET_CHUNK_BYTES = 64 << 20
 # Cost of one distance in exact search relative to one in graph search (which reads a random row and
 # keeps two heaps).  From benchmarks/filtered_search.py on minilm-debian (50k x 384, CPU): graph and
 # exact take equal time around 25% selectivity at ef=64 (about 0.1 us per graph distance, 0.06 us
@@ -68,6 +71,18 @@ def _per_query_list(filter):
     return isinstance(filter, (list, tuple)) and filter and _is_collection(filter[0])
 
 
+def per_query(filter):
+    """Whether ``filter`` (a host label filter, not a callable) holds one allowed set per query row."""
+    if isinstance(filter, (set, frozenset)):
+        return False
+    return bool(_per_query_list(filter)) or np.ndim(filter) == 2
+
+
+def chunk_rows(capacity):
+    """Query rows whose per-query bitsets over ``capacity`` slots fit in ``BITSET_CHUNK_BYTES``."""
+    return max(1, BITSET_CHUNK_BYTES // (4 * ((capacity + 31) // 32)))
+
+
 def filter_rows(filter, rows):
     """The part of a ``knn_query`` filter that applies to query rows ``rows`` (int ``[r]``): a
     per-query filter is cut to those rows; a callable or a filter for every row is returned as is."""
@@ -86,16 +101,12 @@ def label_sets(filter, nq):
     Per query: a boolean mask ``[nq, n_labels]``, an integer array ``[nq, m]``, or a list of ``nq``
     label arrays / sets / masks (ragged).
     """
-    if _per_query_list(filter):
-        rows = list(filter)
-    else:
-        arr = filter if isinstance(filter, (set, frozenset)) else np.asarray(filter)
-        if isinstance(arr, (set, frozenset)) or arr.ndim <= 1:
-            return [_labels_of(arr)], False
-        if arr.ndim != 2:
+    if not per_query(filter):
+        if not isinstance(filter, (set, frozenset)) and np.ndim(filter) > 2:
             raise ValueError(f"filter must be 1-D (one for all queries) or 2-D (one row per query), "
-                             f"got shape {arr.shape}")
-        rows = list(arr)
+                             f"got shape {np.shape(filter)}")
+        return [_labels_of(filter)], False
+    rows = list(filter) if _per_query_list(filter) else list(np.asarray(filter))
     if len(rows) != nq:
         raise ValueError(f"a per-query filter needs one entry per query row: got {len(rows)} for {nq} queries")
     return [_labels_of(r) for r in rows], True
@@ -111,14 +122,15 @@ def _popcount(words):
 def allowed_sets(core, filter, nq):
     """Parse ``filter`` and turn its labels into live-slot bitsets of ``core`` (unknown labels are
     ignored: they cannot be returned anyway)."""
-    sets, per_query = label_sets(filter, nq)
+    sets, one_per_row = label_sets(filter, nq)
     deleted = np.frombuffer(core.deleted_bitset(), dtype=np.uint32)
-    rows = [np.frombuffer(core.allowed_bitset(labels), dtype=np.uint32) for labels in sets]
-    words = min(deleted.shape[0], min(r.shape[0] for r in rows))  # a resize may run beside us
-    bits = np.empty((len(rows), words), dtype=np.uint32)
-    for i, r in enumerate(rows):
-        np.bitwise_and(r[:words], ~deleted[:words], out=bits[i])
-    return AllowedSets(bits, _popcount(bits), per_query)
+    bits = np.zeros((len(sets), deleted.shape[0]), dtype=np.uint32)
+    for i, labels in enumerate(sets):
+        row = np.frombuffer(core.allowed_bitset(labels), dtype=np.uint32)
+        # a resize may run beside us: words past the shorter of the two stay zero (not allowed)
+        words = min(deleted.shape[0], row.shape[0])
+        np.bitwise_and(row[:words], ~deleted[:words], out=bits[i, :words])
+    return AllowedSets(bits, _popcount(bits), one_per_row)
 
 
 def prefer_exact(allowed, live, ef, M0):

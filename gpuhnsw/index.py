@@ -14,7 +14,8 @@ from numpy.typing import ArrayLike
 
 from . import _core, _device, _io
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
-from ._filters import MODES as FILTER_MODES, allowed_sets, filter_rows, log_plan, prefer_exact
+from ._filters import (MODES as FILTER_MODES, allowed_sets, chunk_rows, filter_rows, log_plan, per_query,
+                       prefer_exact)
 from ._progress import Progress, stderr_is_tty
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
                         num_threads as num_threads_rule, plain_array, resolve_device)
@@ -285,18 +286,43 @@ class Index:
             # to another label meanwhile, the bitsets may name it by its old label: redo, so that no
             # result ever carries a label the filter excludes.  (Callables see the returned labels.)
             relabels = core.relabels
-            out = self._knn_query_once(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
+            out = self._knn_query_parts(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
             if filter is None or callable(filter) or core.relabels == relabels:
                 return out
 
-    def _knn_query_once(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode):
+    def _knn_query_parts(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode):
+        """``_knn_query_once`` over parts of the query rows where a per-query filter's bitsets
+        (``nq * capacity / 8`` bytes) would exceed ``_filters.BITSET_CHUNK_BYTES``; same results."""
+        nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
+        if filter is not None and not callable(filter):
+            filter = _device.to_host(plain_array(filter))
+        step = chunk_rows(core.max_elements) if filter is not None and not callable(filter) and \
+            per_query(filter) else nq
+        if step >= nq:
+            return self._knn_query_once(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
+        labels = dists = None
+        for start in range(0, nq, step):
+            stop = min(nq, start + step)
+            part = self._knn_query_once(core, data[start:stop], k, ef, num_threads,
+                                        filter_rows(filter, np.arange(start, stop)), pad, search_width,
+                                        filter_mode, row0=start)
+            if labels is None:   # NumPy, or CuPy for GPU input, as one call's result
+                empty = _device.to_device if _device.is_gpu_array(part[0]) else np.asarray
+                labels = empty(np.empty((nq, k), dtype=np.uint64))
+                dists = empty(np.empty((nq, k), dtype=np.float32))
+            labels[start:stop], dists[start:stop] = part
+        return labels, dists
+
+    def _knn_query_once(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode, row0=0):
+        """One search of the rows ``data``; ``row0``: the first row's number in the caller's query
+        (for error messages)."""
         sets = exact = None
         if filter is not None and not callable(filter):
             sets = allowed_sets(core, _device.to_host(plain_array(filter)),
                                 1 if np.ndim(data) == 1 else np.shape(data)[0])
             exact = self._filter_plan(core, sets, k, ef, filter_mode)
         if not pad:
-            self._check_enough(core, k, sets)
+            self._check_enough(core, k, sets, row0)
         # the GPU takes unfiltered queries and graph search under label filters (shared or per query)
         if self._gpu is not None and not callable(filter) and (sets is None or not exact.any()):
             bits = None if sets is None else sets.bits if sets.per_query else sets.bits[0]
@@ -307,12 +333,12 @@ class Index:
             if out is not None:
                 if sets is not None:
                     out = self._redo_missed(core, data, out, k, ef, sets)
-                return self._check_found(core, out, k, ef, pad, filter)
+                return self._check_found(core, out, k, ef, pad, filter, row0)
         on_gpu_input = _device.is_gpu_array(data)
         q = as_vectors(_device.to_host(data), self._dim, what="query")
         labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, None if sets else filter,
                                                    sets, exact)
-        self._check_found(core, (labels, dists, found), k, ef, pad, filter)
+        self._check_found(core, (labels, dists, found), k, ef, pad, filter, row0)
         if on_gpu_input:
             return _device.to_device(labels), _device.to_device(dists)
         return labels, dists
@@ -338,7 +364,7 @@ class Index:
         return labels, dists, found
 
     @staticmethod
-    def _check_enough(core, k, sets):
+    def _check_enough(core, k, sets, row0=0):
         """Fewer than ``k`` live elements, in the index or allowed by a label filter: hnswlib's
         RuntimeError, with the numbers."""
         live = core.count - core.n_deleted
@@ -348,18 +374,18 @@ class Index:
                                + "; pass pad=True to accept fewer")
         if sets is not None and k and sets.live.min() < k:
             i = int(np.argmin(sets.live))
-            which = f" of query row {i}" if sets.per_query else ""
+            which = f" of query row {row0 + i}" if sets.per_query else ""
             raise RuntimeError(f"{_NOT_FOUND}: k={k} but the filter{which} allows only {sets.live[i]} live "
                                "elements; pass pad=True to accept fewer")
 
     @staticmethod
-    def _check_found(core, result, k, ef, pad, filter):
+    def _check_found(core, result, k, ef, pad, filter, row0=0):
         """A row that found fewer than ``k`` although enough are live: the graph search missed them."""
         labels, dists, found = result
         if not pad and (found < k).any():
             row = int(np.argmax(found < k))
             cause = "the filter may allow fewer than k elements, or " if callable(filter) else ""
-            raise RuntimeError(f"{_NOT_FOUND}: query row {row} found {found[row]} of k={k} neighbours among "
+            raise RuntimeError(f"{_NOT_FOUND}: query row {row0 + row} found {found[row]} of k={k} neighbours among "
                                f"{core.count - core.n_deleted} live elements ({cause}the graph search missed "
                                f"some: raise ef, now {max(ef, k)}, or M); pass pad=True to accept fewer")
         return labels, dists

@@ -158,6 +158,43 @@ def test_fewer_allowed_than_k_names_the_numbers(minilm):
     assert set(labels[0, :3].tolist()) == {3, 5, 8}
 
 
+@pytest.mark.parametrize("form", ["list", "mask"])
+def test_per_query_bitsets_are_built_in_bounded_chunks(minilm, monkeypatch, form):
+    """Per-query bitsets (nq x capacity/8 bytes) are parsed and searched a few rows at a time when
+    they would exceed the bound; the results and the error's row number are those of one call."""
+    from gpuhnsw import _filters, index as index_module
+
+    index, base, queries = minilm
+    sets = per_query_sets(len(base), len(queries), np.random.default_rng(11))
+    if form == "list":
+        flt = sets
+    else:
+        flt = np.zeros((len(queries), len(base)), dtype=bool)
+        for row, allowed in enumerate(sets):
+            flt[row, allowed.astype(np.int64)] = True
+    want = index.knn_query(queries, k=K, filter=flt)
+    built = []
+
+    def recording(core, filter, nq):
+        out = _filters.allowed_sets(core, filter, nq)
+        built.append(out.bits.nbytes)
+        return out
+
+    words = (index.max_elements + 31) // 32
+    monkeypatch.setattr(_filters, "BITSET_CHUNK_BYTES", 3 * 4 * words)   # 3 query rows per chunk
+    monkeypatch.setattr(index_module, "allowed_sets", recording)
+    got = index.knn_query(queries, k=K, filter=flt)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert len(built) == -(-len(queries) // 3) and max(built) <= 3 * 4 * words
+    sets[7] = np.array([1, 2], dtype=np.uint64)
+    with pytest.raises(RuntimeError, match=r"filter of query row 7 allows only 2 live"):
+        index.knn_query(queries, k=K, filter=sets)
+    before = len(built)
+    one = index.knn_query(queries, k=K, filter=np.arange(20, dtype=np.uint64))  # shared filter: one part
+    assert len(built) == before + 1 and one[0].shape == (len(queries), K)
+
+
 def test_bad_filters_rejected(minilm):
     index, _, queries = minilm
     with pytest.raises(ValueError, match="one entry per query row: got 2 for 40"):

@@ -211,6 +211,22 @@ def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, pai
     assert np.mean(np.asarray(got[0])[others] == graph[0][others]) > 0.9
 
 
+def test_per_query_filters_in_chunks_keep_gpu_output(fake_cuda, pair, monkeypatch):
+    from gpuhnsw import _filters
+
+    _, gpu, data = pair
+    q = data[1400:1420].view(FakeGpuArray)
+    sets = [np.arange(r % 5, 1400, 5 + r % 3) for r in range(len(q))]
+    want = gpu.knn_query(q, k=5, ef=40, filter=sets, filter_mode="graph")
+    monkeypatch.setattr(_filters, "BITSET_CHUNK_BYTES", 4 * 4 * ((gpu.max_elements + 31) // 32))  # 4 rows
+    searches = fake_cuda["search"]
+    got = gpu.knn_query(q, k=5, ef=40, filter=sets, filter_mode="graph")
+    assert fake_cuda["search"] - searches == 5
+    assert isinstance(got[0], FakeGpuArray) and isinstance(got[1], FakeGpuArray)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_callable_filter_runs_on_cpu(fake_cuda, pair):
     _, gpu, data = pair
     labels, _ = gpu.knn_query(data[1400:1405], k=3, filter=lambda label: label % 2 == 0)
