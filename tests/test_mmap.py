@@ -224,6 +224,23 @@ def test_queries_beside_writes_on_a_mapped_index(cases):
     assert mapped.check_integrity(require_reachable=False)["n_live"] == 2900 - 1 - 8
 
 
+@pytest.mark.gpu
+def test_mapped_index_on_the_gpu(cases):
+    """A mapped index's mirror is synced from the mapped rows, then from the pages writes copied."""
+    space, base, q, path = cases["minilm"]
+    cpu = _load(path, space, base.shape[1])
+    gpu = gpuhnsw.Index(space, base.shape[1], device="cuda")
+    gpu.load_index(path, mmap=True)
+    for step in (lambda ix: None, lambda ix: ix.add_items(base[2500:2600], num_threads=1),
+                 lambda ix: ix.resize_index(3000), lambda ix: ix.add_items(base[2600:3000], num_threads=1)):
+        step(cpu)
+        step(gpu)
+        want = cpu.knn_query(q, k=10)[0]
+        got = gpu.knn_query(q, k=10)[0]
+        assert np.mean(got == want) > 0.99
+        assert gpu._gpu.mirror.check_against_core() == []
+
+
 # ---------------------------------------------------------------------------------------------
 # files that cannot be mapped, or are damaged
 # ---------------------------------------------------------------------------------------------
