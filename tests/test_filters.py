@@ -89,17 +89,22 @@ def per_query_sets(n, nq, rng):
     return [np.sort(rng.choice(n, size, replace=False)).astype(np.uint64) for size in sizes]
 
 
+def per_query_filter(sets, n, form):
+    """The per-query filter of ``sets`` as given: "list" (the arrays) or "mask" (bool [nq, n])."""
+    if form == "list":
+        return sets
+    mask = np.zeros((len(sets), n), dtype=bool)
+    for row, allowed in enumerate(sets):
+        mask[row, allowed.astype(np.int64)] = True
+    return mask
+
+
 @pytest.mark.parametrize("mode", ["auto", "graph", "exact"])
 @pytest.mark.parametrize("form", ["list", "mask"])
 def test_per_query_filters_against_oracle(minilm, mode, form):
     index, base, queries = minilm
     sets = per_query_sets(len(base), len(queries), np.random.default_rng(11))
-    if form == "list":
-        flt = sets
-    else:
-        flt = np.zeros((len(queries), len(base)), dtype=bool)
-        for row, allowed in enumerate(sets):
-            flt[row, allowed.astype(np.int64)] = True
+    flt = per_query_filter(sets, len(base), form)
     labels, dists = index.knn_query(queries, k=K, filter=flt, filter_mode=mode)
     hits = 0
     for row, allowed in enumerate(sets):
@@ -166,12 +171,7 @@ def test_per_query_bitsets_are_built_in_bounded_chunks(minilm, monkeypatch, form
 
     index, base, queries = minilm
     sets = per_query_sets(len(base), len(queries), np.random.default_rng(11))
-    if form == "list":
-        flt = sets
-    else:
-        flt = np.zeros((len(queries), len(base)), dtype=bool)
-        for row, allowed in enumerate(sets):
-            flt[row, allowed.astype(np.int64)] = True
+    flt = per_query_filter(sets, len(base), form)
     want = index.knn_query(queries, k=K, filter=flt)
     built = []
 
