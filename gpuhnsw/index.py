@@ -294,10 +294,10 @@ class Index:
         """``_knn_query_once`` over parts of the query rows where a per-query filter's bitsets
         (``nq * capacity / 8`` bytes) would exceed ``_filters.BITSET_CHUNK_BYTES``; same results."""
         nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
-        if filter is not None and not callable(filter):
+        labels_filter = filter is not None and not callable(filter)
+        if labels_filter:   # on the host once, for every part
             filter = _device.to_host(plain_array(filter))
-        step = chunk_rows(core.max_elements) if filter is not None and not callable(filter) and \
-            per_query(filter) else nq
+        step = chunk_rows(core.max_elements) if labels_filter and per_query(filter) else nq
         if step >= nq:
             return self._knn_query_once(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
         labels = dists = None
@@ -314,12 +314,11 @@ class Index:
         return labels, dists
 
     def _knn_query_once(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode, row0=0):
-        """One search of the rows ``data``; ``row0``: the first row's number in the caller's query
-        (for error messages)."""
+        """One search of the rows ``data`` (a label filter already on the host); ``row0``: the first
+        row's number in the caller's query (for error messages)."""
         sets = exact = None
         if filter is not None and not callable(filter):
-            sets = allowed_sets(core, _device.to_host(plain_array(filter)),
-                                1 if np.ndim(data) == 1 else np.shape(data)[0])
+            sets = allowed_sets(core, filter, 1 if np.ndim(data) == 1 else np.shape(data)[0])
             exact = self._filter_plan(core, sets, k, ef, filter_mode)
         if not pad:
             self._check_enough(core, k, sets, row0)
