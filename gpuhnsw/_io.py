@@ -684,10 +684,7 @@ def _map_gpuhnsw(fd, space, dim, verify):
         off, length, crc = layout[key]
         name = f"section {tag.decode()}"
         if key not in _MAPPED:
-            data = read(off, length)
-            if len(data) != length or zlib.crc32(data) != crc:
-                raise IndexFileError(f"{name} checksum mismatch (file corrupted)")
-            state[key] = data
+            state[key] = _checked_section(read(off, length), 0, length, crc, name)
             continue
         row = 8 * state["M"] if key == "links0" else 4 * _dim_pad(dim)
         if length != n * row:
