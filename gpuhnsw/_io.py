@@ -54,6 +54,7 @@ except ImportError:  # Windows: no flock, so stale temp files are not cleaned up
 from ._core import (INVALID_SLOT as NO_LINK, MAX_CAPACITY, MAX_DIM, MAX_EF_CONSTRUCTION, MAX_LEVEL, MAX_M,
                     SPACES)
 from ._errors import IndexFileError
+from ._validate import thread_limit
 
 __all__ = ["read_index", "map_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC",
            "read_bfindex", "write_bfindex", "bfindex_header", "BF_MAGIC", "BF_FORMAT_VERSION"]
@@ -243,7 +244,7 @@ def check_state(state):
         raise IndexFileError(f"ser_version={version!r}: unsupported state version")
     if full["space"] not in SPACES:
         raise IndexFileError(f"space must be one of {SPACES}, got {full['space']!r}")
-    for key, lo, hi in (("dim", 1, MAX_DIM), ("ef", 0, 2**63 - 1), ("num_threads", -2**31, 2**31 - 1),
+    for key, lo, hi in (("dim", 1, MAX_DIM), ("ef", 0, 2**63 - 1), ("num_threads", -2**31, thread_limit()),
                         ("cur_l", 0, 2**64 - 1)):
         _check_int(full, key, lo, hi, IndexFileError)
     for key in ("index_inited", "auto_resize"):

@@ -145,10 +145,29 @@ def as_labels(ids, rows=None):
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
-def num_threads(n):
-    """hnswlib's rule: <= 0 means every core."""
+# Most CPU threads one call may ask for (or the core count, where that is larger).  Every worker is
+# a pthread (stack reserved per thread) and every searching one holds a visited table of 2 bytes per
+# slot, kept by the index for reuse; past the cores they only contend.  Unbounded, a num_threads of
+# 2**40 was stored, broke pickling and copies (the state keeps a C int), and knn_graph, exact search
+# and add_items sized their pools by the row count instead (up to one thread per row).
+MAX_THREADS = 1024
+
+
+def thread_limit():
+    """The largest ``num_threads`` accepted here: ``max(MAX_THREADS, cores)``."""
+    return max(MAX_THREADS, os.cpu_count() or 1)
+
+
+def num_threads(n, default=None):
+    """hnswlib's rule: ``n <= 0`` means ``default`` (every core unless given); more than
+    :func:`thread_limit` is a ``ValueError`` (``TypeError`` for a non-integer)."""
     n = as_int(n, "num_threads")
-    return n if n > 0 else (os.cpu_count() or 1)
+    if n <= 0:
+        return default if default is not None else (os.cpu_count() or 1)
+    if n > thread_limit():
+        raise ValueError(f"num_threads must be at most {thread_limit()} (<= 0 uses every core, "
+                         f"{os.cpu_count() or 1} here), got {n}")
+    return n
 
 
 @functools.lru_cache(maxsize=None)

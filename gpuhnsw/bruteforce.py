@@ -11,7 +11,8 @@ import numpy as np
 
 from ._errors import IndexFileNotFoundError
 from ._io import read_bfindex, write_bfindex
-from ._validate import as_int, as_label, as_labels, as_vectors, check_dim, check_space, resolve_device
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+                        num_threads as num_threads_rule, resolve_device)
 from .exact import exact_rows, normalize_rows, upload_base
 
 __all__ = ["BFIndex"]
@@ -101,7 +102,7 @@ class BFIndex:
 
     def set_num_threads(self, num_threads):
         """Default query thread count (<= 0: every core)."""
-        self._num_threads = as_int(num_threads, "num_threads")
+        self._num_threads = num_threads_rule(num_threads)
 
     def get_max_elements(self):
         """Capacity in vectors (0 before :meth:`init_index`)."""
@@ -207,8 +208,7 @@ class BFIndex:
                 f"Cannot return the results in a contiguous 2D array: k={k} but only "
                 f"{base.shape[0]} element(s) can be returned"
                 + (" (after the filter)" if filter is not None else ""))
-        threads = as_int(num_threads, "num_threads")
-        threads = threads if threads > 0 else self._num_threads
+        threads = num_threads_rule(num_threads, default=self._num_threads)
         cache = None
         if self._device[0] == "cuda" and use_cache and k > 0 and q.shape[0] > 0:
             cache = self._device_base()

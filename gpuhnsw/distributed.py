@@ -40,7 +40,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ._errors import IndexFileError, InputShapeError
 from ._progress import Progress, stderr_is_tty
-from ._validate import as_int, as_label, as_labels, as_vectors, check_dim, check_space
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+                        num_threads as num_threads_rule)
 from .index import PAD_LABEL, Index
 
 __all__ = ["ShardedIndex", "knn_graph", "shard_of", "merge_topk", "MANIFEST_VERSION"]
@@ -144,8 +145,11 @@ def _workers(client):
     return workers
 
 
-def _default_threads(client):
-    """C threads per shard: the cores of a worker's machine shared among its workers there."""
+def _shard_threads(client, num_threads):
+    """C threads per shard: ``num_threads`` (at least 1, at most ``_validate.thread_limit()``), or by
+    default the cores of a worker's machine shared among its workers there."""
+    if num_threads is not None:
+        return num_threads_rule(as_int(num_threads, "num_threads", minimum=1))
     info = client.scheduler_info()["workers"]
     per_host = {}
     for w in info.values():
@@ -349,8 +353,7 @@ class ShardedIndex:
                         "ef_construction": as_int(ef_construction, "ef_construction", minimum=0),
                         "random_seed": as_int(random_seed, "random_seed", minimum=0)}
         self._device = device
-        self._threads = _default_threads(client) if num_threads is None else \
-            as_int(num_threads, "num_threads", minimum=1)
+        self._threads = _shard_threads(client, num_threads)
         self._lock = threading.Lock()
         self._cur_l = 0
         self.ef = 10
@@ -601,8 +604,7 @@ class ShardedIndex:
         self._n_shards = manifest["n_shards"]
         self._params = {key: manifest[key] for key in ("M", "ef_construction", "random_seed")}
         self._device = device
-        self._threads = _default_threads(client) if num_threads is None else \
-            as_int(num_threads, "num_threads", minimum=1)
+        self._threads = _shard_threads(client, num_threads)
         self._lock = threading.Lock()
         self._cur_l = manifest["next_label"]
         self.ef = manifest["ef"]
@@ -922,7 +924,7 @@ def knn_graph(data, k, *, client, method="shards", space="l2", n_shards=None, n_
         n_parts = saved["n_parts"] if saved and saved.get("method") == method else \
             (len(workers) if method == "shards" else 4 * len(workers))
     ef = max(2 * (k + 1), 64) if ef is None else as_int(ef, "ef", minimum=1)
-    threads = _default_threads(client) if num_threads is None else as_int(num_threads, "num_threads", minimum=1)
+    threads = _shard_threads(client, num_threads)
     params = {"n": n, "dim": dim, "k": k, "method": method, "space": space, "n_parts": n_parts,
               "M": M, "ef_construction": ef_construction, "ef": ef, "random_seed": random_seed,
               "blocks": [[int(a), int(b)] for a, b in zip(starts[:-1], starts[1:])]}

@@ -270,6 +270,7 @@ class Index:
         core = self._need_init()
         k = as_int(k, "k", minimum=0)
         ef = self._ef if ef is None else as_int(ef, "ef", minimum=1)
+        num_threads = num_threads_rule(num_threads, default=self._num_threads)  # also where the GPU answers
         search_width = as_int(search_width, "search_width", minimum=1)
         if search_width > 32:
             raise ValueError(f"search_width must be 1..32, got {search_width}")
@@ -514,7 +515,7 @@ class Index:
         return self._gpu.sync(self._core)
 
     def _threads(self, n, rows):
-        n = self._num_threads if n is None or as_int(n, "num_threads") <= 0 else int(n)
+        n = self._num_threads if n is None else num_threads_rule(n, default=self._num_threads)
         return 1 if rows <= 4 * n else n  # hnswlib's rule: small batches are not worth threads
 
     # ---------------------------------------------------------------- reads

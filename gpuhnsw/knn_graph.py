@@ -146,6 +146,7 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     if not 0 <= k <= top:
         raise ValueError(f"k must be in [0, {'n' if include_self else 'n - 1'}] = [0, {top}], "
                          f"got {k}")
+    num_threads = _num_workers(num_threads)      # checked (and <= 0 resolved) before the work
     if as_sparse:
         _import_scipy_sparse()                  # fail before the work, not after it
     dev = resolve_device(device)                 # ("cpu", None) or ("cuda", ordinal)

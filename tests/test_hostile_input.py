@@ -19,6 +19,8 @@ import pytest
 
 import gpuhnsw
 from gpuhnsw import IndexFileError, _io
+from gpuhnsw._validate import thread_limit
+from gpuhnsw.exact import exact_search
 
 DIM = 128  # siftsmall
 FUZZ_SEED = 20261129
@@ -74,7 +76,7 @@ def test_random_seed_of_2_63_and_above_round_trips_through_files_pickles_and_sta
 
 @pytest.mark.parametrize("key,value", [
     ("ef", -1), ("ef", 2**63), ("ef", 1.5), ("cur_l", -1), ("cur_l", 2**64), ("random_seed", -1),
-    ("random_seed", 2**64), ("insert_seq", 2**64), ("num_threads", -2**63), ("num_threads", "4"),
+    ("random_seed", 2**64), ("insert_seq", 2**64), ("num_threads", -2**63), ("num_threads", 2**20), ("num_threads", "4"),
     ("dim", 2**63), ("M", 2**63), ("M", 1), ("ef_construction", 2**63), ("max_elements", 2**40),
     ("max_elements", 2**31), ("count", -1), ("entry_point", 2**63), ("entry_point", -2), ("max_level", 2**63),
     ("ser_version", 2**70), ("allow_replace_deleted", 2**70), ("index_inited", "yes"), ("space", 3),
@@ -89,6 +91,34 @@ def test_hostile_state_dict_field_is_rejected_at_the_edge(base, key, value):
         gpuhnsw.Index(state)
     with pytest.raises(IndexFileError, match=key):
         pickle.loads(pickle.dumps(_Pickled(state)))
+
+
+@pytest.mark.parametrize("threads", [2**40, 2**31, thread_limit() + 1])
+def test_num_threads_of_2_40_is_refused_before_anything_changes(base, threads):
+    """set_num_threads(2**40) was stored: pickling and Index(other) then failed (the state keeps a C
+    int), add_items and knn_query quietly ran on one thread, and knn_graph raised a bare
+    OverflowError or sized its pool by the row count; now every num_threads argument is checked by
+    one rule, with a clear ValueError, and <= 0 still means every core."""
+    index = build(base)
+    before = index.knn_query(base[:5], k=3)
+    for call in (lambda: index.set_num_threads(threads),
+                 lambda: setattr(index, "num_threads", threads),
+                 lambda: index.add_items(base[200:210], num_threads=threads),
+                 lambda: index.knn_query(base[:5], k=3, num_threads=threads),
+                 lambda: index.range_query(base[:5], 1e9, num_threads=threads),
+                 lambda: gpuhnsw.BFIndex("l2", DIM).set_num_threads(threads),
+                 lambda: gpuhnsw.knn_graph(base[:50], 3, method="nndescent", num_threads=threads),
+                 lambda: exact_search(base[:50], base[:5], 3, "l2", num_threads=threads)):
+        with pytest.raises(ValueError, match=f"num_threads must be at most {thread_limit()}.*got {threads}"):
+            call()
+    assert index.get_current_count() == 200 and index.num_threads == (os.cpu_count() or 1)
+    copy = pickle.loads(pickle.dumps(index))
+    np.testing.assert_array_equal(copy.knn_query(base[:5], k=3)[0], before[0])
+    index.set_num_threads(thread_limit())        # the limit itself is accepted, and round-trips
+    assert pickle.loads(pickle.dumps(index)).num_threads == thread_limit()
+    for every_core in (0, -1, -2**40):
+        index.set_num_threads(every_core)
+        assert index.num_threads == (os.cpu_count() or 1)
 
 
 def test_hnswlib_header_claiming_a_huge_capacity_does_not_allocate_it(tmp_path):
