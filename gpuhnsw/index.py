@@ -31,6 +31,7 @@ GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least t
 GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take GPU candidates
 GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
 PROGRESS_MIN_ROWS = 100_000   # add_items shows a progress bar by default from this size (on a terminal)
+RELABEL_REDOS = 2             # label-filtered passes a relabel may void before one runs with labels pinned
 # hnswlib's words for "fewer than k results", kept as the start of ours (existing code matches on it)
 _NOT_FOUND = "Cannot return the results in a contiguous 2D array"
 
@@ -282,14 +283,23 @@ class Index:
         if have is not None and need > have:
             raise MemoryError(f"k={k} for {nq} queries needs {need / 2**30:.1f} GiB of results, more than "
                               f"this machine's {have / 2**30:.1f} GiB of memory")
-        while True:
-            # Label filters become slot bitsets before the search; if a replace_deleted moved a slot
-            # to another label meanwhile, the bitsets may name it by its old label: redo, so that no
-            # result ever carries a label the filter excludes.  (Callables see the returned labels.)
+        args = (core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
+        if filter is None or callable(filter):   # (callables see the returned labels)
+            return self._knn_query_parts(*args)
+        # Label filters become slot bitsets before the search; if a replace_deleted moved a slot to
+        # another label meanwhile, the bitsets may name it by its old label: redo, so that no result
+        # ever carries a label the filter excludes.  Under steady relabels the last pass pins the
+        # labels (relabels wait for it), so the query always ends.
+        for _ in range(RELABEL_REDOS):
             relabels = core.relabels
-            out = self._knn_query_parts(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
-            if filter is None or callable(filter) or core.relabels == relabels:
+            out = self._knn_query_parts(*args)
+            if core.relabels == relabels:
                 return out
+        taken = core.pin_labels()
+        try:
+            return self._knn_query_parts(*args)
+        finally:
+            core.unpin_labels(taken)
 
     def _knn_query_parts(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode):
         """``_knn_query_once`` over parts of the query rows where a per-query filter's bitsets

@@ -216,6 +216,118 @@ def test_filter_callback_result_is_not_relabelled_by_a_replace_during_the_query(
     assert index.get_ids_list().count(51) == 1 and 0 not in index
 
 
+@pytest.mark.parametrize("mode", ["graph", "exact"])
+def test_filtered_queries_finish_beside_a_relabel_churn_thread(datasets, mode):
+    """The race behind the test above: a thread relabelling slots (mark_deleted, then
+    replace_deleted) until the queries finish.  Exact-mode filtered queries of 100 rows never
+    finished (every pass saw a relabel); graph-mode ones took about 20 passes each.  Run in a child
+    process, so a livelock fails the test instead of hanging the run."""
+    datasets("siftsmall", n_base=2000, n_queries=100)    # present (else skip, or fail in CI)
+    out = run_isolated(f"""
+        import threading
+        import numpy as np
+        import gpuhnsw
+        from gpuhnsw import testing
+
+        base, queries, _, _ = testing.load_dataset("siftsmall", n_base=2000, n_queries=100)
+        n = len(base)
+        index = gpuhnsw.Index("l2", base.shape[1])
+        index.init_index(n, M=12, ef_construction=60, random_seed=3, allow_replace_deleted=True)
+        index.add_items(base, np.arange(n))
+        allowed = np.arange(0, 2 * 10**6, 2, dtype=np.uint64)    # even labels
+        stop, live = threading.Event(), list(range(n))
+
+        def churn():
+            new = n
+            while not stop.is_set():
+                index.mark_deleted(live.pop(0))
+                index.add_items(base[new % n], [new], replace_deleted=True)   # parity alternates
+                live.append(new)
+                new += 1
+
+        mover = threading.Thread(target=churn)
+        mover.start()
+        try:
+            for _ in range(20):
+                labels, _ = index.knn_query(queries, k=10, filter=allowed, filter_mode="{mode}", pad=True)
+                found = labels[labels != np.uint64(2**64 - 1)]
+                assert (found % 2 == 0).all(), found[found % 2 == 1]
+        finally:
+            stop.set()
+            mover.join()
+        index.check_integrity()
+        print("ok", index._core.relabels > 0)
+    """, timeout=240)
+    assert out.split() == ["ok", "True"]
+
+
+class _RelabelEveryPass:
+    """A core that voids every label-filtered pass: right after each label bitset is made, the
+    allowed label nearest the query is deleted and its slot given an excluded label with the query's
+    own vector (replace_deleted), so the bitset names that slot by its old label.  While the labels
+    are pinned the same move runs on another thread, which has to wait for the unpin."""
+
+    def __init__(self, index, query, allowed, new_labels):
+        self._core, self._index, self._query = index._core, index, query
+        d = ((index.get_items(allowed) - query) ** 2).sum(axis=1)
+        self._victims = list(allowed[np.argsort(d)])      # allowed labels, nearest first
+        self._new = list(new_labels)                      # excluded labels
+        self.passes, self.pinned, self._mover = 0, False, None
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+    def _relabel(self):
+        self._index.mark_deleted(int(self._victims.pop(0)))
+        self._index.add_items(self._query, [self._new.pop(0)], replace_deleted=True)
+
+    def allowed_bitset(self, labels):
+        bits = self._core.allowed_bitset(labels)
+        self.passes += 1
+        if self.passes > 20:
+            raise RuntimeError("livelock: 20 passes voided by relabels")
+        if not self.pinned:
+            self._relabel()
+        elif self._mover is None:
+            self._mover = threading.Thread(target=self._relabel)
+            self._mover.start()
+        return bits
+
+    def pin_labels(self):
+        taken = self._core.pin_labels()
+        self.pinned, self.relabels_at_pin = True, self._core.relabels
+        return taken
+
+    def unpin_labels(self, taken):
+        self.relabelled_while_pinned = self._core.relabels != self.relabels_at_pin
+        self._core.unpin_labels(taken)
+        self.pinned = False
+        if self._mover is not None:
+            self._mover.join()
+
+
+@pytest.mark.parametrize("mode", ["graph", "exact"])
+def test_filtered_query_under_steady_relabels_ends_and_keeps_its_promise(datasets, mode):
+    """Under steady replace_deleted churn a label-filtered knn_query redid itself without bound
+    (each relabel during a pass voids it): a livelock.  Now after RELABEL_REDOS voided passes the
+    last one pins the labels, so the query ends, and no result carries an excluded label."""
+    base, queries, _, _ = datasets("siftsmall", n_base=2000, n_queries=5)
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=12, ef_construction=60, random_seed=3, allow_replace_deleted=True)
+    index.add_items(base, np.arange(len(base)))
+    allowed = np.arange(0, len(base), 2, dtype=np.uint64)   # even labels
+    q = np.ascontiguousarray(queries[:1])
+    core = index._core
+    index._core = proxy = _RelabelEveryPass(index, q, allowed, range(10**6 + 1, 10**6 + 100, 2))
+    labels, _ = index.knn_query(q, k=10, filter=allowed, filter_mode=mode, pad=True)
+    assert proxy.passes == gpuhnsw.index.RELABEL_REDOS + 1 and not proxy.pinned
+    assert not proxy.relabelled_while_pinned
+    assert np.isin(labels[labels != np.uint64(2**64 - 1)], allowed).all(), labels
+    index._core = core
+    assert core.relabels == gpuhnsw.index.RELABEL_REDOS + 1    # the pinned pass's mover went in after it
+    index.check_integrity()
+
+
 # ---------------------------------------------------------------------------------------------
 # the torture: every kind of call at once on one index
 # ---------------------------------------------------------------------------------------------

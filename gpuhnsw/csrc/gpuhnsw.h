@@ -127,6 +127,8 @@ typedef struct ghnsw_index {
     pthread_mutex_t ep_lock;    /* entry point, max level */
     pthread_mutex_t mut_lock;   /* serialises mutating calls (add, delete, resize) */
     pthread_rwlock_t resize_lock; /* shared: anything reading arrays; exclusive: resize, relabel */
+    pthread_rwlock_t relabel_lock; /* shared: a pinned label-filter query (ghnsw_pin_labels), across calls;
+                                    * exclusive: the label commit of a relabelling add (before resize_lock) */
     uint32_t entry_point;
     int max_level;
 
@@ -289,6 +291,12 @@ ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, voi
 /* u64[r]: (kind << 32) | slot of the slots changed since the last drain, ascending; clears them */
 ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
 size_t ghnsw_count_dirty(ghnsw_index_t *ix);
+/* Hold relabels off (replace_deleted's label commits wait) until ghnsw_unpin_labels, so that label
+ * bitsets made after the pin name the same slots through every search and gather that follows, over
+ * several calls.  Takes no other lock.  Returns whether relabel_lock was taken: not from a filter
+ * callback of a query on ix, which holds resize_lock shared and so already keeps relabels off. */
+int ghnsw_pin_labels(ghnsw_index_t *ix);
+void ghnsw_unpin_labels(ghnsw_index_t *ix, int taken);
 size_t ghnsw_memory_bytes(ghnsw_index_t *ix);
 /* rows of slots[n] into vectors [n, dim_pad], links [n, M0], degree [n], labels [n], levels [n]
  * (vectors, labels, levels may be NULL: not gathered) */

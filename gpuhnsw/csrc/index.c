@@ -186,12 +186,13 @@ ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32
     pthread_mutex_init(&ix->map_lock, NULL);
     pthread_mutex_init(&ix->ep_lock, NULL);
     pthread_mutex_init(&ix->mut_lock, NULL);
-    /* writers first, so a stream of queries cannot starve a resize; no reader takes it twice
-     * (ghnsw_read_lock) */
+    /* writers first, so a stream of queries cannot starve a resize or a relabel; no reader takes
+     * either twice (ghnsw_read_lock, ghnsw_pin_labels) */
     pthread_rwlockattr_t attr;
     pthread_rwlockattr_init(&attr);
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&ix->resize_lock, &attr);
+    pthread_rwlock_init(&ix->relabel_lock, &attr);
     pthread_rwlockattr_destroy(&attr);
     pthread_mutex_init(&ix->vpool.lock, NULL);
     if (grow_arrays(ix, capacity) != GHNSW_OK || map_init(&ix->map, capacity) != GHNSW_OK) {
@@ -218,6 +219,7 @@ void ghnsw_free(ghnsw_index_t *ix) {
     pthread_mutex_destroy(&ix->ep_lock);
     pthread_mutex_destroy(&ix->mut_lock);
     pthread_rwlock_destroy(&ix->resize_lock);
+    pthread_rwlock_destroy(&ix->relabel_lock);
     pthread_mutex_destroy(&ix->vpool.lock);
     free(ix);
 }

@@ -415,16 +415,18 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         }
     }
     /* commit labels: from here on the batch is accepted.  A relabel (replace_deleted) takes
-     * resize_lock exclusively, so no query sees a slot change label halfway (ghnsw_search). */
+     * resize_lock exclusively, so no query sees a slot change label halfway (ghnsw_search), and
+     * relabel_lock first, so it waits for pinned queries (ghnsw_pin_labels). */
     int relabel = n_vacant > 0;
     if (relabel) {
+        pthread_rwlock_wrlock(&ix->relabel_lock);
         pthread_rwlock_wrlock(&ix->resize_lock);
         __atomic_fetch_add(&ix->relabels, 1, __ATOMIC_ACQ_REL);
     }
     pthread_mutex_lock(&ix->map_lock);
     if (ghnsw_map_reserve(ix, n_new) != GHNSW_OK) {
         pthread_mutex_unlock(&ix->map_lock);
-        if (relabel) pthread_rwlock_unlock(&ix->resize_lock);
+        if (relabel) { pthread_rwlock_unlock(&ix->resize_lock); pthread_rwlock_unlock(&ix->relabel_lock); }
         for (uint32_t t = ix->count; t < next; t++) { free(ix->upper[t]); ix->upper[t] = NULL; ix->levels[t] = 0; }
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
         goto unlock;
@@ -446,7 +448,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         }
     }
     pthread_mutex_unlock(&ix->map_lock);
-    if (relabel) pthread_rwlock_unlock(&ix->resize_lock);
+    if (relabel) { pthread_rwlock_unlock(&ix->resize_lock); pthread_rwlock_unlock(&ix->relabel_lock); }
     __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
     ix->insert_seq += n;
 

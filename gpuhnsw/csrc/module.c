@@ -372,6 +372,24 @@ static PyObject *Core_drain_dirty(CoreObject *self, PyObject *unused) {
     return one_out(st, &err, &o);
 }
 
+/* ghnsw_pin_labels: waits without the GIL (a relabelling add may hold the lock meanwhile). */
+static PyObject *Core_pin_labels(CoreObject *self, PyObject *unused) {
+    NEED_IX(self);
+    int taken;
+    Py_BEGIN_ALLOW_THREADS
+    taken = ghnsw_pin_labels(IX(self));
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(taken);
+}
+
+static PyObject *Core_unpin_labels(CoreObject *self, PyObject *args) {
+    int taken;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "p", &taken)) return NULL;
+    ghnsw_unpin_labels(IX(self), taken);
+    Py_RETURN_NONE;
+}
+
 /* Copy rows of the given slots into caller buffers (the GPU sync's staging gather). */
 static PyObject *Core_gather_rows(CoreObject *self, PyObject *args) {
     Py_buffer sl, vo, lo, dgo, lbo, lvo;
@@ -602,6 +620,10 @@ static PyMethodDef Core_methods[] = {
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> bytes u64[r]: (kind << 32) | slot, ascending"},
+    {"pin_labels", (PyCFunction)Core_pin_labels, METH_NOARGS,
+     "pin_labels() -> taken: relabels (replace_deleted) wait until unpin_labels(taken), so label bitsets "
+     "made meanwhile stay right over several calls; False (nothing held) inside a filter callback on this core"},
+    {"unpin_labels", (PyCFunction)Core_unpin_labels, METH_VARARGS, "unpin_labels(taken): ends pin_labels"},
     {"gather_rows", (PyCFunction)Core_gather_rows, METH_VARARGS,
      "gather_rows(slots u32[r], vectors f32[r,dim_pad], links u32[r,M0], degree u32[r], labels u64[r], levels u8[r])"},
     {"gather_links", (PyCFunction)Core_gather_links, METH_VARARGS, "gather_links(slots u32[r], links u32[r,M0], degree u32[r])"},

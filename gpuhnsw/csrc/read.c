@@ -160,6 +160,16 @@ size_t ghnsw_count_dirty(ghnsw_index_t *ix) {
     return n;
 }
 
+int ghnsw_pin_labels(ghnsw_index_t *ix) {
+    if (ghnsw_in_callback(ix)) return 0;
+    pthread_rwlock_rdlock(&ix->relabel_lock);
+    return 1;
+}
+
+void ghnsw_unpin_labels(ghnsw_index_t *ix, int taken) {
+    if (taken) pthread_rwlock_unlock(&ix->relabel_lock);
+}
+
 size_t ghnsw_memory_bytes(ghnsw_index_t *ix) {
     int held = ghnsw_read_lock(ix);
     size_t cap = ix->capacity;
