@@ -126,10 +126,11 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
     return 1.0f - _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-/* Register-tiled kernels (see ghnsw_tile_fn): the rows' loads are shared by a whole row or column of
- * the tile, so each float read from cache feeds 4 (AVX-512: 4, AVX2: 2 or 4) pairs instead of one.
- * The tail of an unpadded row is read with masked loads (zeros beyond dim, never past the row). */
-#define TILE_BODY(VEC, ZERO, LOADM, SUB, FMA, IS_L2, COLS)                                            \
+/* Register-tiled dot products (see ghnsw_tile_fn): the rows' loads are shared by a whole row or
+ * column of the tile, so each float read from cache feeds 4 (AVX-512: 4, AVX2: 2 or 4) pairs instead
+ * of one.  The tail of an unpadded row is read with masked loads (zeros beyond dim, never past the
+ * row). */
+#define TILE_BODY(VEC, ZERO, LOADM, FMA, COLS)                                                      \
     for (size_t c0 = 0; c0 < GHNSW_TILE; c0 += COLS) {                                              \
         VEC acc[GHNSW_TILE][COLS];                                                                  \
         for (int r = 0; r < GHNSW_TILE; r++)                                                        \
@@ -139,10 +140,7 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
             for (int r = 0; r < GHNSW_TILE; r++) x[r] = LOADM(a[r] + i, dim - i);                   \
             for (int c = 0; c < COLS; c++) y[c] = LOADM(b[c0 + c] + i, dim - i);                    \
             for (int r = 0; r < GHNSW_TILE; r++)                                                    \
-                for (int c = 0; c < COLS; c++) {                                                    \
-                    if (IS_L2) { VEC t = SUB(x[r], y[c]); acc[r][c] = FMA(t, t, acc[r][c]); }       \
-                    else acc[r][c] = FMA(x[r], y[c], acc[r][c]);                                    \
-                }                                                                                   \
+                for (int c = 0; c < COLS; c++) acc[r][c] = FMA(x[r], y[c], acc[r][c]);              \
         }                                                                                           \
         for (int r = 0; r < GHNSW_TILE; r++)                                                        \
             for (int c = 0; c < COLS; c++) out[r * GHNSW_TILE + c0 + c] = HSUM(acc[r][c]);         \
@@ -153,13 +151,9 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
 __attribute__((target("avx512f"))) static inline __m512 load16(const float *p, size_t left) {
     return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), p);
 }
-__attribute__((target("avx512f"))) static void tile_l2_avx512(const float *const *a, const float *const *b, size_t dim,
-                                                              float *out) {
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_sub_ps, _mm512_fmadd_ps, 1, 4)
-}
 __attribute__((target("avx512f"))) static void tile_ip_avx512(const float *const *a, const float *const *b, size_t dim,
                                                               float *out) {
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_sub_ps, _mm512_fmadd_ps, 0, 4)
+    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_fmadd_ps, 4)
 }
 #undef LANES
 #undef HSUM
@@ -171,36 +165,23 @@ __attribute__((target("avx2,fma"))) static inline __m256 load8(const float *p, s
     return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, _mm256_loadu_si256((const __m256i *)(ramp + 8 - left)));
 }
 /* 16 ymm registers: the columns two at a time (8 sums + 4 + 2 rows live) */
-__attribute__((target("avx2,fma"))) static void tile_l2_avx2(const float *const *a, const float *const *b, size_t dim,
-                                                             float *out) {
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_sub_ps, _mm256_fmadd_ps, 1, 2)
-}
 __attribute__((target("avx2,fma"))) static void tile_ip_avx2(const float *const *a, const float *const *b, size_t dim,
                                                              float *out) {
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_sub_ps, _mm256_fmadd_ps, 0, 2)
+    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_fmadd_ps, 2)
 }
 #undef LANES
 #undef HSUM
 #endif
 
 /* Portable tile: one pair at a time, four partial sums (the same sequence for every pair). */
-static void tile_portable(const float *const *a, const float *const *b, size_t dim, float *out, int is_l2) {
+static void tile_ip_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
     for (int r = 0; r < GHNSW_TILE; r++)
         for (int c = 0; c < GHNSW_TILE; c++) {
             const float *x = a[r], *y = b[c];
             float s[4] = {0, 0, 0, 0};
-            for (size_t i = 0; i < dim; i++) {
-                float t = is_l2 ? (x[i] - y[i]) * (x[i] - y[i]) : x[i] * y[i];
-                s[i & 3] += t;
-            }
+            for (size_t i = 0; i < dim; i++) s[i & 3] += x[i] * y[i];
             out[r * GHNSW_TILE + c] = (s[0] + s[1]) + (s[2] + s[3]);
         }
-}
-static void tile_l2_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
-    tile_portable(a, b, dim, out, 1);
-}
-static void tile_ip_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
-    tile_portable(a, b, dim, out, 0);
 }
 
 /* GHNSW_SIMD=portable|avx2|avx512 overrides the choice (tests run every path). */
@@ -240,15 +221,14 @@ ghnsw_dist_fn ghnsw_pick_distance(int space) {
     return is_l2 ? l2_portable : ip_portable;
 }
 
-ghnsw_tile_fn ghnsw_pick_tile(int space) {
+ghnsw_tile_fn ghnsw_pick_tile(void) {
     int lv = simd_level();
-    int is_l2 = space == GHNSW_L2;
 #ifdef GHNSW_X86
-    if (lv == 2) return is_l2 ? tile_l2_avx512 : tile_ip_avx512;
-    if (lv == 1) return is_l2 ? tile_l2_avx2 : tile_ip_avx2;
+    if (lv == 2) return tile_ip_avx512;
+    if (lv == 1) return tile_ip_avx2;
 #endif
     (void)lv;
-    return is_l2 ? tile_l2_portable : tile_ip_portable;
+    return tile_ip_portable;
 }
 
 /* hnswlib's normalisation: x * 1/(|x| + 1e-30), so a zero vector stays zero. */

@@ -52,17 +52,17 @@ typedef void *(*ghnsw_alloc_fn)(void *ctx, size_t bytes);
 
 typedef float (*ghnsw_dist_fn)(const float *a, const float *b, size_t dim_pad);
 
-/* Distances of a GHNSW_TILE x GHNSW_TILE block of row pairs (rows unpadded, `dim` floats; pad a short
- * block by repeating a row): out[r * GHNSW_TILE + c] = sum (a_r - b_c)^2 for l2, a_r . b_c for ip and
- * cosine.  Every entry is computed by the same operation sequence wherever it sits in the tile, so
- * (a, b) and (b, a) give the same bits. */
+/* Dot products of a GHNSW_TILE x GHNSW_TILE block of row pairs (rows unpadded, `dim` floats; pad a
+ * short block by repeating a row): out[r * GHNSW_TILE + c] = a_r . b_c (NN-descent derives l2 from
+ * the rows' norms).  Every entry is computed by the same operation sequence wherever it sits in the
+ * tile, so (a, b) and (b, a) give the same bits. */
 #define GHNSW_TILE 4
 typedef void (*ghnsw_tile_fn)(const float *const *a /* [GHNSW_TILE] */, const float *const *b /* [GHNSW_TILE] */,
                               size_t dim, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
 
 /* distance.c */
 ghnsw_dist_fn ghnsw_pick_distance(int space);
-ghnsw_tile_fn ghnsw_pick_tile(int space);
+ghnsw_tile_fn ghnsw_pick_tile(void);
 const char *ghnsw_simd_name(void);
 void ghnsw_normalize(float *v, size_t dim);
 

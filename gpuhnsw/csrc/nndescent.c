@@ -9,8 +9,9 @@
  * So the graph, the round count and the number of distance evaluations depend on the seed and the
  * data only: not on the thread count, nor on scheduling.
  *
- * Speed.  Distances come GHNSW_TILE x GHNSW_TILE pairs at a time from a register-tiled kernel
- * (distance.c), so each row loaded from cache serves several pairs: a leaf of a tree, and a row's
+ * Speed.  Dot products come GHNSW_TILE x GHNSW_TILE pairs at a time from a register-tiled kernel
+ * (distance.c; l2 is |a|^2 + |b|^2 - 2 a.b from precomputed norms, half the vector work of
+ * sum (a - b)^2), so each row loaded from cache serves several pairs: a leaf of a tree, and a row's
  * new x (new + old) candidates, are joined as small blocks.  The forest is built breadth-first over
  * all trees while its nodes are larger than the cache (one pass over the data per level, not one per
  * level and tree), then depth-first.  The joins visit rows in the first tree's leaf order, so that
@@ -22,7 +23,7 @@
  *   thr          [n]      float                  root distance, read without the lock as a pre-check
  *   locks        [n]      uint8                  one spin lock per row's heap
  *   cand [2, n, mc] uint64, count [2, n] uint32   sampled new (0) and old (1) candidates per row
- *   inv_norm     [n]      float                  cosine only: 1 / (|x| + 1e-30), hnswlib's rule
+ *   norm         [n]      float                  l2: |x|^2; cosine: 1 / (|x| + 1e-30), hnswlib's rule
  *   perm, node_of [n_trees, n] uint32, bf_left [n_trees, n] uint8   the forest (see build_forest)
  *   order        [n]      uint32                 the joins' row order
  *   per worker:  [n] uint8 plane sides, [dim] float hyperplane, [2 mc] uint32 candidates, a counter
@@ -55,9 +56,9 @@ typedef struct {
     const float *data; /* [n, dim] */
     size_t n, dim, dim4; /* dim4 = dim rounded down to 4: the SIMD kernels' part of a row */
     int space;
-    ghnsw_tile_fn tile;        /* pair distances, GHNSW_TILE x GHNSW_TILE at a time */
+    ghnsw_tile_fn tile;        /* pair dot products, GHNSW_TILE x GHNSW_TILE at a time */
     ghnsw_dist_fn dot1m;       /* the ip kernel (1 - a.b): tree splits */
-    float *inv_norm;           /* [n], cosine only */
+    float *norm;               /* [n] l2: |x|^2; cosine: 1 / (|x| + 1e-30); ip: NULL */
     const ghnsw_nnd_params_t *p;
     uint32_t k, mc;
     uint32_t *ids;
@@ -94,10 +95,13 @@ static inline const float *row_of(const nnd_t *s, uint32_t i) { return s->data +
 /* Distance of rows a and b from the tile kernel's raw sum, in one fixed operand order so that
  * d(a, b) == d(b, a) bit for bit (a pair reached from either side must offer the same key). */
 static inline float pair_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw) {
-    if (s->space == GHNSW_L2) return raw;
+    if (s->space == GHNSW_L2) { /* |a|^2 + |b|^2 - 2 a.b: a sum of two is commutative */
+        float v = (s->norm[a] + s->norm[b]) - 2.0f * raw;
+        return v > 0 ? v : 0; /* rounding may leave a tiny negative for near-equal rows */
+    }
     if (s->space == GHNSW_IP) return 1.0f - raw;
     if (a > b) { uint32_t t = a; a = b; b = t; }
-    return 1.0f - (raw * s->inv_norm[a]) * s->inv_norm[b];
+    return 1.0f - (raw * s->norm[a]) * s->norm[b];
 }
 
 static inline float dot(const nnd_t *s, const float *x, const float *y) {
@@ -218,7 +222,7 @@ static float node_plane(const nnd_t *s, const uint32_t *idx, size_t m, uint64_t 
     const float *xa = row_of(s, idx[ia]), *xb = row_of(s, idx[ib]);
     float offset = 0;
     if (s->space == GHNSW_COSINE) {
-        float ua = s->inv_norm[idx[ia]], ub = s->inv_norm[idx[ib]];
+        float ua = s->norm[idx[ia]], ub = s->norm[idx[ib]];
         for (size_t i = 0; i < s->dim; i++) w[i] = xa[i] * ua - xb[i] * ub;
     } else {
         for (size_t i = 0; i < s->dim; i++) { w[i] = xa[i] - xb[i]; offset += w[i] * 0.5f * (xa[i] + xb[i]); }
@@ -474,11 +478,22 @@ static int settle_task(void *ctx, size_t blk, int worker) {
 static int norm_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    if (s->space == GHNSW_L2) { /* |x|^2 by the pairs' own kernel, so that d(x, x) is exactly 0 */
+        enum { T = GHNSW_TILE };
+        const float *pa[T];
+        float out[T * T];
+        for (size_t i0 = blk * ROW_BLOCK; i0 < end; i0 += T) {
+            for (size_t r = 0; r < T; r++) pa[r] = row_of(s, (uint32_t)(i0 + r < end ? i0 + r : end - 1));
+            s->tile(pa, pa, s->dim, out);
+            for (size_t r = 0; r < T && i0 + r < end; r++) s->norm[i0 + r] = out[r * T + r];
+        }
+        return 0;
+    }
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
         const float *x = s->data + i * s->dim;
         double sq = 0;
         for (size_t c = 0; c < s->dim; c++) sq += (double)x[c] * x[c];
-        s->inv_norm[i] = (float)(1.0 / (sqrt(sq) + 1e-30));
+        s->norm[i] = (float)(1.0 / (sqrt(sq) + 1e-30));
     }
     return 0;
 }
@@ -503,7 +518,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     size_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
     nnd_t s = {0};
     s.data = data; s.n = n; s.dim = dim; s.dim4 = dim & ~(size_t)3; s.space = space; s.p = p;
-    s.tile = ghnsw_pick_tile(space);
+    s.tile = ghnsw_pick_tile(); /* l2 too, from the norms: half the vector work of (a - b)^2 */
     s.dot1m = ghnsw_pick_distance(GHNSW_IP);
     s.k = p->k; s.mc = p->max_candidates; s.stripes = (size_t)workers;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
@@ -525,16 +540,16 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.cands = malloc((size_t)workers * 2 * s.mc * sizeof *s.cands);
     s.plane = malloc((size_t)workers * dim * sizeof *s.plane);
     s.cnt = calloc((size_t)workers, sizeof *s.cnt);
-    s.inv_norm = space == GHNSW_COSINE ? malloc(n * sizeof *s.inv_norm) : NULL;
+    s.norm = space != GHNSW_IP ? malloc(n * sizeof *s.norm) : NULL;
     ghnsw_status_t st = GHNSW_OK;
     if (!s.ids || !s.d || !s.flag || !s.thr || !s.locks || !s.cand || !s.cand_n ||
-        (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space == GHNSW_COSINE && !s.inv_norm)) {
+        (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space != GHNSW_IP && !s.norm)) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the NN-descent state of %zu rows", n);
         goto out;
     }
     for (size_t e = 0; e < nk; e++) { s.ids[e] = GHNSW_INVALID; s.d[e] = INFINITY; }
     for (size_t i = 0; i < n; i++) { s.thr[i] = INFINITY; s.order[i] = (uint32_t)i; }
-    if (s.inv_norm) ghnsw_parallel_for(blocks, workers, norm_task, &s);
+    if (s.norm) ghnsw_parallel_for(blocks, workers, norm_task, &s);
 
     if (tn) {
         if ((st = build_forest(&s, workers, err)) != GHNSW_OK) goto out;
@@ -573,6 +588,6 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     if (info) { info->rounds = round; info->dist_evals = sum_field(&s, workers, 0); info->last_updates = fresh; }
 out:
     free(s.ids); free(s.d); free(s.flag); free(s.thr); free(s.locks);
-    free(s.cand); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.inv_norm);
+    free(s.cand); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.norm);
     return st;
 }
