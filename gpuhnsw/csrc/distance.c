@@ -130,19 +130,19 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
  * column of the tile, so each float read from cache feeds 4 (AVX-512: 4, AVX2: 2 or 4) pairs instead
  * of one.  The tail of an unpadded row is read with masked loads (zeros beyond dim, never past the
  * row). */
-#define TILE_BODY(VEC, ZERO, LOADM, FMA, COLS)                                                      \
+#define TILE_BODY(VEC, ZERO, LOADM, FMA, ROWS, COLS)                                                \
     for (size_t c0 = 0; c0 < GHNSW_TILE; c0 += COLS) {                                              \
-        VEC acc[GHNSW_TILE][COLS];                                                                  \
-        for (int r = 0; r < GHNSW_TILE; r++)                                                        \
+        VEC acc[ROWS][COLS];                                                                        \
+        for (int r = 0; r < ROWS; r++)                                                              \
             for (int c = 0; c < COLS; c++) acc[r][c] = ZERO;                                        \
         for (size_t i = 0; i < dim; i += LANES) {                                                   \
-            VEC x[GHNSW_TILE], y[COLS];                                                             \
-            for (int r = 0; r < GHNSW_TILE; r++) x[r] = LOADM(a[r] + i, dim - i);                   \
+            VEC x[ROWS], y[COLS];                                                                   \
+            for (int r = 0; r < ROWS; r++) x[r] = LOADM(a[r] + i, dim - i);                         \
             for (int c = 0; c < COLS; c++) y[c] = LOADM(b[c0 + c] + i, dim - i);                    \
-            for (int r = 0; r < GHNSW_TILE; r++)                                                    \
+            for (int r = 0; r < ROWS; r++)                                                          \
                 for (int c = 0; c < COLS; c++) acc[r][c] = FMA(x[r], y[c], acc[r][c]);              \
         }                                                                                           \
-        for (int r = 0; r < GHNSW_TILE; r++)                                                        \
+        for (int r = 0; r < ROWS; r++)                                                              \
             for (int c = 0; c < COLS; c++) out[r * GHNSW_TILE + c0 + c] = HSUM(acc[r][c]);         \
     }
 
@@ -153,7 +153,12 @@ __attribute__((target("avx512f"))) static inline __m512 load16(const float *p, s
 }
 __attribute__((target("avx512f"))) static void tile_ip_avx512(const float *const *a, const float *const *b, size_t dim,
                                                               float *out) {
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_fmadd_ps, 4)
+    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_fmadd_ps, GHNSW_TILE, 4)
+}
+__attribute__((target("avx512f"))) static void row_ip_avx512(const float *x, const float *const *b, size_t dim,
+                                                             float *out) {
+    const float *const a[1] = {x};
+    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_fmadd_ps, 1, 4)
 }
 #undef LANES
 #undef HSUM
@@ -167,21 +172,29 @@ __attribute__((target("avx2,fma"))) static inline __m256 load8(const float *p, s
 /* 16 ymm registers: the columns two at a time (8 sums + 4 + 2 rows live) */
 __attribute__((target("avx2,fma"))) static void tile_ip_avx2(const float *const *a, const float *const *b, size_t dim,
                                                              float *out) {
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_fmadd_ps, 2)
+    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_fmadd_ps, GHNSW_TILE, 2)
+}
+__attribute__((target("avx2,fma"))) static void row_ip_avx2(const float *x, const float *const *b, size_t dim,
+                                                            float *out) {
+    const float *const a[1] = {x};
+    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_fmadd_ps, 1, 4)
 }
 #undef LANES
 #undef HSUM
 #endif
 
-/* Portable tile: one pair at a time, four partial sums (the same sequence for every pair). */
+/* Portable tiles: one pair at a time, four partial sums (the same sequence for every pair). */
+static float dot_portable(const float *x, const float *y, size_t dim) {
+    float s[4] = {0, 0, 0, 0};
+    for (size_t i = 0; i < dim; i++) s[i & 3] += x[i] * y[i];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
 static void tile_ip_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
     for (int r = 0; r < GHNSW_TILE; r++)
-        for (int c = 0; c < GHNSW_TILE; c++) {
-            const float *x = a[r], *y = b[c];
-            float s[4] = {0, 0, 0, 0};
-            for (size_t i = 0; i < dim; i++) s[i & 3] += x[i] * y[i];
-            out[r * GHNSW_TILE + c] = (s[0] + s[1]) + (s[2] + s[3]);
-        }
+        for (int c = 0; c < GHNSW_TILE; c++) out[r * GHNSW_TILE + c] = dot_portable(a[r], b[c], dim);
+}
+static void row_ip_portable(const float *x, const float *const *b, size_t dim, float *out) {
+    for (int c = 0; c < GHNSW_TILE; c++) out[c] = dot_portable(x, b[c], dim);
 }
 
 /* GHNSW_SIMD=portable|avx2|avx512 overrides the choice (tests run every path). */
@@ -229,6 +242,16 @@ ghnsw_tile_fn ghnsw_pick_tile(void) {
 #endif
     (void)lv;
     return tile_ip_portable;
+}
+
+ghnsw_row_fn ghnsw_pick_row(void) {
+    int lv = simd_level();
+#ifdef GHNSW_X86
+    if (lv == 2) return row_ip_avx512;
+    if (lv == 1) return row_ip_avx2;
+#endif
+    (void)lv;
+    return row_ip_portable;
 }
 
 /* hnswlib's normalisation: x * 1/(|x| + 1e-30), so a zero vector stays zero. */

@@ -59,10 +59,15 @@ typedef float (*ghnsw_dist_fn)(const float *a, const float *b, size_t dim_pad);
 #define GHNSW_TILE 4
 typedef void (*ghnsw_tile_fn)(const float *const *a /* [GHNSW_TILE] */, const float *const *b /* [GHNSW_TILE] */,
                               size_t dim, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
+/* One row against GHNSW_TILE others: out[c] = x . b_c, with independent sums (not one latency-bound
+ * chain) and one load of x per step for all of them (NN-descent's tree splits). */
+typedef void (*ghnsw_row_fn)(const float *x, const float *const *b /* [GHNSW_TILE] */, size_t dim,
+                             float *out /* [GHNSW_TILE] */);
 
 /* distance.c */
 ghnsw_dist_fn ghnsw_pick_distance(int space);
 ghnsw_tile_fn ghnsw_pick_tile(void);
+ghnsw_row_fn ghnsw_pick_row(void);
 const char *ghnsw_simd_name(void);
 void ghnsw_normalize(float *v, size_t dim);
 

@@ -38,7 +38,7 @@
 enum { FLAG_OLD = 0, FLAG_NEW = 1, FLAG_FRESH = 2 /* inserted during the running join */ };
 enum { NEW_LIST = 0, OLD_LIST = 1 };
 #define ROW_BLOCK 128   /* rows per task of the thread pool */
-#define PREFETCH_ROWS 2 /* tree splits: rows fetched ahead of the one being projected */
+#define PREFETCH_ROWS GHNSW_TILE /* tree splits: rows fetched ahead of the ones being projected */
 #define LOCAL_BYTES (1u << 20) /* tree nodes whose rows fit in this many bytes are split depth-first */
 
 static inline uint64_t mix64(uint64_t x) { /* splitmix64's finaliser */
@@ -54,10 +54,10 @@ typedef struct { uint32_t tree, start, size; uint64_t key; } tnode_t; /* perm[tr
 
 typedef struct {
     const float *data; /* [n, dim] */
-    size_t n, dim, dim4; /* dim4 = dim rounded down to 4: the SIMD kernels' part of a row */
+    size_t n, dim;
     int space;
     ghnsw_tile_fn tile;        /* pair dot products, GHNSW_TILE x GHNSW_TILE at a time */
-    ghnsw_dist_fn dot1m;       /* the ip kernel (1 - a.b): tree splits */
+    ghnsw_row_fn row;          /* one row's dot products with GHNSW_TILE others: tree splits */
     float *norm;               /* [n] l2: |x|^2; cosine: 1 / (|x| + 1e-30); ip: NULL */
     const ghnsw_nnd_params_t *p;
     uint32_t k, mc;
@@ -84,12 +84,6 @@ typedef struct {
 
 /* ---- distances -------------------------------------------------------------------------------- */
 
-static inline float dot_tail(const float *x, const float *y, size_t from, size_t to) {
-    float s = 0;
-    for (size_t i = from; i < to; i++) s += x[i] * y[i];
-    return s;
-}
-
 static inline const float *row_of(const nnd_t *s, uint32_t i) { return s->data + (size_t)i * s->dim; }
 
 /* Distance of rows a and b from the tile kernel's raw sum, in one fixed operand order so that
@@ -102,10 +96,6 @@ static inline float pair_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw)
     if (s->space == GHNSW_IP) return 1.0f - raw;
     if (a > b) { uint32_t t = a; a = b; b = t; }
     return 1.0f - (raw * s->norm[a]) * s->norm[b];
-}
-
-static inline float dot(const nnd_t *s, const float *x, const float *y) {
-    return (1.0f - s->dot1m(x, y, s->dim4)) + dot_tail(x, y, s->dim4, s->dim);
 }
 
 /* ---- bounded heaps ---------------------------------------------------------------------------- */
@@ -261,12 +251,17 @@ static void split_node(nnd_t *s, uint32_t *idx, size_t m, uint64_t key, int work
     float *w = s->plane + (size_t)worker * s->dim;
     float offset = node_plane(s, idx, m, key, w);
     uint8_t *left = s->side + (size_t)worker * s->n;
-    for (size_t j = 0; j < m; j++) { /* rows are scattered: fetch the next ones early */
-        if (j + PREFETCH_ROWS < m) {
-            const char *ahead = (const char *)row_of(s, idx[j + PREFETCH_ROWS]);
+    enum { T = GHNSW_TILE };
+    const float *rows[T];
+    float dots[T];
+    for (size_t j0 = 0; j0 < m; j0 += T) { /* rows are scattered: fetch the next tile's early */
+        for (size_t j = j0 + PREFETCH_ROWS; j < j0 + PREFETCH_ROWS + T && j < m; j++) {
+            const char *ahead = (const char *)row_of(s, idx[j]);
             for (size_t b = 0; b < s->dim * sizeof(float); b += 64) __builtin_prefetch(ahead + b);
         }
-        left[j] = dot(s, w, row_of(s, idx[j])) > offset;
+        for (size_t c = 0; c < T; c++) rows[c] = row_of(s, idx[j0 + c < m ? j0 + c : m - 1]);
+        s->row(w, rows, s->dim, dots);
+        for (size_t c = 0; c < T && j0 + c < m; c++) left[j0 + c] = dots[c] > offset;
     }
     size_t lo = partition(idx, left, m, key);
     split_node(s, idx, lo, mix64(2 * key), worker);
@@ -289,10 +284,20 @@ static int plane_task(void *ctx, size_t f, int worker) {
 static int side_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    enum { T = GHNSW_TILE };
+    const float *planes[T];
+    float dots[T];
+    size_t f_of[T], at[T]; /* the planes' nodes and bf_left positions */
     for (size_t i = blk * ROW_BLOCK; i < end; i++)
-        for (size_t t = 0; t < s->p->n_trees; t++) {
+        for (size_t t = 0, m = 0; t < s->p->n_trees; t++) { /* the row against T trees' planes at once */
             uint32_t f = s->node_of[t * s->n + i];
-            if (f != GHNSW_INVALID) s->bf_left[t * s->n + i] = dot(s, s->planes + f * s->dim, row_of(s, (uint32_t)i)) > s->offsets[f];
+            if (f != GHNSW_INVALID) { f_of[m] = f; at[m] = t * s->n + i; planes[m++] = s->planes + f * s->dim; }
+            if (m == T || (m && t + 1 == s->p->n_trees)) {
+                for (size_t c = m; c < T; c++) planes[c] = planes[m - 1];
+                s->row(row_of(s, (uint32_t)i), planes, s->dim, dots);
+                for (size_t c = 0; c < m; c++) s->bf_left[at[c]] = dots[c] > s->offsets[f_of[c]];
+                m = 0;
+            }
         }
     return 0;
 }
@@ -517,9 +522,9 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     int workers = p->num_threads > 0 ? p->num_threads : ghnsw_default_threads();
     size_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
     nnd_t s = {0};
-    s.data = data; s.n = n; s.dim = dim; s.dim4 = dim & ~(size_t)3; s.space = space; s.p = p;
+    s.data = data; s.n = n; s.dim = dim; s.space = space; s.p = p;
     s.tile = ghnsw_pick_tile(); /* l2 too, from the norms: half the vector work of (a - b)^2 */
-    s.dot1m = ghnsw_pick_distance(GHNSW_IP);
+    s.row = ghnsw_pick_row();
     s.k = p->k; s.mc = p->max_candidates; s.stripes = (size_t)workers;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
     s.ids = malloc(nk * sizeof *s.ids);
