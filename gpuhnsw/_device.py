@@ -3,8 +3,10 @@
 ``DeviceMirror(core).sync()``:
 
 1. reads the entry point, then takes the core's dirty-row log (``drain_dirty``: ascending slots,
-   each with what changed in it, cleared atomically with respect to inserters), then the count
-   (why in this order: the comment in ``sync``);
+   each with what changed in it, cleared atomically with respect to inserters, and the drain's
+   number), then the count (why in this order: the comment in ``sync``); a mirror whose drain is not
+   the one after its own last missed what another drain of that core's one log took, and sends
+   every row again;
 2. grows the device arrays by doubling when the core's capacity passed theirs;
 3. ships each changed row by what changed (the core's ``DIRTY_*`` kinds): new slots and rows whose
    vector or label changed go whole (``gather_rows``: vector, level-0 links, degree, label, level);
@@ -162,6 +164,7 @@ class DeviceMirror:
         self.count = 0                     # slots in use as of the last sync
         self.entry_point, self.max_level = -1, -1
         self.n_deleted = 0
+        self._drain = 0                    # number of this mirror's last drain of the core's log
         self.vectors = self.links0 = self.degree0 = self.labels = None
         self.upper_start = self.upper_links = self.deleted = None
         self.stats = SyncStats()
@@ -192,11 +195,17 @@ class DeviceMirror:
             # row without links.  Slots are marked only once below count, so every drained slot
             # (and the entry) is below the count read last.
             entry = int(self.core.entry_point)
-            log = np.frombuffer(self.core.drain_dirty(), dtype=np.uint64)
+            log, drain = self.core.drain_dirty()
+            log = np.frombuffer(log, dtype=np.uint64)
             count = int(self.core.count)
+            # The log is one per core: a drain that is not the one after this mirror's last took
+            # place after another consumer's (another mirror of this core) or this mirror's own
+            # failed sync, which took changes this mirror never shipped: every row goes up again.
+            known = self.count if drain == self._drain + 1 else 0
             st.grows = self._ensure_capacity(int(self.core.max_elements))
-            if log.size or count != self.count:
-                self._ship(cp, log, count, st)
+            if log.size or count != known:
+                self._ship(cp, log, known, count, st)
+            self._drain = drain
             self.n_deleted = int(self.core.n_deleted)
             self.count = count
             self.entry_point = entry if 0 <= entry < count else -1
@@ -207,12 +216,12 @@ class DeviceMirror:
         self.stats.last = st.last
         return st
 
-    def _ship(self, cp, log, count, st):
-        """Upload what the drained log (u64 ``(kind << 32) | slot``) and the new slots up to `count`
-        changed, counting it in `st`."""
+    def _ship(self, cp, log, known, count, st):
+        """Upload what the drained log (u64 ``(kind << 32) | slot``) and the slots from `known` up to
+        `count` (new to the device, or all of them to re-sync) changed, counting it in `st`."""
         slots, kinds = (log & 0xFFFFFFFF).astype(np.uint32), (log >> 32).astype(np.uint32)
-        old = slots < self.count           # new slots (from self.count on) go up whole
-        fresh = np.arange(self.count, count, dtype=np.uint32)
+        old = slots < known                # slots from `known` on go up whole
+        fresh = np.arange(known, count, dtype=np.uint32)
         row = (kinds & _core.DIRTY_ROW) != 0
         full = np.union1d(slots[old & row], fresh).astype(np.uint32)
         linked = old & ~row & ((kinds & (_core.DIRTY_LINKS | _core.DIRTY_APPEND)) != 0)
@@ -230,7 +239,7 @@ class DeviceMirror:
         if upper.size:
             st.bytes += self._sync_upper(cp, upper)
             st.upper_blocks = len(upper)
-        # new slots' marks too: a mirror made for a core whose log an earlier mirror drained
+        # the marks of every slot that went up whole: the log may hold none for them
         marked = np.union1d(slots[(kinds & _core.DIRTY_DELETED) != 0], fresh).astype(np.uint32)
         if marked.size:
             st.bytes += self._sync_deleted(cp, marked)

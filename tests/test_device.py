@@ -149,6 +149,56 @@ def test_sync_bookkeeping(fake_gpu, rng, space, storage):
     assert other.sync().rows == 2320 and other.check_against_core() == []
 
 
+def test_two_mirrors_of_one_core_each_see_every_change(fake_gpu, datasets):
+    """The dirty log is one per core and a drain clears it: of two mirrors of one core, the one that
+    synced second never got what the other had drained (new rows, an updated vector, relinked
+    lists, a delete mark), so its queries could return a deleted label or miss the new rows.
+    Drains are numbered now: a mirror whose drain is not the one after its own last re-syncs every
+    row; one that missed nothing still ships only the changes."""
+    base = datasets("siftsmall", n_base=2200)[0]
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=8, ef_construction=40, random_seed=2)
+    index.add_items(base[:2000])
+    first, second = fake_gpu.DeviceMirror(index._core), fake_gpu.DeviceMirror(index._core)
+    assert first.sync().rows == second.sync().rows == 2000
+
+    def change(lo, hi):
+        index.add_items(base[lo:hi], np.arange(lo, hi))
+        index.add_items(base[hi], [lo - 100])              # an update of an existing label
+        index.mark_deleted(lo - 1500)
+
+    change(2000, 2050)
+    st = second.sync()
+    assert 50 <= st.rows < 500 and second.check_against_core() == []     # the changes alone
+    st = first.sync()          # `second` drained what `first` needs
+    assert first.check_against_core() == [] and st.rows == 2050          # every row again
+    change(2100, 2150)
+    st = first.sync()
+    assert 50 <= st.rows < 500 and first.check_against_core() == []
+    st = second.sync()
+    assert second.check_against_core() == [] and st.rows == 2100
+
+
+def test_a_mirror_whose_sync_failed_after_the_drain_syncs_in_full(fake_gpu, datasets, monkeypatch):
+    """A sync that drained the log and then failed (a device error) left those changes with no
+    owner: the mirror's next sync shipped only later ones.  Its next drain is not the one after its
+    last good sync, so it re-syncs every row."""
+    base = datasets("siftsmall", n_base=1200)[0]
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=8, ef_construction=40, random_seed=2)
+    index.add_items(base[:1000])
+    mirror = fake_gpu.DeviceMirror(index._core)
+    mirror.sync()
+    index.add_items(base[1000:1100])
+    with monkeypatch.context() as m:
+        m.setattr(mirror, "_ship", lambda *a: (_ for _ in ()).throw(RuntimeError("device error")))
+        with pytest.raises(RuntimeError, match="device error"):
+            mirror.sync()
+    index.add_items(base[1100:1110])
+    st = mirror.sync()
+    assert mirror.check_against_core() == [] and st.rows == 1110
+
+
 # ---------------------------------------------------------------------------------------------
 # on a GPU
 
@@ -328,13 +378,14 @@ class _MidInsertCore:
         self._marked.append(np.uint64(_core.DIRTY_LINKS | _core.DIRTY_UPPER) << np.uint64(32) | np.uint64(self._slot))
         self._inserting = False
 
-    def drain_dirty(self):   # (kind << 32) | slot, ascending by slot
-        log = np.concatenate([np.frombuffer(self._core.drain_dirty(), np.uint64), np.array(self._marked, np.uint64)])
+    def drain_dirty(self):   # ((kind << 32) | slot, ascending by slot; the drain's number)
+        taken, drain = self._core.drain_dirty()
+        log = np.concatenate([np.frombuffer(taken, np.uint64), np.array(self._marked, np.uint64)])
         self._marked = []
         hook, self.during_drain = self.during_drain, None
         if hook:
             hook()
-        return log[np.argsort(log & np.uint64(0xFFFFFFFF), kind="stable")].tobytes()
+        return log[np.argsort(log & np.uint64(0xFFFFFFFF), kind="stable")].tobytes(), drain
 
     def gather_rows(self, slots, vectors, links, degree, labels, levels):
         self._core.gather_rows(slots, vectors, links, degree, labels, levels)

@@ -125,6 +125,10 @@ typedef struct ghnsw_index {
     uint32_t **upper;
     uint32_t *deleted, *dirty;
     uint8_t *dirty_kind;
+    /* Drains of the dirty log so far, each numbered under drain_lock: a consumer (a GPU mirror) whose
+     * drain is not the one after its previous drain missed what another consumer took (_device.py) */
+    uint64_t drains;
+    pthread_mutex_t drain_lock;
     uint8_t *slot_locks;
 
     ghnsw_map_t map;
@@ -293,8 +297,10 @@ ghnsw_status_t ghnsw_allowed_bitset(ghnsw_index_t *ix, const uint64_t *labels, s
                                     void *ctx, ghnsw_err_t *err);
 /* u32[ceil(capacity/32)] deleted bitset */
 ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
-/* u64[r]: (kind << 32) | slot of the slots changed since the last drain, ascending; clears them */
-ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
+/* u64[r]: (kind << 32) | slot of the slots changed since the last drain, ascending; clears them.
+ * *drain: this drain's number (1, 2, ...; drains are serialised) */
+ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, uint64_t *drain,
+                                 ghnsw_err_t *err);
 size_t ghnsw_count_dirty(ghnsw_index_t *ix);
 /* Hold relabels off (replace_deleted's label commits wait) until ghnsw_unpin_labels, so that label
  * bitsets made after the pin name the same slots through every search and gather that follows, over

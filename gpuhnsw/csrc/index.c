@@ -186,6 +186,7 @@ ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32
     pthread_mutex_init(&ix->map_lock, NULL);
     pthread_mutex_init(&ix->ep_lock, NULL);
     pthread_mutex_init(&ix->mut_lock, NULL);
+    pthread_mutex_init(&ix->drain_lock, NULL);
     /* writers first, so a stream of queries cannot starve a resize or a relabel; no reader takes
      * either twice (ghnsw_read_lock, ghnsw_pin_labels) */
     pthread_rwlockattr_t attr;
@@ -218,6 +219,7 @@ void ghnsw_free(ghnsw_index_t *ix) {
     pthread_mutex_destroy(&ix->map_lock);
     pthread_mutex_destroy(&ix->ep_lock);
     pthread_mutex_destroy(&ix->mut_lock);
+    pthread_mutex_destroy(&ix->drain_lock);
     pthread_rwlock_destroy(&ix->resize_lock);
     pthread_rwlock_destroy(&ix->relabel_lock);
     pthread_mutex_destroy(&ix->vpool.lock);

@@ -362,14 +362,17 @@ static PyObject *Core_check_integrity(CoreObject *self, PyObject *unused) {
 }
 
 /* The dirty-row log: (kind << 32) | slot (uint64, GHNSW_DIRTY_* kinds) of the slots changed since the
- * last drain, ascending; clears them. */
+ * last drain, ascending; clears them.  Returns (log, the drain's number). */
 static PyObject *Core_drain_dirty(CoreObject *self, PyObject *unused) {
     NEED_IX(self);
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     outs_t o = {{0}, 0};
-    CALL_NOGIL(st, ghnsw_drain_dirty(IX(self), alloc_bytes, &o, &err));
-    return one_out(st, &err, &o);
+    uint64_t drain = 0;
+    CALL_NOGIL(st, ghnsw_drain_dirty(IX(self), alloc_bytes, &o, &drain, &err));
+    PyObject *log = one_out(st, &err, &o);
+    if (!log) return NULL;
+    return Py_BuildValue("(NK)", log, (unsigned long long)drain);
 }
 
 /* ghnsw_pin_labels: waits without the GIL (a relabelling add may hold the lock meanwhile). */
@@ -619,7 +622,7 @@ static PyMethodDef Core_methods[] = {
     {"neighbors", (PyCFunction)Core_neighbors, METH_VARARGS, "neighbors(label, level) -> bytes u64[deg]"},
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
-    {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> bytes u64[r]: (kind << 32) | slot, ascending"},
+    {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> (bytes u64[r]: (kind << 32) | slot, ascending; drain number: 1, 2, ...)"},
     {"pin_labels", (PyCFunction)Core_pin_labels, METH_NOARGS,
      "pin_labels() -> taken: relabels (replace_deleted) wait until unpin_labels(taken), so label bitsets "
      "made meanwhile stay right over several calls; False (nothing held) inside a filter callback on this core"},

@@ -123,10 +123,14 @@ ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, voi
  * a kind marked in between is taken here and its bit, set again, comes with kind 0 next time), so a
  * row written during the drain is either in this batch or stays dirty for the next one.  Counted
  * first so the output is sized exactly; rows that turn dirty between the count and the drain stay
- * for the next drain. */
-ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
+ * for the next drain.  Drains run one at a time (drain_lock), each numbered, so that a consumer can
+ * tell whether another one took part of the log since its own last drain. */
+ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, uint64_t *drain,
+                                 ghnsw_err_t *err) {
     ghnsw_status_t st = GHNSW_OK;
     int held = ghnsw_read_lock(ix);
+    pthread_mutex_lock(&ix->drain_lock);
+    *drain = ++ix->drains;  /* a failed one too: its caller then re-syncs in full */
     size_t nw = bitset_words(ix->capacity), max_out = 0, n = 0;
     for (size_t w = 0; w < nw; w++) max_out += __builtin_popcount(__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED));
     uint64_t *out = alloc(ctx, max_out * sizeof(uint64_t));
@@ -148,6 +152,7 @@ ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *
         }
     }
 done:
+    pthread_mutex_unlock(&ix->drain_lock);
     ghnsw_read_unlock(ix, held);
     return st;
 }
