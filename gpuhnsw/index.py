@@ -7,6 +7,7 @@ raises a clear exception and leaves the index exactly as it was.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
@@ -66,6 +67,7 @@ class Index:
         self._ef = 10
         self._num_threads = os.cpu_count() or 1
         self._cur_l = 0
+        self._cur_l_lock = threading.Lock()
         self._auto_resize = False
         self._device, self._device_ordinal = resolve_device(device)
         if storage not in ("float32", "float16"):
@@ -147,11 +149,23 @@ class Index:
             raise DeviceError("build='gpu' needs an index on a GPU (device='cuda')")
         data = as_vectors(_device.to_host(plain_array(data)), self._dim)
         rows = data.shape[0]
-        if ids is None:
-            labels = np.arange(self._cur_l, self._cur_l + rows, dtype=np.uint64)
-        else:
-            labels = as_labels(_device.to_host(plain_array(ids)), rows)
+        labels = None if ids is None else as_labels(_device.to_host(plain_array(ids)), rows)
         threads = self._threads(num_threads, rows)
+        with self._cur_l_lock:   # calls running at once take disjoint auto labels
+            first = self._cur_l
+            self._cur_l += rows
+        try:
+            self._add_rows(core, data, np.arange(first, first + rows, dtype=np.uint64) if labels is None else labels,
+                           threads, replace_deleted, build, progress)
+        except BaseException:
+            with self._cur_l_lock:   # as hnswlib, a failed call leaves the counter (unless a later call moved it)
+                if self._cur_l == first + rows:
+                    self._cur_l = first
+            raise
+
+    def _add_rows(self, core, data, labels, threads, replace_deleted, build, progress):
+        """``add_items`` once its arguments are checked and its labels known."""
+        rows = data.shape[0]
         if self._auto_resize and core.count + rows > core.max_elements:
             self.resize_index(max(core.count + rows, 2 * core.max_elements))
         if progress is None:
@@ -171,7 +185,6 @@ class Index:
                     bar.to(stop)
             else:
                 core.add(data, labels, rows, threads, bool(replace_deleted))
-        self._cur_l += rows
 
     def _add_assisted(self, data, labels, threads, bar):
         """GPU-assisted insertion: the graph first grows on the CPU to GPU_BUILD_SEED elements, then

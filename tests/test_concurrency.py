@@ -261,6 +261,33 @@ def test_filtered_queries_finish_beside_a_relabel_churn_thread(datasets, mode):
     assert out.split() == ["ok", "True"]
 
 
+def test_add_items_without_ids_from_two_threads_loses_no_row(datasets):
+    """add_items without ids took its auto labels from a counter it moved only after the insert,
+    so two calls at once took the same labels and the later one overwrote the earlier one's rows
+    (as updates).  Now each call reserves its labels first; a rejected call still leaves the counter
+    as hnswlib does."""
+    base = datasets("siftsmall", n_base=4000)[0]
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=8, ef_construction=40)
+    chunks = np.split(np.arange(len(base)), 40)          # 100 rows each, 20 per thread
+
+    def add(mine):
+        for rows in mine:
+            index.add_items(base[rows], num_threads=1)
+
+    run_threads(lambda: add(chunks[0::2]), lambda: add(chunks[1::2]))
+    assert index.get_current_count() == len(base)
+    labels = np.sort(np.array(index.get_ids_list(), dtype=np.int64))
+    np.testing.assert_array_equal(labels, np.arange(len(base)))
+    stored = index.get_items(np.arange(len(base)))
+    assert {tuple(r) for r in stored} == {tuple(r) for r in base}   # every row kept, none twice
+    with pytest.raises(RuntimeError, match="exceeds"):
+        index.add_items(base[:1])                                   # full: rejected
+    index.resize_index(len(base) + 1)
+    index.add_items(base[:1])
+    assert index.get_ids_list()[-1] == len(base)                     # the rejected call took no label
+
+
 class _RelabelEveryPass:
     """A core that voids every label-filtered pass: right after each label bitset is made, the
     allowed label nearest the query is deleted and its slot given an excluded label with the query's

@@ -76,7 +76,8 @@ def test_random_seed_of_2_63_and_above_round_trips_through_files_pickles_and_sta
 
 @pytest.mark.parametrize("key,value", [
     ("ef", -1), ("ef", 2**63), ("ef", 1.5), ("cur_l", -1), ("cur_l", 2**64), ("random_seed", -1),
-    ("random_seed", 2**64), ("insert_seq", 2**64), ("num_threads", -2**63), ("num_threads", 2**20), ("num_threads", "4"),
+    ("random_seed", 2**64), ("insert_seq", 2**64), ("num_threads", -2**63), ("num_threads", 2**20),
+    ("num_threads", "4"),
     ("dim", 2**63), ("M", 2**63), ("M", 1), ("ef_construction", 2**63), ("max_elements", 2**40),
     ("max_elements", 2**31), ("count", -1), ("entry_point", 2**63), ("entry_point", -2), ("max_level", 2**63),
     ("ser_version", 2**70), ("allow_replace_deleted", 2**70), ("index_inited", "yes"), ("space", 3),
