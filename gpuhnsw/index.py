@@ -6,6 +6,7 @@ raises a clear exception and leaves the index exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any, BinaryIO, Callable, Union
@@ -68,6 +69,7 @@ class Index:
         self._num_threads = os.cpu_count() or 1
         self._cur_l = 0
         self._cur_l_lock = threading.Lock()
+        self._grow_lock = threading.Lock()
         self._auto_resize = False
         self._device, self._device_ordinal = resolve_device(device)
         if storage not in ("float32", "float16"):
@@ -154,9 +156,12 @@ class Index:
         with self._cur_l_lock:   # calls running at once take disjoint auto labels
             first = self._cur_l
             self._cur_l += rows
+        # auto_resize: the capacity check and the insert it sized are one step, else two calls that
+        # each fit alone both pass it and the second is refused (the engine inserts one at a time anyway)
         try:
-            self._add_rows(core, data, np.arange(first, first + rows, dtype=np.uint64) if labels is None else labels,
-                           threads, replace_deleted, build, progress)
+            with self._grow_lock if self._auto_resize else contextlib.nullcontext():
+                self._add_rows(core, data, np.arange(first, first + rows, dtype=np.uint64) if labels is None
+                               else labels, threads, replace_deleted, build, progress)
         except BaseException:
             with self._cur_l_lock:   # as hnswlib, a failed call leaves the counter (unless a later call moved it)
                 if self._cur_l == first + rows:

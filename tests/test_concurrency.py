@@ -288,6 +288,55 @@ def test_add_items_without_ids_from_two_threads_loses_no_row(datasets):
     assert index.get_ids_list()[-1] == len(base)                     # the rejected call took no label
 
 
+class _AddBesideAnAdd:
+    """A core whose first ``add`` starts ``other`` on another thread and waits (at most a second)
+    for it to read the capacity: the check of an add_items call beside an insert in progress."""
+
+    def __init__(self, core, other):
+        self._core, self._other, self.checked, self.thread = core, other, threading.Event(), None
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+    @property
+    def max_elements(self):
+        if self.thread is not None:
+            self.checked.set()
+        return self._core.max_elements
+
+    def add(self, *args):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._other)
+            self.thread.start()
+            self.checked.wait(1.0)   # with the fix the other call waits for this insert instead
+        return self._core.add(*args)
+
+
+def test_auto_resize_add_items_beside_another_is_not_refused_as_full(datasets):
+    """With auto_resize, two add_items calls that each fit alone both passed the capacity check,
+    and the second insert was refused: "The number of elements exceeds the specified limit" (1 of 5
+    runs of two threads adding 100-row chunks).  The check and its insert are one step now."""
+    base = datasets("siftsmall", n_base=120)[0]
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(100, M=8, ef_construction=40, auto_resize=True)
+    errors = []
+
+    def other():
+        try:
+            index.add_items(base[60:], np.arange(60, 120))
+        except Exception as exc:   # reported below, in the main thread
+            errors.append(exc)
+
+    core = index._core
+    index._core = proxy = _AddBesideAnAdd(core, other)
+    index.add_items(base[:60], np.arange(60))
+    proxy.thread.join()
+    index._core = core
+    assert not errors, errors
+    assert index.get_current_count() == 120 and index.get_max_elements() >= 120
+    index.check_integrity()
+
+
 class _RelabelEveryPass:
     """A core that voids every label-filtered pass: right after each label bitset is made, the
     allowed label nearest the query is deleted and its slot given an excluded label with the query's
