@@ -49,23 +49,25 @@ PYNND_WARMUP_ROWS = 2000
 # (tool, parameters) per k, run on both datasets. Each tool's list brackets recall 0.95 and 0.99 on
 # mnist and minilm-debian with its cheapest settings found (comments: recall on mnist / minilm-debian
 # when chosen, 2026-11-30, 1000 sampled rows; "-" where a setting is there for the other dataset).
-# gpuhnsw: fewer rounds (n_iters) and trees for 0.95, more trees with larger leaves for
-# minilm-debian, which is harder for every tool. pynndescent: fewer candidates or trees for 0.95,
-# a larger heap (n_neighbors_extra) for 0.99.
+# gpuhnsw: for 0.95 two or three rounds (n_iters) with more candidates per round beat more rounds
+# with fewer; more trees with larger leaves for minilm-debian, which is harder for every tool.
+# pynndescent: fewer candidates or trees for 0.95, a larger heap (n_neighbors_extra) for 0.99.
 SWEEPS = {
     10: [
-        ("gpuhnsw nndescent", dict(intermediate_degree=10, max_candidates=10, n_trees=4,
-                                   leaf_size=128, n_iters=3)),              # 0.953 / -
+        ("gpuhnsw nndescent", dict(intermediate_degree=10, max_candidates=20, n_trees=4,
+                                   leaf_size=128, n_iters=2)),              # 0.954 / -
         ("gpuhnsw nndescent", dict(intermediate_degree=10, max_candidates=12, n_trees=4,
                                    leaf_size=128, n_iters=3)),              # 0.961 / -
-        ("gpuhnsw nndescent", dict(intermediate_degree=12, max_candidates=12, n_trees=16,
-                                   leaf_size=128)),                         # - / 0.961
+        ("gpuhnsw nndescent", dict(intermediate_degree=12, max_candidates=20, n_trees=12,
+                                   leaf_size=128, n_iters=3)),              # - / 0.955
+        ("gpuhnsw nndescent", dict(intermediate_degree=12, max_candidates=20, n_trees=16,
+                                   leaf_size=128, n_iters=3)),              # - / 0.966
         ("gpuhnsw nndescent", {}),                                          # 0.994 / 0.964
         ("gpuhnsw nndescent", dict(intermediate_degree=15, max_candidates=15, n_trees=8,
                                    leaf_size=120, n_iters=5)),              # 0.992 / -
         ("gpuhnsw nndescent", dict(intermediate_degree=24, max_candidates=20, n_trees=24,
                                    leaf_size=200)),                         # - / 0.992
-        ("pynndescent", dict(max_candidates=6)),                            # 0.958 / -
+        ("pynndescent", dict(max_candidates=8, n_trees=5)),                 # 0.959 / -
         ("pynndescent", dict(max_candidates=8, n_trees=6)),                 # 0.963 / -
         ("pynndescent", dict(n_neighbors_extra=5, n_trees=8)),              # 0.992 / 0.955
         ("pynndescent", dict(n_neighbors_extra=5)),                         # 0.994 / 0.960
@@ -77,17 +79,19 @@ SWEEPS = {
         ("hnswlib", dict(M=16, ef_construction=80, ef=48)),
     ],
     32: [
-        ("gpuhnsw nndescent", dict(max_candidates=10, n_trees=8, leaf_size=128,
-                                   n_iters=3)),                             # 0.956 / -
+        ("gpuhnsw nndescent", dict(max_candidates=16, n_trees=6, leaf_size=128,
+                                   n_iters=2)),                             # 0.956 / -
+        ("gpuhnsw nndescent", dict(max_candidates=16, n_trees=8, leaf_size=128,
+                                   n_iters=2)),                             # 0.972 / -
         ("gpuhnsw nndescent", dict(max_candidates=12, n_trees=8, leaf_size=200,
                                    n_iters=5)),                             # 0.994 / 0.952
-        ("gpuhnsw nndescent", dict(max_candidates=12, n_trees=10, leaf_size=200,
-                                   n_iters=5)),                             # - / 0.959
+        ("gpuhnsw nndescent", dict(max_candidates=20, n_trees=8, leaf_size=200,
+                                   n_iters=3)),                             # - / 0.964
         ("gpuhnsw nndescent", {}),                                          # 0.997 / 0.977
         ("gpuhnsw nndescent", dict(intermediate_degree=48, max_candidates=24, n_trees=16,
                                    leaf_size=200)),                         # - / 0.994
-        ("pynndescent", dict(max_candidates=6)),                            # 0.979 / -
-        ("pynndescent", dict(max_candidates=8, n_trees=6)),                 # 0.982 / -
+        ("pynndescent", dict(max_candidates=4, n_trees=8)),                 # 0.960 / -
+        ("pynndescent", dict(max_candidates=6, n_trees=6)),                 # 0.973 / -
         ("pynndescent", dict(max_candidates=10)),                           # 0.991 / 0.953
         ("pynndescent", dict(max_candidates=12, n_trees=8)),                # 0.992 / 0.960
         ("pynndescent", dict(n_neighbors_extra=4)),                         # - / 0.993
