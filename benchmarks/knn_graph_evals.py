@@ -25,12 +25,17 @@ SEED = 12345
 # pynndescent: its defaults and the settings knn_graph.py's sweep uses; gpuhnsw: knn_graph.py's
 # settings and a few around them
 SETTINGS = {
-    "pynndescent": [dict(max_candidates=4), dict(max_candidates=8), {},
-                    dict(n_neighbors_extra=5), dict(n_neighbors_extra=15)],
+    "pynndescent": [dict(max_candidates=4), dict(max_candidates=8, n_trees=5), dict(max_candidates=8),
+                    {}, dict(n_neighbors_extra=5, n_trees=8), dict(n_neighbors_extra=5),
+                    dict(n_neighbors_extra=15)],
     "gpuhnsw nndescent": [dict(intermediate_degree=10, max_candidates=8, n_trees=2, leaf_size=64),
-                          dict(intermediate_degree=10, max_candidates=10, n_trees=4, leaf_size=128,
+                          dict(intermediate_degree=10, max_candidates=20, n_trees=4, leaf_size=128,
+                               n_iters=2),
+                          dict(intermediate_degree=10, max_candidates=12, n_trees=4, leaf_size=128,
                                n_iters=3),
                           dict(intermediate_degree=10, max_candidates=10, n_trees=4, leaf_size=128),
+                          dict(intermediate_degree=15, max_candidates=15, n_trees=8, leaf_size=120,
+                               n_iters=5),
                           {},
                           dict(intermediate_degree=24, max_candidates=20, n_trees=24,
                                leaf_size=200)],
