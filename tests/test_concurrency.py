@@ -248,7 +248,7 @@ def test_filtered_queries_finish_beside_a_relabel_churn_thread(datasets, mode):
         mover = threading.Thread(target=churn)
         mover.start()
         try:
-            for _ in range(20):
+            for _ in range(10):
                 labels, _ = index.knn_query(queries, k=10, filter=allowed, filter_mode="{mode}", pad=True)
                 found = labels[labels != np.uint64(2**64 - 1)]
                 assert (found % 2 == 0).all(), found[found % 2 == 1]
