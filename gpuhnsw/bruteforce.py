@@ -5,7 +5,9 @@ Searches run through the exact engine (:mod:`gpuhnsw.exact`); the file formats l
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -16,6 +18,65 @@ from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, chec
 from .exact import exact_rows, normalize_rows, upload_base
 
 __all__ = ["BFIndex"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Lock
+# --------------------------------------------------------------------------------------------------
+
+class _ReadWriteLock:
+    """Many readers (queries, save, pickle) or one writer (every mutation), writers first.
+
+    A thread that already reads reads again without waiting (a filter callback querying the same
+    index, even with a writer queued), and one that tries to write raises ``RuntimeError``: it would
+    wait for its own query forever.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+        self._depth = threading.local()     # .n: how many reads this thread holds
+
+    @contextlib.contextmanager
+    def reading(self):
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            with self._cond:
+                while self._writing or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if depth == 0:
+                with self._cond:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self, what):
+        if getattr(self._depth, "n", 0):
+            raise RuntimeError(f"{what} is not allowed inside a filter callback of a query (or a "
+                               "file object's method during a save) on the same index")
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -31,6 +92,10 @@ class BFIndex:
     NaN or infinity, raises ``ValueError``; ``add_items`` that would overflow capacity raises before
     adding anything.
 
+    Any call may run beside any other: queries, ``save_index`` and pickling run together, and each
+    sees the index between two mutations (``add_items``, ``delete_vector``, ``init_index``,
+    ``load_index``), which run one at a time.
+
     Parameters
     ----------
     space : {"l2", "ip", "cosine"}
@@ -44,6 +109,7 @@ class BFIndex:
         self._dim = check_dim(dim)
         self._device = resolve_device(device)      # ("cpu", None) or ("cuda", ordinal)
         self._num_threads = os.cpu_count() or 1
+        self._lock = _ReadWriteLock()
         self._reset(None)
 
     def _reset(self, max_elements):
@@ -61,9 +127,22 @@ class BFIndex:
         return f"<gpuhnsw.BFIndex(space='{self._space}', dim={self._dim})>"
 
     def __getstate__(self):
-        state = self.__dict__.copy()
+        with self._lock.reading():          # pickle serialises after this returns: copy the rows
+            n = self._count
+            state = {**self.__dict__, "_vectors": self._vectors[:n].copy(),
+                     "_labels": self._labels[:n].copy(), "_rows": dict(self._rows)}
+        del state["_lock"]
         state["_gpu_cache"] = None          # device arrays are rebuilt on the next query
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = _ReadWriteLock()
+        spare = self._max_elements - self._vectors.shape[0]   # the stored rows only: regrow
+        if spare > 0:
+            self._vectors = np.concatenate([self._vectors,
+                                            np.zeros((spare, self._dim), np.float32)])
+            self._labels = np.concatenate([self._labels, np.zeros(spare, np.uint64)])
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -115,9 +194,11 @@ class BFIndex:
     # ---- building -----------------------------------------------------------------------------
     def init_index(self, max_elements):
         """Allocate room for ``max_elements`` vectors."""
-        if self._inited:
-            raise RuntimeError("The index is already initiated.")
-        self._reset(as_int(max_elements, "max_elements", minimum=0))
+        max_elements = as_int(max_elements, "max_elements", minimum=0)
+        with self._lock.writing("init_index"):
+            if self._inited:
+                raise RuntimeError("The index is already initiated.")
+            self._reset(max_elements)
 
     def _require_init(self):
         if not self._inited:
@@ -131,44 +212,45 @@ class BFIndex:
         self._require_init()
         x = as_vectors(data, dim=self._dim, what="data")
         rows = x.shape[0]
-        if ids is None:
-            labels = np.arange(self._next_auto, self._next_auto + rows, dtype=np.uint64)
-        else:
-            labels = as_labels(ids, rows)
+        labels = None if ids is None else as_labels(ids, rows)
         if self._space == "cosine":
             x = normalize_rows(x)
-        last = {}                                  # label -> last row of x carrying it
-        for i, lab in enumerate(labels.tolist()):
-            last[lab] = i
-        new = [lab for lab in last if lab not in self._rows]
-        if self._count + len(new) > self._max_elements:
-            raise RuntimeError("The number of elements exceeds the specified limit")
-        for lab, i in last.items():
-            r = self._rows.get(lab)
-            if r is None:
-                r = self._count
-                self._rows[lab] = r
-                self._labels[r] = lab
-                self._count += 1
-            self._vectors[r] = x[i]
-        self._next_auto += rows
-        self._gpu_cache = None
+        with self._lock.writing("add_items"):
+            if labels is None:
+                labels = np.arange(self._next_auto, self._next_auto + rows, dtype=np.uint64)
+            last = {}                              # label -> last row of x carrying it
+            for i, lab in enumerate(labels.tolist()):
+                last[lab] = i
+            new = [lab for lab in last if lab not in self._rows]
+            if self._count + len(new) > self._max_elements:
+                raise RuntimeError("The number of elements exceeds the specified limit")
+            for lab, i in last.items():
+                r = self._rows.get(lab)
+                if r is None:
+                    r = self._count
+                    self._rows[lab] = r
+                    self._labels[r] = lab
+                    self._count += 1
+                self._vectors[r] = x[i]
+            self._next_auto += rows
+            self._gpu_cache = None
 
     def delete_vector(self, label):
         """Remove ``label`` (a label that is not present is ignored, as in hnswlib)."""
         self._require_init()
         label = as_label(label, out_of_range=TypeError)
-        r = self._rows.pop(label, None)
-        if r is None:
-            return
-        last = self._count - 1
-        if r != last:
-            moved = int(self._labels[last])
-            self._vectors[r] = self._vectors[last]
-            self._labels[r] = moved
-            self._rows[moved] = r
-        self._count = last
-        self._gpu_cache = None
+        with self._lock.writing("delete_vector"):
+            r = self._rows.pop(label, None)
+            if r is None:
+                return
+            last = self._count - 1
+            if r != last:
+                moved = int(self._labels[last])
+                self._vectors[r] = self._vectors[last]
+                self._labels[r] = moved
+                self._rows[moved] = r
+            self._count = last
+            self._gpu_cache = None
 
     # ---- search -------------------------------------------------------------------------------
     def knn_query(self, data, k=1, num_threads=-1, filter=None):
@@ -195,28 +277,32 @@ class BFIndex:
         k = as_int(k, "k", minimum=0)
         if self._space == "cosine":
             q = normalize_rows(q)
-        n = self._count
-        base, labels = self._vectors[:n], self._labels[:n]
-        use_cache = True
-        if filter is not None:
-            keep = np.fromiter((bool(filter(lab)) for lab in labels.tolist()), dtype=bool, count=n)
-            if not keep.all():
-                base, labels = base[keep], labels[keep]
-                use_cache = False
-        if k > base.shape[0] and q.shape[0] > 0:
-            raise RuntimeError(
-                f"Cannot return the results in a contiguous 2D array: k={k} but only "
-                f"{base.shape[0]} element(s) can be returned"
-                + (" (after the filter)" if filter is not None else ""))
         threads = num_threads_rule(num_threads, default=self._num_threads)
-        cache = None
-        if self._device[0] == "cuda" and use_cache and k > 0 and q.shape[0] > 0:
-            cache = self._device_base()
-        rows, dists = exact_rows(base, q, k, self._space, labels=labels, num_threads=threads,
-                                 device=self._device, base_cache=cache)
-        return labels[rows], dists
+        with self._lock.reading():                 # the rows, labels and device copy of one state
+            n = self._count
+            base, labels = self._vectors[:n], self._labels[:n]     # [n, dim], [n]: views
+            use_cache = True
+            if filter is not None:
+                keep = np.fromiter((bool(filter(lab)) for lab in labels.tolist()), dtype=bool,
+                                   count=n)
+                if not keep.all():
+                    base, labels = base[keep], labels[keep]
+                    use_cache = False
+            if k > base.shape[0] and q.shape[0] > 0:
+                raise RuntimeError(
+                    f"Cannot return the results in a contiguous 2D array: k={k} but only "
+                    f"{base.shape[0]} element(s) can be returned"
+                    + (" (after the filter)" if filter is not None else ""))
+            cache = None
+            if self._device[0] == "cuda" and use_cache and k > 0 and q.shape[0] > 0:
+                cache = self._device_base()
+            rows, dists = exact_rows(base, q, k, self._space, labels=labels, num_threads=threads,
+                                     device=self._device, base_cache=cache)
+            return labels[rows], dists
 
     def _device_base(self):
+        """The device copy of the stored rows; under the read lock, so no mutation (which drops
+        it) runs between its upload and its use, and a stale copy is never cached."""
         if self._gpu_cache is None:
             self._gpu_cache = upload_base(self._vectors[:self._count], self._space, self._device)
         return self._gpu_cache
@@ -229,9 +315,11 @@ class BFIndex:
         BFIndex layout, readable by ``hnswlib.BFIndex.load_index``).
         """
         self._require_init()
-        n = self._count
-        write_bfindex(path_to_index, self._vectors[:n], self._labels[:n], space=self._space,
-                      max_elements=self._max_elements, next_auto_id=self._next_auto, format=format)
+        with self._lock.reading():
+            n = self._count
+            write_bfindex(path_to_index, self._vectors[:n], self._labels[:n], space=self._space,
+                          max_elements=self._max_elements, next_auto_id=self._next_auto,
+                          format=format)
 
     def load_index(self, path_to_index, max_elements=0):
         """Replace the contents with the index saved at ``path_to_index`` (either format).
@@ -239,14 +327,17 @@ class BFIndex:
         The capacity becomes ``max(max_elements, saved capacity)``. Every length, checksum and label
         is checked; any inconsistency raises :class:`gpuhnsw.IndexFileError`.
         """
+        max_elements = as_int(max_elements, "max_elements", minimum=0)
         try:
             saved = read_bfindex(path_to_index, space=self._space, dim=self._dim)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}",
                                          exc.filename) from None
-        self._reset(max(as_int(max_elements, "max_elements", minimum=0), saved["max_elements"]))
         vec, lab = saved["vectors"], saved["labels"]
         n = vec.shape[0]
-        self._vectors[:n], self._labels[:n], self._count = vec, lab, n
-        self._rows = {lab_: r for r, lab_ in enumerate(lab.tolist())}
-        self._next_auto = saved["next_auto_id"]
+        rows = {lab_: r for r, lab_ in enumerate(lab.tolist())}
+        with self._lock.writing("load_index"):
+            self._reset(max(max_elements, saved["max_elements"]))
+            self._vectors[:n], self._labels[:n], self._count = vec, lab, n
+            self._rows = rows
+            self._next_auto = saved["next_auto_id"]

@@ -540,3 +540,222 @@ def test_torture_every_public_call_at_once(datasets, tmp_path):
     print(f"torture: rounds={rounds}, live={labels.size}, capacity={index.get_max_elements()}, "
           f"filtered results checked {checked}, recall@10={recall:.3f}")
     assert recall >= 0.9 and checked["labels"] > 0 and checked["callable"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# BFIndex: mutations beside queries, saves and pickles (each used to run unlocked, in several steps)
+# ------------------------------------------------------------------------------------------------
+
+def _bf(base, capacity=None):
+    bf = gpuhnsw.BFIndex("l2", base.shape[1], device="cpu")
+    bf.init_index(capacity or len(base) + 10)
+    bf.add_items(base, np.arange(len(base)))
+    return bf
+
+
+def _during(call, bf=None):
+    """A wrapper of ``call`` that, on its first use, runs ``other`` (set later) on another thread
+    and waits until it is done or (with the fix) waits for this call: queued as a writer on
+    ``bf``'s lock when ``bf`` is given, else after a second."""
+    state = {"other": None, "thread": None}
+    done = threading.Event()
+
+    def other():
+        state["other"]()
+        done.set()
+
+    def wrapped(*args, **kwargs):
+        if state["thread"] is None:
+            state["thread"] = threading.Thread(target=other)
+            state["thread"].start()
+            for _ in range(1 if bf is None else 1000):       # bounded by a count, not a clock
+                if done.wait(1.0 if bf is None else 0.001) or (bf and bf._lock._writers_waiting):
+                    break
+        return call(*args, **kwargs)
+
+    return wrapped, state
+
+
+def test_bfindex_query_beside_delete_never_pairs_a_moved_label_with_another_row(datasets,
+                                                                              monkeypatch):
+    """delete_vector moves the last row into the deleted one; a query between reading the count
+    and computing saw the moved label in both rows (label 49 twice)."""
+    from gpuhnsw import bruteforce
+
+    base = datasets("siftsmall", n_base=50)[0]
+    bf = _bf(base)
+    wrapped, state = _during(bruteforce.exact_rows, bf)
+    state["other"] = lambda: bf.delete_vector(0)
+    monkeypatch.setattr(bruteforce, "exact_rows", wrapped)
+    found, dists = bf.knn_query(base[49], k=3)
+    state["thread"].join()
+    assert len(set(found[0].tolist())) == 3, found
+    np.testing.assert_allclose(dists[0], ((base[found[0]] - base[49]) ** 2).sum(axis=1), rtol=1e-4)
+    assert bf.get_current_count() == 49
+
+
+class _PausingRows(np.ndarray):
+    """The vector rows of a BFIndex; its first row write runs ``other`` first (see ``_during``)."""
+
+    def __setitem__(self, key, value):
+        self.hook()
+        super().__setitem__(key, value)
+
+
+def test_bfindex_query_beside_add_never_sees_a_row_before_its_vector(datasets):
+    """add_items counted a new row and labelled it before writing its vector: a query in between
+    returned the new label with the vector left in that row by a deleted element."""
+    base = datasets("siftsmall", n_base=51)[0]
+    bf = _bf(base[:50])
+    bf.delete_vector(49)                       # row 49 keeps 49's vector
+    far = base[50] + 1000.0
+    answers = []
+    rows = bf._vectors.view(_PausingRows)
+    rows.hook, state = _during(lambda: None)
+    state["other"] = lambda: answers.append(bf.knn_query(base[49], k=1)[0][0, 0])
+    bf._vectors = rows
+    bf.add_items(far, [100])
+    state["thread"].join()
+    assert answers and answers[0] != 100, answers
+    assert bf.knn_query(far, k=1)[0][0, 0] == 100
+
+
+@pytest.mark.parametrize("first", [
+    "add",       # two auto-labelled adds took the same labels: one batch overwrote the other
+    "delete",    # two deletes moved the same last row: its label held two rows
+])
+def test_bfindex_two_mutations_at_once_lose_nothing(datasets, first):
+    base = datasets("siftsmall", n_base=70)[0]
+    bf = _bf(base[:50], capacity=70)               # next auto label: 50
+    rows = bf._vectors.view(_PausingRows)
+    rows.hook, state = _during(lambda: None, bf)
+    if first == "add":
+        call = lambda: bf.add_items(base[50:60])
+        state["other"] = lambda: bf.add_items(base[60:70])
+        expected = np.arange(70)
+    else:
+        call = lambda: bf.delete_vector(0)
+        state["other"] = lambda: bf.delete_vector(1)
+        expected = np.arange(2, 50)
+    bf._vectors = rows
+    call()
+    state["thread"].join()
+    assert bf.get_current_count() == len(expected)
+    found, dists = bf.knn_query(base[expected], k=1)
+    np.testing.assert_array_equal(found[:, 0], expected)
+    assert (dists == 0).all()
+
+
+def test_bfindex_save_beside_delete_writes_one_state(datasets, monkeypatch, tmp_path):
+    """save_index wrote views of the rows while a delete moved one: the file held label 49 twice
+    and could not be loaded."""
+    from gpuhnsw import bruteforce
+
+    base = datasets("siftsmall", n_base=50)[0]
+    bf = _bf(base)
+    wrapped, state = _during(bruteforce.write_bfindex, bf)
+    state["other"] = lambda: bf.delete_vector(0)
+    monkeypatch.setattr(bruteforce, "write_bfindex", wrapped)
+    bf.save_index(str(tmp_path / "bf.bin"))
+    state["thread"].join()
+    back = gpuhnsw.BFIndex("l2", base.shape[1])
+    back.load_index(str(tmp_path / "bf.bin"))
+    assert back.get_current_count() == 50
+    found, dists = back.knn_query(base, k=1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(50))
+    assert (dists == 0).all()
+
+
+def test_bfindex_pickle_state_is_not_changed_by_a_later_mutation(datasets):
+    """Pickling serialises __getstate__'s dict after it returns; it shared the rows, the label map
+    and the arrays with the index, so a delete in between pickled a count of 50 over rows that
+    held label 49 twice."""
+    import io
+    import pickle
+
+    base = datasets("siftsmall", n_base=50)[0]
+    bf = _bf(base)
+
+    class DeleteMidway(pickle.Pickler):
+        def persistent_id(self, obj):           # called before each object is written
+            if isinstance(obj, np.ndarray) and bf.get_current_count() == 50:
+                bf.delete_vector(0)
+            return None
+
+    out = io.BytesIO()
+    DeleteMidway(out).dump(bf)
+    assert bf.get_current_count() == 49
+    back = pickle.loads(out.getvalue())
+    assert back.get_current_count() == 50 and back.get_max_elements() == 60
+    found, dists = back.knn_query(base, k=1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(50))
+    back.add_items(base[:10] + 1.0, np.arange(100, 110))        # the spare capacity is back
+    assert back.get_current_count() == 60
+
+
+def test_bfindex_device_copy_uploaded_before_a_delete_is_not_kept(datasets, monkeypatch,
+                                                                  numpy_as_cupy, numpy_select_topk):
+    """A query uploading the base while a delete ran cached its (old) upload after the delete had
+    dropped the cache: every later query searched the old rows under the new labels."""
+    from gpuhnsw import bruteforce, exact
+
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
+    base = datasets("siftsmall", n_base=50)[0]
+    bf = _bf(base)
+    bf._device = ("cuda", 0)                        # as if a GPU had been found
+    wrapped, state = _during(lambda rows, space, device: None, bf)
+    state["other"] = lambda: bf.delete_vector(0)
+    real = bruteforce.upload_base
+    monkeypatch.setattr(bruteforce, "upload_base",
+                        lambda rows, space, device: (real(rows, space, device),
+                                                     wrapped(rows, space, device))[0])
+    bf.knn_query(base[0], k=1)
+    state["thread"].join()
+    found, dists = bf.knn_query(base[1:], k=1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(1, 50))
+    assert (dists == 0).all()
+
+
+def test_bfindex_filter_callback_that_deletes_raises_instead_of_changing_the_rows(datasets):
+    base = datasets("siftsmall", n_base=50)[0]
+    bf = _bf(base)
+
+    def deleting(label):
+        bf.delete_vector(0)
+        return True
+
+    with pytest.raises(RuntimeError, match="filter callback"):
+        bf.knn_query(base[49], k=3, filter=deleting)
+    assert bf.get_current_count() == 50                            # nothing changed
+
+
+def test_bfindex_filter_callback_queries_the_same_index_with_a_writer_waiting():
+    """A query from a filter callback must not queue behind a writer that waits for the outer
+    query (writers go first): that was a deadlock of the first locked version."""
+    run_isolated("""
+        import threading
+        import numpy as np
+        import gpuhnsw
+
+        x = np.random.default_rng(0).random((50, 8), dtype=np.float32)
+        bf = gpuhnsw.BFIndex("l2", 8, device="cpu")
+        bf.init_index(60)
+        bf.add_items(x)
+        writer = []
+
+        def inner(label):
+            if not writer:
+                writer.append(threading.Thread(target=bf.delete_vector, args=(3,)))
+                writer[0].start()
+                for _ in range(1000):            # until the writer waits (bounded)
+                    if bf._lock._writers_waiting:
+                        break
+                    threading.Event().wait(0.001)
+                assert bf.knn_query(x[label], k=1)[0][0, 0] == label
+            return True
+
+        bf.knn_query(x[0], k=2, filter=inner)
+        writer[0].join()
+        assert bf.get_current_count() == 49
+    """, timeout=120)
+
