@@ -759,3 +759,48 @@ def test_bfindex_filter_callback_queries_the_same_index_with_a_writer_waiting():
         assert bf.get_current_count() == 49
     """, timeout=120)
 
+
+def test_bfindex_every_call_at_once_keeps_labels_and_vectors_paired(datasets, tmp_path):
+    """Queries (plain and filtered), saves and pickles beside a thread that deletes and re-adds
+    labels (each label always with the same vector): every answer must pair each label with its own
+    vector's distance, once."""
+    import pickle
+
+    base, queries = datasets("siftsmall", n_base=300, n_queries=20)[:2]
+    bf = _bf(base)
+    rounds = 60
+
+    def churn():
+        for i in range(rounds * 3):
+            label = (i * 37) % 300
+            bf.delete_vector(label)
+            bf.add_items(base[label], [label])
+
+    def check(found, dists, q):
+        for row, (labels, d) in enumerate(zip(found, dists)):
+            assert len(set(labels.tolist())) == len(labels), labels
+            np.testing.assert_allclose(d, ((base[labels] - q[row]) ** 2).sum(axis=1), rtol=1e-3)
+
+    def query():
+        for _ in range(rounds):
+            check(*bf.knn_query(queries, k=5), queries)
+            check(*bf.knn_query(queries, k=5, filter=lambda label: label % 2 == 0), queries)
+
+    def save():
+        for i in range(rounds // 6):
+            path = str(tmp_path / f"bf{i % 2}.bin")
+            bf.save_index(path)
+            back = pickle.loads(pickle.dumps(bf))
+            for other in (gpuhnsw.BFIndex("l2", base.shape[1], device="cpu"), back):
+                if other is not back:
+                    other.load_index(path)
+                found, dists = other.knn_query(base[:50], k=1)
+                check(found, dists, base[:50])
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)          # switch threads often: inside the mutations too
+    try:
+        run_threads(churn, query, query, save)
+    finally:
+        sys.setswitchinterval(interval)
+    assert bf.get_current_count() == 300
