@@ -265,7 +265,7 @@ class BFIndex:
         filter : callable(label) -> bool, optional
             Only labels for which it returns true are returned. It is called once per stored
             element per call (not once per query and element as in hnswlib), so it must not depend
-            on the query.
+            on the query.  It may query this index but not change it (``RuntimeError``).
 
         Returns
         -------
