@@ -127,7 +127,7 @@ def _data(name, n):
     return _DATA[key]
 
 
-def _drop_self(ids, k):
+def drop_self(ids, k):
     """[n, k + 1] neighbour lists -> [n, k] without each row's own id (else without the last)."""
     rows = np.arange(len(ids))
     drop = ids == rows[:, None]
@@ -181,7 +181,7 @@ def run_config(tool, params, name, n, k, threads, rows):
         ids, _ = NNDescent(raw, n_neighbors=k + 1 + more, metric=metric, random_state=SEED,
                            n_jobs=threads, **params).neighbor_graph
         seconds = time.perf_counter() - t0
-        ids = _drop_self(ids[:, :k + 1].astype(np.int64), k)
+        ids = drop_self(ids[:, :k + 1].astype(np.int64), k)
     elif tool == "faiss hnsw":
         import faiss
         faiss.omp_set_num_threads(threads)
@@ -193,7 +193,7 @@ def run_config(tool, params, name, n, k, threads, rows):
         index.hnsw.efSearch = max(params["ef"], k + 1)
         _, ids = index.search(unit, k + 1)
         seconds = time.perf_counter() - t0
-        ids = _drop_self(ids.astype(np.int64), k)
+        ids = drop_self(ids.astype(np.int64), k)
     elif tool == "hnswlib":
         import hnswlib
         t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def run_config(tool, params, name, n, k, threads, rows):
         index.set_ef(max(params["ef"], k + 1))
         ids, _ = index.knn_query(unit, k=k + 1, num_threads=threads)
         seconds = time.perf_counter() - t0
-        ids = _drop_self(ids.astype(np.int64), k)
+        ids = drop_self(ids.astype(np.int64), k)
     else:
         raise ValueError(tool)
     return dict(seconds=seconds, neighbors=ids[rows], extra=extra)

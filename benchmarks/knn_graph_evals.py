@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from knn_graph import drop_self   # benchmarks/knn_graph.py (this script's folder is on sys.path)
+
 SEED = 12345
 # pynndescent: its defaults and the settings knn_graph.py's sweep uses; gpuhnsw: knn_graph.py's
 # settings and a few around them
@@ -78,14 +80,7 @@ def run_pynndescent(n, k, params):
     more = params.pop("n_neighbors_extra", 0)
     ids, _ = NNDescent(_rows(n), n_neighbors=k + 1 + more, metric=sqeuclidean, random_state=SEED,
                        n_jobs=1, **params).neighbor_graph
-    return _drop_self(ids[:, :k + 1].astype(np.int64), k), calls[0]
-
-
-def _drop_self(ids, k):
-    """[n, k + 1] neighbour lists -> [n, k] without each row's own id (else without the last)."""
-    drop = ids == np.arange(len(ids))[:, None]
-    drop[~drop.any(axis=1), -1] = True
-    return ids[~drop].reshape(len(ids), k)
+    return drop_self(ids[:, :k + 1].astype(np.int64), k), calls[0]
 
 
 def main():
@@ -97,7 +92,7 @@ def main():
     from gpuhnsw.knn_graph import knn_graph
     from gpuhnsw.testing import exact_knn, machine_info, recall_at_k
     x = _rows(args.n)
-    truth = _drop_self(np.asarray(exact_knn(x, x, args.k + 1, "l2")[0], dtype=np.int64), args.k)
+    truth = drop_self(np.asarray(exact_knn(x, x, args.k + 1, "l2")[0], dtype=np.int64), args.k)
     results = []
     for params in SETTINGS["gpuhnsw nndescent"]:
         ids, _, info = knn_graph(x, args.k, method="nndescent", return_info=True, progress=False,
