@@ -67,6 +67,8 @@ SWEEPS = {
                                    leaf_size=120, n_iters=5)),              # 0.992 / -
         ("gpuhnsw nndescent", dict(intermediate_degree=24, max_candidates=20, n_trees=24,
                                    leaf_size=200)),                         # - / 0.992
+        ("gpuhnsw nndescent", dict(intermediate_degree=24, max_candidates=24, n_trees=20,
+                                   leaf_size=200, n_iters=5)),              # - / 0.993
         ("pynndescent", dict(max_candidates=8, n_trees=5)),                 # 0.959 / -
         ("pynndescent", dict(max_candidates=8, n_trees=6)),                 # 0.963 / -
         ("pynndescent", dict(n_neighbors_extra=5, n_trees=8)),              # 0.992 / 0.955
@@ -88,6 +90,8 @@ SWEEPS = {
         ("gpuhnsw nndescent", dict(max_candidates=20, n_trees=8, leaf_size=200,
                                    n_iters=3)),                             # - / 0.964
         ("gpuhnsw nndescent", {}),                                          # 0.997 / 0.977
+        ("gpuhnsw nndescent", dict(max_candidates=32, n_trees=16, leaf_size=200,
+                                   n_iters=5)),                             # - / 0.990
         ("gpuhnsw nndescent", dict(intermediate_degree=48, max_candidates=24, n_trees=16,
                                    leaf_size=200)),                         # - / 0.994
         ("pynndescent", dict(max_candidates=4, n_trees=8)),                 # 0.960 / -
