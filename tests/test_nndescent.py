@@ -336,3 +336,22 @@ def test_gpu_nndescent_recall(space):
     assert info["device"].startswith("cuda")
     assert testing.recall_at_k(ids, want, 10) >= 0.95
     np.testing.assert_allclose(dists, _true_dists(base, ids, space), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_l2_far_from_the_origin_keeps_its_recall(offset):
+    """l2 summed from |a|^2 + |b|^2 - 2 a.b cancels when the rows' norms dwarf their distances:
+    16-d unit Gaussians moved 1000 away from the origin fell to recall 0.59 (10,000 away: 0.004).
+    Squared L2 is translation invariant, so the truth is the centred data's, in float64."""
+    rng = np.random.default_rng(11)
+    x = (offset + rng.standard_normal((3000, 16))).astype(np.float32)
+    ids, dists = knn_graph(x, 10, method="nndescent", progress=False)
+    c = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    sq = (c * c).sum(axis=1)
+    d2 = sq[:, None] + sq[None, :] - 2 * c @ c.T
+    np.fill_diagonal(d2, np.inf)
+    truth = np.argsort(d2, axis=1, kind="stable")[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    assert recall >= 0.95, recall
+    got = ((x[:, None, :].astype(np.float64) - x[ids].astype(np.float64)) ** 2).sum(axis=2)
+    np.testing.assert_allclose(dists, got, rtol=1e-4, atol=1e-3)

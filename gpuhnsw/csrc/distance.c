@@ -126,11 +126,11 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
     return 1.0f - _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-/* Register-tiled dot products (see ghnsw_tile_fn): the rows' loads are shared by a whole row or
+/* Register-tiled pair sums (see ghnsw_tile_fn): the rows' loads are shared by a whole row or
  * column of the tile, so each float read from cache feeds 4 (AVX-512: 4, AVX2: 2 or 4) pairs instead
  * of one.  The tail of an unpadded row is read with masked loads (zeros beyond dim, never past the
- * row). */
-#define TILE_BODY(VEC, ZERO, LOADM, FMA, ROWS, COLS)                                                \
+ * row).  STEP(acc, x, y) adds one lane block of a pair: x.y, or (x - y)^2 for l2. */
+#define TILE_BODY(VEC, ZERO, LOADM, STEP, ROWS, COLS)                                               \
     for (size_t c0 = 0; c0 < GHNSW_TILE; c0 += COLS) {                                              \
         VEC acc[ROWS][COLS];                                                                        \
         for (int r = 0; r < ROWS; r++)                                                              \
@@ -140,7 +140,7 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
             for (int r = 0; r < ROWS; r++) x[r] = LOADM(a[r] + i, dim - i);                         \
             for (int c = 0; c < COLS; c++) y[c] = LOADM(b[c0 + c] + i, dim - i);                    \
             for (int r = 0; r < ROWS; r++)                                                          \
-                for (int c = 0; c < COLS; c++) acc[r][c] = FMA(x[r], y[c], acc[r][c]);              \
+                for (int c = 0; c < COLS; c++) STEP(acc[r][c], x[r], y[c]);                         \
         }                                                                                           \
         for (int r = 0; r < ROWS; r++)                                                              \
             for (int c = 0; c < COLS; c++) out[r * GHNSW_TILE + c0 + c] = HSUM(acc[r][c]);         \
@@ -151,14 +151,20 @@ __attribute__((target("avx512f"))) static float ip_avx512(const float *a, const 
 __attribute__((target("avx512f"))) static inline __m512 load16(const float *p, size_t left) {
     return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), p);
 }
+#define DOT16(acc, x, y) ((acc) = _mm512_fmadd_ps((x), (y), (acc)))
+#define L2_16(acc, x, y) do { __m512 t_ = _mm512_sub_ps((x), (y)); (acc) = _mm512_fmadd_ps(t_, t_, (acc)); } while (0)
 __attribute__((target("avx512f"))) static void tile_ip_avx512(const float *const *a, const float *const *b, size_t dim,
                                                               float *out) {
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_fmadd_ps, GHNSW_TILE, 4)
+    TILE_BODY(__m512, _mm512_setzero_ps(), load16, DOT16, GHNSW_TILE, 4)
+}
+__attribute__((target("avx512f"))) static void tile_l2_avx512(const float *const *a, const float *const *b, size_t dim,
+                                                              float *out) {
+    TILE_BODY(__m512, _mm512_setzero_ps(), load16, L2_16, GHNSW_TILE, 4)
 }
 __attribute__((target("avx512f"))) static void row_ip_avx512(const float *x, const float *const *b, size_t dim,
                                                              float *out) {
     const float *const a[1] = {x};
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, _mm512_fmadd_ps, 1, 4)
+    TILE_BODY(__m512, _mm512_setzero_ps(), load16, DOT16, 1, 4)
 }
 #undef LANES
 #undef HSUM
@@ -170,14 +176,20 @@ __attribute__((target("avx2,fma"))) static inline __m256 load8(const float *p, s
     return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, _mm256_loadu_si256((const __m256i *)(ramp + 8 - left)));
 }
 /* 16 ymm registers: the columns two at a time (8 sums + 4 + 2 rows live) */
+#define DOT8(acc, x, y) ((acc) = _mm256_fmadd_ps((x), (y), (acc)))
+#define L2_8(acc, x, y) do { __m256 t_ = _mm256_sub_ps((x), (y)); (acc) = _mm256_fmadd_ps(t_, t_, (acc)); } while (0)
 __attribute__((target("avx2,fma"))) static void tile_ip_avx2(const float *const *a, const float *const *b, size_t dim,
                                                              float *out) {
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_fmadd_ps, GHNSW_TILE, 2)
+    TILE_BODY(__m256, _mm256_setzero_ps(), load8, DOT8, GHNSW_TILE, 2)
+}
+__attribute__((target("avx2,fma"))) static void tile_l2_avx2(const float *const *a, const float *const *b, size_t dim,
+                                                             float *out) {
+    TILE_BODY(__m256, _mm256_setzero_ps(), load8, L2_8, GHNSW_TILE, 2)
 }
 __attribute__((target("avx2,fma"))) static void row_ip_avx2(const float *x, const float *const *b, size_t dim,
                                                             float *out) {
     const float *const a[1] = {x};
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, _mm256_fmadd_ps, 1, 4)
+    TILE_BODY(__m256, _mm256_setzero_ps(), load8, DOT8, 1, 4)
 }
 #undef LANES
 #undef HSUM
@@ -189,9 +201,18 @@ static float dot_portable(const float *x, const float *y, size_t dim) {
     for (size_t i = 0; i < dim; i++) s[i & 3] += x[i] * y[i];
     return (s[0] + s[1]) + (s[2] + s[3]);
 }
+static float l2_pair_portable(const float *x, const float *y, size_t dim) {
+    float s[4] = {0, 0, 0, 0};
+    for (size_t i = 0; i < dim; i++) s[i & 3] += (x[i] - y[i]) * (x[i] - y[i]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
 static void tile_ip_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
     for (int r = 0; r < GHNSW_TILE; r++)
         for (int c = 0; c < GHNSW_TILE; c++) out[r * GHNSW_TILE + c] = dot_portable(a[r], b[c], dim);
+}
+static void tile_l2_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
+    for (int r = 0; r < GHNSW_TILE; r++)
+        for (int c = 0; c < GHNSW_TILE; c++) out[r * GHNSW_TILE + c] = l2_pair_portable(a[r], b[c], dim);
 }
 static void row_ip_portable(const float *x, const float *const *b, size_t dim, float *out) {
     for (int c = 0; c < GHNSW_TILE; c++) out[c] = dot_portable(x, b[c], dim);
@@ -234,14 +255,15 @@ ghnsw_dist_fn ghnsw_pick_distance(int space) {
     return is_l2 ? l2_portable : ip_portable;
 }
 
-ghnsw_tile_fn ghnsw_pick_tile(void) {
+ghnsw_tile_fn ghnsw_pick_tile(int space) {
     int lv = simd_level();
+    int is_l2 = space == GHNSW_L2;
 #ifdef GHNSW_X86
-    if (lv == 2) return tile_ip_avx512;
-    if (lv == 1) return tile_ip_avx2;
+    if (lv == 2) return is_l2 ? tile_l2_avx512 : tile_ip_avx512;
+    if (lv == 1) return is_l2 ? tile_l2_avx2 : tile_ip_avx2;
 #endif
     (void)lv;
-    return tile_ip_portable;
+    return is_l2 ? tile_l2_portable : tile_ip_portable;
 }
 
 ghnsw_row_fn ghnsw_pick_row(void) {

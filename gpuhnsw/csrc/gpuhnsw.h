@@ -52,10 +52,11 @@ typedef void *(*ghnsw_alloc_fn)(void *ctx, size_t bytes);
 
 typedef float (*ghnsw_dist_fn)(const float *a, const float *b, size_t dim_pad);
 
-/* Dot products of a GHNSW_TILE x GHNSW_TILE block of row pairs (rows unpadded, `dim` floats; pad a
- * short block by repeating a row): out[r * GHNSW_TILE + c] = a_r . b_c (NN-descent derives l2 from
- * the rows' norms).  Every entry is computed by the same operation sequence wherever it sits in the
- * tile, so (a, b) and (b, a) give the same bits. */
+/* Pair sums of a GHNSW_TILE x GHNSW_TILE block of row pairs (rows unpadded, `dim` floats; pad a
+ * short block by repeating a row): out[r * GHNSW_TILE + c] = |a_r - b_c|^2 (l2) or a_r . b_c (ip,
+ * cosine).  l2 is summed from the differences, not from |a|^2 + |b|^2 - 2 a.b: the latter cancels
+ * catastrophically for rows far from the origin.  Every entry is computed by the same operation
+ * sequence wherever it sits in the tile, so (a, b) and (b, a) give the same bits. */
 #define GHNSW_TILE 4
 typedef void (*ghnsw_tile_fn)(const float *const *a /* [GHNSW_TILE] */, const float *const *b /* [GHNSW_TILE] */,
                               size_t dim, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
@@ -66,7 +67,7 @@ typedef void (*ghnsw_row_fn)(const float *x, const float *const *b /* [GHNSW_TIL
 
 /* distance.c */
 ghnsw_dist_fn ghnsw_pick_distance(int space);
-ghnsw_tile_fn ghnsw_pick_tile(void);
+ghnsw_tile_fn ghnsw_pick_tile(int space);
 ghnsw_row_fn ghnsw_pick_row(void);
 const char *ghnsw_simd_name(void);
 void ghnsw_normalize(float *v, size_t dim);

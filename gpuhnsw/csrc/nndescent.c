@@ -9,9 +9,10 @@
  * So the graph, the round count and the number of distance evaluations depend on the seed and the
  * data only: not on the thread count, nor on scheduling.
  *
- * Speed.  Dot products come GHNSW_TILE x GHNSW_TILE pairs at a time from a register-tiled kernel
- * (distance.c; l2 is |a|^2 + |b|^2 - 2 a.b from precomputed norms, half the vector work of
- * sum (a - b)^2), so each row loaded from cache serves several pairs: a leaf of a tree, and a row's
+ * Speed.  Pair sums come GHNSW_TILE x GHNSW_TILE pairs at a time from a register-tiled kernel
+ * (distance.c; l2 sums (a - b)^2: |a|^2 + |b|^2 - 2 a.b from precomputed norms, half the vector
+ * work, was tried and lost most of the recall on data far from the origin, e.g. an offset of 1000
+ * on 16-d unit Gaussians: 0.59), so each row loaded from cache serves several pairs: a leaf of a tree, and a row's
  * new x (new + old) candidates, are joined as small blocks.  The forest is built breadth-first over
  * all trees while its nodes are larger than the cache (one pass over the data per level, not one per
  * level and tree), then depth-first.  The joins visit rows in the first tree's leaf order, so that
@@ -23,7 +24,7 @@
  *   thr          [n]      float                  root distance, read without the lock as a pre-check
  *   locks        [n]      uint8                  one spin lock per row's heap
  *   cand [2, n, mc] uint64, count [2, n] uint32   sampled new (0) and old (1) candidates per row
- *   norm         [n]      float                  l2: |x|^2; cosine: 1 / (|x| + 1e-30), hnswlib's rule
+ *   norm         [n]      float                  cosine only: 1 / (|x| + 1e-30), hnswlib's rule
  *   perm, node_of [n_trees, n] uint32, bf_left [n_trees, n] uint8   the forest (see build_forest)
  *   order        [n]      uint32                 the joins' row order
  *   per worker:  [n] uint8 plane sides, [dim] float hyperplane, [2 mc] uint32 candidates, a counter
@@ -56,9 +57,9 @@ typedef struct {
     const float *data; /* [n, dim] */
     size_t n, dim;
     int space;
-    ghnsw_tile_fn tile;        /* pair dot products, GHNSW_TILE x GHNSW_TILE at a time */
+    ghnsw_tile_fn tile;        /* pair sums ((a - b)^2 or a.b), GHNSW_TILE x GHNSW_TILE at a time */
     ghnsw_row_fn row;          /* one row's dot products with GHNSW_TILE others: tree splits */
-    float *norm;               /* [n] l2: |x|^2; cosine: 1 / (|x| + 1e-30); ip: NULL */
+    float *norm;               /* [n] cosine: 1 / (|x| + 1e-30); else NULL */
     const ghnsw_nnd_params_t *p;
     uint32_t k, mc;
     uint32_t *ids;
@@ -89,10 +90,7 @@ static inline const float *row_of(const nnd_t *s, uint32_t i) { return s->data +
 /* Distance of rows a and b from the tile kernel's raw sum, in one fixed operand order so that
  * d(a, b) == d(b, a) bit for bit (a pair reached from either side must offer the same key). */
 static inline float pair_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw) {
-    if (s->space == GHNSW_L2) { /* |a|^2 + |b|^2 - 2 a.b: a sum of two is commutative */
-        float v = (s->norm[a] + s->norm[b]) - 2.0f * raw;
-        return v > 0 ? v : 0; /* rounding may leave a tiny negative for near-equal rows */
-    }
+    if (s->space == GHNSW_L2) return raw;
     if (s->space == GHNSW_IP) return 1.0f - raw;
     if (a > b) { uint32_t t = a; a = b; b = t; }
     return 1.0f - (raw * s->norm[a]) * s->norm[b];
@@ -483,17 +481,6 @@ static int settle_task(void *ctx, size_t blk, int worker) {
 static int norm_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
-    if (s->space == GHNSW_L2) { /* |x|^2 by the pairs' own kernel, so that d(x, x) is exactly 0 */
-        enum { T = GHNSW_TILE };
-        const float *pa[T];
-        float out[T * T];
-        for (size_t i0 = blk * ROW_BLOCK; i0 < end; i0 += T) {
-            for (size_t r = 0; r < T; r++) pa[r] = row_of(s, (uint32_t)(i0 + r < end ? i0 + r : end - 1));
-            s->tile(pa, pa, s->dim, out);
-            for (size_t r = 0; r < T && i0 + r < end; r++) s->norm[i0 + r] = out[r * T + r];
-        }
-        return 0;
-    }
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
         const float *x = s->data + i * s->dim;
         double sq = 0;
@@ -523,7 +510,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     size_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
     nnd_t s = {0};
     s.data = data; s.n = n; s.dim = dim; s.space = space; s.p = p;
-    s.tile = ghnsw_pick_tile(); /* l2 too, from the norms: half the vector work of (a - b)^2 */
+    s.tile = ghnsw_pick_tile(space);
     s.row = ghnsw_pick_row();
     s.k = p->k; s.mc = p->max_candidates; s.stripes = (size_t)workers;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
@@ -545,10 +532,10 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.cands = malloc((size_t)workers * 2 * s.mc * sizeof *s.cands);
     s.plane = malloc((size_t)workers * dim * sizeof *s.plane);
     s.cnt = calloc((size_t)workers, sizeof *s.cnt);
-    s.norm = space != GHNSW_IP ? malloc(n * sizeof *s.norm) : NULL;
+    s.norm = space == GHNSW_COSINE ? malloc(n * sizeof *s.norm) : NULL;
     ghnsw_status_t st = GHNSW_OK;
     if (!s.ids || !s.d || !s.flag || !s.thr || !s.locks || !s.cand || !s.cand_n ||
-        (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space != GHNSW_IP && !s.norm)) {
+        (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space == GHNSW_COSINE && !s.norm)) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the NN-descent state of %zu rows", n);
         goto out;
     }
