@@ -28,6 +28,49 @@ def test_exact_search_equals_shipped_ground_truth(datasets, space):
     np.testing.assert_allclose(dists, gt_d, rtol=0, atol=1e-6 if space == "cosine" else 0)
 
 
+def far_gaussians(n, nq, dim, offset, seed=0):
+    """Unit Gaussians moved ``offset`` along every axis: base float32 [n, dim], queries float32
+    [nq, dim], and the float64 oracle's exact ``k=10`` (ids, dists), computed after moving them back
+    in float64 (exact), where the oracle's |q|^2 + |b|^2 - 2 q.b does not cancel."""
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((n, dim)) + offset).astype(np.float32)
+    queries = (rng.standard_normal((nq, dim)) + offset).astype(np.float32)
+    back = [x.astype(np.float64) - offset for x in (base, queries)]
+    return base, queries, testing.exact_knn(*back, 10)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_exact_l2_far_from_origin_equals_oracle(offset):
+    """Squared L2 does not change when the data moves; the float32 screening must not either
+    (uncentred keys |b|^2 - 2 q.b gave recall 0.79 at offset 1e3, 0.01 at 1e4)."""
+    base, queries, (want, want_d) = far_gaussians(3000, 200, 16, offset)
+    ids, dists = exact_search(base, queries, 10)
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(dists, want_d, rtol=1e-6)
+    index = BFIndex("l2", 16)
+    index.init_index(3000)
+    index.add_items(base)
+    labels, dists = index.knn_query(queries, k=10)
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_allclose(dists, want_d, rtol=1e-6)
+
+
+def test_exact_l2_far_from_origin_equals_shipped_ground_truth(datasets):
+    """Real data: siftsmall moved 10,000 along every axis (still integers, so exactly)."""
+    base, queries, gt, _ = datasets("siftsmall")
+    gt_d = np.load(testing.data_dir() / "siftsmall" / "gt_l2_dist.npy")
+    base, queries = base + np.float32(1e4), queries + np.float32(1e4)
+    ids, dists = exact_search(base, queries, 100)
+    np.testing.assert_array_equal(ids, gt)
+    np.testing.assert_array_equal(dists, gt_d)
+    index = BFIndex("l2", base.shape[1])
+    index.init_index(base.shape[0])
+    index.add_items(base)
+    labels, dists = index.knn_query(queries, k=100)
+    np.testing.assert_array_equal(labels, gt)
+    np.testing.assert_array_equal(dists, gt_d)
+
+
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("block,base_block", [(None, None), (7, 33), (64, 1000), (1000, 5000)])
 def test_exact_search_matches_oracle_for_any_tiling(make_data, space, block, base_block):
