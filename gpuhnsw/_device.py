@@ -526,7 +526,12 @@ def _batch_neighbours(cp, rows, k, metric):
     b = rows.shape[0]
     if metric == _kernels.METRICS["cosine"]:
         rows = rows / cp.maximum(cp.sqrt((rows * rows).sum(axis=1, keepdims=True)), np.float32(1e-30))
-    sq = (rows * rows).sum(axis=1) if metric == _kernels.METRICS["l2"] else None
+    sq = None
+    if metric == _kernels.METRICS["l2"]:
+        # keys |b - mu|^2 - 2 (a - mu).(b - mu) on rows centred on their mean: uncentred float32
+        # keys are rounding noise once the norms dwarf the distances (exact.py's docstring)
+        rows = rows - rows.mean(axis=0)
+        sq = (rows * rows).sum(axis=1)
     out_d = cp.empty((b, k), dtype=cp.float32)
     out_i = cp.empty((b, k), dtype=cp.int64)
     step = max(1, _TILE_BYTES // (4 * b))

@@ -10,9 +10,11 @@ count of the stopping rule) and no sort of anything larger than the edge list::
              C_new [n, m], C_old [n, m] (-1 padded), by one argsort of (row, priority) integers.
              A new entry sampled into its own row's C_new turns old
     join     for a block of B centre rows: V_new = X[C_new] [B, m, d], V_all = X[C_new | C_old]
-             G = V_new @ V_all^T  (batched sgemm, [B, m, 2m]); D = |p|^2 + |q|^2 - 2 G (l2) or
-             1 - G (ip; cosine on normalised rows). Entry (p, q) proposes q to row p (and p to q
-             where q is old) when it beats the row's worst at the start of the round
+             G = V_new @ V_all^T  (batched sgemm, [B, m, 2m]); D = |p|^2 + |q|^2 - 2 G (l2, the
+             rows centred on their mean first: uncentred, the float32 sum cancels once the norms
+             dwarf the distances) or 1 - G (ip; cosine on normalised rows). Entry (p, q)
+             proposes q to row p (and p to q where q is old) when it beats the row's worst at the
+             start of the round
     propose  a proposal goes into its row's slot hash(row, id) of a [n, T] table by an atomic
              minimum of its key (``minimum.at``): the same id always meets itself (no repeats),
              two ids that share a slot keep the nearer (the other is dropped this round)
@@ -38,6 +40,7 @@ import numpy as np
 from ._device import select_topk
 from ._errors import DeviceError
 from ._kernels import TOPK_CAPACITIES, import_cupy
+from .exact import l2_centre
 
 __all__ = ["nndescent_graph"]
 
@@ -134,7 +137,10 @@ def _run(xp, x_host, K_out, space, params, delta, seed, info, bar):
     X = xp.asarray(x_host)
     if space == "cosine":
         X = X / (xp.sqrt((X * X).sum(axis=1, keepdims=True)) + np.float32(1e-30))
-    sq = (X * X).sum(axis=1) if space == "l2" else None
+    mu = sq = None
+    if space == "l2":
+        mu, sq64 = l2_centre(x_host)                    # the joins' centre, |x - mu|^2 in float64
+        mu, sq = xp.asarray(mu), xp.asarray(sq64.astype(np.float32))
     rows = xp.arange(n, dtype=xp.int64)
 
     # random initial graph: K others per row, repeats (same id, same key: adjacent once sorted)
@@ -166,7 +172,7 @@ def _run(xp, x_host, K_out, space, params, delta, seed, info, bar):
         step = max(1, _BLOCK_ENTRIES // (2 * m * m))
         for a in range(0, n, step):
             b = min(a + step, n)
-            evals += _join_block(xp, X, sq, c_new[a:b], cand[a:b], space, m, worst, table)
+            evals += _join_block(xp, X, mu, sq, c_new[a:b], cand[a:b], space, m, worst, table)
         s_join = clock.lap("join")
         updates = _merge(xp, graph, table)
         rounds += 1
@@ -230,12 +236,16 @@ def _sample(xp, ids, mask, m, round_seed):
     return out, pos[ok & (pos >= 0)]
 
 
-def _join_block(xp, X, sq, cn, ca, space, m, worst, table):
+def _join_block(xp, X, mu, sq, cn, ca, space, m, worst, table):
     """Local joins of one block of centres: cn [B, m] new, ca [B, 2m] new | old candidates; their
-    proposals below the rows' ``worst`` go into ``table`` [n, T]. Returns the distances made (a
-    device scalar: no wait)."""
-    vn = X[xp.maximum(cn, 0)]                                   # [B, m, d]
+    proposals below the rows' ``worst`` go into ``table`` [n, T]. l2: ``mu`` [d] the centre and
+    ``sq`` [n] the rows' ``|x - mu|^2`` (else None). Returns the distances made (a device scalar:
+    no wait)."""
+    vn = X[xp.maximum(cn, 0)]                                   # [B, m, d] (gathered copies)
     va = X[xp.maximum(ca, 0)]                                   # [B, 2m, d]
+    if mu is not None:
+        vn -= mu
+        va -= mu
     g = xp.matmul(vn, va.transpose(0, 2, 1))                    # [B, m, 2m] batched sgemm
     if space == "l2":
         D = sq[xp.maximum(cn, 0)][:, :, None] + sq[xp.maximum(ca, 0)][:, None, :] - 2 * g

@@ -391,12 +391,20 @@ def _topk_cuda(cp, g, pool, group=32):
 
 
 def upload_base(base, space, device):
-    """``base`` [n, d] float32 on the GPU ``device`` (("cuda", ordinal)) with its squared norms
+    """``base`` [n, d] float32 on the GPU ``device`` (("cuda", ordinal)) with its screening centre
     (l2 only): the ``base_cache`` of :func:`exact_rows`, for callers that query one base often."""
     cp = import_cupy()
     with cp.cuda.Device(device[1] or 0):
-        b = cp.asarray(base)
-        return b, (b * b).sum(axis=1) if space == "l2" else None
+        return _device_base(cp, base, space)
+
+
+def _device_base(cp, base, space):
+    """(base [n, d] float32, |b - mu|^2 [n] float32 or None, mu [d] float32 or None) on the current
+    device; the centre (``l2_centre``, l2 only) is computed on the host, in float64."""
+    if space != "l2":
+        return cp.asarray(base), None, None
+    mu, sq = l2_centre(base)
+    return cp.asarray(base), cp.asarray(sq.astype(np.float32)), cp.asarray(mu)
 
 
 def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
@@ -421,11 +429,7 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
 
     try:
         mark("upload", True)
-        if base_cache is not None:
-            bdev, bsq = base_cache
-        else:
-            bdev = cp.asarray(base)
-            bsq = (bdev * bdev).sum(axis=1) if space == "l2" else None
+        bdev, bsq, mu = base_cache if base_cache is not None else _device_base(cp, base, space)
         qdev = bdev if queries is base else None          # a k-NN graph: the queries are the base
         mark("upload", False)
         sdev = None if self_rows is None else cp.asarray(self_rows)
@@ -440,6 +444,7 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
         for a in range(0, nq, block):
             b = min(a + block, nq)
             q = qdev[a:b] if qdev is not None else cp.asarray(queries[a:b])
+            qc = q if mu is None else q - mu            # [b - a, d] the screening's centred block
             srows = None if sdev is None else sdev[a:b]
             mark("tiles", True)
             if fused:
@@ -447,12 +452,12 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                 best_idx = cp.empty((b - a, pool), dtype=cp.int64)
                 for t0 in range(0, n, base_block):
                     t1 = min(t0 + base_block, n)
-                    select_topk(cp, q @ bdev[t0:t1].T, pool, best_key, best_idx, index_offset=t0,
+                    select_topk(cp, qc @ bdev[t0:t1].T, pool, best_key, best_idx, index_offset=t0,
                                 prev=t0 > 0, key_scale=-2.0 if space == "l2" else -1.0,
                                 key_bias=None if bsq is None else bsq[t0:t1], exclude=srows,
                                 exclude_key=EXCLUDED_KEY)
             else:
-                best_idx = _pool_cuda_grouped(cp, q, bdev, bsq, space, srows, pool, base_block)
+                best_idx = _pool_cuda_grouped(cp, qc, bdev, bsq, space, srows, pool, base_block)
             mark("tiles", False)
             mark("rerank", True)
             d64 = _exact_dists_cuda(cp, bdev, q, best_idx, space)

@@ -445,6 +445,31 @@ def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
+def test_cuda_path_far_from_origin_equals_oracle(monkeypatch, numpy_as_cupy, numpy_select_topk):
+    """The CUDA path centres its l2 keys as the CPU path does: fused and grouped selection, a
+    k-NN graph (the queries are the base), and BFIndex's cached device base."""
+    from gpuhnsw import exact
+
+    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
+    base, queries, (want, want_d) = far_gaussians(3000, 50, 16, 1e4)
+    ids, dists = exact.exact_rows(base, queries, 10, "l2", device=("cuda", 0), block=32,
+                                  base_block=1000)                    # select_topk_kernel
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(dists, want_d, rtol=1e-6)
+    ids, _ = exact.exact_rows(base, queries[:10], 1090, "l2", device=("cuda", 0))  # grouped sort
+    np.testing.assert_array_equal(ids[:, :10], want[:10])
+    self_rows = np.arange(3000, dtype=np.int64)
+    ids, _ = exact.exact_rows(base, base, 10, "l2", self_rows=self_rows, device=("cuda", 0))
+    np.testing.assert_array_equal(ids, exact.exact_rows(base, base, 10, "l2", self_rows=self_rows)[0])
+    index = BFIndex("l2", 16, device="cpu")
+    index._device = ("cuda", 0)                  # as if a GPU had been found
+    index.init_index(3000)
+    index.add_items(base)
+    labels, dists = index.knn_query(queries, k=10)
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_allclose(dists, want_d, rtol=1e-6)
+
+
 def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, numpy_as_cupy, numpy_select_topk,
                                                         make_data):
     from gpuhnsw import exact

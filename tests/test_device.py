@@ -333,16 +333,18 @@ def numpy_device(monkeypatch, numpy_select_topk):
     return cp
 
 
-@pytest.mark.parametrize("space", ["l2", "cosine"])
-def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, datasets, space):
-    """The in-batch candidates of GPU-assisted inserts: each row's k nearest other rows."""
+@pytest.mark.parametrize("space,offset", [("l2", 0), ("l2", 1e4), ("cosine", 0)])
+def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, datasets, space, offset):
+    """The in-batch candidates of GPU-assisted inserts: each row's k nearest other rows, also far
+    from the origin (uncentred float32 keys |b|^2 - 2 a.b: 42% right at offset 1e4)."""
     from gpuhnsw import _device
     from gpuhnsw.testing import exact_knn
 
     monkeypatch.setattr(_device, "_TILE_BYTES", 4 * 500 * 37)   # several row tiles
     name = "siftsmall" if space == "l2" else "minilm-debian"
     rows, _, _, _ = datasets(name, n_base=500, n_queries=1)
-    got = _device._batch_neighbours(numpy_device, rows, 8, _kernels.METRICS[space])
+    got = _device._batch_neighbours(numpy_device, rows + np.float32(offset), 8,   # integers: exact
+                                    _kernels.METRICS[space])
     ids, _ = exact_knn(rows, rows, 9, space)
     want = np.array([[j for j in row if j != i][:8] for i, row in enumerate(ids)])
     assert got.dtype == np.uint32 and got.shape == (500, 8)

@@ -60,14 +60,6 @@ def test_exact_l2_far_from_origin_equals_brute_force(offset):
     np.testing.assert_allclose(distances, want_d, rtol=1e-6)
 
 
-def test_exact_l2_far_from_origin_equals_brute_force_on_siftsmall(sift_graph):
-    """Real data: siftsmall moved 10,000 along every axis (still integers, so exactly)."""
-    base, want, want_d = sift_graph
-    neighbors, distances = knn_graph(base + np.float32(1e4), 10, method="exact")
-    np.testing.assert_array_equal(neighbors, want)
-    np.testing.assert_array_equal(distances, want_d)
-
-
 def test_exact_equals_brute_force_on_mnist_slice(datasets):
     base, _, _, _ = datasets("mnist", n_base=5000, n_queries=1)
     neighbors, distances = knn_graph(base, 15, method="exact")

@@ -338,14 +338,15 @@ def test_gpu_nndescent_recall(space):
     np.testing.assert_allclose(dists, _true_dists(base, ids, space), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_l2_far_from_the_origin_keeps_its_recall(offset):
+@pytest.mark.parametrize("offset,device", [(1e3, "cpu"), (1e4, "cpu"), (1e4, "cuda")])
+def test_l2_far_from_the_origin_keeps_its_recall(numpy_gpu, offset, device):
     """l2 summed from |a|^2 + |b|^2 - 2 a.b cancels when the rows' norms dwarf their distances:
-    16-d unit Gaussians moved 1000 away from the origin fell to recall 0.59 (10,000 away: 0.004).
+    16-d unit Gaussians moved 1000 away from the origin fell to recall 0.59 (10,000 away: 0.004;
+    the GPU path, before its joins centred the rows: 0.70 and 0.006).
     Squared L2 is translation invariant, so the truth is the centred data's, in float64."""
     rng = np.random.default_rng(11)
     x = (offset + rng.standard_normal((3000, 16))).astype(np.float32)
-    ids, dists = knn_graph(x, 10, method="nndescent", progress=False)
+    ids, dists = knn_graph(x, 10, method="nndescent", device=device, progress=False)
     c = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
     sq = (c * c).sum(axis=1)
     d2 = sq[:, None] + sq[None, :] - 2 * c @ c.T
