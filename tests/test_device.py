@@ -334,7 +334,8 @@ def numpy_device(monkeypatch, numpy_select_topk):
 
 
 @pytest.mark.parametrize("space,offset", [("l2", 0), ("l2", 1e4), ("cosine", 0)])
-def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, datasets, space, offset):
+def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, datasets, space,
+                                                 offset):
     """The in-batch candidates of GPU-assisted inserts: each row's k nearest other rows, also far
     from the origin (uncentred float32 keys |b|^2 - 2 a.b: 42% right at offset 1e4)."""
     from gpuhnsw import _device
