@@ -139,8 +139,8 @@ def _run(xp, x_host, K_out, space, params, delta, seed, info, bar):
         X = X / (xp.sqrt((X * X).sum(axis=1, keepdims=True)) + np.float32(1e-30))
     mu = sq = None
     if space == "l2":
-        mu, sq64 = l2_centre(x_host)                    # the joins' centre, |x - mu|^2 in float64
-        mu, sq = xp.asarray(mu), xp.asarray(sq64.astype(np.float32))
+        mu, sq = l2_centre(x_host)                      # the joins' centre and |x - mu|^2
+        mu, sq = xp.asarray(mu), xp.asarray(sq)
     rows = xp.arange(n, dtype=xp.int64)
 
     # random initial graph: K others per row, repeats (same id, same key: adjacent once sorted)

@@ -23,10 +23,10 @@ final ordering stay on the device too)::
       refine: recompute the pool's distances in float64 from the vectors,
               sort by (distance, id), keep the first k
 
-For l2 the keys are taken relative to a centre ``mu``, the base's mean rounded to float32
+For l2 the keys are taken relative to a centre ``mu``, about the base's mean
 (``l2_centre``): ``|q - b|^2 = |q - mu|^2 + 2 (q - mu).mu + K`` and the first two terms are fixed
-per query, so K ranks exactly as the distance does. ``|b - mu|^2`` is summed in float64 from the
-rows, and only the query block is centred in float32. Squared L2 does not change when the data
+per query, so K ranks exactly as the distance does. ``|b - mu|^2`` is summed from row chunks
+centred on the fly, and only the query block is centred in float32. Squared L2 does not change when the data
 moves, but uncentred float32 keys ``|b|^2 - 2 q.b`` do: their rounding error is about
 ``eps * |b|^2``, noise once the norms dwarf the distances (16-d unit Gaussians 10,000 from the
 origin: recall 0.01). The centred keys' error is about ``eps * (|b - mu|^2 + sqrt(d) |q - mu| |b|)``
@@ -93,19 +93,20 @@ def normalize_rows(x):
 
 def l2_centre(x):
     """The centre of the l2 screening keys for the rows ``x`` [n, d] float32, ``n >= 1``:
-    (mu float32 [d], the base's mean rounded to float32; sq float64 [n], ``|x_i - mu|^2``).
+    (mu float32 [d], the mean of at most ~4096 evenly strided rows, in float64; sq float32 [n],
+    ``|x_i - mu|^2``).
 
-    ``sq`` is summed in float64 from float64 copies of row chunks (never a copy of ``x``): exact to
-    float64 rounding whatever the offset, where ``|x|^2 - 2 mu.x + |mu|^2`` would cancel. Two passes
-    over ``x`` (the mean, then the norms).
+    Any ``mu`` keeps the keys exact in real arithmetic; it only has to lie within the data's
+    spread, which a sample mean does, so the mean costs no pass over ``x``. ``sq`` is summed from
+    float32 row chunks centred in float32 (never a copy of ``x``), where ``|x|^2 - 2 mu.x + |mu|^2``
+    would cancel: its error, like the keys', scales with the spread (about ``d eps |x_i - mu|^2``).
+    One pass over ``x``, as the uncentred ``|x|^2`` took.
     """
-    mu = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    mu64 = mu.astype(np.float64)
-    sq = np.empty(x.shape[0], dtype=np.float64)
-    step = max(1, (1 << 20) // max(1, x.shape[1]))
+    mu = x[::max(1, x.shape[0] // 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
+    sq = np.empty(x.shape[0], dtype=np.float32)
+    step = max(1, (1 << 18) // max(1, x.shape[1]))
     for a in range(0, x.shape[0], step):
-        c = x[a:a + step].astype(np.float64)                      # [step, d]
-        c -= mu64
+        c = x[a:a + step] - mu                                    # [step, d] float32
         sq[a:a + step] = np.einsum("ij,ij->i", c, c)
     return mu, sq
 
@@ -305,9 +306,8 @@ def _screen_cpu(base, centre, q, pool, space, self_rows, base_block):
     pools = CandidatePool(nq, pool)
     sq32 = None
     if centre is not None:
-        mu, sq = centre
+        mu, sq32 = centre
         q = q - mu                                                # [nq, d] float32, the block only
-        sq32 = sq.astype(np.float32)
     for t0 in range(0, base.shape[0], base_block):
         t1 = min(t0 + base_block, base.shape[0])
         g = _tile_keys(np, q, base, sq32, t0, t1, space)
@@ -400,11 +400,11 @@ def upload_base(base, space, device):
 
 def _device_base(cp, base, space):
     """(base [n, d] float32, |b - mu|^2 [n] float32 or None, mu [d] float32 or None) on the current
-    device; the centre (``l2_centre``, l2 only) is computed on the host, in float64."""
+    device; the centre (``l2_centre``, l2 only) is computed on the host."""
     if space != "l2":
         return cp.asarray(base), None, None
     mu, sq = l2_centre(base)
-    return cp.asarray(base), cp.asarray(sq.astype(np.float32)), cp.asarray(mu)
+    return cp.asarray(base), cp.asarray(sq), cp.asarray(mu)
 
 
 def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,

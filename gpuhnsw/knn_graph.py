@@ -267,8 +267,7 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
     pool = min(n, pool_size(k, n) + 1)                    # +1: a row's own slot is in its pool
     mu, sq32 = None, None
     if space == "l2":
-        mu, sq = l2_centre(x)
-        sq32 = sq.astype(np.float32)
+        mu, sq32 = l2_centre(x)
     pools = CandidatePool(n, pool)
     evals = n * pool                                      # the float64 re-ranking
     seen = set()                                          # row blocks whose pools were offered
