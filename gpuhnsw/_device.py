@@ -35,6 +35,8 @@ Device arrays (slot = row; see kernels/README.md)::
     upper_start  [capacity]          uint32 offset into upper_links, 0xFFFFFFFF: level 0
     upper_links  [total]             uint32 the core's per-slot blocks, level L of slot s at
                                      upper_start[s] + (L-1)*(M+1) = [count, M ids]
+    levels       [capacity]          uint8 top level of each slot (the descent reads a block only
+                                     on levels the slot reaches)
     deleted      [ceil(capacity/32)] uint32 bitset
 
 ``DeviceIndex`` is the GPU side of one ``Index`` and the only one Index talks to: it owns the
@@ -166,7 +168,7 @@ class DeviceMirror:
         self.n_deleted = 0
         self._drain = 0                    # number of this mirror's last drain of the core's log
         self.vectors = self.links0 = self.degree0 = self.labels = None
-        self.upper_start = self.upper_links = self.deleted = None
+        self.upper_start = self.upper_links = self.levels = self.deleted = None
         self.stats = SyncStats()
         # host bookkeeping per slot [capacity]: its level, the degree the device holds, and where
         # its upper blocks start in upper_links (-1: none); upper_links[:_upper_used] is in use
@@ -251,20 +253,22 @@ class DeviceMirror:
         cp = _kernels.import_cupy()
         new = max(needed, 2 * self.capacity, 1024)
         dtype = np.float32 if self.storage == "float32" else np.float16
-        old = (self.vectors, self.links0, self.degree0, self.labels, self.upper_start, self.deleted)
+        old = (self.vectors, self.links0, self.degree0, self.labels, self.upper_start, self.levels, self.deleted)
         self.vectors = cp.zeros((new, self.stride), dtype=dtype)
         self.links0 = cp.full((new, self.M0), INVALID, dtype=cp.uint32)
         self.degree0 = cp.zeros(new, dtype=cp.uint32)
         self.labels = cp.full(new, np.iinfo(np.uint64).max, dtype=cp.uint64)
         self.upper_start = cp.full(new, INVALID, dtype=cp.uint32)
+        self.levels = cp.zeros(new, dtype=cp.uint8)
         self.deleted = cp.zeros((new + 31) // 32, dtype=cp.uint32)
         if self.upper_links is None:
             self.upper_links = cp.zeros(1, dtype=cp.uint32)   # a valid pointer while there is none
         if self.capacity:
             c = self.capacity
-            for dst, src in zip((self.vectors, self.links0, self.degree0, self.labels, self.upper_start), old):
+            for dst, src in zip((self.vectors, self.links0, self.degree0, self.labels, self.upper_start,
+                                 self.levels), old):
                 dst[:c] = src
-            self.deleted[:old[5].size] = old[5]
+            self.deleted[:old[6].size] = old[6]
         grow = new - self.capacity
         self._levels = np.concatenate([self._levels, np.zeros(grow, np.uint8)])
         self._degree = np.concatenate([self._degree, np.zeros(grow, np.uint32)])
@@ -334,7 +338,8 @@ class DeviceMirror:
         self.upper_links[cp.asarray(where)] = cp.asarray(flat)
         if new.any():
             self.upper_start[cp.asarray(slots[new])] = cp.asarray(at[new].astype(np.uint32))
-        return flat.nbytes + where.nbytes + 8 * int(new.sum())
+            self.levels[cp.asarray(slots[new])] = cp.asarray(self._levels[slots[new]])
+        return flat.nbytes + where.nbytes + 9 * int(new.sum())
 
     def _sync_deleted(self, cp, slots):
         """Upload the words of the deleted bitset that hold `slots` (u32, their marks changed).
@@ -388,7 +393,8 @@ class DeviceMirror:
             fbits = null if filter_bits is None else filter_bits
             kernel((nq,), (_kernels.SEARCH_BLOCK,),
                    (self.vectors, np.int32(self.stride), np.int32(self.metric), self.links0, self.degree0,
-                    np.int32(self.M0), self.upper_start, self.upper_links, np.int32(self.M), np.int32(self.count),
+                    np.int32(self.M0), self.upper_start, self.upper_links, self.levels, np.int32(self.M),
+                    np.int32(self.count),
                     np.int32(self.entry_point), np.int32(self.max_level), deleted, fbits,
                     np.int64(filter_stride), q, np.int32(nq), np.int32(self.dim), np.int32(k), np.int32(ef),
                     np.int32(search_width), np.int32(launch.hash_log2), np.int32(max_iters), self.labels,
@@ -471,6 +477,8 @@ class DeviceMirror:
             starts = np.concatenate(([0], np.cumsum(levels.astype(np.int64) * (1 + self.M))[:-1]))
             dev_start = cp.asnumpy(self.upper_start[:n])
             dev_links = cp.asnumpy(self.upper_links)
+            if not np.array_equal(cp.asnumpy(self.levels[:n]), levels):
+                problems.append("levels")
             for s in np.flatnonzero(levels).tolist():
                 size = int(levels[s]) * (1 + self.M)
                 a = int(dev_start[s])

@@ -58,6 +58,7 @@
 //   links0      u32 [capacity, m0]   level-0 adjacency, unused entries kInvalidSlot
 //   degree0     u32 [capacity]       live entries per row (read as at most m0, like the C core)
 //   upper_start u32 [capacity]       per-slot index into upper_links (kInvalidSlot: no upper level)
+//   levels      u8  [capacity]       top level of each slot (a slot has blocks for levels 1..levels[s])
 //   upper_links u32 [total]          slot s, level L >= 1: block at upper_start[s] + (L-1)*(m+1)
 //                                    = [count, m ids] (the C core's per-slot block, concatenated)
 // As the C core reads lists: counts are capped (m0, m), ids >= n_slots and self links are skipped.
@@ -78,6 +79,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
                        int m0,                                          // 2 * M
                        const slot_t* __restrict__ upper_start,          // [capacity]
                        const slot_t* __restrict__ upper_links,          // [total]
+                       const unsigned char* __restrict__ levels,        // [capacity] top level of each slot
                        int m,                                           // M
                        int n_slots,                                     // slots in use (count)
                        int entry_point,                                 // -1: empty index
@@ -170,8 +172,11 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
       while (true) {
         const slot_t cur = s_cur;
         const slot_t start = upper_start[cur];
-        const slot_t* blk = upper_links + static_cast<long long>(start) + static_cast<long long>(level - 1) * (m + 1);
-        const int cnt = start == kInvalidSlot ? 0 : min(static_cast<int>(blk[0]), m);
+        // a slot below `level` has no block there: reading one would run into another slot's blocks
+        // (or past the array), so it is a dead end on this level, as in the C core
+        const bool has = start != kInvalidSlot && levels[cur] >= level;
+        const slot_t* blk = upper_links + (has ? static_cast<long long>(start) + static_cast<long long>(level - 1) * (m + 1) : 0);
+        const int cnt = has ? min(static_cast<int>(blk[0]), m) : 0;
         for (int i0 = 0; i0 < cnt; i0 += n_teams) {  // uniform trip count: the team shuffles need it
           const int i = i0 + team;
           const slot_t s = i < cnt ? blk[1 + i] : kInvalidSlot;

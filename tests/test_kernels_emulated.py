@@ -73,6 +73,7 @@ int main(int, char** argv) {
   auto degree0 = rd<unsigned>(d + "/degree0.bin");
   auto ustart = rd<unsigned>(d + "/upper_start.bin");
   auto ulinks = rd<unsigned>(d + "/upper_links.bin");
+  auto levels = rd<unsigned char>(d + "/levels.bin");
   auto labels = rd<unsigned long long>(d + "/labels.bin");
   auto deleted = rd<unsigned>(d + "/deleted.bin");
   auto filter = rd<unsigned>(d + "/filter.bin");
@@ -83,7 +84,7 @@ int main(int, char** argv) {
   std::vector<int> o_found(nq), o_status(nq);
   emu_launch(grid, block, [&] {
     search_beam_kernel<STORAGE, TEAM, CAP>(vec.data(), stride, metric, links0.data(), degree0.data(), m0,
-        ustart.data(), ulinks.data(), m, n_slots, ep, max_level, use_deleted ? deleted.data() : nullptr,
+        ustart.data(), ulinks.data(), levels.data(), m, n_slots, ep, max_level, use_deleted ? deleted.data() : nullptr,
         use_filter ? filter.data() : nullptr, 0, queries.data(), nq, dim, k, ef, width, hash_log2, 0,
         labels.data(), o_slots.data(), o_dists.data(), o_labels.data(), o_found.data(), o_status.data());
   });
@@ -223,8 +224,9 @@ def bitset(mask):
 # search
 
 def run_search(emulator, state, queries, k, ef, *, storage="float32", width=1, allowed=None, block=64, grid=3,
-               hash_log2=None):
-    """The kernel on `state` (device layout built as gpuhnsw._device does). Returns (outputs, capacity)."""
+               hash_log2=None, upper_tail=None):
+    """The kernel on `state` (device layout built as gpuhnsw._device does); `upper_tail` (uint32) is
+    what follows the last upper block on the device.  Returns (outputs, capacity)."""
     build, run = emulator
     g = ReferenceGraph(state)
     stride = _kernels.row_stride(g.dim, storage)
@@ -244,7 +246,9 @@ def run_search(emulator, state, queries, k, ef, *, storage="float32", width=1, a
     out = run(exe, {"out_slots": np.uint32, "out_dists": np.float32, "out_labels": np.uint64,
                     "out_found": np.int32, "out_status": np.int32},
               params=np.array(params, np.int64), vectors=vec, links0=g.links0, degree0=g.degree0,
-              upper_start=upper_start, upper_links=np.concatenate([g.upper, np.zeros(1, np.uint32)]),
+              upper_start=upper_start,
+              upper_links=np.concatenate([g.upper, np.zeros(1, np.uint32) if upper_tail is None else upper_tail]),
+              levels=g.levels,
               labels=g.labels, deleted=bitset(g.deleted),
               filter=bitset(allowed) if allowed is not None else np.zeros(1, np.uint32),
               queries=np.asarray(queries, np.float32))
@@ -354,6 +358,43 @@ def test_search_with_deletions(emulator, minilm):
     ref = beam_search_reference(state, queries, 10, 30, search_width=2, pending_limit=cap)
     assert_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
     assert np.all(out["out_labels"][out["out_found"] > 0] % 4 != 0)
+
+
+def test_search_descent_reads_no_block_a_slot_does_not_have(emulator, sift):
+    """An upper-level link to a slot below that level (the C core's reader returns no list for it)
+    is a dead end: the descent must not read the words after the slot's own blocks as its list.
+    Those words name a slot that only the misread could reach (it has no in-links), at the query."""
+    index, _, _ = sift
+    state = index._core.export_state()
+    g = ReferenceGraph(state)
+    top, ep = g.max_level, g.entry_point
+    n = int(np.flatnonzero(g.levels > 0)[-1])              # its blocks are the last ones
+    assert 1 <= g.levels[n] < top
+    p = int(np.flatnonzero((g.levels == 0) & (np.arange(g.n) != n) & (np.arange(g.n) != ep))[0])
+    links0, degree0 = g.links0.copy(), g.degree0.copy()
+    upper = g.upper.copy()
+    for s in range(g.n):                                    # p loses every in-link
+        row = [x for x in links0[s, :degree0[s]] if x != p]
+        links0[s] = INVALID
+        links0[s, :len(row)], degree0[s] = row, len(row)
+        for level in range(1, int(g.levels[s]) + 1):
+            at = int(g.upper_start[s]) + (level - 1) * (1 + g.M)
+            ids = [x for x in upper[at + 1:at + 1 + upper[at]] if x != p]
+            upper[at:at + 1 + g.M] = [len(ids)] + ids + [INVALID] * (g.M - len(ids))
+    at = int(g.upper_start[ep]) + (top - 1) * (1 + g.M)     # the entry's top list: n alone
+    upper[at:at + 1 + g.M] = [1, n] + [INVALID] * (g.M - 1)
+    vectors = g.vectors.copy()
+    vectors[p] = vectors[n] + 1.0                           # the query's nearest, closer to n than ep is
+    query = vectors[p][None]
+    # where a misread of n's top-level block lands: a list naming p
+    tail = np.zeros(int(g.upper_start[n]) + (top - 1) * (1 + g.M) - upper.size + 1 + g.M, np.uint32)
+    tail[-1 - g.M:] = [1, p] + [INVALID] * (g.M - 1)
+    crafted = dict(state, links0=links0.tobytes(), degree0=degree0.tobytes(), upper=upper.tobytes(),
+                   vectors=vectors.tobytes())
+    out, _ = run_search(emulator, crafted, query, 1, 1, upper_tail=tail)
+    ref = beam_search_reference(crafted, query, 1, 1)
+    assert ref[0][0, 0] != p
+    assert_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
 
 
 def test_search_empty_index(emulator):

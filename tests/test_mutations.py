@@ -122,6 +122,34 @@ def test_update_existing_labels(data, queries, space):
     verify(index, model, queries)
 
 
+@pytest.mark.parametrize("M, min_recall", [(2, 0.7), (4, 0.9), (8, 0.95)])   # fresh builds: 0.75, 0.98, 1.0
+def test_updating_the_entry_point_keeps_the_upper_levels_sound(datasets, tmp_path, M, min_recall):
+    """An update of the entry point relinked its upper levels from a level-0 neighbour, which then
+    sat in lists of levels it does not reach: check_integrity failed, both save formats refused the
+    index and a pickle of it did not load (the user's index could not be kept)."""
+    base, queries, _, _ = datasets("siftsmall", n_base=1500, n_queries=50)
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base) + 1, M=M, ef_construction=50, random_seed=102)
+    index.add_items(base[:-1], num_threads=1)
+    model = Model("l2")
+    model.add(np.arange(len(base) - 1), base[:-1])
+    levels = index.get_levels(np.arange(len(base) - 1))
+    top = np.flatnonzero(levels == levels.max())          # the entry point among them
+    for step, label in enumerate(np.concatenate([top, top[:1], np.flatnonzero(levels == levels.max() - 1)[:5]])):
+        v = base[(int(label) + 1 + step) % len(base)]     # another row's vector: a real move
+        index.add_items(v, [label])
+        model.add([label], v[None])
+        index.check_integrity()
+    before = verify(index, model, queries, min_recall=min_recall, ef=50)
+    for fmt in ("gpuhnsw", "hnswlib"):
+        index.save_index(tmp_path / f"i.{fmt}", format=fmt)
+        loaded = gpuhnsw.Index("l2", base.shape[1])
+        loaded.load_index(tmp_path / f"i.{fmt}")
+        assert verify(loaded, model, queries, min_recall=min_recall, ef=50) == before
+    for copy in (pickle.loads(pickle.dumps(index)), gpuhnsw.Index(index)):
+        assert verify(copy, model, queries, min_recall=min_recall, ef=50) == before
+
+
 def test_repeated_updates_of_one_label(data, queries):
     index, model = new_index(), Model("l2")
     index.add_items(data[:500], np.arange(500))

@@ -231,14 +231,10 @@ static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float
             ghnsw_mark_dirty(ix, nb, l ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_LINKS);
         }
     }
-    uint32_t start = ep;
-    if (start == s) { /* descend from a neighbour instead of from s itself */
-        uint32_t k1 = ghnsw_read_links(ix, s, maxl, n1);
-        if (k1 == 0) k1 = ghnsw_read_links(ix, s, 0, n1);
-        if (k1 == 0) goto done;
-        start = n1[0];
-    }
-    st = link_levels(ix, s, start, maxl, level);
+    /* From the entry point even when it is s itself, as hnswlib: the searches then start at s, which
+     * set_own_links drops from its own lists.  (Any other start could sit below the levels it would
+     * be linked on.) */
+    st = link_levels(ix, s, ep, maxl, level);
 done:
     if (vis) ghnsw_visited_put(&ix->vpool, vis);
     free(n1); free(n2); free(hood); free(cand);
