@@ -78,8 +78,7 @@ class Index:
         self._gpu = _device.DeviceIndex(self._device_ordinal, storage) if self._device == "cuda" else None
         if len(args) == 1 and not kwargs and isinstance(args[0], (Index, dict)):
             src = args[0]
-            state = src.__getstate__()[0] if isinstance(src, Index) else src
-            _io.check_state(state)
+            state = _io.check_state(src.__getstate__()[0] if isinstance(src, Index) else src)
             self._space, self._dim = check_space(state["space"]), check_dim(state["dim"])
             self._restore(state)
             return
@@ -700,8 +699,7 @@ class Index:
         return (state,)
 
     def __setstate__(self, state):
-        state = state[0] if isinstance(state, tuple) and len(state) == 1 else state
-        _io.check_state(state)
+        state = _io.check_state(state[0] if isinstance(state, tuple) and len(state) == 1 else state)
         self.__init__(state["space"], state["dim"], device="auto")
         self._restore(state)
 
@@ -711,7 +709,7 @@ class Index:
         self._ef = int(state.get("ef", 10))
         self._num_threads = num_threads_rule(state.get("num_threads", self._num_threads))
         self._auto_resize = bool(state.get("auto_resize", False))
-        if state.get("index_inited", True) and "links0" in state:
+        if state.get("index_inited", True):
             _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
             try:
                 self._core = _core.Core.from_state(state)

@@ -9,6 +9,7 @@ import inspect
 import os
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -576,6 +577,61 @@ def test_hnswlib_files_both_ways(hnswlib, tmp_path):
     assert back.element_count == 55 and len(back) == 54
     assert back.ef == 10  # as hnswlib after loading its own format
     same_answers(back.knn_query(X[:60], k=5), theirs.knn_query(X[:60], k=5))
+
+
+@pytest.mark.parametrize("space", ["l2", "ip", "cosine"])
+def test_hnswlib_pickle_state_loads_whole(hnswlib, datasets, monkeypatch, space):
+    """hnswlib's pickle state given to Index(dict), or an hnswlib pickle unpickled with gpuhnsw in
+    hnswlib's place, became an empty index without a word; now it loads whole (its deletions, ef,
+    replacement setting, seed) and answers as hnswlib does."""
+    base, queries, _, _ = datasets("siftsmall", n_base=2000, n_queries=50)
+    theirs = hnswlib.Index(space, base.shape[1])
+    theirs.init_index(2500, M=8, ef_construction=60, random_seed=9, allow_replace_deleted=True)
+    theirs.set_num_threads(1)
+    theirs.add_items(base, np.arange(len(base)) * 3 + 1)
+    for label in (4, 301, 5998):
+        theirs.mark_deleted(label)
+    theirs.set_ef(37)
+    blob = pickle.dumps(theirs)
+    monkeypatch.setitem(sys.modules, "hnswlib", gpuhnsw)
+    for ours in (gpuhnsw.Index(theirs.__getstate__()[0]), pickle.loads(blob)):
+        assert isinstance(ours, gpuhnsw.Index)
+        assert (ours.element_count, len(ours), ours.max_elements, ours.ef, ours.M) == (2000, 1997, 2500, 37, 8)
+        ours.check_integrity()
+        same_answers(ours.knn_query(queries, k=10, num_threads=1), theirs.knn_query(queries, k=10, num_threads=1))
+        ours.add_items(base[:1], [7], replace_deleted=True)   # allow_replace_deleted came along
+        assert ours.element_count == 2000 and 7 in ours
+    uninitialised = gpuhnsw.Index(hnswlib.Index(space, 8).__getstate__()[0])
+    assert (uninitialised.dim, uninitialised.element_count) == (8, 0)
+
+
+def test_damaged_hnswlib_pickle_state_is_refused(hnswlib):
+    theirs = hnswlib.Index("l2", DIM)
+    theirs.init_index(60, M=8)
+    theirs.add_items(X[:50])
+    good = theirs.__getstate__()[0]
+    for key, value, fragment in (("data_level0", good["data_level0"][:-4], "data_level0 holds"),
+                                 ("link_lists", good["link_lists"][:-4], "link_lists"),
+                                 ("label_lookup_external", good["label_lookup_external"][::-1].copy(), "label_lookup"),
+                                 ("element_levels", good["element_levels"][:10], "element_levels"),
+                                 ("data_level0", bytes(good["data_level0"]), "data_level0 must be"),
+                                 ("max_level", 2**40, "out of range"),
+                                 ("ser_version", 2, "ser_version")):
+        with pytest.raises(gpuhnsw.IndexFileError, match=fragment):
+            gpuhnsw.Index({**good, key: value})
+    missing = {k: v for k, v in good.items() if k != "link_lists"}
+    with pytest.raises(gpuhnsw.IndexFileError, match="lacks link_lists"):
+        gpuhnsw.Index(missing)
+
+
+def test_initialised_state_without_its_arrays_is_refused():
+    """Our own state with its arrays cut away said nothing and gave an empty index."""
+    state = built(gpuhnsw).__getstate__()[0]
+    for key in ("links0", "vectors"):
+        with pytest.raises(gpuhnsw.IndexFileError, match=f"lacks .*{key}"):
+            gpuhnsw.Index({k: v for k, v in state.items() if k != key})
+    empty = gpuhnsw.Index({"space": "l2", "dim": DIM, "index_inited": False})
+    assert empty.element_count == 0
 
 
 def same_answers(a, b):
