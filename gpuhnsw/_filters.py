@@ -56,7 +56,7 @@ def _labels_of(one):
     """One filter's allowed labels (uint64 ``[m]``): labels, a set of labels, or a boolean mask over
     labels (``mask[label]`` True means allowed)."""
     if isinstance(one, (set, frozenset)):
-        one = np.fromiter(one, dtype=np.int64, count=len(one)) if one else np.zeros(0, np.uint64)
+        return as_labels(one)
     arr = np.asarray(one)
     if arr.dtype == np.bool_:
         if arr.ndim != 1:

@@ -120,8 +120,11 @@ def as_label(label, out_of_range=OverflowError):
 
 
 def as_labels(ids, rows=None):
-    """Labels as uint64 ``[rows]``; a scalar is allowed for one row.  Negative labels raise
-    ``OverflowError`` and a length mismatch ``RuntimeError`` (both as hnswlib)."""
+    """Labels (an array-like, or a set) as uint64 ``[rows]``; a scalar is allowed for one row.
+    Labels outside [0, 2**64) raise ``OverflowError``, a length mismatch ``RuntimeError`` (both as
+    hnswlib)."""
+    if isinstance(ids, (set, frozenset)):
+        ids = list(ids)   # NumPy picks int64, uint64 or (beyond both) object, each checked below
     arr = np.asarray(plain_array(ids))
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -138,8 +141,9 @@ def as_labels(ids, rows=None):
     elif np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all() or (arr != np.floor(arr)).any():
             raise ValueError("labels must be integers")
-        if (arr < 0).any():
-            raise OverflowError(f"Python integer {int(arr[arr < 0][0])} out of bounds for uint64")
+        outside = (arr < 0) | (arr >= 2.0**64)   # a cast would wrap them (1e20 became label 0)
+        if outside.any():
+            raise OverflowError(f"label {float(arr[outside][0])} is out of range for uint64")
     elif not np.issubdtype(arr.dtype, np.unsignedinteger):
         raise TypeError(f"labels must be integers, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.uint64)

@@ -474,8 +474,7 @@ class ShardedIndex:
         if callable(filter):
             call = filter
         elif filter is not None:
-            labels = as_labels(np.fromiter(filter, dtype=np.int64, count=len(filter))
-                               if isinstance(filter, (set, frozenset)) else filter)
+            labels = as_labels(filter)
             shards = shard_of(labels, self._n_shards)
             allowed = [labels[shards == s] for s in range(self._n_shards)]
         current = list(self._shards)

@@ -163,6 +163,31 @@ def test_negative_labels_rejected(index_snapshot, ids):
     still_works(index)
 
 
+@pytest.mark.parametrize("bad", [1e20, 2.0**64, 3e19, -1.0])
+def test_float_labels_beyond_uint64_are_rejected_everywhere(index_snapshot, bad):
+    """Float labels at or above 2**64 were cast to label 0: add_items stored a row under 0, a filter
+    of 1e20 admitted label 0, and mark_deleted(3e19) deleted label 0."""
+    index = built()
+    rows = X[100:102]
+    rejected(index, index_snapshot, OverflowError, lambda i: i.add_items(rows, np.array([5000.0, bad])),
+             match="out of range for uint64")
+    rejected(index, index_snapshot, OverflowError, lambda i: i.mark_deleted(np.array([bad])))
+    rejected(index, index_snapshot, OverflowError, lambda i: i.knn_query(PROBE, k=1, filter=np.array([bad])))
+    assert 5000 not in index and 0 in index
+    still_works(index)
+
+
+def test_set_filters_take_every_uint64_label():
+    """A set filter was read as int64: labels from 2**63 on raised OverflowError; beyond uint64 they
+    are rejected like an array's."""
+    index = built(n=0)
+    index.add_items(X[:20], np.arange(20, dtype=np.uint64) + np.uint64(2**63))
+    labels, _ = index.knn_query(X[3], k=1, filter={2**63 + 3, 2**64 - 1})
+    assert labels[0, 0] == 2**63 + 3
+    with pytest.raises(OverflowError):
+        index.knn_query(X[3], k=1, filter={2**64})
+
+
 def test_unknown_label(index_snapshot):
     index = built()
     for call in (lambda i: i.mark_deleted(1000), lambda i: i.unmark_deleted(1000),
