@@ -515,7 +515,9 @@ class Index:
         while todo.size and k > 0:
             labels, dists = self.knn_query(q[todo], k=k, num_threads=num_threads, ef=max(ef, k), pad=True,
                                            filter=filter_rows(filter, todo), filter_mode=filter_mode)
-            inside = dists <= radius
+            # in float64: a radius beyond float32's range would round to inf there and take in the
+            # padding (distance inf) as hits
+            inside = dists.astype(np.float64) <= radius
             more = inside[:, -1] & (k < limit)  # all k inside: there may be more
             for j, row in enumerate(todo):
                 if not more[j]:

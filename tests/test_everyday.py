@@ -117,6 +117,16 @@ def test_range_query_with_per_query_filter(sift):
         np.testing.assert_array_equal(np.sort(labels[offsets[r]:offsets[r + 1]]), allowed[r])
 
 
+@pytest.mark.parametrize("radius", [1e300, 3.5e38, float(np.finfo(np.float32).max)])
+def test_range_query_radius_beyond_float32_returns_no_padding(sift, radius):
+    """A radius above float32's maximum became inf in the comparison with the float32 distances, so
+    the padding of a filtered search (label 2**64-1, distance inf) came back as hits."""
+    index, _, queries = sift
+    offsets, labels, dists = index.range_query(queries[:3], radius, filter=[1, 2])
+    assert offsets.tolist() == [0, 2, 4, 6]
+    assert sorted(labels.tolist()) == [1, 1, 1, 2, 2, 2] and np.isfinite(dists).all()
+
+
 def test_auto_resize_grows_instead_of_raising(sift):
     _, base, queries = sift
     index = gpuhnsw.Index("l2", base.shape[1], device="cpu")
