@@ -261,6 +261,53 @@ def test_filtered_queries_finish_beside_a_relabel_churn_thread(datasets, mode):
     assert out.split() == ["ok", "True"]
 
 
+def test_label_reads_beside_add_items_never_see_a_label_before_its_vector(datasets):
+    """A label enters the label map before its slot is counted: label filters set bits for such
+    slots, and exact search then failed to gather them ("slot N out of range", 2 in 118k queries);
+    and a counted slot could still be waiting for its vector.  Now a new slot is counted only once
+    its vector is stored, and readers take nothing at or past the count, so every read of a label
+    being added sees it absent or whole: exact-filtered queries and get_items on the batch in
+    flight either miss it or return its true vector and distance."""
+    base, _, _, _ = datasets("mnist", n_base=30_000, n_queries=1)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    index = gpuhnsw.Index("l2", base.shape[1])
+    index.init_index(len(base), M=8, ef_construction=20)
+    index.add_items(base[:1000], num_threads=2)
+    batches = [np.arange(lo, min(lo + 2900, len(base))) for lo in range(1000, len(base), 2900)]
+    done = threading.Event()
+    seen = []
+
+    def add():
+        try:
+            for labels in batches:
+                index.add_items(base[labels], labels, num_threads=2)
+        finally:
+            done.set()
+
+    def read():
+        rounds = 0
+        while not done.is_set() or rounds < 5:
+            rounds += 1
+            pending = batches[min(len(batches) - 1, index.get_current_count() // 2900)]
+            want = pending[::97]
+            q = base[want[:4]] + np.float32(0.5)
+            labels, dists = index.knn_query(q, k=3, filter=want, filter_mode="exact", pad=True)
+            for row, (lab, dist) in enumerate(zip(labels, dists)):
+                for label, d in zip(lab, dist):
+                    if label != np.uint64(2**64 - 1):
+                        assert np.isclose(d, ((base[int(label)] - q[row]) ** 2).sum(), rtol=1e-4)
+                        seen.append(int(label))
+            for label in want[:8]:
+                try:
+                    np.testing.assert_array_equal(index.get_items([label])[0], base[label])
+                except RuntimeError as exc:
+                    assert "Label not found" in str(exc)
+
+    run_threads(add, read)
+    assert index.get_current_count() == len(base) and seen
+    index.check_integrity()
+
+
 def test_add_items_without_ids_from_two_threads_loses_no_row(datasets):
     """add_items without ids took its auto labels from a counter it moved only after the insert,
     so two calls at once took the same labels and the later one overwrote the earlier one's rows

@@ -61,11 +61,13 @@ void ghnsw_map_del(ghnsw_map_t *m, uint64_t key) {
     }
 }
 
+/* A new label enters the map before the count that makes its slot present is published (ghnsw_add):
+ * until then it is not found. */
 uint32_t ghnsw_lookup(ghnsw_index_t *ix, uint64_t label) {
     pthread_mutex_lock(&ix->map_lock);
     uint32_t s = ghnsw_map_get(&ix->map, label);
     pthread_mutex_unlock(&ix->map_lock);
-    return s;
+    return s < __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE) ? s : GHNSW_INVALID;
 }
 
 /* Rebuild the table for a new capacity (drops tombstones). */

@@ -158,8 +158,8 @@ static void publish_entry(ghnsw_index_t *ix, uint32_t s, int level) {
     __atomic_store_n(&ix->entry_point, s, __ATOMIC_RELEASE);
 }
 
-static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src) {
-    store_vector(ix, s, src);
+/* s's vector is already stored (store_new, before the count that makes s visible). */
+static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s) {
     ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     int level = ix->levels[s];
     /* As hnswlib: a node that raises the max level holds the entry-point lock for its whole insert. */
@@ -268,12 +268,11 @@ static int add_one(void *vctx, size_t i, int worker) {
     uint32_t s = c->slot[i];
     if (i == c->skip_row) return 0;
     if (uses_cands(c, i)) {
-        store_vector(ix, s, src);
         ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
         return 0;
     }
     switch (c->kind[i]) {
-    case TASK_NEW: return insert_new(ix, s, src);
+    case TASK_NEW: return insert_new(ix, s);
     case TASK_UPDATE: return update_existing(ix, s, src);
     case TASK_REPLACE: {
         ghnsw_status_t st = update_existing(ix, s, src);
@@ -286,6 +285,14 @@ static int add_one(void *vctx, size_t i, int worker) {
     }
     default: return 0;
     }
+}
+
+/* Before the count is published: the vector of every new slot, so that any slot below the count
+ * (which readers, label lookups and filters take as present) has its vector. */
+static int store_new(void *vctx, size_t i, int worker) {
+    add_ctx_t *c = vctx;
+    if (c->kind[i] == TASK_NEW) store_vector(c->ix, c->slot[i], c->data + i * c->ix->dim);
+    return 0;
 }
 
 /* Phase B: distances to the candidates (graph slots and batch rows that became new slots), sorted,
@@ -445,10 +452,11 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
     }
     pthread_mutex_unlock(&ix->map_lock);
     if (relabel) { pthread_rwlock_unlock(&ix->resize_lock); pthread_rwlock_unlock(&ix->relabel_lock); }
+    add_ctx_t ctx = {ix, data, kind, slot, NULL, NULL, NULL, n, n};
+    ghnsw_parallel_for(n, num_threads, store_new, &ctx);
     __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
     ix->insert_seq += n;
 
-    add_ctx_t ctx = {ix, data, kind, slot, NULL, NULL, NULL, n, n};
     if (ix->entry_point == GHNSW_INVALID) { /* the first element goes in alone, the plain way */
         size_t first = 0;
         while (first < n && kind[first] == TASK_SKIP) first++;

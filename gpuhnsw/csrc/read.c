@@ -93,9 +93,11 @@ ghnsw_status_t ghnsw_allowed_bitset(ghnsw_index_t *ix, const uint64_t *labels, s
     if (bits) {
         memset(bits, 0, words * sizeof(uint32_t));
         pthread_mutex_lock(&ix->map_lock);
+        /* a slot at or past the count is an add in progress (in the map, not yet present) */
+        uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
         for (size_t i = 0; i < n; i++) {
             uint32_t s = ghnsw_map_get(&ix->map, labels[i]);
-            if (s != GHNSW_INVALID) bits[s >> 5] |= 1u << (s & 31);
+            if (s < count) bits[s >> 5] |= 1u << (s & 31);
         }
         pthread_mutex_unlock(&ix->map_lock);
     } else {
