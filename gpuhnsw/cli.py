@@ -22,6 +22,7 @@ import os
 import struct
 import sys
 import time
+import tokenize
 
 import numpy as np
 
@@ -60,7 +61,8 @@ def read_vectors(path, *, limit=None):
     if ext == ".npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:
+            # NumPy reads the header with the tokenizer: unbalanced brackets raise TokenError
             raise CLIError(f"{path}: not a readable .npy file ({exc})") from None
         if arr.ndim != 2:
             raise CLIError(f"{path}: expected a 2-D array [n, dim], got shape {arr.shape}")

@@ -294,12 +294,14 @@ def test_footguns(sift_index, tmp_path, capsys):
 
 
 def test_cli_directory_output_negative_seed_and_negative_npy_shape_exit_2_without_traceback(tmp_path, make_data):
-    """An output path that is a directory, --seed -1 and an .npy header with a negative shape
-    printed tracebacks (exit 1); now one line and exit status 2, as for the other bad inputs, and
+    """An output path that is a directory, --seed -1 and an .npy header with a negative shape or
+    unbalanced brackets printed tracebacks (exit 1); now one line and exit status 2, as for the other bad inputs, and
     the directory is refused before any work."""
     np.save(tmp_path / "ok.npy", make_data(50, 4))
     blob = (tmp_path / "ok.npy").read_bytes()
     (tmp_path / "neg.npy").write_bytes(blob.replace(b"'shape': (50, 4)", b"'shape': (-5, 4)"))
+    # unbalanced brackets: NumPy's header tokenizer raised tokenize.TokenError, printed as a traceback
+    (tmp_path / "open.npy").write_bytes(blob.replace(b"'shape': (50, 4)", b"'shape': (50, 4 "))
     (tmp_path / "dir").mkdir()
     assert cli.main(["build", str(tmp_path / "ok.npy"), "-o", str(tmp_path / "ok.idx")]) == 0
     cases = [
@@ -311,6 +313,8 @@ def test_cli_directory_output_negative_seed_and_negative_npy_shape_exit_2_withou
         ("query", "ok.idx", "ok.npy", "--labels", "dir"),
         ("knn-graph", "ok.npy", "-k", "3", "-o", "dir"),
         ("knn-graph", "neg.npy", "-k", "3", "-o", "g.npy"),
+        ("build", "open.npy", "-o", "x.idx"),
+        ("query", "ok.idx", "open.npy", "--labels", "l.npy"),
     ]
     for argv in cases:  # a separate process: argparse errors exit through SystemExit
         proc = subprocess.run([sys.executable, "-m", "gpuhnsw", *argv], cwd=tmp_path, capture_output=True,
@@ -318,5 +322,5 @@ def test_cli_directory_output_negative_seed_and_negative_npy_shape_exit_2_withou
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "Traceback" not in proc.stderr and "error" in proc.stderr.strip().splitlines()[-1], argv
         assert sum("error" in line for line in proc.stderr.splitlines()) == 1, (argv, proc.stderr)
-    assert sorted(os.listdir(tmp_path)) == ["dir", "neg.npy", "ok.idx", "ok.npy"]
+    assert sorted(os.listdir(tmp_path)) == ["dir", "neg.npy", "ok.idx", "ok.npy", "open.npy"]
     assert os.listdir(tmp_path / "dir") == []
