@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import threading
 import zipfile
 
@@ -50,7 +49,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gpuhnsw.ShardedIndex"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2   # 2: the manifest's own sha256 and the total counts; 1 is still read
 GRAPH_MANIFEST_NAME = "knn_graph.json"
 GRAPH_FORMAT = "gpuhnsw.knn_graph"
 GRAPH_VERSION = 1
@@ -233,11 +232,9 @@ def _shard_labels(shard):
 def _shard_bytes(shard):
     """The shard in the library's own format (bytes) and its manifest entry."""
     index = shard.index
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "shard.ghnsw")
-        index.save_index(path)
-        with open(path, "rb") as f:
-            blob = f.read()
+    buf = io.BytesIO()
+    index.save_index(buf)
+    blob = buf.getvalue()
     labels = _shard_labels(shard)
     meta = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
             "elements": len(index), "count": index.element_count,
@@ -273,11 +270,9 @@ def _shard_load(url, blob, meta, shard_no, n_shards, space, dim, device, threads
     if len(blob) != meta["bytes"] or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise IndexFileError(f"{url}: size or sha256 differs from the manifest (corrupted or replaced)")
     index = Index(space, dim, device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "shard.ghnsw")
-        with open(path, "wb") as f:
-            f.write(blob)
-        index.load_index(path)
+    buf = io.BytesIO(blob)
+    buf.name = url   # the file's errors name the shard's URL
+    index.load_index(buf)
     shard = _Shard(index, threads)
     labels = _shard_labels(shard)
     if index.element_count != meta["count"] or len(index) != meta["elements"]:
@@ -577,7 +572,9 @@ class ShardedIndex:
             manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "space": self._space,
                         "dim": self._dim, **self._params, "n_shards": self._n_shards,
                         "routing": ROUTING, "ef": self.ef, "next_label": self._cur_l,
-                        "shards": entries}
+                        "count": sum(e["count"] for e in entries),
+                        "elements": sum(e["elements"] for e in entries), "shards": entries}
+            manifest["manifest_sha256"] = _manifest_digest(manifest)
             _write_atomic(fs.unstrip_protocol(f"{root}/{MANIFEST_NAME}"),
                           json.dumps(manifest, indent=1).encode())
 
@@ -628,12 +625,24 @@ def _protocols(fs):
     return (p,) if isinstance(p, str) else tuple(p)
 
 
+def _manifest_digest(m):
+    """sha256 of the manifest without its own digest, over its canonical JSON (sorted keys)."""
+    rest = {key: value for key, value in m.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _check_manifest(m, path):
+    """A manifest that an edit or damage changed is refused: version 2 carries its own sha256 and the
+    total counts that the shard entries must add up to (a shard list cut together with n_shards
+    passes every shard's own checks, and would load part of the index)."""
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise IndexFileError(f"{path}: not a gpuhnsw ShardedIndex manifest")
-    if m.get("version") != MANIFEST_VERSION:
+    if m.get("version") not in (1, MANIFEST_VERSION):
         raise IndexFileError(f"{path}: manifest version {m.get('version')!r} is not supported "
-                             f"(this gpuhnsw reads version {MANIFEST_VERSION})")
+                             f"(this gpuhnsw reads versions 1 to {MANIFEST_VERSION})")
+    if m["version"] >= 2 and m.get("manifest_sha256") != _manifest_digest(m):
+        raise IndexFileError(f"{path}/{MANIFEST_NAME}: its sha256 does not match its content (edited or "
+                             "damaged since the save); nothing was loaded")
     if m.get("routing") != ROUTING:
         raise IndexFileError(f"{path}: unknown label routing {m.get('routing')!r}")
     try:
@@ -648,6 +657,11 @@ def _check_manifest(m, path):
                 raise ValueError(f"shard entry {s} is malformed")
             for key in ("bytes", "elements", "count"):
                 as_int(e[key], key, minimum=0)
+        if m["version"] >= 2:
+            for key in ("count", "elements"):
+                if as_int(m[key], key, minimum=0) != sum(e[key] for e in shards):
+                    raise ValueError(f"the shards hold {sum(e[key] for e in shards)} {key}, the manifest "
+                                     f"says {m[key]}")
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexFileError(f"{path}: inconsistent manifest ({exc})") from None
 

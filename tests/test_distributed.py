@@ -4,6 +4,7 @@ One cluster serves the module; the fault tests start their own short-lived one, 
 workers.  Faults are injected deterministically (a worker plugin kills its own process with SIGKILL
 right after the first task of a given kind finishes), never by timing.
 """
+import hashlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import dask.array as da  # noqa: E402
 
 import gpuhnsw  # noqa: E402
 from gpuhnsw import testing  # noqa: E402
+from gpuhnsw import distributed as gdistributed  # noqa: E402
 from gpuhnsw.distributed import ShardedIndex, knn_graph, merge_topk, shard_of  # noqa: E402
 
 # the workers unpickle this module's functions (fault plugin) by value: they cannot import tests/
@@ -255,6 +257,46 @@ def test_load_refuses_corruption_and_mismatch(client, small, tmp_path):
         ShardedIndex.load(client, str(tmp_path / "idx"))
     with pytest.raises(gpuhnsw.IndexFileError, match="manifest"):
         ShardedIndex.load(client, str(tmp_path / "nothing-here"))
+
+
+def test_edited_manifest_does_not_load_part_of_the_index(client, small, tmp_path):
+    """With n_shards lowered and the shard list cut to match, every remaining shard passed its own
+    checks (its labels still route to it) and half the index loaded without a word; the manifest
+    now carries its own sha256 and the total counts."""
+    index, _ = small
+    index.save(str(tmp_path / "idx"))
+    manifest = tmp_path / "idx" / "manifest.json"
+    saved = json.loads(manifest.read_text())
+    cut = {**saved, "n_shards": 1, "shards": saved["shards"][:1]}
+    for edited, fragment in ((cut, "sha256 does not match"), ({**saved, "ef": 999}, "sha256 does not match"),
+                             ({k: v for k, v in saved.items() if k != "manifest_sha256"}, "sha256 does not match")):
+        manifest.write_text(json.dumps(edited))
+        with pytest.raises(gpuhnsw.IndexFileError, match=fragment):
+            ShardedIndex.load(client, str(tmp_path / "idx"))
+    recounted = {**cut, "count": cut["shards"][0]["count"] + 1}
+    recounted["manifest_sha256"] = gdistributed._manifest_digest(recounted)
+    manifest.write_text(json.dumps(recounted))
+    with pytest.raises(gpuhnsw.IndexFileError, match="the shards hold"):
+        ShardedIndex.load(client, str(tmp_path / "idx"))
+    manifest.write_text(json.dumps(saved))
+    assert len(ShardedIndex.load(client, str(tmp_path / "idx"))) == len(index)
+
+
+def test_damaged_shard_error_names_the_shard_url(client, small, tmp_path):
+    """A shard that passed the manifest's sha256 but not the file checks named a temporary path."""
+    index, _ = small
+    index.save(str(tmp_path / "idx"))
+    manifest = tmp_path / "idx" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    shard = tmp_path / "idx" / "shard-00002.ghnsw"
+    blob = bytearray(shard.read_bytes())
+    blob[-3] ^= 0x01                                       # inside the last section, behind its CRC
+    shard.write_bytes(bytes(blob))
+    m["shards"][2].update(sha256=hashlib.sha256(blob).hexdigest())
+    m["manifest_sha256"] = gdistributed._manifest_digest(m)
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(gpuhnsw.IndexFileError, match=r"^file://.*idx/shard-00002\.ghnsw: .*(CRC|checksum)"):
+        ShardedIndex.load(client, str(tmp_path / "idx"))
 
 
 # ---------------------------------------------------------------------------------------- knn_graph
