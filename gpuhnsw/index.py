@@ -71,6 +71,8 @@ class Index:
         self._cur_l_lock = threading.Lock()
         self._grow_lock = threading.Lock()
         self._auto_resize = False
+        self._mapped_file = None   # (st_dev, st_ino, st_size) of the file a mapped load maps
+        self._lost = None          # why the index is gone (its mapped file was truncated), or None
         self._device, self._device_ordinal = resolve_device(device)
         if storage not in ("float32", "float16"):
             raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
@@ -123,7 +125,7 @@ class Index:
 
     def _need_init(self):
         if self._core is None:
-            raise RuntimeError("Index is not initialized: call init_index() or load_index() first")
+            raise RuntimeError(self._lost or "Index is not initialized: call init_index() or load_index() first")
         return self._core
 
     # ---------------------------------------------------------------- writes
@@ -627,13 +629,41 @@ class Index:
         hnswlib 0.8.0's layout, loadable by hnswlib itself.
         """
         core = self._need_init()
+        if format not in ("gpuhnsw", "hnswlib"):
+            raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
+        self._refuse_the_mapped_file(core, path_to_index)
         state = core.export_state()
         if format == "gpuhnsw":
             _io.write_gpuhnsw(path_to_index, state, ef=self._ef)
-        elif format == "hnswlib":
-            _io.write_hnswlib(path_to_index, state)
         else:
-            raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
+            _io.write_hnswlib(path_to_index, state)
+
+    def _refuse_the_mapped_file(self, core, target):
+        """A file object open on the very file this index maps (same device and inode) must not be
+        written: writing changes the rows under the mapping, and ``open(path, "wb")`` has already
+        truncated it, taking the mapped rows with it (reading them would kill the process with
+        SIGBUS).  Raises ValueError; after a truncation the index is unusable and says so."""
+        if self._mapped_file is None or not core.mapped or not _io.is_file_object(target):
+            return
+        try:
+            st = os.fstat(target.fileno())
+        except (AttributeError, OSError, ValueError):   # no file descriptor: not that file
+            return
+        dev, ino, size = self._mapped_file
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            return
+        advice = ("save to the path instead: save_index(path) writes a new file and renames it over the "
+                  "old one, so the mapping keeps the old file")
+        name = _io.source_name(target)
+        if st.st_size >= size:
+            raise ValueError(f"{name} is the file this index is mapped from (load_index(mmap=True)); writing "
+                             f"it in place would change the rows under the mapping. Nothing was written; {advice}")
+        self._core, self._gpu = None, None   # its rows are gone from memory too: no call may read them
+        self._lost = (f"this index was lost: {name}, the file it was mapped from, was truncated "
+                      f"({size} -> {st.st_size} bytes) by opening it for writing, which took the mapped "
+                      "vectors and level-0 links with it (only pages changed since the load survived, not "
+                      "a whole index); load it again from another copy")
+        raise ValueError(f"{self._lost}. Nothing was written; next time {advice}")
 
     def load_index(self, path_to_index: IndexFile, max_elements: int = 0,
                    allow_replace_deleted: bool = False, *, mmap: bool = False, verify: bool = False) -> None:
@@ -651,7 +681,9 @@ class Index:
         the file never changes.  Growing the capacity past the mapped one (``resize_index``, an
         ``auto_resize``) copies vectors and links into owned memory.  Saving to the same path is safe
         (the save replaces the file; the mapping keeps the old one), but the file must not be
-        truncated or rewritten in place while mapped.  Checked at open: everything but the vectors
+        truncated or rewritten in place while mapped: ``save_index`` refuses a file object open on
+        it (ValueError), and one opened with ``"wb"`` has truncated it already, which loses the
+        index (every later call raises RuntimeError saying so, instead of a SIGBUS).  Checked at open: everything but the vectors
         (header, checksums, every link in range, the integrity check); ``verify=True`` also reads and
         checksums the vectors.  Files of version 1, hnswlib's format or a file object cannot be
         mapped: IndexFileError (ValueError for a file object), load them without mmap.
@@ -659,15 +691,18 @@ class Index:
         max_elements = as_int(max_elements, "max_elements", minimum=0)
         name = _io.source_name(path_to_index)
         try:
+            mapped_file = None
             if mmap:
                 with _io.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
                     core, ef = self._core_from_file(name, *opened, "gpuhnsw", max_elements, allow_replace_deleted)
+                    st = os.fstat(opened[2]["fd"])
+                    mapped_file = (st.st_dev, st.st_ino, st.st_size)
             else:
                 state, ef, fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
                 core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
-        self._core = core
+        self._core, self._mapped_file, self._lost = core, mapped_file, None
         self._ef = 10 if ef is None else ef
         self._cur_l = core.count
 
@@ -694,6 +729,8 @@ class Index:
         return 96 + core.count * (per_elem + 4) + int(levels.sum(dtype=np.int64)) * (4 + 4 * core.M)
 
     def __getstate__(self):
+        if self._lost:
+            raise RuntimeError(self._lost)
         state = {} if self._core is None else self._core.export_state()
         state.update(space=self._space, dim=self._dim, ef=self._ef, num_threads=self._num_threads,
                      cur_l=self._cur_l, auto_resize=self._auto_resize, index_inited=self._core is not None,

@@ -147,6 +147,49 @@ def test_save_to_the_mapped_path_replaces_the_file_not_the_mapping(cases, tmp_pa
     _assert_same(twin, mapped, q)
 
 
+_OWN_FILE_PROBE = """
+import sys
+import numpy as np
+import gpuhnsw
+
+path, mode = sys.argv[1], sys.argv[2]
+index = gpuhnsw.Index("l2", 126, device="cpu")
+index.load_index(path, mmap=True)
+q = np.ones((1, 126), np.float32)
+before = index.knn_query(q, k=3)[0]
+with open(path, mode) as f:
+    try:
+        index.save_index(f)
+    except ValueError as exc:
+        print("refused:", exc)
+try:
+    print("query:", (index.knn_query(q, k=3)[0] == before).all())
+except RuntimeError as exc:
+    print("query refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("mode", ["wb", "r+b", "ab"])
+def test_saving_a_mapped_index_into_its_own_file_object_is_refused(cases, tmp_path, mode):
+    """save_index(open(path, "wb")) on the index's own mapped file died of SIGBUS: "wb" truncates the
+    file, and the save then read the mapped rows.  Now the file object is recognised (same device and
+    inode) before any row is read; a truncated one leaves an index that refuses every call and says
+    what happened; an untruncated one is refused and the index stays whole.  In a child process, so
+    that a SIGBUS fails this test instead of the run."""
+    space, base, q, src = cases["sift126"]
+    path = tmp_path / "index.bin"
+    path.write_bytes(src.read_bytes())
+    out = subprocess.run([sys.executable, "-c", _OWN_FILE_PROBE, str(path), mode], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "refused:" in out.stdout, out.stdout
+    if mode == "wb":
+        assert "query refused: this index was lost" in out.stdout and "was truncated" in out.stdout
+    else:
+        assert "is the file this index is mapped from" in out.stdout and "query: True" in out.stdout
+        assert path.read_bytes() == src.read_bytes()     # nothing was written
+
+
 _RSS_PROBE = """
 import json, sys
 import numpy as np

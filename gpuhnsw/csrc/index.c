@@ -105,7 +105,7 @@ static int grow_rows(ghnsw_index_t *ix, void **arr, size_t *map_len, size_t row,
         if (!p) return -1;
         memcpy(p, *arr, (size_t)ix->capacity * row);
         munmap(page_of(*arr), *map_len);
-        *map_len = 0;
+        __atomic_store_n(map_len, 0, __ATOMIC_RELAXED); /* Core.mapped reads it without a lock */
     } else {
         p = realloc(*arr, (size_t)cap * row + 1);
         if (!p) return -1;

@@ -591,6 +591,8 @@ GETTER(insert_seq, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->insert_seq, 
 GETTER(relabels, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->relabels, __ATOMIC_ACQUIRE)))
 GETTER(memory_bytes, PyLong_FromSize_t(nogil_size(ghnsw_memory_bytes, ix)))
 GETTER(count_dirty, PyLong_FromSize_t(nogil_size(ghnsw_count_dirty, ix)))
+GETTER(mapped, PyBool_FromLong(__atomic_load_n(&ix->vectors_map_len, __ATOMIC_RELAXED) != 0 ||
+                               __atomic_load_n(&ix->links0_map_len, __ATOMIC_RELAXED) != 0))
 
 #define G(name, doc) {#name, (getter)Core_get_##name, NULL, doc, NULL}
 static PyGetSetDef Core_getset[] = {
@@ -602,6 +604,7 @@ static PyGetSetDef Core_getset[] = {
     G(random_seed, "level generator seed"), G(allow_replace_deleted, "replace_deleted enabled"),
     G(insert_seq, "rows ever added (level generator counter)"), G(memory_bytes, "bytes held by the index"),
     G(count_dirty, "slots in the dirty-row log"),
+    G(mapped, "vectors or links0 are still mapped from the file of a mapped load"),
     G(relabels, "adds that moved a slot to another label; label bitsets made before it changed are stale"),
     {NULL}};
 
