@@ -20,8 +20,9 @@ hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
     width ``ef`` and drop the row itself (by id, so duplicates of a row survive as neighbours).
 
-Ties are ordered by the smaller id. ``include_self=True`` puts each row itself in column 0 (UMAP's
-``precomputed_knn`` layout); ``as_sparse=True`` returns a ``scipy.sparse`` CSR distance graph.
+Ties are ordered by the smaller id. ``include_self=True`` puts each row itself in column 0 and,
+for l2, gives euclidean distances (UMAP's ``precomputed_knn`` and pynndescent's ``neighbor_graph``:
+layout and values); ``as_sparse=True`` returns a ``scipy.sparse`` CSR distance graph.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def nndescent_defaults(n, k, device="cpu"):
 
 
 def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self=False,
-              as_sparse=False, return_info=False, M=16, ef_construction=200, ef=None, n_trees=None,
+              squared=None, as_sparse=False, return_info=False, M=16, ef_construction=200, ef=None, n_trees=None,
               leaf_size=None, max_candidates=None, n_iters=None, intermediate_degree=None,
               delta=NNDESCENT_DELTA, num_threads=-1, progress=None, random_seed=100):
     """The k nearest neighbours of every row of ``data`` among the other rows.
@@ -92,14 +93,21 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     k : int
         Neighbours per row: ``0 <= k <= n - 1``, or ``0 <= k <= n`` with ``include_self``.
     space : {"l2", "ip", "cosine"}
-        Squared L2, ``1 - a.b``, ``1 - cos`` (hnswlib's definitions).
+        L2 (squared or not: see ``squared``), ``1 - a.b``, ``1 - cos`` (hnswlib's definitions).
     method : {"auto", "exact", "nndescent", "hnsw"}
         ``"auto"``: exact while ``n * n * d`` is small (see ``AUTO_EXACT_LIMIT``), else NN-descent.
     device : {"auto", "cpu", "cuda", "cuda:N"}
         Where the exact search, the NN-descent joins or the hnsw queries run.
     include_self : bool
         Column 0 holds the row itself (distance 0) and columns ``1..k-1`` its ``k - 1`` nearest
-        other rows: the layout of UMAP's ``precomputed_knn`` and pynndescent's ``neighbor_graph``.
+        other rows: the layout of UMAP's ``precomputed_knn`` and pynndescent's ``neighbor_graph``,
+        whose l2 distances are euclidean (so the default of ``squared`` follows it), e.g.
+        ``umap.UMAP(n_neighbors=15, precomputed_knn=(*knn_graph(x, 15, include_self=True), None))``.
+    squared : bool, optional
+        ``space="l2"`` only: squared L2 (True, the distance of :class:`gpuhnsw.Index` and hnswlib)
+        or the euclidean distance (False, what UMAP, pynndescent and scikit-learn's
+        ``"euclidean"`` use).  None: squared, except with ``include_self`` (euclidean).  The
+        neighbours are the same either way.
     as_sparse : bool
         Return a ``scipy.sparse.csr_matrix`` [n, n] of distances (row ``i`` holds its ``k``
         neighbours, explicit zeros included) instead of the two arrays. Needs scipy.
@@ -138,6 +146,12 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     (or the CSR matrix with ``as_sparse``; then the info dict with ``return_info``)
     """
     space = check_space(space)
+    if squared is None:
+        squared = not include_self
+    elif not isinstance(squared, (bool, np.bool_)):
+        raise TypeError(f"squared must be a bool or None, got {type(squared).__name__}")
+    elif not squared and space != "l2":
+        raise ValueError(f"squared=False applies to space='l2' only (space is {space!r})")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     x = as_vectors(data, what="data")
@@ -192,6 +206,8 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     if include_self and k > 0:
         neighbors = np.concatenate([np.arange(n, dtype=np.int64)[:, None], neighbors], axis=1)
         distances = np.concatenate([np.zeros((n, 1), dtype=np.float32), distances], axis=1)
+    if space == "l2" and not squared:
+        distances = np.sqrt(np.maximum(distances, 0, out=distances), out=distances)
     info["seconds"] = time.perf_counter() - start
     _log.info("knn_graph: n=%d k=%d method=%s device=%s dist_evals=%s rounds=%s %.3f s", n, k,
               info["method"], info["device"], info["dist_evals"], info["rounds"], info["seconds"])

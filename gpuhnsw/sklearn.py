@@ -9,6 +9,11 @@ SpectralEmbedding or UMAP (``metric="precomputed"`` downstream)::
 
     pipe = make_pipeline(KNNTransformer(n_neighbors=10), Isomap(n_neighbors=10, metric="precomputed"))
 
+UMAP takes a sparse precomputed graph only when it is symmetric, so give it ``symmetric=True``::
+
+    pipe = make_pipeline(KNNTransformer(n_neighbors=15, symmetric=True),
+                         umap.UMAP(n_neighbors=15, metric="precomputed"))
+
 ``fit_transform(X)`` builds the k-NN graph of ``X`` with :func:`gpuhnsw.knn_graph` (exact while
 cheap, else NN-descent); ``transform`` of other rows queries the fitted rows (exact search while
 cheap, else an HNSW index built once). Needs scikit-learn and scipy (``pip install
@@ -50,6 +55,14 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         Threads; None or -1: all cores.
     random_state : int, optional
         Seed of NN-descent / HNSW (None: gpuhnsw's default seed, so results are reproducible).
+    symmetric : bool
+        ``fit_transform`` (and ``transform`` of the fitted rows) returns the union of the graph and
+        its transpose: ``j`` in row ``i`` whenever ``i`` is among ``j``'s neighbours or ``j`` among
+        ``i``'s, with their distance, so a row may hold more than ``n_neighbors + 1`` entries.
+        UMAP's ``metric="precomputed"`` refuses sparse graphs that are not symmetric; estimators
+        that read each row's nearest entries (Isomap, TSNE, UMAP) take it as it is.  Other rows'
+        graphs are not square and stay as they are, so ``transform`` is then not a row-by-row map
+        of the fitted rows (a reordered copy of them is other rows).
 
     Attributes
     ----------
@@ -58,7 +71,7 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     """
 
     def __init__(self, *, mode="distance", n_neighbors=5, metric="euclidean", method="auto",
-                 device="auto", n_jobs=None, random_state=None):
+                 device="auto", n_jobs=None, random_state=None, symmetric=False):
         self.mode = mode
         self.n_neighbors = n_neighbors
         self.metric = metric
@@ -66,6 +79,7 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self.device = device
         self.n_jobs = n_jobs
         self.random_state = random_state
+        self.symmetric = symmetric
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -82,6 +96,8 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         if (isinstance(self.n_neighbors, (bool, np.bool_))
                 or not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1):
             raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+        if not isinstance(self.symmetric, (bool, np.bool_)):
+            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
 
     def fit(self, X, y=None):
         """Store the rows of ``X`` [n, d]; the graph itself is built on the first transform."""
@@ -104,7 +120,8 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, "
                              f"n_samples_fit = {self.n_samples_fit_}, n_samples = {X.shape[0]}")
         space, root = METRICS[self.metric]
-        if X.shape == self._fit_X.shape and np.array_equal(X, self._fit_X):
+        fitted = X.shape == self._fit_X.shape and np.array_equal(X, self._fit_X)
+        if fitted:
             ids, dists = self._self_graph(k, space)
         else:
             ids, dists = self._query(X, k, space)
@@ -112,7 +129,8 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             dists = np.ones_like(dists)
         elif root:
             dists = np.sqrt(np.maximum(dists, 0))
-        return to_csr(ids, dists, self.n_samples_fit_)
+        graph = to_csr(ids, dists, self.n_samples_fit_)
+        return _union_with_transpose(graph) if self.symmetric and fitted else graph
 
     def fit_transform(self, X, y=None):
         """``fit(X).transform(X)``: the k-NN graph of ``X``, each row's own entry included."""
@@ -129,7 +147,7 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         key = ("graph", k)
         if key not in self._cache:
             ids, dists, info = knn_graph(self._fit_X, k, space=space, method=self.method,
-                                         device=self.device, include_self=True,
+                                         device=self.device, include_self=True, squared=True,
                                          num_threads=self._threads(), random_seed=self._seed(),
                                          return_info=True)
             if info["method"] != "exact" and self._query_is_exact(self._fit_X):
@@ -159,3 +177,23 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         index.set_ef(max(64, 2 * k))
         labels, dists = index.knn_query(X, k=k, num_threads=self._threads())
         return labels.astype(np.int64), dists
+
+
+def _union_with_transpose(graph):
+    """CSR [n, n]: the entries of ``graph`` and of its transpose, each pair once (where both hold
+    it, the smaller distance: they differ by rounding only), explicit zeros kept (a row's own entry
+    and duplicate rows are edges of length 0)."""
+    import scipy.sparse
+
+    coo = graph.tocoo()
+    rows = np.concatenate([coo.row, coo.col]).astype(np.int64)
+    cols = np.concatenate([coo.col, coo.row]).astype(np.int64)
+    vals = np.concatenate([coo.data, coo.data])
+    order = np.lexsort((vals, cols, rows))                     # per pair, the smaller distance first
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    first = np.ones(rows.size, dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    n = graph.shape[0]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[first], minlength=n), out=indptr[1:])
+    return scipy.sparse.csr_matrix((vals[first], cols[first], indptr), shape=graph.shape)

@@ -122,6 +122,27 @@ def test_drop_self_by_id_not_by_column():
     np.testing.assert_array_equal(d, [[0, 2], [1, 1], [1, 2]])
 
 
+def test_include_self_gives_umaps_euclidean_distances(datasets):
+    """UMAP's precomputed_knn and pynndescent take euclidean distances; knn_graph's squared l2 ones
+    reached UMAP as if they were.  include_self now gives euclidean for l2 unless squared=True."""
+    base, _, _, _ = datasets("siftsmall", n_base=800, n_queries=1)
+    ids_sq, d_sq = knn_graph(base, 9, method="exact")
+    ids, d = knn_graph(base, 10, method="exact", include_self=True)
+    np.testing.assert_array_equal(ids[:, 1:], ids_sq)
+    np.testing.assert_allclose(d[:, 1:], np.sqrt(d_sq), rtol=1e-6)
+    assert (d[:, 0] == 0).all()
+    np.testing.assert_allclose(knn_graph(base, 10, method="exact", include_self=True, squared=True)[1][:, 1:], d_sq)
+    np.testing.assert_allclose(knn_graph(base, 9, method="exact", squared=False)[1], np.sqrt(d_sq), rtol=1e-6)
+    csr = knn_graph(base, 10, method="exact", include_self=True, as_sparse=True)
+    np.testing.assert_allclose(np.sort(csr.toarray(), axis=1)[:, -10:].max(1), d[:, -1], rtol=1e-6)
+    cos = knn_graph(base, 5, method="exact", space="cosine", include_self=True)   # 1 - cos either way
+    np.testing.assert_allclose(cos[1][:, 1:], knn_graph(base, 4, method="exact", space="cosine")[1])
+    with pytest.raises(ValueError, match="squared=False applies to space='l2'"):
+        knn_graph(base, 3, space="ip", squared=False)
+    with pytest.raises(TypeError, match="squared"):
+        knn_graph(base, 3, squared="no")
+
+
 def test_auto_method_and_arguments(make_data, monkeypatch):
     x = make_data(300, 8)
     monkeypatch.setattr(kg_module, "_nndescent_graph", lambda *a, **kw: pytest.fail("approximate for tiny n"))
