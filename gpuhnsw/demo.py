@@ -2,10 +2,12 @@
 
     python -m gpuhnsw.demo                        # minilm-debian, else siftsmall, else generated data
     python -m gpuhnsw.demo --dataset siftsmall --ef 32
+    python -m gpuhnsw.demo --data /path/to/shared/data
     python -m gpuhnsw.demo --dataset generated --n 20000 --device cpu
 
-Real data comes from the shared dataset folder (``gpuhnsw.testing.data_dir()``: ``$GHNSW_DATA`` or
-``../shared/data`` beside the repository); without it a clustered set is generated.  The index runs
+Real data comes from the shared dataset folder: ``--data DIR``, else ``$GHNSW_DATA``, else
+``../shared/data`` beside the source tree or the working directory (``gpuhnsw.testing.data_dirs()``);
+without it a clustered set is generated, and the demo says where it looked.  The index runs
 queries on the GPU when CuPy sees one (``device="auto"``) and on the CPU engine otherwise; the
 output names the device, the build time, the query throughput and recall@10 against exact search.
 """
@@ -19,7 +21,7 @@ import numpy as np
 from . import Index, __version__
 from ._progress import stderr_is_tty
 from ._validate import cuda_status
-from .testing import clustered, data_dir, exact_knn, load_dataset, recall_at_k
+from .testing import clustered, data_dir, data_dirs, exact_knn, load_dataset, recall_at_k
 
 K = 10
 M = 16
@@ -78,14 +80,25 @@ def main(argv=None):
     parser.add_argument("--n", type=int, help="base rows to index (default: the whole set)")
     parser.add_argument("--ef", type=int, default=64, help="query beam width (default 64)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--data", metavar="DIR",
+                        help="the shared dataset folder (default: $GHNSW_DATA, else ../shared/data "
+                             "beside the source tree or the working directory)")
     args = parser.parse_args(argv)
+    if args.data is not None:
+        if not os.path.isdir(args.data):
+            parser.error(f"--data {args.data}: no such folder")
+        os.environ["GHNSW_DATA"] = os.path.abspath(args.data)   # data_dir() reads it
     if args.n is not None and args.n < K:
         parser.error(f"--n must be at least {K}")
     if args.ef < 1:
         parser.error("--ef must be positive")
     name = args.dataset or next((d for d in PREFERRED if _present(d)), "generated")
+    looked = ", ".join(str(d) for d in data_dirs())
     if name != "generated" and not _present(name):
-        parser.error(f"dataset {name!r} not found under {data_dir()} (set GHNSW_DATA)")
+        parser.error(f"dataset {name!r} not found (looked in {looked}); pass --data DIR or set GHNSW_DATA")
+    if args.dataset is None and name == "generated":
+        print(f"no shared dataset found (looked in {looked}; pass --data DIR or set GHNSW_DATA): "
+              "using a generated set", flush=True)
 
     space = SPACES[name]
     base, queries, truth = load(name, args.n)

@@ -23,18 +23,25 @@ DATASETS = ("siftsmall", "mnist", "minilm-debian")
 _SPACES = ("l2", "ip", "cosine")
 
 
-def data_dir():
-    """The shared dataset folder.
-
-    Returns
-    -------
-    pathlib.Path
-        ``$GHNSW_DATA`` when set, else ``<repo root>/../shared/data``. It may not exist.
-    """
+def data_dirs():
+    """Where the shared dataset folder is looked for, in order: ``$GHNSW_DATA`` alone when set;
+    else ``../shared/data`` beside the source tree this package runs from (an editable install),
+    then ``../shared/data`` and ``shared/data`` from the working directory (an installed package
+    run from the repository).  A list of :class:`pathlib.Path`."""
     env = os.environ.get("GHNSW_DATA")
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+        return [Path(env)]
+    cwd = Path.cwd()
+    found = [Path(__file__).resolve().parents[2] / "shared" / "data", cwd.parent / "shared" / "data",
+             cwd / "shared" / "data"]
+    return [p for i, p in enumerate(found) if p not in found[:i]]
+
+
+def data_dir():
+    """The shared dataset folder: the first of :func:`data_dirs` that exists, else the first of
+    them (a :class:`pathlib.Path` that may not exist)."""
+    dirs = data_dirs()
+    return next((d for d in dirs if d.is_dir()), dirs[0])
 
 
 def load_dataset(name, n_base=None, n_queries=None):
