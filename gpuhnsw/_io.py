@@ -54,7 +54,7 @@ except ImportError:  # Windows: no flock, so stale temp files are not cleaned up
 from ._core import (INVALID_SLOT as NO_LINK, MAX_CAPACITY, MAX_DIM, MAX_EF_CONSTRUCTION, MAX_LEVEL, MAX_M,
                     SPACES)
 from ._errors import IndexFileError
-from ._validate import thread_limit
+from ._validate import memory_limit, thread_limit
 
 __all__ = ["read_index", "map_index", "write_gpuhnsw", "write_hnswlib", "FORMAT_VERSION", "MAGIC",
            "read_bfindex", "write_bfindex", "bfindex_header", "BF_MAGIC", "BF_FORMAT_VERSION"]
@@ -194,15 +194,6 @@ def _normalised(a, M):
     blocks = upper.reshape(-1, 1 + M)
     blocks[:, 1:][np.arange(M)[None, :] >= blocks[:, :1]] = NO_LINK
     return links0, upper
-
-
-def physical_memory():
-    """Bytes of memory of this machine, or None where unknown: the bound on what an untrusted
-    number (a file's capacity, a request's k) may make us allocate."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _check_int(state, key, lo, hi, err):
@@ -1012,9 +1003,9 @@ def _read_bf_own(buf, space, dim):
                              f"'{space}', dim {dim}")
     if n > cap:
         raise IndexFileError(f"count {n} exceeds capacity {cap}")
-    have = physical_memory()
+    have = memory_limit()
     if cap > MAX_CAPACITY or (have is not None and cap * dim * 4 > have):
-        raise IndexFileError(f"capacity {cap} is beyond {MAX_CAPACITY} or this machine's memory")
+        raise IndexFileError(f"capacity {cap} is beyond {MAX_CAPACITY} or the memory this process may use")
     pos = hs + _CRC.size
     out = {}
     for name, dtype, width in (("vectors", "<f4", dim), ("labels", "<u8", 1)):

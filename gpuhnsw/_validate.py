@@ -149,6 +149,63 @@ def as_labels(ids, rows=None):
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
+# Where the kernel shows this process's cgroups (v1 or v2) and their memory limits.
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def cpu_count():
+    """The CPUs this process may run on: its affinity mask (``taskset``, batch schedulers), where
+    the OS has one, else every core.  The default thread count everywhere."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cgroup_memory_limits():
+    """Memory limits (bytes) of this process's cgroup and its ancestors, from cgroup v2
+    (``memory.max``) or v1 (``memory.limit_in_bytes``); "max" and v1's huge 'unlimited' read as no
+    limit.  Empty where there is no cgroup filesystem."""
+    try:
+        with open(_PROC_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    limits = []
+    for line in lines:
+        hier, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hier == "0" and controllers == "":
+            base, name = _CGROUP_ROOT, "memory.max"                       # v2, unified
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(_CGROUP_ROOT, "memory"), "memory.limit_in_bytes"   # v1
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):                          # the group, then its parents
+            try:
+                with open(os.path.join(base, *parts[:depth], name)) as f:
+                    value = f.read().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 1 << 60:
+                limits.append(int(value))
+    return limits
+
+
+def memory_limit():
+    """Bytes of memory this process may use, or None where unknown: the machine's memory, or a
+    tighter cgroup limit (a container's).  The bound on what an untrusted number (a file's capacity,
+    a request's k) may make us allocate."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        have = None
+    limits = _cgroup_memory_limits() + ([have] if have else [])
+    return min(limits) if limits else None
+
+
 # Most CPU threads one call may ask for (or the core count, where that is larger).  Every worker is
 # a pthread (stack reserved per thread) and every searching one holds a visited table of 2 bytes per
 # slot, kept by the index for reuse; past the cores they only contend.  Unbounded, a num_threads of
@@ -159,18 +216,18 @@ MAX_THREADS = 1024
 
 def thread_limit():
     """The largest ``num_threads`` accepted here: ``max(MAX_THREADS, cores)``."""
-    return max(MAX_THREADS, os.cpu_count() or 1)
+    return max(MAX_THREADS, os.cpu_count() or 1, cpu_count())
 
 
 def num_threads(n, default=None):
-    """hnswlib's rule: ``n <= 0`` means ``default`` (every core unless given); more than
+    """hnswlib's rule: ``n <= 0`` means ``default`` (every CPU this process may use unless given); more than
     :func:`thread_limit` is a ``ValueError`` (``TypeError`` for a non-integer)."""
     n = as_int(n, "num_threads")
     if n <= 0:
-        return default if default is not None else (os.cpu_count() or 1)
+        return default if default is not None else cpu_count()
     if n > thread_limit():
         raise ValueError(f"num_threads must be at most {thread_limit()} (<= 0 uses every core, "
-                         f"{os.cpu_count() or 1} here), got {n}")
+                         f"{cpu_count()} here), got {n}")
     return n
 
 

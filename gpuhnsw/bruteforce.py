@@ -6,14 +6,13 @@ Searches run through the exact engine (:mod:`gpuhnsw.exact`); the file formats l
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 import numpy as np
 
 from ._errors import IndexFileNotFoundError
 from ._io import read_bfindex, write_bfindex
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count,
                         num_threads as num_threads_rule, resolve_device)
 from .exact import exact_rows, normalize_rows, upload_base
 
@@ -108,7 +107,7 @@ class BFIndex:
         self._space = check_space(space)
         self._dim = check_dim(dim)
         self._device = resolve_device(device)      # ("cpu", None) or ("cuda", ordinal)
-        self._num_threads = os.cpu_count() or 1
+        self._num_threads = cpu_count()
         self._lock = _ReadWriteLock()
         self._reset(None)
 

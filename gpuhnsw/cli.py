@@ -541,7 +541,12 @@ def _build_parser():
     p.add_argument("-o", "--output", required=True,
                    help="graph.npz (CSR, scipy.sparse.load_npz) or neighbors.npy (int64 [n, k])")
     p.add_argument("--distances", help="with a .npy output: float32 distances [n, k]")
-    p.add_argument("--method", choices=("auto", "exact", "hnsw"), default="auto")
+    from .knn_graph import AUTO_EXACT_LIMIT, METHODS   # the library's list, so the two never differ
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help=f"auto (default): exact while n * n * dim <= {AUTO_EXACT_LIMIT['cpu']:.0e} on the CPU "
+                        f"({AUTO_EXACT_LIMIT['cuda']:.0e} on a GPU), else nndescent; exact: tiled brute force; "
+                        "nndescent: NN-descent from random-projection trees; hnsw: an HNSW index queried for "
+                        "every vector (the output names the method that ran)")
     p.add_argument("--ef", type=_positive, help="hnsw method: query beam width")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for large inputs on a terminal)")

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import Index, __version__
 from ._progress import stderr_is_tty
-from ._validate import cuda_status
+from ._validate import cpu_count, cuda_status
 from .testing import clustered, data_dir, data_dirs, exact_knn, load_dataset, recall_at_k
 
 K = 10
@@ -51,7 +51,7 @@ def load(name, n):
 def describe_device(index, requested):
     if index.device == "cpu":
         why = "" if requested == "cpu" else f"; no GPU used: {cuda_status()[1]}"
-        return f"cpu (C engine, {os.cpu_count()} cores{why})"
+        return f"cpu (C engine, {cpu_count()} cores{why})"
     import cupy
 
     ordinal = int(requested.split(":")[1]) if ":" in requested else 0

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ._errors import IndexFileError, InputShapeError
 from ._progress import Progress, stderr_is_tty
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count,
                         num_threads as num_threads_rule)
 from .index import PAD_LABEL, Index
 
@@ -153,7 +153,7 @@ def _shard_threads(client, num_threads):
     per_host = {}
     for w in info.values():
         per_host[w["host"]] = per_host.get(w["host"], 0) + 1
-    cores = client.run(os.cpu_count)
+    cores = client.run(cpu_count)
     return max(1, min(c // per_host[info[w]["host"]] for w, c in cores.items() if w in info) or 1)
 
 

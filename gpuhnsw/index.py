@@ -19,8 +19,8 @@ from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
 from ._filters import (MODES as FILTER_MODES, allowed_sets, chunk_rows, filter_rows, log_plan, per_query,
                        prefer_exact)
 from ._progress import Progress, stderr_is_tty
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space,
-                        num_threads as num_threads_rule, plain_array, resolve_device)
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count,
+                        memory_limit, num_threads as num_threads_rule, plain_array, resolve_device)
 from .exact import exact_search
 
 # Annotation aliases: a label filter (see knn_query), a file argument, a NumPy or CuPy result
@@ -39,13 +39,14 @@ _NOT_FOUND = "Cannot return the results in a contiguous 2D array"
 
 
 def _check_memory(capacity, dim, M, error):
-    """Refuse a capacity whose arrays cannot fit in this machine's memory, before allocating: a
-    corrupted file's capacity field must give a clear error, not an out-of-memory kill."""
+    """Refuse a capacity whose arrays cannot fit in the memory this process may use (the machine's,
+    or a container's cgroup limit), before allocating: a corrupted file's capacity field must give a
+    clear error, not an out-of-memory kill."""
     per_slot = ((dim + 3) // 4) * 16 + 8 * M + 48  # vectors, links0, degree, label, level, map
-    need, have = capacity * per_slot, _io.physical_memory()
+    need, have = capacity * per_slot, memory_limit()
     if have is not None and need > have:
         raise error(f"an index of {capacity} elements needs about {need / 2**30:.1f} GiB, "
-                    f"more than this machine's {have / 2**30:.1f} GiB of memory")
+                    f"more than the {have / 2**30:.1f} GiB of memory this process may use")
 
 
 class Index:
@@ -66,7 +67,7 @@ class Index:
     def __init__(self, *args, device="auto", storage="float32", **kwargs):
         self._core = None
         self._ef = 10
-        self._num_threads = os.cpu_count() or 1
+        self._num_threads = cpu_count()
         self._cur_l = 0
         self._cur_l_lock = threading.Lock()
         self._grow_lock = threading.Lock()
@@ -298,10 +299,10 @@ class Index:
             raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}, got {filter_mode!r}")
         data = plain_array(data)
         nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
-        need, have = nq * k * 12, _io.physical_memory()  # labels + distances, before allocating them
+        need, have = nq * k * 12, memory_limit()  # labels + distances, before allocating them
         if have is not None and need > have:
             raise MemoryError(f"k={k} for {nq} queries needs {need / 2**30:.1f} GiB of results, more than "
-                              f"this machine's {have / 2**30:.1f} GiB of memory")
+                              f"the {have / 2**30:.1f} GiB of memory this process may use")
         args = (core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
         if filter is None or callable(filter):   # (callables see the returned labels)
             return self._knn_query_parts(*args)

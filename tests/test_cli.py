@@ -117,6 +117,15 @@ def test_knn_graph_outputs(tmp_path, capsys):
     assert status == 0
     assert testing.recall_at_k(np.load(tmp_path / "n.npy"), want, 8) >= 0.95
     assert np.load(tmp_path / "d.npy").shape == (2000, 8)
+    # --method offered auto, exact and hnsw without help, although auto picks nndescent
+    status, _, err = run(capsys, "knn-graph", SIFT / "base.npy", "--limit", 2000, "-k", 8,
+                         "-o", tmp_path / "nd.npy", "--method", "nndescent")
+    assert status == 0 and "method nndescent" in err, err
+    assert testing.recall_at_k(np.load(tmp_path / "nd.npy"), want, 8) >= 0.95
+    with pytest.raises(SystemExit):
+        cli.main(["knn-graph", "--help"])
+    helptext = capsys.readouterr().out
+    assert "{auto,exact,nndescent,hnsw}" in helptext and "else nndescent" in helptext
 
 
 @needs_sift

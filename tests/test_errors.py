@@ -189,10 +189,12 @@ def test_set_filters_take_every_uint64_label():
 
 
 def test_unknown_label(index_snapshot):
+    """hnswlib's "Label not found", followed by the label (get_items([99999]) did not say which)."""
     index = built()
     for call in (lambda i: i.mark_deleted(1000), lambda i: i.unmark_deleted(1000),
-                 lambda i: i.get_items([1, 1000]), lambda i: i.get_neighbors(1000)):
-        rejected(index, index_snapshot, RuntimeError, call, match="Label not found")
+                 lambda i: i.get_items([1, 1000]), lambda i: i.get_neighbors(1000),
+                 lambda i: i.get_levels([2, 1000])):
+        rejected(index, index_snapshot, RuntimeError, call, match="^Label not found: 1000$")
     still_works(index)
 
 
@@ -201,7 +203,8 @@ def test_delete_state_errors(index_snapshot):
     index.mark_deleted(4)
     rejected(index, index_snapshot, RuntimeError, lambda i: i.mark_deleted(4), match="already deleted")
     rejected(index, index_snapshot, RuntimeError, lambda i: i.unmark_deleted(5), match="is not deleted")
-    rejected(index, index_snapshot, RuntimeError, lambda i: i.get_items([4]), match="Label not found")
+    rejected(index, index_snapshot, RuntimeError, lambda i: i.get_items([4]),
+             match=r"^Label not found: 4 \(it is marked deleted\)$")
     assert 4 not in index and index.count_deleted == 1
 
 
@@ -392,3 +395,59 @@ def test_bfindex_errors():
         bf.add_items(X[4:20], np.arange(4, 20))
     assert bf.get_current_count() == 4
     assert bf.knn_query(X[2], k=1)[0][0, 0] == 2
+
+
+# --------------------------------------------------------------------------- container limits
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_memory_checks_respect_a_cgroup_limit(monkeypatch, tmp_path, version):
+    """The memory checks read the machine's memory only (os.sysconf), blind to a container's cgroup
+    limit: a capacity that the container cannot hold was accepted and the process was killed."""
+    from gpuhnsw import _validate
+
+    proc = tmp_path / "cgroup"
+    if version == "v2":
+        proc.write_text("0::/batch/job7\n")
+        group = tmp_path / "batch" / "job7"
+        group.mkdir(parents=True)
+        (group / "memory.max").write_text("max\n")                    # no limit here ...
+        (tmp_path / "batch" / "memory.max").write_text(f"{2**30}\n")  # ... but its parent has one
+    else:
+        proc.write_text("12:cpu,cpuacct:/job7\n9:memory:/job7\n")
+        (tmp_path / "memory" / "job7").mkdir(parents=True)
+        (tmp_path / "memory" / "job7" / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+        (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    monkeypatch.setattr(_validate, "_PROC_CGROUP", str(proc))
+    monkeypatch.setattr(_validate, "_CGROUP_ROOT", str(tmp_path))
+    assert _validate.memory_limit() == 2**30
+    index = gpuhnsw.Index("l2", DIM)
+    with pytest.raises(MemoryError, match="more than the 1.0 GiB of memory this process may use"):
+        index.init_index(20_000_000)                                  # ~2.6 GiB of arrays
+    index.init_index(1000)                                            # what fits still works
+    index.add_items(X[:50])
+    with pytest.raises(MemoryError, match="1.0 GiB"):
+        index.knn_query(X[:4], k=30_000_000, pad=True)              # 1.3 GiB of results
+
+
+def test_default_threads_follow_the_cpu_affinity(monkeypatch):
+    """The default thread count was os.cpu_count(), blind to taskset and batch schedulers."""
+    from gpuhnsw import _validate
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert _validate.cpu_count() == 3
+    assert gpuhnsw.Index("l2", DIM).num_threads == 3 and gpuhnsw.BFIndex("l2", DIM).num_threads == 3
+    index = built()
+    index.set_num_threads(-1)
+    assert index.num_threads == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity (Linux)")
+def test_engine_default_threads_follow_the_cpu_affinity():
+    """The C engine's own default (NN-descent with num_threads <= 0) read every online core."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from gpuhnsw import _core, _validate; print(_core.default_threads, _validate.cpu_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["1", "1"], out.stderr

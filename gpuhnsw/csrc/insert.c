@@ -486,7 +486,7 @@ static ghnsw_status_t set_deleted(ghnsw_index_t *ix, uint64_t label, int deleted
     ghnsw_status_t st = ghnsw_writer_lock(ix, deleted ? "mark_deleted" : "unmark_deleted", err);
     if (st) return st;
     uint32_t s = ghnsw_lookup(ix, label);
-    if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
+    if (s == GHNSW_INVALID) st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found: %llu", (unsigned long long)label);
     else if (ghnsw_bit_get(ix->deleted, s) == deleted)
         st = ghnsw_fail(err, GHNSW_ESTATE, deleted ? "The requested to delete element is already deleted"
                                                    : "The requested to undelete element is not deleted");

@@ -25,7 +25,10 @@ ghnsw_status_t ghnsw_levels_of(ghnsw_index_t *ix, const uint64_t *labels, size_t
     int held = ghnsw_read_lock(ix);
     for (size_t i = 0; i < n; i++) {
         uint32_t s = ghnsw_lookup(ix, labels[i]);
-        if (s == GHNSW_INVALID) { st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found"); break; }
+        if (s == GHNSW_INVALID) {
+            st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found: %llu", (unsigned long long)labels[i]);
+            break;
+        }
         out[i] = ix->levels[s];
     }
     ghnsw_read_unlock(ix, held);
@@ -41,7 +44,7 @@ ghnsw_status_t ghnsw_neighbors(ghnsw_index_t *ix, uint64_t label, int level, uin
     int held = ghnsw_read_lock(ix);
     uint32_t s = ghnsw_lookup(ix, label);
     if (s == GHNSW_INVALID) {
-        st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
+        st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found: %llu", (unsigned long long)label);
     } else if (level < 0 || level > ix->levels[s]) {
         st = ghnsw_fail(err, GHNSW_EINVAL, "level %d out of range: element %llu has levels 0..%d", level,
                         (unsigned long long)label, ix->levels[s]);
@@ -62,7 +65,8 @@ ghnsw_status_t ghnsw_get_vectors(ghnsw_index_t *ix, const uint64_t *labels, size
     for (size_t i = 0; i < n; i++) {
         uint32_t s = ghnsw_lookup(ix, labels[i]);
         if (s == GHNSW_INVALID || ghnsw_bit_get(ix->deleted, s)) {
-            st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found");
+            st = ghnsw_fail(err, GHNSW_ENOTFOUND, "Label not found: %llu%s", (unsigned long long)labels[i],
+                            s == GHNSW_INVALID ? "" : " (it is marked deleted)");
             break;
         }
         ghnsw_spin_lock(&ix->slot_locks[s]);

@@ -1,4 +1,6 @@
 /* A tiny fan-out: workers pull indices from an atomic counter, so uneven items balance themselves. */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
+#include <sched.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -34,7 +36,13 @@ static void *thread_main(void *arg) {
     return NULL;
 }
 
+/* The CPUs this process may run on (its affinity mask: taskset, batch schedulers), as the Python
+ * side's _validate.cpu_count(); every online core where the mask cannot be read. */
 int ghnsw_default_threads(void) {
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
 }
