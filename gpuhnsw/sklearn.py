@@ -112,7 +112,7 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return self
 
     def transform(self, X):
-        """Graph of the rows of ``X`` [m, d] to the fitted rows: CSR [m, n_samples_fit_]."""
+        """Graph of the rows of ``X`` [m, d] to the fitted rows: CSR ``[m, n_samples_fit_]``."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, order="C", reset=False)
         k = self.n_neighbors + (self.mode == "distance")
