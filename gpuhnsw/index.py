@@ -52,9 +52,10 @@ def _check_memory(capacity, dim, M, error):
 class Index:
     """An HNSW index (hnswlib-compatible).
 
-    ``Index(space, dim)``, ``Index(state_dict)`` (from ``__getstate__``) or ``Index(other)`` (a deep
-    copy).  ``space`` is ``'l2'`` (squared L2), ``'ip'`` (1 - dot) or ``'cosine'`` (ip on normalised
-    vectors).
+    ``Index(space, dim)``, ``Index(state_dict)`` (from ``__getstate__``, ours or hnswlib's) or
+    ``Index(other)`` (a deep copy); as in hnswlib also ``Index(params=state_dict)`` and
+    ``Index(index=other)``.  ``space`` is ``'l2'`` (squared L2), ``'ip'`` (1 - dot) or ``'cosine'``
+    (ip on normalised vectors); ``dim`` the width of the vectors.
 
     Keyword-only: ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where queries
     run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  ``storage`` (``"float32"``
@@ -64,7 +65,8 @@ class Index:
     deltas at the next :meth:`sync` (done lazily before each GPU query).
     """
 
-    def __init__(self, *args, device="auto", storage="float32", **kwargs):
+    def __init__(self, space: str | dict | Index | None = None, dim: int | None = None, *, device: str = "auto",
+                 storage: str = "float32", params: dict | None = None, index: Index | None = None):
         self._core = None
         self._ef = 10
         self._num_threads = cpu_count()
@@ -79,24 +81,20 @@ class Index:
             raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
         self._storage = storage
         self._gpu = _device.DeviceIndex(self._device_ordinal, storage) if self._device == "cuda" else None
-        if len(args) == 1 and not kwargs and isinstance(args[0], (Index, dict)):
-            src = args[0]
+        # hnswlib's three forms: (space, dim), a state dict, another index (first argument or keyword)
+        sources = [x for x in (params, index, space if isinstance(space, (dict, Index)) else None) if x is not None]
+        if sources:
+            if len(sources) > 1 or dim is not None or (space is not None and sources[0] is not space):
+                raise TypeError("Index() takes space and dim, or one state dict (params=), or one Index (index=)")
+            src = sources[0]
             state = _io.check_state(src.__getstate__()[0] if isinstance(src, Index) else src)
             self._space, self._dim = check_space(state["space"]), check_dim(state["dim"])
             self._restore(state)
             return
-        names = ("space", "dim")
-        if len(args) > 2:
-            raise TypeError(f"Index() takes space and dim, got {len(args)} positional arguments")
-        params = dict(zip(names, args))
-        for key, value in kwargs.items():
-            if key not in names or key in params:
-                raise TypeError(f"Index() got an unexpected or repeated argument {key!r}")
-            params[key] = value
-        if set(params) != set(names):
-            raise TypeError("Index() needs space and dim")
-        self._space = check_space(params["space"])
-        self._dim = check_dim(params["dim"])
+        if space is None or dim is None:
+            raise TypeError("Index() needs space and dim (or a state dict, or an Index to copy)")
+        self._space = check_space(space)
+        self._dim = check_dim(dim)
 
     # ---------------------------------------------------------------- lifecycle
     def init_index(self, max_elements: int, M: int = 16, ef_construction: int = 200, random_seed: int = 100,

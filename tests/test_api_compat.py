@@ -171,6 +171,25 @@ def test_constructor_forms(lib):
     assert lib.Index(space="ip", dim=DIM).space == "ip"
     index = lib.Index("cosine", DIM)
     assert (index.space, index.dim) == ("cosine", DIM)
+    source = built(lib, n=20)
+    for copy in (lib.Index(params=source.__getstate__()[0]), lib.Index(index=source),
+                 lib.Index(source.__getstate__()[0]), lib.Index(source)):
+        assert (copy.space, copy.dim, copy.element_count) == ("l2", DIM, 20)
+    with pytest.raises(TypeError):
+        lib.Index("l2")
+
+
+def test_constructor_signature_shows_space_and_dim():
+    """inspect.signature(Index) was (*args, device=..., storage=..., **kwargs): IDEs and help()
+    showed neither space nor dim."""
+    sig = inspect.signature(gpuhnsw.Index).parameters
+    assert list(sig)[:2] == ["space", "dim"]
+    assert all(sig[name].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for name in ("space", "dim"))
+    assert all(sig[name].kind == inspect.Parameter.KEYWORD_ONLY
+               for name in ("device", "storage", "params", "index"))
+    assert not any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in sig.values())
+    with pytest.raises(TypeError, match="space and dim, or one state dict"):
+        gpuhnsw.Index(built(gpuhnsw).__getstate__()[0], DIM)
 
 
 def test_properties_before_init(lib):
