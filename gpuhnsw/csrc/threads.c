@@ -1,6 +1,5 @@
 /* A tiny fan-out: workers pull indices from an atomic counter, so uneven items balance themselves. */
-#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
-#include <sched.h>
+#include <sched.h> /* sched_getaffinity, CPU_COUNT: setup.py builds with _GNU_SOURCE */
 #include <stdlib.h>
 #include <unistd.h>
 
