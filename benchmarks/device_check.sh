@@ -2,7 +2,8 @@
 # One run that verifies gpuhnsw's GPU side on a GPU machine (issue 7). See benchmarks/README.md.
 #
 #   bash benchmarks/device_check.sh --plan         here, no GPU: prepare the carried folder .devdata/
-#                                                  (data slices, hnswlib 0.8.0 sdist), print what travels
+#                                                  (slices of the data in $GHNSW_DATA, default
+#                                                  ../shared/data; hnswlib 0.8.0 sdist), print what travels
 #                                                  and its size; exit 1 when over 64 MiB
 #   bash benchmarks/device_check.sh "$OUT"         on the GPU machine, from the repository root: build,
 #                                                  GPU tests, compile cost, compute-sanitizer, benchmark;
@@ -27,9 +28,9 @@ KNN_STAGE_S=150                # the knn-graph stage's cap
 KNN_TIMEOUT_S=32               # per k-NN graph method (4 of them, each in a fresh process, warm-up included)
 
 plan() {
-    local data=/work/shared/data
-    [ -d "$data" ] || data="$(cd .. && pwd)/shared/data"
-    [ -d "$data" ] || { echo "plan: no shared data at $data" >&2; return 1; }
+    # the shared datasets: $GHNSW_DATA, as gpuhnsw.testing.data_dir() reads it, else ../shared/data
+    local data=${GHNSW_DATA:-$(cd .. && pwd)/shared/data}
+    [ -d "$data" ] || { echo "plan: no shared data at $data (set GHNSW_DATA)" >&2; return 1; }
     mkdir -p "$CARRY/data" "$CARRY/sdist" || return 1
     # Slices large enough for every gpu-marked test: siftsmall whole, mnist 30,000 base rows
     # (tests/test_gpu.py), minilm-debian 20,000 (the tests use all rows given); 1,000 queries.

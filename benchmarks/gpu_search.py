@@ -114,9 +114,9 @@ def cpu_curve(index_or_hnswlib, queries, truth):
 
 def latency_breakdown(cp, index, q_dev, ef, reps=200):
     """Median milliseconds of each phase of a batch-1 GPU query at `ef` (see the module docstring)."""
-    from gpuhnsw import _device
+    from gpuhnsw.search.gpu import device_matrix
 
-    mirror, dim = index._gpu.mirror, index.dim
+    mirror, dim, beam = index._gpu.mirror, index.dim, max(ef, K)
     start, stop = cp.cuda.Event(), cp.cuda.Event()
 
     def median_ms(fn, device_time=False):
@@ -145,10 +145,10 @@ def latency_breakdown(cp, index, q_dev, ef, reps=200):
         "knn_query_ms": median_ms(first(lambda q: (index.knn_query(q, k=K, ef=ef),
                                                    cp.cuda.Device().synchronize()))),
         "sync_nothing_dirty_ms": median_ms(first(lambda q: mirror.sync())),
-        "validate_on_device_ms": median_ms(first(lambda q: _device.device_matrix(q, dim))),
-        "search_enqueue_ms": median_ms(first(lambda q: mirror.search(q, K, ef))),
-        "search_kernel_ms": median_ms(first(lambda q: mirror.search(q, K, ef)), device_time=True),
-        "search_and_readback_ms": median_ms(first(lambda q: cp.asnumpy(mirror.search(q, K, ef)[2]))),
+        "validate_on_device_ms": median_ms(first(lambda q: device_matrix(q, dim))),
+        "search_enqueue_ms": median_ms(first(lambda q: mirror.search(q, K, beam))),
+        "search_kernel_ms": median_ms(first(lambda q: mirror.search(q, K, beam)), device_time=True),
+        "search_and_readback_ms": median_ms(first(lambda q: cp.asnumpy(mirror.search(q, K, beam)[2]))),
     }
     print(f"  batch-1 latency phases (ms, medians of {reps}): {out}", flush=True)
     return out
@@ -193,7 +193,7 @@ def knobs(cp, index, q_dev, truth, res, save, deadline):
     """The search kernel's knobs (diagnostics, least important last): search_width 2 and 4 at
     batch 1 and 10,000, fp16 storage at batch 10,000, distance teams of 8 and 16 lanes at batch 1
     and 10,000."""
-    from gpuhnsw import _kernels
+    from gpuhnsw.device import launch
 
     big = str(BATCHES[-1])
 
@@ -219,17 +219,17 @@ def knobs(cp, index, q_dev, truth, res, save, deadline):
     print(f"  float16 storage: QPS at 0.95 (batch 10k) {qps_at_recall(res['gpu_float16'][big], TARGET)}", flush=True)
     del half
     save()
-    default_team = _kernels.team_size
+    default_team = launch.team_size
     for team in (8, 16):   # a fresh copy per team: its mirror chooses its launches anew
         if late(f"distance team {team}"):
             return
-        _kernels.team_size = lambda dim, storage="float32", team=team: team
+        launch.team_size = lambda dim, storage="float32", team=team: team
         try:
             copy = gpuhnsw.Index(index, device="cuda")
             curves = res.setdefault("gpu_team", {})[str(team)] = {
                 str(b): gpu_curve(cp, copy, q_dev, truth, b) for b in (1, BATCHES[-1])}
         finally:
-            _kernels.team_size = default_team
+            launch.team_size = default_team
         lat = [p["latency_ms_median"] for p in curves["1"] if p["recall"] >= TARGET]
         print(f"  distance team {team} (default {default_team(index.dim)}): QPS at 0.95 (batch 10k) "
               f"{qps_at_recall(curves[big], TARGET)}, batch-1 latency at 0.95 {min(lat, default=None)} ms", flush=True)

@@ -1,8 +1,8 @@
 """NVRTC compile cost of the kernels, per instantiation, without a GPU.
 
 What a fresh process pays at its first GPU query when CuPy's disk cache is cold: the loader
-compiles one instantiation per program (``gpuhnsw._kernels.instance_source``), with CuPy's option
-list (``_kernels.nvrtc_options``), for the device's architecture. For comparison, the whole search
+compiles one instantiation per program (``gpuhnsw.device.kernels.instance_source``), with CuPy's option
+list (``kernels.nvrtc_options``), for the device's architecture. For comparison, the whole search
 module with its 40 instantiations in one program (the loader before: one ``RawModule`` with name
 expressions, which CuPy before 14.2 recompiled in every process).
 
@@ -20,20 +20,20 @@ import statistics
 import time
 from pathlib import Path
 
-from gpuhnsw import _kernels
+from gpuhnsw.device import kernels
 from gpuhnsw.testing import machine_info
 
 
 def whole_search_module(arch):
     """Seconds to compile the 40 search instantiations in one program (name expressions)."""
-    nvrtc = _kernels.nvrtc_module()
-    src = _kernels.kernel_source("search").encode()
+    nvrtc = kernels.nvrtc_module()
+    src = kernels.kernel_source("search").encode()
     _, prog = nvrtc.nvrtcCreateProgram(src, b"search.cu", 0, [], [])
     try:
-        for t, team, cap in _kernels.instances("search"):
-            expr = f"search_beam_kernel<{_kernels.STORAGE_TYPES[t]}, {team}, {cap}>"
+        for t, team, cap in kernels.instances("search"):
+            expr = f"search_beam_kernel<{kernels.STORAGE_TYPES[t]}, {team}, {cap}>"
             nvrtc.nvrtcAddNameExpression(prog, expr.encode())
-        opts = [o.encode() for o in _kernels.nvrtc_options(arch)]
+        opts = [o.encode() for o in kernels.nvrtc_options(arch)]
         t0 = time.perf_counter()
         result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         seconds = time.perf_counter() - t0
@@ -51,16 +51,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    if _kernels.nvrtc_module() is None:
+    if kernels.nvrtc_module() is None:
         raise SystemExit("NVRTC not available: pip install '.[nvrtc]'")
     archs = args.archs.split(",")
     info = machine_info("cuda-python", "nvidia-cuda-nvrtc-cu12")
     raw = {arch: {"instances": {}, "whole_search_module": []} for arch in archs}
     for rep in range(args.repeats):
         for arch in archs:
-            for name in _kernels.MODULES:
-                for inst in _kernels.instances(name):
-                    ok, log, seconds = _kernels.nvrtc_compile(name, inst, arch)
+            for name in kernels.MODULES:
+                for inst in kernels.instances(name):
+                    ok, log, seconds = kernels.nvrtc_compile(name, inst, arch)
                     if not ok:
                         raise RuntimeError(f"{name} {inst} {arch}:\n{log}")
                     raw[arch]["instances"].setdefault(f"{name} {inst}", []).append(seconds)
@@ -70,7 +70,7 @@ def main(argv=None):
     rows = []
     for arch in archs:
         per = {key: statistics.median(v) for key, v in raw[arch]["instances"].items()}
-        for name in _kernels.MODULES:
+        for name in kernels.MODULES:
             times = [t for key, t in per.items() if key.startswith(name + " ")]
             rows.append((arch, name, len(times), min(times), statistics.median(times), max(times)))
         rows.append((arch, "search, all 40 in one program", 1, *[statistics.median(raw[arch]["whole_search_module"])] * 3))

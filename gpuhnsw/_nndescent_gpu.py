@@ -37,10 +37,12 @@ import time
 
 import numpy as np
 
-from ._device import select_topk
 from ._errors import DeviceError
-from ._kernels import TOPK_CAPACITIES, import_cupy
-from .exact import l2_centre
+from ._progress import Progress
+from ._rows import l2_centre, normalize_rows
+from .device.arrays import import_cupy
+from .device.kernels import TOPK_CAPACITIES
+from .device.ops import select_topk
 
 __all__ = ["nndescent_graph"]
 
@@ -112,7 +114,6 @@ class _Clock:
 
 def nndescent_graph(x, k, space, dev, params, delta, progress, seed, info):
     """x [n, d] float32 (host); returns (ids int64 [n, k], dists float32 [n, k]) on the host."""
-    from ._progress import Progress
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"GPU NN-descent takes at most {MAX_ROWS} rows, got {x.shape[0]}; "
                          f"use device='cpu'")
@@ -136,7 +137,7 @@ def _run(xp, x_host, K_out, space, params, delta, seed, info, bar):
     clock = _Clock(xp)
     X = xp.asarray(x_host)
     if space == "cosine":
-        X = X / (xp.sqrt((X * X).sum(axis=1, keepdims=True)) + np.float32(1e-30))
+        X = normalize_rows(X, xp)
     mu = sq = None
     if space == "l2":
         mu, sq = l2_centre(x_host)                      # the joins' centre and |x - mu|^2
@@ -303,7 +304,7 @@ def _merge(xp, graph, table):
         second = (t != _EMPTY) & (col == s2) & (s1 != s2) & (xp.take_along_axis(t, s1, axis=1) == t)
         t[held | second] = _EMPTY
         both = xp.concatenate([g, t], axis=1)                      # [r, K + T]
-        select_topk(xp, _dists(xp, both), K, out_d[:r], out_i[:r])
+        select_topk(_dists(xp, both), K, out_d[:r], out_i[:r])
         best = xp.take_along_axis(both, out_i[:r], axis=1)         # ascending by distance
         proposed = (best != _EMPTY) & ((best & _FROM_TABLE) != 0)
         came += proposed.sum()

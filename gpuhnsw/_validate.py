@@ -3,13 +3,13 @@
 Each function returns the canonical form (C-contiguous array of the right dtype, plain int) or
 raises the exception hnswlib raises for the same mistake, with a message that says what was wrong.
 """
-import functools
 import os
 
 import numpy as np
 
 from ._core import SPACES
 from ._errors import DeviceError, InputShapeError
+from .device.arrays import cuda_status, to_host
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -84,15 +84,12 @@ def plain_array(x):
 
 
 def as_vectors(data, dim=None, what="data"):
-    """``data`` as a C-contiguous float32 matrix ``[n, dim]``; 1-D input is one row.
+    """``data`` (host or GPU) as a C-contiguous float32 NumPy matrix ``[n, dim]``; 1-D input is one row.
 
     Wrong shape or width raises :class:`InputShapeError` (a ``ValueError`` and a ``RuntimeError``);
     NaN, infinities and non-numeric data raise ``ValueError``.
     """
-    data = plain_array(data)
-    if hasattr(data, "__cuda_array_interface__") and hasattr(data, "get"):
-        data = data.get()  # a CuPy array on the CPU path: validate the host copy
-    arr = np.asarray(data)
+    arr = np.asarray(to_host(plain_array(data)))  # a GPU array on a CPU path: the host copy
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
@@ -120,12 +117,12 @@ def as_label(label, out_of_range=OverflowError):
 
 
 def as_labels(ids, rows=None):
-    """Labels (an array-like, or a set) as uint64 ``[rows]``; a scalar is allowed for one row.
+    """Labels (an array-like or a set, host or GPU) as uint64 ``[rows]``; a scalar is allowed for one row.
     Labels outside [0, 2**64) raise ``OverflowError``, a length mismatch ``RuntimeError`` (both as
     hnswlib)."""
     if isinstance(ids, (set, frozenset)):
         ids = list(ids)   # NumPy picks int64, uint64 or (beyond both) object, each checked below
-    arr = np.asarray(plain_array(ids))
+    arr = np.asarray(to_host(plain_array(ids)))
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (rows is not None and arr.shape[0] != rows):
@@ -147,6 +144,12 @@ def as_labels(ids, rows=None):
     elif not np.issubdtype(arr.dtype, np.unsignedinteger):
         raise TypeError(f"labels must be integers, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+def flat_labels(ids):
+    """Labels of any shape (e.g. the ``[nq, k]`` labels of ``knn_query``), host or GPU, as uint64
+    ``[n]`` in row-major order; errors as :func:`as_labels`."""
+    return as_labels(np.ravel(to_host(plain_array(ids))))
 
 
 # Where the kernel shows this process's cgroups (v1 or v2) and their memory limits.
@@ -206,17 +209,22 @@ def memory_limit():
     return min(limits) if limits else None
 
 
-# Most CPU threads one call may ask for (or the core count, where that is larger).  Every worker is
-# a pthread (stack reserved per thread) and every searching one holds a visited table of 2 bytes per
-# slot, kept by the index for reuse; past the cores they only contend.  Unbounded, a num_threads of
-# 2**40 was stored, broke pickling and copies (the state keeps a C int), and knn_graph, exact search
-# and add_items sized their pools by the row count instead (up to one thread per row).
+# Most CPU threads one call may ask for (or the core count, where that is larger): every worker is a
+# pthread (stack reserved per thread) and every searching one holds a visited table of 2 bytes per
+# slot, kept by the index for reuse; past the cores they only contend, and the count is kept in a C
+# int (docs/architecture.md, "Index semantics").
 MAX_THREADS = 1024
 
 
 def thread_limit():
     """The largest ``num_threads`` accepted here: ``max(MAX_THREADS, cores)``."""
     return max(MAX_THREADS, os.cpu_count() or 1, cpu_count())
+
+
+def threads_for(n, rows):
+    """hnswlib's rule for a call over ``rows`` rows with ``n`` threads: small batches are not worth
+    threads (1 thread up to ``4 * n`` rows)."""
+    return 1 if rows <= 4 * n else n
 
 
 def num_threads(n, default=None):
@@ -229,23 +237,6 @@ def num_threads(n, default=None):
         raise ValueError(f"num_threads must be at most {thread_limit()} (<= 0 uses every core, "
                          f"{cpu_count()} here), got {n}")
     return n
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_status():
-    """(usable, reason): whether CuPy is importable and sees a CUDA device."""
-    try:
-        import cupy
-    except Exception as exc:  # ImportError, or a CuPy that cannot load its CUDA libraries
-        return False, (f"CuPy cannot be imported ({exc.__class__.__name__}: {exc}); "
-                       "install gpuhnsw[cuda12] or gpuhnsw[cuda13]")
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return False, f"CUDA reports no usable device ({exc})"
-    if n < 1:
-        return False, "CUDA reports no device"
-    return True, ""
 
 
 def resolve_device(device):
@@ -264,13 +255,11 @@ def resolve_device(device):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "cpu":
         return "cpu", None
-    usable, why = cuda_status()
-    if not usable:
+    count, why = cuda_status()
+    if not count:
         if device == "auto":
             return "cpu", None
         raise DeviceError(f"device={device!r} was requested but no GPU can be used: {why}")
-    import cupy
-    count = cupy.cuda.runtime.getDeviceCount()
     if ordinal >= count:
         raise DeviceError(f"device 'cuda:{ordinal}' requested but only {count} GPU(s) are visible")
     return "cuda", ordinal

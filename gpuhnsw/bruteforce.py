@@ -1,7 +1,7 @@
 """``BFIndex``: exact search with hnswlib 0.8.0's ``BFIndex`` API.
 
 Searches run through the exact engine (:mod:`gpuhnsw.exact`); the file formats live in
-:mod:`gpuhnsw._io` (``write_bfindex`` / ``read_bfindex``).
+:mod:`gpuhnsw._io.bfindex`.
 """
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import threading
 import numpy as np
 
 from ._errors import IndexFileNotFoundError
-from ._io import read_bfindex, write_bfindex
+from ._io.bfindex import read_bfindex, write_bfindex
+from ._rows import normalize_rows
+from ._surface import NOT_FOUND, IndexSurface
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count,
                         num_threads as num_threads_rule, resolve_device)
-from .exact import exact_rows, normalize_rows, upload_base
+from .exact import exact_rows, upload_base
 
 __all__ = ["BFIndex"]
 
@@ -82,7 +84,7 @@ class _ReadWriteLock:
 # BFIndex
 # --------------------------------------------------------------------------------------------------
 
-class BFIndex:
+class BFIndex(IndexSurface):
     """Exact search index with hnswlib 0.8.0's ``BFIndex`` API.
 
     Differences from hnswlib (its bugs, fixed): ``k`` larger than the number of elements that can be
@@ -122,9 +124,6 @@ class BFIndex:
         self._next_auto = 0    # hnswlib's cur_l: advances by the rows of every add_items call
         self._gpu_cache = None
 
-    def __repr__(self):
-        return f"<gpuhnsw.BFIndex(space='{self._space}', dim={self._dim})>"
-
     def __getstate__(self):
         with self._lock.reading():          # pickle serialises after this returns: copy the rows
             n = self._count
@@ -145,42 +144,9 @@ class BFIndex:
 
     # ---- properties ---------------------------------------------------------------------------
     @property
-    def space(self):
-        """``'l2'``, ``'ip'`` or ``'cosine'``."""
-        return self._space
-
-    @property
-    def dim(self):
-        """Width of the vectors."""
-        return self._dim
-
-    @property
     def device(self):
         """``"cpu"``, or ``"cuda:N"``: where ``knn_query`` runs."""
         return "cpu" if self._device[0] == "cpu" else f"cuda:{self._device[1] or 0}"
-
-    @property
-    def max_elements(self):
-        """Capacity (see :meth:`get_max_elements`)."""
-        return self._max_elements
-
-    @property
-    def element_count(self):
-        """Vectors stored (see :meth:`get_current_count`)."""
-        return self._count
-
-    @property
-    def num_threads(self):
-        """Default query thread count (read-write; <= 0: every core)."""
-        return self._num_threads
-
-    @num_threads.setter
-    def num_threads(self, value):
-        self.set_num_threads(value)
-
-    def set_num_threads(self, num_threads):
-        """Default query thread count (<= 0: every core)."""
-        self._num_threads = num_threads_rule(num_threads)
 
     def get_max_elements(self):
         """Capacity in vectors (0 before :meth:`init_index`)."""
@@ -289,7 +255,7 @@ class BFIndex:
                     use_cache = False
             if k > base.shape[0] and q.shape[0] > 0:
                 raise RuntimeError(
-                    f"Cannot return the results in a contiguous 2D array: k={k} but only "
+                    f"{NOT_FOUND}: k={k} but only "
                     f"{base.shape[0]} element(s) can be returned"
                     + (" (after the filter)" if filter is not None else ""))
             cache = None

@@ -26,8 +26,11 @@ import tokenize
 
 import numpy as np
 
-from . import _io
+from ._core import SPACES
 from ._errors import DeviceError, IndexFileError
+from ._io import bfindex, hnswlib_format, native
+from ._surface import DEFAULT_SEED
+from .knn_graph import AUTO_EXACT_LIMIT, METHODS
 
 __all__ = ["main", "read_vectors"]
 
@@ -45,7 +48,6 @@ class CLIError(Exception):
 _VECS = {".fvecs": np.dtype("<f4"), ".bvecs": np.dtype("u1"), ".ivecs": np.dtype("<i4")}
 
 
-BUILD_PROGRESS_MIN_ROWS = 10_000  # build shows a progress bar from this size on a terminal
 
 def read_vectors(path, *, limit=None):
     """Read a vector file as a 2-D array (``.npy`` memory-mapped; ``*vecs`` as their dtype).
@@ -153,30 +155,21 @@ def index_header(path):
         raise CLIError(f"{path}: no such file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(max(_io._HEADER.size, _io._HNSW_HEADER.size, 64))
-    if head[:len(_io.MAGIC)] == _io.MAGIC:
-        if len(head) < _io._HEADER.size:
-            raise CLIError(f"{path}: truncated gpuhnsw index header")
-        fields = _io._HEADER.unpack_from(head)
-        code, dim = fields[2], fields[4]
-        if code >= len(_io.SPACES):
-            raise CLIError(f"{path}: corrupted gpuhnsw index header (space code {code})")
-        return dict(kind="hnsw", format="gpuhnsw", space=_io.SPACES[code], dim=int(dim))
+        head = f.read(max(native.HEADER_BYTES, hnswlib_format.HEADER_BYTES, 64))
     try:
-        bf = _io.bfindex_header(head)
+        own, bf = native.peek(head), bfindex.bfindex_header(head)
     except IndexFileError as exc:
         raise CLIError(f"{path}: {exc}") from None
+    if own is not None:
+        return dict(kind="hnsw", format="gpuhnsw", space=own[0], dim=own[1])
     if bf is not None:
         return dict(kind="bruteforce", format="gpuhnsw", space=bf[0], dim=bf[1])
-    if len(head) >= _io._HNSW_HEADER.size:
-        (offset0, _, _, _, label_offset, offset_data, *_rest) = _io._HNSW_HEADER.unpack_from(head)
-        if offset0 == 0 and label_offset > offset_data and (label_offset - offset_data) % 4 == 0:
-            return dict(kind="hnsw", format="hnswlib", space=None,
-                        dim=int((label_offset - offset_data) // 4))
-    if len(head) >= 24:
-        cap, rec, n = struct.unpack_from("<QQQ", head)
-        if rec > 8 and (rec - 8) % 4 == 0 and n <= cap and size == 24 + cap * rec:
-            return dict(kind="bruteforce", format="hnswlib", space=None, dim=int((rec - 8) // 4))
+    dim = hnswlib_format.peek(head)
+    if dim is not None:
+        return dict(kind="hnsw", format="hnswlib", space=None, dim=dim)
+    dim = bfindex.hnswlib_bfindex_dim(head, size)
+    if dim is not None:
+        return dict(kind="bruteforce", format="hnswlib", space=None, dim=dim)
     raise CLIError(f"{path}: not a gpuhnsw or hnswlib index file")
 
 
@@ -217,9 +210,9 @@ def cmd_build(args):
     n, dim = data.shape
     index = Index(args.space, dim, device=args.device)
     index.init_index(n, M=args.M, ef_construction=args.ef_construction, random_seed=args.seed)
-    from ._progress import stderr_is_tty
+    from ._progress import CLI_BUILD_MIN_ROWS, wanted
 
-    progress = args.progress if args.progress is not None else n >= BUILD_PROGRESS_MIN_ROWS and stderr_is_tty()
+    progress = wanted(args.progress, n, CLI_BUILD_MIN_ROWS)
     t0 = time.perf_counter()
     index.add_items(data, np.arange(n, dtype=np.int64), num_threads=args.threads, progress=progress)
     took = time.perf_counter() - t0
@@ -432,7 +425,7 @@ def cmd_info(args):
                 space=h["space"] or "unknown (not stored in hnswlib files)", dim=h["dim"])
     if h["kind"] == "hnsw":
         try:
-            state, ef, _ = _io.read_index(path, space=h["space"] or "l2", dim=h["dim"])
+            state, ef, _ = native.read_index(path, space=h["space"] or "l2", dim=h["dim"])
         except IndexFileError as exc:
             raise CLIError(str(exc)) from None   # it names the file
         n = state["count"]
@@ -493,14 +486,15 @@ def _build_parser():
                         help="CPU threads; <= 0 uses every core (default: -1)")
 
     def space(p, default="l2"):
-        p.add_argument("--space", choices=("l2", "ip", "cosine"), default=default,
+        p.add_argument("--space", choices=SPACES, default=default,
                        help=f"distance: squared L2, 1 - dot, 1 - cosine (default: {default})")
 
     def hnsw_params(p):
         p.add_argument("--M", type=_positive, default=16, help="links per node (default: 16)")
         p.add_argument("--ef-construction", type=_positive, default=200,
                        help="build beam width (default: 200)")
-        p.add_argument("--seed", type=_seed, default=100, help="level seed, 0..2**64-1 (default: 100)")
+        p.add_argument("--seed", type=_seed, default=DEFAULT_SEED,
+                       help=f"level seed, 0..2**64-1 (default: {DEFAULT_SEED})")
 
     def limit(p):
         p.add_argument("--limit", type=_positive, help="use only the first N vectors")
@@ -527,7 +521,7 @@ def _build_parser():
     p.add_argument("queries", help="query vectors: .npy, .fvecs or .bvecs")
     p.add_argument("-k", type=_positive, default=10, help="neighbours per query (default: 10)")
     p.add_argument("--ef", type=_positive, help="search beam width (default: the index's ef)")
-    p.add_argument("--space", choices=("l2", "ip", "cosine"),
+    p.add_argument("--space", choices=SPACES,
                    help="required for hnswlib files, which do not store it (gpuhnsw files do)")
     p.add_argument("--labels", help=".npy output: uint64 labels [nq, k] (neither --labels nor "
                    "--distances: results are printed)")
@@ -541,7 +535,6 @@ def _build_parser():
     p.add_argument("-o", "--output", required=True,
                    help="graph.npz (CSR, scipy.sparse.load_npz) or neighbors.npy (int64 [n, k])")
     p.add_argument("--distances", help="with a .npy output: float32 distances [n, k]")
-    from .knn_graph import AUTO_EXACT_LIMIT, METHODS   # the library's list, so the two never differ
     p.add_argument("--method", choices=METHODS, default="auto",
                    help=f"auto (default): exact while n * n * dim <= {AUTO_EXACT_LIMIT['cpu']:.0e} on the CPU "
                         f"({AUTO_EXACT_LIMIT['cuda']:.0e} on a GPU), else nndescent; exact: tiled brute force; "
@@ -566,7 +559,7 @@ def _build_parser():
     p.add_argument("--repeat", type=_positive, default=1, help="best of N timings per ef")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a recall/QPS plot (PNG) here (needs matplotlib)")
-    p.add_argument("--space", choices=("l2", "ip", "cosine"),
+    p.add_argument("--space", choices=SPACES,
                    help="distance (default: l2 when building; gpuhnsw index files store it, hnswlib "
                    "files need it)")
     hnsw_params(p)

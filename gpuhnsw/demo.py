@@ -20,7 +20,8 @@ import numpy as np
 
 from . import Index, __version__
 from ._progress import stderr_is_tty
-from ._validate import cpu_count, cuda_status
+from ._validate import cpu_count
+from .device.arrays import cuda_status, device_name
 from .testing import clustered, data_dir, data_dirs, exact_knn, load_dataset, recall_at_k
 
 K = 10
@@ -52,11 +53,8 @@ def describe_device(index, requested):
     if index.device == "cpu":
         why = "" if requested == "cpu" else f"; no GPU used: {cuda_status()[1]}"
         return f"cpu (C engine, {cpu_count()} cores{why})"
-    import cupy
-
     ordinal = int(requested.split(":")[1]) if ":" in requested else 0
-    name = cupy.cuda.runtime.getDeviceProperties(ordinal)["name"]
-    return f"cuda:{ordinal} ({name.decode() if isinstance(name, bytes) else name})"
+    return f"cuda:{ordinal} ({device_name(ordinal)})"
 
 
 def show_texts(name, labels):

@@ -1,10 +1,11 @@
 """The exact (brute-force) nearest-neighbour engine: ``exact_search`` and its building blocks.
 
-The exact kernel of the project (DESIGN section 6): ``exact_search``, :class:`gpuhnsw.BFIndex` and
-the exact method of ``knn_graph`` run through it. Public names: ``exact_search`` (validating entry
-point), ``exact_rows`` (the kernel on validated input), ``CandidatePool`` (the float32 screening
-pool), ``rerank`` (exact float64 re-ranking of a pool), ``normalize_rows`` (hnswlib's cosine rule),
-``pool_size``, ``l2_centre``, ``upload_base``, ``EXCLUDED_KEY``. (The test oracle
+The exact kernel of the project (docs/architecture.md, "Exact search"): ``exact_search``,
+:class:`gpuhnsw.BFIndex`, the exact method of ``knn_graph`` and the exact leg of filtered queries run
+through it. Public names: ``exact_search`` (validating entry point), ``exact_rows`` (the kernel on
+validated input), ``CandidatePool`` (the float32 screening pool), ``rerank`` (exact float64
+re-ranking of a pool), ``pool_size``, ``upload_base``, ``EXCLUDED_KEY``; the row rules (cosine
+normalisation, the l2 centre) are :mod:`gpuhnsw._rows`'. (The test oracle
 ``gpuhnsw.testing.exact_knn`` is separate, plain float64 NumPy code on purpose, so that it shares
 nothing with what it checks.)
 
@@ -24,15 +25,10 @@ final ordering stay on the device too)::
               sort by (distance, id), keep the first k
 
 For l2 the keys are taken relative to a centre ``mu``, about the base's mean
-(``l2_centre``): ``|q - b|^2 = |q - mu|^2 + 2 (q - mu).mu + K`` and the first two terms are fixed
-per query, so K ranks exactly as the distance does. ``|b - mu|^2`` is summed from row chunks
-centred on the fly, and only the query block is centred in float32. Squared L2 does not change when the data
-moves, but uncentred float32 keys ``|b|^2 - 2 q.b`` do: their rounding error is about
-``eps * |b|^2``, noise once the norms dwarf the distances (16-d unit Gaussians 10,000 from the
-origin: recall 0.01). The centred keys' error is about ``eps * (|b - mu|^2 + sqrt(d) |q - mu| |b|)``
-(eps = 2^-24; the second term is sgemm's rounding of ``(q - mu).b``; ``q - mu`` itself is exact
-where ``q`` and ``mu`` agree to a factor of 2 and otherwise off by ``eps |q - mu|``): the data's
-spread times its offset instead of the offset squared.
+(``_rows.l2_centre``, which says why): ``|q - b|^2 = |q - mu|^2 + 2 (q - mu).mu + K`` and the first
+two terms are fixed per query, so K ranks exactly as the distance does. Only the query block is
+centred in float32; the base is not copied. The keys' error is about
+``eps * (|b - mu|^2 + sqrt(d) |q - mu| |b|)`` (the second term is sgemm's rounding of ``(q - mu).b``).
 
 ``pool = min(k + margin, n)`` candidates survive the float32 screening, so float32 rounding can only
 matter when it is larger than the gap between the k-th and the (k + margin)-th distance. The returned
@@ -48,13 +44,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._device import select_topk
 from ._errors import DeviceError
-from ._kernels import TOPK_CAPACITIES, import_cupy
+from ._rows import l2_centre, normalize_rows
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
+from .device.arrays import import_cupy
+from .device.kernels import TOPK_CAPACITIES
+from .device.ops import select_topk
 
-__all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "normalize_rows", "pool_size",
-           "l2_centre", "upload_base", "EXCLUDED_KEY"]
+__all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "pool_size", "upload_base", "EXCLUDED_KEY"]
 
 # Candidates kept per query beyond k before the exact float64 re-ranking (see module docstring).
 _MIN_MARGIN = 8
@@ -70,45 +67,6 @@ _GPU_TILE_ENTRIES = 1 << 26
 EXCLUDED_KEY = np.float32(np.finfo(np.float32).max)
 # Rows per chunk of the float64 re-ranking ([chunk, pool, d] float64 temporaries).
 _REFINE_ENTRIES = 1 << 21
-
-
-# --------------------------------------------------------------------------------------------------
-# Input handling (validation itself lives in _validate, shared with Index and the CLI)
-# --------------------------------------------------------------------------------------------------
-
-def normalize_rows(x):
-    """Rows scaled by ``1 / (|x| + 1e-30)`` as float32 (hnswlib's cosine rule; zero rows stay zero).
-
-    The norm is taken in float64 so the scaling is correctly rounded.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    step = max(1, (1 << 22) // max(1, x.shape[1]))
-    for a in range(0, x.shape[0], step):
-        xb = x[a:a + step].astype(np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", xb, xb))
-        out[a:a + step] = xb * (1.0 / (norms + 1e-30))[:, None]
-    return out
-
-
-def l2_centre(x):
-    """The centre of the l2 screening keys for the rows ``x`` [n, d] float32, ``n >= 1``:
-    (mu float32 [d], the mean of at most ~4096 evenly strided rows, in float64; sq float32 [n],
-    ``|x_i - mu|^2``).
-
-    Any ``mu`` keeps the keys exact in real arithmetic; it only has to lie within the data's
-    spread, which a sample mean does, so the mean costs no pass over ``x``. ``sq`` is summed from
-    float32 row chunks centred in float32 (never a copy of ``x``), where ``|x|^2 - 2 mu.x + |mu|^2``
-    would cancel: its error, like the keys', scales with the spread (about ``d eps |x_i - mu|^2``).
-    One pass over ``x``, as the uncentred ``|x|^2`` took.
-    """
-    mu = x[::max(1, x.shape[0] // 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
-    sq = np.empty(x.shape[0], dtype=np.float32)
-    step = max(1, (1 << 18) // max(1, x.shape[1]))
-    for a in range(0, x.shape[0], step):
-        c = x[a:a + step] - mu                                    # [step, d] float32
-        sq[a:a + step] = np.einsum("ij,ij->i", c, c)
-    return mu, sq
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +410,7 @@ def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base
                 best_idx = cp.empty((b - a, pool), dtype=cp.int64)
                 for t0 in range(0, n, base_block):
                     t1 = min(t0 + base_block, n)
-                    select_topk(cp, qc @ bdev[t0:t1].T, pool, best_key, best_idx, index_offset=t0,
+                    select_topk(qc @ bdev[t0:t1].T, pool, best_key, best_idx, index_offset=t0,
                                 prev=t0 > 0, key_scale=-2.0 if space == "l2" else -1.0,
                                 key_bias=None if bsq is None else bsq[t0:t1], exclude=srows,
                                 exclude_key=EXCLUDED_KEY)

@@ -14,28 +14,28 @@ from typing import Any, BinaryIO, Callable, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _core, _device, _io
+from . import _core
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
-from ._filters import (MODES as FILTER_MODES, allowed_sets, chunk_rows, filter_rows, log_plan, per_query,
-                       prefer_exact)
-from ._progress import Progress, stderr_is_tty
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count,
-                        memory_limit, num_threads as num_threads_rule, plain_array, resolve_device)
-from .exact import exact_search
+from ._io import hnswlib_format, native
+from ._io.files import is_file_object, source_name
+from ._io.pickles import check_state
+from ._progress import ADD_ITEMS_MIN_ROWS, Progress, wanted as progress_wanted
+from ._surface import DEFAULT_SEED, IndexSurface
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count, flat_labels,
+                        memory_limit, num_threads as num_threads_rule, resolve_device, threads_for)
+from .search import planner
+from .search.filters import filter_rows
+from .search.gpu import DeviceSearch
+from .search.params import SearchParams
 
 # Annotation aliases: a label filter (see knn_query), a file argument, a NumPy or CuPy result
 Filter = Union[Callable[[int], bool], ArrayLike, set, list]
 IndexFile = Union[str, os.PathLike, BinaryIO]
 Array = Any
 
-PAD_LABEL = np.uint64(2**64 - 1)
 GPU_BUILD_MIN_ROWS = 20_000   # build="auto" uses the GPU for inserts at least this large
 GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take GPU candidates
 GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
-PROGRESS_MIN_ROWS = 100_000   # add_items shows a progress bar by default from this size (on a terminal)
-RELABEL_REDOS = 2             # label-filtered passes a relabel may void before one runs with labels pinned
-# hnswlib's words for "fewer than k results", kept as the start of ours (existing code matches on it)
-_NOT_FOUND = "Cannot return the results in a contiguous 2D array"
 
 
 def _check_memory(capacity, dim, M, error):
@@ -49,7 +49,7 @@ def _check_memory(capacity, dim, M, error):
                     f"more than the {have / 2**30:.1f} GiB of memory this process may use")
 
 
-class Index:
+class Index(IndexSurface):
     """An HNSW index (hnswlib-compatible).
 
     ``Index(space, dim)``, ``Index(state_dict)`` (from ``__getstate__``, ours or hnswlib's) or
@@ -80,14 +80,14 @@ class Index:
         if storage not in ("float32", "float16"):
             raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
         self._storage = storage
-        self._gpu = _device.DeviceIndex(self._device_ordinal, storage) if self._device == "cuda" else None
+        self._gpu = DeviceSearch(self._device_ordinal, storage) if self._device == "cuda" else None
         # hnswlib's three forms: (space, dim), a state dict, another index (first argument or keyword)
         sources = [x for x in (params, index, space if isinstance(space, (dict, Index)) else None) if x is not None]
         if sources:
             if len(sources) > 1 or dim is not None or (space is not None and sources[0] is not space):
                 raise TypeError("Index() takes space and dim, or one state dict (params=), or one Index (index=)")
             src = sources[0]
-            state = _io.check_state(src.__getstate__()[0] if isinstance(src, Index) else src)
+            state = check_state(src.__getstate__()[0] if isinstance(src, Index) else src)
             self._space, self._dim = check_space(state["space"]), check_dim(state["dim"])
             self._restore(state)
             return
@@ -97,7 +97,7 @@ class Index:
         self._dim = check_dim(dim)
 
     # ---------------------------------------------------------------- lifecycle
-    def init_index(self, max_elements: int, M: int = 16, ef_construction: int = 200, random_seed: int = 100,
+    def init_index(self, max_elements: int, M: int = 16, ef_construction: int = 200, random_seed: int = DEFAULT_SEED,
                    allow_replace_deleted: bool = False, *, auto_resize: bool = False) -> None:
         """Allocate an empty index of capacity ``max_elements``.
 
@@ -142,17 +142,17 @@ class Index:
         inserts (at least ``GPU_BUILD_MIN_ROWS`` rows) on a GPU index and the CPU otherwise.
 
         ``progress`` (keyword-only): show a tqdm bar; ``None`` shows one for inserts of at least
-        ``PROGRESS_MIN_ROWS`` rows when stderr is a terminal.
+        ``_progress.ADD_ITEMS_MIN_ROWS`` rows when stderr is a terminal.
         """
         core = self._need_init()
         if build not in ("auto", "cpu", "gpu"):
             raise ValueError(f"build must be 'auto', 'cpu' or 'gpu', got {build!r}")
         if build == "gpu" and self._device != "cuda":
             raise DeviceError("build='gpu' needs an index on a GPU (device='cuda')")
-        data = as_vectors(_device.to_host(plain_array(data)), self._dim)
+        data = as_vectors(data, self._dim)
         rows = data.shape[0]
-        labels = None if ids is None else as_labels(_device.to_host(plain_array(ids)), rows)
-        threads = self._threads(num_threads, rows)
+        labels = None if ids is None else as_labels(ids, rows)
+        threads = threads_for(num_threads_rule(num_threads, default=self._num_threads), rows)
         with self._cur_l_lock:   # calls running at once take disjoint auto labels
             first = self._cur_l
             self._cur_l += rows
@@ -173,8 +173,7 @@ class Index:
         rows = data.shape[0]
         if self._auto_resize and core.count + rows > core.max_elements:
             self.resize_index(max(core.count + rows, 2 * core.max_elements))
-        if progress is None:
-            progress = rows >= PROGRESS_MIN_ROWS and stderr_is_tty()
+        progress = progress_wanted(progress, rows, ADD_ITEMS_MIN_ROWS)
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
         # batches go in one by one: only take that path when even an all-new batch fits, so a
         # rejected insert still changes nothing
@@ -183,7 +182,7 @@ class Index:
             if in_parts and use_gpu:
                 self._add_assisted(data, labels, threads, bar)
             elif in_parts:
-                step = max(PROGRESS_MIN_ROWS // 10, rows // 100)
+                step = max(ADD_ITEMS_MIN_ROWS // 10, rows // 100)
                 for start in range(0, rows, step):
                     stop = min(rows, start + step)
                     core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
@@ -230,7 +229,7 @@ class Index:
     def _labels_in_state(core, labels, *, deleted):
         """The distinct labels of ``labels`` (any shape) as uint64 ``[n]``, each known to the index
         and currently deleted (or not); otherwise hnswlib's RuntimeError, naming the label."""
-        labels = np.unique(as_labels(np.ravel(_device.to_host(plain_array(labels)))))
+        labels = np.unique(flat_labels(labels))
         for one in labels:
             slot, is_deleted = core.lookup(int(one))
             if slot < 0:
@@ -286,196 +285,11 @@ class Index:
         distances : float32 ``[nq, k]``
             NumPy arrays for NumPy input; CuPy arrays for GPU input (no host round trip on the GPU).
         """
-        core = self._need_init()
-        k = as_int(k, "k", minimum=0)
-        ef = self._ef if ef is None else as_int(ef, "ef", minimum=1)
-        num_threads = num_threads_rule(num_threads, default=self._num_threads)  # also where the GPU answers
-        search_width = as_int(search_width, "search_width", minimum=1)
-        if search_width > 32:
-            raise ValueError(f"search_width must be 1..32, got {search_width}")
-        if filter_mode not in FILTER_MODES:
-            raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}, got {filter_mode!r}")
-        data = plain_array(data)
-        nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
-        need, have = nq * k * 12, memory_limit()  # labels + distances, before allocating them
-        if have is not None and need > have:
-            raise MemoryError(f"k={k} for {nq} queries needs {need / 2**30:.1f} GiB of results, more than "
-                              f"the {have / 2**30:.1f} GiB of memory this process may use")
-        args = (core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
-        if filter is None or callable(filter):   # (callables see the returned labels)
-            return self._knn_query_parts(*args)
-        # Label filters become slot bitsets before the search; if a replace_deleted moved a slot to
-        # another label meanwhile, the bitsets may name it by its old label: redo, so that no result
-        # ever carries a label the filter excludes.  Under steady relabels the last pass pins the
-        # labels (relabels wait for it), so the query always ends.
-        for _ in range(RELABEL_REDOS):
-            relabels = core.relabels
-            out = self._knn_query_parts(*args)
-            if core.relabels == relabels:
-                return out
-        taken = core.pin_labels()
-        try:
-            return self._knn_query_parts(*args)
-        finally:
-            core.unpin_labels(taken)
-
-    def _knn_query_parts(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode):
-        """``_knn_query_once`` over parts of the query rows where a per-query filter's bitsets
-        (``nq * capacity / 8`` bytes) would exceed ``_filters.BITSET_CHUNK_BYTES``; same results."""
-        nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
-        labels_filter = filter is not None and not callable(filter)
-        if labels_filter:   # on the host once, for every part
-            filter = _device.to_host(plain_array(filter))
-        step = chunk_rows(core.max_elements) if labels_filter and per_query(filter) else nq
-        if step >= nq:
-            return self._knn_query_once(core, data, k, ef, num_threads, filter, pad, search_width, filter_mode)
-        labels = dists = None
-        for start in range(0, nq, step):
-            stop = min(nq, start + step)
-            part = self._knn_query_once(core, data[start:stop], k, ef, num_threads,
-                                        filter_rows(filter, np.arange(start, stop)), pad, search_width,
-                                        filter_mode, row0=start)
-            if labels is None:   # NumPy, or CuPy for GPU input, as one call's result
-                empty = _device.to_device if _device.is_gpu_array(part[0]) else np.asarray
-                labels = empty(np.empty((nq, k), dtype=np.uint64))
-                dists = empty(np.empty((nq, k), dtype=np.float32))
-            labels[start:stop], dists[start:stop] = part
-        return labels, dists
-
-    def _knn_query_once(self, core, data, k, ef, num_threads, filter, pad, search_width, filter_mode, row0=0):
-        """One search of the rows ``data`` (a label filter already on the host); ``row0``: the first
-        row's number in the caller's query (for error messages)."""
-        sets = exact = None
-        if filter is not None and not callable(filter):
-            sets = allowed_sets(core, filter, 1 if np.ndim(data) == 1 else np.shape(data)[0])
-            exact = self._filter_plan(core, sets, k, ef, filter_mode)
-        if not pad:
-            self._check_enough(core, k, sets, row0)
-        # the GPU takes unfiltered queries and graph search under label filters (shared or per query)
-        if self._gpu is not None and not callable(filter) and (sets is None or not exact.any()):
-            bits = None if sets is None else sets.bits if sets.per_query else sets.bits[0]
-            out = self._gpu.knn_query(
-                core, data, k, ef, bits, search_width,
-                lambda q, rows: self._knn_query_cpu(core, q, k, ef, -1, None, *(
-                    (None, None) if sets is None else (sets.take(rows), exact[rows] if sets.per_query else exact))))
-            if out is not None:
-                if sets is not None:
-                    out = self._redo_missed(core, data, out, k, ef, sets)
-                return self._check_found(core, out, k, ef, pad, filter, row0)
-        on_gpu_input = _device.is_gpu_array(data)
-        q = as_vectors(_device.to_host(data), self._dim, what="query")
-        labels, dists, found = self._knn_query_cpu(core, q, k, ef, num_threads, None if sets else filter,
-                                                   sets, exact)
-        self._check_found(core, (labels, dists, found), k, ef, pad, filter, row0)
-        if on_gpu_input:
-            return _device.to_device(labels), _device.to_device(dists)
-        return labels, dists
-
-    def _redo_missed(self, core, data, out, k, ef, sets):
-        """GPU graph rows that found fewer than ``min(k, allowed)`` results (the filter cut the
-        graph apart) answered by exact search over the allowed rows, as the CPU path answers them, so
-        a result never depends on where the query ran.  ``out``: the GPU's (labels, dists, found)."""
-        labels, dists, found = out
-        row_live = sets.live if sets.per_query else np.repeat(sets.live, found.shape[0])  # int64 [nq]
-        miss = np.flatnonzero(found < np.minimum(k, row_live))
-        if not miss.size:
-            return out
-        q = as_vectors(_device.to_host(data), self._dim, what="query")[miss]
-        sub = sets.take(miss)
-        l_cpu, d_cpu, found[miss] = self._knn_query_cpu(core, q, k, ef, -1, None, sub,
-                                                        np.ones(sub.live.shape, dtype=bool))
-        if _device.is_gpu_array(labels):
-            rows = _device.to_device(miss)
-            labels[rows], dists[rows] = _device.to_device(l_cpu), _device.to_device(d_cpu)
-        else:
-            labels[miss], dists[miss] = l_cpu, d_cpu
-        return labels, dists, found
-
-    @staticmethod
-    def _check_enough(core, k, sets, row0=0):
-        """Fewer than ``k`` live elements, in the index or allowed by a label filter: hnswlib's
-        RuntimeError, with the numbers."""
-        live = core.count - core.n_deleted
-        if k > live:
-            raise RuntimeError(f"{_NOT_FOUND}: " + (f"k={k} but the index holds only {live} live elements"
-                                                     if live else f"k={k} but the index is empty")
-                               + "; pass pad=True to accept fewer")
-        if sets is not None and k and sets.live.min() < k:
-            i = int(np.argmin(sets.live))
-            which = f" of query row {row0 + i}" if sets.per_query else ""
-            raise RuntimeError(f"{_NOT_FOUND}: k={k} but the filter{which} allows only {sets.live[i]} live "
-                               "elements; pass pad=True to accept fewer")
-
-    @staticmethod
-    def _check_found(core, result, k, ef, pad, filter, row0=0):
-        """A row that found fewer than ``k`` although enough are live: the graph search missed them."""
-        labels, dists, found = result
-        if not pad and (found < k).any():
-            row = int(np.argmax(found < k))
-            cause = "the filter may allow fewer than k elements, or " if callable(filter) else ""
-            raise RuntimeError(f"{_NOT_FOUND}: query row {row0 + row} found {found[row]} of k={k} neighbours among "
-                               f"{core.count - core.n_deleted} live elements ({cause}the graph search missed "
-                               f"some: raise ef, now {max(ef, k)}, or M); pass pad=True to accept fewer")
-        return labels, dists
-
-    @staticmethod
-    def _filter_plan(core, sets, k, ef, mode):
-        """bool ``[g]``: which allowed sets are searched exactly (see ``_filters.prefer_exact``)."""
-        if mode != "auto":
-            return np.full(sets.live.shape, mode == "exact")
-        return prefer_exact(sets.live, core.count - core.n_deleted, max(ef, k), core.M0)
-
-    def _knn_query_cpu(self, core, q, k, ef, num_threads, filter, sets=None, exact=None):
-        """The C search, missing results padded; ``filter`` is None or a callable, label filters
-        come parsed as ``sets`` with the plan ``exact`` (bool ``[g]``: exact search over the
-        allowed rows, else graph search; a graph row that misses allowed elements is redone
-        exactly).  Returns labels, dists, found int32 ``[nq]``."""
-        nq = q.shape[0]
-        labels = np.empty((nq, k), dtype=np.uint64)
-        dists = np.empty((nq, k), dtype=np.float32)
-        found = np.zeros(nq, dtype=np.int32)
-        if k == 0 or nq == 0:
-            return labels, dists, found
-        threads = self._threads(num_threads, nq)
-        if sets is None:
-            core.search(q, nq, k, ef, threads, labels, dists, found, None, filter)
-            return labels, dists, found
-        row_live = sets.live if sets.per_query else np.repeat(sets.live, nq)  # int64 [nq]
-        exact = exact.copy() if sets.per_query else np.repeat(exact, nq)     # bool [nq]
-        graph = np.flatnonzero(~exact)
-        if graph.size:
-            bits = np.ascontiguousarray(sets.bits[graph] if sets.per_query else sets.bits[0])
-            sub_l, sub_d, sub_found = labels[graph], dists[graph], found[graph]
-            core.search(np.ascontiguousarray(q[graph]), graph.size, k, ef, threads, sub_l, sub_d, sub_found,
-                        bits, None, False, bits.shape[-1] if sets.per_query else 0)
-            labels[graph], dists[graph], found[graph] = sub_l, sub_d, sub_found
-            # graph search misses allowed elements where the filter cuts the graph apart: redo exactly
-            exact[graph[sub_found < np.minimum(k, row_live[graph])]] = True
-        log_plan(int(exact.sum()), nq, sets.live)
-        rows = np.flatnonzero(exact)
-        if sets.per_query:
-            for row in rows:
-                self._exact_query(core, q, np.array([row]), sets.slots(row), k, threads, labels, dists)
-        elif rows.size:
-            self._exact_query(core, q, rows, sets.slots(0), k, threads, labels, dists)
-        found[rows] = np.minimum(k, row_live[rows])
-        return labels, dists, found
-
-    def _exact_query(self, core, q, rows, slots, k, threads, labels, dists):
-        """Exact search of queries ``q[rows]`` over the elements in ``slots`` (uint32 ``[m]``),
-        into ``labels[rows]`` / ``dists[rows]`` (padded past ``m``); on this index's GPU if it has one."""
-        m = slots.shape[0]
-        vectors = np.empty((m, core.dim_pad), dtype=np.float32)
-        slot_labels = np.empty(m, dtype=np.uint64)
-        core.gather_rows(slots, vectors, np.empty((m, core.M0), dtype=np.uint32), np.empty(m, dtype=np.uint32),
-                         slot_labels, np.empty(m, dtype=np.uint8))
-        kk = min(k, m)
-        labels[rows, kk:], dists[rows, kk:] = PAD_LABEL, np.inf
-        if kk:
-            device = "cpu" if self._gpu is None else f"cuda:{self._gpu.ordinal}"
-            ids, d = exact_search(vectors[:, :self._dim], q[rows], kk, self._space, num_threads=threads,
-                                  device=device)
-            labels[rows, :kk], dists[rows, :kk] = slot_labels[ids], d
+        params = SearchParams.of_query(k=k, ef=self._ef if ef is None else ef, num_threads=num_threads,
+                                       search_width=search_width, filter_mode=filter_mode, pad=pad,
+                                       default_threads=self._num_threads,
+                                       device="cpu" if self._gpu is None else f"cuda:{self._gpu.ordinal}")
+        return planner.knn_query(self._need_init(), self._gpu, self._space, data, filter, params)
 
     def range_query(self, data: ArrayLike, radius: float, *, max_results: int | None = None,
                     ef: int | None = None, num_threads: int = -1, filter: Filter | None = None,
@@ -504,7 +318,7 @@ class Index:
         radius = float(radius)
         if not np.isfinite(radius) or radius < 0 and self._space == "l2":
             raise ValueError(f"radius must be finite (and >= 0 for l2), got {radius}")
-        q = as_vectors(_device.to_host(plain_array(data)), self._dim, what="query")
+        q = as_vectors(data, self._dim, what="query")
         limit = core.count - core.n_deleted
         if max_results is not None:
             limit = min(limit, as_int(max_results, "max_results", minimum=0))
@@ -544,10 +358,6 @@ class Index:
             return None
         return self._gpu.sync(self._core)
 
-    def _threads(self, n, rows):
-        n = self._num_threads if n is None else num_threads_rule(n, default=self._num_threads)
-        return 1 if rows <= 4 * n else n  # hnswlib's rule: small batches are not worth threads
-
     # ---------------------------------------------------------------- reads
     def get_items(self, ids: ArrayLike | None = None, return_type: str = "numpy") -> np.ndarray | list:
         """Stored vectors of ``ids`` (cosine: normalised) as float32 ``[n, dim]`` or a list.
@@ -562,7 +372,7 @@ class Index:
         else:
             if np.ndim(ids) == 0:
                 raise ValueError("get_items accepts a list of indices and returns a list of vectors")
-            labels = as_labels(np.ravel(_device.to_host(ids)))
+            labels = flat_labels(ids)
         out = np.empty((labels.shape[0], self._dim), dtype=np.float32)
         core.get_vectors(labels, out)
         return out if return_type == "numpy" else out.tolist()
@@ -633,16 +443,16 @@ class Index:
         self._refuse_the_mapped_file(core, path_to_index)
         state = core.export_state()
         if format == "gpuhnsw":
-            _io.write_gpuhnsw(path_to_index, state, ef=self._ef)
+            native.write_gpuhnsw(path_to_index, state, ef=self._ef)
         else:
-            _io.write_hnswlib(path_to_index, state)
+            hnswlib_format.write(path_to_index, state)
 
     def _refuse_the_mapped_file(self, core, target):
         """A file object open on the very file this index maps (same device and inode) must not be
         written: writing changes the rows under the mapping, and ``open(path, "wb")`` has already
         truncated it, taking the mapped rows with it (reading them would kill the process with
         SIGBUS).  Raises ValueError; after a truncation the index is unusable and says so."""
-        if self._mapped_file is None or not core.mapped or not _io.is_file_object(target):
+        if self._mapped_file is None or not core.mapped or not is_file_object(target):
             return
         try:
             st = os.fstat(target.fileno())
@@ -653,7 +463,7 @@ class Index:
             return
         advice = ("save to the path instead: save_index(path) writes a new file and renames it over the "
                   "old one, so the mapping keeps the old file")
-        name = _io.source_name(target)
+        name = source_name(target)
         if st.st_size >= size:
             raise ValueError(f"{name} is the file this index is mapped from (load_index(mmap=True)); writing "
                              f"it in place would change the rows under the mapping. Nothing was written; {advice}")
@@ -688,16 +498,16 @@ class Index:
         mapped: IndexFileError (ValueError for a file object), load them without mmap.
         """
         max_elements = as_int(max_elements, "max_elements", minimum=0)
-        name = _io.source_name(path_to_index)
+        name = source_name(path_to_index)
         try:
             mapped_file = None
             if mmap:
-                with _io.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
+                with native.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
                     core, ef = self._core_from_file(name, *opened, "gpuhnsw", max_elements, allow_replace_deleted)
                     st = os.fstat(opened[2]["fd"])
                     mapped_file = (st.st_dev, st.st_ino, st.st_size)
             else:
-                state, ef, fmt = _io.read_index(path_to_index, space=self._space, dim=self._dim)
+                state, ef, fmt = native.read_index(path_to_index, space=self._space, dim=self._dim)
                 core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
@@ -737,12 +547,12 @@ class Index:
         return (state,)
 
     def __setstate__(self, state):
-        state = _io.check_state(state[0] if isinstance(state, tuple) and len(state) == 1 else state)
+        state = check_state(state[0] if isinstance(state, tuple) and len(state) == 1 else state)
         self.__init__(state["space"], state["dim"], device="auto")
         self._restore(state)
 
     def _restore(self, state):
-        """Build from a state checked by ``_io.check_state``; any inconsistency the engine finds is
+        """Build from a state checked by ``_io.pickles.check_state``; any inconsistency the engine finds is
         an IndexFileError too, as for files."""
         self._ef = int(state.get("ef", 10))
         self._num_threads = num_threads_rule(state.get("num_threads", self._num_threads))
@@ -755,9 +565,6 @@ class Index:
                 raise IndexFileError(f"index state: {exc}") from None
             self._cur_l = int(state.get("cur_l", self._core.count))
 
-    def __repr__(self):
-        return f"<gpuhnsw.Index(space='{self._space}', dim={self._dim})>"
-
     # ---------------------------------------------------------------- parameters
     def set_ef(self, ef: int) -> None:
         """Default beam width of :meth:`knn_query` (``max(ef, k)`` is used).  Not saved by
@@ -768,10 +575,6 @@ class Index:
             raise ValueError("ef must be at least 1 (the beam is max(ef, k) wide); got 0")
         self._ef = ef
 
-    def set_num_threads(self, num_threads: int) -> None:
-        """Default thread count of :meth:`add_items` and :meth:`knn_query` (<= 0: every core)."""
-        self._num_threads = num_threads_rule(num_threads)
-
     def get_max_elements(self) -> int:
         """Capacity in elements (0 before :meth:`init_index`)."""
         return 0 if self._core is None else self._core.max_elements
@@ -780,33 +583,8 @@ class Index:
         """Elements stored, deleted ones included (as hnswlib; ``len(index)`` counts live ones)."""
         return 0 if self._core is None else self._core.count
 
-    @property
-    def ef(self) -> int:
-        """Default beam width of :meth:`knn_query` (read-write, see :meth:`set_ef`)."""
-        return self._ef
-
-    @ef.setter
-    def ef(self, value):
-        self.set_ef(value)
-
-    @property
-    def num_threads(self) -> int:
-        """Default thread count (read-write, see :meth:`set_num_threads`)."""
-        return self._num_threads
-
-    @num_threads.setter
-    def num_threads(self, value):
-        self.set_num_threads(value)
-
-    @property
-    def space(self) -> str:
-        """``'l2'`` (squared L2), ``'ip'`` (1 - dot) or ``'cosine'`` (ip on normalised vectors)."""
-        return self._space
-
-    @property
-    def dim(self) -> int:
-        """Width of the vectors."""
-        return self._dim
+    ef = property(lambda self: self._ef, lambda self, value: self.set_ef(value),
+                  doc="Default beam width of :meth:`knn_query` (read-write, see :meth:`set_ef`).")
 
     @property
     def M(self) -> int:
@@ -817,16 +595,6 @@ class Index:
     def ef_construction(self) -> int:
         """Beam width while inserting; 0 before :meth:`init_index`."""
         return 0 if self._core is None else self._core.ef_construction
-
-    @property
-    def max_elements(self) -> int:
-        """Capacity (see :meth:`get_max_elements`)."""
-        return self.get_max_elements()
-
-    @property
-    def element_count(self) -> int:
-        """Elements stored, deleted included (see :meth:`get_current_count`)."""
-        return self.get_current_count()
 
     @property
     def device(self) -> str:

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour graphs of a whole dataset (DESIGN section 6).
+"""k-nearest-neighbour graphs of a whole dataset (docs/architecture.md, "knn_graph").
 
 ``knn_graph(data, k)`` returns, for every row, its ``k`` nearest other rows. Three methods:
 
@@ -33,21 +33,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import _core
+from ._progress import KNN_GRAPH_MIN_ROWS, Progress as _Progress, wanted as _progress_wanted
+from ._rows import l2_centre, normalize_rows
+from ._surface import DEFAULT_SEED
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
-from ._progress import Progress as _Progress, stderr_is_tty as _stderr_is_tty
-from .exact import (EXCLUDED_KEY, CandidatePool, exact_rows, l2_centre, normalize_rows, pool_size,
-                    rerank)
+from .exact import EXCLUDED_KEY, CandidatePool, exact_rows, pool_size, rerank
+from .index import GPU_BUILD_MIN_ROWS, Index
 
-__all__ = ["knn_graph"]
+__all__ = ["knn_graph", "METHODS"]
 
+#: ``method`` of :func:`knn_graph`.
 METHODS = ("auto", "exact", "nndescent", "hnsw")
-# method="auto" takes the exact path while n * n * d stays below this, else NN-descent. CPU: exact
-# costs ~n^2 d, NN-descent ~n d times a few hundred; on siftsmall (n^2 d = 1.3e10, 2 cores) exact
-# took 1.6 s and NN-descent 0.17 s, so the switch sits about 3x lower, where exact is well under
-# a second. GPU: a few seconds of cuBLAS.
+# method="auto" takes the exact path while n * n * d stays below this, else NN-descent: exact costs
+# ~n^2 d, NN-descent ~n d times a few hundred, so the switch sits where exact takes well under a
+# second on the CPU and a few seconds of cuBLAS on the GPU (docs/architecture.md, "knn_graph").
 AUTO_EXACT_LIMIT = {"cpu": 4e9, "cuda": 2e14}
-# Show a progress bar by default above this many rows (when stderr is a terminal).
-PROGRESS_MIN_ROWS = 50_000
 # Square tile edge of the symmetric exact path on the CPU.
 _TILE = 2048
 # Rows per add_items / knn_query call on the hnsw path (progress granularity).
@@ -82,7 +82,7 @@ def nndescent_defaults(n, k, device="cpu"):
 def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self=False,
               squared=None, as_sparse=False, return_info=False, M=16, ef_construction=200, ef=None, n_trees=None,
               leaf_size=None, max_candidates=None, n_iters=None, intermediate_degree=None,
-              delta=NNDESCENT_DELTA, num_threads=-1, progress=None, random_seed=100):
+              delta=NNDESCENT_DELTA, num_threads=-1, progress=None, random_seed=DEFAULT_SEED):
     """The k nearest neighbours of every row of ``data`` among the other rows.
 
     Parameters
@@ -167,8 +167,7 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     dev = resolve_device(device)                 # ("cpu", None) or ("cuda", ordinal)
     if method == "auto":
         method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] else "nndescent"
-    if progress is None:
-        progress = n >= PROGRESS_MIN_ROWS and _stderr_is_tty()
+    progress = _progress_wanted(progress, n, KNN_GRAPH_MIN_ROWS)
     info = dict(method=method, device="cpu" if dev[0] == "cpu" else f"cuda:{dev[1] or 0}",
                 dist_evals=None, rounds=None, seconds=None, phases=None)
     start = time.perf_counter()
@@ -346,20 +345,10 @@ def _exact_graph_cpu(x, k, space, *, num_threads=-1, progress=False, tile=None):
 # approximate: HNSW
 # --------------------------------------------------------------------------------------------------
 
-def _index_class():
-    """The HNSW index class used by the hnsw method (a hook the tests can replace)."""
-    from .index import Index
-    return Index
-
-
 def _hnsw_graph(x, k, space, *, device, M, ef_construction, ef, num_threads, progress,
                 random_seed):
     n, d = x.shape
-    Index = _index_class()
-    try:
-        index = Index(space, d, device=device)
-    except TypeError:  # an index class without the device keyword (hnswlib)
-        index = Index(space, d)
+    index = Index(space, d, device=device)
     index.init_index(max_elements=n, M=M, ef_construction=ef_construction,
                      random_seed=random_seed)
     index.set_ef(max(ef, k + 1))
@@ -369,10 +358,10 @@ def _hnsw_graph(x, k, space, *, device, M, ef_construction, ef, num_threads, pro
     neighbors = np.empty((n, k), dtype=np.int64)
     distances = np.empty((n, k), dtype=np.float32)
     # a GPU index builds GPU-assisted (its "auto" threshold would not see chunked inserts)
-    build = {"build": "gpu"} if getattr(index, "device", "cpu") == "cuda" and n >= 20_000 else {}
+    build = "gpu" if index.device == "cuda" and n >= GPU_BUILD_MIN_ROWS else "auto"
     with _Progress(progress, 2 * n, "HNSW k-NN graph (build, then query)") as bar:
         for a in range(0, n, chunk):
-            index.add_items(x[a:a + chunk], ids[a:a + chunk], num_threads=threads, **build)
+            index.add_items(x[a:a + chunk], ids[a:a + chunk], num_threads=threads, build=build)
             bar.to(min(a + chunk, n))
         for a in range(0, n, chunk):
             b = min(a + chunk, n)

@@ -25,7 +25,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .exact import exact_search, normalize_rows, rerank
+from ._rows import normalize_rows
+from ._surface import DEFAULT_SEED
+from .exact import exact_search, rerank
 from .knn_graph import AUTO_EXACT_LIMIT, METHODS, knn_graph, to_csr
 
 __all__ = ["KNNTransformer"]
@@ -33,7 +35,6 @@ __all__ = ["KNNTransformer"]
 # metric -> (gpuhnsw space, take the square root of the distances)
 METRICS = {"euclidean": ("l2", True), "sqeuclidean": ("l2", False), "cosine": ("cosine", False),
            "ip": ("ip", False)}
-_DEFAULT_SEED = 100  # knn_graph's default random_seed
 
 
 class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -141,7 +142,7 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return -1 if self.n_jobs is None else int(self.n_jobs)
 
     def _seed(self):
-        return _DEFAULT_SEED if self.random_state is None else int(self.random_state)
+        return DEFAULT_SEED if self.random_state is None else int(self.random_state)
 
     def _self_graph(self, k, space):
         key = ("graph", k)

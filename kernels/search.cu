@@ -2,7 +2,8 @@
 //
 // Semantics: docs/architecture.md "Search semantics" (the C search is the reference):
 //   1. greedy descent through the upper levels from the entry point;
-//   2. level 0, beam mode (no deleted bitset, no filter): a beam of limit = max(ef, k) entries;
+//   2. level 0, beam mode (no deleted bitset, no filter): a beam of limit = `beam` entries (the
+//      caller's max(ef, k), decided once in gpuhnsw/search/params.py);
 //      each iteration expands the first `search_width` unexpanded beam entries (1 = the C order
 //      exactly), visits their unvisited neighbours, and keeps the best `limit` of beam U new;
 //      stop when every beam entry is expanded; return the beam's first k;
@@ -17,12 +18,14 @@
 // search on "a filter or n_deleted > 0", and the kernel on "a filter or a deleted bitset".
 //
 // Template parameters change layout only: T (float | gpuhnsw::half_t storage), Team (lanes per
-// distance: 4, 8, 16, 32), Capacity (the static list buffers: 32, 64, 128, 256, 512 >= max(ef, k)).
-// The instantiation list is generated in gpuhnsw/_kernels.py (name_expressions("search")).
+// distance: 4, 8, 16, 32), Capacity (the static list buffers: 32, 64, 128, 256, 512 >= limit).
+// The instantiation list is generated in gpuhnsw/device/kernels.py (instances("search")).
 //
+// Arguments: one SearchArgs, by value (below; gpuhnsw/device/launch.py's SEARCH_ARGS is its NumPy
+// twin, and tests/test_kernels_nvrtc.py checks that the two agree field by field).
 // Launch: grid = (up to nq), block = 64..512 threads, a multiple of 32 (warp 0 merges the beam
 // while warp 1 merges the results), dynamic shared memory as drawn below
-// (gpuhnsw._kernels.search_shared_bytes computes the same number).
+// (gpuhnsw.device.launch.search_shared_bytes computes the same number).
 //
 // Static shared memory (the Capacity template parameter):
 //
@@ -54,7 +57,7 @@
 //   F  warp 0: sort cand, merge into the beam (limit) or pending (Capacity);
 //      warp 1 (filtered mode): sort cand_res, merge into the results (limit)
 //
-// Device graph (see gpuhnsw/_device.py):
+// Device graph (see gpuhnsw/device/mirror.py):
 //   links0      u32 [capacity, m0]   level-0 adjacency, unused entries kInvalidSlot
 //   degree0     u32 [capacity]       live entries per row (read as at most m0, like the C core)
 //   upper_start u32 [capacity]       per-slot index into upper_links (kInvalidSlot: no upper level)
@@ -70,38 +73,72 @@
 using gpuhnsw::label_t;
 using gpuhnsw::slot_t;
 
+namespace gpuhnsw {
+
+// Everything a search launch needs, passed by value: the device graph (the mirror's arrays), the
+// queries, the outputs, then the sizes and parameters.  Pointers first, then the one 64-bit integer,
+// then the ints: no padding anywhere.
+struct SearchArgs {
+  const void* vectors;                // T [capacity, stride]
+  const slot_t* links0;               // [capacity, m0]
+  const slot_t* degree0;              // [capacity]
+  const slot_t* upper_start;          // [capacity]
+  const slot_t* upper_links;          // [total]
+  const unsigned char* levels;        // [capacity] top level of each slot
+  const label_t* labels;              // [capacity]
+  const unsigned* deleted_bits;       // [ceil(capacity/32)] or null
+  const float* queries;               // [nq, dim]
+  const unsigned* filter_bits;        // [nq or 1, filter_stride] or null
+  long long filter_stride;            // words per query; 0: one bitset for every query
+  slot_t* out_slots;                  // [nq, k], kInvalidSlot pad
+  float* out_dists;                   // [nq, k], inf pad
+  label_t* out_labels;                // [nq, k] or null, uint64 max pad
+  int* out_found;                     // [nq]; -1: bad launch config
+  int* out_status;                    // [nq] or null: kStatus* bits
+  int stride;                         // elements per row, 16-byte multiple
+  int metric;                         // gpuhnsw::Metric
+  int m0;                             // 2 * M
+  int m;                              // M
+  int n_slots;                        // slots in use (count)
+  int entry_point;                    // -1: empty index
+  int max_level;                      //
+  int nq, dim;                        //
+  int k;                              //
+  int beam;                           // beam width max(ef, k): k <= beam <= Capacity
+  int search_width;                   // parents per iteration, 1..32
+  int hash_log2;                      // visited hash size, log2
+  int max_iters;                      // 0: no limit
+};
+
+}  // namespace gpuhnsw
+
 GPUHNSW_KERNEL(typename T, int Team, int Capacity)
-    search_beam_kernel(const T* __restrict__ vectors,                   // [capacity, stride]
-                       int stride,                                      // elements per row, 16-byte multiple
-                       int metric,                                      // gpuhnsw::Metric
-                       const slot_t* __restrict__ links0,               // [capacity, m0]
-                       const slot_t* __restrict__ degree0,              // [capacity]
-                       int m0,                                          // 2 * M
-                       const slot_t* __restrict__ upper_start,          // [capacity]
-                       const slot_t* __restrict__ upper_links,          // [total]
-                       const unsigned char* __restrict__ levels,        // [capacity] top level of each slot
-                       int m,                                           // M
-                       int n_slots,                                     // slots in use (count)
-                       int entry_point,                                 // -1: empty index
-                       int max_level,                                   //
-                       const unsigned* __restrict__ deleted_bits,       // [ceil(capacity/32)] or null
-                       const unsigned* __restrict__ filter_bits,        // [nq or 1, filter_stride] or null
-                       long long filter_stride,                         // words per query; 0: shared
-                       const float* __restrict__ queries,               // [nq, dim]
-                       int nq, int dim,                                 //
-                       int k, int ef,                                   // limit = max(ef, k) <= Capacity
-                       int search_width,                                // parents per iteration, 1..32
-                       int hash_log2,                                   // visited hash size, log2
-                       int max_iters,                                   // 0: no limit
-                       const label_t* __restrict__ labels,              // [capacity]
-                       slot_t* __restrict__ out_slots,                  // [nq, k], kInvalidSlot pad
-                       float* __restrict__ out_dists,                   // [nq, k], inf pad
-                       label_t* __restrict__ out_labels,                // [nq, k] or null, uint64 max pad
-                       int* __restrict__ out_found,                     // [nq]; -1: bad launch config
-                       int* __restrict__ out_status) {                  // [nq] or null: kStatus* bits
+    search_beam_kernel(const gpuhnsw::SearchArgs args) {
   using namespace gpuhnsw;
   static_assert(Team == 4 || Team == 8 || Team == 16 || Team == 32, "team of 4..32 lanes");
   static_assert(Capacity % 32 == 0 && (Capacity & (Capacity - 1)) == 0, "capacity: power of two >= 32");
+  const T* __restrict__ vectors = static_cast<const T*>(args.vectors);
+  const slot_t* __restrict__ links0 = args.links0;
+  const slot_t* __restrict__ degree0 = args.degree0;
+  const slot_t* __restrict__ upper_start = args.upper_start;
+  const slot_t* __restrict__ upper_links = args.upper_links;
+  const unsigned char* __restrict__ levels = args.levels;
+  const label_t* __restrict__ labels = args.labels;
+  const unsigned* __restrict__ deleted_bits = args.deleted_bits;
+  const float* __restrict__ queries = args.queries;
+  const unsigned* __restrict__ filter_bits = args.filter_bits;
+  slot_t* __restrict__ out_slots = args.out_slots;
+  float* __restrict__ out_dists = args.out_dists;
+  label_t* __restrict__ out_labels = args.out_labels;
+  int* __restrict__ out_found = args.out_found;
+  int* __restrict__ out_status = args.out_status;
+  // the sizes as references: read from the parameter bank where used, not held in registers (the
+  // search runs at its register limit; copies made ptxas spill)
+  const long long& filter_stride = args.filter_stride;
+  const int &stride = args.stride, &metric = args.metric, &m0 = args.m0, &m = args.m, &n_slots = args.n_slots;
+  const int &entry_point = args.entry_point, &max_level = args.max_level, &nq = args.nq, &dim = args.dim;
+  const int &k = args.k, &limit = args.beam, &search_width = args.search_width, &hash_log2 = args.hash_log2;
+  const int& max_iters = args.max_iters;
 
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float beam_d[Capacity], res_d[Capacity];
@@ -115,13 +152,13 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int team = tid / Team, n_teams = blockDim.x / Team;
   const int n_chunks = stride / Storage<T>::kPerChunk;
-  const int limit = max(ef, k);
   const int cand_cap = bitonic::pow2_ceil(max(search_width * m0, max(m, 1)));
   const bool filtered = deleted_bits != nullptr || filter_bits != nullptr;
 
   // A launch configuration that would break an invariant gives found = -1 instead of a hang.
   const bool bad = (blockDim.x & 31) != 0 || blockDim.x < 64 || search_width < 1 || search_width > 32 ||
-                   m0 < 1 || m < 0 || limit < 1 || limit > Capacity || k < 0 || hash_log2 < 5 || hash_log2 > 30 ||
+                   m0 < 1 || m < 0 || limit < 1 || limit > Capacity || k < 0 || k > limit || hash_log2 < 5 ||
+                   hash_log2 > 30 ||
                    (1 << (hash_log2 - 1)) < 2 * Capacity + search_width * m0 ||
                    stride % Storage<T>::kPerChunk != 0;
   if (bad) {

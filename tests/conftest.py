@@ -1,11 +1,12 @@
 """Shared fixtures: the gpu skip, seeded random data, the shipped datasets, hnswlib, index snapshots,
-a NumPy stand-in for CuPy, a tqdm recorder.
+the NumPy stand-in for CuPy (the only one of the suite), a tqdm recorder.
 
 Markers ``gpu`` and ``slow`` are declared in pyproject.toml (``--strict-markers``).
 """
 import functools
 import importlib.metadata
 import os
+import types
 
 import numpy as np
 import pytest
@@ -122,6 +123,31 @@ def hnswlib():
     return module
 
 
+@pytest.fixture(scope="session")
+def dataset_index(datasets):
+    """``dataset_index(name, space, *, n_base=None, n_queries=None, M, ef_construction, seed)`` ->
+    (gpuhnsw.Index built on 2 threads over the dataset's base, base, queries)."""
+
+    def build(name, space, *, n_base=None, n_queries=None, M, ef_construction, seed):
+        base, queries, _, _ = datasets(name, n_base=n_base, n_queries=n_queries)
+        import gpuhnsw
+
+        index = gpuhnsw.Index(space, base.shape[1])
+        index.init_index(len(base), M=M, ef_construction=ef_construction, random_seed=seed)
+        index.add_items(base, num_threads=2)
+        return index, base, queries
+
+    return build
+
+
+def twins_found(neighbors, distances, half):
+    """Rows ``i`` and ``i + half`` are exact twins: the share of rows whose first neighbour is the
+    twin, the share at distance 0 there, and whether any row is its own neighbour."""
+    twin = np.r_[np.arange(half, 2 * half), np.arange(half)]
+    return ((neighbors[:, 0] == twin).mean(), (distances[:, 0] == 0).mean(),
+            bool((neighbors == np.arange(2 * half)[:, None]).any()))
+
+
 def snapshot(index, queries, k=5):
     """Everything a rejected call must leave as it was, as a comparable tuple.
 
@@ -139,6 +165,12 @@ def snapshot(index, queries, k=5):
         labels.tobytes(),
         dists.tobytes(),
     )
+
+
+@pytest.fixture(scope="session")
+def twins():
+    """:func:`twins_found`."""
+    return twins_found
 
 
 @pytest.fixture(scope="session")
@@ -176,45 +208,101 @@ def _numpy_topk(grid, block, args, shared_mem=0):
 @pytest.fixture
 def numpy_select_topk(monkeypatch):
     """The loader hands out a NumPy ``select_topk_kernel`` (for device paths run on NumPy)."""
-    from gpuhnsw import _kernels
+    from gpuhnsw.device import kernels
 
-    monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None: _numpy_topk)
+    monkeypatch.setattr(kernels, "get_kernel", lambda name, instance, device=None: _numpy_topk)
 
 
-class NumpyAsCupy:
-    """The subset of CuPy that the exact engine and GPU NN-descent use, backed by NumPy."""
+# ---------------------------------------------------------------------------------------------
+# the one NumPy stand-in for CuPy: ``fake_cupy`` puts it in sys.modules["cupy"], where
+# gpuhnsw.device.arrays (the one place that imports CuPy) finds it
 
-    def __getattr__(self, name):
-        return getattr(np, name)
+class _Stream:
+    """The stand-in's one CUDA stream: uploads (``ndarray.set``) and queued kernels run in order only
+    when an event is synchronized or the host touches device memory, as on a GPU. An upload reads its
+    host buffer when it runs, so a host buffer rewritten too early corrupts it."""
 
-    @staticmethod
-    def asarray(a, dtype=None):
-        return np.array(a, dtype=dtype)       # a copy, like a host-to-device transfer
+    def __init__(self):
+        self.queue = []
 
-    @staticmethod
-    def asnumpy(a):
-        return np.asarray(a)
+    def run(self, until=None):
+        while self.queue and (until is None or not until.done):
+            self.queue.pop(0)()
+
+
+class _Pointer:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class DeviceArray(np.ndarray):
+    """A host array that says it lives on a GPU (``__cuda_array_interface__``, ``data.ptr``), whose
+    uploads run on the stand-in's stream."""
+
+    stream = _Stream()
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False), "version": 3}
+
+    @property
+    def data(self):
+        return _Pointer(self.__array_interface__["data"][0])
+
+    def set(self, a):
+        DeviceArray.stream.queue.append(lambda: self.__setitem__(Ellipsis, a))
+
+    def get(self):
+        return NumpyCupy.asnumpy(self)
+
+
+def _device(a):
+    return a.view(DeviceArray) if isinstance(a, np.ndarray) else a
+
+
+def _synced(fn):
+    """``fn`` once the queued device work has run (the host waits before it allocates or reads)."""
+    def call(*args, **kwargs):
+        DeviceArray.stream.run()
+        return fn(*args, **kwargs)
+    return call
+
+
+class _Event:
+    def __init__(self, disable_timing=False):
+        self.done = False
+
+    def record(self, stream=None):
+        self.done = False
+        DeviceArray.stream.queue.append(lambda: setattr(self, "done", True))
+
+    def synchronize(self):
+        DeviceArray.stream.run(until=self)
+
+
+class _Device:
+    def __init__(self, ordinal=None):
+        self.id = ordinal or 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        DeviceArray.stream.run()
+
+
+class NumpyCupy(types.ModuleType):
+    """The parts of CuPy that gpuhnsw uses, on NumPy: arrays made here are :class:`DeviceArray`,
+    every other attribute is NumPy's (its functions, not its ufuncs, called once the queued device work
+    has run)."""
 
     class cuda:
-        class Device:
-            def __init__(self, ordinal=0):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-        class Event:
-            def __init__(self, disable_timing=False):
-                pass
-
-            def record(self, stream=None):
-                pass
-
-            def synchronize(self):
-                pass
+        Device = _Device
+        Event = _Event
+        alloc_pinned_memory = bytearray
 
         @staticmethod
         def get_elapsed_time(start, end):
@@ -224,11 +312,70 @@ class NumpyAsCupy:
             class OutOfMemoryError(MemoryError):
                 pass
 
+        class driver:
+            class CUDADriverError(RuntimeError):
+                pass
+
+        class runtime:
+            class CUDARuntimeError(RuntimeError):
+                pass
+
+            @staticmethod
+            def getDeviceCount():
+                return 1
+
+            @staticmethod
+            def getDeviceProperties(ordinal):
+                return {"name": b"NumPy stand-in"}
+
+        class compiler:
+            class CompileException(Exception):
+                pass
+
+    ndarray = DeviceArray
+
+    def __init__(self):
+        super().__init__("cupy")
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        return _synced(attr) if callable(attr) and not isinstance(attr, (type, np.ufunc)) else attr
+
+    @staticmethod
+    @_synced
+    def asarray(a, dtype=None):
+        return np.array(a, dtype=dtype).view(DeviceArray)       # a copy, like a transfer
+
+    @staticmethod
+    @_synced
+    def asnumpy(a):
+        return np.array(a).view(np.ndarray)
+
+    @staticmethod
+    def from_dlpack(x):
+        return NumpyCupy.asarray(np.from_dlpack(x))
+
+    empty = staticmethod(_synced(lambda *a, **k: np.empty(*a, **k).view(DeviceArray)))
+    zeros = staticmethod(_synced(lambda *a, **k: np.zeros(*a, **k).view(DeviceArray)))
+    full = staticmethod(_synced(lambda *a, **k: np.full(*a, **k).view(DeviceArray)))
+    arange = staticmethod(_synced(lambda *a, **k: np.arange(*a, **k).view(DeviceArray)))
+    ascontiguousarray = staticmethod(_synced(lambda a, dtype=None: _device(np.ascontiguousarray(a, dtype=dtype))))
+
 
 @pytest.fixture
-def numpy_as_cupy():
-    """A NumPy-backed stand-in for the ``cupy`` module (GPU code paths run on the CPU)."""
-    return NumpyAsCupy()
+def fake_cupy(monkeypatch):
+    """A NumPy stand-in for the ``cupy`` module, in ``sys.modules`` (GPU code paths run on the CPU;
+    ``device="cuda"`` resolves to it)."""
+    import sys
+
+    from gpuhnsw.device import arrays
+
+    cp = NumpyCupy()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    arrays.cuda_status.cache_clear()
+    yield cp
+    arrays.cuda_status.cache_clear()
+    DeviceArray.stream.queue.clear()
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import _device, index as index_module
+from gpuhnsw import index as index_module
+from gpuhnsw._core import INVALID_SLOT
+from gpuhnsw.search.gpu import DeviceSearch
 from gpuhnsw.testing import exact_knn, recall_at_k
-
-INVALID = 0xFFFFFFFF
 
 
 def cpu_candidates(self, core, chunk, space):
@@ -18,8 +18,8 @@ def cpu_candidates(self, core, chunk, space):
     slots = np.empty((b, kc), np.uint64)
     dists = np.empty((b, kc), np.float32)
     found = np.empty(b, np.int32)
-    core.search(chunk, b, kc, kc, 2, slots, dists, found, None, None, True)
-    graph = np.where(slots == np.uint64(2**64 - 1), INVALID, slots).astype(np.uint32)
+    core.search(chunk, slots, dists, found, k=kc, beam=kc, num_threads=2, slots=True)
+    graph = np.where(slots == np.uint64(2**64 - 1), INVALID_SLOT, slots).astype(np.uint32)
     kb = min(core.M0, b - 1)
     ids, _ = exact_knn(chunk, chunk, kb + 1, space)
     batch = np.array([[j for j in row if j != i][:kb] for i, row in enumerate(ids)], dtype=np.uint32)
@@ -29,7 +29,7 @@ def cpu_candidates(self, core, chunk, space):
 @pytest.fixture
 def assisted(monkeypatch):
     """build="gpu" on a CPU index, with small thresholds so that several batches run."""
-    monkeypatch.setattr(_device.DeviceIndex, "insert_candidates", cpu_candidates)
+    monkeypatch.setattr(DeviceSearch, "insert_candidates", cpu_candidates)
     monkeypatch.setattr(index_module, "GPU_BUILD_SEED", 1000)
 
     def make(space, dim, n, **kw):
@@ -42,7 +42,7 @@ def assisted(monkeypatch):
 def assisted_add(ix, *args, **kw):
     """add_items(..., build="gpu") with the device switched on for the insert only (queries stay on
     the CPU engine; the candidate source is patched by the fixture)."""
-    ix._device, ix._gpu = "cuda", _device.DeviceIndex(0, "float32")
+    ix._device, ix._gpu = "cuda", DeviceSearch(0, "float32")
     try:
         ix.add_items(*args, build="gpu", **kw)
     finally:

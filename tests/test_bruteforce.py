@@ -7,6 +7,7 @@ import pytest
 
 import gpuhnsw
 from gpuhnsw import BFIndex, DeviceError, IndexFileError, testing
+from gpuhnsw._rows import normalize_rows
 from gpuhnsw.exact import exact_search
 
 SPACES = ("l2", "ip", "cosine")
@@ -289,7 +290,7 @@ def test_bfindex_device_choice():
     assert BFIndex("l2", 4, device="cpu").device == "cpu"
     with pytest.raises(ValueError):
         BFIndex("l2", 4, device="tpu")
-    usable, _ = gpuhnsw._validate.cuda_status()
+    usable, _ = gpuhnsw.device.arrays.cuda_status()
     if usable:
         assert BFIndex("l2", 4).device.startswith("cuda")
     else:
@@ -397,15 +398,14 @@ def test_bfindex_rejects_corrupted_files(tmp_path):
 
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("base_block", [None, 250, 5000])
-def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_as_cupy, numpy_select_topk, make_data, space,
+def test_cuda_path_logic_matches_cpu(monkeypatch, fake_cupy, numpy_select_topk, make_data, space,
                                      base_block):
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     monkeypatch.setattr(exact, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
     base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
     if space == "cosine":
-        base, queries = exact.normalize_rows(base), exact.normalize_rows(queries)
+        base, queries = normalize_rows(base), normalize_rows(queries)
     cpu = exact.exact_rows(base, queries, 9, space)
     gpu = exact.exact_rows(base, queries, 9, space, device=("cuda", 0), block=32,
                            base_block=base_block)
@@ -429,11 +429,10 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, numpy_as_cupy, numpy_select_to
     assert seen == sorted(seen) and seen[-1] == 700 and len(seen) >= 700 // 64
 
 
-def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data):
+def test_cuda_path_pool_beyond_select_topk(fake_cupy, make_data):
     """A pool larger than select_topk_kernel's largest capacity takes the grouped-sort path."""
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     base, queries = make_data(6000, 8), make_data(20, 8, seed=11)
     cpu = exact.exact_rows(base, queries, 900, "l2")
     gpu = exact.exact_rows(base, queries, 900, "l2", device=("cuda", 0), base_block=5000)
@@ -445,12 +444,11 @@ def test_cuda_path_pool_beyond_select_topk(monkeypatch, numpy_as_cupy, make_data
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
-def test_cuda_path_far_from_origin_equals_oracle(monkeypatch, numpy_as_cupy, numpy_select_topk):
+def test_cuda_path_far_from_origin_equals_oracle(fake_cupy, numpy_select_topk):
     """The CUDA path centres its l2 keys as the CPU path does: fused and grouped selection, a
     k-NN graph (the queries are the base), and BFIndex's cached device base."""
     from gpuhnsw import exact
 
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     base, queries, (want, want_d) = far_gaussians(3000, 50, 16, 1e4)
     ids, dists = exact.exact_rows(base, queries, 10, "l2", device=("cuda", 0), block=32,
                                   base_block=1000)                    # select_topk_kernel
@@ -471,11 +469,7 @@ def test_cuda_path_far_from_origin_equals_oracle(monkeypatch, numpy_as_cupy, num
     np.testing.assert_allclose(dists, want_d, rtol=1e-6)
 
 
-def test_bfindex_cuda_path_logic_and_cache_invalidation(monkeypatch, numpy_as_cupy, numpy_select_topk,
-                                                        make_data):
-    from gpuhnsw import exact
-
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
+def test_bfindex_cuda_path_logic_and_cache_invalidation(fake_cupy, numpy_select_topk, make_data):
     data, q = make_data(3000, 8), make_data(20, 8, seed=12)
     cpu, gpu = BFIndex("l2", 8, device="cpu"), BFIndex("l2", 8, device="cpu")
     gpu._device = ("cuda", 0)                          # as if a GPU had been found

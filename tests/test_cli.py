@@ -253,7 +253,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make_data):
 
 
 def test_device_cuda_without_gpu_is_a_clean_error(tmp_path, capsys, make_data):
-    if gpuhnsw._validate.cuda_status()[0]:
+    if gpuhnsw.device.arrays.cuda_status()[0]:
         pytest.skip("a GPU is present")
     np.save(tmp_path / "ok.npy", make_data(20, 4))
     status, _, err = run(capsys, "build", tmp_path / "ok.npy", "-o", tmp_path / "x.idx",

@@ -443,11 +443,11 @@ def test_filtered_query_under_steady_relabels_ends_and_keeps_its_promise(dataset
     core = index._core
     index._core = proxy = _RelabelEveryPass(index, q, allowed, range(10**6 + 1, 10**6 + 100, 2))
     labels, _ = index.knn_query(q, k=10, filter=allowed, filter_mode=mode, pad=True)
-    assert proxy.passes == gpuhnsw.index.RELABEL_REDOS + 1 and not proxy.pinned
+    assert proxy.passes == gpuhnsw.search.planner.RELABEL_REDOS + 1 and not proxy.pinned
     assert not proxy.relabelled_while_pinned
     assert np.isin(labels[labels != np.uint64(2**64 - 1)], allowed).all(), labels
     index._core = core
-    assert core.relabels == gpuhnsw.index.RELABEL_REDOS + 1    # the pinned pass's mover went in after it
+    assert core.relabels == gpuhnsw.search.planner.RELABEL_REDOS + 1    # the pinned pass's mover went in after it
     index.check_integrity()
 
 
@@ -741,12 +741,11 @@ def test_bfindex_pickle_state_is_not_changed_by_a_later_mutation(datasets):
 
 
 def test_bfindex_device_copy_uploaded_before_a_delete_is_not_kept(datasets, monkeypatch,
-                                                                  numpy_as_cupy, numpy_select_topk):
+                                                                  fake_cupy, numpy_select_topk):
     """A query uploading the base while a delete ran cached its (old) upload after the delete had
     dropped the cache: every later query searched the old rows under the new labels."""
-    from gpuhnsw import bruteforce, exact
+    from gpuhnsw import bruteforce
 
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
     base = datasets("siftsmall", n_base=50)[0]
     bf = _bf(base)
     bf._device = ("cuda", 0)                        # as if a GPU had been found

@@ -1,90 +1,21 @@
-"""The device mirror (gpuhnsw._device): sync bookkeeping on the CPU, the real thing on a GPU.
+"""The device mirror (gpuhnsw.device.mirror): sync bookkeeping on the CPU, the real thing on a GPU.
 
-Without a GPU, ``cupy`` is replaced by a NumPy-backed stand-in and the scatter kernel by its NumPy
-equivalent, so what is checked is the mirror's own logic: dirty rows plus new slots, capacity
-doubling, upper-level blocks, the deleted bitset, entry point and max level, O(changed rows).
+Without a GPU, ``cupy`` is the suite's NumPy stand-in (``fake_cupy``, with an asynchronous stream)
+and the scatter kernel its NumPy equivalent, so what is checked is the mirror's own logic: dirty
+rows plus new slots, capacity doubling, upper-level blocks, the deleted bitset, entry point and max
+level, O(changed rows).
 With a GPU (``-m gpu``): the same syncs on the device, and the search kernel against the NumPy
 reference (itself held to the C search in test_reference.py).
 """
 import sys
-import types
 
 import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import _core, _kernels
+from gpuhnsw import _core
+from gpuhnsw.device import kernels, launch, mirror as mirror_module, ops
 from gpuhnsw._reference import beam_search_reference
-
-
-# ---------------------------------------------------------------------------------------------
-# a NumPy stand-in for the parts of CuPy the mirror uses, with an asynchronous stream
-
-class _Stream:
-    """The stand-in's one CUDA stream: uploads (``ndarray.set``) and kernels are queued and run in
-    order only when an event is synchronized or the host touches device memory, as on a GPU. An
-    upload reads its host buffer when it runs, so a host buffer rewritten too early corrupts it."""
-
-    def __init__(self):
-        self.queue = []
-
-    def run(self, until=None):
-        while self.queue and (until is None or not until.done):
-            self.queue.pop(0)()
-
-
-_stream = _Stream()
-
-
-class _Array(np.ndarray):
-    def set(self, a):
-        _stream.queue.append(lambda: self.__setitem__(Ellipsis, a))
-
-
-class _Event:
-    def __init__(self, **kw):
-        self.done = False
-
-    def record(self):
-        self.done = False
-        _stream.queue.append(lambda: setattr(self, "done", True))
-
-    def synchronize(self):
-        _stream.run(until=self)
-
-
-class _Device:
-    def __init__(self, i=None):
-        self.id = i or 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _fake_cupy():
-    def wrap(a):
-        return np.asarray(a).view(_Array)
-
-    def synced(fn):  # the host waits for queued work before it allocates or reads
-        def call(*a, **k):
-            _stream.run()
-            return fn(*a, **k)
-        return call
-
-    cp = types.ModuleType("cupy")
-    for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
-        setattr(cp, name, getattr(np, name))
-    cp.empty = synced(lambda *a, **k: wrap(np.empty(*a, **k)))
-    cp.zeros = synced(lambda *a, **k: wrap(np.zeros(*a, **k)))
-    cp.full = synced(lambda *a, **k: wrap(np.full(*a, **k)))
-    cp.asarray = synced(lambda a, dtype=None: wrap(np.array(a, dtype=dtype)))
-    cp.ascontiguousarray = synced(lambda a: wrap(np.ascontiguousarray(a)))
-    cp.asnumpy = synced(lambda a: np.asarray(a).view(np.ndarray))
-    cp.cuda = types.SimpleNamespace(Device=_Device, alloc_pinned_memory=bytearray, Event=_Event)
-    return cp
 
 
 def _numpy_scatter(grid, block, args):
@@ -102,18 +33,15 @@ def _numpy_scatter(grid, block, args):
         for j in range(int(q)):
             s, a, d, f = int(lslots[j]), int(lstart[j]), int(ldegree[j]), int(lfirst[j])
             links0[s, a:d] = lpacked[f:f + d - a]
-            links0[s, d:] = 0xFFFFFFFF
+            links0[s, d:] = _core.INVALID_SLOT
             degree0[s] = d
-    _stream.queue.append(run)
+    sys.modules["cupy"].ndarray.stream.queue.append(run)
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
-    monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None: _numpy_scatter)
-    from gpuhnsw import _device
-    yield _device
-    _stream.queue.clear()
+def fake_gpu(monkeypatch, fake_cupy):
+    monkeypatch.setattr(kernels, "get_kernel", lambda name, instance, device=None: _numpy_scatter)
+    return mirror_module
 
 
 @pytest.mark.parametrize("space, storage", [("l2", "float32"), ("cosine", "float16")])
@@ -203,12 +131,8 @@ def test_a_mirror_whose_sync_failed_after_the_drain_syncs_in_full(fake_gpu, data
 # on a GPU
 
 @pytest.fixture(scope="module")
-def sift_small(datasets):
-    base, queries, _, _ = datasets("siftsmall", n_base=4000, n_queries=50)
-    index = gpuhnsw.Index("l2", base.shape[1])
-    index.init_index(len(base), M=12, ef_construction=60, random_seed=3)
-    index.add_items(base, num_threads=2)
-    return index, base, queries
+def sift_small(dataset_index):
+    return dataset_index("siftsmall", "l2", n_base=4000, n_queries=50, M=12, ef_construction=60, seed=3)
 
 
 def _compare(labels, dists, found, ref, state_labels, min_same=0.99):
@@ -228,10 +152,8 @@ def _compare(labels, dists, found, ref, state_labels, min_same=0.99):
 @pytest.mark.parametrize("width", [1, 4])
 @pytest.mark.parametrize("storage", ["float32", "float16"])
 def test_gpu_search_matches_reference(sift_small, width, storage):
-    from gpuhnsw import _device
-
     index, _, queries = sift_small
-    mirror = _device.DeviceMirror(index._core, storage=storage)
+    mirror = mirror_module.DeviceMirror(index._core, storage=storage)
     mirror.sync()
     assert mirror.check_against_core() == []
     state = index._core.export_state()
@@ -248,10 +170,9 @@ def test_gpu_search_matches_reference(sift_small, width, storage):
 @pytest.mark.gpu
 def test_gpu_filtered_search_matches_reference(sift_small):
     import cupy as cp
-    from gpuhnsw import _device
 
     index, _, queries = sift_small
-    mirror = _device.DeviceMirror(index._core)
+    mirror = mirror_module.DeviceMirror(index._core)
     mirror.sync()
     state = index._core.export_state()
     state_labels = np.frombuffer(state["labels"], np.uint64)
@@ -260,7 +181,7 @@ def test_gpu_filtered_search_matches_reference(sift_small):
                        bitorder="little").view(np.uint32)
     labels, dists, info = mirror.search(queries, 10, 40, filter_bits=cp.asarray(bits))
     found = info[0]
-    cap = _kernels.beam_capacity(40, 10, True)
+    cap = launch.beam_capacity(40, True)
     ref = beam_search_reference(state, queries, 10, 40, allowed=allowed, pending_limit=cap)
     _compare(labels, dists, found, ref, state_labels)
     assert np.all(cp.asnumpy(labels) % 7 == 0)
@@ -270,10 +191,8 @@ def test_gpu_filtered_search_matches_reference(sift_small):
 def test_gpu_sync_after_changes(sift_small, rng):
     import pickle
 
-    from gpuhnsw import _device
-
     index = pickle.loads(pickle.dumps(sift_small[0]))
-    mirror = _device.DeviceMirror(index._core)
+    mirror = mirror_module.DeviceMirror(index._core)
     mirror.sync()
     index.resize_index(len(sift_small[1]) + 100)
     index.add_items(rng.random((100, index.dim), dtype=np.float32) * 100)
@@ -286,7 +205,7 @@ def test_gpu_sync_after_changes(sift_small, rng):
     labels, dists, info = mirror.search(queries, 10, 40)
     found = info[0]
     state = index._core.export_state()
-    ref = beam_search_reference(state, queries, 10, 40, pending_limit=_kernels.beam_capacity(40, 10, True))
+    ref = beam_search_reference(state, queries, 10, 40, pending_limit=launch.beam_capacity(40, True))
     _compare(labels, dists, found, ref, np.frombuffer(state["labels"], np.uint64))
 
 
@@ -320,32 +239,17 @@ def test_staging_without_the_wait_would_corrupt(fake_gpu, monkeypatch, rng):
 # ---------------------------------------------------------------------------------------------
 # the in-batch candidates of GPU-assisted inserts, with a NumPy select_topk_kernel
 
-@pytest.fixture
-def numpy_device(monkeypatch, numpy_select_topk):
-    """CuPy as plain NumPy (enough for the in-batch search) and a NumPy select_topk_kernel."""
-    cp = types.SimpleNamespace(**{name: getattr(np, name) for name in (
-        "float32", "float64", "int64", "uint32", "inf", "empty", "arange", "sqrt", "maximum", "negative",
-        "flatnonzero", "concatenate", "argsort", "take_along_axis", "full")})
-    cp.asarray, cp.asnumpy = np.asarray, np.asarray
-
-    cp.cuda = types.SimpleNamespace(Device=_Device, memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
-    monkeypatch.setitem(sys.modules, "cupy", cp)
-    return cp
-
-
 @pytest.mark.parametrize("space,offset", [("l2", 0), ("l2", 1e4), ("cosine", 0)])
-def test_batch_neighbours_exact_within_the_batch(numpy_device, monkeypatch, datasets, space,
+def test_batch_neighbours_exact_within_the_batch(fake_cupy, numpy_select_topk, monkeypatch, datasets, space,
                                                  offset):
     """The in-batch candidates of GPU-assisted inserts: each row's k nearest other rows, also far
     from the origin (uncentred float32 keys |b|^2 - 2 a.b: 42% right at offset 1e4)."""
-    from gpuhnsw import _device
     from gpuhnsw.testing import exact_knn
 
-    monkeypatch.setattr(_device, "_TILE_BYTES", 4 * 500 * 37)   # several row tiles
+    monkeypatch.setattr(ops, "_TILE_BYTES", 4 * 500 * 37)   # several row tiles
     name = "siftsmall" if space == "l2" else "minilm-debian"
     rows, _, _, _ = datasets(name, n_base=500, n_queries=1)
-    got = _device._batch_neighbours(numpy_device, rows + np.float32(offset), 8,   # integers: exact
-                                    _kernels.METRICS[space])
+    got = ops.batch_neighbours(fake_cupy, fake_cupy.asarray(rows + np.float32(offset)), 8, space)  # integers
     ids, _ = exact_knn(rows, rows, 9, space)
     want = np.array([[j for j in row if j != i][:8] for i, row in enumerate(ids)])
     assert got.dtype == np.uint32 and got.shape == (500, 8)
@@ -460,7 +364,7 @@ def test_one_percent_insert_moves_a_small_share_of_a_full_upload(fake_gpu, datas
 
 
 def test_search_launch_chosen_once_per_parameters(fake_gpu, monkeypatch, rng):
-    """A batch of one query pays for its launch, not for choosing it: the launch of each (ef, k,
+    """A batch of one query pays for its launch, not for choosing it: the launch of each (beam,
     search_width, filtered) is computed once; the shared-memory opt-in covers every launch."""
     class Kernel:
         shared_size_bytes = 46_000
@@ -470,11 +374,11 @@ def test_search_launch_chosen_once_per_parameters(fake_gpu, monkeypatch, rng):
             calls.append(shared_mem)
 
     calls, chosen, kernel = [], [], Kernel()
-    real_launch = _kernels.search_launch
-    monkeypatch.setattr(_kernels, "get_kernel", lambda name, instance, device=None:
+    real_launch = launch.search_launch
+    monkeypatch.setattr(kernels, "get_kernel", lambda name, instance, device=None:
                         kernel if name == "search" else _numpy_scatter)
-    monkeypatch.setattr(_kernels, "shared_limit", lambda device: 227 * 1024)
-    monkeypatch.setattr(_kernels, "search_launch", lambda *a: chosen.append(a[4:8]) or real_launch(*a))
+    monkeypatch.setattr(kernels, "shared_limit", lambda device: 227 * 1024)
+    monkeypatch.setattr(launch, "search_launch", lambda *a: chosen.append(a[4:7]) or real_launch(*a))
     index = gpuhnsw.Index("l2", 16)
     index.init_index(200, M=8, random_seed=1)
     index.add_items(rng.random((200, 16), dtype=np.float32))
@@ -482,6 +386,6 @@ def test_search_launch_chosen_once_per_parameters(fake_gpu, monkeypatch, rng):
     mirror.sync()
     for ef in (32, 32, 64, 32):
         mirror.search(rng.random((1, 16), dtype=np.float32), 10, ef)
-    assert chosen == [(32, 10, 1, False), (64, 10, 1, False)]
+    assert chosen == [(32, 1, False), (64, 1, False)]
     assert len(calls) == 4 and all(b > 0 for b in calls)
     assert kernel.max_dynamic_shared_size_bytes == 227 * 1024 - 46_000    # 46,000 + dynamic > 48 KiB

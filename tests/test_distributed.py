@@ -21,7 +21,7 @@ import dask.array as da  # noqa: E402
 
 import gpuhnsw  # noqa: E402
 from gpuhnsw import testing  # noqa: E402
-from gpuhnsw import distributed as gdistributed  # noqa: E402
+from gpuhnsw.distributed import sharded as gdistributed  # noqa: E402
 from gpuhnsw.distributed import ShardedIndex, knn_graph, merge_topk, shard_of  # noqa: E402
 
 # the workers unpickle this module's functions (fault plugin) by value: they cannot import tests/
@@ -343,6 +343,23 @@ def test_knn_graph_clusters_reports_a_sampled_recall(client, sift):
     assert (nb != np.arange(len(x))[:, None]).all() and (np.diff(dist, axis=1) >= 0).all()
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_cluster_assignment_far_from_the_origin(offset):
+    """The clusters method's k-means assignment ranked centroids by uncentred float32 keys
+    |c|^2 - 2 x.c: rounding noise 10,000 from the origin (here 4% of the rows got their nearest
+    centroid).  Keys centred on the centroids keep the exact ranking wherever the data is."""
+    from gpuhnsw.distributed.graph import _nearest_centroids
+
+    rng = np.random.default_rng(0)
+    centroids = (rng.standard_normal((32, 16)) + offset).astype(np.float32)
+    x = (rng.standard_normal((3000, 16)) + offset).astype(np.float32)
+    d64 = ((x.astype(np.float64)[:, None, :] - centroids.astype(np.float64)[None]) ** 2).sum(axis=2)
+    want = np.argsort(d64, axis=1, kind="stable")[:, :2]
+    got = _nearest_centroids(x, centroids, "l2", 2)
+    assert np.mean(got[:, 0] == want[:, 0]) > 0.999
+    assert np.mean(got == want) > 0.995
+
+
 def test_knn_graph_resumes_from_its_checkpoint(client, sift, tmp_path):
     x, k = sift[0][:3000], 8
     ckpt = str(tmp_path / "ckpt")
@@ -406,7 +423,7 @@ def test_worker_killed_mid_build_and_mid_query(fault_client, client, sift, tmp_p
     reference.add_items(base[2000:])
     want = reference.knn_query(queries, k=10)
 
-    fault_client.register_plugin(KillOnce("_shard_add", str(tmp_path / "build-kill")))
+    fault_client.register_plugin(KillOnce("shard_add", str(tmp_path / "build-kill")))
     index = ShardedIndex(fault_client, "l2", 128, n_shards=2, num_threads=1, **BUILD)
     index.add_items(base[:2000])         # the worker dies after its first add: replayed elsewhere
     index.add_items(base[2000:])

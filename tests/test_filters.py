@@ -167,22 +167,22 @@ def test_fewer_allowed_than_k_names_the_numbers(minilm):
 def test_per_query_bitsets_are_built_in_bounded_chunks(minilm, monkeypatch, form):
     """Per-query bitsets (nq x capacity/8 bytes) are parsed and searched a few rows at a time when
     they would exceed the bound; the results and the error's row number are those of one call."""
-    from gpuhnsw import _filters, index as index_module
+    from gpuhnsw.search import filters
 
     index, base, queries = minilm
     sets = per_query_sets(len(base), len(queries), np.random.default_rng(11))
     flt = per_query_filter(sets, len(base), form)
     want = index.knn_query(queries, k=K, filter=flt)
-    built = []
+    built, real = [], filters.allowed_sets
 
     def recording(core, filter, nq):
-        out = _filters.allowed_sets(core, filter, nq)
+        out = real(core, filter, nq)
         built.append(out.bits.nbytes)
         return out
 
     words = (index.max_elements + 31) // 32
-    monkeypatch.setattr(_filters, "BITSET_CHUNK_BYTES", 3 * 4 * words)   # 3 query rows per chunk
-    monkeypatch.setattr(index_module, "allowed_sets", recording)
+    monkeypatch.setattr(filters, "BITSET_CHUNK_BYTES", 3 * 4 * words)   # 3 query rows per chunk
+    monkeypatch.setattr(filters, "allowed_sets", recording)
     got = index.knn_query(queries, k=K, filter=flt)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])

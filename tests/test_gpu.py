@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw.index import PAD_LABEL
+from gpuhnsw._surface import NO_LABEL as PAD_LABEL
 from gpuhnsw.testing import exact_knn, recall_at_k
 
 pytestmark = pytest.mark.gpu
@@ -49,8 +49,7 @@ def _cpu_query(index, queries, k, ef):
     labels = np.empty((len(queries), k), np.uint64)
     dists = np.empty((len(queries), k), np.float32)
     found = np.empty(len(queries), np.int32)
-    index._core.search(np.ascontiguousarray(queries, np.float32), len(queries), k, ef, -1, labels, dists,
-                       found, None, None)
+    index._core.search(np.ascontiguousarray(queries, np.float32), labels, dists, found, k=k, beam=max(ef, k))
     return labels
 
 

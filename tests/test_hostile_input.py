@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import IndexFileError, _io
+from gpuhnsw import IndexFileError
+from gpuhnsw._io import bfindex, native
 from gpuhnsw._validate import thread_limit
 from gpuhnsw.exact import exact_search
 
@@ -167,7 +168,7 @@ def test_bfindex_file_with_a_changed_capacity_raises_index_file_error(base, tmp_
         for cap in (0, 19, 21, 2**40, 2**64 - 1):
             struct.pack_into(fmt_code, data, offset, cap)
             if fmt == "gpuhnsw":  # keep the header checksum right, so the capacity itself is judged
-                hs = _io._BF_HEADER.size
+                hs = bfindex._BF_HEADER.size
                 struct.pack_into("<I", data, hs, zlib.crc32(bytes(data[:hs])))
             path.write_bytes(bytes(data))
             try:
@@ -185,12 +186,12 @@ def test_temp_files_of_killed_saves_are_removed_by_later_saves_and_loads(base, t
     build(base).save_index(target)
     code = textwrap.dedent("""
         import sys, threading
-        from gpuhnsw import _io
+        from gpuhnsw._io import files
         def chunks():
             yield b"x" * 4096
             print("writing", flush=True)
             threading.Event().wait()  # hold the temp file open until killed
-        _io._atomic_write(sys.argv[1], chunks())
+        files.atomic_write(sys.argv[1], chunks())
     """)
     def start_save():
         child = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
@@ -228,17 +229,17 @@ def _fix_own_checksums(buf):
     """Recompute the header and section CRCs of a (mutated) file in our format, where its structure
     still parses, so that mutations reach the checks behind the checksums."""
     buf = bytearray(buf)
-    hs = _io._HEADER.size
+    hs = native._HEADER.size
     if len(buf) < hs + 4:
         return bytes(buf)
     struct.pack_into("<I", buf, hs, zlib.crc32(bytes(buf[:hs])))
     pos = hs + 4
-    while pos + _io._SECTION.size <= len(buf):
-        tag, length, _, pad = _io._SECTION.unpack_from(buf, pos)
-        start = pos + _io._SECTION.size + pad
+    while pos + native._SECTION.size <= len(buf):
+        tag, length, _, pad = native._SECTION.unpack_from(buf, pos)
+        start = pos + native._SECTION.size + pad
         if start + length > len(buf):
             break
-        _io._SECTION.pack_into(buf, pos, tag, length, zlib.crc32(bytes(buf[start:start + length])), pad)
+        native._SECTION.pack_into(buf, pos, tag, length, zlib.crc32(bytes(buf[start:start + length])), pad)
         pos = start + length
     return bytes(buf)
 

@@ -1,94 +1,38 @@
-"""Index's GPU query path (device="cuda") on a NumPy stand-in for CuPy, without a GPU.
+"""Index's GPU query path (device="cuda") on the suite's NumPy stand-in for CuPy, without a GPU.
 
 The device search is replaced by the NumPy reference of the kernel (gpuhnsw._reference), so what is
-checked is Index's own plumbing: device selection, input conversion and validation, the lazy sync,
-filters as device bitsets, rows flagged by the kernel's status re-run on the CPU, pad, and the
-output types (NumPy in -> NumPy out, GPU array in -> GPU array out).  The real kernel runs in the
-gpu-marked tests.
+checked is the query path's own plumbing: device selection, input conversion and validation, the
+lazy sync, filters as device bitsets, rows flagged by the kernel's status re-run on the CPU, pad,
+and the output types (NumPy in -> NumPy out, GPU array in -> GPU array out).  The real kernel runs
+in the gpu-marked tests.
 """
-import sys
-import types
-
 import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import _device, _validate
 from gpuhnsw._reference import beam_search_reference
-from gpuhnsw.index import PAD_LABEL
-
-
-class FakeGpuArray(np.ndarray):
-    """A host array that says it lives on a GPU (what Index looks for)."""
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False), "version": 3}
-
-
-def _fake_cupy():
-    def wrap(a, dtype=None):
-        return np.array(a, dtype=dtype).view(FakeGpuArray)
-
-    class Device:
-        def __init__(self, i=None):
-            self.id = i or 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    class OutOfMemoryError(MemoryError):
-        pass
-
-    class CUDADriverError(RuntimeError):
-        pass
-
-    class CUDARuntimeError(RuntimeError):
-        pass
-
-    class CompileException(Exception):
-        pass
-
-    cp = types.ModuleType("cupy")
-    for name in ("float32", "float16", "uint32", "uint64", "uint8", "int32"):
-        setattr(cp, name, getattr(np, name))
-    cp.asarray = wrap
-    cp.ascontiguousarray = lambda a, dtype=None: wrap(np.ascontiguousarray(a, dtype=dtype))
-    cp.asnumpy = lambda a: np.array(a).view(np.ndarray)
-    cp.empty = lambda *a, **k: wrap(np.empty(*a, **k))
-    cp.isfinite = np.isfinite
-    cp.flatnonzero = np.flatnonzero
-    cp.from_dlpack = lambda x: wrap(np.from_dlpack(x))
-    cp.cuda = types.SimpleNamespace(Device=Device, memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
-                                    driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
-                                    compiler=types.SimpleNamespace(CompileException=CompileException),
-                                    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
-                                                                  CUDARuntimeError=CUDARuntimeError))
-    return cp
+from gpuhnsw._surface import NO_LABEL
+from gpuhnsw.device import arrays
+from gpuhnsw.device.mirror import DeviceMirror
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch):
+def fake_cuda(monkeypatch, fake_cupy):
     """device="cuda" resolves; DeviceMirror.sync counts calls; DeviceMirror.search is the reference.
 
     ``calls["status_rows"]`` lists query rows whose kernel status is forced non-zero;
     ``calls["miss_rows"]`` rows whose search loses its last two results (status zero), as a graph
     search does where a filter cuts the graph apart."""
-    cp = _fake_cupy()
-    monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(_validate, "cuda_status", lambda: (True, ""))
+    cp = fake_cupy
     calls = {"sync": 0, "search": 0, "status_rows": [], "miss_rows": []}
 
     def sync(self):
         calls["sync"] += 1
 
-    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, filter_stride=0, **kw):
+    def search(self, queries, k, beam, *, search_width=1, filter_bits=None, filter_stride=0, **kw):
         calls["search"] += 1
         calls["filter_stride"] = filter_stride
-        assert isinstance(queries, FakeGpuArray) and queries.dtype == np.float32
+        assert arrays.is_gpu_array(queries) and queries.dtype == np.float32
         state = self.core.export_state()
 
         def mask(words):  # uint32 bitset -> bool [count]
@@ -96,29 +40,29 @@ def fake_cuda(monkeypatch):
 
         if filter_stride:  # one bitset row per query: the kernel reads row qi for query qi
             rows = np.asarray(filter_bits).reshape(len(queries), filter_stride)
-            parts = [beam_search_reference(state, np.asarray(queries)[i:i + 1], k, ef, search_width=search_width,
+            parts = [beam_search_reference(state, np.asarray(queries)[i:i + 1], k, beam, search_width=search_width,
                                            allowed=mask(rows[i])) for i in range(len(queries))]
             slots, dists, found = (np.concatenate([p[j] for p in parts]) for j in range(3))
         else:
             slots, dists, found = beam_search_reference(
-                state, np.asarray(queries), k, ef, search_width=search_width,
+                state, np.asarray(queries), k, beam, search_width=search_width,
                 allowed=None if filter_bits is None else mask(filter_bits))
         labels = np.frombuffer(state["labels"], np.uint64)
-        out = np.where(slots >= 0, labels[np.maximum(slots, 0)], PAD_LABEL).astype(np.uint64)
+        out = np.where(slots >= 0, labels[np.maximum(slots, 0)], NO_LABEL).astype(np.uint64)
         status = np.zeros(len(found), np.int32)
         status[calls["status_rows"]] = 1
         if calls["status_rows"]:  # what a kernel that gave up on those rows would hand back
-            out[calls["status_rows"]] = PAD_LABEL
+            out[calls["status_rows"]] = NO_LABEL
             found = found.copy()
             found[calls["status_rows"]] = 0
         for row in calls["miss_rows"]:
             found = found.copy()
             found[row] = max(0, found[row] - 2)
-            out[row, found[row]:], dists[row, found[row]:] = PAD_LABEL, np.inf
+            out[row, found[row]:], dists[row, found[row]:] = NO_LABEL, np.inf
         return cp.asarray(out), cp.asarray(dists), cp.asarray(np.stack([found.astype(np.int32), status]))
 
-    monkeypatch.setattr(_device.DeviceMirror, "sync", sync)
-    monkeypatch.setattr(_device.DeviceMirror, "search", search)
+    monkeypatch.setattr(DeviceMirror, "sync", sync)
+    monkeypatch.setattr(DeviceMirror, "search", search)
     return calls
 
 
@@ -147,22 +91,22 @@ def test_numpy_in_numpy_out_and_same_answers_as_cpu(fake_cuda, pair):
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
 
 
-def test_gpu_array_in_gpu_array_out(fake_cuda, pair):
+def test_gpu_array_in_gpu_array_out(fake_cuda, fake_cupy, pair):
     _, gpu, data = pair
-    q = data[1400:1410].view(FakeGpuArray)
+    q = data[1400:1410].view(fake_cupy.ndarray)
     labels, dists = gpu.knn_query(q, k=5)
-    assert isinstance(labels, FakeGpuArray) and isinstance(dists, FakeGpuArray)
+    assert isinstance(labels, fake_cupy.ndarray) and isinstance(dists, fake_cupy.ndarray)
     assert labels.shape == (10, 5)
 
 
-def test_gpu_input_validated_on_device(fake_cuda, pair):
+def test_gpu_input_validated_on_device(fake_cuda, fake_cupy, pair):
     _, gpu, data = pair
     with pytest.raises(gpuhnsw.InputShapeError):
-        gpu.knn_query(data[:3, :20].copy().view(FakeGpuArray), k=2)
+        gpu.knn_query(data[:3, :20].copy().view(fake_cupy.ndarray), k=2)
     bad = data[:3].copy()
     bad[1, 4] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        gpu.knn_query(bad.view(FakeGpuArray), k=2)
+        gpu.knn_query(bad.view(fake_cupy.ndarray), k=2)
     assert fake_cuda["search"] == 0
 
 
@@ -192,17 +136,14 @@ def test_per_query_filters_become_device_bitset_rows(fake_cuda, pair):
 
 @pytest.mark.parametrize("per_query", [False, True])
 @pytest.mark.parametrize("gpu_input", [False, True])
-def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, pair, monkeypatch, numpy_as_cupy,
-                                                                  numpy_select_topk, per_query, gpu_input):
-    from gpuhnsw import exact
-
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)  # the exact engine's GPU path on NumPy
-    cpu, gpu, data = pair
+def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, fake_cupy, pair, numpy_select_topk,
+                                                                  per_query, gpu_input):
+    cpu, gpu, data = pair      # the exact leg runs the exact engine's GPU path, on the stand-in
     q = data[1400:1420]
     sets = [np.arange(r % 4, 1400, 9) for r in range(len(q))] if per_query else np.arange(0, 1400, 9)
     fake_cuda["miss_rows"] = [3, 11]
-    got = gpu.knn_query(q.view(FakeGpuArray) if gpu_input else q, k=6, ef=40, filter=sets, filter_mode="graph")
-    assert isinstance(got[0], FakeGpuArray) == gpu_input
+    got = gpu.knn_query(q.view(fake_cupy.ndarray) if gpu_input else q, k=6, ef=40, filter=sets, filter_mode="graph")
+    assert isinstance(got[0], fake_cupy.ndarray) == gpu_input
     exact = cpu.knn_query(q, k=6, filter=sets, filter_mode="exact")
     np.testing.assert_array_equal(np.asarray(got[0])[[3, 11]], exact[0][[3, 11]])
     np.testing.assert_allclose(np.asarray(got[1])[[3, 11]], exact[1][[3, 11]], rtol=1e-5)
@@ -211,18 +152,18 @@ def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, pai
     assert np.mean(np.asarray(got[0])[others] == graph[0][others]) > 0.9
 
 
-def test_per_query_filters_in_chunks_keep_gpu_output(fake_cuda, pair, monkeypatch):
-    from gpuhnsw import _filters
+def test_per_query_filters_in_chunks_keep_gpu_output(fake_cuda, fake_cupy, pair, monkeypatch):
+    from gpuhnsw.search import filters
 
     _, gpu, data = pair
-    q = data[1400:1420].view(FakeGpuArray)
+    q = data[1400:1420].view(fake_cupy.ndarray)
     sets = [np.arange(r % 5, 1400, 5 + r % 3) for r in range(len(q))]
     want = gpu.knn_query(q, k=5, ef=40, filter=sets, filter_mode="graph")
-    monkeypatch.setattr(_filters, "BITSET_CHUNK_BYTES", 4 * 4 * ((gpu.max_elements + 31) // 32))  # 4 rows
+    monkeypatch.setattr(filters, "BITSET_CHUNK_BYTES", 4 * 4 * ((gpu.max_elements + 31) // 32))  # 4 rows
     searches = fake_cuda["search"]
     got = gpu.knn_query(q, k=5, ef=40, filter=sets, filter_mode="graph")
     assert fake_cuda["search"] - searches == 5
-    assert isinstance(got[0], FakeGpuArray) and isinstance(got[1], FakeGpuArray)
+    assert isinstance(got[0], fake_cupy.ndarray) and isinstance(got[1], fake_cupy.ndarray)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 
@@ -249,11 +190,11 @@ def test_pad_and_not_enough(fake_cuda, make_data):
     with pytest.raises(RuntimeError, match="contiguous"):
         gpu.knn_query(data[5:7], k=6)
     labels, dists = gpu.knn_query(data[5:7], k=6, pad=True)
-    assert (labels[:, 4:] == PAD_LABEL).all() and np.isinf(dists[:, 4:]).all()
+    assert (labels[:, 4:] == NO_LABEL).all() and np.isinf(dists[:, 4:]).all()
 
 
 def test_beam_beyond_kernel_capacity_falls_back_to_cpu(fake_cuda, pair):
-    from gpuhnsw._kernels import SEARCH_CAPACITIES
+    from gpuhnsw.device.kernels import SEARCH_CAPACITIES
     _, gpu, data = pair
     gpu.knn_query(data[1400:1402], k=3, ef=SEARCH_CAPACITIES[-1] + 1)
     assert fake_cuda["search"] == 0
@@ -267,18 +208,20 @@ def test_sync_is_explicit_too(fake_cuda, pair):
 
 
 def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(_validate, "cuda_status", lambda: (False, "CuPy cannot be imported"))
+    from gpuhnsw import _validate
+
+    monkeypatch.setattr(_validate, "cuda_status", lambda: (0, "CuPy cannot be imported"))
     with pytest.raises(gpuhnsw.DeviceError, match="no GPU"):
         gpuhnsw.Index("l2", 4, device="cuda")
     assert gpuhnsw.Index("l2", 4, device="auto").device == "cpu"
 
 
 @pytest.mark.parametrize("failure", ["CUDADriverError", "OutOfMemoryError", "rejected"])
-def test_device_failure_is_a_device_error_and_loses_nothing(fake_cuda, pair, monkeypatch, failure):
+def test_device_failure_is_a_device_error_and_loses_nothing(fake_cuda, fake_cupy, pair, monkeypatch, failure):
     cpu, gpu, data = pair
-    cp = sys.modules["cupy"]
+    cp = fake_cupy
 
-    def broken(self, queries, k, ef, **kw):
+    def broken(self, queries, k, beam, **kw):
         if failure == "rejected":  # the kernel's own report of a launch it cannot run: found = -1
             nq = len(queries)
             return (cp.empty((nq, k), dtype=np.uint64), cp.empty((nq, k), dtype=np.float32),
@@ -289,7 +232,7 @@ def test_device_failure_is_a_device_error_and_loses_nothing(fake_cuda, pair, mon
     first = gpu.knn_query(data[1400:1420], k=5, ef=40)[0]
     assert gpu._gpu.mirror is not None
     with monkeypatch.context() as m:
-        m.setattr(_device.DeviceMirror, "search", broken)
+        m.setattr(DeviceMirror, "search", broken)
         with pytest.raises(gpuhnsw.DeviceError) as info:
             gpu.knn_query(data[1400:1420], k=5, ef=40)
     assert "intact" in str(info.value) or "rejected" in str(info.value)

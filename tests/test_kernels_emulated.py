@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import _kernels
+from gpuhnsw.device import kernels, launch
 from gpuhnsw._reference import ReferenceGraph, beam_search_reference, normalize_queries
 
 HERE = Path(__file__).resolve().parent
@@ -41,8 +41,10 @@ REPLACE = [
 ]
 
 IO = r'''
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 template <class T> std::vector<T> rd(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "rb");
@@ -65,9 +67,11 @@ MAINS = {
 int main(int, char** argv) {
   std::string d = argv[1];
   auto P = rd<long long>(d + "/params.bin");
-  int stride = P[0], metric = P[1], m0 = P[2], m = P[3], n_slots = P[4], ep = P[5], max_level = P[6];
-  int nq = P[7], dim = P[8], k = P[9], ef = P[10], width = P[11], hash_log2 = P[12], block = P[13];
-  int use_deleted = P[14], use_filter = P[15], grid = P[16];
+  int block = P[0], use_deleted = P[1], use_filter = P[2], grid = P[3];
+  auto raw = rd<unsigned char>(d + "/args.bin");  // gpuhnsw.device.launch.SEARCH_ARGS, pointers 0
+  if (raw.size() != sizeof(gpuhnsw::SearchArgs) + 1) { std::fprintf(stderr, "SearchArgs size\n"); return 4; }
+  gpuhnsw::SearchArgs a;
+  std::memcpy(&a, raw.data(), sizeof a);
   auto vec = rd<STORAGE>(d + "/vectors.bin");
   auto links0 = rd<unsigned>(d + "/links0.bin");
   auto degree0 = rd<unsigned>(d + "/degree0.bin");
@@ -78,16 +82,17 @@ int main(int, char** argv) {
   auto deleted = rd<unsigned>(d + "/deleted.bin");
   auto filter = rd<unsigned>(d + "/filter.bin");
   auto queries = rd<float>(d + "/queries.bin");
+  int nq = a.nq, k = a.k;
   std::vector<unsigned> o_slots(std::max(1, nq * k));
   std::vector<float> o_dists(std::max(1, nq * k));
   std::vector<unsigned long long> o_labels(std::max(1, nq * k));
   std::vector<int> o_found(nq), o_status(nq);
-  emu_launch(grid, block, [&] {
-    search_beam_kernel<STORAGE, TEAM, CAP>(vec.data(), stride, metric, links0.data(), degree0.data(), m0,
-        ustart.data(), ulinks.data(), levels.data(), m, n_slots, ep, max_level, use_deleted ? deleted.data() : nullptr,
-        use_filter ? filter.data() : nullptr, 0, queries.data(), nq, dim, k, ef, width, hash_log2, 0,
-        labels.data(), o_slots.data(), o_dists.data(), o_labels.data(), o_found.data(), o_status.data());
-  });
+  a.vectors = vec.data(); a.links0 = links0.data(); a.degree0 = degree0.data(); a.upper_start = ustart.data();
+  a.upper_links = ulinks.data(); a.levels = levels.data(); a.labels = labels.data(); a.deleted_bits = use_deleted ? deleted.data() : nullptr;
+  a.queries = queries.data(); a.filter_bits = use_filter ? filter.data() : nullptr;
+  a.out_slots = o_slots.data(); a.out_dists = o_dists.data(); a.out_labels = o_labels.data();
+  a.out_found = o_found.data(); a.out_status = o_status.data();
+  emu_launch(grid, block, [&] { search_beam_kernel<STORAGE, TEAM, CAP>(a); });
   wr(d + "/out_slots.bin", o_slots); wr(d + "/out_dists.bin", o_dists); wr(d + "/out_labels.bin", o_labels);
   wr(d + "/out_found.bin", o_found); wr(d + "/out_status.bin", o_status);
 }
@@ -181,12 +186,12 @@ def emulator(tmp_path_factory):
         pytest.skip(f"{CXX} cannot build the CUDA emulation (needs C++20 and _Float16): {res.stderr[-500:]}")
     built = {}
 
-    def build(module, **defines):
-        src = _kernels.kernel_source(module)
+    def build(module, main=None, **defines):
+        src = kernels.kernel_source(module)
         for old, new in REPLACE:
             src = src.replace(old, new)
         assert "asm(" not in src and "extern __shared__" not in src, "REPLACE no longer matches the kernels"
-        src = f'#include "{HEADER}"\n' + src + IO + MAINS[module]
+        src = f'#include "{HEADER}"\n' + src + IO + (main or MAINS[module])
         flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
         key = hashlib.sha1((src + " ".join(flags)).encode()).hexdigest()[:12]
         if key not in built:
@@ -225,28 +230,33 @@ def bitset(mask):
 
 def run_search(emulator, state, queries, k, ef, *, storage="float32", width=1, allowed=None, block=64, grid=3,
                hash_log2=None, upper_tail=None):
-    """The kernel on `state` (device layout built as gpuhnsw._device does); `upper_tail` (uint32) is
-    what follows the last upper block on the device.  Returns (outputs, capacity)."""
+    """The kernel on `state` (device layout built as gpuhnsw.device.mirror does), its scalar arguments
+    passed as the bytes of launch.SEARCH_ARGS; `upper_tail` (uint32) is what follows the last upper
+    block on the device.  Returns (outputs, capacity)."""
     build, run = emulator
     g = ReferenceGraph(state)
-    stride = _kernels.row_stride(g.dim, storage)
+    stride = launch.row_stride(g.dim, storage)
     vec = np.zeros((g.n, stride), np.float32)
     vec[:, :g.dim] = g.vectors
     vec = vec.astype(np.float16) if storage == "float16" else vec
     upper_start = np.full(g.n, INVALID, np.uint32)
     upper_start[g.levels > 0] = g.upper_start[g.levels > 0]
     filtered = allowed is not None or bool(g.deleted.any())
-    cap = _kernels.beam_capacity(ef, k, filtered)
-    team = _kernels.team_size(g.dim, storage)
-    log2 = hash_log2 or _kernels.search_hash_log2(cap, width, g.M0, 13 if filtered else 8)
+    beam = max(ef, k)
+    cap = launch.beam_capacity(beam, filtered)
+    team = launch.team_size(g.dim, storage)
+    log2 = hash_log2 or launch.search_hash_log2(cap, width, g.M0, 13 if filtered else 8)
     exe = build("search", STORAGE=STORAGE_CXX[storage], TEAM=team, CAP=cap)
     nq = len(queries)
-    params = [stride, _kernels.METRICS[g.space], g.M0, g.M, g.n, g.entry_point, g.max_level, nq, g.dim, k, ef,
-              width, log2, block, int(g.deleted.any()), int(allowed is not None), grid]
+    args = np.zeros(1, launch.SEARCH_ARGS)
+    for name, value in dict(stride=stride, metric=kernels.METRICS[g.space], m0=g.M0, m=g.M, n_slots=g.n,
+                            entry_point=g.entry_point, max_level=g.max_level, nq=nq, dim=g.dim, k=k, beam=beam,
+                            search_width=width, hash_log2=log2, max_iters=0).items():
+        args[name] = value
     out = run(exe, {"out_slots": np.uint32, "out_dists": np.float32, "out_labels": np.uint64,
                     "out_found": np.int32, "out_status": np.int32},
-              params=np.array(params, np.int64), vectors=vec, links0=g.links0, degree0=g.degree0,
-              upper_start=upper_start,
+              params=np.array([block, int(g.deleted.any()), int(allowed is not None), grid], np.int64),
+              args=args, vectors=vec, links0=g.links0, degree0=g.degree0, upper_start=upper_start,
               upper_links=np.concatenate([g.upper, np.zeros(1, np.uint32) if upper_tail is None else upper_tail]),
               levels=g.levels,
               labels=g.labels, deleted=bitset(g.deleted),
@@ -255,6 +265,23 @@ def run_search(emulator, state, queries, k, ef, *, storage="float32", width=1, a
     for name in ("out_slots", "out_dists", "out_labels"):
         out[name] = out[name][:nq * k].reshape(nq, k)
     return out, cap
+
+
+def test_search_args_dtype_matches_the_struct(emulator):
+    """launch.SEARCH_ARGS has gpuhnsw::SearchArgs' size and each field's offset and size, as g++
+    lays out the struct (x86-64; CUDA lays out a struct as its host compiler does, and
+    test_kernels_nvrtc.py checks the sizes as NVRTC sees them)."""
+    build, _ = emulator
+    dtype = launch.SEARCH_ARGS
+    lines = ['  std::printf("%zu\\n", sizeof(gpuhnsw::SearchArgs));']
+    lines += [f'  std::printf("%zu %zu\\n", offsetof(gpuhnsw::SearchArgs, {name}), sizeof(gpuhnsw::SearchArgs::{name}));'
+              for name in dtype.names]
+    exe = build("search", main="int main() {\n" + "\n".join(lines) + "\n}\n", STORAGE="float", TEAM=4, CAP=32)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert int(out[0]) == dtype.itemsize
+    for name, line in zip(dtype.names, out[1:]):
+        field, offset = dtype.fields[name]
+        assert tuple(map(int, line.split())) == (offset, field.itemsize), name
 
 
 def assert_matches(out, ref, labels, min_same=0.99):
@@ -417,7 +444,7 @@ def test_compute_distances(emulator, rng, storage, space, dim):
     x = rng.standard_normal((n, dim)).astype(np.float32)
     if space == "cosine":
         x = normalize_queries(x)
-    stride = _kernels.row_stride(dim, storage)
+    stride = launch.row_stride(dim, storage)
     vec = np.zeros((n, stride), np.float32)
     vec[:, :dim] = x
     if storage == "float16":
@@ -427,8 +454,8 @@ def test_compute_distances(emulator, rng, storage, space, dim):
     slots = rng.integers(0, n, (nq, c)).astype(np.uint32)
     slots[0, 3] = INVALID
     slots[1, 5] = n + 7
-    exe = build("distance", STORAGE=STORAGE_CXX[storage], TEAM=_kernels.team_size(dim, storage))
-    params = [stride, _kernels.METRICS[space], n, nq, dim, c, 64, 2]
+    exe = build("distance", STORAGE=STORAGE_CXX[storage], TEAM=launch.team_size(dim, storage))
+    params = [stride, kernels.METRICS[space], n, nq, dim, c, 64, 2]
     out = run(exe, {"out": np.float32}, params=np.array(params, np.int64), vectors=vec, queries=q,
               slots=slots)["out"].reshape(nq, c)
     qq = normalize_queries(q) if space == "cosine" else q
@@ -457,7 +484,7 @@ def topk_oracle(d, k, offset=0, prev=None):
                                          (2000, 300, 64), (4000, 1000, 64)])
 def test_select_topk(emulator, rng, n, k, block):
     build, run = emulator
-    cap = _kernels.topk_capacity(k)
+    cap = launch.topk_capacity(k)
     exe = build("topk", CAP=cap)
     nq = 3
 
@@ -496,7 +523,7 @@ def test_scatter_rows(emulator, rng, storage):
     """Full rows, and link rows that ship their whole list (start 0) or only their last entries."""
     build, run = emulator
     r, q, m0, dim_pad, cap = 40, 30, 8, 12, 100
-    stride = _kernels.row_stride(dim_pad, storage)
+    stride = launch.row_stride(dim_pad, storage)
     slots, lslots = np.split(rng.choice(cap, r + q, replace=False).astype(np.uint32), [r])
     degree = rng.integers(0, m0, r).astype(np.uint32)
     labels = rng.integers(0, 2**63, r).astype(np.uint64)

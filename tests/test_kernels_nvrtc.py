@@ -1,8 +1,8 @@
 """The CUDA kernels build and their launches fit: every instantiation, sm_75/80/90, no GPU needed.
 
 NVRTC comes from ``cuda-python`` and the ``nvidia-cuda-nvrtc-cu12`` wheel (the ``nvrtc`` extra).
-Each instantiation is compiled once per test session, as its own program (``_kernels.instance_source``)
-with the complete option list CuPy hands NVRTC (``_kernels.nvrtc_options``: ours, then CuPy's
+Each instantiation is compiled once per test session, as its own program (``kernels.instance_source``)
+with the complete option list CuPy hands NVRTC (``kernels.nvrtc_options``: ours, then CuPy's
 ``-ftz=true``, ``-arch=sm_XX``, ``--device-as-default-execution-space``) plus ``-Xptxas=-v``, so
 what passes here is what CuPy compiles at the first GPU query, and ptxas reports each kernel's
 registers, spills and static shared memory. From those:
@@ -13,7 +13,8 @@ registers, spills and static shared memory. From those:
   refused (``search_launch`` returns None: the CPU answers) only where no launch could fit.
 
 Also here: the loader itself (header inlining, #line markers, the instantiation matrix, import
-without CuPy) and the option list's consistency (an option of ours that CuPy overrides, like the
+without CuPy), the search kernel's argument struct against its NumPy twin (offsets and size, as the
+device compiler lays it out), and the option list's consistency (an option of ours that CuPy overrides, like the
 ``-ftz=false`` it used to silently replace, fails).
 """
 import os
@@ -24,9 +25,10 @@ import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
+import numpy as np
 import pytest
 
-from gpuhnsw import _kernels
+from gpuhnsw.device import kernels, launch
 
 ARCHS = ("sm_75", "sm_80", "sm_90")  # oldest CUDA 13 target; Ampere; Hopper
 #: Shared memory per block with the opt-in (CUDA programming guide, compute capabilities table).
@@ -38,37 +40,37 @@ REGISTERS_PER_BLOCK = 64 * 1024  # every architecture here
 # the loader, without any CUDA
 
 def test_every_module_has_a_source_and_instantiations():
-    for name, (_, kernel, params) in _kernels.MODULES.items():
-        src = _kernels.kernel_source(name)
+    for name, (_, kernel, params) in kernels.MODULES.items():
+        src = kernels.kernel_source(name)
         assert re.search(r"GPUHNSW_KERNEL\(.*\)\s+%s\(" % kernel, src)
-        found = _kernels.instances(name)
+        found = kernels.instances(name)
         assert found and len(set(found)) == len(found) and all(len(i) == len(params) for i in found)
-        one = _kernels.instance_source(name, found[-1])
+        one = kernels.instance_source(name, found[-1])
         assert one.startswith("#define GPUHNSW_INSTANCE ") and one.endswith(src)
-        assert f"#define GPUHNSW_MAX_THREADS {_kernels.block_size(name, found[-1])}\n" in one
-    assert len(_kernels.instances("search")) == 2 * 4 * 5
-    assert len(_kernels.instances("distance")) == 2 * 4
-    assert len(_kernels.instances("topk")) == 6
-    assert len(_kernels.instances("scatter")) == 2
+        assert f"#define GPUHNSW_MAX_THREADS {kernels.block_size(name, found[-1])}\n" in one
+    assert len(kernels.instances("search")) == 2 * 4 * 5
+    assert len(kernels.instances("distance")) == 2 * 4
+    assert len(kernels.instances("topk")) == 6
+    assert len(kernels.instances("scatter")) == 2
     with pytest.raises(ValueError):
-        _kernels.kernel_source("nope")
+        kernels.kernel_source("nope")
     with pytest.raises(ValueError):
-        _kernels.instances("nope")
+        kernels.instances("nope")
     with pytest.raises(ValueError):
-        _kernels.instance_source("search", ("float32", 32, 96))
+        kernels.instance_source("search", ("float32", 32, 96))
 
 
-@pytest.mark.parametrize("name", sorted(_kernels.MODULES))
+@pytest.mark.parametrize("name", sorted(kernels.MODULES))
 def test_headers_inlined_once_with_line_markers(name):
-    src = _kernels.kernel_source(name)
+    src = kernels.kernel_source(name)
     assert not re.search(r'^\s*#\s*include', src, re.M), "no include may be left (system or ours)"
     markers = re.findall(r'^#line 1 "([^"]+)"$', src, re.M)
-    assert markers[0] == _kernels.MODULES[name][0]
+    assert markers[0] == kernels.MODULES[name][0]
     assert len(markers) == len(set(markers)), "each header inlined once"
     assert "common.cuh" in markers
     # every #line marker is true: the line after it is that line of that file
     lines = src.splitlines()
-    folder = _kernels.kernel_dir()
+    folder = kernels.kernel_dir()
     files = {}
     for i, line in enumerate(lines):
         m = re.match(r'^#line (\d+) "([^"]+)"$', line)
@@ -86,10 +88,10 @@ def test_import_without_cupy():
     code = textwrap.dedent("""
         import sys
         sys.modules["cupy"] = None          # import cupy -> ImportError
-        from gpuhnsw import _kernels
-        assert _kernels.kernel_source("search")
+        from gpuhnsw.device import kernels, launch
+        assert kernels.kernel_source("search")
         try:
-            _kernels.get_kernel("topk", (32,))
+            kernels.get_kernel("topk", (32,))
         except RuntimeError as e:           # DeviceError
             assert "CuPy" in str(e)
         else:
@@ -99,40 +101,74 @@ def test_import_without_cupy():
 
 
 def test_launch_arithmetic():
-    assert _kernels.team_size(128) == 32 and _kernels.team_size(16) == 4 and _kernels.team_size(3) == 4
-    assert _kernels.team_size(64) == 16 and _kernels.team_size(784) == 32
-    assert _kernels.team_size(128, "float16") == 16
-    assert _kernels.row_stride(3) == 4 and _kernels.row_stride(3, "float16") == 8
-    assert _kernels.beam_capacity(10, 5) == 32 and _kernels.beam_capacity(64, 100) == 128
+    assert launch.team_size(128) == 32 and launch.team_size(16) == 4 and launch.team_size(3) == 4
+    assert launch.team_size(64) == 16 and launch.team_size(784) == 32
+    assert launch.team_size(128, "float16") == 16
+    assert launch.row_stride(3) == 4 and launch.row_stride(3, "float16") == 8
+    assert launch.beam_capacity(10) == 32 and launch.beam_capacity(100) == 128
+    assert launch.beam_capacity(100, filtered=True) == 512 and launch.beam_capacity(200, filtered=True) == 512
     with pytest.raises(ValueError):
-        _kernels.beam_capacity(513, 1)
-    assert _kernels.topk_capacity(1000) == 1024
-    log2 = _kernels.search_hash_log2(512, 4, 64)
+        launch.beam_capacity(513)
+    assert launch.topk_capacity(1000) == 1024
+    log2 = launch.search_hash_log2(512, 4, 64)
     assert (1 << (log2 - 1)) >= 2 * 512 + 4 * 64
     # 128 dims, M = 16, width 1, capacity 64: query + 2 candidate buffers of 32 pairs + 1024 slots
-    assert _kernels.search_shared_bytes(128, 1, 32, 16, 10) == 4 * (128 + 4 * 32 + 1024)
-    assert _kernels.topk_shared_bytes(1024, 2) <= 48 * 1024
+    assert launch.search_shared_bytes(128, 1, 32, 16, 10) == 4 * (128 + 4 * 32 + 1024)
+    assert launch.topk_shared_bytes(1024, 2) <= 48 * 1024
     # the issue's example: dim 1536, M 32, ef 128, width 2, filtered: 40,960 dynamic + 8,480 static
-    launch = _kernels.search_launch(1536, "float32", 32, 64, 128, 10, 2, True, lambda inst: 8480, 227 * 1024)
-    assert launch.instance == ("float32", 32, 512) and launch.shared_bytes == 40960
-    assert launch.shared_bytes + 8480 > _kernels.DEFAULT_SHARED_LIMIT         # needs the opt-in
-    small = _kernels.search_launch(1536, "float32", 32, 64, 128, 10, 2, True, lambda inst: 8480, 48 * 1024)
-    assert small.hash_log2 < launch.hash_log2 and small.shared_bytes + 8480 <= 48 * 1024   # a smaller hash
-    assert _kernels.search_launch(4096, "float32", 64, 128, 512, 10, 32, True, lambda inst: 8480, 48 * 1024) is None
+    big = launch.search_launch(1536, "float32", 32, 64, 128, 2, True, lambda inst: 8480, 227 * 1024)
+    assert big.instance == ("float32", 32, 512) and big.shared_bytes == 40960
+    assert big.shared_bytes + 8480 > launch.DEFAULT_SHARED_LIMIT         # needs the opt-in
+    small = launch.search_launch(1536, "float32", 32, 64, 128, 2, True, lambda inst: 8480, 48 * 1024)
+    assert small.hash_log2 < big.hash_log2 and small.shared_bytes + 8480 <= 48 * 1024   # a smaller hash
+    assert launch.search_launch(4096, "float32", 64, 128, 512, 32, True, lambda inst: 8480, 48 * 1024) is None
 
 
 def test_option_list_says_what_runs():
     """Every ``-name=value`` option of ours survives CuPy's additions unchanged (CuPy appends
     ``-ftz=true``: an ``-ftz=false`` of ours would be silently overridden)."""
     for arch in ARCHS:
-        final = _kernels.nvrtc_options(arch)
-        assert final[:len(_kernels.OPTIONS)] == _kernels.OPTIONS
+        final = kernels.nvrtc_options(arch)
+        assert final[:len(kernels.OPTIONS)] == kernels.OPTIONS
         seen = {}
         for opt in final:
             key, eq, value = opt.partition("=")
             if eq:
                 assert seen.setdefault(key.lstrip("-"), value) == value, f"{opt} overrides an earlier {key}"
         assert seen["ftz"] == "true" and seen["fmad"] == "true" and seen["arch"] == arch
+
+
+def test_search_args_dtype_is_the_cuda_struct():
+    """launch.SEARCH_ARGS, the bytes CuPy hands search_beam_kernel, matches gpuhnsw::SearchArgs as
+    NVRTC lays it out: the struct's size and every field's size, static_asserts compiled with the
+    kernel's own program.  With no padding on either side (the NumPy fields abut, and the struct's
+    size is the sum of its fields'), equal sizes in the same order are equal offsets; the order (and
+    each offset) is checked against g++'s offsetof in test_kernels_emulated.py (NVRTC has no
+    offsetof)."""
+    nvrtc = kernels.nvrtc_module()
+    if nvrtc is None:
+        pytest.skip("NVRTC not available: pip install 'gpuhnsw[nvrtc]' (cuda-python + nvidia-cuda-nvrtc)")
+    dtype = launch.SEARCH_ARGS
+    fields = sorted(dtype.fields.items(), key=lambda item: item[1][1])
+    assert [offset for _, (_, offset) in fields] == list(np.cumsum([0] + [f.itemsize for _, (f, _) in fields]))[:-1]
+    assert sum(f.itemsize for _, (f, _) in fields) == dtype.itemsize
+    checks = [f"static_assert(sizeof(gpuhnsw::SearchArgs) == {dtype.itemsize}, \"size\");"]
+    checks += [f"static_assert(sizeof(gpuhnsw::SearchArgs::{name}) == {field.itemsize}, \"{name}\");"
+               for name, (field, _) in fields]
+    src = (kernels.instance_source("search", kernels.instances("search")[0]) + "\n".join(checks) + "\n").encode()
+    for arch in ARCHS:
+        err, prog = nvrtc.nvrtcCreateProgram(src, b"search.cu", 0, [], [])
+        assert int(err) == 0
+        try:
+            opts = [o.encode() for o in kernels.nvrtc_options(arch)]
+            result = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            log = bytearray(size)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        err = result[0] if isinstance(result, tuple) else result
+        assert int(err) == 0, bytes(log).decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +180,7 @@ _PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (
 
 def _compile(job):
     name, instance, arch = job
-    ok, log, _ = _kernels.nvrtc_compile(name, instance, arch, ("-Xptxas=-v",))
+    ok, log, _ = kernels.nvrtc_compile(name, instance, arch, ("-Xptxas=-v",))
     return job, ok, log
 
 
@@ -153,9 +189,9 @@ def compiled():
     """{(module, instance, arch): (ok, log, usage)}, usage = {"spill": bytes stored + loaded,
     "registers": n, "smem": static shared bytes} from ptxas -v. Compiled in worker processes
     (NVRTC holds the GIL)."""
-    if _kernels.nvrtc_module() is None:
+    if kernels.nvrtc_module() is None:
         pytest.skip("NVRTC not available: pip install 'gpuhnsw[nvrtc]' (cuda-python + nvidia-cuda-nvrtc)")
-    jobs = [(name, inst, arch) for arch in ARCHS for name in _kernels.MODULES for inst in _kernels.instances(name)]
+    jobs = [(name, inst, arch) for arch in ARCHS for name in kernels.MODULES for inst in kernels.instances(name)]
     with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_compile, jobs, chunksize=4))
     out = {}
@@ -175,7 +211,7 @@ def test_every_instantiation_compiles_without_warnings(compiled, arch):
         assert ok, f"NVRTC failed for {name} {inst} ({arch}):\n{log}"
         assert "warning" not in log.lower(), f"NVRTC warnings for {name} {inst} ({arch}):\n{log}"
         assert usage is not None, f"no ptxas report for {name} {inst} ({arch}):\n{log}"
-        assert f"entry function '{_kernels.MODULES[name][1]}'" in log     # C linkage: the plain name
+        assert f"entry function '{kernels.MODULES[name][1]}'" in log     # C linkage: the plain name
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -184,8 +220,8 @@ def test_no_spills_and_launchable_registers(compiled, arch):
         if a != arch:
             continue
         assert usage["spill"] == 0, f"{name} {inst} spills on {arch}:\n{log}"
-        assert usage["registers"] <= _kernels.MAX_REGISTERS, (name, inst, arch, usage)
-        assert usage["registers"] * _kernels.block_size(name, inst) <= REGISTERS_PER_BLOCK, (name, inst, arch)
+        assert usage["registers"] <= kernels.MAX_REGISTERS, (name, inst, arch, usage)
+        assert usage["registers"] * kernels.block_size(name, inst) <= REGISTERS_PER_BLOCK, (name, inst, arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -198,29 +234,29 @@ def test_every_launch_fits(compiled, arch):
         return compiled[(name, tuple(inst), arch)][2]["smem"]
 
     refused = []
-    for storage in _kernels.STORAGE_TYPES:
+    for storage in kernels.STORAGE_TYPES:
         for dim in (1, 4, 16, 100, 128, 384, 768, 784, 960, 1024, 1536, 2048, 4096, 8192):
             for m in (2, 4, 8, 16, 32, 48, 64, 100):
                 for ef in (1, 10, 40, 64, 100, 128, 200, 256, 400, 512):
                     for k in (1, 10, 100, 512):
                         for width in (1, 2, 4, 8, 16, 32):
                             for filtered in (False, True):
-                                if max(ef, k) > _kernels.SEARCH_CAPACITIES[-1]:
+                                if max(ef, k) > kernels.SEARCH_CAPACITIES[-1]:
                                     continue
-                                launch = _kernels.search_launch(dim, storage, m, 2 * m, ef, k, width, filtered,
-                                                                lambda inst: static("search", inst), limit)
-                                if launch is None:
+                                chosen = launch.search_launch(dim, storage, m, 2 * m, max(ef, k), width, filtered,
+                                                              lambda inst: static("search", inst), limit)
+                                if chosen is None:
                                     refused.append((dim, m, width))
                                     continue
-                                total = static("search", launch.instance) + launch.shared_bytes
+                                total = static("search", chosen.instance) + chosen.shared_bytes
                                 assert total <= limit, (storage, dim, m, ef, k, width, filtered, total)
     # refusals only for wide rows with many links per iteration, never for the common range
     assert not [r for r in refused if r[0] <= 1024 and r[1] <= 32 and r[2] <= 4], refused[:5]
     if arch != "sm_75":
         assert not [r for r in refused if r[0] <= 4096 and r[1] <= 64 and r[2] <= 8], refused[:5]
-    for (cap,) in _kernels.instances("topk"):
-        shared = static("topk", (cap,)) + _kernels.topk_shared_bytes(cap, _kernels.topk_warps(cap))
-        assert shared <= _kernels.DEFAULT_SHARED_LIMIT
-    for storage, team in _kernels.instances("distance"):   # the query row, dims up to 8192
-        shared = static("distance", (storage, team)) + _kernels.distance_shared_bytes(8192)
-        assert shared <= _kernels.DEFAULT_SHARED_LIMIT
+    for (cap,) in kernels.instances("topk"):
+        shared = static("topk", (cap,)) + launch.topk_shared_bytes(cap, kernels.topk_warps(cap))
+        assert shared <= launch.DEFAULT_SHARED_LIMIT
+    for storage, team in kernels.instances("distance"):   # the query row, dims up to 8192
+        shared = static("distance", (storage, team)) + launch.distance_shared_bytes(8192)
+        assert shared <= launch.DEFAULT_SHARED_LIMIT

@@ -8,6 +8,7 @@ import pytest
 
 import gpuhnsw.knn_graph  # noqa: F401
 from gpuhnsw import testing
+from gpuhnsw._rows import normalize_rows
 from gpuhnsw.knn_graph import knn_graph
 
 # gpuhnsw.knn_graph as an attribute is the function; the module itself is in sys.modules
@@ -20,17 +21,6 @@ def _oracle(x, k, space="l2"):
     keep = ids != np.arange(len(x))[:, None]
     keep[keep.all(axis=1), -1] = False
     return ids[keep].reshape(len(x), k), dists[keep].reshape(len(x), k)
-
-
-@pytest.fixture
-def hnsw_index_class(monkeypatch, hnswlib):
-    """gpuhnsw.Index when it works, else hnswlib.Index as a stand-in (same API)."""
-    try:
-        import gpuhnsw
-
-        gpuhnsw.Index("l2", 4).init_index(10)
-    except Exception:
-        monkeypatch.setattr(kg_module, "_index_class", lambda: hnswlib.Index)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,7 @@ def test_exact_equals_brute_force_on_mnist_slice(datasets):
 def test_exact_any_space_and_tiling(make_data, space, tile):
     x = make_data(1200, 16)
     neighbors, distances, _ = kg_module._exact_graph_cpu(
-        kg_module.normalize_rows(x) if space == "cosine" else x, 6, space, tile=tile)
+        normalize_rows(x) if space == "cosine" else x, 6, space, tile=tile)
     want, want_d = _oracle(x, 6, space)
     np.testing.assert_array_equal(neighbors, want)
     np.testing.assert_allclose(distances, want_d, rtol=1e-5, atol=1e-6)
@@ -88,7 +78,7 @@ def test_exact_keeps_duplicates_and_drops_only_self():
     assert not (neighbors == np.arange(5)[:, None]).any()
 
 
-def test_hnsw_recall_on_siftsmall(sift_graph, hnsw_index_class):
+def test_hnsw_recall_on_siftsmall(sift_graph):
     base, exact, _ = sift_graph
     approx, dists = knn_graph(base, 10, method="hnsw", M=16, ef_construction=100)
     assert approx.shape == (10000, 10) and approx.dtype == np.int64
@@ -97,21 +87,18 @@ def test_hnsw_recall_on_siftsmall(sift_graph, hnsw_index_class):
     assert (np.diff(dists, axis=1) >= 0).all()
 
 
-def test_hnsw_recall_on_mnist_slice_cosine(datasets, hnsw_index_class):
+def test_hnsw_recall_on_mnist_slice_cosine(datasets):
     base, _, _, _ = datasets("mnist", n_base=3000, n_queries=1)
     exact, _ = knn_graph(base, 10, space="cosine", method="exact")
     approx, _ = knn_graph(base, 10, space="cosine", method="hnsw", ef_construction=100)
     assert testing.recall_at_k(approx, exact, 10) >= 0.95
 
 
-def test_hnsw_keeps_duplicate_rows(make_data, hnsw_index_class):
+def test_hnsw_keeps_duplicate_rows(make_data, twins):
     x = make_data(400, 8)
     x[200:] = x[:200]                                   # every row has an exact twin
-    neighbors, distances = knn_graph(x, 4, method="hnsw")
-    twin = np.r_[np.arange(200, 400), np.arange(200)]
-    assert (neighbors[:, 0] == twin).mean() >= 0.99
-    assert (distances[:, 0] == 0).mean() >= 0.99
-    assert not (neighbors == np.arange(400)[:, None]).any()
+    first, zero, self_found = twins(*knn_graph(x, 4, method="hnsw"), 200)
+    assert first >= 0.99 and zero >= 0.99 and not self_found
 
 
 def test_drop_self_by_id_not_by_column():
@@ -193,13 +180,9 @@ def test_exact_memory_is_bounded(make_data):
 
 
 @pytest.mark.parametrize("space", ["l2", "cosine"])
-def test_exact_cuda_path_logic_equals_cpu(monkeypatch, numpy_as_cupy, numpy_select_topk, datasets, space):
+def test_exact_cuda_path_logic_equals_cpu(fake_cupy, numpy_select_topk, datasets, space):
     """The GPU exact graph (fused keys, self excluded in the kernel, ordering on the device) on NumPy
     through the CuPy stand-in: the same graph as the CPU's symmetric tiling, and its phases reported."""
-    from gpuhnsw import exact
-
-    monkeypatch.setattr(exact, "import_cupy", lambda: numpy_as_cupy)
-    monkeypatch.setattr(kg_module, "resolve_device", lambda device: ("cuda", 0) if device == "cuda" else ("cpu", None))
     base, _, _, _ = datasets("mnist" if space == "l2" else "minilm-debian")
     base = np.ascontiguousarray(base[:1500])
     cpu = knn_graph(base, 10, space=space, method="exact", device="cpu")

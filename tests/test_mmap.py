@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw import IndexFileError, _io
+from gpuhnsw import IndexFileError
+from gpuhnsw._io import files, native
 
 
 def _build(data, space, *, n, capacity=None, M=8, ef_construction=48):
@@ -290,13 +291,13 @@ def test_mapped_index_on_the_gpu(cases):
 
 def _version1(path, out):
     """``path`` (our format, version 2) rewritten in version 1: no padding, vectors [n, dim]."""
-    state, ef, _ = _io.read_index(path, space="l2", dim=126)
-    header = _io._HEADER.pack(_io.MAGIC, 1, 0, int(state["allow_replace_deleted"]), 126, state["M"],
+    state, ef, _ = native.read_index(path, space="l2", dim=126)
+    header = native._HEADER.pack(native.MAGIC, 1, 0, int(state["allow_replace_deleted"]), 126, state["M"],
                               state["ef_construction"], state["random_seed"], state["max_elements"],
                               state["count"], state["entry_point"], state["max_level"], state["insert_seq"], ef)
-    chunks = [header, _io._CRC.pack(zlib.crc32(header))]
-    for key, tag, _ in _io._SECTIONS:
-        chunks += [_io._SECTION_V1.pack(tag, len(state[key]), zlib.crc32(state[key])), state[key]]
+    chunks = [header, files.CRC.pack(zlib.crc32(header))]
+    for key, tag in native._TAGS.items():
+        chunks += [native._SECTION_V1.pack(tag, len(state[key]), zlib.crc32(state[key])), state[key]]
     out.write_bytes(b"".join(chunks))
 
 
@@ -330,14 +331,14 @@ def _patched(data, key, edit):
     """``data`` with section ``key``'s bytes edited by ``edit(uint32 or float32 array)`` and its
     CRC recomputed, so that the checks behind the checksum are reached."""
     buf = bytearray(data)
-    off, length, _ = _io._section_layout(lambda pos, n: data[pos:pos + n], len(data), 2)[key]
+    off, length, _ = native._section_layout(lambda pos, n: data[pos:pos + n], len(data), 2)[key]
     arr = np.frombuffer(buf, dtype=np.float32 if key == "vectors" else np.uint32, count=length // 4, offset=off)
     edit(arr)
-    head = off - _io._SECTION.size
-    while _io._SECTION.unpack_from(buf, head)[0] != dict((k, t) for k, t, _ in _io._SECTIONS)[key]:
+    head = off - native._SECTION.size
+    while native._SECTION.unpack_from(buf, head)[0] != native._TAGS[key]:
         head -= 1   # back over the zero padding
-    tag, _, _, pad = _io._SECTION.unpack_from(buf, head)
-    _io._SECTION.pack_into(buf, head, tag, length, zlib.crc32(bytes(buf[off:off + length])), pad)
+    tag, _, _, pad = native._SECTION.unpack_from(buf, head)
+    native._SECTION.pack_into(buf, head, tag, length, zlib.crc32(bytes(buf[off:off + length])), pad)
     return bytes(buf)
 
 
@@ -378,7 +379,7 @@ def test_truncated_and_flipped_files_raise(small, tmp_path):
         os.truncate(f, cut)
         with pytest.raises(IndexFileError, match=r"x\.bin"):
             _load(f, "l2", 126, mmap=True)
-    vectors = _io._section_layout(lambda pos, n: data[pos:pos + n], len(data), 2)["vectors"]
+    vectors = native._section_layout(lambda pos, n: data[pos:pos + n], len(data), 2)["vectors"]
     crc_at = data.rfind(b"VECS", 0, vectors[0]) + 12   # the vectors' CRC in their section header
     for i in range(0, len(data), 29):
         flipped = bytearray(data)

@@ -1,4 +1,4 @@
-"""Index files (gpuhnsw/_io.py): hnswlib 0.8.0 interchange, our own format, corrupted input.
+"""Index files (gpuhnsw/_io/): hnswlib 0.8.0 interchange, our own format, corrupted input.
 
 hnswlib itself (the ``hnswlib`` fixture of conftest.py, 0.8.0) is the oracle for its format: files
 it saves must read back, and files we write must load in hnswlib and answer queries exactly as the
@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from gpuhnsw import IndexFileError, _io, testing  # only these: the C core is never exercised
+from gpuhnsw import IndexFileError, testing  # only these and _io: the C core is never exercised
+from gpuhnsw._io import files, hnswlib_format, native, state as state_module
 
 STATE_BYTES = ("vectors", "links0", "degree0", "labels", "levels", "upper", "deleted")
 
@@ -30,13 +31,13 @@ def random_state(n, dim, M, seed, *, space="l2", capacity=None):
     levels = np.minimum(np.floor(-np.log(1 - u) / np.log(max(M, 2))), 255).astype(np.uint8)
     degree0 = rng.integers(0, 2 * M + 1, n).astype(np.uint32) if n > 1 else np.zeros(n, np.uint32)
     links0 = rng.integers(0, max(n, 1), (n, 2 * M)).astype(np.uint32)
-    links0[np.arange(2 * M)[None, :] >= degree0[:, None]] = _io.NO_LINK
+    links0[np.arange(2 * M)[None, :] >= degree0[:, None]] = state_module.NO_LINK
     blocks = []
     for i in np.flatnonzero(levels):
         for level in range(1, int(levels[i]) + 1):
             pool = np.flatnonzero(levels >= level)
             c = int(rng.integers(0, min(M, pool.size) + 1))
-            block = np.full(1 + M, _io.NO_LINK, np.uint32)
+            block = np.full(1 + M, state_module.NO_LINK, np.uint32)
             block[0] = c
             block[1:1 + c] = rng.choice(pool, c, replace=False)
             blocks.append(block)
@@ -57,7 +58,7 @@ def zero_unused_links(buf):
     """An hnswlib file with every link entry past its list's count set to 0.
 
     hnswlib leaves stale ids there after pruning a list; our writer zeroes them, so this is the form
-    in which our re-save is byte-identical. Written independently of _io, with a plain loop.
+    in which our re-save is byte-identical. Written independently of gpuhnsw._io, with a plain loop.
     """
     (_, _, n, size, _, _, _, _, M, M0, _, _, _) = struct.unpack_from("<QQQQQQiIQQQdQ", buf)
     out = bytearray(buf)
@@ -123,7 +124,7 @@ def saved(request, hnswlib, sift, tmp_path_factory):
 def test_read_hnswlib_file(saved, sift):
     case, p, path, gone = saved
     space, rows, M, capacity, _ = CASES[case]
-    state, ef, fmt = _io.read_index(path, space=space, dim=128)
+    state, ef, fmt = native.read_index(path, space=space, dim=128)
     assert (fmt, ef) == ("hnswlib", None)
     assert (state["space"], state["dim"], state["M"], state["count"]) == (space, 128, M, rows)
     assert (state["max_elements"], state["ef_construction"]) == (capacity, 80)
@@ -147,9 +148,9 @@ def test_read_hnswlib_file(saved, sift):
 def test_write_hnswlib_loads_in_hnswlib_with_same_neighbours(saved, hnswlib, sift, tmp_path):
     case, p, path, gone = saved
     space = CASES[case][0]
-    state, _, _ = _io.read_index(path, space=space, dim=128)
+    state, _, _ = native.read_index(path, space=space, dim=128)
     out = tmp_path / "ours.bin"
-    _io.write_hnswlib(out, state)
+    hnswlib_format.write(out, state)
     q = hnswlib.Index(space, 128)
     q.load_index(str(out))
     assert (q.max_elements, q.element_count, q.M, q.ef_construction) == (
@@ -167,9 +168,9 @@ def test_write_hnswlib_loads_in_hnswlib_with_same_neighbours(saved, hnswlib, sif
 def test_hnswlib_resave_is_byte_identical(saved, hnswlib, tmp_path):
     case, p, path, _ = saved
     orig = path.read_bytes()
-    state, _, _ = _io.read_index(path, space=CASES[case][0], dim=128)
+    state, _, _ = native.read_index(path, space=CASES[case][0], dim=128)
     out = tmp_path / "ours.bin"
-    _io.write_hnswlib(out, state)
+    hnswlib_format.write(out, state)
     ours = out.read_bytes()
     # Identical except for hnswlib's stale ids past each list's count, which we write as 0.
     assert ours == zero_unused_links(orig)
@@ -179,9 +180,9 @@ def test_hnswlib_resave_is_byte_identical(saved, hnswlib, tmp_path):
     q.save_index(str(tmp_path / "hnswlib_again.bin"))
     assert (tmp_path / "hnswlib_again.bin").read_bytes() == ours
     # ... and through our reader and writer.
-    state2, _, _ = _io.read_index(out, space=CASES[case][0], dim=128)
+    state2, _, _ = native.read_index(out, space=CASES[case][0], dim=128)
     assert_same_state(state2, state)
-    _io.write_hnswlib(tmp_path / "again.bin", state2)
+    hnswlib_format.write(tmp_path / "again.bin", state2)
     assert (tmp_path / "again.bin").read_bytes() == ours
 
 
@@ -196,8 +197,8 @@ def test_byte_identical_to_hnswlib_without_pruning(space, hnswlib, sift, tmp_pat
     p.save_index(str(tmp_path / "h.bin"))
     orig = (tmp_path / "h.bin").read_bytes()
     assert zero_unused_links(orig) == orig
-    state, _, _ = _io.read_index(tmp_path / "h.bin", space=space, dim=128)
-    _io.write_hnswlib(tmp_path / "o.bin", state)
+    state, _, _ = native.read_index(tmp_path / "h.bin", space=space, dim=128)
+    hnswlib_format.write(tmp_path / "o.bin", state)
     assert (tmp_path / "o.bin").read_bytes() == orig
 
 
@@ -205,19 +206,19 @@ def test_empty_hnswlib_index(hnswlib, tmp_path):
     p = hnswlib.Index("ip", 5)
     p.init_index(10, M=4)
     p.save_index(str(tmp_path / "h.bin"))
-    state, _, _ = _io.read_index(tmp_path / "h.bin", space="ip", dim=5)
+    state, _, _ = native.read_index(tmp_path / "h.bin", space="ip", dim=5)
     assert (state["count"], state["entry_point"], state["max_level"]) == (0, -1, -1)
     assert all(state[k] == b"" for k in STATE_BYTES)
-    _io.write_hnswlib(tmp_path / "o.bin", state)
+    hnswlib_format.write(tmp_path / "o.bin", state)
     assert (tmp_path / "o.bin").read_bytes() == (tmp_path / "h.bin").read_bytes()
 
 
 def test_gpuhnsw_round_trip_of_hnswlib_state(saved, tmp_path):
     case, _, path, _ = saved
     space = CASES[case][0]
-    state, _, _ = _io.read_index(path, space=space, dim=128)
-    _io.write_gpuhnsw(tmp_path / "g.bin", state, ef=37)
-    state2, ef, fmt = _io.read_index(tmp_path / "g.bin", space=space, dim=128)
+    state, _, _ = native.read_index(path, space=space, dim=128)
+    native.write_gpuhnsw(tmp_path / "g.bin", state, ef=37)
+    state2, ef, fmt = native.read_index(tmp_path / "g.bin", space=space, dim=128)
     assert (fmt, ef) == ("gpuhnsw", 37)
     assert_same_state(state2, state)
     assert os.listdir(tmp_path) == ["g.bin"]  # no temp file left behind
@@ -231,12 +232,12 @@ def test_gpuhnsw_round_trip_of_hnswlib_state(saved, tmp_path):
 @pytest.mark.parametrize("ef", [None, 10, 2**40])
 def test_gpuhnsw_round_trip_synthetic(n, dim, M, ef, tmp_path):
     state = random_state(n, dim, M, seed=n + M, space="cosine", capacity=n + 10)
-    _io.write_gpuhnsw(tmp_path / "g.bin", state, ef=ef)
-    got, got_ef, fmt = _io.read_index(tmp_path / "g.bin", space="cosine", dim=dim)
+    native.write_gpuhnsw(tmp_path / "g.bin", state, ef=ef)
+    got, got_ef, fmt = native.read_index(tmp_path / "g.bin", space="cosine", dim=dim)
     assert (got_ef, fmt) == (ef, "gpuhnsw")
     assert_same_state(got, state)
-    _io.write_hnswlib(tmp_path / "h.bin", state)  # and through hnswlib's layout
-    got, _, fmt = _io.read_index(tmp_path / "h.bin", space="cosine", dim=dim)
+    hnswlib_format.write(tmp_path / "h.bin", state)  # and through hnswlib's layout
+    got, _, fmt = native.read_index(tmp_path / "h.bin", space="cosine", dim=dim)
     assert fmt == "hnswlib"
     for k in ("dim", "M", "max_elements", "count", "entry_point", "max_level", *STATE_BYTES):
         assert got[k] == state[k], k
@@ -248,21 +249,21 @@ def test_state_fields_may_be_any_buffer(tmp_path):
     for i, k in enumerate(STATE_BYTES):
         mixed[k] = (bytearray, memoryview)[i % 2](state[k])
     mixed["vectors"] = np.frombuffer(state["vectors"], np.float32).reshape(50, 4)  # a numpy array
-    _io.write_gpuhnsw(tmp_path / "a.bin", mixed, ef=None)
-    _io.write_gpuhnsw(tmp_path / "b.bin", state, ef=None)
+    native.write_gpuhnsw(tmp_path / "a.bin", mixed, ef=None)
+    native.write_gpuhnsw(tmp_path / "b.bin", state, ef=None)
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
-    _io.write_hnswlib(tmp_path / "c.bin", mixed)
-    _io.write_hnswlib(tmp_path / "d.bin", state)
+    hnswlib_format.write(tmp_path / "c.bin", mixed)
+    hnswlib_format.write(tmp_path / "d.bin", state)
     assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "d.bin").read_bytes()
 
 
 def test_reading_60k_elements_is_fast(tmp_path):
     state = random_state(60000, 8, 16, seed=60)
-    _io.write_hnswlib(tmp_path / "h.bin", state)
-    _io.write_gpuhnsw(tmp_path / "g.bin", state, ef=10)
+    hnswlib_format.write(tmp_path / "h.bin", state)
+    native.write_gpuhnsw(tmp_path / "g.bin", state, ef=10)
     for name in ("h.bin", "g.bin"):
         t = time.perf_counter()
-        got, _, _ = _io.read_index(tmp_path / name, space="l2", dim=8)
+        got, _, _ = native.read_index(tmp_path / name, space="l2", dim=8)
         elapsed = time.perf_counter() - t
         assert got["upper"] == state["upper"] and got["links0"] == state["links0"]
         assert elapsed < 3.0, f"{name}: {elapsed:.2f} s"  # ~0.1 s here; generous for shared CI
@@ -282,15 +283,15 @@ def small_files(hnswlib, sift, tmp_path_factory):
     p.add_items(sift[0][:25, :8])
     p.mark_deleted(3)
     p.save_index(str(d / "h.bin"))
-    state, _, _ = _io.read_index(d / "h.bin", space="l2", dim=8)
-    _io.write_gpuhnsw(d / "g.bin", state, ef=12)
+    state, _, _ = native.read_index(d / "h.bin", space="l2", dim=8)
+    native.write_gpuhnsw(d / "g.bin", state, ef=12)
     return {"gpuhnsw": (d / "g.bin").read_bytes(), "hnswlib": (d / "h.bin").read_bytes()}
 
 
 def read_bytes(data, tmp_path, *, space="l2", dim=8):
     f = tmp_path / "x.bin"
     f.write_bytes(data)
-    return _io.read_index(f, space=space, dim=dim)
+    return native.read_index(f, space=space, dim=dim)
 
 
 @pytest.mark.parametrize("fmt", ["gpuhnsw", "hnswlib"])
@@ -301,7 +302,7 @@ def test_truncated_at_every_offset(fmt, small_files, tmp_path):
     for cut in range(len(data) - 1, -1, -1):  # shrink in place: cheaper than rewriting the file
         os.truncate(f, cut)
         with pytest.raises(IndexFileError):
-            _io.read_index(f, space="l2", dim=8)
+            native.read_index(f, space="l2", dim=8)
 
 
 def flipped(data, tmp_path):
@@ -326,7 +327,7 @@ def flipped(data, tmp_path):
 def test_every_bit_flip_detected_in_our_format(small_files, tmp_path):
     for bit, f in flipped(small_files["gpuhnsw"], tmp_path):
         with pytest.raises(IndexFileError):
-            _io.read_index(f, space="l2", dim=8)
+            native.read_index(f, space="l2", dim=8)
 
 
 def test_bit_flips_in_hnswlib_format_raise_or_read_consistently(small_files, tmp_path):
@@ -336,11 +337,11 @@ def test_bit_flips_in_hnswlib_format_raise_or_read_consistently(small_files, tmp
     raised = 0
     for bit, f in flipped(small_files["hnswlib"], tmp_path):
         try:
-            state, _, _ = _io.read_index(f, space="l2", dim=8)
+            state, _, _ = native.read_index(f, space="l2", dim=8)
         except IndexFileError:
             raised += 1
             continue
-        _io._validated_arrays(state)  # what the writers check
+        state_module.validated_arrays(state)  # what the writers check
     assert raised > 0
 
 
@@ -351,7 +352,7 @@ def test_random_bytes(size, tmp_path):
     with pytest.raises(IndexFileError):
         read_bytes(junk, tmp_path)
     with pytest.raises(IndexFileError):
-        read_bytes(_io.MAGIC + junk, tmp_path)
+        read_bytes(native.MAGIC + junk, tmp_path)
     with pytest.raises(IndexFileError):
         read_bytes(bytes(96) + junk, tmp_path)  # an all-zero hnswlib header
 
@@ -363,7 +364,7 @@ def test_empty_file(tmp_path):
 
 def test_missing_file_is_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
-        _io.read_index(tmp_path / "nope.bin", space="l2", dim=8)
+        native.read_index(tmp_path / "nope.bin", space="l2", dim=8)
 
 
 @pytest.mark.parametrize("fmt", ["gpuhnsw", "hnswlib"])
@@ -439,7 +440,7 @@ def test_upper_link_to_lower_level_slot_rejected(tmp_path):
     upper[0], upper[1] = 1, np.flatnonzero(levels == 0)[0]  # the first block is a level-1 block
     state["upper"] = upper.tobytes()
     with pytest.raises(ValueError, match="does not reach"):
-        _io.write_gpuhnsw(tmp_path / "g.bin", state, ef=None)
+        native.write_gpuhnsw(tmp_path / "g.bin", state, ef=None)
     assert not (tmp_path / "g.bin").exists()
 
 
@@ -450,8 +451,8 @@ def test_upper_link_to_lower_level_slot_rejected(tmp_path):
 @pytest.mark.parametrize("writer", ["gpuhnsw", "hnswlib"])
 def test_unwritable_paths_raise_and_leave_nothing(writer, tmp_path):
     state = random_state(30, 4, 3, seed=2)
-    write = {"gpuhnsw": lambda p: _io.write_gpuhnsw(p, state, ef=5),
-             "hnswlib": lambda p: _io.write_hnswlib(p, state)}[writer]
+    write = {"gpuhnsw": lambda p: native.write_gpuhnsw(p, state, ef=5),
+             "hnswlib": lambda p: hnswlib_format.write(p, state)}[writer]
     with pytest.raises(FileNotFoundError):
         write(tmp_path / "missing_dir" / "x.bin")
     (tmp_path / "a_dir").mkdir()
@@ -472,7 +473,7 @@ def test_read_only_directory_raises_permission_error(tmp_path):
     ro.chmod(0o500)
     try:
         with pytest.raises(PermissionError):
-            _io.write_gpuhnsw(ro / "x.bin", random_state(5, 2, 2, seed=0), ef=None)
+            native.write_gpuhnsw(ro / "x.bin", random_state(5, 2, 2, seed=0), ef=None)
     finally:
         ro.chmod(0o700)
 
@@ -484,9 +485,9 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def no_space(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(_io.os, "fsync", no_space)
+    monkeypatch.setattr(files.os, "fsync", no_space)
     with pytest.raises(OSError, match="No space"):
-        _io.write_gpuhnsw(target, random_state(40, 4, 3, seed=3), ef=None)
+        native.write_gpuhnsw(target, random_state(40, 4, 3, seed=3), ef=None)
     assert target.read_bytes() == b"previous index"
     assert os.listdir(tmp_path) == ["index.bin"]
 
@@ -500,7 +501,7 @@ def test_invalid_state_is_rejected_before_writing(tmp_path):
         "exceeds M0": dict(good, degree0=np.full(20, 7, np.uint32).tobytes()),
     }
     for match, state in bad_cases.items():
-        for write in (lambda p: _io.write_gpuhnsw(p, state, ef=None), lambda p: _io.write_hnswlib(p, state)):
+        for write in (lambda p: native.write_gpuhnsw(p, state, ef=None), lambda p: hnswlib_format.write(p, state)):
             with pytest.raises(ValueError, match=match):
                 write(tmp_path / "x.bin")
     assert os.listdir(tmp_path) == []
@@ -512,9 +513,9 @@ def test_file_errors_name_the_file(small_files, tmp_path, fmt):
     path = tmp_path / f"damaged-{fmt}.bin"
     path.write_bytes(bad)
     with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}: "):
-        _io.read_index(path, space="l2", dim=8)
+        native.read_index(path, space="l2", dim=8)
     with pytest.raises(IndexFileError, match=r"^<BytesIO>: "):
-        _io.read_index(io.BytesIO(bad), space="l2", dim=8)
+        native.read_index(io.BytesIO(bad), space="l2", dim=8)
     path.write_bytes(small_files[fmt])
     with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}: .*dim"):   # a mismatch too
-        _io.read_index(path, space="l2", dim=9)
+        native.read_index(path, space="l2", dim=9)

@@ -202,21 +202,13 @@ def test_pending_limit_keeps_results_valid(complete, rng):
 # against the C search on real data
 
 @pytest.fixture(scope="module")
-def sift_index(datasets):
-    base, queries, _, _ = datasets("siftsmall")
-    index = gpuhnsw.Index("l2", base.shape[1])
-    index.init_index(len(base), M=12, ef_construction=80, random_seed=7)
-    index.add_items(base, num_threads=2)
-    return index, base, queries
+def sift_index(dataset_index):
+    return dataset_index("siftsmall", "l2", M=12, ef_construction=80, seed=7)
 
 
 @pytest.fixture(scope="module")
-def minilm_index(datasets):
-    base, queries, _, _ = datasets("minilm-debian", n_base=4000, n_queries=150)
-    index = gpuhnsw.Index("cosine", base.shape[1])
-    index.init_index(len(base), M=8, ef_construction=60, random_seed=7)
-    index.add_items(base, num_threads=2)
-    return index, base, queries
+def minilm_index(dataset_index):
+    return dataset_index("minilm-debian", "cosine", n_base=4000, n_queries=150, M=8, ef_construction=60, seed=7)
 
 
 def compare_with_c(index, queries, k, ef, *, filter_labels=None):

@@ -21,7 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GHNSW_INVALID 0xFFFFFFFFu
+#define GHNSW_INVALID 0xFFFFFFFFu    /* no slot: unused link entries, padding */
+#define GHNSW_NO_LABEL UINT64_MAX     /* no label: padding of results */
 #define GHNSW_MAX_CAPACITY 0x7FFFFFFFu /* slots stay below 2^31: the top bit tags beam entries */
 #define GHNSW_MAX_LEVEL 255
 #define GHNSW_MAX_M 10000            /* hnswlib's init_index cap: no real file has more */
@@ -127,7 +128,7 @@ typedef struct ghnsw_index {
     uint32_t *deleted, *dirty;
     uint8_t *dirty_kind;
     /* Drains of the dirty log so far, each numbered under drain_lock: a consumer (a GPU mirror) whose
-     * drain is not the one after its previous drain missed what another consumer took (_device.py) */
+     * drain is not the one after its previous drain missed what another consumer took (gpuhnsw/device/mirror.py) */
     uint64_t drains;
     pthread_mutex_t drain_lock;
     uint8_t *slot_locks;
@@ -204,7 +205,17 @@ typedef struct {
     void *callback_ctx;
 } ghnsw_filter_t;
 
-/* Copy a neighbour list under its slot lock: returns the count, ids into out[M0]. */
+/* One query batch's parameters, decided by the caller (gpuhnsw/search/params.py). */
+typedef struct {
+    uint32_t k;                    /* results per query */
+    uint32_t beam;                 /* beam width, max(ef, k): k <= beam (a larger k is GHNSW_EINVAL) */
+    int num_threads;               /* <= 0: all cores */
+    const ghnsw_filter_t *filter;  /* NULL: none */
+    int want_slots;                /* output slot ids instead of labels */
+} ghnsw_search_params_t;
+
+/* Copy a neighbour list without its slot lock (ids validated instead, see search.c): returns the
+ * count, ids into out[M0]. */
 uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out);
 uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, int from_level, int to_level,
                               float *ep_dist);
@@ -212,9 +223,10 @@ uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, in
  * returns how many.  Used by insertion (no filter) and queries at level 0. */
 uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
                             float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam);
-ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
-                            int num_threads, const ghnsw_filter_t *filter, int want_slots, uint64_t *out_labels,
-                            float *out_dists, int32_t *out_found, ghnsw_err_t *err);
+/* The k nearest of each of queries [nq, dim] into out_labels [nq, k] (slots with want_slots),
+ * out_dists [nq, k] and out_found [nq] (results found; the rest padded GHNSW_NO_LABEL / inf). */
+ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, const ghnsw_search_params_t *p,
+                            uint64_t *out_labels, float *out_dists, int32_t *out_found, ghnsw_err_t *err);
 
 /* heuristic.c: keeps at most m of cand[n] (sorted ascending); returns the kept count, in place. */
 uint32_t ghnsw_select_heuristic(const ghnsw_index_t *ix, ghnsw_cand_t *cand, uint32_t n, uint32_t m);

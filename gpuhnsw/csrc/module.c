@@ -151,32 +151,40 @@ static int call_filter(void *vctx, uint64_t label, int *allowed) {
     return rc;
 }
 
-static PyObject *Core_search(CoreObject *self, PyObject *args) {
+/* search(queries, out_labels, out_dists, out_found, *, k, beam, num_threads=0, allowed=None,
+ *        allowed_stride=0, filter=None, slots=False): nq is out_found's length. */
+static PyObject *Core_search(CoreObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"queries", "out_labels", "out_dists", "out_found", "k", "beam", "num_threads",
+                             "allowed", "allowed_stride", "filter", "slots", NULL};
     Py_buffer q, ol, od, of, bits = {0};
-    Py_ssize_t nq;
-    unsigned int k, ef;
-    int threads;
-    PyObject *bits_obj, *callback;
-    int want_slots = 0;
+    unsigned long long k, beam;
+    int threads = 0, want_slots = 0;
+    PyObject *bits_obj = Py_None, *callback = Py_None;
     Py_ssize_t stride = 0;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "y*nIIiw*w*w*OO|pn", &q, &nq, &k, &ef, &threads, &ol, &od, &of, &bits_obj, &callback,
-                          &want_slots, &stride))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*w*w*w*KK|$iOnOp", kwlist, &q, &ol, &od, &of, &k, &beam, &threads,
+                                     &bits_obj, &stride, &callback, &want_slots))
         return NULL;
     PyObject *ret = NULL;
     ghnsw_index_t *ix = IX(self);
     int have_bits = 0;
     ghnsw_filter_t filter = {NULL, 0, 0, NULL, NULL};
     pyfilter_t pf = {NULL, NULL, NULL, NULL};
-    if (nq < 0 || check_len(&q, (size_t)nq * ix->dim * 4, "queries") || check_len(&ol, (size_t)nq * k * 8, "labels out") ||
-        check_len(&od, (size_t)nq * k * 4, "distances out") || check_len(&of, (size_t)nq * 4, "found out"))
+    size_t nq = (size_t)of.len / 4;
+    if (k > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "k is beyond 2**32 - 1");
+        goto out;
+    }
+    if (beam > UINT32_MAX) beam = UINT32_MAX; /* a beam wider than the index holds nothing more */
+    if (check_len(&of, nq * 4, "found out") || check_len(&q, nq * ix->dim * 4, "queries") ||
+        check_len(&ol, nq * k * 8, "labels out") || check_len(&od, nq * k * 4, "distances out"))
         goto out;
     if (bits_obj != Py_None) {
         if (PyObject_GetBuffer(bits_obj, &bits, PyBUF_SIMPLE) < 0) goto out;
         have_bits = 1;
         /* a bitset may be shorter than the index (made before a resize): the engine treats the
          * slots past it as not allowed */
-        if (stride < 0 || (stride > 0 && (size_t)bits.len < (size_t)nq * (size_t)stride * 4)) {
+        if (stride < 0 || (stride > 0 && (size_t)bits.len < nq * (size_t)stride * 4)) {
             PyErr_SetString(PyExc_ValueError, "per-query filter bitsets are shorter than nq rows of the stride");
             goto out;
         }
@@ -189,11 +197,11 @@ static PyObject *Core_search(CoreObject *self, PyObject *args) {
         filter.callback = call_filter;
         filter.callback_ctx = &pf;
     }
+    ghnsw_search_params_t params = {(uint32_t)k, (uint32_t)beam, threads, (have_bits || pf.fn) ? &filter : NULL, want_slots};
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
-    const ghnsw_filter_t *fp = (have_bits || pf.fn) ? &filter : NULL;
     Py_BEGIN_ALLOW_THREADS
-    st = ghnsw_search(ix, q.buf, (size_t)nq, k, ef, threads, fp, want_slots, ol.buf, od.buf, of.buf, &err);
+    st = ghnsw_search(ix, q.buf, nq, &params, ol.buf, od.buf, of.buf, &err);
     Py_END_ALLOW_THREADS
     if (pf.exc_type) PyErr_Restore(pf.exc_type, pf.exc_value, pf.exc_tb);
     else if (st) raise_status(st, &err, PyExc_RuntimeError);
@@ -611,10 +619,11 @@ static PyGetSetDef Core_getset[] = {
 static PyMethodDef Core_methods[] = {
     {"add", (PyCFunction)Core_add, METH_VARARGS,
      "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted[, graph_cands u32[n,cg], batch_cands u32[n,cb]])"},
-    {"search", (PyCFunction)Core_search, METH_VARARGS,
-     "search(q f32[nq,dim], nq, k, ef, num_threads, out_labels u64[nq,k], out_dists f32[nq,k], out_found i32[nq], "
-     "allowed_bitset|None, callable|None[, want_slots: slot ids instead of labels, "
-     "words_per_query: allowed_bitset is u32[nq, words_per_query], one row per query])"},
+    {"search", (PyCFunction)(void (*)(void))Core_search, METH_VARARGS | METH_KEYWORDS,
+     "search(queries f32[nq,dim], out_labels u64[nq,k], out_dists f32[nq,k], out_found i32[nq], *, k, beam, "
+     "num_threads=0, allowed=None, allowed_stride=0, filter=None, slots=False): the k nearest with a beam of "
+     "beam >= k (max(ef, k)); allowed: u32 bitset over slots, or [nq, allowed_stride] (one row per query); "
+     "filter: callable(label) -> bool; slots: slot ids instead of labels"},
     {"allowed_bitset", (PyCFunction)Core_allowed_bitset, METH_VARARGS, "allowed_bitset(labels u64[n]) -> bytes u32[ceil(cap/32)]"},
     {"mark_deleted", (PyCFunction)Core_mark_deleted, METH_VARARGS, "mark_deleted(label)"},
     {"unmark_deleted", (PyCFunction)Core_unmark_deleted, METH_VARARGS, "unmark_deleted(label)"},
@@ -719,7 +728,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) { Py_DECREF(&CoreType); Py_DECREF(m); return NULL; }
     PyModule_AddStringConstant(m, "simd", ghnsw_simd_name());
     PyModule_AddIntConstant(m, "default_threads", ghnsw_default_threads());
-    /* the one home of each limit; gpuhnsw._io and gpuhnsw.index read them from here */
+    /* the one home of each limit and sentinel; the Python modules read them from here */
     PyModule_AddIntConstant(m, "MAX_CAPACITY", GHNSW_MAX_CAPACITY);
     PyModule_AddIntConstant(m, "MAX_M", GHNSW_MAX_M);
     PyModule_AddIntConstant(m, "MAX_DIM", GHNSW_MAX_DIM);
@@ -731,6 +740,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "DIRTY_UPPER", GHNSW_DIRTY_UPPER);
     PyModule_AddIntConstant(m, "DIRTY_DELETED", GHNSW_DIRTY_DELETED);
     PyModule_AddObject(m, "INVALID_SLOT", PyLong_FromUnsignedLong(GHNSW_INVALID));
+    PyModule_AddObject(m, "NO_LABEL", PyLong_FromUnsignedLongLong(GHNSW_NO_LABEL));
     PyModule_AddObject(m, "SPACES", Py_BuildValue("(sss)", SPACES[0], SPACES[1], SPACES[2]));
     return m;
 }

@@ -11,9 +11,9 @@ __thread ghnsw_frame_t *ghnsw_frames;
 /* Readers copy a list without its slot lock and validate every id instead: a list being rewritten may
  * read as a mix of its old and new entries, but each entry is a slot id that was valid when written,
  * and ids are checked against count (unused entries hold GHNSW_INVALID, which fails that check).  A
- * writer stores a new slot's vector before the count that makes it valid is published, and the acquire fence below orders the
- * id reads before the vector reads.  Taking the lock instead cost 30% of single-thread query
- * throughput (mnist 20k, ef=64: the locked exchange stalls the outstanding cache misses). */
+ * writer stores a new slot's vector before the count that makes it valid is published, and the
+ * acquire fence below orders the id reads before the vector reads.  No lock: its locked exchange
+ * would stall the query's outstanding cache misses (docs/architecture.md, "Locks"). */
 uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out) {
     const uint32_t *cnt, *ids;
     uint32_t cap;
@@ -232,26 +232,26 @@ uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float
 typedef struct {
     ghnsw_index_t *ix;
     const float *queries;
-    uint32_t k, ef;
-    const ghnsw_filter_t *filter;
+    const ghnsw_search_params_t *p;
     uint64_t *out_labels;
     float *out_dists;
     int32_t *out_found;
     uint32_t ep;
     int max_level;
     int use_filtered;
-    int want_slots; /* output slot ids instead of labels */
 } query_ctx_t;
 
 static int query_one(void *vctx, size_t qi, int worker) {
     query_ctx_t *c = vctx;
     ghnsw_index_t *ix = c->ix;
-    uint64_t *lab = c->out_labels + qi * c->k;
-    float *dst = c->out_dists + qi * c->k;
+    const ghnsw_filter_t *filter = c->p->filter;
+    uint32_t k = c->p->k;
+    uint64_t *lab = c->out_labels + qi * k;
+    float *dst = c->out_dists + qi * k;
     uint32_t found = 0;
-    if (c->ep != GHNSW_INVALID && c->k > 0) {
+    if (c->ep != GHNSW_INVALID && k > 0) {
         /* a beam wider than the index holds nothing more: bound what a request can allocate */
-        uint32_t ef = c->ef > c->k ? c->ef : c->k, count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
+        uint32_t ef = c->p->beam, count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
         if (ef > count) ef = count;
         /* one heap block: the beam [ef], then the padded query [dim_pad] (dims can be too large for
          * a worker thread's stack) */
@@ -265,38 +265,39 @@ static int query_one(void *vctx, size_t qi, int worker) {
         float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
         uint32_t nres;
-        const uint32_t *bits = c->filter ? c->filter->allowed_bits : NULL;
-        if (bits && c->filter->per_query) bits += qi * c->filter->words;
-        allow_t allow = {c->filter, bits, 0};
+        const uint32_t *bits = filter ? filter->allowed_bits : NULL;
+        if (bits && filter->per_query) bits += qi * filter->words;
+        allow_t allow = {filter, bits, 0};
         if (c->use_filtered) nres = filtered_run(ix, vis, q, cur, d, 0, ef, &allow, beam);
         else nres = beam_run(ix, vis, q, cur, d, 0, ef, beam);
         ghnsw_visited_put(&ix->vpool, vis);
         if (allow.error) { free(beam); return allow.error; }
-        for (; found < c->k && found < nres; found++) {
-            lab[found] = c->want_slots ? beam[found].id : ix->labels[beam[found].id];
+        for (; found < k && found < nres; found++) {
+            lab[found] = c->p->want_slots ? beam[found].id : ix->labels[beam[found].id];
             dst[found] = beam[found].d;
         }
         free(beam);
     }
-    for (uint32_t j = found; j < c->k; j++) { lab[j] = UINT64_MAX; dst[j] = __builtin_inff(); }
+    for (uint32_t j = found; j < k; j++) { lab[j] = GHNSW_NO_LABEL; dst[j] = __builtin_inff(); }
     c->out_found[qi] = (int32_t)found;
     return 0;
 }
 
-ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, uint32_t k, uint32_t ef,
-                            int num_threads, const ghnsw_filter_t *filter, int want_slots, uint64_t *out_labels,
-                            float *out_dists, int32_t *out_found, ghnsw_err_t *err) {
+ghnsw_status_t ghnsw_search(ghnsw_index_t *ix, const float *queries, size_t nq, const ghnsw_search_params_t *p,
+                            uint64_t *out_labels, float *out_dists, int32_t *out_found, ghnsw_err_t *err) {
+    if (p->beam < p->k)
+        return ghnsw_fail(err, GHNSW_EINVAL, "the beam width (%u) must be at least k (%u)", p->beam, p->k);
     /* Held for the whole query: slots keep their labels (a relabel takes it exclusively), so the
      * labels a callback sees are the labels returned.  Label bitsets are made before the query
-     * (Index compares Core.relabels before and after). */
+     * (the planner compares Core.relabels before and after). */
     int held = ghnsw_read_lock(ix);
-    query_ctx_t c = {ix, queries, k, ef, filter, out_labels, out_dists, out_found, GHNSW_INVALID, -1, 0, want_slots};
+    query_ctx_t c = {ix, queries, p, out_labels, out_dists, out_found, GHNSW_INVALID, -1, 0};
     pthread_mutex_lock(&ix->ep_lock);
     c.ep = ix->entry_point;
     c.max_level = ix->max_level;
     pthread_mutex_unlock(&ix->ep_lock);
-    c.use_filtered = filter != NULL || __atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) > 0;
-    int rc = ghnsw_parallel_for(nq, num_threads, query_one, &c);
+    c.use_filtered = p->filter != NULL || __atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) > 0;
+    int rc = ghnsw_parallel_for(nq, p->num_threads, query_one, &c);
     ghnsw_read_unlock(ix, held);
     if (rc == GHNSW_ECALLBACK) return GHNSW_ECALLBACK;
     if (rc) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during search");

@@ -10,47 +10,41 @@ Everything about compilation lives here:
 * :data:`OPTIONS` and :func:`nvrtc_options`: our NVRTC options, and the complete list CuPy hands
   NVRTC (what the CI compile checks use);
 * :func:`instances`: the template instantiation matrix, generated in one place;
-  :func:`instance_source`: one instantiation as its own program, with C linkage;
+  :func:`instance_source`: one instantiation as its own program, with C linkage and launch bounds
+  equal to its launch (:func:`block_size`);
 * :func:`get_kernel`: a ``cupy.RawKernel`` for one instantiation, compiled on first use and
-  memoised per (device, module, instantiation);
-* the launch arithmetic the kernels' shared-memory drawings describe (``*_shared_bytes``,
-  :func:`team_size`, :func:`beam_capacity`, :func:`search_launch`).
+  memoised per (device, module, instantiation).
 
-CuPy is imported lazily: this module imports (and everything but :func:`get_kernel` works)
-without CuPy.
+How a kernel is launched (its arguments, grid, shared memory) is :mod:`gpuhnsw.device.launch`'s.
+Everything here but :func:`get_kernel` and :func:`shared_limit` works without CuPy.
 
-One program per instantiation. ``kernels/common.cuh``'s ``GPUHNSW_KERNEL`` turns the kernel
-template into one ``extern "C"`` kernel when ``GPUHNSW_INSTANCE`` is defined. CuPy then needs no
-``name_expressions``, which matters: CuPy before 14.2 never reads its disk cache for a module built
-with name expressions (CuPy 13.6 ``cupy/cuda/compiler.py``, ``_compile_with_cache_cuda``:
-``if os.path.exists(path) and not name_expressions``), so every process recompiled all of them.
-A ``RawKernel(code, name, options)`` is cached on disk, keyed on source and options, by every CuPy
-release; a query compiles only the one instantiation it launches, once per machine.
+One program per instantiation: ``kernels/common.cuh``'s ``GPUHNSW_KERNEL`` turns the kernel
+template into one ``extern "C"`` kernel when ``GPUHNSW_INSTANCE`` is defined, so CuPy loads it by
+its plain name, without name expressions, and every CuPy release caches it on disk (keyed on source
+and options); a query compiles only the one instantiation it launches, once per machine
+(docs/architecture.md, "Loader").
 
 Floating point: no ``--use_fast_math``, correctly rounded division and square root, FMA
 contraction on (``-fmad=true``, as the C core's AVX2 and AVX-512 kernels), and denormals flushed
-to zero (``-ftz=true``): CuPy appends ``-ftz=true`` after the caller's options whatever they say
-(CuPy 13.6 and 14.2 ``_compile_with_cache_cuda``), so we ask for it too and the code says what
-runs. The kernels do not need denormals: a product below 1.2e-38 is far under the float32
-resolution of any distance it is added to, and two vectors that differ only by denormals are a
-tie either way. GPU and CPU distances differ in the last bits (summation order), so tests compare
-them with a relative tolerance (about 1e-4 on distances; result sets equal for >= 99 % of queries,
-allowing for flipped exact ties), never bit for bit.
+to zero (``-ftz=true``, which CuPy appends whatever the caller asks, so we ask for it too and the
+code says what runs). The kernels do not need denormals: a product below 1.2e-38 is far under the
+float32 resolution of any distance it is added to. GPU and CPU distances differ in the last bits
+(summation order), so tests compare them with a relative tolerance, never bit for bit.
 """
 from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+
+from .._core import SPACES
+from .arrays import import_cupy
 
 __all__ = [
     "OPTIONS", "MODULES", "STORAGE_TYPES", "TEAM_SIZES", "SEARCH_CAPACITIES", "TOPK_CAPACITIES",
     "METRICS", "SEARCH_BLOCK", "DISTANCE_BLOCK", "SCATTER_BLOCK", "MAX_REGISTERS", "kernel_source", "instances",
-    "instance_source", "block_size", "nvrtc_options", "get_kernel", "kernel_dir", "team_size",
-    "beam_capacity", "topk_capacity", "row_stride", "SearchLaunch", "search_launch", "shared_limit",
-    "DEFAULT_SHARED_LIMIT",
-    "search_shared_bytes", "search_hash_log2", "distance_shared_bytes", "topk_shared_bytes", "topk_warps",
+    "instance_source", "block_size", "topk_warps", "nvrtc_options", "get_kernel", "kernel_dir", "shared_limit",
+    "nvrtc_module", "nvrtc_compile",
 ]
 
 #: Our NVRTC options (an architecture option is added by CuPy, or by the CI check).
@@ -80,11 +74,9 @@ TEAM_SIZES = (4, 8, 16, 32)
 SEARCH_CAPACITIES = (32, 64, 128, 256, 512)
 #: Per-warp list sizes of select_topk_kernel: k must fit.
 TOPK_CAPACITIES = (32, 64, 128, 256, 512, 1024)
-#: Metric name -> the kernels' runtime metric id (gpuhnsw::Metric in kernels/common.cuh).
-METRICS = {"l2": 0, "ip": 1, "cosine": 2}
-
-#: Bytes of one storage element.
-_ELEMENT_BYTES = {"float32": 4, "float16": 2}
+#: Space name -> the kernels' runtime metric id (gpuhnsw::Metric in kernels/common.cuh): the
+#: space's code in the C core (ghnsw_space_t), the same numbering.
+METRICS = {space: code for code, space in enumerate(SPACES)}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"\s*$')
 
@@ -192,6 +184,12 @@ def block_size(name, instance):
     return {"search": SEARCH_BLOCK, "distance": DISTANCE_BLOCK, "scatter": SCATTER_BLOCK}[name]
 
 
+def topk_warps(capacity):
+    """Warps per block of ``select_topk_kernel`` for `capacity`: as many as fit in 48 KiB of
+    shared memory, at most 8 (256 threads)."""
+    return max(1, min(8, (48 * 1024 - 12 * int(capacity)) // (16 * int(capacity))))
+
+
 def instance_source(name, instance):
     """The program of one instantiation: ``GPUHNSW_INSTANCE`` (the template arguments as
     declarations), ``GPUHNSW_MAX_THREADS`` and ``GPUHNSW_MIN_BLOCKS`` defined ahead of
@@ -210,134 +208,6 @@ def instance_source(name, instance):
     threads = block_size(name, instance)
     return (f"#define GPUHNSW_INSTANCE {decls}\n#define GPUHNSW_MAX_THREADS {threads}\n"
             f"#define GPUHNSW_MIN_BLOCKS {max(1, 65536 // (MAX_REGISTERS * threads))}\n" + kernel_source(name))
-
-
-# ---------------------------------------------------------------------------------------------
-# launch arithmetic (mirrors the shared-memory drawings in kernels/*.cu)
-
-def row_stride(dim, dtype="float32"):
-    """Elements per stored row: `dim` rounded up to a whole number of 16-byte chunks."""
-    per_chunk = 16 // _ELEMENT_BYTES[dtype]
-    return -(-int(dim) // per_chunk) * per_chunk
-
-
-def team_size(dim, dtype="float32"):
-    """Lanes per distance for rows of `dim` elements: the smallest power of two >= the number of
-    16-byte chunks, clamped to [4, 32] (128 fp32 dims -> 32 chunks -> a full warp)."""
-    chunks = row_stride(dim, dtype) * _ELEMENT_BYTES[dtype] // 16
-    team = 4
-    while team < chunks and team < 32:
-        team *= 2
-    return team
-
-
-def _bucket(n, buckets, what):
-    for cap in buckets:
-        if n <= cap:
-            return cap
-    raise ValueError(f"{what} = {n} exceeds the largest kernel capacity {buckets[-1]}")
-
-
-def beam_capacity(ef, k, filtered=False):
-    """The search capacity bucket for max(ef, k) (ValueError when none holds it).
-
-    Beam mode: the smallest bucket holding max(ef, k). Filtered mode (a filter or deletions): the
-    buffer is the pending-candidate list, which hnswlib's search lets grow past ef, so ask for
-    4 * max(ef, k), as far as the largest bucket allows.
-    """
-    limit = max(int(ef), int(k))
-    cap = _bucket(limit, SEARCH_CAPACITIES, "max(ef, k)")
-    if filtered:
-        cap = max(cap, min(_pow2_ceil(4 * limit), SEARCH_CAPACITIES[-1]))
-    return cap
-
-
-def topk_capacity(k):
-    """The smallest top-k capacity bucket holding k (ValueError when none does)."""
-    return _bucket(int(k), TOPK_CAPACITIES, "k")
-
-
-def search_hash_log2(capacity, search_width, m0, min_log2=10):
-    """log2 of the visited-hash size: half of it must hold 2 * capacity + search_width * m0
-    (the beam and results after a reset, plus one iteration's insertions)."""
-    need = 2 * (2 * int(capacity) + int(search_width) * int(m0))
-    log2 = max(int(min_log2), 5)
-    while (1 << log2) < need:
-        log2 += 1
-    return log2
-
-
-def _pow2_ceil(n):
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
-def search_shared_bytes(stride, search_width, m0, m, hash_log2):
-    """Dynamic shared memory of ``search_beam_kernel`` in bytes (see kernels/search.cu): the query,
-    two candidate buffers of pow2_ceil(max(search_width * m0, m)) pairs, the visited hash. The beam
-    and result lists are static shared memory (16 * Capacity bytes)."""
-    cand = _pow2_ceil(max(int(search_width) * int(m0), int(m), 1))
-    return 4 * (int(stride) + 4 * cand + (1 << int(hash_log2)))
-
-
-#: Shared memory a block may use without the opt-in (static plus dynamic), every architecture.
-DEFAULT_SHARED_LIMIT = 48 * 1024
-
-
-@dataclass(frozen=True)
-class SearchLaunch:
-    """One launch of ``search_beam_kernel``: the instantiation (storage, team, capacity), the
-    visited hash (log2 of its size) and the dynamic shared memory in bytes."""
-    instance: tuple
-    hash_log2: int
-    shared_bytes: int
-
-
-def search_launch(dim, storage, m, m0, ef, k, search_width, filtered, static_bytes, limit):
-    """The launch of ``search_beam_kernel`` for a batch, or None when none fits the device (the
-    caller answers on the CPU).
-
-    Parameters
-    ----------
-    dim, storage, m, m0 : the mirror's row width, storage dtype name, M and M0
-    ef, k, search_width : the query's (``max(ef, k)`` <= 512)
-    filtered : bool, a filter or deleted elements (the pending-list mode, a larger capacity)
-    static_bytes : callable, instance -> the instantiation's static shared memory in bytes (what
-        CUDA reports for the loaded kernel at run time; ptxas -v in the CI check)
-    limit : int, shared memory per block with the opt-in (``shared_limit(device)``)
-
-    The preferred visited hash first (2**10 slots, 2**13 filtered: fewer resets and fewer
-    hash-full rows); where static plus dynamic memory would not fit, the smallest hash that holds
-    one iteration (more resets in beam mode, more rows answered on the CPU in filtered mode).
-    """
-    instance = (storage, team_size(dim, storage), beam_capacity(ef, k, filtered))
-    static = int(static_bytes(instance))
-    stride = row_stride(dim, storage)
-    for min_log2 in (13 if filtered else 10, 5):
-        log2 = search_hash_log2(instance[2], search_width, m0, min_log2)
-        dynamic = search_shared_bytes(stride, search_width, m0, m, log2)
-        if static + dynamic <= limit:
-            return SearchLaunch(instance, log2, dynamic)
-    return None
-
-
-def distance_shared_bytes(stride):
-    """Dynamic shared memory of ``compute_distances_kernel`` in bytes: the fp32 query row."""
-    return 4 * int(stride)
-
-
-def topk_warps(capacity):
-    """Warps per block of ``select_topk_kernel`` for `capacity`: as many as fit in 48 KiB of
-    shared memory, at most 8 (256 threads)."""
-    return max(1, min(8, (48 * 1024 - 12 * int(capacity)) // (16 * int(capacity))))
-
-
-def topk_shared_bytes(capacity, n_warps):
-    """Dynamic shared memory of ``select_topk_kernel`` in bytes (see kernels/topk.cu): the running
-    result (12 bytes per entry) and, per warp, a list and a buffer of `capacity` pairs."""
-    return 12 * int(capacity) + 16 * int(n_warps) * int(capacity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,17 +237,6 @@ def nvrtc_options(arch):
 _lock = threading.Lock()
 _kernels = {}
 _shared_limits = {}
-
-
-def import_cupy():
-    """The cupy module, or DeviceError saying how to install it (the one place that imports CuPy)."""
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        from ._errors import DeviceError
-
-        raise DeviceError("GPU kernels need CuPy (pip install 'gpuhnsw[cuda12]' or 'gpuhnsw[cuda13]')") from e
-    return cupy
 
 
 def get_kernel(name, instance, device=None):

@@ -1,4 +1,5 @@
-"""The device mirror of a C core's graph (DESIGN section 4): CuPy arrays kept in step by deltas.
+"""The device mirror of a C core's graph (docs/architecture.md, "Device mirror"): CuPy arrays kept in
+step by deltas.
 
 ``DeviceMirror(core).sync()``:
 
@@ -39,30 +40,25 @@ Device arrays (slot = row; see kernels/README.md)::
                                      on levels the slot reaches)
     deleted      [ceil(capacity/32)] uint32 bitset
 
-``DeviceIndex`` is the GPU side of one ``Index`` and the only one Index talks to: it owns the
-mirror and the lock that orders syncs and launches, runs GPU queries (rows the kernel flags are
-answered on the CPU) and produces the candidates of GPU-assisted inserts, and turns every device
-failure into :class:`~gpuhnsw.DeviceError` without losing anything (the C core is the master copy).
+The mirror is also the search's device graph: :meth:`DeviceMirror.search` launches the search kernel
+over it (``gpuhnsw.search.gpu`` owns the mirror of each GPU index, its lock and its failures).
 
-CuPy is imported lazily; nothing here runs without a GPU.
+CuPy is imported lazily; nothing here runs without a GPU (or the tests' NumPy stand-in for CuPy).
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _core, _kernels
-from ._errors import DeviceError
-from ._validate import as_matrix, as_vectors
+from .. import _core
+from .._core import INVALID_SLOT
+from . import kernels, launch
+from .arrays import import_cupy
 
-__all__ = ["DeviceIndex", "DeviceMirror", "SyncStats", "is_gpu_array", "to_host", "to_device",
-           "device_matrix", "select_topk"]
+__all__ = ["DeviceMirror", "SyncStats"]
 
-INVALID = 0xFFFFFFFF
 _CHUNK_BYTES = 64 << 20   # staging buffer size bound: rows per transfer = this / bytes per row
 _ALIGN = 16
 
@@ -156,12 +152,12 @@ class DeviceMirror:
     """
 
     def __init__(self, core, *, device=0, storage="float32"):
-        if storage not in _kernels.STORAGE_TYPES:
-            raise ValueError(f"storage must be one of {sorted(_kernels.STORAGE_TYPES)}")
+        if storage not in kernels.STORAGE_TYPES:
+            raise ValueError(f"storage must be one of {sorted(kernels.STORAGE_TYPES)}")
         self.core, self.device, self.storage = core, int(device), storage
         self.dim, self.dim_pad, self.M, self.M0 = int(core.dim), int(core.dim_pad), int(core.M), int(core.M0)
-        self.metric = _kernels.METRICS[core.space]
-        self.stride = _kernels.row_stride(self.dim, storage)
+        self.metric = kernels.METRICS[core.space]
+        self.stride = launch.row_stride(self.dim, storage)
         self.capacity = 0
         self.count = 0                     # slots in use as of the last sync
         self.entry_point, self.max_level = -1, -1
@@ -176,7 +172,7 @@ class DeviceMirror:
         self._degree = np.zeros(0, dtype=np.uint32)
         self._upper_at = np.zeros(0, dtype=np.int64)
         self._upper_used = 0
-        self._launches = {}   # (ef, k, search_width, filtered) -> (SearchLaunch, kernel): _search_kernel
+        self._launches = {}   # (beam, search_width, filtered) -> launch.plan_search's (SearchLaunch, kernel)
         # two staging buffers taken in turn: one is filled while the other's upload may still run
         self._staging = [None, None]
         self._turn = 0
@@ -185,7 +181,7 @@ class DeviceMirror:
 
     def sync(self):
         """Bring the device arrays up to date with the core. Returns this call's :class:`SyncStats`."""
-        cp = _kernels.import_cupy()
+        cp = import_cupy()
         t0 = time.perf_counter()
         st = SyncStats(syncs=1)
         with cp.cuda.Device(self.device):
@@ -250,15 +246,15 @@ class DeviceMirror:
         """Allocate (first sync) or double the device arrays until they hold `needed` slots."""
         if needed <= self.capacity:
             return 0
-        cp = _kernels.import_cupy()
+        cp = import_cupy()
         new = max(needed, 2 * self.capacity, 1024)
         dtype = np.float32 if self.storage == "float32" else np.float16
         old = (self.vectors, self.links0, self.degree0, self.labels, self.upper_start, self.levels, self.deleted)
         self.vectors = cp.zeros((new, self.stride), dtype=dtype)
-        self.links0 = cp.full((new, self.M0), INVALID, dtype=cp.uint32)
+        self.links0 = cp.full((new, self.M0), INVALID_SLOT, dtype=cp.uint32)
         self.degree0 = cp.zeros(new, dtype=cp.uint32)
         self.labels = cp.full(new, np.iinfo(np.uint64).max, dtype=cp.uint64)
-        self.upper_start = cp.full(new, INVALID, dtype=cp.uint32)
+        self.upper_start = cp.full(new, INVALID_SLOT, dtype=cp.uint32)
         self.levels = cp.zeros(new, dtype=cp.uint8)
         self.deleted = cp.zeros((new + 31) // 32, dtype=cp.uint32)
         if self.upper_links is None:
@@ -311,12 +307,12 @@ class DeviceMirror:
         host["lpacked"][:] = lists[ship]
         self._degree[links] = degree
         staging.upload(cp, upload)   # the scatter below follows it on the same stream
-        kernel = _kernels.get_kernel("scatter", (self.storage,), self.device)
-        kernel((min(r + q, 65535),), (_kernels.SCATTER_BLOCK,),
-               (np.int32(r), dev["slots"], dev["degree"], dev["labels"], dev["links"], dev["vectors"],
-                np.int32(self.M0), np.int32(self.dim_pad), self.vectors, np.int32(self.stride), self.links0,
-                self.degree0, self.labels, np.int32(q), dev["lslots"], dev["ldegree"], dev["lstart"],
-                dev["lfirst"], dev["lpacked"]))
+        launch.scatter(kernels.get_kernel("scatter", (self.storage,), self.device), r=r, slots=dev["slots"],
+                       degree=dev["degree"], labels=dev["labels"], links=dev["links"], rows=dev["vectors"],
+                       m0=self.M0, dim_pad=self.dim_pad, vectors=self.vectors, stride=self.stride,
+                       links0=self.links0, degree0=self.degree0, labels_out=self.labels, q=q,
+                       lslots=dev["lslots"], ldegree=dev["ldegree"], lstart=dev["lstart"], lfirst=dev["lfirst"],
+                       lpacked=dev["lpacked"])
         return upload
 
     def _sync_upper(self, cp, slots):
@@ -351,14 +347,15 @@ class DeviceMirror:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries, k, ef, *, search_width=1, filter_bits=None, filter_stride=0, max_iters=0,
+    def search(self, queries, k, beam, *, search_width=1, filter_bits=None, filter_stride=0, max_iters=0,
                slots=False):
         """Batched search on the device (kernels/search.cu), as of the last sync.
 
         Parameters
         ----------
         queries : cupy or numpy array, float32-castable [nq, dim]
-        k, ef : int (``max(ef, k)`` <= 512)
+        k : int, results per query
+        beam : int, the beam width (``SearchParams.beam``: ``max(ef, k)``, at most 512)
         search_width : int, 1..32, parents per iteration (1 = the C order)
         filter_bits : cupy uint32 array, optional: allowed slots, [ceil(capacity/32)] for all queries
             (filter_stride=0) or [nq, filter_stride]
@@ -367,58 +364,40 @@ class DeviceMirror:
 
         Returns
         -------
-        None where no launch fits this device's shared memory (``_kernels.search_launch``), else
+        None where no launch fits this device's shared memory (``launch.search_launch``), else
         labels : cupy uint64 [nq, k] (2**64-1 where missing), or slots, see above
         dists : cupy float32 [nq, k] (inf where missing)
         info : cupy int32 [2, nq]: row 0 ``found`` (-1 everywhere: the kernel rejected its launch
             configuration), row 1 ``status``, kStatus* bits (filtered mode: where a fixed size bit;
             re-run on CPU). One array, so the caller reads both back in one transfer.
         """
-        cp = _kernels.import_cupy()
+        cp = import_cupy()
         with cp.cuda.Device(self.device):
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
-            nq, k, ef = q.shape[0], int(k), int(ef)
+            nq = q.shape[0]
             filtered = filter_bits is not None or self.n_deleted > 0
-            launch, kernel = self._search_kernel(ef, k, search_width, filtered)
-            if launch is None:
+            key = (int(beam), int(search_width), filtered)
+            plan = self._launches.get(key)
+            if plan is None:   # a batch of one query pays for its launch, not for choosing it
+                plan = self._launches[key] = launch.plan_search(self.device, self.dim, self.storage, self.M,
+                                                                 self.M0, *key)
+            if plan[0] is None:
                 return None
             out_slots = cp.empty((nq, k), dtype=cp.uint32)
             out_dists = cp.empty((nq, k), dtype=cp.float32)
             out_labels = cp.empty((nq, k), dtype=cp.uint64)
             info = cp.empty((2, nq), dtype=cp.int32)   # the kernel writes every row's found and status
-            if nq == 0:
-                return (out_slots if slots else out_labels), out_dists, info
-            null = np.uint64(0)
-            deleted = self.deleted if self.n_deleted > 0 else null
-            fbits = null if filter_bits is None else filter_bits
-            kernel((nq,), (_kernels.SEARCH_BLOCK,),
-                   (self.vectors, np.int32(self.stride), np.int32(self.metric), self.links0, self.degree0,
-                    np.int32(self.M0), self.upper_start, self.upper_links, self.levels, np.int32(self.M),
-                    np.int32(self.count),
-                    np.int32(self.entry_point), np.int32(self.max_level), deleted, fbits,
-                    np.int64(filter_stride), q, np.int32(nq), np.int32(self.dim), np.int32(k), np.int32(ef),
-                    np.int32(search_width), np.int32(launch.hash_log2), np.int32(max_iters), self.labels,
-                    out_slots, out_dists, out_labels, info[0], info[1]),
-                   shared_mem=launch.shared_bytes)
+            if nq:
+                launch.search(*plan, vectors=self.vectors, links0=self.links0, degree0=self.degree0,
+                              upper_start=self.upper_start, upper_links=self.upper_links, levels=self.levels,
+                              labels=self.labels,
+                              deleted_bits=self.deleted if self.n_deleted > 0 else None, queries=q,
+                              filter_bits=filter_bits, filter_stride=filter_stride, out_slots=out_slots,
+                              out_dists=out_dists, out_labels=out_labels, out_found=info[0], out_status=info[1],
+                              stride=self.stride, metric=self.metric, m0=self.M0, m=self.M, n_slots=self.count,
+                              entry_point=self.entry_point, max_level=self.max_level, nq=nq, dim=self.dim, k=k,
+                              beam=beam, search_width=search_width, max_iters=max_iters)
             return (out_slots if slots else out_labels), out_dists, info
-
-    def _search_kernel(self, ef, k, search_width, filtered):
-        """(launch, kernel) of a search (``_kernels.search_launch``; (None, None) where none fits),
-        memoised per parameters: a batch of one query should pay for its launch, not for choosing it."""
-        key = (ef, k, search_width, filtered)
-        found = self._launches.get(key)
-        if found is None:
-            launch = _kernels.search_launch(
-                self.dim, self.storage, self.M, self.M0, ef, k, search_width, filtered,
-                lambda inst: _kernels.get_kernel("search", inst, self.device).shared_size_bytes,
-                _kernels.shared_limit(self.device))
-            kernel = None if launch is None else _kernels.get_kernel("search", launch.instance, self.device)
-            if kernel is not None and kernel.shared_size_bytes + launch.shared_bytes > _kernels.DEFAULT_SHARED_LIMIT:
-                # the opt-in, to all the device allows: a permission, not a reservation, so every
-                # launch of this kernel (other parameters, other indexes) stays covered
-                kernel.max_dynamic_shared_size_bytes = _kernels.shared_limit(self.device) - kernel.shared_size_bytes
-            found = self._launches[key] = (launch, kernel)
-        return found
 
     def distances(self, queries, slots):
         """Distances from each query to a list of slots (kernels/distance.cu), as of the last sync.
@@ -433,7 +412,7 @@ class DeviceMirror:
         -------
         cupy float32 [nq, c]: l2 squared, ip 1 - dot, cosine 1 - cos
         """
-        cp = _kernels.import_cupy()
+        cp = import_cupy()
         with cp.cuda.Device(self.device):
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
             ids = cp.ascontiguousarray(cp.asarray(slots, dtype=cp.uint32))
@@ -445,20 +424,17 @@ class DeviceMirror:
             out = cp.empty((nq, c), dtype=cp.float32)
             if nq == 0 or c == 0:
                 return out
-            team = _kernels.team_size(self.dim, self.storage)
-            kernel = _kernels.get_kernel("distance", (self.storage, team), self.device)
-            kernel((min(nq, 65535),), (_kernels.DISTANCE_BLOCK,),
-                   (self.vectors, np.int32(self.stride), np.int32(self.metric), np.int32(self.count), q,
-                    np.int32(nq), np.int32(self.dim), ids, np.int64(0 if shared else c), np.int32(c), out,
-                    np.int64(c)),
-                   shared_mem=_kernels.distance_shared_bytes(self.stride))
+            team = launch.team_size(self.dim, self.storage)
+            launch.distances(kernels.get_kernel("distance", (self.storage, team), self.device), vectors=self.vectors,
+                             stride=self.stride, metric=self.metric, n_slots=self.count, queries=q, nq=nq,
+                             dim=self.dim, slots=ids, slots_ld=0 if shared else c, c=c, out=out, out_ld=c)
             return out
 
     # ------------------------------------------------------------------ checks
 
     def check_against_core(self):
         """Compare the mirror with the core's exported state (O(N), for tests). Returns problems."""
-        cp = _kernels.import_cupy()
+        cp = import_cupy()
         state = self.core.export_state()
         n, problems = int(state["count"]), []
         with cp.cuda.Device(self.device):
@@ -482,7 +458,7 @@ class DeviceMirror:
             for s in np.flatnonzero(levels).tolist():
                 size = int(levels[s]) * (1 + self.M)
                 a = int(dev_start[s])
-                if a == INVALID or not np.array_equal(dev_links[a:a + size], upper[starts[s]:starts[s] + size]):
+                if a == INVALID_SLOT or not np.array_equal(dev_links[a:a + size], upper[starts[s]:starts[s] + size]):
                     problems.append(f"upper[{s}]")
                     break
             dev_deleted = cp.asnumpy(self.deleted)
@@ -493,222 +469,3 @@ class DeviceMirror:
             if self.entry_point != int(state["entry_point"]) or self.max_level != int(state["max_level"]):
                 problems.append("entry point / max level")
         return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# exact top-k on the device (kernels/topk.cu)
-
-_TILE_BYTES = 256 << 20   # bound on one [rows, n] distance tile of the in-batch search
-
-
-def select_topk(cp, tile, k, out_dists, out_index, *, index_offset=0, prev=False, key_scale=1.0,
-                key_bias=None, exclude=None, exclude_key=0.0):
-    """The ``k`` smallest keys of each row of ``tile`` (cupy float32 ``[nq, n]``, C-contiguous),
-    ascending, ties by the smaller column, NaN as +inf: ``select_topk_kernel``, a partial selection
-    (no row is sorted). The key of column ``c`` is ``key_scale * tile[:, c] + key_bias[c]``
-    (``key_bias``: cupy float32 ``[n]`` or None), formed as the kernel reads it. With ``prev``,
-    ``out_dists``/``out_index`` hold a running result of earlier tiles (columns before
-    ``index_offset``) that is merged in. ``exclude`` (cupy int64 ``[nq]`` or None): row ``i``'s
-    column of global index ``exclude[i]`` gets the key ``exclude_key``.
-
-    out_dists : cupy float32 [nq, k]; out_index : cupy int64 [nq, k] (column + index_offset, -1 missing)
-    """
-    nq, n = tile.shape
-    if nq == 0 or k == 0:
-        return
-    cap = _kernels.topk_capacity(k)
-    warps = _kernels.topk_warps(cap)
-    kernel = _kernels.get_kernel("topk", (cap,))
-    null = np.uint64(0)
-    kernel((min(nq, 65535),), (32 * warps,),
-           (tile, np.int64(n), np.int32(n), np.int64(index_offset), np.float32(key_scale),
-            null if key_bias is None else key_bias, null if exclude is None else exclude,
-            np.float32(exclude_key), out_dists if prev else null, out_index if prev else null,
-            np.int32(nq), np.int32(k), out_dists, out_index),
-           shared_mem=_kernels.topk_shared_bytes(cap, warps))
-
-
-def _batch_neighbours(cp, rows, k, metric):
-    """Exact ``k`` nearest other rows of each row of ``rows`` (cupy float32 ``[b, dim]``, already on
-    the device), by the index's metric. Returns numpy uint32 ``[b, k]`` row numbers."""
-    b = rows.shape[0]
-    if metric == _kernels.METRICS["cosine"]:
-        rows = rows / cp.maximum(cp.sqrt((rows * rows).sum(axis=1, keepdims=True)), np.float32(1e-30))
-    sq = None
-    if metric == _kernels.METRICS["l2"]:
-        # keys |b - mu|^2 - 2 (a - mu).(b - mu) on rows centred on their mean: uncentred float32
-        # keys are rounding noise once the norms dwarf the distances (exact.py's docstring)
-        rows = rows - rows.mean(axis=0)
-        sq = (rows * rows).sum(axis=1)
-    out_d = cp.empty((b, k), dtype=cp.float32)
-    out_i = cp.empty((b, k), dtype=cp.int64)
-    step = max(1, _TILE_BYTES // (4 * b))
-    for a in range(0, b, step):
-        e = min(b, a + step)
-        g = rows[a:e] @ rows.T                     # [e - a, b]; the ranking key of each pair
-        if sq is not None:
-            g *= np.float32(-2.0)
-            g += sq[None, :]
-        else:
-            cp.negative(g, out=g)
-        g[cp.arange(e - a), cp.arange(a, e)] = cp.inf   # not its own neighbour
-        select_topk(cp, g, k, out_d[a:e], out_i[a:e])
-    return cp.asnumpy(out_i).astype(np.uint32)      # all found: k <= b - 1 finite columns per row
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU arrays and the GPU side of an Index
-
-_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
-
-
-def is_gpu_array(x):
-    """CuPy arrays, anything with ``__cuda_array_interface__``, or a DLPack producer on a CUDA device."""
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
-    dev = getattr(x, "__dlpack_device__", None)
-    if dev is None:
-        return False
-    try:
-        return int(dev()[0]) in _DLPACK_CUDA
-    except Exception:
-        return False
-
-
-def _as_cupy(cp, x):
-    return cp.asarray(x) if hasattr(x, "__cuda_array_interface__") else cp.from_dlpack(x)
-
-
-def to_host(x):
-    """A host (NumPy-convertible) view of x; GPU arrays are copied to the host."""
-    if not is_gpu_array(x):
-        return x
-    cp = _kernels.import_cupy()
-    return cp.asnumpy(_as_cupy(cp, x))
-
-
-def to_device(x):
-    """``x`` (NumPy) copied to the current GPU as a CuPy array."""
-    return _kernels.import_cupy().asarray(x)
-
-
-def device_matrix(data, dim):
-    """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device."""
-    cp = _kernels.import_cupy()
-    arr = _as_cupy(cp, data)
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
-    arr = cp.ascontiguousarray(as_matrix(arr, dim, "query"), dtype=cp.float32)
-    if arr.size and not bool(cp.isfinite(arr).all()):
-        raise ValueError("query holds NaN or infinite values")
-    return arr
-
-
-class DeviceIndex:
-    """The GPU side of one ``Index``: the mirror of its core, the lock that orders syncs and
-    launches, GPU queries and the candidates of GPU-assisted inserts.
-
-    The core is passed to every call (``load_index`` and ``init_index`` replace it; the mirror is
-    rebuilt when it changed). Device failures (out of memory, a launch or driver error, a kernel
-    that does not compile) become :class:`DeviceError`; the mirror is dropped and rebuilt from the
-    intact C core at the next call, so nothing is lost.
-    """
-
-    def __init__(self, ordinal, storage):
-        self.ordinal, self.storage = int(ordinal), storage
-        self.mirror = None
-        self._lock = threading.Lock()   # one sync + launch at a time
-
-    @contextlib.contextmanager
-    def _guard(self):
-        cp = _kernels.import_cupy()
-        oom = cp.cuda.memory.OutOfMemoryError
-        failures = (oom, cp.cuda.driver.CUDADriverError, cp.cuda.runtime.CUDARuntimeError,
-                    cp.cuda.compiler.CompileException)
-        try:
-            with cp.cuda.Device(self.ordinal):
-                yield cp
-        except failures as exc:
-            self.mirror = None
-            what = "out of memory" if isinstance(exc, oom) else "error"
-            hint = "free GPU memory, use storage='float16', or " if isinstance(exc, oom) else ""
-            raise DeviceError(f"GPU {what} ({type(exc).__name__}: {exc}); the index is intact on the "
-                              f"CPU: {hint}query with device='cpu'") from None
-
-    def _mirror_of(self, core):
-        if self.mirror is None or self.mirror.core is not core:
-            self.mirror = DeviceMirror(core, device=self.ordinal, storage=self.storage)
-        return self.mirror
-
-    def sync(self, core):
-        """Bring the mirror of ``core`` up to date; returns the sync's :class:`SyncStats`."""
-        with self._guard(), self._lock:
-            return self._mirror_of(core).sync()
-
-    def knn_query(self, core, data, k, ef, allowed, search_width, cpu_search):
-        """Search on the GPU, or None where the kernel cannot take the query (the caller answers on
-        the CPU).
-
-        data : NumPy-convertible or GPU array ``[nq, dim]``; allowed : uint32 bitset words of the
-        allowed slots ``[words]`` (every query) or ``[nq, words]`` (one row per query), or None;
-        cpu_search(q float32 ``[r, dim]``, rows int ``[r]``) -> (labels, dists, found), the padded
-        CPU answer for the query rows ``rows`` that the kernel flagged.
-
-        Returns (labels uint64 ``[nq, k]``, dists float32 ``[nq, k]``, found int32 ``[nq]`` NumPy):
-        labels and dists are CuPy arrays for GPU input, NumPy otherwise.
-        """
-        if max(int(ef), int(k)) > _kernels.SEARCH_CAPACITIES[-1]:
-            return None
-        gpu_input = is_gpu_array(data)
-        with self._guard() as cp:
-            q = device_matrix(data, int(core.dim)) if gpu_input else \
-                cp.asarray(as_vectors(data, int(core.dim), what="query"))
-            nq = q.shape[0]
-            if k == 0 or nq == 0:
-                labels, dists = cp.empty((nq, k), dtype=cp.uint64), cp.empty((nq, k), dtype=cp.float32)
-                found = np.zeros(nq, dtype=np.int32)
-            else:
-                bits = None if allowed is None else cp.asarray(allowed)
-                stride = 0 if allowed is None or allowed.ndim == 1 else allowed.shape[1]
-                with self._lock:
-                    mirror = self._mirror_of(core)
-                    mirror.sync()
-                    out = mirror.search(q, k, ef, search_width=search_width, filter_bits=bits,
-                                        filter_stride=stride)
-                if out is None:   # no launch fits this device: the CPU answers
-                    return None
-                labels, dists, info = out
-                found, status = cp.asnumpy(info)   # the one read-back before the results
-                if (found < 0).any():
-                    raise DeviceError("the search kernel rejected its launch configuration (see kernels/search.cu)")
-                redo = np.flatnonzero(status)
-                if redo.size:   # a fixed-size buffer of the kernel was exceeded: C's exact answer
-                    l_cpu, d_cpu, f_cpu = cpu_search(cp.asnumpy(q[cp.asarray(redo)]), redo)
-                    rows = cp.asarray(redo)
-                    labels[rows], dists[rows] = cp.asarray(l_cpu), cp.asarray(d_cpu)
-                    found[redo] = f_cpu
-            if gpu_input:
-                return labels, dists, found
-            return cp.asnumpy(labels), cp.asnumpy(dists), found
-
-    def insert_candidates(self, core, chunk, space):
-        """Level-0 candidates of the rows of ``chunk`` (float32 ``[b, dim]``) for GPU-assisted
-        insertion: graph slots uint32 ``[b, ef_construction]`` from the search kernel, and batch
-        rows uint32 ``[b, M0]``, exact nearest within the chunk (0xFFFFFFFF pads both); None where
-        no search launch fits the device. The chunk is uploaded once; both searches read it there."""
-        kc = min(int(core.ef_construction), _kernels.SEARCH_CAPACITIES[-1])
-        b = chunk.shape[0]
-        kb = min(int(core.M0), b - 1)
-        batch = np.full((b, max(kb, 1)), 0xFFFFFFFF, dtype=np.uint32)
-        with self._guard() as cp:
-            rows = cp.asarray(chunk)
-            with self._lock:
-                mirror = self._mirror_of(core)
-                mirror.sync()
-                out = mirror.search(rows, kc, kc, slots=True)
-            if out is None:   # no launch fits this device: the caller inserts on the CPU
-                return None
-            graph = cp.asnumpy(out[0])
-            if kb > 0:
-                batch[:, :kb] = _batch_neighbours(cp, rows, kb, _kernels.METRICS[space])
-        return np.ascontiguousarray(graph, dtype=np.uint32), batch

@@ -1,27 +1,17 @@
-"""Label filters of ``Index.knn_query``: every accepted form as allowed-slot bitsets, and the choice,
-per bitset, between graph search and exact search over the allowed rows.
+"""Label filters of ``Index.knn_query``: every accepted form as allowed-slot bitsets of a core.
 
-A selective filter makes graph search slow: the beam has to step over about ``live / allowed``
-excluded nodes for each allowed one it keeps (hnswlib's loop, ours too), while exact search over the
-allowed rows costs ``allowed`` distances in one matrix product.  ``prefer_exact`` compares the two.
+One interface for every label filter, as hnswlib passes one filter down: whatever form the caller
+gave (labels, a set, a boolean mask over labels, or one of those per query row), the searches see
+:class:`AllowedSets`, bitsets over slots with the deleted ones cleared.  A callable filter is not
+parsed here: the C search calls it.
 """
-import logging
-
 import numpy as np
 
-from ._validate import as_labels
+from .._validate import as_labels
 
-log = logging.getLogger("gpuhnsw")
-
-MODES = ("auto", "graph", "exact")
 # Per-query filters take one bitset of capacity / 8 bytes per query row: knn_query parses and
 # searches them in parts of at most this many bytes of bitsets (``chunk_rows``).
 BITSET_CHUNK_BYTES = 64 << 20
-# Cost of one distance in exact search relative to one in graph search (which reads a random row and
-# keeps two heaps).  From benchmarks/filtered_search.py on minilm-debian (50k x 384, CPU): graph and
-# exact take equal time around 25% selectivity at ef=64 (about 0.1 us per graph distance, 0.06 us
-# per exact one); see benchmarks/results/filtered_search.md.
-EXACT_DISTANCE_COST = 0.6
 
 
 class AllowedSets:
@@ -35,6 +25,15 @@ class AllowedSets:
 
     def __init__(self, bits, live, per_query):
         self.bits, self.live, self.per_query = bits, live, per_query
+
+    def row_live(self, nq):
+        """int64 ``[nq]``: allowed live elements of each of ``nq`` query rows."""
+        return self.live if self.per_query else np.repeat(self.live, nq)
+
+    def search_bits(self):
+        """The bitsets as a search takes them: uint32 ``[words]`` (one for every query) or
+        ``[nq, words]`` (one row per query)."""
+        return self.bits if self.per_query else self.bits[0]
 
     def take(self, rows):
         """The sets of query rows ``rows`` (int ``[r]``): per-query sets are cut, shared ones kept."""
@@ -131,23 +130,3 @@ def allowed_sets(core, filter, nq):
         words = min(deleted.shape[0], row.shape[0])
         np.bitwise_and(row[:words], ~deleted[:words], out=bits[i, :words])
     return AllowedSets(bits, _popcount(bits), one_per_row)
-
-
-def prefer_exact(allowed, live, ef, M0):
-    """bool ``[g]``: where exact search over the ``allowed`` rows (int64 ``[g]``) is cheaper than
-    graph search in an index of ``live`` elements with beam ``ef`` and ``M0`` level-0 links.
-
-    Graph search evaluates about ``M0`` neighbours per expanded node and expands about
-    ``ef * live / allowed`` nodes before its beam holds ``ef`` allowed ones, never more than the
-    whole graph; exact search evaluates each allowed row once, at ``EXACT_DISTANCE_COST``.
-    """
-    allowed = np.asarray(allowed, dtype=np.float64)
-    graph = np.minimum(float(live), ef * M0 * live / np.maximum(allowed, 1.0))
-    return EXACT_DISTANCE_COST * allowed < graph
-
-
-def log_plan(exact_rows, nq, allowed):
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("filtered knn_query: %d of %d query rows by exact search over the allowed rows, "
-                  "the rest by graph search (allowed live elements: min %d, max %d)",
-                  exact_rows, nq, int(allowed.min()), int(allowed.max()))

@@ -1,0 +1,239 @@
+"""How gpuhnsw's kernels are launched: the launch arithmetic the kernels' shared-memory drawings
+describe, and the launchers, the only Python that knows a kernel's arguments and their order.
+
+* :func:`search`: ``search_beam_kernel`` takes one ``gpuhnsw::SearchArgs`` (kernels/search.cu) by
+  value, built from :data:`SEARCH_ARGS`, the NumPy dtype of that struct (its offsets and size are
+  checked against the CUDA struct by the NVRTC and emulation tests);
+* :func:`distances`, :func:`topk`, :func:`scatter`: the other kernels' argument lists;
+* :func:`plan_search` picks the search instantiation, visited hash and shared memory for a batch
+  (:func:`search_launch`), and opts the kernel into more than 48 KiB of shared memory where needed.
+
+Shapes and dtypes of every array: kernels/README.md ("Shape conventions").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .kernels import SEARCH_CAPACITIES, TOPK_CAPACITIES
+
+__all__ = ["SEARCH_ARGS", "SearchLaunch", "search_launch", "plan_search", "search", "distances", "topk",
+           "scatter", "row_stride", "team_size", "beam_capacity", "topk_capacity", "search_hash_log2",
+           "search_shared_bytes", "distance_shared_bytes", "topk_shared_bytes", "DEFAULT_SHARED_LIMIT"]
+
+#: Bytes of one storage element.
+_ELEMENT_BYTES = {"float32": 4, "float16": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# launch arithmetic (mirrors the shared-memory drawings in kernels/*.cu)
+
+
+def row_stride(dim, dtype="float32"):
+    """Elements per stored row: `dim` rounded up to a whole number of 16-byte chunks."""
+    per_chunk = 16 // _ELEMENT_BYTES[dtype]
+    return -(-int(dim) // per_chunk) * per_chunk
+
+
+def team_size(dim, dtype="float32"):
+    """Lanes per distance for rows of `dim` elements: the smallest power of two >= the number of
+    16-byte chunks, clamped to [4, 32] (128 fp32 dims -> 32 chunks -> a full warp)."""
+    chunks = row_stride(dim, dtype) * _ELEMENT_BYTES[dtype] // 16
+    team = 4
+    while team < chunks and team < 32:
+        team *= 2
+    return team
+
+
+def _bucket(n, buckets, what):
+    for cap in buckets:
+        if n <= cap:
+            return cap
+    raise ValueError(f"{what} = {n} exceeds the largest kernel capacity {buckets[-1]}")
+
+
+def beam_capacity(beam, filtered=False):
+    """The search capacity bucket for a beam width ``beam`` (``SearchParams.beam``: ``max(ef, k)``);
+    ValueError when no bucket holds it.
+
+    Beam mode: the smallest bucket holding ``beam``. Filtered mode (a filter or deletions): the
+    buffer is the pending-candidate list, which hnswlib's search lets grow past the beam, so ask for
+    4 * beam, as far as the largest bucket allows.
+    """
+    beam = int(beam)
+    cap = _bucket(beam, SEARCH_CAPACITIES, "the beam width max(ef, k)")
+    if filtered:
+        cap = max(cap, min(_pow2_ceil(4 * beam), SEARCH_CAPACITIES[-1]))
+    return cap
+
+
+def topk_capacity(k):
+    """The smallest top-k capacity bucket holding k (ValueError when none does)."""
+    return _bucket(int(k), TOPK_CAPACITIES, "k")
+
+
+def search_hash_log2(capacity, search_width, m0, min_log2=10):
+    """log2 of the visited-hash size: half of it must hold 2 * capacity + search_width * m0
+    (the beam and results after a reset, plus one iteration's insertions)."""
+    need = 2 * (2 * int(capacity) + int(search_width) * int(m0))
+    log2 = max(int(min_log2), 5)
+    while (1 << log2) < need:
+        log2 += 1
+    return log2
+
+
+def _pow2_ceil(n):
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def search_shared_bytes(stride, search_width, m0, m, hash_log2):
+    """Dynamic shared memory of ``search_beam_kernel`` in bytes (see kernels/search.cu): the query,
+    two candidate buffers of pow2_ceil(max(search_width * m0, m)) pairs, the visited hash. The beam
+    and result lists are static shared memory (16 * Capacity bytes)."""
+    cand = _pow2_ceil(max(int(search_width) * int(m0), int(m), 1))
+    return 4 * (int(stride) + 4 * cand + (1 << int(hash_log2)))
+
+
+#: Shared memory a block may use without the opt-in (static plus dynamic), every architecture.
+DEFAULT_SHARED_LIMIT = 48 * 1024
+
+
+@dataclass(frozen=True)
+class SearchLaunch:
+    """One launch of ``search_beam_kernel``: the instantiation (storage, team, capacity), the
+    visited hash (log2 of its size) and the dynamic shared memory in bytes."""
+    instance: tuple
+    hash_log2: int
+    shared_bytes: int
+
+
+def search_launch(dim, storage, m, m0, beam, search_width, filtered, static_bytes, limit):
+    """The launch of ``search_beam_kernel`` for a batch, or None when none fits the device (the
+    caller answers on the CPU).
+
+    Parameters
+    ----------
+    dim, storage, m, m0 : the mirror's row width, storage dtype name, M and M0
+    beam, search_width : the query's beam width (``max(ef, k)`` <= 512) and parents per iteration
+    filtered : bool, a filter or deleted elements (the pending-list mode, a larger capacity)
+    static_bytes : callable, instance -> the instantiation's static shared memory in bytes (what
+        CUDA reports for the loaded kernel at run time; ptxas -v in the CI check)
+    limit : int, shared memory per block with the opt-in (``kernels.shared_limit(device)``)
+
+    The preferred visited hash first (2**10 slots, 2**13 filtered: fewer resets and fewer
+    hash-full rows); where static plus dynamic memory would not fit, the smallest hash that holds
+    one iteration (more resets in beam mode, more rows answered on the CPU in filtered mode).
+    """
+    instance = (storage, team_size(dim, storage), beam_capacity(beam, filtered))
+    static = int(static_bytes(instance))
+    stride = row_stride(dim, storage)
+    for min_log2 in (13 if filtered else 10, 5):
+        log2 = search_hash_log2(instance[2], search_width, m0, min_log2)
+        dynamic = search_shared_bytes(stride, search_width, m0, m, log2)
+        if static + dynamic <= limit:
+            return SearchLaunch(instance, log2, dynamic)
+    return None
+
+
+def distance_shared_bytes(stride):
+    """Dynamic shared memory of ``compute_distances_kernel`` in bytes: the fp32 query row."""
+    return 4 * int(stride)
+
+
+def topk_shared_bytes(capacity, n_warps):
+    """Dynamic shared memory of ``select_topk_kernel`` in bytes (see kernels/topk.cu): the running
+    result (12 bytes per entry) and, per warp, a list and a buffer of `capacity` pairs."""
+    return 12 * int(capacity) + 16 * int(n_warps) * int(capacity)
+
+
+# ---------------------------------------------------------------------------------------------
+# the launchers
+
+#: ``gpuhnsw::SearchArgs`` (kernels/search.cu), field by field: pointers as device addresses
+#: (0: null), then the 64-bit stride, then the ints; no padding anywhere (184 bytes).
+SEARCH_ARGS = np.dtype([
+    ("vectors", np.uint64), ("links0", np.uint64), ("degree0", np.uint64), ("upper_start", np.uint64),
+    ("upper_links", np.uint64), ("levels", np.uint64), ("labels", np.uint64), ("deleted_bits", np.uint64),
+    ("queries", np.uint64), ("filter_bits", np.uint64), ("filter_stride", np.int64),
+    ("out_slots", np.uint64), ("out_dists", np.uint64), ("out_labels", np.uint64), ("out_found", np.uint64),
+    ("out_status", np.uint64),
+    ("stride", np.int32), ("metric", np.int32), ("m0", np.int32), ("m", np.int32), ("n_slots", np.int32),
+    ("entry_point", np.int32), ("max_level", np.int32), ("nq", np.int32), ("dim", np.int32), ("k", np.int32),
+    ("beam", np.int32), ("search_width", np.int32), ("hash_log2", np.int32), ("max_iters", np.int32),
+])
+_POINTERS = frozenset(name for name, (dtype, _) in SEARCH_ARGS.fields.items() if dtype == np.uint64)
+
+
+def _address(array):
+    """The device address of a CuPy array, 0 for None (a null pointer)."""
+    return 0 if array is None else int(array.data.ptr)
+
+
+def plan_search(device, dim, storage, m, m0, beam, search_width, filtered):
+    """(SearchLaunch, kernel) of a search on ``device`` (:func:`search_launch`), or (None, None)
+    where no launch fits its shared memory."""
+    launch = search_launch(dim, storage, m, m0, beam, search_width, filtered,
+                           lambda inst: kernels.get_kernel("search", inst, device).shared_size_bytes,
+                           kernels.shared_limit(device))
+    if launch is None:
+        return None, None
+    kernel = kernels.get_kernel("search", launch.instance, device)
+    if kernel.shared_size_bytes + launch.shared_bytes > DEFAULT_SHARED_LIMIT:
+        # the opt-in, to all the device allows: a permission, not a reservation, so every launch of
+        # this kernel (other parameters, other indexes) stays covered
+        kernel.max_dynamic_shared_size_bytes = kernels.shared_limit(device) - kernel.shared_size_bytes
+    return launch, kernel
+
+
+def search(launch, kernel, **fields):
+    """Launch ``search_beam_kernel``, one block per query, with the ``gpuhnsw::SearchArgs`` fields
+    given by name (:data:`SEARCH_ARGS`; arrays as CuPy arrays or None, the rest as ints) but
+    ``hash_log2``, which comes from ``launch`` (:func:`plan_search`)."""
+    fields["hash_log2"] = launch.hash_log2
+    try:
+        args = np.array([tuple(_address(fields[name]) if name in _POINTERS else int(fields[name])
+                               for name in SEARCH_ARGS.names)], dtype=SEARCH_ARGS)
+    except KeyError as exc:
+        raise TypeError(f"search_beam_kernel argument {exc} missing") from None
+    kernel((int(fields["nq"]),), (kernels.SEARCH_BLOCK,), (args,), shared_mem=launch.shared_bytes)
+
+
+def distances(kernel, *, vectors, stride, metric, n_slots, queries, nq, dim, slots, slots_ld, c, out,
+              out_ld):
+    """Launch ``compute_distances_kernel``: ``out[i, j]`` = distance of query ``i`` to slot
+    ``slots[i * slots_ld + j]``."""
+    kernel((min(nq, 65535),), (kernels.DISTANCE_BLOCK,),
+           (vectors, np.int32(stride), np.int32(metric), np.int32(n_slots), queries, np.int32(nq),
+            np.int32(dim), slots, np.int64(slots_ld), np.int32(c), out, np.int64(out_ld)),
+           shared_mem=distance_shared_bytes(stride))
+
+
+def topk(*, tile, ld, n, index_offset, key_scale, key_bias, exclude, exclude_key, prev_dists, prev_index,
+         nq, k, out_dists, out_index):
+    """Launch ``select_topk_kernel`` (kernels/topk.cu) over ``nq`` rows of ``tile``; None for an
+    optional array is a null pointer."""
+    cap = topk_capacity(k)
+    warps = kernels.topk_warps(cap)
+    null = np.uint64(0)
+    kernel = kernels.get_kernel("topk", (cap,))
+    kernel((min(nq, 65535),), (32 * warps,),
+           (tile, np.int64(ld), np.int32(n), np.int64(index_offset), np.float32(key_scale),
+            null if key_bias is None else key_bias, null if exclude is None else exclude,
+            np.float32(exclude_key), null if prev_dists is None else prev_dists,
+            null if prev_index is None else prev_index, np.int32(nq), np.int32(k), out_dists, out_index),
+           shared_mem=topk_shared_bytes(cap, warps))
+
+
+def scatter(kernel, *, r, slots, degree, labels, links, rows, m0, dim_pad, vectors, stride, links0, degree0,
+            labels_out, q, lslots, ldegree, lstart, lfirst, lpacked):
+    """Launch ``scatter_rows_kernel`` (kernels/scatter.cu): ``r`` staged full rows and ``q`` link
+    rows into the mirror's arrays."""
+    kernel((min(r + q, 65535),), (kernels.SCATTER_BLOCK,),
+           (np.int32(r), slots, degree, labels, links, rows, np.int32(m0), np.int32(dim_pad), vectors,
+            np.int32(stride), links0, degree0, labels_out, np.int32(q), lslots, ldegree, lstart, lfirst,
+            lpacked))
