@@ -83,13 +83,20 @@ def plain_array(x):
     return x
 
 
+def on_host(x):
+    """``x`` as :func:`plain_array` reads it, and for a GPU array its host copy: what the CPU paths
+    take."""
+    x = plain_array(x)
+    return to_host(x)
+
+
 def as_vectors(data, dim=None, what="data"):
     """``data`` (host or GPU) as a C-contiguous float32 NumPy matrix ``[n, dim]``; 1-D input is one row.
 
     Wrong shape or width raises :class:`InputShapeError` (a ``ValueError`` and a ``RuntimeError``);
     NaN, infinities and non-numeric data raise ``ValueError``.
     """
-    arr = np.asarray(to_host(plain_array(data)))  # a GPU array on a CPU path: the host copy
+    arr = np.asarray(on_host(data))  # a GPU array on a CPU path: the host copy
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
@@ -122,7 +129,7 @@ def as_labels(ids, rows=None):
     hnswlib)."""
     if isinstance(ids, (set, frozenset)):
         ids = list(ids)   # NumPy picks int64, uint64 or (beyond both) object, each checked below
-    arr = np.asarray(to_host(plain_array(ids)))
+    arr = np.asarray(on_host(ids))
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (rows is not None and arr.shape[0] != rows):
@@ -149,7 +156,7 @@ def as_labels(ids, rows=None):
 def flat_labels(ids):
     """Labels of any shape (e.g. the ``[nq, k]`` labels of ``knn_query``), host or GPU, as uint64
     ``[n]`` in row-major order; errors as :func:`as_labels`."""
-    return as_labels(np.ravel(to_host(plain_array(ids))))
+    return as_labels(np.ravel(on_host(ids)))
 
 
 # Where the kernel shows this process's cgroups (v1 or v2) and their memory limits.

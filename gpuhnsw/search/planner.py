@@ -26,8 +26,8 @@ import logging
 import numpy as np
 
 from .._surface import NOT_FOUND
-from .._validate import as_vectors, memory_limit, plain_array
-from ..device.arrays import is_gpu_array, put_rows, to_device, to_host
+from .._validate import as_vectors, memory_limit, on_host, plain_array
+from ..device.arrays import is_gpu_array, put_rows, to_device
 from . import filters
 from .cpu import exact_over_allowed, graph_search
 from .params import SearchResult
@@ -60,7 +60,7 @@ def knn_query(core, gpu, space, data, filter, params):
                           f"the {have / 2**30:.1f} GiB of memory this process may use")
     if filter is None or callable(filter):   # (callables see the returned labels)
         return _in_parts(core, gpu, space, data, filter, params)
-    filter = to_host(plain_array(filter))
+    filter = on_host(filter)
     # Label filters become slot bitsets before the search; if a replace_deleted moved a slot to
     # another label meanwhile, the bitsets may name it by its old label: redo, so that no result
     # ever carries a label the filter excludes.  Under steady relabels the last pass pins the labels
@@ -115,13 +115,12 @@ def _search(core, gpu, space, data, filter, params, row0):
         answer = gpu.search_graph(core, data, params, None if sets is None else sets.search_bits())
     if answer is None:   # the CPU answers every row: graph search, then the exact leg
         q = as_vectors(data, core.dim, what="query")
-        graph = np.arange(nq) if exact is None else np.flatnonzero(~exact)
-        if graph.size == nq:
+        if exact is None or not exact.any():
             result = SearchResult(*graph_search(core, q, params, sets, callback))
         else:
             result = SearchResult(np.empty((nq, params.k), dtype=np.uint64),
                                   np.empty((nq, params.k), dtype=np.float32), np.zeros(nq, dtype=np.int32))
-            _graph_rows(core, q, sets, callback, graph, result, params)
+            _graph_rows(core, q, sets, callback, np.flatnonzero(~exact), result, params)
     else:                # the GPU answered; the rows whose buffers bit go to the CPU
         result, unanswered = answer
         q = as_vectors(data, core.dim, what="query") if unanswered.size or sets is not None else None
