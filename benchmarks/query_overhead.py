@@ -10,7 +10,7 @@ not a timing, so it does not depend on the machine's load).
 
 ::
 
-    python benchmarks/query_overhead.py --tree . --tree /path/to/other/checkout
+    python benchmarks/query_overhead.py --tree /path/to/base --label main --tree . --label branch
     python benchmarks/query_overhead.py --tree . --rounds 3 --calls 500 --out /tmp/overhead   # smoke test
 
 Writes ``query_overhead.json`` and ``query_overhead.md`` into ``--out`` (default benchmarks/results).
@@ -62,17 +62,22 @@ for line in sys.stdin:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", action="append", required=True, help="a source tree of gpuhnsw (repeatable)")
+    p.add_argument("--label", action="append", help="a name per --tree for the results (default: the folder's name)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=2000, help="single-row calls per tree and round")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     trees = [str(Path(t).resolve()) for t in args.tree]
+    labels = args.label or [os.path.basename(t) for t in trees]
+    if len(labels) != len(trees):
+        p.error("give one --label per --tree, or none")
     workers, info = [], []
     for tree in trees:
         w = subprocess.Popen([sys.executable, "-c", WORKER, tree], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True, env={**os.environ, "PYTHONPATH": tree})
         workers.append(w)
         info.append(json.loads(w.stdout.readline()))
+        print(f"{tree}: gpuhnsw from {info[-1]['file']}", flush=True)
     per_round = [[] for _ in trees]
     for _ in range(args.rounds):
         for i, w in enumerate(workers):
@@ -83,9 +88,9 @@ def main(argv=None):
         w.stdin.close()
         w.wait()
     results = []
-    for tree, got, times in zip(trees, info, per_round):
+    for label, got, times in zip(labels, info, per_round):
         times = sorted(times)
-        results.append({"tree": os.path.basename(tree) or tree, "python_calls": got["python_calls"],
+        results.append({"tree": label, "python_calls": got["python_calls"],
                         "median_us": times[len(times) // 2], "round_medians_us": times})
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -59,7 +59,7 @@ def knn_query(core, gpu, space, data, filter, params):
         raise MemoryError(f"k={params.k} for {nq} queries needs {need / 2**30:.1f} GiB of results, more than "
                           f"the {have / 2**30:.1f} GiB of memory this process may use")
     if filter is None or callable(filter):   # (callables see the returned labels)
-        return _in_parts(core, gpu, space, data, filter, params)
+        return _in_parts(core, gpu, space, data, nq, filter, params)
     filter = on_host(filter)
     # Label filters become slot bitsets before the search; if a replace_deleted moved a slot to
     # another label meanwhile, the bitsets may name it by its old label: redo, so that no result
@@ -67,29 +67,28 @@ def knn_query(core, gpu, space, data, filter, params):
     # (relabels wait for it), so the query always ends.
     for _ in range(RELABEL_REDOS):
         relabels = core.relabels
-        out = _in_parts(core, gpu, space, data, filter, params)
+        out = _in_parts(core, gpu, space, data, nq, filter, params)
         if core.relabels == relabels:
             return out
     taken = core.pin_labels()
     try:
-        return _in_parts(core, gpu, space, data, filter, params)
+        return _in_parts(core, gpu, space, data, nq, filter, params)
     finally:
         core.unpin_labels(taken)
 
 
-def _in_parts(core, gpu, space, data, filter, params):
-    """:func:`_search` over parts of the query rows where a per-query filter's bitsets (``nq *
+def _in_parts(core, gpu, space, data, nq, filter, params):
+    """:func:`_search` over parts of the ``nq`` query rows where a per-query filter's bitsets (``nq *
     capacity / 8`` bytes) would exceed ``filters.BITSET_CHUNK_BYTES``; the same results."""
-    nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
     labels_filter = filter is not None and not callable(filter)
     step = filters.chunk_rows(core.max_elements) if labels_filter and filters.per_query(filter) else nq
     if step >= nq:
-        return _search(core, gpu, space, data, filter, params, 0)
+        return _search(core, gpu, space, data, nq, filter, params, 0)
     labels = dists = None
     for start in range(0, nq, step):
         stop = min(nq, start + step)
-        part = _search(core, gpu, space, data[start:stop], filters.filter_rows(filter, np.arange(start, stop)),
-                       params, start)
+        part = _search(core, gpu, space, data[start:stop], stop - start,
+                       filters.filter_rows(filter, np.arange(start, stop)), params, start)
         if labels is None:   # NumPy, or CuPy for GPU input, as one call's result
             empty = to_device if is_gpu_array(part[0]) else np.asarray
             labels = empty(np.empty((nq, params.k), dtype=np.uint64))
@@ -98,10 +97,9 @@ def _in_parts(core, gpu, space, data, filter, params):
     return labels, dists
 
 
-def _search(core, gpu, space, data, filter, params, row0):
-    """One search of the query rows ``data`` (a label filter already on the host); ``row0``: the
-    first row's number in the caller's query (for error messages)."""
-    nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
+def _search(core, gpu, space, data, nq, filter, params, row0):
+    """One search of the ``nq`` query rows ``data`` (a label filter already on the host); ``row0``:
+    the first row's number in the caller's query (for error messages)."""
     callback = filter if callable(filter) else None
     sets = exact = None                                  # AllowedSets; bool [nq]: rows searched exactly
     if filter is not None and callback is None:
