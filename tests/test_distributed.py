@@ -216,6 +216,68 @@ def test_update_delete_and_bad_input(client, sift):
     assert 610 in index and 614 in index and 615 not in index
 
 
+def test_index_surface_equals_a_single_index(client, sift):
+    """ShardedIndex lacked get_current_count, get_ids_list, range_query, unmark_deleted, per-query
+    filters and the rest of the surface Index has; each now answers as a single Index over the same
+    rows (searches with ef above every shard's size are exhaustive, so both are exact)."""
+    base, queries = sift[0][:1500], sift[1][:6]
+    labels = np.arange(1500, dtype=np.uint64) * 7 + 3
+    sharded = ShardedIndex(client, "l2", 128, n_shards=3, num_threads=1, **BUILD)
+    sharded.add_items(base, labels)
+    single = gpuhnsw.Index("l2", 128, device="cpu")
+    single.init_index(1500, **BUILD)
+    single.add_items(base, labels, num_threads=1)
+    gone = labels[::50]
+    for index in (sharded, single):
+        index.mark_deleted(gone)
+        index.unmark_deleted(gone[:5])
+        index.set_ef(800)
+    assert sharded.get_current_count() == sharded.element_count == single.get_current_count() == 1500
+    assert sharded.count_deleted == single.count_deleted == len(gone) - 5
+    assert len(sharded) == len(single) and sharded.max_elements >= 1500
+    assert sorted(sharded.get_ids_list()) == sorted(single.get_ids_list())
+    np.testing.assert_array_equal(sharded.get_items(labels[1:40:3]), single.get_items(labels[1:40:3]))
+    assert sharded.check_integrity()["n_live"] == single.check_integrity()["n_live"]
+    assert sharded.memory_usage() > 0
+    with pytest.raises(RuntimeError, match="not deleted"):
+        sharded.unmark_deleted(gone[:6])                    # gone[:5] are live again
+    with pytest.raises(RuntimeError, match="Label not found: 4"):
+        sharded.unmark_deleted([gone[6], 4])
+    assert sharded.count_deleted == len(gone) - 5           # nothing changed
+    live = ~np.isin(labels, gone[5:])
+    radius = float(np.median(((base[:300] - queries[0]) ** 2).sum(1)))
+    truth = [set(labels[live][((base[live] - q) ** 2).sum(1) <= radius].tolist()) for q in queries]
+    recall = {}
+    for name, index in (("sharded", sharded), ("single", single)):
+        offsets, found, dists = index.range_query(queries, radius)
+        rows = [found[offsets[r]:offsets[r + 1]] for r in range(len(queries))]
+        assert all(set(row.tolist()) <= want for row, want in zip(rows, truth))
+        assert (dists <= radius).all()
+        recall[name] = sum(len(row) for row in rows) / sum(len(want) for want in truth)
+        if name == "sharded":   # ordered by (distance, label) within each row, cut to max_results
+            for r in range(len(queries)):
+                d, lab = dists[offsets[r]:offsets[r + 1]], rows[r]
+                assert all((d[i], lab[i]) <= (d[i + 1], lab[i + 1]) for i in range(len(d) - 1))
+            capped = index.range_query(queries, radius, max_results=7)
+            assert (np.diff(capped[0]) == np.minimum(7, np.diff(offsets))).all()
+            np.testing.assert_array_equal(capped[2][capped[0][1]:capped[0][2]], dists[offsets[1]:offsets[1] + 7])
+    # exhaustive searches except for nodes pruning left unreachable: smaller shards strand no more
+    assert recall["sharded"] >= max(0.995, recall["single"] - 0.002), recall
+    per_row = [labels[r * 100:(r + 1) * 100] for r in range(len(queries))]   # one allowed set per row
+    mask = np.zeros((len(queries), int(labels.max()) + 1), dtype=bool)
+    for r, allowed in enumerate(per_row):
+        mask[r, allowed.astype(np.int64)] = True
+    for filt in (per_row, mask):
+        got_l, got_d = sharded.knn_query(queries, k=5, filter=filt)
+        want_l, want_d = single.knn_query(queries, k=5, filter=filt)
+        np.testing.assert_array_equal(got_l, want_l)
+        np.testing.assert_allclose(got_d, want_d, rtol=1e-6)
+        assert all(np.isin(got_l[r], per_row[r]).all() for r in range(len(queries)))
+    offsets, found, _ = sharded.range_query(queries, 1e12, filter=per_row)
+    for r in range(len(queries)):
+        assert sorted(found[offsets[r]:offsets[r + 1]].tolist()) == sorted(set(per_row[r].tolist()) - set(gone[5:].tolist()))
+
+
 # -------------------------------------------------------------------------------------- persistence
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])

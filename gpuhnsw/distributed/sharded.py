@@ -22,6 +22,7 @@ import numpy as np
 from .._errors import IndexFileError
 from .._surface import DEFAULT_SEED, NO_LABEL, NOT_FOUND, Surface
 from .._validate import as_int, as_label, as_labels, as_vectors, check_dim, check_space
+from ..search.filters import label_sets, per_query
 from ..index import Index
 from .common import (Shard, cluster_workers, dask, da, fsspec, is_dask, merge_topk, new_shard, pick,
                      raise_first_error, row_blocks, shard_add, shard_of, shard_threads, split_by_shard,
@@ -46,10 +47,44 @@ def _shard_delete(shard, labels):
     return shard
 
 
+def _shard_undelete(shard, labels):
+    shard.index.unmark_deleted(labels)
+    return shard
+
+
 def _shard_query(shard, q, k, ef, allowed, callable_filter):
-    """Top ``k`` of the shard for queries ``q`` [nq, d], padded (uint64, float32 [nq, k])."""
+    """Top ``k`` of the shard for queries ``q`` [nq, d], padded (uint64, float32 [nq, k]).
+    ``allowed``: this shard's part of a label filter (one label array, or one per query row)."""
     filt = callable_filter if callable_filter is not None else allowed
     return shard.index.knn_query(q, k=k, ef=ef, filter=filt, pad=True, num_threads=shard.threads)
+
+
+def _shard_range(shard, q, radius, max_results, ef, allowed, callable_filter):
+    """The shard's ``range_query`` (offsets int64 [nq + 1], labels uint64, distances float32)."""
+    filt = callable_filter if callable_filter is not None else allowed
+    return shard.index.range_query(q, radius, max_results=max_results, ef=ef, filter=filt,
+                                   num_threads=shard.threads)
+
+
+def _shard_counts(shard):
+    """(stored, live, capacity, bytes) of the shard."""
+    index = shard.index
+    return index.element_count, len(index), index.max_elements, index.memory_usage()
+
+
+def _shard_known(shard, labels):
+    """bool [n]: which of ``labels`` the shard holds, deleted or not."""
+    known = np.ones(labels.shape[0], dtype=bool)
+    for i, label in enumerate(labels.tolist()):
+        try:
+            shard.index.get_levels([label])
+        except RuntimeError:
+            known[i] = False
+    return known
+
+
+def _shard_integrity(shard):
+    return shard.index.check_integrity()
 
 
 def _shard_len(shard):
@@ -128,6 +163,23 @@ def _merge_parts(k, pad, *parts):
     if not pad and k and (labels[:, -1] == NO_LABEL).any():
         raise RuntimeError(f"{NOT_FOUND}. Probably ef or M is too small")
     return labels, dists
+
+
+def _merge_ranges(nq, max_results, parts):
+    """Merge every shard's ``range_query`` CSR result row by row, ordered by (distance, label) and
+    cut to ``max_results``: (offsets int64 [nq + 1], labels uint64, distances float32)."""
+    rows = np.concatenate([np.repeat(np.arange(nq), np.diff(o)) for o, _, _ in parts])
+    labels = np.concatenate([p[1] for p in parts]).astype(np.uint64)
+    dists = np.concatenate([p[2] for p in parts]).astype(np.float32)
+    order = np.lexsort((labels, dists, rows))
+    rows, labels, dists = rows[order], labels[order], dists[order]
+    if max_results is not None:
+        first = np.searchsorted(rows, np.arange(nq))
+        keep = np.arange(rows.size) - first[rows] < max_results
+        rows, labels, dists = rows[keep], labels[keep], dists[keep]
+    offsets = np.zeros(nq + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=nq), out=offsets[1:])
+    return offsets, labels, dists
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,6 +311,27 @@ class ShardedIndex(Surface):
             for s, f in new.items():
                 self._shards[s] = f
 
+    def unmark_deleted(self, labels):
+        """Undo :meth:`mark_deleted` for one label or an array of labels.  A label not in the index,
+        or not deleted, raises ``RuntimeError`` (as ``Index``) and nothing changes."""
+        labels = np.unique(as_labels(labels) if np.ndim(labels) else np.array([as_label(labels, TypeError)],
+                                                                               dtype=np.uint64))
+        with self._lock:
+            shards = shard_of(labels, self._n_shards)
+            known = self._per_shard(labels, _shard_known)
+            live = self._per_shard(labels, _shard_contains)
+            for s in range(self._n_shards):
+                mine = labels[shards == s]
+                if not known[s].all():
+                    raise RuntimeError(f"Label not found: {int(mine[~known[s]][0])}")
+                if live[s].any():
+                    raise RuntimeError(f"The requested to undelete element is not deleted: {int(mine[live[s]][0])}")
+            new = {s: self._submit(_shard_undelete, self._shards[s], labels[shards == s])
+                   for s in np.unique(shards).tolist()}
+            raise_first_error(list(new.values()))
+            for s, f in new.items():
+                self._shards[s] = f
+
     def _per_shard(self, labels, fn):
         """``fn(shard, labels of that shard)`` for every shard, gathered (list per shard)."""
         shards = shard_of(labels, self._n_shards)
@@ -276,8 +349,11 @@ class ShardedIndex(Surface):
         k : int
         ef : int, optional
             Beam width in every shard (default ``self.ef``; ``max(ef, k)`` is used).
-        filter : callable or array_like of labels, optional
-            A callable (pickled to every worker) or the allowed labels (routed to their shards).
+        filter : optional
+            A callable (pickled to every worker), or the allowed labels in any form
+            :meth:`gpuhnsw.Index.knn_query` takes: for every query (labels, a set, a boolean mask over
+            labels) or one per query row (a list of those, a mask ``[nq, n_labels]``, an integer
+            array ``[nq, m]``; NumPy queries only).  Labels are routed to the shards that hold them.
         pad : bool
             Where fewer than ``k`` are found: label ``2**64-1``, distance ``inf`` instead of
             ``RuntimeError``.
@@ -291,20 +367,55 @@ class ShardedIndex(Surface):
         """
         k = as_int(k, "k", minimum=0)
         ef = self.ef if ef is None else as_int(ef, "ef", minimum=1)
-        allowed, call = [None] * self._n_shards, None
-        if callable(filter):
-            call = filter
-        elif filter is not None:
-            labels = as_labels(filter)
-            shards = shard_of(labels, self._n_shards)
-            allowed = [labels[shards == s] for s in range(self._n_shards)]
         current = list(self._shards)
         if is_dask(q):
+            if filter is not None and not callable(filter) and per_query(filter):
+                raise ValueError("a per-query filter needs NumPy queries (its rows pair with the query rows)")
+            allowed, call = self._route_filter(filter, None)
             return self._knn_query_dask(q, k, ef, allowed, call, pad, current)
         q = as_vectors(q, self._dim, what="query")
+        allowed, call = self._route_filter(filter, q.shape[0])
         futures = [self._submit(_shard_query, current[s], q, k, ef, allowed[s], call)
                    for s in range(self._n_shards)]
         return _merge_parts(k, pad, *self._client.gather(futures))
+
+    def _route_filter(self, filter, nq):
+        """(allowed, callable): ``allowed[s]`` is shard ``s``'s part of a label filter (None: no
+        filter; one uint64 array; or a list of one per query row), ``callable`` a callable filter."""
+        if filter is None:
+            return [None] * self._n_shards, None
+        if callable(filter):
+            return [None] * self._n_shards, filter
+        sets, one_per_row = label_sets(filter, nq)
+        routed = [[] for _ in range(self._n_shards)]
+        for labels in sets:
+            shards = shard_of(labels, self._n_shards)
+            for s in range(self._n_shards):
+                routed[s].append(labels[shards == s])
+        return (routed if one_per_row else [r[0] for r in routed]), None
+
+    def range_query(self, q, radius, *, max_results=None, ef=None, filter=None):
+        """Every label within ``radius`` of each query row over all shards, as CSR arrays, as
+        :meth:`gpuhnsw.Index.range_query` (approximate as it is; ``filter`` as in :meth:`knn_query`).
+
+        Returns
+        -------
+        offsets : int64 ``[nq + 1]``: row ``i``'s results are ``[offsets[i], offsets[i+1])``
+        labels : uint64 ``[offsets[-1]]``, ordered by (distance, label) within each row
+        distances : float32 ``[offsets[-1]]``
+        """
+        radius = float(radius)
+        if not np.isfinite(radius) or radius < 0 and self._space == "l2":
+            raise ValueError(f"radius must be finite (and >= 0 for l2), got {radius}")
+        if max_results is not None:
+            max_results = as_int(max_results, "max_results", minimum=0)
+        ef = self.ef if ef is None else as_int(ef, "ef", minimum=1)
+        q = as_vectors(q, self._dim, what="query")
+        allowed, call = self._route_filter(filter, q.shape[0])
+        current = list(self._shards)
+        futures = [self._submit(_shard_range, current[s], q, radius, max_results, ef, allowed[s], call)
+                   for s in range(self._n_shards)]
+        return _merge_ranges(q.shape[0], max_results, self._client.gather(futures))
 
     def _knn_query_dask(self, q, k, ef, allowed, call, pad, current):
         blocks, starts = row_blocks(q, self._dim)
@@ -342,6 +453,56 @@ class ShardedIndex(Surface):
         for s, rows in enumerate(self._per_shard(labels, _shard_get_items)):
             out[shards == s] = rows
         return out
+
+    def _counts(self):
+        """[(stored, live, capacity, bytes)] per shard."""
+        return self._client.gather([self._submit(_shard_counts, f) for f in list(self._shards)])
+
+    def get_current_count(self):
+        """Elements stored over all shards, deleted ones included (as ``Index``)."""
+        return sum(c[0] for c in self._counts())
+
+    @property
+    def element_count(self):
+        """Elements stored, deleted included (see :meth:`get_current_count`)."""
+        return self.get_current_count()
+
+    def get_max_elements(self):
+        """The shards' capacities added up (each shard grows its own as rows arrive)."""
+        return sum(c[2] for c in self._counts())
+
+    @property
+    def max_elements(self):
+        """See :meth:`get_max_elements`."""
+        return self.get_max_elements()
+
+    @property
+    def count_deleted(self):
+        """Elements marked deleted over all shards."""
+        return sum(c[0] - c[1] for c in self._counts())
+
+    def memory_usage(self):
+        """Bytes held by the shards' arrays, added up."""
+        return sum(c[3] for c in self._counts())
+
+    def get_ids_list(self):
+        """All labels, deleted ones included (as ``Index``), shard by shard."""
+        futures = [self._submit(_shard_labels, f) for f in list(self._shards)]
+        return np.concatenate(self._client.gather(futures)).tolist()
+
+    def check_integrity(self):
+        """Every shard's :meth:`gpuhnsw.Index.check_integrity`; the counts added up (``max_level``:
+        the highest).  Raises ``RuntimeError`` naming the shard with the first problem."""
+        futures = [self._submit(_shard_integrity, f) for f in list(self._shards)]
+        total = {}
+        for s, f in enumerate(futures):
+            try:
+                info = f.result()
+            except RuntimeError as exc:
+                raise RuntimeError(f"shard {s}: {exc}") from None
+            for key, value in info.items():
+                total[key] = max(total.get(key, value), value) if key == "max_level" else total.get(key, 0) + value
+        return total
 
     def set_ef(self, ef):
         self.ef = as_int(ef, "ef", minimum=0)
