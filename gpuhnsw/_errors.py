@@ -3,6 +3,7 @@
 Where hnswlib raises, gpuhnsw raises the same built-in type (mostly ``RuntimeError``) so existing
 ``except`` clauses keep working; the classes here subclass those built-ins.
 """
+import errno
 
 
 class IndexFileError(RuntimeError, ValueError):
@@ -23,3 +24,9 @@ class InputShapeError(ValueError, RuntimeError):
 
 class IndexFileNotFoundError(FileNotFoundError, RuntimeError):
     """``load_index`` of a missing file: a ``FileNotFoundError``, and a ``RuntimeError`` as hnswlib raises."""
+
+    @classmethod
+    def of(cls, exc, name):
+        """From the ``FileNotFoundError`` ``exc`` of opening ``name`` (fsspec's carry no errno)."""
+        return cls(exc.errno or errno.ENOENT, f"Cannot open file: {exc.strerror or 'No such file or directory'}",
+                   exc.filename or name)

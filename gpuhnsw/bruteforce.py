@@ -12,6 +12,7 @@ import numpy as np
 
 from ._errors import IndexFileNotFoundError
 from ._io.bfindex import read_bfindex, write_bfindex
+from ._io.files import source_name
 from ._rows import normalize_rows
 from ._surface import NOT_FOUND, IndexSurface
 from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count,
@@ -296,8 +297,7 @@ class BFIndex(IndexSurface):
         try:
             saved = read_bfindex(path_to_index, space=self._space, dim=self._dim)
         except FileNotFoundError as exc:
-            raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}",
-                                         exc.filename) from None
+            raise IndexFileNotFoundError.of(exc, source_name(path_to_index)) from None
         vec, lab = saved["vectors"], saved["labels"]
         n = vec.shape[0]
         rows = {lab_: r for r, lab_ in enumerate(lab.tolist())}

@@ -7,6 +7,7 @@ raises a clear exception and leaves the index exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from typing import Any, BinaryIO, Callable, Union
@@ -27,6 +28,8 @@ from .search import planner
 from .search.filters import filter_rows
 from .search.gpu import DeviceSearch
 from .search.params import SearchParams
+
+_log = logging.getLogger("gpuhnsw")
 
 # Annotation aliases: a label filter (see knn_query), a file argument, a NumPy or CuPy result
 Filter = Union[Callable[[int], bool], ArrayLike, set, list]
@@ -431,11 +434,12 @@ class Index(IndexSurface):
 
     # ---------------------------------------------------------------- persistence
     def save_index(self, path_to_index: IndexFile, *, format: str = "gpuhnsw") -> None:
-        """Write the index to ``path_to_index`` atomically (temporary file, then rename), or to a
-        binary file object (``io.BytesIO``, an open file, an fsspec file) at its position.
+        """Write the index to ``path_to_index``: a path or an fsspec URL (``"memory://a.idx"``,
+        ``"s3://bucket/a.idx"``; written under a temporary name, then renamed or moved), or a binary
+        file object (``io.BytesIO``, an open file, an fsspec file) at its position.
 
-        ``format="gpuhnsw"`` (default): versioned, checksummed, keeps ``ef``.  ``format="hnswlib"``:
-        hnswlib 0.8.0's layout, loadable by hnswlib itself.
+        ``format="gpuhnsw"`` (default): versioned, checksummed, keeps ``ef``; hnswlib cannot read it,
+        gpuhnsw reads both.  ``format="hnswlib"``: hnswlib 0.8.0's layout, loadable by hnswlib itself.
         """
         core = self._need_init()
         if format not in ("gpuhnsw", "hnswlib"):
@@ -477,7 +481,9 @@ class Index(IndexSurface):
     def load_index(self, path_to_index: IndexFile, max_elements: int = 0,
                    allow_replace_deleted: bool = False, *, mmap: bool = False, verify: bool = False) -> None:
         """Load a file written by ``save_index`` in either format (or by hnswlib), detected from its
-        first bytes; ``path_to_index`` is a path or a binary file object (read to its end).  Capacity is
+        first bytes; ``path_to_index`` is a path, an fsspec URL, or a binary file object (read from
+        its position to its end).  The format found is logged at INFO level on the ``"gpuhnsw"``
+        logger and named in the errors.  Capacity is
         ``max(max_elements, saved capacity)`` (an hnswlib file: as hnswlib, ``max_elements`` unless it
         is below the element count, then the saved capacity).  A bad file raises
         :class:`IndexFileError` naming the file and leaves this index as it was.
@@ -502,6 +508,7 @@ class Index(IndexSurface):
         try:
             mapped_file = None
             if mmap:
+                fmt = "gpuhnsw"
                 with native.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
                     core, ef = self._core_from_file(name, *opened, "gpuhnsw", max_elements, allow_replace_deleted)
                     st = os.fstat(opened[2]["fd"])
@@ -510,10 +517,12 @@ class Index(IndexSurface):
                 state, ef, fmt = native.read_index(path_to_index, space=self._space, dim=self._dim)
                 core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)
         except FileNotFoundError as exc:
-            raise IndexFileNotFoundError(exc.errno, f"Cannot open file: {exc.strerror}", exc.filename) from None
+            raise IndexFileNotFoundError.of(exc, name) from None
         self._core, self._mapped_file, self._lost = core, mapped_file, None
         self._ef = 10 if ef is None else ef
         self._cur_l = core.count
+        _log.info("load_index: %s: %s's format%s, %d elements (%d deleted), capacity %d", name, fmt,
+                  " (mapped)" if mmap else "", core.count, core.n_deleted, core.max_elements)
 
     def _core_from_file(self, name, state, ef, mapping, fmt, max_elements, allow_replace_deleted):
         """(Core, ef) from a file's state; ``mapping``: ``Core.from_state``'s keywords of a mapped load."""

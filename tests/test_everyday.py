@@ -204,3 +204,56 @@ def test_save_and_load_through_an_fsspec_file(sift):
         loaded.load_index(f)
     fs.rm("/i11/sift.idx")
     np.testing.assert_array_equal(loaded.knn_query(queries, k=5, ef=50)[0], index.knn_query(queries, k=5, ef=50)[0])
+
+
+# --------------------------------------------------------------------------- files: URLs, file objects
+
+@pytest.mark.parametrize("fmt", ["gpuhnsw", "hnswlib"])
+def test_save_and_load_through_fsspec_urls(sift, tmp_path, fmt, caplog):
+    """save_index("memory://a.idx") failed with a path error although ShardedIndex.save takes any
+    fsspec URL; now Index and BFIndex read and write URLs, through a temporary name and a move, and
+    load_index says which format it found."""
+    fsspec = pytest.importorskip("fsspec")
+    index, base, queries = sift
+    url = f"memory://everyday-{fmt}/a.idx"
+    index.save_index(url, format=fmt)
+    fs, path = fsspec.core.url_to_fs(url)
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(path.rsplit("/", 1)[0], detail=False)] == ["a.idx"]
+    loaded = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    with caplog.at_level("INFO", logger="gpuhnsw"):
+        loaded.load_index(url)
+    assert f"{fmt}'s format" in caplog.text and url in caplog.text
+    np.testing.assert_array_equal(loaded.knn_query(queries, k=5)[0], index.knn_query(queries, k=5)[0])
+    local = f"file://{tmp_path}/b.idx"                        # file:// is a local path: mmap works
+    index.save_index(local)
+    mapped = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    mapped.load_index(local, mmap=True)
+    assert len(mapped) == len(index)
+    with pytest.raises(ValueError, match="needs a local file"):
+        mapped.load_index(url, mmap=True)
+    with pytest.raises(gpuhnsw.IndexFileNotFoundError, match="No such file"):
+        mapped.load_index("memory://everyday-none/missing.idx")
+    bf = gpuhnsw.BFIndex("l2", base.shape[1])
+    bf.init_index(100)
+    bf.add_items(base[:100])
+    bf.save_index(f"memory://everyday-{fmt}/bf.idx", format=fmt)
+    again = gpuhnsw.BFIndex("l2", base.shape[1])
+    again.load_index(f"memory://everyday-{fmt}/bf.idx")
+    assert again.get_current_count() == 100
+
+
+def test_loading_a_file_object_left_at_its_end_says_so(sift):
+    """Loading a BytesIO just saved into (not rewound) said "index file is empty"."""
+    import io
+
+    index, base, _ = sift
+    buf = io.BytesIO()
+    index.save_index(buf)
+    other = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    with pytest.raises(gpuhnsw.IndexFileError, match=r"at its end .*seek\(0\)"):
+        other.load_index(buf)
+    buf.seek(0)
+    other.load_index(buf)
+    assert len(other) == len(index)
+    with pytest.raises(gpuhnsw.IndexFileError, match="index file is empty"):
+        other.load_index(io.BytesIO())                         # a really empty one is still that

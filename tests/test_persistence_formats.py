@@ -512,10 +512,11 @@ def test_file_errors_name_the_file(small_files, tmp_path, fmt):
     bad = small_files[fmt][:-5]
     path = tmp_path / f"damaged-{fmt}.bin"
     path.write_bytes(bad)
-    with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}: "):
+    found = rf" \(read as {fmt}'s format\): "   # and the format the first bytes said
+    with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}{found}"):
         native.read_index(path, space="l2", dim=8)
-    with pytest.raises(IndexFileError, match=r"^<BytesIO>: "):
+    with pytest.raises(IndexFileError, match=rf"^<BytesIO>{found}"):
         native.read_index(io.BytesIO(bad), space="l2", dim=8)
     path.write_bytes(small_files[fmt])
-    with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}: .*dim"):   # a mismatch too
+    with pytest.raises(IndexFileError, match=rf"^{re.escape(str(path))}{found}.*dim"):   # a mismatch too
         native.read_index(path, space="l2", dim=9)

@@ -2,9 +2,10 @@
 its writer holds under ``flock`` and renames over the target, the clean-up of temporary files that
 killed saves left behind, whole-file reads, and the checksummed byte ranges of our formats.
 
-A path or a binary file object (``BytesIO``, an open file, an fsspec file) is accepted wherever a
-file is: a file object is read from or written at its position, in place (atomicity is then the
-caller's, e.g. fsspec's transaction).
+A path, an fsspec URL (``"memory://a.idx"``, ``"s3://bucket/a.idx"``; ``"file://"`` is a local
+path) or a binary file object (``BytesIO``, an open file, an fsspec file) is accepted wherever a file
+is: a URL is written through a temporary name and a move, as a path is; a file object is read from or
+written at its position, in place (atomicity is then the caller's, e.g. fsspec's transaction).
 """
 import os
 import re
@@ -19,7 +20,7 @@ except ImportError:  # Windows: no flock, so stale temp files are not cleaned up
 
 from .._errors import IndexFileError
 
-__all__ = ["CRC", "is_file_object", "source_name", "read_all", "remove_stale_temps", "atomic_write",
+__all__ = ["CRC", "is_file_object", "local_path", "source_name", "read_all", "remove_stale_temps", "atomic_write",
            "checked_section"]
 
 #: The CRC32 that follows a header (little-endian uint32).
@@ -31,17 +32,56 @@ def is_file_object(target):
     return hasattr(target, "write") or hasattr(target, "read")
 
 
+def _url(target):
+    """``(filesystem, path)`` of an fsspec URL other than ``file://``, else None (a local path or a
+    file object).  fsspec is imported only for such a URL."""
+    if is_file_object(target):
+        return None
+    text = os.fspath(target)
+    if not isinstance(text, str) or "://" not in text or text.startswith("file://"):
+        return None
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(f"{text}: URLs need fsspec (pip install fsspec, or gpuhnsw[distributed])") from None
+    return fsspec.core.url_to_fs(text)
+
+
+def local_path(target):
+    """The local path of a path or ``file://`` URL; None for another URL or a file object."""
+    if is_file_object(target) or _url(target) is not None:
+        return None
+    text = os.fspath(target)
+    return text[len("file://"):] if isinstance(text, str) and text.startswith("file://") else text
+
+
 def source_name(target):
-    """How error messages name ``target``: the path, or a file object's name (or its type)."""
+    """How error messages name ``target``: the path or URL, or a file object's name (or its type)."""
     if is_file_object(target):
         return str(getattr(target, "name", None) or f"<{type(target).__name__}>")
     return os.fspath(target)
 
 
 def read_all(target):
-    """The whole content of a path, or of a file object from its current position."""
+    """The whole content of a path or URL, or of a file object from its current position.  A file
+    object that gives nothing although it was read from before (left at its end by a save, say) is an
+    IndexFileError saying so, not an "empty file"."""
     if is_file_object(target):
-        return bytes(target.read())
+        try:
+            pos = target.tell()
+        except (AttributeError, OSError, ValueError):
+            pos = 0
+        data = bytes(target.read())
+        if not data and pos:
+            raise IndexFileError(f"{source_name(target)}: nothing left to read at position {pos}: the file "
+                                 "object is at its end (after a save into it?); rewind it with seek(0)")
+        return data
+    url = _url(target)
+    if url is not None:
+        fs, path = url
+        with fs.open(path, "rb") as f:
+            return f.read()
+    target = local_path(target)
     remove_stale_temps(target)
     with open(target, "rb") as f:
         return f.read()
@@ -110,7 +150,11 @@ def atomic_write(path, chunks):
         for chunk in chunks:
             path.write(chunk)
         return
-    path = os.fspath(path)
+    url = _url(path)
+    if url is not None:
+        _write_url(*url, chunks)
+        return
+    path = local_path(path)
     directory, name = os.path.split(os.path.abspath(path))
     remove_stale_temps(path)
     tmp, fd = _create_locked_temp(directory, name)
@@ -149,3 +193,20 @@ def checked_section(buf, pos, length, crc, name):
     if zlib.crc32(data) != crc:
         raise IndexFileError(f"{name} checksum mismatch (file corrupted)")
     return data
+
+
+def _write_url(fs, path, chunks):
+    """``atomic_write`` to an fsspec filesystem: a temporary name beside ``path``, then a move (atomic
+    where the filesystem's move is; never a half-written file under ``path`` on one that copies)."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with fs.open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except Exception:   # best effort: the write's own error is the one to report
+            pass
+        raise

@@ -29,7 +29,7 @@ import numpy as np
 from .._core import SPACES
 from .._errors import IndexFileError
 from . import hnswlib_format
-from .files import CRC, atomic_write, checked_section, is_file_object, read_all, remove_stale_temps, source_name
+from .files import CRC, atomic_write, checked_section, local_path, read_all, remove_stale_temps, source_name
 from .state import ARRAYS, MAPPABLE, arrays_of, check_graph, check_scalars, normalised, validated_arrays
 
 __all__ = ["read_index", "map_index", "write_gpuhnsw", "peek", "FORMAT_VERSION", "MAGIC", "MAP_ALIGN"]
@@ -135,15 +135,17 @@ def read_index(path, *, space, dim):
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     buf = read_all(path)
+    fmt = "gpuhnsw" if buf[:len(MAGIC)] == MAGIC else "hnswlib"   # hnswlib's files have no magic
     try:
         if not buf:
             raise IndexFileError("index file is empty")
-        if buf[:len(MAGIC)] == MAGIC:
+        if fmt == "gpuhnsw":
             state, ef = _read_gpuhnsw(buf, space, dim)
-            return state, ef, "gpuhnsw"
-        return hnswlib_format.read(buf, space, dim), None, "hnswlib"
+            return state, ef, fmt
+        return hnswlib_format.read(buf, space, dim), None, fmt
     except IndexFileError as exc:
-        raise IndexFileError(f"{source_name(path)}: {exc}") from None
+        where = f" (read as {fmt}'s format)" if buf else ""
+        raise IndexFileError(f"{source_name(path)}{where}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -170,10 +172,12 @@ def map_index(path, *, space, dim, verify=False):
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    if is_file_object(path):
-        raise ValueError("mmap=True needs a path: a file object cannot be mapped")
-    remove_stale_temps(path)
-    with open(path, "rb") as f:
+    local = local_path(path)
+    if local is None:
+        raise ValueError("mmap=True needs a local file (a path or a file:// URL): a file object or a remote "
+                         "URL cannot be mapped")
+    remove_stale_temps(local)
+    with open(local, "rb") as f:
         try:
             state, ef, mapping = _map_gpuhnsw(f.fileno(), space, dim, verify)
         except IndexFileError as exc:
