@@ -36,6 +36,9 @@ __all__ = ["knn_query", "prefer_exact", "RELABEL_REDOS", "EXACT_DISTANCE_COST"]
 
 log = logging.getLogger("gpuhnsw")
 
+# Results smaller than this (bytes) are allocated without asking the memory limit.
+MEMORY_CHECK_FROM = 64 << 20
+
 # Label-filtered passes a relabel (replace_deleted) may void before one runs with the labels pinned.
 RELABEL_REDOS = 2
 # Cost of one distance in exact search relative to one in graph search (which reads a random row and
@@ -54,7 +57,10 @@ def knn_query(core, gpu, space, data, filter, params):
     """
     data = plain_array(data)
     nq = 1 if np.ndim(data) <= 1 else np.shape(data)[0]
-    need, have = nq * params.k * 12, memory_limit()  # labels + distances, before allocating them
+    # labels + distances, before allocating them; below the smallest memory a process may have, the
+    # limit (cgroup files) is not read: a single query pays nothing for the check
+    need = nq * params.k * 12
+    have = memory_limit() if need > MEMORY_CHECK_FROM else None
     if have is not None and need > have:
         raise MemoryError(f"k={params.k} for {nq} queries needs {need / 2**30:.1f} GiB of results, more than "
                           f"the {have / 2**30:.1f} GiB of memory this process may use")
