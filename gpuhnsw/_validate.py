@@ -123,13 +123,26 @@ def as_label(label, out_of_range=OverflowError):
     return label
 
 
+def label_array(ids):
+    """``np.asarray(ids)`` for labels (a set becomes a list first; NumPy picks int64, uint64 or,
+    beyond both, object), except that a sequence of Python ints stays exact: for ints that fit
+    neither int64 nor uint64 together (``[2**63, 5]``) NumPy makes float64, which rounds above 2**53,
+    so those come back as an object array of the ints, which :func:`as_labels` checks one by one."""
+    if isinstance(ids, (set, frozenset)):
+        ids = list(ids)
+    arr = np.asarray(ids)
+    if arr.dtype.kind == "f" and not isinstance(ids, np.ndarray):
+        exact = np.asarray(ids, dtype=object)
+        if all(isinstance(x, (int, np.integer)) for x in exact.flat):
+            return exact
+    return arr
+
+
 def as_labels(ids, rows=None):
     """Labels (an array-like or a set, host or GPU) as uint64 ``[rows]``; a scalar is allowed for one row.
     Labels outside [0, 2**64) raise ``OverflowError``, a length mismatch ``RuntimeError`` (both as
     hnswlib)."""
-    if isinstance(ids, (set, frozenset)):
-        ids = list(ids)   # NumPy picks int64, uint64 or (beyond both) object, each checked below
-    arr = np.asarray(on_host(ids))
+    arr = label_array(on_host(ids))
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (rows is not None and arr.shape[0] != rows):
@@ -156,7 +169,7 @@ def as_labels(ids, rows=None):
 def flat_labels(ids):
     """Labels of any shape (e.g. the ``[nq, k]`` labels of ``knn_query``), host or GPU, as uint64
     ``[n]`` in row-major order; errors as :func:`as_labels`."""
-    return as_labels(np.ravel(on_host(ids)))
+    return as_labels(np.ravel(label_array(on_host(ids))))
 
 
 # Where the kernel shows this process's cgroups (v1 or v2) and their memory limits.

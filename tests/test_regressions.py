@@ -1,5 +1,6 @@
 """Regression tests, each named after the bug it pins."""
 import numpy as np
+import pytest
 
 import gpuhnsw
 
@@ -13,3 +14,26 @@ def test_query_of_a_very_wide_index_does_not_overflow_the_stack():
     index.add_items(x)
     labels, dists = index.knn_query(x[:2], k=2)
     assert labels[:, 0].tolist() == [0, 1] and np.all(dists[:, 0] == 0)
+
+
+def test_python_int_labels_above_2_63_mixed_with_small_ones_stay_exact():
+    """NumPy turns a list like [2**64 - 2, 5] into float64 (the ints fit neither int64 nor uint64
+    together), which rounds above 2**53: add_items stored label 0 for 2**64 - 2 (and 2**63 for
+    2**63 + 1), filters, mark_deleted and get_items named other labels, and a filter set holding
+    such a label raised OverflowError (it went through int64).  hnswlib converts them exactly."""
+    big, odd = 2**64 - 2, 2**63 + 1
+    x = np.arange(3, dtype=np.float32)[:, None]
+    index = gpuhnsw.Index("l2", 1)
+    index.init_index(4, M=2)
+    index.add_items(x, [big, odd, 5])
+    assert sorted(index.get_ids_list()) == [5, odd, big]
+    assert index.get_items([odd, big]).ravel().tolist() == [1.0, 0.0]
+    for allowed in ({big}, [big, 5], (big, 7)):
+        labels, _ = index.knn_query(np.zeros(1, np.float32), k=1, filter=allowed)
+        assert labels.tolist() == [[big]], allowed
+    index.mark_deleted([[odd, 5]])
+    assert odd not in index and 5 not in index and big in index
+    with pytest.raises(OverflowError):
+        index.add_items(x[:2], [2**64, 5])
+    with pytest.raises(ValueError, match="integers"):
+        index.add_items(x[:2], [1.5, 2])

@@ -7,7 +7,7 @@ parsed here: the C search calls it.
 """
 import numpy as np
 
-from .._validate import as_labels
+from .._validate import as_labels, label_array
 
 # Per-query filters take one bitset of capacity / 8 bytes per query row: knn_query parses and
 # searches them in parts of at most this many bytes of bitsets (``chunk_rows``).
@@ -54,9 +54,7 @@ def _is_collection(x):
 def _labels_of(one):
     """One filter's allowed labels (uint64 ``[m]``): labels, a set of labels, or a boolean mask over
     labels (``mask[label]`` True means allowed)."""
-    if isinstance(one, (set, frozenset)):
-        return as_labels(one)
-    arr = np.asarray(one)
+    arr = label_array(one)
     if arr.dtype == np.bool_:
         if arr.ndim != 1:
             raise ValueError(f"a boolean filter mask must be 1-D over labels, got shape {arr.shape}")
