@@ -512,7 +512,9 @@ class Index(IndexSurface):
                 with native.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
                     core, ef = self._core_from_file(name, *opened, "gpuhnsw", max_elements, allow_replace_deleted)
                     st = os.fstat(opened[2]["fd"])
-                    mapped_file = (st.st_dev, st.st_ino, st.st_size)
+                    # an empty file maps no page: nothing depends on it, and its inode number may
+                    # go to another file once it is replaced (that file is no danger to this index)
+                    mapped_file = (st.st_dev, st.st_ino, st.st_size) if core.count else None
             else:
                 state, ef, fmt = native.read_index(path_to_index, space=self._space, dim=self._dim)
                 core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)

@@ -191,6 +191,26 @@ def test_saving_a_mapped_index_into_its_own_file_object_is_refused(cases, tmp_pa
         assert path.read_bytes() == src.read_bytes()     # nothing was written
 
 
+def test_an_empty_mapped_index_is_not_lost_when_its_file_is_rewritten(tmp_path):
+    """An empty index loaded with mmap=True maps no page of its file, yet save_index through a file
+    object on that file (or on a new file that took the replaced file's inode number) declared it
+    lost and dropped it, with every row added since the load.  Found by the model-based walk."""
+    path = tmp_path / "empty.bin"
+    index = gpuhnsw.Index("l2", 4, device="cpu")
+    index.init_index(20, M=2)
+    index.save_index(path)
+    index = gpuhnsw.Index("l2", 4, device="cpu")
+    index.load_index(path, mmap=True)
+    x = np.random.default_rng(0).random((10, 4), dtype=np.float32)
+    index.add_items(x)
+    with open(path, "wb") as f:
+        index.save_index(f)
+    assert len(index) == 10 and np.array_equal(index.get_items(range(10)), x)
+    again = gpuhnsw.Index("l2", 4, device="cpu")
+    again.load_index(path, mmap=True)
+    assert np.array_equal(again.get_items(range(10)), x)
+
+
 _RSS_PROBE = """
 import json, sys
 import numpy as np
