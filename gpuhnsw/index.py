@@ -173,9 +173,24 @@ class Index(IndexSurface):
 
     def _add_rows(self, core, data, labels, threads, replace_deleted, build, progress):
         """``add_items`` once its arguments are checked and its labels known."""
+        rows, capacity = data.shape[0], core.max_elements
+        if not (self._auto_resize and core.count + rows > capacity):
+            self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
+            return
+        grown = max(core.count + rows, 2 * capacity)
+        self.resize_index(grown)
+        try:
+            self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
+        except BaseException:
+            # a rejected batch changes nothing, its capacity included (the caller holds _grow_lock;
+            # not if a resize_index call moved it meanwhile, or a part of the batch went in)
+            if core.max_elements == grown and core.count <= capacity:
+                core.resize(capacity)
+            raise
+
+    def _insert_rows(self, core, data, labels, threads, replace_deleted, build, progress):
+        """``_add_rows`` once the capacity is set."""
         rows = data.shape[0]
-        if self._auto_resize and core.count + rows > core.max_elements:
-            self.resize_index(max(core.count + rows, 2 * core.max_elements))
         progress = progress_wanted(progress, rows, ADD_ITEMS_MIN_ROWS)
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
         # batches go in one by one: only take that path when even an all-new batch fits, so a

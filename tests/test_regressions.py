@@ -37,3 +37,20 @@ def test_python_int_labels_above_2_63_mixed_with_small_ones_stay_exact():
         index.add_items(x[:2], [2**64, 5])
     with pytest.raises(ValueError, match="integers"):
         index.add_items(x[:2], [1.5, 2])
+
+
+def test_a_rejected_add_items_with_auto_resize_keeps_the_capacity():
+    """With auto_resize, add_items grew the index before the engine refused the batch (replace_deleted
+    without allow_replace_deleted, or an update of a deleted label with it), so a rejected call
+    changed the capacity.  Found by the model-based walk."""
+    x = np.random.default_rng(0).random((4, 3), dtype=np.float32)
+    for allow in (False, True):
+        index = gpuhnsw.Index("l2", 3)
+        index.init_index(2, M=2, allow_replace_deleted=allow, auto_resize=True)
+        index.add_items(x[:2], [0, 1])
+        index.mark_deleted(1)
+        with pytest.raises(RuntimeError, match="Can't use addPoint" if allow else "disabled"):
+            index.add_items(x[2:], [1, 2] if allow else [2, 3], replace_deleted=not allow)
+        assert index.get_max_elements() == 2 and index.get_current_count() == 2
+        index.add_items(x[2:], [2, 3])    # and the next insert still grows it
+        assert index.get_max_elements() == 4
