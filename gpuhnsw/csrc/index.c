@@ -156,7 +156,7 @@ static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
         memset(ix->deleted + w0, 0, (w1 - w0) * sizeof(uint32_t));
         memset(ix->dirty + w0, 0, (w1 - w0) * sizeof(uint32_t));
     }
-    ix->capacity = cap;
+    __atomic_store_n(&ix->capacity, cap, __ATOMIC_RELAXED); /* Core.max_elements reads it without a lock */
     return GHNSW_OK;
 }
 
@@ -245,7 +245,7 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
         if (st == GHNSW_OK) st = map_rebuild(ix, new_capacity);
     } else if (new_capacity < ix->capacity) {
         /* shrinking keeps the larger allocation (cheap, and never loses rows); only capacity drops */
-        ix->capacity = new_capacity;
+        __atomic_store_n(&ix->capacity, new_capacity, __ATOMIC_RELAXED); /* read without a lock, as above */
     }
     if (st == GHNSW_OK) {
         ghnsw_visited_pool_clear(&ix->vpool);

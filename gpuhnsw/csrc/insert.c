@@ -37,12 +37,13 @@ static inline uint32_t *list_ptr(ghnsw_index_t *ix, uint32_t s, int level, uint3
     return blk + 1;
 }
 
-/* Write a list (caller holds the slot lock); unused entries get the invalid sentinel. */
+/* Write a list (caller holds the slot lock); unused entries get the invalid sentinel.  Ids are stored
+ * atomically: readers copy lists without the lock (ghnsw_read_links). */
 static void write_list(ghnsw_index_t *ix, uint32_t s, int level, const ghnsw_cand_t *c, uint32_t n) {
     uint32_t *cnt, *ids = list_ptr(ix, s, level, &cnt);
     uint32_t cap = level ? ix->M : ix->M0;
-    for (uint32_t i = 0; i < n; i++) ids[i] = c[i].id;
-    for (uint32_t i = n; i < cap; i++) ids[i] = GHNSW_INVALID;
+    for (uint32_t i = 0; i < n; i++) __atomic_store_n(&ids[i], c[i].id, __ATOMIC_RELAXED);
+    for (uint32_t i = n; i < cap; i++) __atomic_store_n(&ids[i], GHNSW_INVALID, __ATOMIC_RELAXED);
     __atomic_store_n(cnt, n, __ATOMIC_RELEASE);
 }
 
@@ -76,7 +77,7 @@ static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, 
         for (uint32_t j = 0; j < deg; j++) if (ids[j] == s) { present = 1; break; }
         if (!present) {
             if (deg < mmax) {
-                ids[deg] = s;
+                __atomic_store_n(&ids[deg], s, __ATOMIC_RELAXED); /* read without the lock */
                 __atomic_store_n(cnt, deg + 1, __ATOMIC_RELEASE);
                 kind = level ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_APPEND;
             } else {
@@ -181,11 +182,19 @@ static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s) {
     return st;
 }
 
+/* The one data race the engine accepts: an update rewrites a slot's vector in place while queries and
+ * inserts read it without a lock, so one distance may come from a half-written vector (never a bad
+ * access; docs/architecture.md, "Locks").  A function of its own so that ThreadSanitizer's
+ * suppressions (.ci/tsan.supp) can name exactly this write. */
+__attribute__((noinline)) static void overwrite_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
+    store_vector(ix, s, src);
+}
+
 /* hnswlib updatePoint with probability 1: rewire every neighbour of s over its 2-hop neighbourhood,
  * then relink s itself from the entry point (repairConnectionsForUpdate). */
 static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float *src) {
     ghnsw_spin_lock(&ix->slot_locks[s]);
-    store_vector(ix, s, src);
+    overwrite_vector(ix, s, src);
     ghnsw_spin_unlock(&ix->slot_locks[s]);
     ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     pthread_mutex_lock(&ix->ep_lock);
@@ -446,7 +455,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
             ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
         } else if (kind[i] == TASK_UPDATE && !ix->allow_replace_deleted && ghnsw_bit_get(ix->deleted, s)) {
             ghnsw_bit_clear(ix->deleted, s); /* hnswlib: re-adding a deleted label undeletes it */
-            ix->n_deleted--;
+            __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED); /* queries read it without a lock */
             ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_DELETED);
         }
     }
@@ -455,7 +464,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
     add_ctx_t ctx = {ix, data, kind, slot, NULL, NULL, NULL, n, n};
     ghnsw_parallel_for(n, num_threads, store_new, &ctx);
     __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
-    ix->insert_seq += n;
+    __atomic_store_n(&ix->insert_seq, ix->insert_seq + n, __ATOMIC_RELAXED); /* Core.insert_seq: no lock */
 
     if (ix->entry_point == GHNSW_INVALID) { /* the first element goes in alone, the plain way */
         size_t first = 0;

@@ -10,9 +10,10 @@ __thread ghnsw_frame_t *ghnsw_frames;
 
 /* Readers copy a list without its slot lock and validate every id instead: a list being rewritten may
  * read as a mix of its old and new entries, but each entry is a slot id that was valid when written,
- * and ids are checked against count (unused entries hold GHNSW_INVALID, which fails that check).  A
- * writer stores a new slot's vector before the count that makes it valid is published, and the
- * acquire fence below orders the id reads before the vector reads.  No lock: its locked exchange
+ * and ids are checked against count (unused entries hold GHNSW_INVALID, which fails that check).  Ids
+ * are atomic on both sides (relaxed: plain moves on x86), so a mixed read is not a data race.  A
+ * writer stores a new slot's vector before the count that makes it valid is published (release), so
+ * the acquire load of count orders every vector read of an id below it.  No lock: its locked exchange
  * would stall the query's outstanding cache misses (docs/architecture.md, "Locks"). */
 uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out) {
     const uint32_t *cnt, *ids;
@@ -34,7 +35,6 @@ uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *ou
         uint32_t id = __atomic_load_n(&ids[i], __ATOMIC_RELAXED);
         if (id < count && id != s) out[m++] = id;
     }
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return m;
 }
 
