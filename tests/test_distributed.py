@@ -357,7 +357,7 @@ def test_damaged_shard_error_names_the_shard_url(client, small, tmp_path):
     m["shards"][2].update(sha256=hashlib.sha256(blob).hexdigest())
     m["manifest_sha256"] = gdistributed._manifest_digest(m)
     manifest.write_text(json.dumps(m))
-    with pytest.raises(gpuhnsw.IndexFileError, match=r"^file://.*idx/shard-00002\.ghnsw: .*(CRC|checksum)"):
+    with pytest.raises(gpuhnsw.IndexFileError, match=r"^file://.*idx/shard-00002\.ghnsw \(read as gpuhnsw's format\): .*(CRC|checksum)"):
         ShardedIndex.load(client, str(tmp_path / "idx"))
 
 
