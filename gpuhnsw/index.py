@@ -193,9 +193,11 @@ class Index(IndexSurface):
         rows = data.shape[0]
         progress = progress_wanted(progress, rows, ADD_ITEMS_MIN_ROWS)
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
-        # batches go in one by one: only take that path when even an all-new batch fits, so a
+        # batches go in one by one: only take that path when no part can be refused (an all-new batch
+        # fits; no deleted label whose update the engine refuses with allow_replace_deleted), so a
         # rejected insert still changes nothing
-        in_parts = (use_gpu or progress) and not replace_deleted and core.count + rows <= core.max_elements
+        in_parts = ((use_gpu or progress) and not replace_deleted and core.count + rows <= core.max_elements
+                    and not (core.allow_replace_deleted and core.n_deleted))
         with Progress(in_parts and progress, rows, "add_items") as bar:
             if in_parts and use_gpu:
                 self._add_assisted(data, labels, threads, bar)

@@ -54,3 +54,19 @@ def test_a_rejected_add_items_with_auto_resize_keeps_the_capacity():
         assert index.get_max_elements() == 2 and index.get_current_count() == 2
         index.add_items(x[2:], [2, 3])    # and the next insert still grows it
         assert index.get_max_elements() == 4
+
+
+def test_a_refused_add_items_in_progress_parts_changes_nothing(datasets):
+    """With progress=True a large add went in as parts; a later part that updated a deleted label
+    of an index with allow_replace_deleted was refused after the earlier parts were in (10,002 rows:
+    the count went to 10,001 after the refused call)."""
+    base, _, _, _ = datasets("siftsmall")
+    index = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    index.init_index(20_000, M=8, ef_construction=40, allow_replace_deleted=True)
+    index.add_items(base[:2])
+    index.mark_deleted(1)
+    rows = np.concatenate([base, base[:2]])                 # 10,002 rows: new labels, then label 1
+    labels = np.concatenate([np.arange(100, 10_100), [5000, 1]])
+    with pytest.raises(RuntimeError, match="update deleted elements"):
+        index.add_items(rows, labels, progress=True)
+    assert index.get_current_count() == 2 and index.count_deleted == 1
