@@ -1,7 +1,10 @@
 """The search graph (HNSW level 0 with its reverse edges, ``Core.search_graph``, built in C by
 gpuhnsw/csrc/search_graph.c) against its NumPy reference (gpuhnsw._graph_reference), on the
-shared data: the same graph whatever the thread count, and the structure it promises.
+shared data: the same graph whatever the thread count, the structure it promises, and the
+replay figures of benchmarks/results/graph_replay.json reproduced from the C-built graph.
 """
+import json
+import pathlib
 import threading
 
 import numpy as np
@@ -10,8 +13,11 @@ import pytest
 import gpuhnsw
 from gpuhnsw import _core
 from gpuhnsw._graph_reference import level0_csr, pair_distances, search_graph_reference
-from gpuhnsw._reference import INVALID, ReferenceGraph
+from gpuhnsw._reference import INVALID, ReferenceGraph, beam_search_reference
 from gpuhnsw._search_graph import search_graph
+from gpuhnsw.testing import recall_at_k
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "graph_replay.json"
 
 
 def build(base, space="l2", *, M=16, ef_construction=100, seed=3, threads=2, delete_every=None, capacity=None):
@@ -169,3 +175,37 @@ def test_refused_inside_a_filter_callback(make_data):
 
     index.knn_query(data[:1], k=3, filter=callback)
     assert seen
+
+
+# ---------------------------------------------------------------------------------------------
+# the replay's figures, from the C-built graph
+
+def test_replay_figures_reproduced(datasets):
+    """benchmarks/graph_replay.py's siftsmall figures (its HNSW built on one thread, bit for bit
+    reproducible on integer data), replayed over the C-built graph: recall and the mean counts are
+    the committed ones exactly, at every width and target."""
+    results = json.loads(RESULTS.read_text())
+    p, d = results["params"], results["datasets"]["siftsmall"]
+    assert d["build_threads"] == 1
+    base, queries, gt, _ = datasets("siftsmall", n_queries=d["nq"])
+    index = build(base, M=p["M"], ef_construction=p["ef_construction"], seed=p["seed"], threads=1)
+    state = index._core.export_state()
+    labels = np.frombuffer(state["labels"], np.uint64).astype(np.int64)
+    checked = 0
+    for name in ("hnsw", "hnsw+rev 64"):
+        entry = d["graphs"][name]
+        graph = None if name == "hnsw" else search_graph(index._core, entry["degree"])
+        g = ReferenceGraph(state, level0=graph)
+        for width, row in entry["widths"].items():
+            for target, at in row["targets"].items():
+                if at["ef"] is None:
+                    continue
+                slots, _, _, counts = beam_search_reference(g, queries, p["k"], at["ef"], search_width=int(width),
+                                                            return_counts=True)
+                found = np.where(slots >= 0, labels[np.maximum(slots, 0)], -1)
+                assert recall_at_k(found, gt, p["k"]) == at["recall"], (name, width, target)
+                assert counts["iterations"].mean() == pytest.approx(at["iterations"]["mean"], abs=1e-9)
+                assert (counts["distances"] + counts["upper_distances"]).mean() == pytest.approx(
+                    at["distances"]["mean"], abs=1e-9)
+                checked += 1
+    assert checked >= 4
