@@ -151,7 +151,7 @@ def hnsw_state(name, space, base, cache, threads=BUILD_THREADS):
 
 
 # ---------------------------------------------------------------------------------------------
-# graphs: "rev" is gpuhnsw._graph_reference (what Core.search_graph builds); the CAGRA-style
+# graphs: "rev" is gpuhnsw._graph_reference (what Core.build_search_graph builds); the CAGRA-style
 # detour-pruned graphs below exist only here
 
 def _mix64(x):

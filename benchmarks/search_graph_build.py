@@ -1,4 +1,4 @@
-"""Build time of the search graph (``Core.search_graph``: HNSW level 0 with its reverse edges) on
+"""Build time of the search graph (``Core.build_search_graph``: HNSW level 0 with its reverse edges) on
 the CPU, against the HNSW build it derives from.
 
 Per dataset (the same HNSW indexes as ``graph_replay.py``: M=16, ef_construction=200, seed 0, one
@@ -24,7 +24,7 @@ from graph_replay import DATASETS, dataset_key, hnsw_state, load  # noqa: E402  
 
 import gpuhnsw  # noqa: E402
 from gpuhnsw._graph_reference import search_graph_reference  # noqa: E402
-from gpuhnsw._search_graph import search_graph  # noqa: E402
+from gpuhnsw._search_graph import build as build_graph  # noqa: E402
 from gpuhnsw.testing import machine_info  # noqa: E402
 
 DEGREES = (32, 48, 64)
@@ -42,7 +42,7 @@ def run_dataset(name, args):
     for _ in range(args.repeats):
         for (d, t), out in times.items():
             t0 = time.perf_counter()
-            search_graph(core, d, num_threads=t)
+            build_graph(core, d, num_threads=t)
             out.append(time.perf_counter() - t0)
     for (d, t), out in times.items():
         res["c_s"][f"{d}/{t}"] = statistics.median(out)
@@ -50,14 +50,14 @@ def run_dataset(name, args):
         t0 = time.perf_counter()
         ref = search_graph_reference(state, d)
         res["numpy_s"][str(d)] = time.perf_counter() - t0
-        res["rows_equal"][str(d)] = float((ref == search_graph(core, d)).all(axis=1).mean())
+        res["rows_equal"][str(d)] = float((ref == build_graph(core, d)).all(axis=1).mean())
     print(f"{name}: " + ", ".join(f"D/threads {k}: {v:.3f} s" for k, v in res["c_s"].items()), flush=True)
     return res
 
 
 def write_markdown(results, path):
     lines = ["# Search-graph build (CPU)", "",
-             "`Core.search_graph` (HNSW level 0 with its reverse edges, `gpuhnsw/csrc/search_graph.c`): seconds, "
+             "`Core.build_search_graph` (HNSW level 0 with its reverse edges, `gpuhnsw/csrc/search_graph.c`): seconds, "
              f"median of {results['params']['repeats']} interleaved runs; the HNSW build it derives from (one "
              "thread, as `graph_replay.py` builds it); the NumPy reference once; rows equal to the reference.", "",
              "| dataset | HNSW build s | " + " | ".join(f"D {d}, {t} thr. s" for d in DEGREES for t in THREADS)

@@ -1,4 +1,4 @@
-"""A NumPy reference of the search graph the C engine builds (``Core.search_graph``): HNSW level 0
+"""A NumPy reference of the search graph the C engine builds (``Core.build_search_graph``): HNSW level 0
 with its reverse edges, as a fixed-degree padded adjacency for batched search.
 
 Row ``x`` of the graph of degree D, for a live slot ``x`` (a deleted slot's row is empty, and no

@@ -14,7 +14,7 @@ from ._validate import as_int, num_threads as num_threads_rule
 DEGREE = 64
 
 
-def search_graph(core, degree=DEGREE, num_threads=-1):
+def build(core, degree=DEGREE, num_threads=-1):
     """Build the search graph of ``core`` (a ``_core.Core``) with the engine's threads.
 
     Parameters
@@ -32,5 +32,5 @@ def search_graph(core, degree=DEGREE, num_threads=-1):
         them; the rows of deleted slots are empty and no row names a deleted slot.
     """
     degree = as_int(degree, "degree")   # its range: the engine's check (ValueError)
-    raw = core.search_graph(degree, num_threads_rule(num_threads))
+    raw = core.build_search_graph(degree, num_threads_rule(num_threads))
     return np.frombuffer(raw, dtype=np.uint32).reshape(-1, degree)

@@ -1,4 +1,4 @@
-"""The search graph (HNSW level 0 with its reverse edges, ``Core.search_graph``, built in C by
+"""The search graph (HNSW level 0 with its reverse edges, ``Core.build_search_graph``, built in C by
 gpuhnsw/csrc/search_graph.c) against its NumPy reference (gpuhnsw._graph_reference), on the
 shared data: the same graph whatever the thread count, the structure it promises, and the
 replay figures of benchmarks/results/graph_replay.json reproduced from the C-built graph.
@@ -14,7 +14,7 @@ import gpuhnsw
 from gpuhnsw import _core
 from gpuhnsw._graph_reference import level0_csr, pair_distances, search_graph_reference
 from gpuhnsw._reference import INVALID, ReferenceGraph, beam_search_reference
-from gpuhnsw._search_graph import search_graph
+from gpuhnsw._search_graph import build as build_graph
 from gpuhnsw.testing import recall_at_k
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "graph_replay.json"
@@ -71,11 +71,11 @@ def test_equals_reference_on_siftsmall(sift, degree):
     C and NumPy distances are equal bits and the graphs equal entry for entry."""
     index, _ = sift
     state = index._core.export_state()
-    graph = search_graph(index._core, degree, num_threads=2)
+    graph = build_graph(index._core, degree, num_threads=2)
     np.testing.assert_array_equal(graph, search_graph_reference(state, degree))
     check_structure(graph, state, degree)
     for threads in (1, 3, 7):
-        np.testing.assert_array_equal(search_graph(index._core, degree, num_threads=threads), graph)
+        np.testing.assert_array_equal(build_graph(index._core, degree, num_threads=threads), graph)
 
 
 def test_equals_reference_on_minilm(datasets):
@@ -84,7 +84,7 @@ def test_equals_reference_on_minilm(datasets):
     base, _, _, _ = datasets("minilm-debian", n_base=6000, n_queries=1)
     index = build(base, "cosine", M=8, delete_every=31)
     state = index._core.export_state()
-    graph = search_graph(index._core, 24)
+    graph = build_graph(index._core, 24)
     ref = search_graph_reference(state, 24)
     check_structure(graph, state, 24)
     differ = np.flatnonzero((graph != ref).any(axis=1))
@@ -103,7 +103,7 @@ def test_every_row_of_a_small_index(make_data):
     index = build(base, M=4, ef_construction=40, delete_every=13)
     state = index._core.export_state()
     for degree in (1, 2, 5, 8, 20, 200):
-        graph = search_graph(index._core, degree)
+        graph = build_graph(index._core, degree)
         check_structure(graph, state, degree)
         np.testing.assert_array_equal(graph, search_graph_reference(state, degree))
 
@@ -111,16 +111,16 @@ def test_every_row_of_a_small_index(make_data):
 def test_arguments_and_empty_index(make_data):
     index = gpuhnsw.Index("l2", 8, device="cpu")
     index.init_index(10)
-    assert search_graph(index._core, 16).shape == (0, 16)
+    assert build_graph(index._core, 16).shape == (0, 16)
     for bad in (0, -1, _core.MAX_GRAPH_DEGREE + 1):
         with pytest.raises(ValueError, match="degree must be in"):
-            search_graph(index._core, bad)
+            build_graph(index._core, bad)
     with pytest.raises(TypeError):
-        search_graph(index._core, 3.5)
+        build_graph(index._core, 3.5)
     with pytest.raises(ValueError, match="num_threads"):
-        search_graph(index._core, 8, num_threads=10**9)
+        build_graph(index._core, 8, num_threads=10**9)
     index.add_items(make_data(1, 8))
-    np.testing.assert_array_equal(search_graph(index._core, 4), np.full((1, 4), INVALID, np.uint32))
+    np.testing.assert_array_equal(build_graph(index._core, 4), np.full((1, 4), INVALID, np.uint32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,13 +150,13 @@ def test_built_beside_inserts_and_queries(make_data):
     for t in threads:
         t.start()
     while threads[0].is_alive():
-        graphs.append(search_graph(index._core, 32, num_threads=2))
+        graphs.append(build_graph(index._core, 32, num_threads=2))
     for t in threads:
         t.join()
     assert not errors and graphs
     for graph in graphs:
         assert graph.shape[0] >= 500 and np.all((graph == INVALID) | (graph < graph.shape[0]))
-    check_structure(search_graph(index._core, 32), index._core.export_state(), 32)
+    check_structure(build_graph(index._core, 32), index._core.export_state(), 32)
 
 
 def test_refused_inside_a_filter_callback(make_data):
@@ -169,7 +169,7 @@ def test_refused_inside_a_filter_callback(make_data):
     def callback(label):
         if not seen:
             with pytest.raises(RuntimeError, match="filter callback"):
-                search_graph(index._core, 8)
+                build_graph(index._core, 8)
             seen.append(label)
         return True
 
@@ -194,7 +194,7 @@ def test_replay_figures_reproduced(datasets):
     checked = 0
     for name in ("hnsw", "hnsw+rev 64"):
         entry = d["graphs"][name]
-        graph = None if name == "hnsw" else search_graph(index._core, entry["degree"])
+        graph = None if name == "hnsw" else build_graph(index._core, entry["degree"])
         g = ReferenceGraph(state, level0=graph)
         for width, row in entry["widths"].items():
             for target, at in row["targets"].items():

@@ -323,7 +323,7 @@ static PyObject *Core_labels(CoreObject *self, PyObject *unused) {
 }
 
 /* The search graph (search_graph.c): bytes u32[count, degree]. */
-static PyObject *Core_search_graph(CoreObject *self, PyObject *args) {
+static PyObject *Core_build_search_graph(CoreObject *self, PyObject *args) {
     long long degree;
     int threads;
     NEED_IX(self);
@@ -331,7 +331,7 @@ static PyObject *Core_search_graph(CoreObject *self, PyObject *args) {
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     outs_t o = {{0}, 0};
-    CALL_NOGIL(st, ghnsw_search_graph(IX(self), degree, threads, alloc_bytes, &o, &err));
+    CALL_NOGIL(st, ghnsw_build_search_graph(IX(self), degree, threads, alloc_bytes, &o, &err));
     return one_out(st, &err, &o);
 }
 
@@ -647,8 +647,9 @@ static PyMethodDef Core_methods[] = {
     {"neighbors", (PyCFunction)Core_neighbors, METH_VARARGS, "neighbors(label, level) -> bytes u64[deg]"},
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
-    {"search_graph", (PyCFunction)Core_search_graph, METH_VARARGS,
-     "search_graph(degree, threads) -> bytes u32[count, degree]: level 0 with its reverse edges (search_graph.c)"},
+    {"build_search_graph", (PyCFunction)Core_build_search_graph, METH_VARARGS,
+     "build_search_graph(degree, threads) -> bytes u32[count, degree]: level 0 with its reverse edges "
+     "(search_graph.c)"},
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> (bytes u64[r]: (kind << 32) | slot, ascending; drain number: 1, 2, ...)"},
     {"pin_labels", (PyCFunction)Core_pin_labels, METH_NOARGS,
      "pin_labels() -> taken: relabels (replace_deleted) wait until unpin_labels(taken), so label bitsets "

@@ -54,7 +54,7 @@ static uint32_t forward_list(const ghnsw_index_t *ix, uint32_t n, uint32_t x, ui
 
 static int forward_rows(void *vctx, size_t b, int worker) {
     graph_ctx_t *c = vctx;
-    uint32_t *ids = (uint32_t *)c->scratch[worker]; /* room for M0 ids (see ghnsw_search_graph) */
+    uint32_t *ids = (uint32_t *)c->scratch[worker]; /* room for M0 ids (see ghnsw_build_search_graph) */
     uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
     for (uint32_t x = (uint32_t)(b * ROW_BLOCK); x < end; x++) {
         uint32_t *row = c->out + (size_t)x * c->degree, k = 0;
@@ -115,7 +115,7 @@ static int reverse_rows(void *vctx, size_t b, int worker) {
     return 0;
 }
 
-ghnsw_status_t ghnsw_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, ghnsw_alloc_fn alloc,
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, ghnsw_alloc_fn alloc,
                                   void *ctx, ghnsw_err_t *err) {
     if (degree < 1 || degree > GHNSW_MAX_GRAPH_DEGREE)
         return ghnsw_fail(err, GHNSW_EINVAL, "degree must be in [1, %u], got %lld", GHNSW_MAX_GRAPH_DEGREE,
