@@ -6,10 +6,12 @@
 #ifndef GPUHNSW_COMMON_CUH
 #define GPUHNSW_COMMON_CUH
 
-// Kernel entry points. The loader (gpuhnsw/_kernels.py) compiles one instantiation per program: it
-// defines GPUHNSW_INSTANCE as the template parameters' values (`using T = float; constexpr int
-// Team = 32; ...`), GPUHNSW_MAX_THREADS as the block size it launches and GPUHNSW_MIN_BLOCKS so
-// that ptxas may use up to 128 registers a thread. The kernel then has C linkage (a plain name:
+// Kernel entry points. The loader (gpuhnsw/device/kernels.py) compiles one instantiation per
+// program: it defines GPUHNSW_INSTANCE as the template parameters' values (`using T = float;
+// constexpr int Team = 32; ...`), GPUHNSW_MAX_THREADS as the block size it launches and
+// GPUHNSW_MIN_BLOCKS so that ptxas may use up to the module's register cap
+// (kernels.max_registers: 64 for search_fixed, so that 16 of its 64-thread blocks share a
+// multiprocessor; 128 for the others). The kernel then has C linkage (a plain name:
 // CuPy loads it without name expressions and caches the binary on disk in every version) and
 // launch bounds equal to its launch. (A bound of 512 made ptxas cap registers and spill; a bare
 // 128 makes it aim for full occupancy, about 40 registers, and spill too.) Without
@@ -17,8 +19,8 @@
 #ifdef GPUHNSW_INSTANCE
 #define GPUHNSW_KERNEL(...) \
   GPUHNSW_INSTANCE extern "C" __global__ void __launch_bounds__(GPUHNSW_MAX_THREADS, GPUHNSW_MIN_BLOCKS)
-#else
-#define GPUHNSW_KERNEL(...) template <__VA_ARGS__> __global__ void
+#else  // only the host emulation (g++ -std=c++20) compiles this: a kernel without parameters stays a function
+#define GPUHNSW_KERNEL(...) __VA_OPT__(template <__VA_ARGS__>) __global__ void
 #endif
 
 namespace gpuhnsw {
@@ -38,6 +40,9 @@ constexpr int kWarpSize = 32;
 // the CPU.
 constexpr int kStatusVisitedFull = 1;      // the visited hash filled up: the search stopped early
 constexpr int kStatusPendingOverflow = 2;  // candidates that could still matter fell off the list
+// search_fixed_kernel: the query holds NaN or an infinity (checked in the kernel, not searched; the
+// GPU leg raises ValueError from this bit instead of a host sync before the launch)
+constexpr int kStatusBadQuery = 4;
 
 // Metric ids: a runtime argument (it changes no layout).
 enum Metric : int {
@@ -61,6 +66,22 @@ __device__ __forceinline__ unsigned short float_to_half_bits(float f) {  // roun
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
+}
+
+// bf16 storage: the top 16 bits of an IEEE float, converted with integer operations (no PTX: sm_75
+// has no bf16 conversion instruction).
+struct bf16_t {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float bf16_bits_to_float(unsigned short h) {
+  return __int_as_float(static_cast<int>(static_cast<unsigned>(h) << 16));
+}
+
+__device__ __forceinline__ unsigned short float_to_bf16_bits(float f) {  // round to nearest even
+  const unsigned u = static_cast<unsigned>(__float_as_int(f));
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN stays a (quiet) NaN
+  return static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 __device__ __forceinline__ float inf_f() { return __int_as_float(0x7f800000); }

@@ -14,35 +14,58 @@
 
 namespace gpuhnsw {
 
-// Storage traits: elements per 16-byte chunk.
+// Storage traits: elements per 16-byte chunk, the chunk's raw load and its conversion to fp32.
 template <typename T>
 struct Storage;
 template <>
 struct Storage<float> {
   static constexpr int kPerChunk = 4;
+  typedef float4 Raw;
+  static __device__ __forceinline__ Raw load(const float* __restrict__ row, int c) {
+    return __ldg(reinterpret_cast<const float4*>(row) + c);
+  }
+  static __device__ __forceinline__ void unpack(const Raw& v, float (&x)[4]) {
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  }
 };
+
+// Eight 16-bit elements in a uint4, little endian: element 2i is the low half of word i.
+template <float (*Convert)(unsigned short)>
+__device__ __forceinline__ void unpack_halves(const uint4& v, float (&x)[8]) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = Convert(static_cast<unsigned short>(w[i] & 0xFFFFu));
+    x[2 * i + 1] = Convert(static_cast<unsigned short>(w[i] >> 16));
+  }
+}
+
 template <>
 struct Storage<half_t> {
   static constexpr int kPerChunk = 8;
+  typedef uint4 Raw;
+  static __device__ __forceinline__ Raw load(const half_t* __restrict__ row, int c) {
+    return __ldg(reinterpret_cast<const uint4*>(row) + c);
+  }
+  static __device__ __forceinline__ void unpack(const Raw& v, float (&x)[8]) { unpack_halves<half_bits_to_float>(v, x); }
+};
+template <>
+struct Storage<bf16_t> {
+  static constexpr int kPerChunk = 8;
+  typedef uint4 Raw;
+  static __device__ __forceinline__ Raw load(const bf16_t* __restrict__ row, int c) {
+    return __ldg(reinterpret_cast<const uint4*>(row) + c);
+  }
+  static __device__ __forceinline__ void unpack(const Raw& v, float (&x)[8]) { unpack_halves<bf16_bits_to_float>(v, x); }
 };
 
 // Chunk c of a row, as fp32.
-__device__ __forceinline__ void load_chunk(const float* __restrict__ row, int c, float (&x)[4]) {
-  const float4 v = __ldg(reinterpret_cast<const float4*>(row) + c);
-  x[0] = v.x;
-  x[1] = v.y;
-  x[2] = v.z;
-  x[3] = v.w;
-}
-
-__device__ __forceinline__ void load_chunk(const half_t* __restrict__ row, int c, float (&x)[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(row) + c);
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // little endian: element 2i is the low half of word i
-    x[2 * i] = half_bits_to_float(static_cast<unsigned short>(w[i] & 0xFFFFu));
-    x[2 * i + 1] = half_bits_to_float(static_cast<unsigned short>(w[i] >> 16));
-  }
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int c, float (&x)[Storage<T>::kPerChunk]) {
+  Storage<T>::unpack(Storage<T>::load(row, c), x);
 }
 
 // Chunk c of the shared-memory query (fp32), as V floats read with 16-byte loads.
@@ -93,6 +116,49 @@ __device__ __forceinline__ float team_distance(const float* __restrict__ q, cons
   return metric == kL2 ? acc : 1.0f - acc;
 }
 
+// team_distance with every load of a lane issued before its arithmetic: lane r of the team loads
+// chunks r, r + Team, ..., up to kLoadBatch of them, into registers, then converts and accumulates
+// them, so a lane keeps kLoadBatch 16-byte loads in flight instead of one (rows longer than
+// Team * kLoadBatch chunks take several such rounds).  The same chunks in the same order as
+// team_distance: the same sum, bit for bit.  Every lane of the warp must call it.
+constexpr int kLoadBatch = 2;
+
+template <typename T, int Team>
+__device__ __forceinline__ float team_distance_batched(const float* __restrict__ q, const T* __restrict__ row,
+                                                       int n_chunks, int metric) {
+  constexpr int V = Storage<T>::kPerChunk;
+  const int rank = threadIdx.x & (Team - 1);
+  float acc = 0.f;
+#pragma unroll 1  // one batch of loads in flight at a time: the register budget (search_fixed.cu)
+  for (int c0 = rank; c0 < n_chunks; c0 += Team * kLoadBatch) {
+    typename Storage<T>::Raw raw[kLoadBatch];
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      if (c0 + b * Team < n_chunks) raw[b] = Storage<T>::load(row, c0 + b * Team);
+    }
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int c = c0 + b * Team;
+      if (c >= n_chunks) break;
+      float x[V], y[V];
+      Storage<T>::unpack(raw[b], x);
+      load_query_chunk(q, c, y);
+      if (metric == kL2) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float d = y[i] - x[i];
+          acc = fmaf(d, d, acc);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc = fmaf(y[i], x[i], acc);
+      }
+    }
+  }
+  acc = team_sum<Team>(acc);
+  return metric == kL2 ? acc : 1.0f - acc;
+}
+
 // Copy query row `src` (fp32 [dim]) into shared `q` ([stride], zero padded) and, for cosine,
 // scale it by 1 / (|q| + 1e-30) as the C core does. Block-wide: all threads call it.
 // `scratch`: >= 32 floats of shared memory.
@@ -109,6 +175,17 @@ __device__ __forceinline__ void load_query(float* __restrict__ q, const float* _
     for (int i = threadIdx.x; i < dim; i += blockDim.x) q[i] *= inv;
   }
   __syncthreads();
+}
+
+// load_query, after checking the row: false (and nothing loaded) where it holds NaN or an infinity.
+// Block-wide: all threads call it and get the same answer.
+__device__ __forceinline__ bool load_query_checked(float* __restrict__ q, const float* __restrict__ src, int dim,
+                                                   int stride, int metric, float* scratch) {
+  int bad = 0;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) bad |= !(fabsf(src[i]) <= 3.402823466e38f);
+  if (__syncthreads_or(bad)) return false;
+  load_query(q, src, dim, stride, metric, scratch);
+  return true;
 }
 
 }  // namespace gpuhnsw

@@ -1,11 +1,12 @@
 // scatter.cu: the device mirror's sync: rows gathered on the host (one pinned staging buffer, one
-// copy) scattered into the device arrays by one kernel (gpuhnsw/_device.py).
+// copy) scattered into the device arrays by one kernel (gpuhnsw/device/mirror.py).
 //
-// Template parameter: T (float | gpuhnsw::half_t), the device storage of the vectors; fp32 rows
-// from the C core are converted (round to nearest even) and zero padded from dim_pad to stride.
+// Template parameter: T (float | gpuhnsw::half_t | gpuhnsw::bf16_t), the device storage of the
+// vectors; fp32 rows from the C core are converted (round to nearest even) and zero padded from
+// dim_pad to stride.
 // Launch: grid = (up to r + q), block = a multiple of 32 threads, no shared memory.
 //
-// Staging (device copy of the pinned buffer), each section 16-byte aligned (_device._Staging).
+// Staging (device copy of the pinned buffer), each section 16-byte aligned (mirror._Staging).
 // Full rows (new slots, changed vectors or labels):
 //
 //   slots   u32 [r]            destination slot of each row
@@ -33,6 +34,7 @@ namespace gpuhnsw {
 
 __device__ __forceinline__ void store_element(float* dst, float v) { *dst = v; }
 __device__ __forceinline__ void store_element(half_t* dst, float v) { dst->bits = float_to_half_bits(v); }
+__device__ __forceinline__ void store_element(bf16_t* dst, float v) { dst->bits = float_to_bf16_bits(v); }
 
 }  // namespace gpuhnsw
 

@@ -27,6 +27,11 @@ struct VisitedHash {
     for (int i = threadIdx.x; i < size(); i += blockDim.x) table[i] = kInvalidSlot;
   }
 
+  // Warp-wide: empty the table (one warp clears it while the other merges). The caller synchronises.
+  __device__ __forceinline__ void clear_warp() const {
+    for (int i = threadIdx.x & 31; i < size(); i += 32) table[i] = kInvalidSlot;
+  }
+
   // True when inserting `upcoming` more slots could take the table past half full.
   __device__ __forceinline__ bool needs_reset(int count, int upcoming) const {
     return count + upcoming > (size() >> 1);
@@ -40,6 +45,42 @@ struct VisitedHash {
       const slot_t prev = atomicCAS(&table[h], kInvalidSlot, s);
       if (prev == kInvalidSlot) return true;
       if (prev == s) return false;
+      h = (h + 1u) & mask;
+    }
+  }
+};
+
+// The visited set that the blocks of one query share (search_fixed.cu's multi-block mode): a table
+// in global memory, zeroed by the host before the launch, that no block can reset (another may be
+// reading it).  Word 0 counts the slots inserted; the table follows it, a slot s stored as s + 1 so
+// that zero means empty:
+//
+//   | count u32 | table u32[1 << log2_size] |
+//
+// The caller stops before an insertion batch that could take the count past half the table
+// (would_fill); several blocks may pass that check together, so the launch sizes the table with
+// room for each block's batch beyond the half (search_fixed.cu), and it never fills up.
+struct GlobalVisited {
+  unsigned* count;  // global memory, then the table
+  int log2_size;
+
+  __device__ __forceinline__ unsigned* table() const { return count + 1; }
+
+  __device__ __forceinline__ bool would_fill(int upcoming) const {
+    return static_cast<long long>(atomicAdd(count, 0u)) + upcoming > (1ll << (log2_size - 1));
+  }
+
+  // Insert s (< 2^31 - 1); true if it was not there (then counted).
+  __device__ __forceinline__ bool insert(slot_t s) const {
+    const unsigned mask = (1u << log2_size) - 1u;
+    unsigned h = (s * 0x9E3779B1u) >> (32 - log2_size);
+    while (true) {
+      const unsigned prev = atomicCAS(&table()[h], 0u, s + 1u);
+      if (prev == 0u) {
+        atomicAdd(count, 1u);
+        return true;
+      }
+      if (prev == s + 1u) return false;
       h = (h + 1u) & mask;
     }
   }

@@ -37,6 +37,7 @@ using std::max;
 using std::min;
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs(x); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
@@ -89,6 +90,13 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
   if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
   return emu_shfl(v, src);
 }
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src_lane) { return emu_shfl(v, src_lane & 31); }
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta) {
+  const int lane = threadIdx.x & 31;
+  return emu_shfl(v, lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+}
 inline unsigned __ballot_sync(unsigned, bool p) {
   const int base = emu_warp() * 32;
   g_block->xch[threadIdx.x] = p ? 1 : 0;
@@ -104,6 +112,25 @@ inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned val) {
   return cmp;
 }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
+inline int atomicMax(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int cur = a.load();
+  while (cur < v && !a.compare_exchange_weak(cur, v)) {
+  }
+  return cur;
+}
+// __syncthreads that also returns whether `p` was non-zero in any thread of the block.
+std::atomic<int> g_sync_or{0};
+inline int __syncthreads_or(int p) {
+  __syncthreads();                       // everyone past the previous use of g_sync_or
+  if (threadIdx.x == 0) g_sync_or = 0;
+  __syncthreads();
+  if (p) g_sync_or = 1;
+  __syncthreads();
+  return g_sync_or.load();
+}
 
 // Run fn() as a grid of (grid, block) threads, block after block.
 inline void emu_launch(unsigned grid, unsigned block, const std::function<void()>& fn) {

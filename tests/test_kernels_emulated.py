@@ -27,6 +27,8 @@ import pytest
 import gpuhnsw
 from gpuhnsw.device import kernels, launch
 from gpuhnsw._reference import ReferenceGraph, beam_search_reference, normalize_queries
+from gpuhnsw._reference_fixed import COUNTS, STATUS_BAD_QUERY, fixed_search_reference
+from gpuhnsw.device.arrays import bf16_bits, bf16_values
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_emulation.h"
@@ -95,6 +97,66 @@ int main(int, char** argv) {
   emu_launch(grid, block, [&] { search_beam_kernel<STORAGE, TEAM, CAP>(a); });
   wr(d + "/out_slots.bin", o_slots); wr(d + "/out_dists.bin", o_dists); wr(d + "/out_labels.bin", o_labels);
   wr(d + "/out_found.bin", o_found); wr(d + "/out_status.bin", o_status);
+}
+''',
+    "search_fixed": r'''
+int main(int, char** argv) {
+  std::string d = argv[1];
+  auto P = rd<long long>(d + "/params.bin");
+  int use_deleted = P[0], use_filter = P[1], grid = P[2], use_counts = P[3], ws_words = P[4];
+  auto raw = rd<unsigned char>(d + "/args.bin");  // gpuhnsw.device.launch.SEARCH_FIXED_ARGS, pointers 0
+  if (raw.size() != sizeof(gpuhnsw::SearchFixedArgs) + 1) { std::fprintf(stderr, "SearchFixedArgs size\n"); return 4; }
+  gpuhnsw::SearchFixedArgs a;
+  std::memcpy(&a, raw.data(), sizeof a);
+  auto vec = rd<STORAGE>(d + "/vectors.bin");
+  auto graph = rd<unsigned>(d + "/graph.bin");
+  auto ustart = rd<unsigned>(d + "/upper_start.bin");
+  auto ulinks = rd<unsigned>(d + "/upper_links.bin");
+  auto levels = rd<unsigned char>(d + "/levels.bin");
+  auto labels = rd<unsigned long long>(d + "/labels.bin");
+  auto deleted = rd<unsigned>(d + "/deleted.bin");
+  auto filter = rd<unsigned>(d + "/filter.bin");
+  auto queries = rd<float>(d + "/queries.bin");
+  int nq = a.nq, width = a.blocks * a.k;
+  std::vector<unsigned> o_slots(std::max(1, nq * width), 0xDEADBEEFu);
+  std::vector<float> o_dists(std::max(1, nq * width), -1.f);
+  std::vector<unsigned long long> o_labels(std::max(1, nq * a.k), 0xDEADBEEFull);
+  std::vector<int> o_found(nq, -7), o_status(nq, -7), o_counts(4 * std::max(1, nq), 0);
+  std::vector<unsigned> ws(std::max(1, nq * ws_words), 0u);
+  a.vectors = vec.data(); a.graph = graph.data(); a.upper_start = ustart.data(); a.upper_links = ulinks.data();
+  a.levels = levels.data(); a.labels = labels.data(); a.deleted_bits = use_deleted ? deleted.data() : nullptr;
+  a.queries = queries.data(); a.filter_bits = use_filter ? filter.data() : nullptr;
+  a.workspace = a.blocks > 1 ? ws.data() : nullptr;
+  a.out_slots = o_slots.data(); a.out_dists = o_dists.data(); a.out_labels = o_labels.data();
+  a.out_found = o_found.data(); a.out_status = o_status.data(); a.out_counts = use_counts ? o_counts.data() : nullptr;
+  emu_launch(grid, 64, [&] { search_fixed_kernel<STORAGE, TEAM, CAP>(a); });
+  wr(d + "/out_slots.bin", o_slots); wr(d + "/out_dists.bin", o_dists); wr(d + "/out_labels.bin", o_labels);
+  wr(d + "/out_found.bin", o_found); wr(d + "/out_status.bin", o_status); wr(d + "/out_counts.bin", o_counts);
+  wr(d + "/workspace.bin", ws);
+}
+''',
+    "merge": r'''
+int main(int, char** argv) {
+  std::string d = argv[1];
+  auto P = rd<long long>(d + "/params.bin");
+  int tile_ld = P[0], nq = P[1], k = P[2], grid = P[3], block = P[4];
+  long long ws_ld = P[5];
+  auto columns = rd<long long>(d + "/columns.bin");
+  auto tile_slots = rd<unsigned>(d + "/tile_slots.bin");
+  auto labels = rd<unsigned long long>(d + "/labels.bin");
+  auto ws = rd<unsigned>(d + "/workspace.bin");
+  auto dists = rd<float>(d + "/dists.bin");
+  auto found = rd<int>(d + "/found.bin");
+  std::vector<unsigned> slots((size_t)nq * k);
+  std::vector<unsigned long long> lab((size_t)nq * k);
+  std::vector<int> status(nq);
+  emu_launch(grid, block, [&] {
+    gather_merged_kernel(columns.data(), tile_slots.data(), tile_ld, labels.data(), ws.data(), ws_ld, nq, k,
+                         dists.data(), slots.data(), lab.data(), found.data(), status.data());
+  });
+  dists.resize((size_t)nq * k); found.resize(nq);
+  wr(d + "/out_slots.bin", slots); wr(d + "/out_labels.bin", lab); wr(d + "/out_dists.bin", dists);
+  wr(d + "/out_found.bin", found); wr(d + "/out_status.bin", status);
 }
 ''',
     "distance": r'''
@@ -166,7 +228,7 @@ int main(int, char** argv) {
 ''',
 }
 
-STORAGE_CXX = {"float32": "float", "float16": "gpuhnsw::half_t"}
+STORAGE_CXX = kernels.STORAGE_TYPES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,16 +329,18 @@ def run_search(emulator, state, queries, k, ef, *, storage="float32", width=1, a
     return out, cap
 
 
-def test_search_args_dtype_matches_the_struct(emulator):
-    """launch.SEARCH_ARGS has gpuhnsw::SearchArgs' size and each field's offset and size, as g++
-    lays out the struct (x86-64; CUDA lays out a struct as its host compiler does, and
-    test_kernels_nvrtc.py checks the sizes as NVRTC sees them)."""
+@pytest.mark.parametrize("module, struct, dtype", [("search", "SearchArgs", launch.SEARCH_ARGS),
+                                                  ("search_fixed", "SearchFixedArgs", launch.SEARCH_FIXED_ARGS)])
+def test_search_args_dtype_matches_the_struct(emulator, module, struct, dtype):
+    """launch.SEARCH_ARGS (SEARCH_FIXED_ARGS) has gpuhnsw::SearchArgs' (SearchFixedArgs') size and
+    each field's offset and size, as g++ lays out the struct (x86-64; CUDA lays out a struct as its
+    host compiler does, and test_kernels_nvrtc.py checks the sizes as NVRTC sees them)."""
     build, _ = emulator
-    dtype = launch.SEARCH_ARGS
-    lines = ['  std::printf("%zu\\n", sizeof(gpuhnsw::SearchArgs));']
-    lines += [f'  std::printf("%zu %zu\\n", offsetof(gpuhnsw::SearchArgs, {name}), sizeof(gpuhnsw::SearchArgs::{name}));'
+    struct = f"gpuhnsw::{struct}"
+    lines = [f'  std::printf("%zu\\n", sizeof({struct}));']
+    lines += [f'  std::printf("%zu %zu\\n", offsetof({struct}, {name}), sizeof({struct}::{name}));'
               for name in dtype.names]
-    exe = build("search", main="int main() {\n" + "\n".join(lines) + "\n}\n", STORAGE="float", TEAM=4, CAP=32)
+    exe = build(module, main="int main() {\n" + "\n".join(lines) + "\n}\n", STORAGE="float", TEAM=8, CAP=32)
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
     assert int(out[0]) == dtype.itemsize
     for name, line in zip(dtype.names, out[1:]):
@@ -433,29 +497,235 @@ def test_search_empty_index(emulator):
 
 
 # ---------------------------------------------------------------------------------------------
+# search_fixed_kernel (and, for several blocks per query, select_topk_kernel + gather_merged_kernel)
+
+def stored_rows(vectors, storage):
+    """float32 rows [n, dim] as the mirror stores them ([n, stride] of the storage dtype) and the
+    float32 values those hold (what the reference must search)."""
+    n, dim = vectors.shape
+    stride = launch.row_stride(dim, storage)
+    rows = np.zeros((n, stride), np.float32)
+    rows[:, :dim] = vectors
+    if storage == "float16":
+        rows = rows.astype(np.float16)
+        return rows, rows[:, :dim].astype(np.float32)
+    if storage == "bfloat16":
+        rows = bf16_bits(rows)
+        return rows, bf16_values(rows[:, :dim])
+    return rows, vectors
+
+
+def run_fixed(emulator, state, queries, k, ef, *, storage="float16", width=1, allowed=None, blocks=1, graph=None,
+              hash_log2=None, global_log2=None, grid=None, counts=True):
+    """search_fixed_kernel on `state` (the mirror's layout), its arguments as the bytes of
+    launch.SEARCH_FIXED_ARGS, then with blocks > 1 the tile through select_topk_kernel and
+    gather_merged_kernel.  Returns (outputs, reference): the reference on the same stored values,
+    with the kernel's hash / table sizes."""
+    build, run = emulator
+    g = ReferenceGraph(state)
+    graph = np.ascontiguousarray(g.links0 if graph is None else graph, np.uint32)
+    rows, values = stored_rows(g.vectors, storage)
+    beam = launch.fixed_block_beam(max(ef, k), k, blocks)
+    cap = launch.fixed_capacity(beam)
+    degree = graph.shape[1]
+    if blocks == 1:
+        hash_log2 = hash_log2 or launch.fixed_hash_log2(beam, k, width, degree, min_log2=5)
+        global_log2 = 0
+    else:
+        hash_log2, global_log2 = 0, global_log2 or launch.fixed_global_log2(blocks, width, degree, min_log2=12)
+    upper_start = np.full(g.n, INVALID, np.uint32)
+    upper_start[g.levels > 0] = g.upper_start[g.levels > 0]
+    nq = len(queries)
+    args = np.zeros(1, launch.SEARCH_FIXED_ARGS)
+    for name, value in dict(filter_stride=0, stride=rows.shape[1], metric=kernels.METRICS[g.space], degree=degree,
+                            m=g.M, n_slots=g.n, entry_point=g.entry_point, max_level=g.max_level, nq=nq, dim=g.dim,
+                            k=k, beam=beam, search_width=width, hash_log2=hash_log2, blocks=blocks,
+                            global_log2=global_log2).items():
+        args[name] = value
+    exe = build("search_fixed", STORAGE=STORAGE_CXX[storage], TEAM=launch.fixed_team_size(g.dim, storage), CAP=cap)
+    ws_words = launch.workspace_words(global_log2) if blocks > 1 else 1
+    grid = grid or nq * blocks
+    out = run(exe, {"out_slots": np.uint32, "out_dists": np.float32, "out_labels": np.uint64, "out_found": np.int32,
+                    "out_status": np.int32, "out_counts": np.int32, "workspace": np.uint32},
+              params=np.array([int(g.deleted.any()), int(allowed is not None), grid, int(counts), ws_words], np.int64),
+              args=args, vectors=rows, graph=graph, upper_start=upper_start,
+              upper_links=np.concatenate([g.upper, np.zeros(1, np.uint32)]), levels=g.levels, labels=g.labels,
+              deleted=bitset(g.deleted), filter=bitset(allowed) if allowed is not None else np.zeros(1, np.uint32),
+              queries=np.asarray(queries, np.float32))
+    out["out_counts"] = out["out_counts"][:4 * nq].reshape(nq, 4)
+    if blocks == 1:
+        for name in ("out_slots", "out_dists", "out_labels"):
+            out[name] = out[name][:nq * k].reshape(nq, k)
+    else:
+        tile_d = out["out_dists"][:nq * blocks * k].reshape(nq, blocks * k)
+        tile_s = out["out_slots"][:nq * blocks * k].reshape(nq, blocks * k)
+        n = blocks * k
+        topk = run(build("topk", CAP=launch.topk_capacity(k)), {"out_d": np.float32, "out_i": np.int64},
+                   params=np.array([n, n, nq, 0, k, 64, 2, 0, 0, 0], np.int64), dists=tile_d,
+                   fparams=np.array([1.0, 0.0], np.float32), bias=np.zeros(1, np.float32),
+                   exclude=np.zeros(1, np.int64), prev_d=np.zeros(1, np.float32), prev_i=np.zeros(1, np.int64))
+        merged = run(build("merge"), {"out_slots": np.uint32, "out_labels": np.uint64, "out_dists": np.float32,
+                                      "out_found": np.int32, "out_status": np.int32},
+                     params=np.array([n, nq, k, 2, 64, ws_words], np.int64), columns=topk["out_i"][:nq * k],
+                     tile_slots=tile_s, labels=g.labels, workspace=out["workspace"][:nq * ws_words],
+                     dists=topk["out_d"][:nq * k], found=out["out_found"][:nq])
+        out.update({name: merged[name][:nq * k].reshape(nq, k) for name in ("out_slots", "out_labels", "out_dists")})
+        out["out_found"], out["out_status"] = merged["out_found"][:nq], merged["out_status"][:nq]
+    rounded = dict(state, vectors=np.ascontiguousarray(values).tobytes())
+    ref = fixed_search_reference(rounded, queries, k, beam, search_width=width, allowed=allowed, graph=graph,
+                                 hash_log2=hash_log2 if blocks == 1 else None, blocks=blocks,
+                                 global_log2=global_log2 if blocks > 1 else None, return_counts=True)
+    return out, ref
+
+
+def assert_fixed_matches(out, ref, labels, *, min_same=0.99, counts=True):
+    slots, dists, found, status, ref_counts = ref
+    assert_matches(out, (slots, dists, found), labels, min_same)
+    np.testing.assert_array_equal(out["out_status"], status)
+    if counts:   # the kernel's debug counters: the same work, step for step
+        same = np.all(out["out_counts"] == ref_counts, axis=1)
+        assert same.mean() >= min_same, (f"counters equal for {same.mean():.3f} of the queries; first differing "
+                                         f"{COUNTS}: kernel {out['out_counts'][~same][:3]}, "
+                                         f"reference {ref_counts[~same][:3]}")
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_fixed_beam(emulator, sift, width):
+    """One block per query, fp16 rows, a hash small enough to be reset: the reference's slots,
+    distances, found, status and work counters; at width 1 (and an exact visited set in the
+    reference: tests/test_reference_fixed.py) that is the C search."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    out, ref = run_fixed(emulator, state, queries, 10, 20, width=width)
+    assert np.all(out["out_status"] == 0)
+    assert_fixed_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_fixed_storages(emulator, sift, storage):
+    index, _, queries = sift
+    state = index._core.export_state()
+    out, ref = run_fixed(emulator, state, queries, 10, 40, storage=storage, width=2, grid=5)
+    assert_fixed_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_fixed_filtered(emulator, sift, width):
+    """A filter: traversed like any other slot, the results the best allowed ones seen."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    labels = np.frombuffer(state["labels"], np.uint64)
+    allowed = labels % 3 == 0
+    out, ref = run_fixed(emulator, state, queries, 10, 30, width=width, allowed=allowed)
+    assert_fixed_matches(out, ref, labels)
+    assert np.all(allowed[out["out_slots"][out["out_slots"] != INVALID]])
+
+
+@pytest.mark.parametrize("space", ["cosine", "ip"])
+def test_fixed_deleted_and_metrics(emulator, minilm, space):
+    """Deletions: the same path as without (deleted slots stay waypoints), never returned."""
+    base, queries = minilm
+    index = build_index(space, base, 6)
+    for label in range(0, len(base), 7):
+        index.mark_deleted(label)
+    state = index._core.export_state()
+    out, ref = run_fixed(emulator, state, queries, 10, 30, width=2)
+    assert_fixed_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+    assert np.all(out["out_labels"][out["out_found"] > 0] % 7 != 0)
+
+
+@pytest.mark.parametrize("blocks, width", [(2, 1), (4, 2), (8, 1)])
+def test_fixed_multi_block(emulator, sift, blocks, width):
+    """Several blocks per query over one visited table in global memory, merged by
+    select_topk_kernel and gather_merged_kernel; the blocks run one after another here, as in the
+    reference (on a GPU they interleave)."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    labels = np.frombuffer(state["labels"], np.uint64)
+    out, ref = run_fixed(emulator, state, queries, 10, 40, blocks=blocks, width=width)
+    assert_fixed_matches(out, ref, labels)
+    allowed = labels % 4 != 1
+    out, ref = run_fixed(emulator, state, queries, 10, 40, blocks=blocks, width=width, allowed=allowed)
+    assert_fixed_matches(out, ref, labels)
+
+
+def test_fixed_multi_block_table_full(emulator, sift):
+    """A shared table too small for the search: blocks stop, the status says so, what they found
+    is still a valid (sorted, distinct) answer."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    out, ref = run_fixed(emulator, state, queries[:4], 10, 40, blocks=2, width=1, global_log2=8)
+    assert np.all(out["out_status"] == 1)
+    assert_fixed_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+
+
+def test_fixed_search_graph_of_any_degree(emulator, sift, rng):
+    """Any fixed-degree [n, D] adjacency (the search graph of issue 18, D up to 64): here level 0
+    with its reverse edges added, padded to 48 columns, rows rotated so that padding sits anywhere."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    g = ReferenceGraph(state)
+    extra = [[] for _ in range(g.n)]
+    for s in range(g.n):
+        for t in g.neighbors(s, 0).tolist():
+            extra[t].append(s)
+    graph = np.full((g.n, 48), INVALID, np.uint32)
+    for s in range(g.n):
+        row = list(dict.fromkeys(g.neighbors(s, 0).tolist() + extra[s]))[:48]
+        graph[s, :len(row)] = row
+        graph[s] = np.roll(graph[s], int(rng.integers(0, 48)))
+    out, ref = run_fixed(emulator, state, queries, 10, 20, width=2, graph=graph)
+    assert_fixed_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+
+
+def test_fixed_bad_queries_and_empty_index(emulator, sift):
+    """NaN or an infinity in a query: not searched, status bit 4, found 0, outputs padded; the
+    other queries of the batch are answered. An empty index: nothing found."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    q = np.array(queries[:5])
+    q[1, 3], q[3, 0] = np.nan, -np.inf
+    for blocks in (1, 2):
+        out, ref = run_fixed(emulator, state, q, 10, 20, blocks=blocks)
+        assert out["out_status"].tolist() == [0, STATUS_BAD_QUERY, 0, STATUS_BAD_QUERY, 0]
+        assert np.all(out["out_found"][[1, 3]] == 0) and np.all(out["out_slots"][[1, 3]] == INVALID)
+        assert np.all(np.isinf(out["out_dists"][[1, 3]]))
+        assert_fixed_matches(out, ref, np.frombuffer(state["labels"], np.uint64))
+    empty = gpuhnsw.Index("l2", 8)
+    empty.init_index(10)
+    out, _ = run_fixed(emulator, empty._core.export_state(), np.zeros((3, 8), np.float32), 4, 4)
+    assert np.all(out["out_found"] == 0) and np.all(out["out_slots"] == INVALID)
+    assert np.all(out["out_labels"] == np.uint64(2**64 - 1)) and np.all(out["out_status"] == 0)
+
+
+def test_fixed_rejects_a_bad_launch(emulator, sift):
+    """A launch configuration that breaks an invariant (a hash too small for one iteration) gives
+    found = -1 for every query instead of a hang."""
+    index, _, queries = sift
+    state = index._core.export_state()
+    out, _ = run_fixed(emulator, state, queries[:3], 10, 20, width=4, hash_log2=6)
+    assert np.all(out["out_found"] == -1)
+
+
+# ---------------------------------------------------------------------------------------------
 # distances, top-k, scatter
 
 @pytest.mark.parametrize("storage, space, dim", [("float32", "l2", 37), ("float32", "ip", 128),
                                                  ("float16", "cosine", 50), ("float16", "l2", 8),
-                                                 ("float32", "cosine", 300)])
+                                                 ("float32", "cosine", 300), ("bfloat16", "l2", 100)])
 def test_compute_distances(emulator, rng, storage, space, dim):
     build, run = emulator
     n, nq, c = 200, 5, 70
     x = rng.standard_normal((n, dim)).astype(np.float32)
     if space == "cosine":
         x = normalize_queries(x)
-    stride = launch.row_stride(dim, storage)
-    vec = np.zeros((n, stride), np.float32)
-    vec[:, :dim] = x
-    if storage == "float16":
-        vec = vec.astype(np.float16)
-        x = vec[:, :dim].astype(np.float32)
+    vec, x = stored_rows(x, storage)
     q = rng.standard_normal((nq, dim)).astype(np.float32)
     slots = rng.integers(0, n, (nq, c)).astype(np.uint32)
     slots[0, 3] = INVALID
     slots[1, 5] = n + 7
     exe = build("distance", STORAGE=STORAGE_CXX[storage], TEAM=launch.team_size(dim, storage))
-    params = [stride, kernels.METRICS[space], n, nq, dim, c, 64, 2]
+    params = [vec.shape[1], kernels.METRICS[space], n, nq, dim, c, 64, 2]
     out = run(exe, {"out": np.float32}, params=np.array(params, np.int64), vectors=vec, queries=q,
               slots=slots)["out"].reshape(nq, c)
     qq = normalize_queries(q) if space == "cosine" else q
@@ -518,7 +788,7 @@ def test_select_topk(emulator, rng, n, k, block):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
 def test_scatter_rows(emulator, rng, storage):
     """Full rows, and link rows that ship their whole list (start 0) or only their last entries."""
     build, run = emulator
@@ -540,14 +810,14 @@ def test_scatter_rows(emulator, rng, storage):
     lpacked = want[~kept & (col < ldegree[:, None])]                    # row by row
     counts = (ldegree - lstart).astype(np.int64)
     lfirst = (np.cumsum(counts) - counts).astype(np.uint32)
-    dtype = np.float32 if storage == "float32" else np.float16
+    dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[storage]
     exe = build("scatter", STORAGE=STORAGE_CXX[storage])
     out = run(exe, {"vectors": dtype, "links0": np.uint32, "degree0": np.uint32, "labels": np.uint64},
               params=np.array([r, m0, dim_pad, stride, cap, 64, 7, q], np.int64), slots=slots, degree=degree,
               labels=labels, links=links, rows=rows, lslots=lslots, ldegree=ldegree, lstart=lstart, lfirst=lfirst,
               lpacked=lpacked, links0_before=before)
     vec = out["vectors"].reshape(cap, stride)
-    np.testing.assert_array_equal(vec[slots, :dim_pad], rows.astype(dtype))
+    np.testing.assert_array_equal(vec[slots, :dim_pad], stored_rows(rows, storage)[0][:, :dim_pad])
     assert np.all(vec[slots, dim_pad:] == 0)
     links0 = out["links0"].reshape(cap, m0)
     np.testing.assert_array_equal(links0[slots], links)

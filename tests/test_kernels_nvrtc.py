@@ -49,15 +49,19 @@ def test_every_module_has_a_source_and_instantiations():
         assert one.startswith("#define GPUHNSW_INSTANCE ") and one.endswith(src)
         assert f"#define GPUHNSW_MAX_THREADS {kernels.block_size(name, found[-1])}\n" in one
     assert len(kernels.instances("search")) == 2 * 4 * 5
-    assert len(kernels.instances("distance")) == 2 * 4
+    assert len(kernels.instances("search_fixed")) == 3 * 3 * 4
+    assert len(kernels.instances("distance")) == 3 * 4
     assert len(kernels.instances("topk")) == 6
-    assert len(kernels.instances("scatter")) == 2
+    assert len(kernels.instances("merge")) == 1
+    assert len(kernels.instances("scatter")) == 3
     with pytest.raises(ValueError):
         kernels.kernel_source("nope")
     with pytest.raises(ValueError):
         kernels.instances("nope")
     with pytest.raises(ValueError):
         kernels.instance_source("search", ("float32", 32, 96))
+    with pytest.raises(ValueError):   # bfloat16 rows: search_fixed_kernel only
+        kernels.instance_source("search", ("bfloat16", 32, 64))
 
 
 @pytest.mark.parametrize("name", sorted(kernels.MODULES))
@@ -124,6 +128,41 @@ def test_launch_arithmetic():
     assert launch.search_launch(4096, "float32", 64, 128, 512, 32, True, lambda inst: 8480, 48 * 1024) is None
 
 
+def test_fixed_launch_arithmetic():
+    # a lane loads at most LOAD_BATCH 16-byte chunks a round: 128 fp16 dims (16 chunks) -> 8 lanes
+    assert launch.fixed_team_size(128, "float16") == 8 and launch.fixed_team_size(128, "float32") == 16
+    assert launch.fixed_team_size(384, "float16") == 32 and launch.fixed_team_size(8, "bfloat16") == 8
+    assert launch.fixed_capacity(10) == 32 and launch.fixed_capacity(256) == 256 and launch.fixed_capacity(257) is None
+    log2 = launch.fixed_hash_log2(64, 10, 4, 32)
+    assert log2 == 10 and (1 << (log2 - 1)) >= 64 + 10 + 4 * 32
+    assert (1 << (launch.fixed_hash_log2(256, 100, 8, 64, 5) - 1)) >= 256 + 100 + 8 * 64
+    g = launch.fixed_global_log2(8, 8, 64, 5)
+    assert (1 << (g - 1)) >= 8 * 8 * 64 + 64 + 1 and launch.workspace_words(g) == 2 + (1 << g)
+    # one block per query once the batch fills twice the multiprocessors, up to 8 for small batches
+    assert [launch.fixed_blocks(n, 132) for n in (1, 33, 66, 132, 264, 10_000)] == [8, 8, 4, 2, 1, 1]
+    assert launch.fixed_block_beam(64, 10, 1) == 64 and launch.fixed_block_beam(64, 10, 4) == 32
+    assert launch.fixed_block_beam(40, 10, 8) == 10
+    # 128 fp16 dims, M0 32, width 4, beam 64: query + 5 * 128 words + a 1024-slot hash
+    one = launch.fixed_launch(128, "float16", 32, 10, 64, 4, 1, lambda inst: 2288, 48 * 1024)
+    assert one == launch.FixedLaunch(("float16", 8, 64), 1, 64, 10, 0, 4 * (128 + 5 * 128 + 1024))
+    four = launch.fixed_launch(128, "float16", 32, 10, 64, 4, 4, lambda inst: 1264, 48 * 1024)
+    assert four.blocks == 4 and four.beam == 32 and four.instance[2] == 32 and four.hash_log2 == 0
+    assert four.shared_bytes == 4 * (128 + 5 * 128) and four.global_log2 == 15
+    assert launch.fixed_launch(128, "float16", 32, 10, 300, 1, 1, lambda inst: 0, 1 << 20) is None   # beam
+    assert launch.fixed_launch(128, "float16", 65, 10, 64, 1, 1, lambda inst: 0, 1 << 20) is None    # degree
+    assert launch.fixed_launch(128, "float16", 32, 10, 64, 9, 1, lambda inst: 0, 1 << 20) is None    # width
+
+
+def test_search_kernel_switch(monkeypatch):
+    monkeypatch.delenv("GHNSW_SEARCH_KERNEL", raising=False)
+    assert launch.search_kernel("float16") == "beam" and launch.search_kernel("bfloat16") == "fixed"
+    monkeypatch.setenv("GHNSW_SEARCH_KERNEL", "fixed")
+    assert launch.search_kernel("float32") == "fixed"
+    monkeypatch.setenv("GHNSW_SEARCH_KERNEL", "fast")
+    with pytest.raises(ValueError, match="GHNSW_SEARCH_KERNEL"):
+        launch.search_kernel("float32")
+
+
 def test_option_list_says_what_runs():
     """Every ``-name=value`` option of ours survives CuPy's additions unchanged (CuPy appends
     ``-ftz=true``: an ``-ftz=false`` of ours would be silently overridden)."""
@@ -138,26 +177,15 @@ def test_option_list_says_what_runs():
         assert seen["ftz"] == "true" and seen["fmad"] == "true" and seen["arch"] == arch
 
 
-def test_search_args_dtype_is_the_cuda_struct():
-    """launch.SEARCH_ARGS, the bytes CuPy hands search_beam_kernel, matches gpuhnsw::SearchArgs as
-    NVRTC lays it out: the struct's size and every field's size, static_asserts compiled with the
-    kernel's own program.  With no padding on either side (the NumPy fields abut, and the struct's
-    size is the sum of its fields'), equal sizes in the same order are equal offsets; the order (and
-    each offset) is checked against g++'s offsetof in test_kernels_emulated.py (NVRTC has no
-    offsetof)."""
+def _compiles_with(module, checks):
+    """Compile the first instantiation of `module` with `checks` (static_asserts) appended, for
+    every architecture; assert it compiles."""
     nvrtc = kernels.nvrtc_module()
     if nvrtc is None:
         pytest.skip("NVRTC not available: pip install 'gpuhnsw[nvrtc]' (cuda-python + nvidia-cuda-nvrtc)")
-    dtype = launch.SEARCH_ARGS
-    fields = sorted(dtype.fields.items(), key=lambda item: item[1][1])
-    assert [offset for _, (_, offset) in fields] == list(np.cumsum([0] + [f.itemsize for _, (f, _) in fields]))[:-1]
-    assert sum(f.itemsize for _, (f, _) in fields) == dtype.itemsize
-    checks = [f"static_assert(sizeof(gpuhnsw::SearchArgs) == {dtype.itemsize}, \"size\");"]
-    checks += [f"static_assert(sizeof(gpuhnsw::SearchArgs::{name}) == {field.itemsize}, \"{name}\");"
-               for name, (field, _) in fields]
-    src = (kernels.instance_source("search", kernels.instances("search")[0]) + "\n".join(checks) + "\n").encode()
+    src = (kernels.instance_source(module, kernels.instances(module)[0]) + "\n".join(checks) + "\n").encode()
     for arch in ARCHS:
-        err, prog = nvrtc.nvrtcCreateProgram(src, b"search.cu", 0, [], [])
+        err, prog = nvrtc.nvrtcCreateProgram(src, kernels.MODULES[module][0].encode(), 0, [], [])
         assert int(err) == 0
         try:
             opts = [o.encode() for o in kernels.nvrtc_options(arch)]
@@ -171,11 +199,42 @@ def test_search_args_dtype_is_the_cuda_struct():
         assert int(err) == 0, bytes(log).decode(errors="replace")
 
 
+def _struct_checks(struct, dtype):
+    """static_asserts of a struct's size and every field's size; with no padding on either side (the
+    NumPy fields abut, and the struct's size is the sum of its fields'), equal sizes in the same
+    order are equal offsets; the order (and each offset) is checked against g++'s offsetof in
+    test_kernels_emulated.py (NVRTC has no offsetof)."""
+    fields = sorted(dtype.fields.items(), key=lambda item: item[1][1])
+    assert [offset for _, (_, offset) in fields] == list(np.cumsum([0] + [f.itemsize for _, (f, _) in fields]))[:-1]
+    assert sum(f.itemsize for _, (f, _) in fields) == dtype.itemsize
+    checks = [f"static_assert(sizeof({struct}) == {dtype.itemsize}, \"size\");"]
+    return checks + [f"static_assert(sizeof({struct}::{name}) == {field.itemsize}, \"{name}\");"
+                     for name, (field, _) in fields]
+
+
+def test_search_args_dtype_is_the_cuda_struct():
+    """launch.SEARCH_ARGS, the bytes CuPy hands search_beam_kernel, matches gpuhnsw::SearchArgs as
+    NVRTC lays it out: the struct's size and every field's size, static_asserts compiled with the
+    kernel's own program."""
+    _compiles_with("search", _struct_checks("gpuhnsw::SearchArgs", launch.SEARCH_ARGS))
+
+
+def test_search_fixed_args_and_constants_are_the_kernels():
+    """launch.SEARCH_FIXED_ARGS matches gpuhnsw::SearchFixedArgs as NVRTC lays it out, and the
+    launch arithmetic's constants are the kernel's (kLoadBatch, kMaxWidth, kMaxDegree, kFixedBlock)."""
+    checks = _struct_checks("gpuhnsw::SearchFixedArgs", launch.SEARCH_FIXED_ARGS)
+    checks += [f"static_assert(gpuhnsw::kLoadBatch == {launch.LOAD_BATCH}, \"kLoadBatch\");",
+               f"static_assert(gpuhnsw::kMaxWidth == {launch.MAX_FIXED_WIDTH}, \"kMaxWidth\");",
+               f"static_assert(gpuhnsw::kMaxDegree == {launch.MAX_FIXED_DEGREE}, \"kMaxDegree\");",
+               f"static_assert(gpuhnsw::kFixedBlock == {kernels.FIXED_BLOCK}, \"kFixedBlock\");"]
+    _compiles_with("search_fixed", checks)
+
+
 # ---------------------------------------------------------------------------------------------
 # every instantiation through NVRTC + ptxas, once per session
 
-_PTXAS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers(?:.*?(\d+) bytes smem)?",
-                    re.S)
+_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) "
+                    r"registers(?:.*?(\d+) bytes smem)?", re.S)
 
 
 def _compile(job):
@@ -186,8 +245,8 @@ def _compile(job):
 
 @pytest.fixture(scope="session")
 def compiled():
-    """{(module, instance, arch): (ok, log, usage)}, usage = {"spill": bytes stored + loaded,
-    "registers": n, "smem": static shared bytes} from ptxas -v. Compiled in worker processes
+    """{(module, instance, arch): (ok, log, usage)}, usage = {"stack": stack frame bytes, "spill":
+    bytes stored + loaded, "registers": n, "smem": static shared bytes} from ptxas -v. Compiled in worker processes
     (NVRTC holds the GIL)."""
     if kernels.nvrtc_module() is None:
         pytest.skip("NVRTC not available: pip install 'gpuhnsw[nvrtc]' (cuda-python + nvidia-cuda-nvrtc)")
@@ -197,8 +256,8 @@ def compiled():
     out = {}
     for job, ok, log in results:
         m = _PTXAS.search(log)
-        usage = None if m is None else {"spill": int(m.group(1)) + int(m.group(2)), "registers": int(m.group(3)),
-                                        "smem": int(m.group(4) or 0)}
+        usage = None if m is None else {"stack": int(m.group(1)), "spill": int(m.group(2)) + int(m.group(3)),
+                                        "registers": int(m.group(4)), "smem": int(m.group(5) or 0)}
         out[job] = (ok, log, usage)
     return out
 
@@ -220,8 +279,10 @@ def test_no_spills_and_launchable_registers(compiled, arch):
         if a != arch:
             continue
         assert usage["spill"] == 0, f"{name} {inst} spills on {arch}:\n{log}"
-        assert usage["registers"] <= kernels.MAX_REGISTERS, (name, inst, arch, usage)
+        assert usage["registers"] <= kernels.max_registers(name), (name, inst, arch, usage)
         assert usage["registers"] * kernels.block_size(name, inst) <= REGISTERS_PER_BLOCK, (name, inst, arch)
+        if name == "search_fixed":   # its register lists stay in registers (warp_sort.cuh): no local memory
+            assert usage["stack"] == 0, f"{name} {inst} uses a stack frame on {arch}:\n{log}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -234,7 +295,7 @@ def test_every_launch_fits(compiled, arch):
         return compiled[(name, tuple(inst), arch)][2]["smem"]
 
     refused = []
-    for storage in kernels.STORAGE_TYPES:
+    for storage in kernels.BEAM_STORAGES:
         for dim in (1, 4, 16, 100, 128, 384, 768, 784, 960, 1024, 1536, 2048, 4096, 8192):
             for m in (2, 4, 8, 16, 32, 48, 64, 100):
                 for ef in (1, 10, 40, 64, 100, 128, 200, 256, 400, 512):
@@ -254,6 +315,22 @@ def test_every_launch_fits(compiled, arch):
     assert not [r for r in refused if r[0] <= 1024 and r[1] <= 32 and r[2] <= 4], refused[:5]
     if arch != "sm_75":
         assert not [r for r in refused if r[0] <= 4096 and r[1] <= 64 and r[2] <= 8], refused[:5]
+    fixed_refused = []
+    for storage in kernels.STORAGE_TYPES:
+        for dim in (1, 16, 100, 128, 384, 784, 1024, 1536, 4096):
+            for degree in (8, 16, 32, 48, 64):
+                for beam in (10, 32, 64, 100, 256):
+                    for width in (1, 2, 4, 8):
+                        for blocks in (1, 2, 8):
+                            chosen = launch.fixed_launch(dim, storage, degree, 10, beam, width, blocks,
+                                                         lambda inst: static("search_fixed", inst), limit)
+                            if chosen is None:
+                                fixed_refused.append((storage, dim, degree, beam, width, blocks))
+                                continue
+                            total = static("search_fixed", chosen.instance) + chosen.shared_bytes
+                            assert total <= limit, (storage, dim, degree, beam, width, blocks, total)
+    # beams up to 256, degrees up to 64, widths up to 8: the fixed kernel takes every one of these
+    assert not fixed_refused, fixed_refused[:5]
     for (cap,) in kernels.instances("topk"):
         shared = static("topk", (cap,)) + launch.topk_shared_bytes(cap, kernels.topk_warps(cap))
         assert shared <= launch.DEFAULT_SHARED_LIMIT

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from .._errors import DeviceError
 
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
@@ -80,3 +82,16 @@ def put_rows(out, rows, values):
     if is_gpu_array(out):
         rows, values = to_device(rows), to_device(values)
     out[rows] = values
+
+
+def bf16_bits(x):
+    """float32-castable ``x`` as bfloat16 bit patterns (uint16, same shape), rounded to nearest
+    even: what kernels/scatter.cu stores for ``storage="bfloat16"`` (float_to_bf16_bits)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FC0), bits)
+
+
+def bf16_values(bits):
+    """bfloat16 bit patterns (uint16 array) as float32 values (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

@@ -41,10 +41,11 @@ from .._core import SPACES
 from .arrays import import_cupy
 
 __all__ = [
-    "OPTIONS", "MODULES", "STORAGE_TYPES", "TEAM_SIZES", "SEARCH_CAPACITIES", "TOPK_CAPACITIES",
-    "METRICS", "SEARCH_BLOCK", "DISTANCE_BLOCK", "SCATTER_BLOCK", "MAX_REGISTERS", "kernel_source", "instances",
-    "instance_source", "block_size", "topk_warps", "nvrtc_options", "get_kernel", "kernel_dir", "shared_limit",
-    "nvrtc_module", "nvrtc_compile",
+    "OPTIONS", "MODULES", "STORAGE_TYPES", "BEAM_STORAGES", "TEAM_SIZES", "FIXED_TEAM_SIZES", "SEARCH_CAPACITIES",
+    "FIXED_CAPACITIES", "TOPK_CAPACITIES", "METRICS", "SEARCH_BLOCK", "FIXED_BLOCK", "DISTANCE_BLOCK",
+    "SCATTER_BLOCK", "MERGE_BLOCK", "MAX_REGISTERS", "FIXED_MAX_REGISTERS", "kernel_source", "instances",
+    "instance_source", "block_size", "max_registers", "topk_warps", "nvrtc_options", "get_kernel", "kernel_dir",
+    "shared_limit", "nvrtc_module", "nvrtc_compile",
 ]
 
 #: Our NVRTC options (an architecture option is added by CuPy, or by the CI check).
@@ -54,24 +55,37 @@ OPTIONS = ("-std=c++17", "-ftz=true", "-prec-div=true", "-prec-sqrt=true", "-fma
 MODULES = {
     "distance": ("distance.cu", "compute_distances_kernel", ("T", "Team")),
     "search": ("search.cu", "search_beam_kernel", ("T", "Team", "Capacity")),
+    "search_fixed": ("search_fixed.cu", "search_fixed_kernel", ("T", "Team", "Capacity")),
     "topk": ("topk.cu", "select_topk_kernel", ("Capacity",)),
+    "merge": ("merge.cu", "gather_merged_kernel", ()),
     "scatter": ("scatter.cu", "scatter_rows_kernel", ("T",)),
 }
 
 #: Threads per block of the launches (each kernel's __launch_bounds__; topk: see topk_warps).
 SEARCH_BLOCK = 128
+FIXED_BLOCK = 64     # kFixedBlock in kernels/search_fixed.cu
 DISTANCE_BLOCK = 256
 SCATTER_BLOCK = 128
+MERGE_BLOCK = 64
 #: Registers a thread may use (the launch bounds' minimum blocks per multiprocessor follow from it:
-#: 65536 registers / (128 * threads)); the CI check requires the search kernel not to spill.
+#: 65536 registers / (cap * threads)); the CI check requires every kernel to stay within it without
+#: spilling.  search_fixed_kernel is capped at 64, so that 16 of its blocks share a multiprocessor.
 MAX_REGISTERS = 128
+FIXED_MAX_REGISTERS = 64
 
-#: Storage dtype name -> C++ type of the template parameter T.
-STORAGE_TYPES = {"float32": "float", "float16": "gpuhnsw::half_t"}
-#: Lanes per distance (template parameter Team).
+#: Storage dtype name -> C++ type of the template parameter T (bfloat16 rows are uint16 arrays of
+#: the top halves of fp32 values).
+STORAGE_TYPES = {"float32": "float", "float16": "gpuhnsw::half_t", "bfloat16": "gpuhnsw::bf16_t"}
+#: The storages search_beam_kernel is instantiated for (bfloat16 rows only search_fixed_kernel reads).
+BEAM_STORAGES = ("float32", "float16")
+#: Lanes per distance (template parameter Team): search_beam_kernel and compute_distances_kernel;
+#: search_fixed_kernel (teams of 8 and more: each lane issues several loads).
 TEAM_SIZES = (4, 8, 16, 32)
+FIXED_TEAM_SIZES = (8, 16, 32)
 #: Beam buffer sizes (template parameter Capacity of search_beam_kernel): max(ef, k) must fit.
 SEARCH_CAPACITIES = (32, 64, 128, 256, 512)
+#: search_fixed_kernel's beam sizes: the beam passes through one warp's registers, Capacity / 32 a lane.
+FIXED_CAPACITIES = (32, 64, 128, 256)
 #: Per-warp list sizes of select_topk_kernel: k must fit.
 TOPK_CAPACITIES = (32, 64, 128, 256, 512, 1024)
 #: Space name -> the kernels' runtime metric id (gpuhnsw::Metric in kernels/common.cuh): the
@@ -134,7 +148,7 @@ _source_cache = {}
 
 
 def kernel_source(name):
-    """The complete source of module `name` (``"distance"``, ``"search"``, ``"topk"``).
+    """The complete source of module `name` (a key of :data:`MODULES`).
 
     Our ``#include "x.cuh"`` lines are replaced by the header text (recursively, each header once),
     preceded by ``#line 1 "x.cuh"`` and followed by a ``#line`` back into the including file.
@@ -158,19 +172,24 @@ def instances(name):
     """Every template instantiation of module `name`, as tuples of template arguments (storage
     dtype names for ``T``).
 
-    ``search``: storage x team x capacity (2 x 4 x 5 = 40); ``distance``: storage x team (8);
-    ``topk``: capacity (6); ``scatter``: storage (2).
+    ``search``: storage (fp32, fp16) x team x capacity (2 x 4 x 5 = 40); ``search_fixed``:
+    storage x team x capacity (3 x 3 x 5 = 45); ``distance``: storage x team (3 x 4 = 12);
+    ``topk``: capacity (6); ``merge``: one; ``scatter``: storage (3).
 
     Returns
     -------
     list of tuple
     """
     if name == "search":
-        return [(t, team, cap) for t in STORAGE_TYPES for team in TEAM_SIZES for cap in SEARCH_CAPACITIES]
+        return [(t, team, cap) for t in BEAM_STORAGES for team in TEAM_SIZES for cap in SEARCH_CAPACITIES]
+    if name == "search_fixed":
+        return [(t, team, cap) for t in STORAGE_TYPES for team in FIXED_TEAM_SIZES for cap in FIXED_CAPACITIES]
     if name == "distance":
         return [(t, team) for t in STORAGE_TYPES for team in TEAM_SIZES]
     if name == "topk":
         return [(cap,) for cap in TOPK_CAPACITIES]
+    if name == "merge":
+        return [()]
     if name == "scatter":
         return [(t,) for t in STORAGE_TYPES]
     raise ValueError(f"unknown kernel module {name!r}; expected one of {sorted(MODULES)}")
@@ -181,7 +200,13 @@ def block_size(name, instance):
     launch bound)."""
     if name == "topk":
         return 32 * topk_warps(instance[0])
-    return {"search": SEARCH_BLOCK, "distance": DISTANCE_BLOCK, "scatter": SCATTER_BLOCK}[name]
+    return {"search": SEARCH_BLOCK, "search_fixed": FIXED_BLOCK, "distance": DISTANCE_BLOCK, "scatter": SCATTER_BLOCK,
+            "merge": MERGE_BLOCK}[name]
+
+
+def max_registers(name):
+    """The register cap a thread of module `name` is compiled with (its launch bounds)."""
+    return FIXED_MAX_REGISTERS if name == "search_fixed" else MAX_REGISTERS
 
 
 def topk_warps(capacity):
@@ -194,7 +219,7 @@ def instance_source(name, instance):
     """The program of one instantiation: ``GPUHNSW_INSTANCE`` (the template arguments as
     declarations), ``GPUHNSW_MAX_THREADS`` and ``GPUHNSW_MIN_BLOCKS`` defined ahead of
     :func:`kernel_source`, so the kernel (``MODULES[name][1]``) has C linkage and launch bounds
-    equal to its launch, with room for :data:`MAX_REGISTERS` registers a thread.
+    equal to its launch, with room for :func:`max_registers` registers a thread.
 
     Returns
     -------
@@ -207,7 +232,7 @@ def instance_source(name, instance):
                      for p, v in zip(MODULES[name][2], instance))
     threads = block_size(name, instance)
     return (f"#define GPUHNSW_INSTANCE {decls}\n#define GPUHNSW_MAX_THREADS {threads}\n"
-            f"#define GPUHNSW_MIN_BLOCKS {max(1, 65536 // (MAX_REGISTERS * threads))}\n" + kernel_source(name))
+            f"#define GPUHNSW_MIN_BLOCKS {max(1, 65536 // (max_registers(name) * threads))}\n" + kernel_source(name))
 
 
 # ---------------------------------------------------------------------------------------------

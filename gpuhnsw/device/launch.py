@@ -4,14 +4,20 @@ describe, and the launchers, the only Python that knows a kernel's arguments and
 * :func:`search`: ``search_beam_kernel`` takes one ``gpuhnsw::SearchArgs`` (kernels/search.cu) by
   value, built from :data:`SEARCH_ARGS`, the NumPy dtype of that struct (its offsets and size are
   checked against the CUDA struct by the NVRTC and emulation tests);
+* :func:`search_fixed`: ``search_fixed_kernel`` (kernels/search_fixed.cu) the same way, from
+  :data:`SEARCH_FIXED_ARGS`; :func:`gather_merged` the last step of its multi-block mode;
 * :func:`distances`, :func:`topk`, :func:`scatter`: the other kernels' argument lists;
 * :func:`plan_search` picks the search instantiation, visited hash and shared memory for a batch
-  (:func:`search_launch`), and opts the kernel into more than 48 KiB of shared memory where needed.
+  (:func:`search_launch`), and opts the kernel into more than 48 KiB of shared memory where needed;
+  :func:`fixed_launch` does the same for ``search_fixed_kernel``, with the blocks per query;
+* :func:`search_kernel`: which of the two search kernels a GPU index uses (the one switch,
+  ``GHNSW_SEARCH_KERNEL``).
 
 Shapes and dtypes of every array: kernels/README.md ("Shape conventions").
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,12 +25,36 @@ import numpy as np
 from . import kernels
 from .kernels import SEARCH_CAPACITIES, TOPK_CAPACITIES
 
-__all__ = ["SEARCH_ARGS", "SearchLaunch", "search_launch", "plan_search", "search", "distances", "topk",
-           "scatter", "row_stride", "team_size", "beam_capacity", "topk_capacity", "search_hash_log2",
-           "search_shared_bytes", "distance_shared_bytes", "topk_shared_bytes", "DEFAULT_SHARED_LIMIT"]
+__all__ = ["SEARCH_ARGS", "SEARCH_FIXED_ARGS", "SearchLaunch", "FixedLaunch", "search_launch", "plan_search",
+           "fixed_launch", "plan_fixed", "search", "search_fixed", "gather_merged", "distances", "topk", "scatter",
+           "row_stride", "team_size", "fixed_team_size", "beam_capacity", "fixed_capacity", "topk_capacity",
+           "search_hash_log2", "fixed_hash_log2", "fixed_global_log2", "fixed_blocks", "fixed_block_beam",
+           "search_shared_bytes", "fixed_shared_bytes", "workspace_words", "distance_shared_bytes",
+           "topk_shared_bytes", "DEFAULT_SHARED_LIMIT", "SEARCH_KERNELS", "search_kernel", "LOAD_BATCH",
+           "MAX_FIXED_WIDTH", "MAX_FIXED_DEGREE"]
 
 #: Bytes of one storage element.
-_ELEMENT_BYTES = {"float32": 4, "float16": 2}
+_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+#: The search kernels a GPU index can use: ``"beam"`` (``search_beam_kernel``, the default until a
+#: device run shows the other faster everywhere) and ``"fixed"`` (``search_fixed_kernel``).
+SEARCH_KERNELS = ("beam", "fixed")
+#: 16-byte loads a lane of search_fixed_kernel's distance team issues before its arithmetic
+#: (kLoadBatch in kernels/distance.cuh; the NVRTC test checks the two agree).
+LOAD_BATCH = 2
+#: search_fixed_kernel's limits (kMaxWidth, kMaxDegree in kernels/search_fixed.cu).
+MAX_FIXED_WIDTH = 8
+MAX_FIXED_DEGREE = 64
+
+
+def search_kernel(storage):
+    """The search kernel a GPU index with rows of ``storage`` uses: the environment's
+    ``GHNSW_SEARCH_KERNEL`` (``"beam"`` by default, or ``"fixed"``), except that bfloat16 rows only
+    ``search_fixed_kernel`` reads.  ValueError for another name."""
+    choice = os.environ.get("GHNSW_SEARCH_KERNEL", "beam")
+    if choice not in SEARCH_KERNELS:
+        raise ValueError(f"GHNSW_SEARCH_KERNEL must be one of {', '.join(SEARCH_KERNELS)}, got {choice!r}")
+    return "fixed" if storage not in kernels.BEAM_STORAGES else choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +182,125 @@ def topk_shared_bytes(capacity, n_warps):
 
 
 # ---------------------------------------------------------------------------------------------
+# search_fixed_kernel's launch arithmetic (kernels/search_fixed.cu)
+
+def fixed_team_size(dim, dtype="float16"):
+    """Lanes per distance of ``search_fixed_kernel``: enough that each lane issues at most
+    :data:`LOAD_BATCH` 16-byte loads per row (one round of loads, then the arithmetic), a power of
+    two in [8, 32] (128 fp16 dims: 16 chunks -> 8 lanes of 2; rows past 64 chunks take several
+    rounds)."""
+    chunks = row_stride(dim, dtype) * _ELEMENT_BYTES[dtype] // 16
+    team = 8
+    while team * LOAD_BATCH < chunks and team < 32:
+        team *= 2
+    return team
+
+
+def fixed_capacity(beam):
+    """The smallest ``search_fixed_kernel`` capacity holding the beam width ``beam``, or None (the
+    beam kernel answers: its buffers go to 512)."""
+    for cap in kernels.FIXED_CAPACITIES:
+        if int(beam) <= cap:
+            return cap
+    return None
+
+
+def fixed_hash_log2(beam, k, search_width, degree, min_log2=10):
+    """log2 of the shared visited hash of a one-block-per-query launch: half of it must hold the
+    beam and the results after a reset plus one iteration's insertions."""
+    need = 2 * (int(beam) + int(k) + int(search_width) * int(degree))
+    log2 = max(int(min_log2), 5)
+    while (1 << log2) < need:
+        log2 += 1
+    return log2
+
+
+def fixed_global_log2(blocks, search_width, degree, min_log2=15):
+    """log2 of the visited table the blocks of one query share: 2**15 slots by default (128 KiB a
+    query); half of it must hold every block's insertions past the check plus the seed round."""
+    need = 2 * (int(blocks) * int(search_width) * int(degree) + int(degree) + 1)
+    log2 = max(int(min_log2), 5)
+    while (1 << log2) < need:
+        log2 += 1
+    return log2
+
+
+def workspace_words(global_log2):
+    """Words of one query's workspace in the multi-block mode: count, table, status."""
+    return 2 + (1 << int(global_log2))
+
+
+def fixed_blocks(nq, multiprocessors):
+    """Blocks per query: one while the batch fills about twice the multiprocessors, else up to 8
+    (a power of two) so that a small batch still spreads over the GPU.  A first rule, to be tuned
+    by the device run (benchmarks/device_check.sh)."""
+    nq, target = max(1, int(nq)), 2 * int(multiprocessors)
+    blocks = 1
+    while blocks < 8 and nq * blocks * 2 <= target:
+        blocks *= 2
+    return blocks
+
+
+def fixed_block_beam(beam, k, blocks):
+    """The beam of each block when ``blocks`` search one query: the blocks share the work, so each
+    keeps ``max(k, ceil(2 * beam / blocks))`` (all of it with one block).  A first rule from the
+    replay of benchmarks/search_replay.py, to be tuned by the device run."""
+    if blocks <= 1:
+        return int(beam)
+    return max(int(k), -(-2 * int(beam) // int(blocks)))
+
+
+def fixed_shared_bytes(stride, search_width, degree, hash_log2, blocks):
+    """Dynamic shared memory of ``search_fixed_kernel`` in bytes (see kernels/search_fixed.cu): the
+    query, one iteration's new slots and the two kept lists of pairs, and with one block per query
+    the visited hash. The beam and the results are static shared memory (16 * Capacity bytes)."""
+    cc = int(search_width) * int(degree)
+    return 4 * (int(stride) + 5 * cc + ((1 << int(hash_log2)) if int(blocks) == 1 else 0))
+
+
+@dataclass(frozen=True)
+class FixedLaunch:
+    """One launch of ``search_fixed_kernel``: the instantiation (storage, team, capacity), blocks per
+    query and each block's beam, the visited hash (blocks == 1) or shared table (blocks > 1), log2 of
+    its size, and the dynamic shared memory in bytes."""
+    instance: tuple
+    blocks: int
+    beam: int
+    hash_log2: int
+    global_log2: int
+    shared_bytes: int
+
+
+def fixed_launch(dim, storage, degree, k, beam, search_width, blocks, static_bytes, limit):
+    """The launch of ``search_fixed_kernel`` for a batch, or None where it cannot take it (a beam
+    past 256, a degree past 64, a width past 8, or no hash that fits the shared memory): the beam
+    kernel answers then.
+
+    Parameters
+    ----------
+    dim, storage : the mirror's row width and storage dtype name
+    degree : columns of the level-0 adjacency (M0 for HNSW level 0)
+    k, beam, search_width : the query's; blocks : blocks per query (:func:`fixed_blocks`)
+    static_bytes : callable, instance -> its static shared memory in bytes
+    limit : int, shared memory per block with the opt-in
+    """
+    block_beam = fixed_block_beam(beam, k, blocks)
+    cap = fixed_capacity(block_beam)
+    if cap is None or int(degree) > MAX_FIXED_DEGREE or int(search_width) > MAX_FIXED_WIDTH:
+        return None
+    instance = (storage, fixed_team_size(dim, storage), cap)
+    static = int(static_bytes(instance))
+    stride = row_stride(dim, storage)
+    global_log2 = fixed_global_log2(blocks, search_width, degree) if blocks > 1 else 0
+    for min_log2 in (10, 5):
+        log2 = fixed_hash_log2(block_beam, k, search_width, degree, min_log2) if blocks == 1 else 0
+        dynamic = fixed_shared_bytes(stride, search_width, degree, log2, blocks)
+        if static + dynamic <= limit:
+            return FixedLaunch(instance, int(blocks), block_beam, log2, global_log2, dynamic)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # the launchers
 
 #: ``gpuhnsw::SearchArgs`` (kernels/search.cu), field by field: pointers as device addresses
@@ -166,7 +315,17 @@ SEARCH_ARGS = np.dtype([
     ("entry_point", np.int32), ("max_level", np.int32), ("nq", np.int32), ("dim", np.int32), ("k", np.int32),
     ("beam", np.int32), ("search_width", np.int32), ("hash_log2", np.int32), ("max_iters", np.int32),
 ])
-_POINTERS = frozenset(name for name, (dtype, _) in SEARCH_ARGS.fields.items() if dtype == np.uint64)
+#: ``gpuhnsw::SearchFixedArgs`` (kernels/search_fixed.cu): 16 pointers (0: null), then 16 ints
+#: (192 bytes, no padding).
+SEARCH_FIXED_ARGS = np.dtype(
+    [(name, np.uint64) for name in ("vectors", "graph", "upper_start", "upper_links", "levels", "labels",
+                                     "deleted_bits", "queries", "filter_bits", "workspace", "out_slots", "out_dists",
+                                     "out_labels", "out_found", "out_status", "out_counts")]
+    + [(name, np.int32) for name in ("filter_stride", "stride", "metric", "degree", "m", "n_slots", "entry_point",
+                                      "max_level", "nq", "dim", "k", "beam", "search_width", "hash_log2", "blocks",
+                                      "global_log2")])
+_POINTERS = frozenset(name for args in (SEARCH_ARGS, SEARCH_FIXED_ARGS)
+                      for name, (dtype, _) in args.fields.items() if dtype == np.uint64)
 
 
 def _address(array):
@@ -190,16 +349,57 @@ def plan_search(device, dim, storage, m, m0, beam, search_width, filtered):
     return launch, kernel
 
 
+def plan_fixed(device, dim, storage, degree, k, beam, search_width, blocks):
+    """(FixedLaunch, kernel) of a ``search_fixed_kernel`` launch on ``device`` (:func:`fixed_launch`),
+    or (None, None) where it cannot take the batch."""
+    launch = fixed_launch(dim, storage, degree, k, beam, search_width, blocks,
+                          lambda inst: kernels.get_kernel("search_fixed", inst, device).shared_size_bytes,
+                          kernels.shared_limit(device))
+    if launch is None:
+        return None, None
+    kernel = kernels.get_kernel("search_fixed", launch.instance, device)
+    if kernel.shared_size_bytes + launch.shared_bytes > DEFAULT_SHARED_LIMIT:
+        kernel.max_dynamic_shared_size_bytes = kernels.shared_limit(device) - kernel.shared_size_bytes
+    return launch, kernel
+
+
+def _struct(dtype, fields, what):
+    """One struct of ``dtype`` from ``fields`` (arrays as CuPy arrays or None, the rest ints)."""
+    try:
+        return np.array([tuple(_address(fields[name]) if name in _POINTERS else int(fields[name])
+                               for name in dtype.names)], dtype=dtype)
+    except KeyError as exc:
+        raise TypeError(f"{what} argument {exc} missing") from None
+
+
+def search_fixed(launch, kernel, **fields):
+    """Launch ``search_fixed_kernel`` (``launch.blocks`` blocks per query) on the current stream
+    with the ``gpuhnsw::SearchFixedArgs`` fields given by name (:data:`SEARCH_FIXED_ARGS`) but
+    ``beam``, ``hash_log2``, ``blocks`` and ``global_log2``, which come from ``launch``
+    (:func:`plan_fixed`)."""
+    fields.update(beam=launch.beam, hash_log2=launch.hash_log2, blocks=launch.blocks,
+                  global_log2=launch.global_log2)
+    args = _struct(SEARCH_FIXED_ARGS, fields, "search_fixed_kernel")
+    kernel((int(fields["nq"]) * launch.blocks,), (kernels.FIXED_BLOCK,), (args,), shared_mem=launch.shared_bytes)
+
+
+def gather_merged(kernel, *, columns, tile_slots, tile_ld, labels, workspace, ws_ld, nq, k, dists, out_slots,
+                  out_labels, out_found, out_status):
+    """Launch ``gather_merged_kernel`` (kernels/merge.cu): select_topk's columns of the multi-block
+    tile -> slots, labels, found, status."""
+    null = np.uint64(0)
+    kernel((min(nq, 65535),), (kernels.MERGE_BLOCK,),
+           (columns, tile_slots, np.int32(tile_ld), labels, workspace, np.int64(ws_ld), np.int32(nq), np.int32(k),
+            dists, null if out_slots is None else out_slots, null if out_labels is None else out_labels, out_found,
+            out_status))
+
+
 def search(launch, kernel, **fields):
     """Launch ``search_beam_kernel``, one block per query, with the ``gpuhnsw::SearchArgs`` fields
     given by name (:data:`SEARCH_ARGS`; arrays as CuPy arrays or None, the rest as ints) but
     ``hash_log2``, which comes from ``launch`` (:func:`plan_search`)."""
     fields["hash_log2"] = launch.hash_log2
-    try:
-        args = np.array([tuple(_address(fields[name]) if name in _POINTERS else int(fields[name])
-                               for name in SEARCH_ARGS.names)], dtype=SEARCH_ARGS)
-    except KeyError as exc:
-        raise TypeError(f"search_beam_kernel argument {exc} missing") from None
+    args = _struct(SEARCH_ARGS, fields, "search_beam_kernel")
     kernel((int(fields["nq"]),), (kernels.SEARCH_BLOCK,), (args,), shared_mem=launch.shared_bytes)
 
 
