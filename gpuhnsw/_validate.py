@@ -106,10 +106,15 @@ def as_vectors(data, dim=None, what="data"):
     # min/max propagate NaN and show infinities without an [n, dim] temporary (np.isfinite(arr)
     # would allocate n*dim bytes: 47 MB for mnist, more than the index's own growth)
     if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
-        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        raise ValueError(f"{what} holds NaN or infinite values (first in row {bad}; values beyond "
-                         "the float32 range become infinite)")
+        raise not_finite(what, int(np.argwhere(~np.isfinite(arr))[0, 0]))
     return arr
+
+
+def not_finite(what, row):
+    """The ValueError for NaN or an infinity in row ``row`` of ``what`` (the host check above, and the
+    GPU leg's from the search kernel's status bit)."""
+    return ValueError(f"{what} holds NaN or infinite values (first in row {row}; values beyond "
+                      "the float32 range become infinite)")
 
 
 def as_label(label, out_of_range=OverflowError):

@@ -26,7 +26,7 @@ from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, chec
                         memory_limit, num_threads as num_threads_rule, resolve_device, threads_for)
 from .search import planner
 from .search.filters import filter_rows
-from .search.gpu import DeviceSearch
+from .search.gpu import STORAGES, DeviceSearch
 from .search.params import SearchParams
 
 _log = logging.getLogger("gpuhnsw")
@@ -61,9 +61,10 @@ class Index(IndexSurface):
     (ip on normalised vectors); ``dim`` the width of the vectors.
 
     Keyword-only: ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where queries
-    run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  ``storage`` (``"float32"``
-    or ``"float16"``) is how vectors are stored on the GPU (float16 halves memory and bandwidth;
-    distances still accumulate in float32).  Inserts are linked by the C engine (large inserts into
+    run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  ``storage`` (``"float32"``,
+    ``"float16"`` or ``"bfloat16"``) is how vectors are stored on the GPU (16 bits halve memory and
+    bandwidth; distances still accumulate in float32; bfloat16 rows are searched by the fixed-degree
+    kernel only, see ``GHNSW_SEARCH_KERNEL`` in docs/architecture.md).  Inserts are linked by the C engine (large inserts into
     a GPU index take their candidates from the GPU, see :meth:`add_items`) and reach the GPU as
     deltas at the next :meth:`sync` (done lazily before each GPU query).
     """
@@ -80,8 +81,8 @@ class Index(IndexSurface):
         self._mapped_file = None   # (st_dev, st_ino, st_size) of the file a mapped load maps
         self._lost = None          # why the index is gone (its mapped file was truncated), or None
         self._device, self._device_ordinal = resolve_device(device)
-        if storage not in ("float32", "float16"):
-            raise ValueError(f"storage must be 'float32' or 'float16', got {storage!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGES))}, got {storage!r}")
         self._storage = storage
         self._gpu = DeviceSearch(self._device_ordinal, storage) if self._device == "cuda" else None
         # hnswlib's three forms: (space, dim), a state dict, another index (first argument or keyword)

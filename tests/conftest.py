@@ -217,17 +217,41 @@ def numpy_select_topk(monkeypatch):
 # the one NumPy stand-in for CuPy: ``fake_cupy`` puts it in sys.modules["cupy"], where
 # gpuhnsw.device.arrays (the one place that imports CuPy) finds it
 
+#: What the host did through the stand-in since the fixture began: ``syncs`` (waits for the device:
+#: event, stream or device synchronize, a read of device memory into host memory, the truth value
+#: of a device array) and ``allocs`` (device arrays made, pinned buffers).
+COUNTS = {"syncs": 0, "allocs": 0}
+
+
+def _counted(kind, fn):
+    def call(*args, **kwargs):
+        COUNTS[kind] += 1
+        return fn(*args, **kwargs)
+    return call
+
+
 class _Stream:
     """The stand-in's one CUDA stream: uploads (``ndarray.set``) and queued kernels run in order only
     when an event is synchronized or the host touches device memory, as on a GPU. An upload reads its
-    host buffer when it runs, so a host buffer rewritten too early corrupts it."""
+    host buffer when it runs, so a host buffer rewritten too early corrupts it.  ``waits`` lists the
+    events ``wait_event`` was given (one queue: in order anyway)."""
+
+    ptr = 0
 
     def __init__(self):
         self.queue = []
+        self.waits = []
 
     def run(self, until=None):
         while self.queue and (until is None or not until.done):
             self.queue.pop(0)()
+
+    def wait_event(self, event):
+        self.waits.append(event)
+
+    def synchronize(self):
+        COUNTS["syncs"] += 1
+        self.run()
 
 
 class _Pointer:
@@ -249,11 +273,33 @@ class DeviceArray(np.ndarray):
     def data(self):
         return _Pointer(self.__array_interface__["data"][0])
 
-    def set(self, a):
+    def set(self, a, stream=None):
         DeviceArray.stream.queue.append(lambda: self.__setitem__(Ellipsis, a))
 
-    def get(self):
-        return NumpyCupy.asnumpy(self)
+    def get(self, stream=None, out=None):
+        if out is None:
+            return NumpyCupy.asnumpy(self)
+        COUNTS["syncs"] += 1
+        DeviceArray.stream.run()
+        out[...] = self
+        return out
+
+    def fill(self, value):   # a device operation: after what is queued
+        DeviceArray.stream.run()
+        super().fill(value)
+
+    def __bool__(self):      # the host reads a device value
+        COUNTS["syncs"] += 1
+        DeviceArray.stream.run()
+        return bool(np.asarray(self))
+
+    def copy(self, order="C"):
+        COUNTS["allocs"] += 1
+        return super().copy(order)
+
+    def astype(self, dtype, *args, **kwargs):
+        COUNTS["allocs"] += 1
+        return super().astype(dtype, *args, **kwargs)
 
 
 def _device(a):
@@ -277,6 +323,7 @@ class _Event:
         DeviceArray.stream.queue.append(lambda: setattr(self, "done", True))
 
     def synchronize(self):
+        COUNTS["syncs"] += 1
         DeviceArray.stream.run(until=self)
 
 
@@ -291,6 +338,7 @@ class _Device:
         return False
 
     def synchronize(self):
+        COUNTS["syncs"] += 1
         DeviceArray.stream.run()
 
 
@@ -302,7 +350,11 @@ class NumpyCupy(types.ModuleType):
     class cuda:
         Device = _Device
         Event = _Event
-        alloc_pinned_memory = bytearray
+        alloc_pinned_memory = staticmethod(_counted("allocs", bytearray))
+
+        @staticmethod
+        def get_current_stream():
+            return DeviceArray.stream
 
         @staticmethod
         def get_elapsed_time(start, end):
@@ -326,7 +378,7 @@ class NumpyCupy(types.ModuleType):
 
             @staticmethod
             def getDeviceProperties(ordinal):
-                return {"name": b"NumPy stand-in"}
+                return {"name": b"NumPy stand-in", "multiProcessorCount": 132}
 
         class compiler:
             class CompileException(Exception):
@@ -344,28 +396,39 @@ class NumpyCupy(types.ModuleType):
     @staticmethod
     @_synced
     def asarray(a, dtype=None):
+        if isinstance(a, DeviceArray) and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a                                            # already on the device, as CuPy
+        COUNTS["allocs"] += 1
         return np.array(a, dtype=dtype).view(DeviceArray)       # a copy, like a transfer
 
     @staticmethod
     @_synced
     def asnumpy(a):
+        COUNTS["syncs"] += 1
         return np.array(a).view(np.ndarray)
 
     @staticmethod
     def from_dlpack(x):
         return NumpyCupy.asarray(np.from_dlpack(x))
 
-    empty = staticmethod(_synced(lambda *a, **k: np.empty(*a, **k).view(DeviceArray)))
-    zeros = staticmethod(_synced(lambda *a, **k: np.zeros(*a, **k).view(DeviceArray)))
-    full = staticmethod(_synced(lambda *a, **k: np.full(*a, **k).view(DeviceArray)))
-    arange = staticmethod(_synced(lambda *a, **k: np.arange(*a, **k).view(DeviceArray)))
-    ascontiguousarray = staticmethod(_synced(lambda a, dtype=None: _device(np.ascontiguousarray(a, dtype=dtype))))
+    empty = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.empty(*a, **k).view(DeviceArray))))
+    zeros = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.zeros(*a, **k).view(DeviceArray))))
+    full = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.full(*a, **k).view(DeviceArray))))
+    arange = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.arange(*a, **k).view(DeviceArray))))
+
+    @staticmethod
+    @_synced
+    def ascontiguousarray(a, dtype=None):
+        out = _device(np.ascontiguousarray(a, dtype=dtype))
+        if not np.shares_memory(out, a):
+            COUNTS["allocs"] += 1
+        return out
 
 
 @pytest.fixture
 def fake_cupy(monkeypatch):
     """A NumPy stand-in for the ``cupy`` module, in ``sys.modules`` (GPU code paths run on the CPU;
-    ``device="cuda"`` resolves to it)."""
+    ``device="cuda"`` resolves to it); ``conftest.COUNTS`` counts the host's syncs and allocations."""
     import sys
 
     from gpuhnsw.device import arrays
@@ -373,9 +436,11 @@ def fake_cupy(monkeypatch):
     cp = NumpyCupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
     arrays.cuda_status.cache_clear()
+    COUNTS.update(syncs=0, allocs=0)
     yield cp
     arrays.cuda_status.cache_clear()
     DeviceArray.stream.queue.clear()
+    DeviceArray.stream.waits.clear()
 
 
 @pytest.fixture

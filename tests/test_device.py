@@ -16,6 +16,7 @@ import gpuhnsw
 from gpuhnsw import _core
 from gpuhnsw.device import kernels, launch, mirror as mirror_module, ops
 from gpuhnsw._reference import beam_search_reference
+from gpuhnsw.device.arrays import bf16_bits
 
 
 def _numpy_scatter(grid, block, args):
@@ -25,7 +26,9 @@ def _numpy_scatter(grid, block, args):
          q, lslots, ldegree, lstart, lfirst, lpacked) = args
         r, m0, dim_pad = int(r), int(m0), int(dim_pad)
         s = np.asarray(slots)[:r].astype(np.int64)
-        vectors[s, :dim_pad] = np.asarray(rows)[:r * dim_pad].reshape(r, dim_pad).astype(vectors.dtype)
+        staged = np.asarray(rows)[:r * dim_pad].reshape(r, dim_pad)
+        # uint16 rows hold bfloat16 bits (the mirror's bfloat16 storage)
+        vectors[s, :dim_pad] = bf16_bits(staged) if vectors.dtype == np.uint16 else staged.astype(vectors.dtype)
         vectors[s, dim_pad:] = 0
         links0[s] = np.asarray(links)[:r * m0].reshape(r, m0)
         degree0[s] = np.asarray(degree)[:r]
@@ -285,6 +288,9 @@ class _MidInsertCore:
         self._marked.append(np.uint64(_core.DIRTY_LINKS | _core.DIRTY_UPPER) << np.uint64(32) | np.uint64(self._slot))
         self._inserting = False
 
+    def sync_pending(self, drain):   # the insert in flight marks rows (raising the core's flag) until it ends
+        return self._inserting or bool(self._marked) or self._core.sync_pending(drain)
+
     def drain_dirty(self):   # ((kind << 32) | slot, ascending by slot; the drain's number)
         taken, drain = self._core.drain_dirty()
         log = np.concatenate([np.frombuffer(taken, np.uint64), np.array(self._marked, np.uint64)])
@@ -389,3 +395,25 @@ def test_search_launch_chosen_once_per_parameters(fake_gpu, monkeypatch, rng):
     assert chosen == [(32, 1, False), (64, 1, False)]
     assert len(calls) == 4 and all(b > 0 for b in calls)
     assert kernel.max_dynamic_shared_size_bytes == 227 * 1024 - 46_000    # 46,000 + dynamic > 48 KiB
+
+
+def test_sync_pending_is_the_core_s_o1_answer(fake_gpu, rng):
+    """Core.sync_pending(drain): up after any dirty mark or entry switch, down after a drain, up for a
+    consumer whose last drain is not the newest; a mirror's sync with nothing pending drains nothing."""
+    index = gpuhnsw.Index("l2", 8)
+    index.init_index(500, M=4, random_seed=2)
+    core = index._core
+    assert not core.sync_pending(0)
+    index.add_items(rng.random((100, 8), dtype=np.float32))
+    assert core.sync_pending(0)
+    _, drain = core.drain_dirty()
+    assert not core.sync_pending(drain) and core.sync_pending(drain - 1)
+    index.mark_deleted(5)
+    assert core.sync_pending(drain)
+    mirror = fake_gpu.DeviceMirror(core)
+    mirror.sync()
+    assert not core.sync_pending(mirror._drain)
+    before = mirror._drain
+    assert mirror.sync().rows == 0 and mirror._drain == before     # no drain: the O(1) check said so
+    index.add_items(rng.random((1, 8), dtype=np.float32), [1000])
+    assert mirror.sync().rows == 1 and mirror.check_against_core() == []

@@ -132,6 +132,9 @@ typedef struct ghnsw_index {
      * drain is not the one after its previous drain missed what another consumer took (gpuhnsw/device/mirror.py) */
     uint64_t drains;
     pthread_mutex_t drain_lock;
+    /* Set by every ghnsw_mark_dirty, cleared by a drain before it scans: ghnsw_sync_pending's O(1)
+     * answer (instead of a scan of the dirty bitset) */
+    uint32_t dirty_any;
     uint8_t *slot_locks;
 
     ghnsw_map_t map;
@@ -178,6 +181,7 @@ enum {
     GHNSW_DIRTY_DELETED = 16 /* the delete mark set or cleared */
 };
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind);
+void ghnsw_note_change(ghnsw_index_t *ix);
 /* A fresh index (count 0, created with capacity 0) takes `capacity` slots whose vectors and links0
  * rows 0..n-1 are mapped copy-on-write from `fd` at the given offsets (multiples of 16; file layout =
  * memory layout: [n, dim_pad] float32 and [n, M0] uint32); the rows past n are initialised anonymous
@@ -322,6 +326,9 @@ ghnsw_status_t ghnsw_deleted_bitset(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, voi
 ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *ctx, uint64_t *drain,
                                  ghnsw_err_t *err);
 size_t ghnsw_count_dirty(ghnsw_index_t *ix);
+/* 1 when a drain would find something, or another drain ran since the consumer's own number
+ * `since` (it then re-syncs in full); 0 when the consumer's copy is up to date.  O(1), no lock. */
+int ghnsw_sync_pending(ghnsw_index_t *ix, uint64_t since);
 /* Hold relabels off (replace_deleted's label commits wait) until ghnsw_unpin_labels, so that label
  * bitsets made after the pin name the same slots through every search and gather that follows, over
  * several calls.  Takes no other lock.  Returns whether relabel_lock was taken: not from a filter

@@ -259,10 +259,21 @@ ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_
 
 /* The kind first, then the bit, both releases: a drain that takes the bit (acquire) finds the kind
  * and sees the writes made before the mark.  A kind that a drain takes before its bit is set leaves
- * a bit with kind 0 for the next drain, which skips it (the earlier drain shipped those writes). */
+ * a bit with kind 0 for the next drain, which skips it (the earlier drain shipped those writes).
+ * Then ghnsw_note_change. */
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind) {
     __atomic_fetch_or(&ix->dirty_kind[s], (uint8_t)kind, __ATOMIC_RELEASE);
     __atomic_fetch_or(&ix->dirty[s >> 5], 1u << (s & 31), __ATOMIC_RELEASE);
+    ghnsw_note_change(ix);
+}
+
+/* Raise the flag of ghnsw_sync_pending after a write a mirror must see (a dirty mark, an entry-point
+ * switch).  Written only when it reads clear (one write per drain, not one per mark): with a fence
+ * here and one in the drain between its clear and its scan (and its entry-point read before both),
+ * either the drain sees the write or the flag is up again for the next sync. */
+void ghnsw_note_change(ghnsw_index_t *ix) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&ix->dirty_any, __ATOMIC_RELAXED)) __atomic_store_n(&ix->dirty_any, 1, __ATOMIC_RELAXED);
 }
 
 /* `cap_bytes` of memory whose first `file_bytes` are mapped copy-on-write from fd at `off` (any

@@ -153,10 +153,13 @@ static void store_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
 
 /* The entry switch comes after every write (and dirty mark) of the new entry's lists, and is a
  * release: a reader that acquires the new entry point, and only then drains the dirty log, finds
- * those marks in its drain or in an earlier one (the GPU sync relies on this, _device.py). */
+ * those marks in its drain or in an earlier one (the GPU sync relies on this, device/mirror.py).
+ * A sync that read the old entry and drained those marks must still come back for the switch:
+ * hence the change note. */
 static void publish_entry(ghnsw_index_t *ix, uint32_t s, int level) {
     __atomic_store_n(&ix->max_level, level, __ATOMIC_RELAXED);
     __atomic_store_n(&ix->entry_point, s, __ATOMIC_RELEASE);
+    ghnsw_note_change(ix);
 }
 
 /* s's vector is already stored (store_new, before the count that makes s visible). */

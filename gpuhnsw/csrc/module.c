@@ -382,6 +382,15 @@ static PyObject *Core_check_integrity(CoreObject *self, PyObject *unused) {
                          (Py_ssize_t)info.n_unreachable, "max_level", info.max_level);
 }
 
+/* sync_pending(drain) -> bool: whether a mirror whose last drain was number `drain` has anything to
+ * sync (O(1): the engine's dirty flag and drain counter; no lock, the GIL kept). */
+static PyObject *Core_sync_pending(CoreObject *self, PyObject *arg) {
+    NEED_IX(self);
+    unsigned long long since = PyLong_AsUnsignedLongLong(arg);
+    if (since == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(ghnsw_sync_pending(IX(self), since));
+}
+
 /* The dirty-row log: (kind << 32) | slot (uint64, GHNSW_DIRTY_* kinds) of the slots changed since the
  * last drain, ascending; clears them.  Returns (log, the drain's number). */
 static PyObject *Core_drain_dirty(CoreObject *self, PyObject *unused) {
@@ -650,6 +659,8 @@ static PyMethodDef Core_methods[] = {
     {"build_search_graph", (PyCFunction)Core_build_search_graph, METH_VARARGS,
      "build_search_graph(degree, threads) -> bytes u32[count, degree]: level 0 with its reverse edges "
      "(search_graph.c)"},
+    {"sync_pending", (PyCFunction)Core_sync_pending, METH_O,
+     "sync_pending(drain) -> bool: something to sync for a mirror whose last drain was number `drain` (O(1))"},
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> (bytes u64[r]: (kind << 32) | slot, ascending; drain number: 1, 2, ...)"},
     {"pin_labels", (PyCFunction)Core_pin_labels, METH_NOARGS,
      "pin_labels() -> taken: relabels (replace_deleted) wait until unpin_labels(taken), so label bitsets "

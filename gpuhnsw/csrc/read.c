@@ -136,7 +136,10 @@ ghnsw_status_t ghnsw_drain_dirty(ghnsw_index_t *ix, ghnsw_alloc_fn alloc, void *
     ghnsw_status_t st = GHNSW_OK;
     int held = ghnsw_read_lock(ix);
     pthread_mutex_lock(&ix->drain_lock);
-    *drain = ++ix->drains;  /* a failed one too: its caller then re-syncs in full */
+    *drain = __atomic_add_fetch(&ix->drains, 1, __ATOMIC_SEQ_CST);  /* a failed one too: its caller then
+                                                                      * re-syncs in full */
+    __atomic_store_n(&ix->dirty_any, 0, __ATOMIC_RELAXED);            /* before the scan (ghnsw_mark_dirty) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     size_t nw = bitset_words(ix->capacity), max_out = 0, n = 0;
     for (size_t w = 0; w < nw; w++) max_out += __builtin_popcount(__atomic_load_n(&ix->dirty[w], __ATOMIC_RELAXED));
     uint64_t *out = alloc(ctx, max_out * sizeof(uint64_t));
@@ -161,6 +164,10 @@ done:
     pthread_mutex_unlock(&ix->drain_lock);
     ghnsw_read_unlock(ix, held);
     return st;
+}
+
+int ghnsw_sync_pending(ghnsw_index_t *ix, uint64_t since) {
+    return __atomic_load_n(&ix->dirty_any, __ATOMIC_ACQUIRE) != 0 || __atomic_load_n(&ix->drains, __ATOMIC_ACQUIRE) != since;
 }
 
 size_t ghnsw_count_dirty(ghnsw_index_t *ix) {

@@ -20,16 +20,16 @@ step by deltas.
    blocks keep their place in ``upper_links``; new ones are appended), and the words of the deleted
    bitset that hold slots whose delete mark changed (or new slots).
 
-Cost: O(changed rows), plus one scan of the core's dirty bitset (O(capacity/32) words, all a sync
-with nothing to do costs); a 1 % insert moves about 1.5 % of a full upload's bytes
-(tests/test_device.py).  A query sees the graph as of its sync
+Cost: O(changed rows); a sync with nothing to do asks the core one O(1) question
+(``Core.sync_pending``: its dirty flag and drain counter) and returns; a 1 % insert moves about
+1.5 % of a full upload's bytes (tests/test_device.py).  A query sees the graph as of its sync
 (snapshot semantics), up to rows written while the sync gathers them: those are dirty again and go
 with the next sync, and meanwhile read as a mix of old and new entries, each a valid slot (as the C
 readers' lists do).
 
 Device arrays (slot = row; see kernels/README.md)::
 
-    vectors      [capacity, stride]  float32 | float16 (stride: dim rounded up to 16 bytes)
+    vectors      [capacity, stride]  float32 | float16 | uint16 (bfloat16 bits); stride: dim rounded up to 16 bytes
     links0       [capacity, M0]      uint32
     degree0      [capacity]          uint32
     labels       [capacity]          uint64
@@ -40,8 +40,16 @@ Device arrays (slot = row; see kernels/README.md)::
                                      on levels the slot reaches)
     deleted      [ceil(capacity/32)] uint32 bitset
 
-The mirror is also the search's device graph: :meth:`DeviceMirror.search` launches the search kernel
-over it (``gpuhnsw.search.gpu`` owns the mirror of each GPU index, its lock and its failures).
+The mirror is also the search's device graph: :meth:`DeviceMirror.search` launches the beam search
+kernel over it, :class:`gpuhnsw.device.query.FixedSearch` the fixed-degree one (``gpuhnsw.search.gpu``
+owns the mirror of each GPU index, its lock and its failures).
+
+Stream order: a sync runs on the caller's current CuPy stream and records :attr:`DeviceMirror.synced`
+after its uploads; a search waits for that event on its own current stream (:meth:`before_search`)
+and records an event after its kernels (:meth:`after_search`).  A later sync waits for those events
+before it writes any row, and arrays that a growth replaces are kept until every search that may
+read them and the copy out of them have completed (checked, never waited for, at each sync and
+search), so a search on another stream never reads a half-written row or freed memory.
 
 CuPy is imported lazily; nothing here runs without a GPU (or the tests' NumPy stand-in for CuPy).
 """
@@ -55,11 +63,12 @@ import numpy as np
 from .. import _core
 from .._core import INVALID_SLOT
 from . import kernels, launch
-from .arrays import import_cupy
+from .arrays import bf16_values, import_cupy
 
 __all__ = ["DeviceMirror", "SyncStats"]
 
 _CHUNK_BYTES = 64 << 20   # staging buffer size bound: rows per transfer = this / bytes per row
+_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}   # device rows, by storage
 _ALIGN = 16
 
 
@@ -147,8 +156,10 @@ class DeviceMirror:
     ----------
     core : gpuhnsw._core.Core
     device : int, the CUDA device
-    storage : "float32" or "float16", the device storage of the vectors (fp16 halves the memory and
-        the bandwidth of every distance; distances are still accumulated in fp32)
+    storage : "float32", "float16" or "bfloat16", the device storage of the vectors (16-bit rows halve
+        the memory and the bandwidth of every distance; distances are still accumulated in fp32;
+        bfloat16 rows are uint16 arrays of the top halves of the fp32 values, read only by
+        search_fixed_kernel)
     """
 
     def __init__(self, core, *, device=0, storage="float32"):
@@ -173,6 +184,9 @@ class DeviceMirror:
         self._upper_at = np.zeros(0, dtype=np.int64)
         self._upper_used = 0
         self._launches = {}   # (beam, search_width, filtered) -> launch.plan_search's (SearchLaunch, kernel)
+        self.synced = None    # event after the last sync's device work (None: none enqueued yet)
+        self._readers = {}    # stream pointer -> event after the last search enqueued on that stream
+        self._retired = []    # (arrays replaced by a growth, events that must complete before they go)
         # two staging buffers taken in turn: one is filled while the other's upload may still run
         self._staging = [None, None]
         self._turn = 0
@@ -184,7 +198,15 @@ class DeviceMirror:
         cp = import_cupy()
         t0 = time.perf_counter()
         st = SyncStats(syncs=1)
+        if self.capacity and not self.core.sync_pending(self._drain):   # O(1): nothing changed
+            st.seconds = time.perf_counter() - t0
+            self.stats.add(st)
+            return st
         with cp.cuda.Device(self.device):
+            stream = cp.cuda.get_current_stream()
+            self._release_retired()
+            for event in self._readers.values():   # searches on other streams read what this writes
+                stream.wait_event(event)
             # Order matters (an insert may run beside this sync): the entry point first, then the
             # drain, then the count.  A node becomes the entry only after it wrote (and marked) its
             # lists, so the entry read here has its final row in this drain or gathered after an
@@ -204,6 +226,9 @@ class DeviceMirror:
             if log.size or count != known:
                 self._ship(cp, log, known, count, st)
             self._drain = drain
+            if self.synced is None:
+                self.synced = cp.cuda.Event(disable_timing=True)
+            self.synced.record(stream)
             self.n_deleted = int(self.core.n_deleted)
             self.count = count
             self.entry_point = entry if 0 <= entry < count else -1
@@ -248,7 +273,7 @@ class DeviceMirror:
             return 0
         cp = import_cupy()
         new = max(needed, 2 * self.capacity, 1024)
-        dtype = np.float32 if self.storage == "float32" else np.float16
+        dtype = _DTYPES[self.storage]
         old = (self.vectors, self.links0, self.degree0, self.labels, self.upper_start, self.levels, self.deleted)
         self.vectors = cp.zeros((new, self.stride), dtype=dtype)
         self.links0 = cp.full((new, self.M0), INVALID_SLOT, dtype=cp.uint32)
@@ -265,6 +290,9 @@ class DeviceMirror:
                                  self.levels), old):
                 dst[:c] = src
             self.deleted[:old[6].size] = old[6]
+            copied = cp.cuda.Event(disable_timing=True)
+            copied.record()
+            self._retired.append((old, [copied, *self._readers.values()]))
         grow = new - self.capacity
         self._levels = np.concatenate([self._levels, np.zeros(grow, np.uint8)])
         self._degree = np.concatenate([self._degree, np.zeros(grow, np.uint32)])
@@ -272,6 +300,28 @@ class DeviceMirror:
         grown = 1 if self.capacity else 0
         self.capacity = new
         return grown
+
+    def _release_retired(self):
+        """Drop the replaced arrays whose readers have all completed (an event query, no wait)."""
+        self._retired = [(arrays, events) for arrays, events in self._retired if not all(e.done for e in events)]
+        self._readers = {ptr: e for ptr, e in self._readers.items() if not e.done}
+
+    # ------------------------------------------------------------------ stream order of searches
+
+    def before_search(self, cp):
+        """The current stream, made to wait (on the device) for the last sync's work; replaced arrays
+        whose readers completed are let go."""
+        self._release_retired()
+        stream = cp.cuda.get_current_stream()
+        if self.synced is not None:
+            stream.wait_event(self.synced)
+        return stream
+
+    def after_search(self, stream, event):
+        """Record ``event`` on ``stream`` after a search's kernels: the mirror's arrays are not written
+        or freed before it completes."""
+        event.record(stream)
+        self._readers[stream.ptr] = event
 
     def _scatter(self, cp, full, links, rewritten):
         """Gather the full rows `full` and the level-0 lists of `links` (u32 slots) into the staging
@@ -372,6 +422,8 @@ class DeviceMirror:
             re-run on CPU). One array, so the caller reads both back in one transfer.
         """
         cp = import_cupy()
+        if self.storage not in kernels.BEAM_STORAGES:
+            raise ValueError(f"search_beam_kernel does not read {self.storage} rows (search_fixed_kernel does)")
         with cp.cuda.Device(self.device):
             q = cp.ascontiguousarray(cp.asarray(queries, dtype=cp.float32)).reshape(-1, self.dim)
             nq = q.shape[0]
@@ -387,6 +439,7 @@ class DeviceMirror:
             out_dists = cp.empty((nq, k), dtype=cp.float32)
             out_labels = cp.empty((nq, k), dtype=cp.uint64)
             info = cp.empty((2, nq), dtype=cp.int32)   # the kernel writes every row's found and status
+            stream = self.before_search(cp)
             if nq:
                 launch.search(*plan, vectors=self.vectors, links0=self.links0, degree0=self.degree0,
                               upper_start=self.upper_start, upper_links=self.upper_links, levels=self.levels,
@@ -397,6 +450,7 @@ class DeviceMirror:
                               stride=self.stride, metric=self.metric, m0=self.M0, m=self.M, n_slots=self.count,
                               entry_point=self.entry_point, max_level=self.max_level, nq=nq, dim=self.dim, k=k,
                               beam=beam, search_width=search_width, max_iters=max_iters)
+            self.after_search(stream, cp.cuda.Event(disable_timing=True))
             return (out_slots if slots else out_labels), out_dists, info
 
     def distances(self, queries, slots):
@@ -438,9 +492,10 @@ class DeviceMirror:
         state = self.core.export_state()
         n, problems = int(state["count"]), []
         with cp.cuda.Device(self.device):
-            vec = cp.asnumpy(self.vectors[:n, :self.dim]).astype(np.float32)
+            vec = cp.asnumpy(self.vectors[:n, :self.dim])
+            vec = bf16_values(vec) if self.storage == "bfloat16" else vec.astype(np.float32)
             want = np.frombuffer(state["vectors"], np.float32).reshape(n, self.dim)
-            tol = 0 if self.storage == "float32" else 1e-3
+            tol = {"float32": 0, "float16": 1e-3, "bfloat16": 8e-3}[self.storage]
             if not np.allclose(vec, want, rtol=tol, atol=tol):
                 problems.append("vectors")
             checks = (("links0", self.links0[:n].ravel(), np.uint32), ("degree0", self.degree0[:n], np.uint32),

@@ -1,6 +1,12 @@
 """The GPU side of one GPU ``Index``: its device mirror, the lock that orders syncs and launches, the
 GPU leg of its queries and the candidate search of its GPU-assisted inserts.
 
+Two search kernels, one switch (``device.launch.search_kernel``: the environment's
+``GHNSW_SEARCH_KERNEL``, read when the index is made): ``"beam"`` (``search_beam_kernel``, the
+default) and ``"fixed"`` (``search_fixed_kernel`` through ``device.query.FixedSearch``: the thin host
+path).  Where the fixed kernel cannot take a batch (a beam past 256, a search_width past 8) the beam
+kernel answers it; bfloat16 rows only the fixed kernel reads (beyond its limits the CPU answers).
+
 The GPU leg answers what the kernel can and returns the rest: the rows whose fixed-size buffers
 bit (the kernel's status) come back as ``unanswered`` for the planner to send to the CPU leg; it
 never calls back into the index.  Device failures (out of memory, a launch or driver error, a
@@ -16,24 +22,32 @@ import numpy as np
 
 from .._core import INVALID_SLOT
 from .._errors import DeviceError
-from .._validate import as_matrix, as_vectors
+from .._validate import as_matrix, as_vectors, not_finite
+from ..device import launch
 from ..device.arrays import as_cupy, import_cupy, is_gpu_array
-from ..device.kernels import SEARCH_CAPACITIES
+from ..device.kernels import BEAM_STORAGES, SEARCH_CAPACITIES, STORAGE_TYPES
 from ..device.mirror import DeviceMirror
 from ..device.ops import batch_neighbours
+from ..device.query import FixedSearch
 from .params import SearchResult
 
-__all__ = ["DeviceSearch", "device_matrix"]
+__all__ = ["DeviceSearch", "device_matrix", "STORAGES"]
+
+#: Device row storages an index may ask for (``Index(..., storage=)``).
+STORAGES = tuple(STORAGE_TYPES)
+_BAD_QUERY = 4   # kStatusBadQuery (kernels/common.cuh): the row holds NaN or an infinity
 
 
-def device_matrix(data, dim):
-    """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device."""
+def device_matrix(data, dim, check_finite=True):
+    """A GPU array as a C-contiguous float32 CuPy matrix ``[n, dim]``, validated on the device
+    (NaN and infinities too unless ``check_finite`` is off: the fixed kernel checks them itself,
+    without the host waiting for the device here)."""
     cp = import_cupy()
     arr = as_cupy(data)
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
     arr = cp.ascontiguousarray(as_matrix(arr, dim, "query"), dtype=cp.float32)
-    if arr.size and not bool(cp.isfinite(arr).all()):
+    if check_finite and arr.size and not bool(cp.isfinite(arr).all()):
         raise ValueError("query holds NaN or infinite values")
     return arr
 
@@ -47,7 +61,8 @@ class DeviceSearch:
 
     def __init__(self, ordinal, storage):
         self.ordinal, self.storage = int(ordinal), storage
-        self.mirror = None
+        self.kernel = launch.search_kernel(storage)
+        self.mirror = self.fixed = None
         self._lock = threading.Lock()   # one sync + launch at a time
 
     @contextlib.contextmanager
@@ -69,7 +84,26 @@ class DeviceSearch:
     def _mirror_of(self, core):
         if self.mirror is None or self.mirror.core is not core:
             self.mirror = DeviceMirror(core, device=self.ordinal, storage=self.storage)
+            self.fixed = FixedSearch(self.mirror)
         return self.mirror
+
+    def _launch(self, cp, core, q, k, beam, search_width, bits, stride, slots):
+        """Sync, then enqueue the search of ``q`` (NumPy for the fixed kernel's host path, else CuPy)
+        under the lock.  Returns ("fixed", pending call), ("beam", (ids, dists, info)) or None where
+        no kernel takes the batch."""
+        with self._lock:
+            mirror = self._mirror_of(core)
+            mirror.sync()
+            if self.kernel == "fixed" and search_width <= launch.MAX_FIXED_WIDTH:
+                pending = self.fixed.launch(q, k, beam, search_width=search_width, filter_bits=bits,
+                                            filter_stride=stride, slots=slots)
+                if pending is not None:
+                    return "fixed", pending
+            if self.storage not in BEAM_STORAGES:
+                return None
+            out = mirror.search(cp.asarray(q), k, beam, search_width=search_width, filter_bits=bits,
+                                filter_stride=stride, slots=slots)
+            return None if out is None else ("beam", out)
 
     def sync(self, core):
         """Bring the mirror of ``core`` up to date; returns the sync's ``SyncStats``."""
@@ -91,29 +125,34 @@ class DeviceSearch:
         gpu_input = is_gpu_array(data)
         k = params.k
         with self._guard() as cp:
-            q = device_matrix(data, int(core.dim)) if gpu_input else \
-                cp.asarray(as_vectors(data, int(core.dim), what="query"))
+            # host queries are checked on the host; GPU queries by the fixed kernel (its status bit)
+            q = device_matrix(data, int(core.dim), check_finite=self.kernel != "fixed") if gpu_input else \
+                as_vectors(data, int(core.dim), what="query")
             nq = q.shape[0]
             if k == 0 or nq == 0:
-                labels, dists = cp.empty((nq, k), dtype=cp.uint64), cp.empty((nq, k), dtype=cp.float32)
-                found, unanswered = np.zeros(nq, dtype=np.int32), np.zeros(0, dtype=np.int64)
+                empty = cp.empty if gpu_input else np.empty
+                labels, dists = empty((nq, k), dtype=np.uint64), empty((nq, k), dtype=np.float32)
+                return SearchResult(labels, dists, np.zeros(nq, dtype=np.int32)), np.zeros(0, dtype=np.int64)
+            bits = None if allowed is None else cp.asarray(allowed)
+            stride = 0 if allowed is None or allowed.ndim == 1 else allowed.shape[1]
+            chosen = self._launch(cp, core, q, k, params.beam, params.search_width, bits, stride, False)
+            if chosen is None:   # no kernel takes it on this device
+                return None
+            if chosen[0] == "fixed":
+                res = chosen[1].finish()   # the one read-back
+                labels, dists, found, status = res.ids, res.dists, res.found, res.status
             else:
-                bits = None if allowed is None else cp.asarray(allowed)
-                stride = 0 if allowed is None or allowed.ndim == 1 else allowed.shape[1]
-                with self._lock:
-                    mirror = self._mirror_of(core)
-                    mirror.sync()
-                    out = mirror.search(q, k, params.beam, search_width=params.search_width, filter_bits=bits,
-                                        filter_stride=stride)
-                if out is None:   # no launch fits this device
-                    return None
-                labels, dists, info = out
+                labels, dists, info = chosen[1]
                 found, status = cp.asnumpy(info)   # the one read-back before the results
-                if (found < 0).any():
-                    raise DeviceError("the search kernel rejected its launch configuration (see kernels/search.cu)")
-                unanswered = np.flatnonzero(status)
-            if not gpu_input:
-                labels, dists = cp.asnumpy(labels), cp.asnumpy(dists)
+                if not gpu_input:
+                    labels, dists = cp.asnumpy(labels), cp.asnumpy(dists)
+            if (found < 0).any():
+                raise DeviceError(f"the search kernel ({self.kernel}) rejected its launch configuration "
+                                  "(see kernels/search.cu, kernels/search_fixed.cu)")
+            bad = np.flatnonzero(status & _BAD_QUERY)
+            if bad.size:
+                raise not_finite("query", int(bad[0]))
+            unanswered = np.flatnonzero(status)
         return SearchResult(labels, dists, found), unanswered
 
     def insert_candidates(self, core, chunk, space):
@@ -127,13 +166,11 @@ class DeviceSearch:
         batch = np.full((b, max(kb, 1)), INVALID_SLOT, dtype=np.uint32)
         with self._guard() as cp:
             rows = cp.asarray(chunk)
-            with self._lock:
-                mirror = self._mirror_of(core)
-                mirror.sync()
-                out = mirror.search(rows, kc, kc, slots=True)
-            if out is None:   # no launch fits this device: the caller inserts on the CPU
+            chosen = self._launch(cp, core, rows, kc, kc, 1, None, 0, True)
+            if chosen is None:   # no kernel takes it on this device: the caller inserts on the CPU
                 return None
-            graph = cp.asnumpy(out[0])
+            graph = chosen[1].finish().ids if chosen[0] == "fixed" else chosen[1][0]
+            graph = cp.asnumpy(graph)
             if kb > 0:
                 batch[:, :kb] = batch_neighbours(cp, rows, kb, space)
         return np.ascontiguousarray(graph, dtype=np.uint32), batch

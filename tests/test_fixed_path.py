@@ -1,0 +1,310 @@
+"""The fixed kernel's host path (gpuhnsw.device.query, the GPU leg's ``GHNSW_SEARCH_KERNEL=fixed``)
+and the mirror's stream order, on the suite's NumPy stand-in for CuPy, without a GPU.
+
+The kernels are NumPy stand-ins queued on the stand-in's stream (they run only when the host waits
+for the device): ``search_fixed_kernel`` reads its ``SearchFixedArgs`` struct from the bytes the
+launcher built, follows its pointers into the device arrays and answers exactly (brute force over
+the slots in use, deleted and filtered ones left out, NaN rows flagged), so what is checked is the
+host path: the struct's fields and pointers, the buffers, the one read-back, the multi-block tile
+through select_topk and the merge, found / status, and the counts of host syncs and allocations
+(conftest.COUNTS).  The kernel itself is checked under emulation (test_kernels_emulated.py).
+"""
+import ctypes
+
+import numpy as np
+import pytest
+
+import gpuhnsw
+from conftest import COUNTS, DeviceArray, _numpy_topk
+from gpuhnsw.device import kernels, launch, mirror as mirror_module
+from gpuhnsw.device.arrays import bf16_values
+from gpuhnsw.device.query import FixedSearch
+from gpuhnsw.testing import exact_knn
+from test_device import _numpy_scatter
+
+INVALID = 0xFFFFFFFF
+NO_LABEL = np.uint64(2**64 - 1)
+
+
+def _at(ptr, dtype, count):
+    """A NumPy view of `count` elements at device address `ptr` (the stand-in's arrays are host memory)."""
+    nbytes = int(count) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * max(nbytes, 1)).from_address(int(ptr)), dtype=dtype, count=int(count))
+
+
+class FixedKernel:
+    """search_fixed_kernel, exact, in NumPy: reads the struct, queues the answer on the stream."""
+
+    def __init__(self, instance, launches):
+        self.storage = instance[0]
+        self.launches = launches
+        self.shared_size_bytes = 4096
+        self.max_dynamic_shared_size_bytes = 0
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        (a,) = args
+        assert a.dtype == launch.SEARCH_FIXED_ARGS and block == (kernels.FIXED_BLOCK,)
+        a = {name: a[name][0] for name in a.dtype.names}
+        assert grid == (int(a["nq"]) * int(a["blocks"]),)
+        self.launches.append(a)
+        DeviceArray.stream.queue.append(lambda: self.run(a))
+
+    def run(self, a):
+        n, nq, k, dim, stride, blocks = (int(a[x]) for x in ("n_slots", "nq", "k", "dim", "stride", "blocks"))
+        dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[self.storage]
+        rows = _at(a["vectors"], dtype, n * stride).reshape(n, stride)[:, :dim]
+        x = bf16_values(rows) if self.storage == "bfloat16" else rows.astype(np.float32)
+        q = _at(a["queries"], np.float32, nq * dim).reshape(nq, dim)
+        ok = np.ones(n, bool)
+        if a["deleted_bits"]:
+            ok &= ~np.unpackbits(_at(a["deleted_bits"], np.uint32, -(-n // 32)).view(np.uint8),
+                                 bitorder="little")[:n].astype(bool)
+        fs = int(a["filter_stride"])
+        filt = None
+        if a["filter_bits"]:
+            words = fs if fs else -(-n // 32)
+            filt = _at(a["filter_bits"], np.uint32, (nq if fs else 1) * words).reshape(-1, words)
+        metric = int(a["metric"])
+        width = blocks * k
+        o_d = _at(a["out_dists"], np.float32, nq * width).reshape(nq, width)
+        o_s = _at(a["out_slots"], np.uint32, nq * width).reshape(nq, width) if a["out_slots"] else None
+        o_l = _at(a["out_labels"], np.uint64, nq * k).reshape(nq, k) if a["out_labels"] else None
+        found, status = _at(a["out_found"], np.int32, nq), _at(a["out_status"], np.int32, nq)
+        labels = _at(a["labels"], np.uint64, n)
+        ws = None
+        if blocks > 1:
+            ws = _at(a["workspace"], np.uint32, nq * launch.workspace_words(a["global_log2"]))
+            ws = ws.reshape(nq, -1)
+        for i in range(nq):
+            allowed = ok.copy()
+            if filt is not None:
+                allowed &= np.unpackbits(filt[i if fs else 0].view(np.uint8), bitorder="little")[:n].astype(bool)
+            bad = not np.isfinite(q[i]).all()
+            if metric == 0:
+                d = ((x - q[i]) ** 2).sum(1)
+            else:
+                qq = q[i] / (np.linalg.norm(q[i]) + 1e-30) if metric == 2 else q[i]
+                d = 1 - x @ qq
+            cand = np.flatnonzero(allowed) if not bad and a["entry_point"] >= 0 else np.zeros(0, np.int64)
+            top = cand[np.lexsort((cand, d[cand]))][:k]
+            o_d[i], f = np.inf, len(top)
+            o_d[i, :f] = d[top]
+            if o_s is not None:
+                o_s[i] = INVALID
+                o_s[i, :f] = top
+            if blocks == 1:
+                if o_l is not None:
+                    o_l[i] = NO_LABEL
+                    o_l[i, :f] = labels[top]
+                found[i], status[i] = f, 4 if bad else 0
+            else:
+                found[i] = 0
+                ws[i, -1] = 4 if bad else 0
+        if a["out_counts"]:
+            _at(a["out_counts"], np.int32, 4 * nq)[:] = np.repeat([[1, n, 0, 0]], nq, 0).ravel()
+
+
+def _numpy_merge(grid, block, args):
+    """gather_merged_kernel in NumPy, queued."""
+    def run():
+        columns, tile_slots, tile_ld, labels, workspace, ws_ld, nq, k, dists, out_slots, out_labels, found, status = args
+        nq, k = int(nq), int(k)
+        cols = np.asarray(columns).reshape(nq, k)
+        tile = np.asarray(tile_slots).reshape(nq, int(tile_ld))
+        s = np.where(cols >= 0, np.take_along_axis(tile, np.maximum(cols, 0), 1), INVALID).astype(np.uint32)
+        valid = s != INVALID
+        np.asarray(dists).reshape(nq, k)[~valid] = np.inf
+        if not isinstance(out_slots, np.integer):
+            np.asarray(out_slots).reshape(nq, k)[:] = s
+        if not isinstance(out_labels, np.integer):
+            np.asarray(out_labels).reshape(nq, k)[:] = np.where(valid, np.asarray(labels)[np.where(valid, s, 0)],
+                                                                NO_LABEL)
+        keep = np.asarray(found) >= 0
+        np.asarray(found)[keep] = valid.sum(1)[keep]
+        np.asarray(status)[:] = np.asarray(workspace).reshape(nq, -1)[:, -1]
+    DeviceArray.stream.queue.append(run)
+
+
+def _queued_topk(*args, **kwargs):
+    """select_topk_kernel in NumPy (conftest), queued on the stream like the others."""
+    DeviceArray.stream.queue.append(lambda: _numpy_topk(*args, **kwargs))
+
+
+@pytest.fixture
+def fixed_gpu(monkeypatch, fake_cupy):
+    """The fixed kernel switched on; the loader hands out the NumPy kernels; ``launches`` lists the
+    search_fixed_kernel structs."""
+    launches = []
+    monkeypatch.setenv("GHNSW_SEARCH_KERNEL", "fixed")
+
+    def get_kernel(name, instance, device=None):
+        if name == "search_fixed":
+            return FixedKernel(instance, launches)
+        return {"topk": _queued_topk, "merge": _numpy_merge, "scatter": _numpy_scatter}[name]
+
+    monkeypatch.setattr(kernels, "get_kernel", get_kernel)
+    monkeypatch.setattr(kernels, "shared_limit", lambda device: 227 * 1024)
+    return launches
+
+
+@pytest.fixture
+def sift(datasets):
+    base, queries, _, _ = datasets("siftsmall", n_base=3000, n_queries=40)
+    return base, queries
+
+
+def make_index(base, storage="float32", space="l2"):
+    index = gpuhnsw.Index(space, base.shape[1], device="cuda", storage=storage)
+    index.init_index(len(base), M=8, ef_construction=40, random_seed=3)
+    index.add_items(base, num_threads=2)
+    return index
+
+
+@pytest.mark.parametrize("nq", [1, 5, 40])
+@pytest.mark.parametrize("gpu_input", [False, True])
+def test_answers_through_the_fixed_path(fixed_gpu, fake_cupy, sift, nq, gpu_input):
+    """Small batches go through several blocks per query (the tile, select_topk, the merge), larger
+    ones one block per query; host and GPU input; the exact stand-in kernel's answer comes back."""
+    base, queries = sift
+    index = make_index(base)
+    q = fake_cupy.asarray(queries[:nq]) if gpu_input else queries[:nq]
+    labels, dists = index.knn_query(q, k=10, ef=32, search_width=4)
+    assert isinstance(labels, DeviceArray) == gpu_input
+    truth, truth_d = exact_knn(base, queries[:nq], 10, "l2")
+    np.testing.assert_array_equal(np.asarray(labels), truth)
+    np.testing.assert_allclose(np.asarray(dists), truth_d, rtol=1e-4)
+    a = fixed_gpu[-1]
+    assert a["blocks"] == launch.fixed_blocks(nq, 132) and a["search_width"] == 4 and a["k"] == 10
+    assert a["beam"] == launch.fixed_block_beam(32, 10, a["blocks"]) and a["degree"] == index._core.M0
+
+
+@pytest.mark.parametrize("nq", [1, 300])
+def test_steady_state_allocates_nothing_and_syncs_once(fixed_gpu, fake_cupy, sift, monkeypatch, nq):
+    """The second call of a shape: no device or pinned allocation, one host sync (the packed
+    read-back), no drain of the core's dirty log (the O(1) check said nothing changed)."""
+    base, queries = sift
+    queries = np.resize(queries, (nq, queries.shape[1]))
+    index = make_index(base)
+    shipped = []
+    real_ship = mirror_module.DeviceMirror._ship
+    monkeypatch.setattr(mirror_module.DeviceMirror, "_ship", lambda self, *a: shipped.append(1) or real_ship(self, *a))
+    first = index.knn_query(queries, k=10, ef=24)
+    assert shipped == [1]
+    COUNTS.update(syncs=0, allocs=0)
+    second = index.knn_query(queries, k=10, ef=24)
+    assert COUNTS == {"syncs": 1, "allocs": 0} and shipped == [1]
+    np.testing.assert_array_equal(first[0], second[0])
+
+
+def test_gpu_input_waits_once(fixed_gpu, fake_cupy, sift):
+    """GPU queries: no NaN check on the host (the kernel's status bit), results left on the device:
+    one host sync, the read-back of found and status; the results are the caller's new arrays."""
+    base, queries = sift
+    index = make_index(base)
+    q = fake_cupy.asarray(queries[:7])
+    first = index.knn_query(q, k=5)
+    COUNTS.update(syncs=0, allocs=0)
+    second = index.knn_query(q, k=5)
+    assert COUNTS["syncs"] == 1 and COUNTS["allocs"] == 2          # the two result arrays
+    assert second[0] is not first[0] and np.array_equal(second[0], first[0])
+
+
+def test_nan_in_gpu_queries_raises_from_the_status_bit(fixed_gpu, fake_cupy, sift):
+    base, queries = sift
+    index = make_index(base)
+    q = np.array(queries[:4])
+    q[2, 7] = np.nan
+    COUNTS.update(syncs=0)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(first in row 2"):
+        index.knn_query(fake_cupy.asarray(q), k=5)
+    assert COUNTS["syncs"] == 1
+
+
+@pytest.mark.parametrize("nq", [3, 300])
+def test_filters_and_deletions(fixed_gpu, fake_cupy, sift, nq):
+    base, queries = sift
+    queries = np.resize(queries, (nq, queries.shape[1]))
+    index = make_index(base)
+    for label in range(0, len(base), 5):
+        index.mark_deleted(label)
+    allowed = np.arange(1, len(base), 2)
+    labels, _ = index.knn_query(queries, k=10, filter=allowed, filter_mode="graph")
+    assert np.all(labels % 2 == 1) and np.all(labels % 5 != 0)
+    rows = np.setdiff1d(allowed, np.arange(0, len(base), 5))
+    truth, _ = exact_knn(base[rows], queries, 10, "l2")
+    np.testing.assert_array_equal(labels, rows[truth])
+    assert fixed_gpu[-1]["deleted_bits"] != 0 and fixed_gpu[-1]["filter_bits"] != 0
+
+
+def test_bfloat16_rows_use_the_fixed_kernel(fixed_gpu, fake_cupy, sift, monkeypatch):
+    """bfloat16 rows: the fixed kernel whatever the switch says (the beam kernel has no bf16)."""
+    monkeypatch.setenv("GHNSW_SEARCH_KERNEL", "beam")
+    base, queries = sift
+    index = make_index(base, storage="bfloat16")
+    labels, dists = index.knn_query(queries[:20], k=10, ef=32)
+    assert index._gpu.kernel == "fixed" and len(fixed_gpu) == 1
+    assert index._gpu.mirror.check_against_core() == []
+    truth, _ = exact_knn(bf16_values(np.asarray(index._gpu.mirror.vectors)[:len(base), :base.shape[1]]),
+                         queries[:20], 10, "l2")
+    np.testing.assert_array_equal(labels, truth)
+
+
+def test_beyond_the_fixed_kernel_the_beam_kernel_answers(fixed_gpu, fake_cupy, sift, monkeypatch):
+    """A batch of one block per query with a beam past 256, or a width past 8: the beam kernel takes
+    it (a small batch's blocks share the beam: 8 blocks of 75 for ef 300)."""
+    base, queries = sift
+    index = make_index(base)
+    calls = []
+    monkeypatch.setattr(mirror_module.DeviceMirror, "search",
+                        lambda self, q, k, beam, **kw: calls.append((beam, kw["search_width"])))
+    many = np.resize(queries, (300, queries.shape[1]))
+    index.knn_query(many, k=10, ef=300)
+    index.knn_query(queries[:2], k=10, ef=64, search_width=16)
+    assert calls == [(300, 1), (64, 16)] and fixed_gpu == []
+    index.knn_query(queries[:2], k=10, ef=300, pad=True)
+    assert len(calls) == 2 and fixed_gpu[-1]["blocks"] == 8 and fixed_gpu[-1]["beam"] == 75
+
+
+def test_counts_and_concurrent_calls_get_their_own_buffers(fixed_gpu, fake_cupy, sift):
+    """Two calls launched before either is read back use two buffer sets; the debug counters come
+    back in the same read-back."""
+    base, queries = sift
+    index = make_index(base)
+    index.sync()
+    fixed = FixedSearch(index._gpu.mirror)
+    a = fixed.launch(queries[:3], 10, 32, counts=True)
+    b = fixed.launch(queries[3:6], 10, 32)
+    assert a.bufs is not b.bufs
+    ra, rb = a.finish(), b.finish()
+    assert ra.counts.shape == (3, 4) and np.all(ra.counts[:, 1] == len(base)) and rb.counts is None
+    truth, _ = exact_knn(base, queries[:6], 10, "l2")
+    np.testing.assert_array_equal(np.concatenate([ra.ids, rb.ids]), truth)
+    c = fixed.launch(queries[:3], 10, 32)       # the pool hands a set back
+    assert c.bufs in (a.bufs, b.bufs)
+    c.finish()
+
+
+def test_searches_wait_for_the_sync_and_syncs_for_searches(fixed_gpu, fake_cupy, sift):
+    """A search waits (on the device) for the last sync's event; a sync that ships waits for the
+    searches' events; arrays a growth replaced stay until their readers' events completed."""
+    base, queries = sift
+    index = make_index(base[:1000])
+    index.knn_query(queries[:2], k=5)
+    mirror = index._gpu.mirror
+    stream = DeviceArray.stream
+    assert mirror.synced in stream.waits
+    reader = mirror._readers[stream.ptr]
+    stream.waits.clear()
+    index.resize_index(5000)
+    reader.done = False                         # pretend the search still runs
+    index.add_items(base[1000:], np.arange(1000, len(base)))
+    mirror.sync()                               # grows the device arrays (1024 -> 3000 slots)
+    assert reader in stream.waits
+    assert len(mirror._retired) == 1 and reader in mirror._retired[0][1]
+    old = mirror._retired[0][0][0]
+    assert old.shape[0] < mirror.vectors.shape[0]
+    reader.done = True
+    stream.run()
+    mirror.sync()                               # nothing to sync, but the check is O(1): no release
+    index.knn_query(queries[:2], k=5)           # the next search releases what completed
+    assert mirror._retired == []
