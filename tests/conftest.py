@@ -241,10 +241,16 @@ class _Stream:
     def __init__(self):
         self.queue = []
         self.waits = []
+        self.keep = []   # arrays made while work is queued: freed memory is reused in stream order, as in
+                         # CuPy's pool, so a queued kernel may still write an array its launcher dropped
 
     def run(self, until=None):
+        ran = False
         while self.queue and (until is None or not until.done):
             self.queue.pop(0)()
+            ran = True
+        if ran and not self.queue:   # every launch made so far has run
+            self.keep.clear()
 
     def wait_event(self, event):
         self.waits.append(event)
@@ -304,6 +310,12 @@ class DeviceArray(np.ndarray):
 
 def _device(a):
     return a.view(DeviceArray) if isinstance(a, np.ndarray) else a
+
+
+def _made(a):
+    """A new device array, kept alive until the work queued so far has run."""
+    DeviceArray.stream.keep.append(a)
+    return a
 
 
 def _synced(fn):
@@ -399,7 +411,7 @@ class NumpyCupy(types.ModuleType):
         if isinstance(a, DeviceArray) and (dtype is None or np.dtype(dtype) == a.dtype):
             return a                                            # already on the device, as CuPy
         COUNTS["allocs"] += 1
-        return np.array(a, dtype=dtype).view(DeviceArray)       # a copy, like a transfer
+        return _made(np.array(a, dtype=dtype).view(DeviceArray))   # a copy, like a transfer
 
     @staticmethod
     @_synced
@@ -411,10 +423,10 @@ class NumpyCupy(types.ModuleType):
     def from_dlpack(x):
         return NumpyCupy.asarray(np.from_dlpack(x))
 
-    empty = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.empty(*a, **k).view(DeviceArray))))
-    zeros = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.zeros(*a, **k).view(DeviceArray))))
-    full = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.full(*a, **k).view(DeviceArray))))
-    arange = staticmethod(_counted("allocs", _synced(lambda *a, **k: np.arange(*a, **k).view(DeviceArray))))
+    empty = staticmethod(_counted("allocs", _synced(lambda *a, **k: _made(np.empty(*a, **k).view(DeviceArray)))))
+    zeros = staticmethod(_counted("allocs", _synced(lambda *a, **k: _made(np.zeros(*a, **k).view(DeviceArray)))))
+    full = staticmethod(_counted("allocs", _synced(lambda *a, **k: _made(np.full(*a, **k).view(DeviceArray)))))
+    arange = staticmethod(_counted("allocs", _synced(lambda *a, **k: _made(np.arange(*a, **k).view(DeviceArray)))))
 
     @staticmethod
     @_synced
@@ -422,6 +434,7 @@ class NumpyCupy(types.ModuleType):
         out = _device(np.ascontiguousarray(a, dtype=dtype))
         if not np.shares_memory(out, a):
             COUNTS["allocs"] += 1
+            _made(out)
         return out
 
 
@@ -441,6 +454,7 @@ def fake_cupy(monkeypatch):
     arrays.cuda_status.cache_clear()
     DeviceArray.stream.queue.clear()
     DeviceArray.stream.waits.clear()
+    DeviceArray.stream.keep.clear()
 
 
 @pytest.fixture
