@@ -16,7 +16,7 @@ Contenders, each at the same ``ef`` and ``k``:
   lock step (one iteration of each block in turn: a model of the GPU running them side by side);
   ``iterations`` is the most of any block;
 - with 1 % of the elements deleted: search_beam_kernel switches every query to hnswlib's filtered
-  search (counted by wrapping the reference's graph), search_fixed_kernel keeps its path.
+  search, search_fixed_kernel keeps its path.
 
 Recall@10 against the datasets' exact ground truth.  Writes ``search_replay.json`` and
 ``search_replay.md`` into ``--out``.
@@ -32,8 +32,8 @@ import time
 import numpy as np
 
 import gpuhnsw
-from gpuhnsw._reference import ReferenceGraph, beam_search_reference
-from gpuhnsw._reference_fixed import COUNTS, fixed_search_reference
+from gpuhnsw._reference import COUNTS, beam_search_reference
+from gpuhnsw._reference_fixed import fixed_search_reference
 from gpuhnsw.device import launch
 from gpuhnsw.testing import exact_knn, load_dataset, machine_info, recall_at_k
 
@@ -41,45 +41,10 @@ K = 10
 SPACES = {"siftsmall": "l2", "mnist": "l2", "minilm-debian": "cosine"}
 
 
-class CountingGraph(ReferenceGraph):
-    """The reference's graph, counting level-0 lists read and distances evaluated after the descent
-    (for the older kernel's filtered mode, whose reference has no counters)."""
-
-    def __init__(self, state):
-        super().__init__(state)
-        self.lists = self.evaluated = 0
-        self.level0 = False
-
-    def neighbors(self, slot, level):
-        if level == 0:
-            self.level0 = True
-            self.lists += 1
-        return super().neighbors(slot, level)
-
-    def distances(self, q, slots):
-        if self.level0:
-            self.evaluated += len(slots)
-        return super().distances(q, slots)
-
-
-def beam_filtered_counts(state, queries, ef):
-    """search_beam_kernel's filtered mode (deletions) at width 1: per query (level-0 lists read = its
-    iterations, level-0 distances), and its slots."""
-    g = CountingGraph(state)
-    counts, slots = [], []
-    for q in queries:
-        g.lists = g.evaluated = 0
-        g.level0 = False
-        s, _, _ = beam_search_reference(g, q[None], K, ef)
-        counts.append((g.lists, g.evaluated))
-        slots.append(s[0])
-    return np.array(counts), np.array(slots)
-
-
 def summary(name, slots, counts, labels, truth, seconds):
     got = np.where(slots >= 0, labels[np.maximum(slots, 0)], -1)
     out = {"contender": name, "recall": float(recall_at_k(got, truth, K)), "seconds": seconds}
-    out.update({c: float(counts[:, j].mean()) for j, c in enumerate(COUNTS) if j < counts.shape[1]})
+    out.update({c: float(counts[c].mean()) for c in COUNTS})
     print(f"  {name:<24} recall {out['recall']:.3f}  " + "  ".join(
         f"{c} {out[c]:.1f}" for c in COUNTS if c in out), flush=True)
     return out
@@ -107,7 +72,9 @@ def replay(name, n_base, n_queries, ef, m):
         slots, _, _, _, counts = fixed_search_reference(state, queries, K, ef, return_counts=True, **kw)
         rows.append(summary(label, slots, counts, labels, truth, time.perf_counter() - t0))
 
-    run("beam w=1 (exact visited)")
+    t0 = time.perf_counter()
+    slots, _, _, counts = beam_search_reference(state, queries, K, ef, return_counts=True)
+    rows.append(summary("beam w=1 (exact visited)", slots, counts, labels, truth, time.perf_counter() - t0))
     for width in (1, 2, 4, 8):
         run(f"fixed w={width}", search_width=width, hash_log2=launch.fixed_hash_log2(ef, K, width, m0))
     for blocks in (2, 4, 8):
@@ -130,11 +97,8 @@ def replay(name, n_base, n_queries, ef, m):
     dtruth, _ = exact_knn(base[alive], queries, K, space)
     dtruth = np.flatnonzero(alive)[dtruth]
     t0 = time.perf_counter()
-    counts, slots = beam_filtered_counts(dstate, queries, ef)
-    row = summary("1% deleted: beam w=1", slots, np.c_[counts, np.zeros((len(counts), 2))], labels, dtruth,
-                  time.perf_counter() - t0)
-    row.pop("hops"), row.pop("upper_distances")
-    rows.append(row)
+    slots, _, _, counts = beam_search_reference(dstate, queries, K, ef, return_counts=True)   # filtered mode
+    rows.append(summary("1% deleted: beam w=1", slots, counts, labels, dtruth, time.perf_counter() - t0))
     for width in (1, 4):
         t0 = time.perf_counter()
         slots, _, _, _, counts = fixed_search_reference(dstate, queries, K, ef, search_width=width,
@@ -155,13 +119,13 @@ def write_markdown(results, path):
     for r in results:
         lines += [f"## {r['dataset']} ({r['n']:,} x {r['dim']}, {r['space']}), {r['nq']} queries, M={r['M']}, "
                   f"ef={r['ef']}, k={r['k']}", "",
-                  "| contender | recall@10 | iterations | distances | hops | upper distances |",
-                  "|---|---|---|---|---|---|"]
+                  "| contender | recall@10 | iterations | expanded | distances | hops | upper distances |",
+                  "|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             def f(key):
                 return f"{row[key]:.1f}" if key in row else "-"
-            lines.append(f"| {row['contender']} | {row['recall']:.3f} | {f('iterations')} | {f('distances')} | "
-                         f"{f('hops')} | {f('upper_distances')} |")
+            lines.append(f"| {row['contender']} | {row['recall']:.3f} | {f('iterations')} | {f('expanded')} | "
+                         f"{f('distances')} | {f('hops')} | {f('upper_distances')} |")
         lines.append("")
     with open(path, "w") as fh:
         fh.write("\n".join(lines))

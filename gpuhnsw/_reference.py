@@ -48,7 +48,7 @@ import bisect
 
 import numpy as np
 
-__all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "normalize_queries"]
+__all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "descend", "normalize_queries"]
 
 INVALID = 0xFFFFFFFF
 
@@ -141,7 +141,10 @@ COUNTS = ("iterations", "expanded", "distances", "hops", "upper_distances")
 _ITERATIONS, _EXPANDED, _DISTANCES, _HOPS, _UPPER_DISTANCES = range(len(COUNTS))   # their columns
 
 
-def _descend(g, q, counts):
+def descend(g, q, counts):
+    """The greedy descent of the C search from the entry point through the upper levels of ``g`` for
+    the (normalised) query ``q``: (slot, distance) where it ends; adds its hops and distances to
+    ``counts`` (int64 [len(COUNTS)]).  Shared with gpuhnsw._reference_fixed."""
     cur = g.entry_point
     d = float(g.distances(q, [cur])[0])
     counts[_UPPER_DISTANCES] += 1
@@ -269,7 +272,7 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
     limit = max(ef, k)
     mask = mask.tolist()
     for i in range(nq):
-        cur, d = _descend(g, q[i], counts[i])
+        cur, d = descend(g, q[i], counts[i])
         if filtered:
             res = _filtered_mode(g, q[i], limit, search_width, cur, d, mask, pending_limit, counts[i])
         else:

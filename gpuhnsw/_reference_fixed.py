@@ -35,7 +35,8 @@ expanded); from there each block runs the loop above with its own beam and resul
 visited set for the query (a table of 2**global_log2 slots in global memory, never reset): a block
 whose next iteration could take it past half full stops and sets ``STATUS_VISITED_FULL``.  The
 query's answer is the k smallest of the blocks' answers.  The blocks run one after another here,
-as the host emulation runs them; on a GPU they interleave, so which block reaches a slot first,
+as the host emulation runs them (``lockstep=True``: one iteration of each in turn, a model of the
+GPU for replays); on a GPU they interleave, so which block reaches a slot first,
 and with it the answer, may differ from run to run (every evaluated slot is still in the answer of
 the block that evaluated it, so the answer is the k best slots any block evaluated).
 """
@@ -43,43 +44,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._reference import ReferenceGraph, normalize_queries
+from ._reference import COUNTS, ReferenceGraph, descend, normalize_queries
 
-__all__ = ["fixed_search_reference", "COUNTS", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
+__all__ = ["fixed_search_reference", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 
-#: Per-query work counters (``return_counts``), as the kernel's debug counters (``out_counts``)
-#: hold them: level-0 iterations (serial steps; the most of any block), distances evaluated on level
-#: 0, upper-level lists read in the descent (serial steps), distances evaluated in the descent (the
-#: entry point's included); distances summed over the blocks of a query.
-COUNTS = ("iterations", "distances", "hops", "upper_distances")
+# The per-query work counters (``return_counts``) are gpuhnsw._reference's COUNTS, as the kernel's
+# debug counters (``out_counts``) hold them: level-0 iterations (serial steps), level-0 lists read,
+# level-0 distances, descent hops (serial steps), descent distances (the entry point's included).
+# Several blocks: the serial steps are the most of any block, the rest summed over the blocks.
+_ITERATIONS, _EXPANDED, _DISTANCES, _HOPS, _UPPER = (
+    COUNTS.index(c) for c in ("iterations", "expanded", "distances", "hops", "upper_distances"))
+_SERIAL = (_ITERATIONS, _HOPS)
 #: Status bits (kernels/common.cuh): the shared visited table would have passed half full (a
 #: block stopped early); the query holds NaN or an infinity (not searched).
 STATUS_VISITED_FULL = 1
 STATUS_BAD_QUERY = 4
-
-
-def _row(graph, n, p):
-    """The valid entries of row p of `graph` (uint32 [n, D]), in stored order (list of int)."""
-    row = graph[p]
-    return row[(row < n) & (row != p)].tolist()
-
-
-def _descend(g, q, counts):
-    """The C search's greedy descent; counts hops (lists read) and distances."""
-    cur = g.entry_point
-    d = float(g.distances(q, [cur])[0])
-    counts[3] += 1
-    for level in range(g.max_level, 0, -1):
-        changed = True
-        while changed:
-            changed = False
-            counts[2] += 1
-            nbrs = g.neighbors(cur, level)
-            counts[3] += nbrs.size
-            for s, dn in zip(nbrs.tolist(), g.distances(q, nbrs).tolist()):
-                if dn < d:
-                    d, cur, changed = dn, s, True
-    return cur, d
 
 
 class _Block:
@@ -116,14 +95,14 @@ class _Block:
         return {s for _, s, _ in self.beam} | {s for _, s in self.results}
 
 
-def _run_block(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global_log2, b, visited, out):
+def _run_block(g, q, k, limit, width, allowed, hash_log2, blocks, global_log2, b, visited, out):
     """Block `b` of one query, a generator that yields after each level-0 iteration; `visited` is
     the query's set (shared by its blocks when ``blocks > 1``); `out` (dict) gets the block's
     answer, status bits and counts."""
     counts = np.zeros(len(COUNTS), dtype=np.int64)
-    n, degree = g.n, graph.shape[1]
+    degree = g.M0
     out["status"], out["counts"] = 0, counts
-    cur, d = _descend(g, q, counts)
+    cur, d = descend(g, q, counts)
     blk = _Block(limit, k, allowed)
     if blocks == 1:
         visited.add(cur)
@@ -131,10 +110,11 @@ def _run_block(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global_
         blk.results = [(d, cur)] if allowed is not None and allowed[cur] else []
     else:
         # the seed round: cur's row, every block alike; block b keeps ranks b, b + B, ...
-        nbrs = _row(graph, n, cur)
+        nbrs = g.neighbors(cur, 0).tolist()
         visited |= {cur, *nbrs}
-        counts[0] += 1
-        counts[1] += len(nbrs)
+        counts[_ITERATIONS] += 1
+        counts[_EXPANDED] += 1
+        counts[_DISTANCES] += len(nbrs)
         ranked = sorted(set(zip(g.distances(q, nbrs).tolist(), nbrs))) if nbrs else []
         if b == 0:
             blk.beam = [[d, cur, True]]
@@ -148,15 +128,16 @@ def _run_block(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global_
         if blocks > 1 and len(visited) + len(parents) * degree > (1 << global_log2) // 2:
             out["status"] |= STATUS_VISITED_FULL
             break
-        counts[0] += 1
+        counts[_ITERATIONS] += 1
+        counts[_EXPANDED] += len(parents)
         cands = []
         for p in parents:
-            for s in _row(graph, n, p):
+            for s in g.neighbors(p, 0).tolist():
                 if s not in visited:
                     visited.add(s)
                     cands.append(s)
         if cands:
-            counts[1] += len(cands)
+            counts[_DISTANCES] += len(cands)
             blk.merge(list(zip(g.distances(q, cands).tolist(), cands)))
         if blocks == 1 and hash_log2 is not None and len(visited) + width * degree > (1 << hash_log2) // 2:
             visited.clear()
@@ -165,11 +146,11 @@ def _run_block(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global_
     out["answer"] = blk.answer()
 
 
-def _search_one(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global_log2, lockstep):
+def _search_one(g, q, k, limit, width, allowed, hash_log2, blocks, global_log2, lockstep):
     """One query: (answer [(d, slot)] sorted, status, counts [len(COUNTS)])."""
     visited = set()
     outs = [{} for _ in range(blocks)]
-    runs = [_run_block(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global_log2, b, visited, outs[b])
+    runs = [_run_block(g, q, k, limit, width, allowed, hash_log2, blocks, global_log2, b, visited, outs[b])
             for b in range(blocks)]
     if lockstep:   # one iteration of each block in turn, until all are done
         while runs:
@@ -179,7 +160,7 @@ def _search_one(g, graph, q, k, limit, width, allowed, hash_log2, blocks, global
             for _ in r:
                 pass
     counts = np.stack([o["counts"] for o in outs])
-    counts = np.array([counts[:, 0].max(), counts[:, 1].sum(), counts[:, 2].max(), counts[:, 3].sum()])
+    counts = np.array([counts[:, j].max() if j in _SERIAL else counts[:, j].sum() for j in range(len(COUNTS))])
     status = 0
     for o in outs:
         status |= o["status"]
@@ -198,28 +179,34 @@ def fixed_search_reference(state, queries, k, ef, *, search_width=1, allowed=Non
     search_width : int, 1..8, parents per iteration
     allowed : bool [count], optional: slots that may be returned (deleted ones never are)
     graph : uint32 [count, D], optional: the level-0 adjacency, fixed degree, padded with
-        0xFFFFFFFF (default: the state's ``links0``, D = M0)
+        0xFFFFFFFF (``ReferenceGraph``'s ``level0``; default: the state's ``links0``, D = M0, read
+        whole as the kernel reads it: its entries past degree0 are 0xFFFFFFFF)
     hash_log2 : int, optional: the kernel's shared-memory visited hash (resets as it does);
         None: an exact visited set (no repeated distances)
     blocks : int, blocks per query; global_log2 : int, their shared visited table (required with
         ``blocks > 1``)
     lockstep : bool, the blocks of a query take one iteration each in turn (a model of a GPU
         running them side by side, for replays) instead of one after another (the emulation's order)
-    return_counts : bool, also return the counters of :data:`COUNTS`
+    return_counts : bool, also return the counters of ``gpuhnsw._reference.COUNTS``
 
     Returns
     -------
     slots : int64 [nq, k], -1 where missing; dists : float32 [nq, k], inf where missing;
     found : int64 [nq]; status : int32 [nq] (``STATUS_*`` bits);
-    counts : int64 [nq, len(COUNTS)], only with ``return_counts``
+    counts : dict of int64 [nq] keyed by ``COUNTS``, only with ``return_counts``
     """
-    g = state if isinstance(state, ReferenceGraph) else ReferenceGraph(state)
+    if isinstance(state, ReferenceGraph):
+        if graph is not None:
+            raise ValueError("graph: pass the state, not a ReferenceGraph, with a graph")
+        g = state
+    else:
+        n = int(state["count"])
+        if graph is None and n:   # the stored level 0, every row read whole, as the kernel reads it
+            graph = np.frombuffer(state["links0"], np.uint32).reshape(n, -1)
+        g = ReferenceGraph(state, level0=graph)
     k, limit, width, blocks = int(k), max(int(ef), int(k)), int(search_width), int(blocks)
     if k < 1 or width < 1 or blocks < 1 or (blocks > 1 and global_log2 is None):
         raise ValueError("need k >= 1, search_width >= 1, blocks >= 1 (and global_log2 with blocks > 1)")
-    graph = g.links0 if graph is None else np.asarray(graph)
-    if graph.dtype != np.uint32 or graph.ndim != 2 or graph.shape[0] != g.n or graph.shape[1] < 1:
-        raise ValueError(f"graph: expected uint32 [{g.n}, D >= 1], got {graph.dtype} {graph.shape}")
     q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, g.dim)
     if g.space == "cosine":
         q = normalize_queries(q)
@@ -245,11 +232,13 @@ def fixed_search_reference(state, queries, k, ef, *, search_width=1, allowed=Non
             continue
         if g.entry_point < 0:
             continue
-        res, status[i], counts[i] = _search_one(g, graph, q[i], k, limit, width, mask, hash_log2, blocks,
+        res, status[i], counts[i] = _search_one(g, q[i], k, limit, width, mask, hash_log2, blocks,
                                                 global_log2, lockstep)
         found[i] = len(res)
         if res:
             dists[i, :len(res)] = [d for d, _ in res]
             slots[i, :len(res)] = [s for _, s in res]
     out = (slots, dists, found, status)
-    return out + (counts,) if return_counts else out
+    if not return_counts:
+        return out
+    return out + ({name: np.ascontiguousarray(counts[:, j]) for j, name in enumerate(COUNTS)},)

@@ -87,6 +87,8 @@ constexpr int kFixedBlock = 64;    // threads per block
 constexpr int kMaxWidth = 8;       // search_width
 constexpr int kMaxDegree = 64;     // columns of `graph`
 constexpr int kMergeChunk = 2;     // registers per lane of a candidate chunk (beyond the first 32)
+// The debug counters (out_counts), gpuhnsw._reference.COUNTS' order.
+enum FixedCount : int { kIterations, kExpanded, kDistances, kHops, kUpperDistances, kCounts };
 
 // Everything a launch needs, by value: 16 pointers, then 16 ints: no padding anywhere.  Workspace
 // of query qi (blocks > 1), 2 + (1 << global_log2) words: | count | table | status | (visited.cuh's
@@ -107,8 +109,9 @@ struct SearchFixedArgs {
   label_t* out_labels;            // blocks == 1: [nq, k] or null; blocks > 1: unused
   int* out_found;                 // [nq]; -1: bad launch configuration; blocks > 1: 0 (merge.cu sets it)
   int* out_status;                // [nq] kStatus* bits; blocks > 1: unused (workspace word 1)
-  int* out_counts;                // [nq, 4] or null: level-0 iterations, distances, hops, upper
-                                  //   distances (blocks > 1: zeroed by the caller, summed / maxed)
+  int* out_counts;                // [nq, 5] or null: level-0 iterations, lists read, distances,
+                                  //   descent hops, descent distances (blocks > 1: zeroed by the
+                                  //   caller; iterations and hops the most of any block, the rest summed)
   int filter_stride;              // words per query; 0: one bitset for every query
   int stride;                     // elements per row, 16-byte multiple
   int metric;                     // gpuhnsw::Metric
@@ -151,7 +154,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
   __shared__ float s_best_d[2][2];        // descent: per hop parity and warp, the best (d, position)
   __shared__ slot_t s_best_i[2][2];
   __shared__ int s_np, s_n_cand, s_n_keep, s_n_keep_res, s_reseeded, s_stop, s_found;
-  __shared__ int s_counts[4];             // the debug counters (thread 0): iterations, distances, hops, upper
+  __shared__ int s_counts[kCounts];       // the debug counters (gpuhnsw._reference.COUNTS' order)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int team = tid / Team;
@@ -192,7 +195,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
       return GlobalVisited{args.workspace + static_cast<long long>(qi) * ((1ll << global_log2) + 2), global_log2};
     };
     int status = 0;                                        // kStatus* bits, kept by thread 0
-    if (tid < 4) s_counts[tid] = 0;                        // read after the output's barrier
+    if (tid < kCounts) s_counts[tid] = 0;                  // read after the output's barrier
     if (blocks > 1 && b == 0 && tid == 0) args.out_found[qi] = 0;
 
     const bool ok_query = load_query_checked(q_s, args.queries + static_cast<long long>(qi) * dim, dim, stride,
@@ -205,7 +208,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
       cur = static_cast<slot_t>(entry_point);
       cur_d = team_distance_batched<T, Team>(q_s, vectors + static_cast<long long>(cur) * stride, n_chunks, metric);
       // every team computed it: each lane holds the same value
-      if (counting && tid == 0) atomicAdd(&s_counts[3], 1);
+      if (counting && tid == 0) atomicAdd(&s_counts[kUpperDistances], 1);
       int parity = 0;
       for (int level = max_level; level >= 1; --level) {
         while (true) {
@@ -227,7 +230,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
               best = d;
               best_i = static_cast<slot_t>(i);
             }
-            if (counting && ok && (tid & (Team - 1)) == 0) atomicAdd(&s_counts[3], 1);
+            if (counting && ok && (tid & (Team - 1)) == 0) atomicAdd(&s_counts[kUpperDistances], 1);
           }
 #pragma unroll
           for (int off = 16; off > 0; off >>= 1) {  // the warp's first best in stored order
@@ -242,7 +245,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
             s_best_d[parity][warp] = best;
             s_best_i[parity][warp] = best_i;
           }
-          if (counting && tid == 0) ++s_counts[2];
+          if (counting && tid == 0) ++s_counts[kHops];
           __syncthreads();  // a hop's pair is rewritten two hops later, after the next barrier
           if (pair_less(s_best_d[parity][1], s_best_i[parity][1], best, best_i)) {
             best = s_best_d[parity][1];
@@ -352,8 +355,8 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
           s_n_keep_res = kept_res;
         }
         if (counting && lane == 0) {
-          s_counts[0] = 1;
-          for (int i = 0; i < degree; ++i) s_counts[1] += cand_s[i] != kInvalidSlot;
+          s_counts[kIterations] = s_counts[kExpanded] = 1;
+          for (int i = 0; i < degree; ++i) s_counts[kDistances] += cand_s[i] != kInvalidSlot;
         }
       }
       __syncthreads();
@@ -380,8 +383,9 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
         const int n_cand = s_n_cand;
         hash_count += n_cand;
         if (counting && tid == 0) {
-          ++s_counts[0];
-          s_counts[1] += n_cand;
+          ++s_counts[kIterations];
+          s_counts[kExpanded] += np;
+          s_counts[kDistances] += n_cand;
         }
         // D. distances, one team per candidate; keep what can enter the beam or the results
         for (int i0 = 0; i0 < n_cand; i0 += kTeams) {
@@ -487,14 +491,11 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
         atomicOr(table().count + 1 + (1 << global_log2), static_cast<unsigned>(status));
       }
       if (counting) {
-        int* c = args.out_counts + 4ll * qi;
-        if (blocks == 1) {
-          for (int i = 0; i < 4; ++i) c[i] = s_counts[i];
-        } else {
-          atomicMax(c, s_counts[0]);
-          atomicAdd(c + 1, s_counts[1]);
-          atomicMax(c + 2, s_counts[2]);
-          atomicAdd(c + 3, s_counts[3]);
+        int* c = args.out_counts + static_cast<long long>(kCounts) * qi;
+        for (int i = 0; i < kCounts; ++i) {
+          if (blocks == 1) c[i] = s_counts[i];
+          else if (i == kIterations || i == kHops) atomicMax(c + i, s_counts[i]);
+          else atomicAdd(c + i, s_counts[i]);
         }
       }
     }

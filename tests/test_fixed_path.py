@@ -101,7 +101,7 @@ class FixedKernel:
                 found[i] = 0
                 ws[i, -1] = 4 if bad else 0
         if a["out_counts"]:
-            _at(a["out_counts"], np.int32, 4 * nq)[:] = np.repeat([[1, n, 0, 0]], nq, 0).ravel()
+            _at(a["out_counts"], np.int32, 5 * nq)[:] = np.repeat([[1, 1, n, 0, 0]], nq, 0).ravel()
 
 
 def _numpy_merge(grid, block, args):
@@ -276,7 +276,7 @@ def test_counts_and_concurrent_calls_get_their_own_buffers(fixed_gpu, fake_cupy,
     b = fixed.launch(queries[3:6], 10, 32)
     assert a.bufs is not b.bufs
     ra, rb = a.finish(), b.finish()
-    assert ra.counts.shape == (3, 4) and np.all(ra.counts[:, 1] == len(base)) and rb.counts is None
+    assert ra.counts.shape == (3, 5) and np.all(ra.counts[:, 2] == len(base)) and rb.counts is None
     truth, _ = exact_knn(base, queries[:6], 10, "l2")
     np.testing.assert_array_equal(np.concatenate([ra.ids, rb.ids]), truth)
     c = fixed.launch(queries[:3], 10, 32)       # the pool hands a set back

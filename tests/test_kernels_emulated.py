@@ -27,7 +27,8 @@ import pytest
 import gpuhnsw
 from gpuhnsw.device import kernels, launch
 from gpuhnsw._reference import ReferenceGraph, beam_search_reference, normalize_queries
-from gpuhnsw._reference_fixed import COUNTS, STATUS_BAD_QUERY, fixed_search_reference
+from gpuhnsw._reference import COUNTS
+from gpuhnsw._reference_fixed import STATUS_BAD_QUERY, fixed_search_reference
 from gpuhnsw.device.arrays import bf16_bits, bf16_values
 
 HERE = Path(__file__).resolve().parent
@@ -121,7 +122,7 @@ int main(int, char** argv) {
   std::vector<unsigned> o_slots(std::max(1, nq * width), 0xDEADBEEFu);
   std::vector<float> o_dists(std::max(1, nq * width), -1.f);
   std::vector<unsigned long long> o_labels(std::max(1, nq * a.k), 0xDEADBEEFull);
-  std::vector<int> o_found(nq, -7), o_status(nq, -7), o_counts(4 * std::max(1, nq), 0);
+  std::vector<int> o_found(nq, -7), o_status(nq, -7), o_counts(5 * std::max(1, nq), 0);
   std::vector<unsigned> ws(std::max(1, nq * ws_words), 0u);
   a.vectors = vec.data(); a.graph = graph.data(); a.upper_start = ustart.data(); a.upper_links = ulinks.data();
   a.levels = levels.data(); a.labels = labels.data(); a.deleted_bits = use_deleted ? deleted.data() : nullptr;
@@ -552,7 +553,7 @@ def run_fixed(emulator, state, queries, k, ef, *, storage="float16", width=1, al
               upper_links=np.concatenate([g.upper, np.zeros(1, np.uint32)]), levels=g.levels, labels=g.labels,
               deleted=bitset(g.deleted), filter=bitset(allowed) if allowed is not None else np.zeros(1, np.uint32),
               queries=np.asarray(queries, np.float32))
-    out["out_counts"] = out["out_counts"][:4 * nq].reshape(nq, 4)
+    out["out_counts"] = out["out_counts"][:len(COUNTS) * nq].reshape(nq, len(COUNTS))
     if blocks == 1:
         for name in ("out_slots", "out_dists", "out_labels"):
             out[name] = out[name][:nq * k].reshape(nq, k)
@@ -580,6 +581,7 @@ def run_fixed(emulator, state, queries, k, ef, *, storage="float16", width=1, al
 
 def assert_fixed_matches(out, ref, labels, *, min_same=0.99, counts=True):
     slots, dists, found, status, ref_counts = ref
+    ref_counts = np.stack([ref_counts[c] for c in COUNTS], axis=1)
     assert_matches(out, (slots, dists, found), labels, min_same)
     np.testing.assert_array_equal(out["out_status"], status)
     if counts:   # the kernel's debug counters: the same work, step for step

@@ -28,6 +28,7 @@ from multiprocessing import get_context
 import numpy as np
 import pytest
 
+from gpuhnsw._reference import COUNTS
 from gpuhnsw.device import kernels, launch
 
 ARCHS = ("sm_75", "sm_80", "sm_90")  # oldest CUDA 13 target; Ampere; Hopper
@@ -92,7 +93,8 @@ def test_import_without_cupy():
     code = textwrap.dedent("""
         import sys
         sys.modules["cupy"] = None          # import cupy -> ImportError
-        from gpuhnsw.device import kernels, launch
+        from gpuhnsw._reference import COUNTS
+from gpuhnsw.device import kernels, launch
         assert kernels.kernel_source("search")
         try:
             kernels.get_kernel("topk", (32,))
@@ -132,6 +134,7 @@ def test_fixed_launch_arithmetic():
     # a lane loads at most LOAD_BATCH 16-byte chunks a round: 128 fp16 dims (16 chunks) -> 8 lanes
     assert launch.fixed_team_size(128, "float16") == 8 and launch.fixed_team_size(128, "float32") == 16
     assert launch.fixed_team_size(384, "float16") == 32 and launch.fixed_team_size(8, "bfloat16") == 8
+    assert launch.FIXED_COUNTERS == len(COUNTS)
     assert launch.fixed_capacity(10) == 32 and launch.fixed_capacity(256) == 256 and launch.fixed_capacity(257) is None
     log2 = launch.fixed_hash_log2(64, 10, 4, 32)
     assert log2 == 10 and (1 << (log2 - 1)) >= 64 + 10 + 4 * 32
@@ -226,7 +229,8 @@ def test_search_fixed_args_and_constants_are_the_kernels():
     checks += [f"static_assert(gpuhnsw::kLoadBatch == {launch.LOAD_BATCH}, \"kLoadBatch\");",
                f"static_assert(gpuhnsw::kMaxWidth == {launch.MAX_FIXED_WIDTH}, \"kMaxWidth\");",
                f"static_assert(gpuhnsw::kMaxDegree == {launch.MAX_FIXED_DEGREE}, \"kMaxDegree\");",
-               f"static_assert(gpuhnsw::kFixedBlock == {kernels.FIXED_BLOCK}, \"kFixedBlock\");"]
+               f"static_assert(gpuhnsw::kFixedBlock == {kernels.FIXED_BLOCK}, \"kFixedBlock\");",
+               f"static_assert(gpuhnsw::kCounts == {launch.FIXED_COUNTERS}, \"kCounts\");"]
     _compiles_with("search_fixed", checks)
 
 

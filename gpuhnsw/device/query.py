@@ -14,7 +14,7 @@ one O(1) question)::
 
     packed layout (nq rows, k results; sections 16-byte aligned):
     | ids u64 [nq, k] (labels) or u32 [nq, k] (slots) | dists f32 [nq, k] | found i32 [nq] |
-    | status i32 [nq] | counts i32 [nq, 4] (with counts) |
+    | status i32 [nq] | counts i32 [nq, 5] (with counts) |
 
 For GPU input the labels (or slots) and distances are the caller's fresh CuPy arrays, and only
 found, status (and counts) travel back.  Buffers belong to one call from its upload to its
@@ -48,13 +48,13 @@ def _align(n):
 def packed_layout(nq, k, *, ids, host_results, counts):
     """{section: (offset, dtype, shape)} and the total bytes of one call's packed results: ``ids``
     ``"labels"`` (uint64) or ``"slots"`` (uint32); the ids and distances only with
-    ``host_results``; counts (int32 ``[nq, 4]``) only with ``counts``."""
+    ``host_results``; counts (int32 ``[nq, FIXED_COUNTERS]``) only with ``counts``."""
     sections = []
     if host_results:
         sections += [("ids", np.uint64 if ids == "labels" else np.uint32, (nq, k)), ("dists", np.float32, (nq, k))]
     sections += [("found", np.int32, (nq,)), ("status", np.int32, (nq,))]
     if counts:
-        sections.append(("counts", np.int32, (nq, 4)))
+        sections.append(("counts", np.int32, (nq, launch.FIXED_COUNTERS)))
     out, at = {}, 0
     for name, dtype, shape in sections:
         out[name] = (at, dtype, shape)
@@ -66,8 +66,8 @@ def packed_layout(nq, k, *, ids, host_results, counts):
 class FixedResult:
     """One call's answer.  ids: labels uint64 or slots uint32 ``[nq, k]`` and dists float32 ``[nq, k]``
     (NumPy for host queries, CuPy for GPU queries), found / status int32 ``[nq]`` (NumPy), counts
-    int32 ``[nq, 4]`` (NumPy) or None: level-0 iterations, level-0 distances, descent hops, descent
-    distances (``gpuhnsw._reference_fixed.COUNTS``)."""
+    int32 ``[nq, 5]`` (NumPy) or None: level-0 iterations, lists read and distances, descent hops
+    and distances (``gpuhnsw._reference.COUNTS``)."""
     ids: object
     dists: object
     found: np.ndarray
