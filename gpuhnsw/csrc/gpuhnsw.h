@@ -228,7 +228,8 @@ ghnsw_status_t ghnsw_map_rows(ghnsw_index_t *ix, uint32_t capacity, int fd, uint
 
 /* storage.c: rows in and out of the stored representation.  x / out are float rows of dim_pad floats,
  * zero padded (cosine: normalised by the caller). */
-void ghnsw_storage_init(ghnsw_index_t *ix); /* row_bytes, row_n, query_bytes, dist, exact_dist */
+void ghnsw_storage_init(ghnsw_index_t *ix); /* row_bytes, row_n, query_bytes, dist, exact_dist, pair */
+size_t ghnsw_row_bytes(uint32_t dim, int storage); /* a stored row's bytes */
 /* int8: the quantiser from per-dimension ranges lo[dim] <= hi[dim] (finite), before any row is stored;
  * takes mut_lock */
 ghnsw_status_t ghnsw_train(ghnsw_index_t *ix, const float *lo, const float *hi, ghnsw_err_t *err);

@@ -871,7 +871,17 @@ out:
     return ret;
 }
 
+static PyObject *mod_row_bytes(PyObject *m, PyObject *args) {
+    unsigned long long dim;
+    const char *storage;
+    if (!PyArg_ParseTuple(args, "Ks", &dim, &storage)) return NULL;
+    int sto = parse_storage(storage);
+    if (sto < 0 || dim > GHNSW_MAX_DIM) { PyErr_SetString(PyExc_ValueError, "bad dim or storage"); return NULL; }
+    return PyLong_FromSize_t(ghnsw_row_bytes((uint32_t)dim, sto));
+}
+
 static PyMethodDef module_methods[] = {
+    {"row_bytes", mod_row_bytes, METH_VARARGS, "row_bytes(dim, storage) -> bytes of one stored row"},
     {"level_for", mod_level_for, METH_VARARGS, "level_for(seed, seq, mult) -> level of the seq-th row"},
     {"nndescent", mod_nndescent, METH_VARARGS,
      "nndescent(data f32[n,dim], n, dim, space, k, max_candidates, n_trees, leaf_size, n_iters, delta, seed, "

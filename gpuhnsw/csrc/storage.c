@@ -32,25 +32,24 @@
 static size_t code_pad(uint32_t dim) { return ((size_t)dim + 15) & ~(size_t)15; }
 static size_t dim_pad8(uint32_t dim) { return ((size_t)dim + 7) & ~(size_t)7; }
 
+/* Elements the kernels read per row, and the row's bytes (the layout in gpuhnsw.h). */
+static size_t row_elements(uint32_t dim, int storage) {
+    return storage == GHNSW_I8 ? code_pad(dim) : storage == GHNSW_F16 ? dim_pad8(dim) : (((size_t)dim + 3) & ~(size_t)3);
+}
+
+size_t ghnsw_row_bytes(uint32_t dim, int storage) {
+    size_t n = row_elements(dim, storage);
+    return storage == GHNSW_I8 ? n + sizeof(float) : storage == GHNSW_F16 ? n * sizeof(uint16_t) : n * sizeof(float);
+}
+
 void ghnsw_storage_init(ghnsw_index_t *ix) {
     size_t floats = (size_t)ix->dim_pad * sizeof(float);
-    switch (ix->storage) {
-    case GHNSW_F16:
-        ix->row_n = dim_pad8(ix->dim);
-        ix->row_bytes = ix->row_n * sizeof(uint16_t);
-        ix->query_bytes = ix->row_n * sizeof(float);
-        break;
-    case GHNSW_I8:
-        ix->row_n = code_pad(ix->dim);
-        ix->row_bytes = ix->row_n + sizeof(float);
-        /* header, u [code_pad], then room for the weights while they are rounded (ghnsw_prepare) */
+    ix->row_n = row_elements(ix->dim, ix->storage);
+    ix->row_bytes = ghnsw_row_bytes(ix->dim, ix->storage);
+    if (ix->storage == GHNSW_I8) /* header, u [code_pad], then room for the weights while they are rounded */
         ix->query_bytes = sizeof(ghnsw_i8q_t) + ix->row_n * sizeof(int16_t) + floats;
-        break;
-    default:
-        ix->row_n = ix->dim_pad;
-        ix->row_bytes = floats;
-        ix->query_bytes = floats;
-    }
+    else
+        ix->query_bytes = ix->row_n * sizeof(float);
     ix->dist = ghnsw_pick_distance(ix->space, ix->storage);
     ix->exact_dist = ghnsw_pick_distance(ix->space, GHNSW_F32);
     ix->pair = ghnsw_pick_pair(ix->space, ix->storage);
