@@ -36,7 +36,8 @@ from . import _core
 from ._progress import KNN_GRAPH_MIN_ROWS, Progress as _Progress, wanted as _progress_wanted
 from ._rows import l2_centre, normalize_rows
 from ._surface import DEFAULT_SEED
-from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
+from ._validate import (as_int, as_vectors, check_space, check_storage, num_threads as _num_workers,
+                        resolve_device)
 from .exact import EXCLUDED_KEY, CandidatePool, exact_rows, pool_size, rerank
 from .index import GPU_BUILD_MIN_ROWS, Index
 
@@ -82,7 +83,7 @@ def nndescent_defaults(n, k, device="cpu"):
 def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self=False,
               squared=None, as_sparse=False, return_info=False, M=16, ef_construction=200, ef=None, n_trees=None,
               leaf_size=None, max_candidates=None, n_iters=None, intermediate_degree=None,
-              delta=NNDESCENT_DELTA, num_threads=-1, progress=None, random_seed=DEFAULT_SEED):
+              delta=NNDESCENT_DELTA, storage="float32", num_threads=-1, progress=None, random_seed=DEFAULT_SEED):
     """The k nearest neighbours of every row of ``data`` among the other rows.
 
     Parameters
@@ -127,6 +128,13 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
         :func:`nndescent_defaults`.
     delta : float
         NN-descent stops after a round that changes at most ``delta * n * k`` entries.
+    storage : {"float32", "float16", "int8"}
+        NN-descent on the CPU: the rows its local joins read.  ``"float16"`` and ``"int8"`` join
+        over a copy of the rows at half or a quarter of the bytes (int8: one scale for every
+        dimension, so a pair's sum is an exact integer; integer data whose every dimension spans at
+        most 256 values, such as image pixels or SIFT, is copied exactly); each row's final list is re-scored on the
+        float32 rows, so the returned distances are float32 ones (``method="auto"`` then runs
+        NN-descent).  See ``csrc/nndescent.c``.
     num_threads : int
         ``<= 0``: all cores.
     progress : bool, optional
@@ -154,6 +162,9 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
         raise ValueError(f"squared=False applies to space='l2' only (space is {space!r})")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    storage = check_storage(storage)
+    if storage != "float32" and method not in ("auto", "nndescent"):
+        raise ValueError(f"storage={storage!r} applies to method='nndescent' only, not {method!r}")
     x = as_vectors(data, what="data")
     n, d = x.shape
     k = as_int(k, "k")
@@ -165,8 +176,8 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     if as_sparse:
         _import_scipy_sparse()                  # fail before the work, not after it
     dev = resolve_device(device)                 # ("cpu", None) or ("cuda", ordinal)
-    if method == "auto":
-        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] else "nndescent"
+    if method == "auto":   # (a compressed storage asks for NN-descent)
+        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] and storage == "float32" else "nndescent"
     progress = _progress_wanted(progress, n, KNN_GRAPH_MIN_ROWS)
     info = dict(method=method, device="cpu" if dev[0] == "cpu" else f"cuda:{dev[1] or 0}",
                 dist_evals=None, rounds=None, seconds=None, phases=None)
@@ -181,7 +192,7 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
                      n_iters=n_iters, intermediate_degree=intermediate_degree)
         params.update({key: as_int(v, key, minimum=0) for key, v in given.items() if v is not None})
         neighbors, distances = _nndescent_graph(x, kk, space, dev, params, float(delta),
-                                                num_threads, progress, random_seed, info)
+                                                num_threads, progress, random_seed, info, storage)
     elif method == "exact":
         xs = normalize_rows(x) if space == "cosine" else x
         if dev[0] == "cuda":
@@ -237,13 +248,16 @@ def to_csr(neighbors, distances, n_cols):
 # NN-descent
 # --------------------------------------------------------------------------------------------------
 
-def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info):
+def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info, storage):
     """x [n, d] float32 C-contiguous (read in place); returns (ids int64 [n, k], dists f32 [n, k])."""
     n, d = x.shape
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if params["max_candidates"] < 1 or params["leaf_size"] < 2:
         raise ValueError("max_candidates must be >= 1 and leaf_size >= 2")
+    if dev[0] == "cuda" and storage != "float32":
+        raise ValueError(f"storage={storage!r} applies to NN-descent on the CPU (the GPU's joins are "
+                         "matrix products over float32 rows)")
     if dev[0] == "cuda":
         from . import _nndescent_gpu
         return _nndescent_gpu.nndescent_graph(x, k, space, dev, params, delta, progress, seed,
@@ -255,7 +269,7 @@ def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, see
         rounds, evals, _ = _core.nndescent(
             x, n, d, space, degree, params["max_candidates"], params["n_trees"],
             params["leaf_size"], params["n_iters"], delta, int(seed) & (2**64 - 1),
-            _num_workers(num_threads), ids, dists, lambda r, updates: bar.to(r))
+            _num_workers(num_threads), ids, dists, lambda r, updates: bar.to(r), storage)
     info.update(rounds=rounds, dist_evals=evals)
     if degree > k:                               # rows are sorted: the best k lead
         ids, dists = np.ascontiguousarray(ids[:, :k]), np.ascontiguousarray(dists[:, :k])

@@ -134,10 +134,14 @@ __attribute__((target("avx512f"))) static float ip_avx512(const void *av, const 
     return 1.0f - _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
+#endif
+
 /* Register-tiled pair sums (see ghnsw_tile_fn): the rows' loads are shared by a whole row or
- * column of the tile, so each float read from cache feeds 4 (AVX-512: 4, AVX2: 2 or 4) pairs instead
- * of one.  The tail of an unpadded row is read with masked loads (zeros beyond dim, never past the
- * row).  STEP(acc, x, y) adds one lane block of a pair: x.y, or (x - y)^2 for l2. */
+ * column of the tile, so each element read from cache feeds 4 (AVX-512: 4, AVX2: 2 or 4) pairs
+ * instead of one.  The tail of an unpadded float row is read with masked loads (zeros beyond dim,
+ * never past the row); compressed rows are padded to whole blocks.  LOADM(p, left) loads one lane
+ * block of a row (widened to the accumulator's type), STEP(acc, x, y) adds one lane block of a
+ * pair: x.y, or (x - y)^2 for l2; ta, tb are the typed row pointers. */
 #define TILE_BODY(VEC, ZERO, LOADM, STEP, ROWS, COLS)                                               \
     for (size_t c0 = 0; c0 < GHNSW_TILE; c0 += COLS) {                                              \
         VEC acc[ROWS][COLS];                                                                        \
@@ -145,65 +149,110 @@ __attribute__((target("avx512f"))) static float ip_avx512(const void *av, const 
             for (int c = 0; c < COLS; c++) acc[r][c] = ZERO;                                        \
         for (size_t i = 0; i < dim; i += LANES) {                                                   \
             VEC x[ROWS], y[COLS];                                                                   \
-            for (int r = 0; r < ROWS; r++) x[r] = LOADM(a[r] + i, dim - i);                         \
-            for (int c = 0; c < COLS; c++) y[c] = LOADM(b[c0 + c] + i, dim - i);                    \
+            for (int r = 0; r < ROWS; r++) x[r] = LOADM(ta[r] + i, dim - i);                        \
+            for (int c = 0; c < COLS; c++) y[c] = LOADM(tb[c0 + c] + i, dim - i);                   \
             for (int r = 0; r < ROWS; r++)                                                          \
                 for (int c = 0; c < COLS; c++) STEP(acc[r][c], x[r], y[c]);                         \
         }                                                                                           \
         for (int r = 0; r < ROWS; r++)                                                              \
             for (int c = 0; c < COLS; c++) out[r * GHNSW_TILE + c0 + c] = HSUM(acc[r][c]);         \
     }
+#define TILE_FN(NAME, TARGET, T, VEC, ZERO, LOADM, STEP, COLS)                                       \
+    TARGET static void NAME(const void *const *a, const void *const *b, size_t dim, float *out) {   \
+        const T *const *ta = (const T *const *)a, *const *tb = (const T *const *)b;                 \
+        TILE_BODY(VEC, ZERO, LOADM, STEP, GHNSW_TILE, COLS)                                         \
+    }
+#define ROW_FN(NAME, TARGET, VEC, ZERO, LOADM, STEP)                                                  \
+    TARGET static void NAME(const float *x, const float *const *b, size_t dim, float *out) {        \
+        const float *const ta[1] = {x}, *const *tb = b;                                             \
+        TILE_BODY(VEC, ZERO, LOADM, STEP, 1, 4)                                                     \
+    }
+
+#ifdef GHNSW_X86
+#define AVX512 __attribute__((target("avx512f")))
+#define AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 #define LANES 16
 #define HSUM _mm512_reduce_add_ps
-__attribute__((target("avx512f"))) static inline __m512 load16(const float *p, size_t left) {
+AVX512 static inline __m512 load16(const float *p, size_t left) {
     return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), p);
+}
+AVX512 static inline __m512 load16h(const uint16_t *p, size_t left) { /* rows padded to 16 halves */
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 #define DOT16(acc, x, y) ((acc) = _mm512_fmadd_ps((x), (y), (acc)))
 #define L2_16(acc, x, y) do { __m512 t_ = _mm512_sub_ps((x), (y)); (acc) = _mm512_fmadd_ps(t_, t_, (acc)); } while (0)
-__attribute__((target("avx512f"))) static void tile_ip_avx512(const float *const *a, const float *const *b, size_t dim,
-                                                              float *out) {
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, DOT16, GHNSW_TILE, 4)
+TILE_FN(tile_ip_avx512, AVX512, float, __m512, _mm512_setzero_ps(), load16, DOT16, 4)
+TILE_FN(tile_l2_avx512, AVX512, float, __m512, _mm512_setzero_ps(), load16, L2_16, 4)
+TILE_FN(tile_ip_f16_avx512, AVX512, uint16_t, __m512, _mm512_setzero_ps(), load16h, DOT16, 4)
+TILE_FN(tile_l2_f16_avx512, AVX512, uint16_t, __m512, _mm512_setzero_ps(), load16h, L2_16, 4)
+ROW_FN(row_ip_avx512, AVX512, __m512, _mm512_setzero_ps(), load16, DOT16)
+ROW_FN(row_l2_avx512, AVX512, __m512, _mm512_setzero_ps(), load16, L2_16)
+#undef LANES
+#undef HSUM
+
+/* int8 codes, 32 per step (rows padded to 32 bytes), widened to int16; pairs of products summed into
+ * int32 lanes exactly (NN-descent bounds the width, nndescent.c) */
+#define LANES 32
+#define HSUM(acc) ((float)_mm512_reduce_add_epi32(acc))
+AVX512BW static inline __m512i load32c(const int8_t *p, size_t left) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
 }
-__attribute__((target("avx512f"))) static void tile_l2_avx512(const float *const *a, const float *const *b, size_t dim,
-                                                              float *out) {
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, L2_16, GHNSW_TILE, 4)
-}
-__attribute__((target("avx512f"))) static void row_ip_avx512(const float *x, const float *const *b, size_t dim,
-                                                             float *out) {
-    const float *const a[1] = {x};
-    TILE_BODY(__m512, _mm512_setzero_ps(), load16, DOT16, 1, 4)
-}
+#define DOTI512(acc, x, y) ((acc) = _mm512_add_epi32((acc), _mm512_madd_epi16((x), (y))))
+#define L2I512(acc, x, y) do { __m512i t_ = _mm512_sub_epi16((x), (y)); DOTI512(acc, t_, t_); } while (0)
+#define DOTV512(acc, x, y) ((acc) = _mm512_dpwssd_epi32((acc), (x), (y)))
+#define L2V512(acc, x, y) do { __m512i t_ = _mm512_sub_epi16((x), (y)); DOTV512(acc, t_, t_); } while (0)
+TILE_FN(tile_ip_i8_avx512, AVX512BW, int8_t, __m512i, _mm512_setzero_si512(), load32c, DOTI512, 4)
+TILE_FN(tile_l2_i8_avx512, AVX512BW, int8_t, __m512i, _mm512_setzero_si512(), load32c, L2I512, 4)
+TILE_FN(tile_ip_i8_vnni, AVX512VNNI, int8_t, __m512i, _mm512_setzero_si512(), load32c, DOTV512, 4)
+TILE_FN(tile_l2_i8_vnni, AVX512VNNI, int8_t, __m512i, _mm512_setzero_si512(), load32c, L2V512, 4)
 #undef LANES
 #undef HSUM
 
 #define LANES 8
 #define HSUM hsum256
-__attribute__((target("avx2,fma"))) static inline __m256 load8(const float *p, size_t left) {
+AVX2 static inline __m256 load8(const float *p, size_t left) {
     static const int32_t ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, _mm256_loadu_si256((const __m256i *)(ramp + 8 - left)));
+}
+AVX2 static inline __m256 load8h(const uint16_t *p, size_t left) { /* rows padded to 16 halves */
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 /* 16 ymm registers: the columns two at a time (8 sums + 4 + 2 rows live) */
 #define DOT8(acc, x, y) ((acc) = _mm256_fmadd_ps((x), (y), (acc)))
 #define L2_8(acc, x, y) do { __m256 t_ = _mm256_sub_ps((x), (y)); (acc) = _mm256_fmadd_ps(t_, t_, (acc)); } while (0)
-__attribute__((target("avx2,fma"))) static void tile_ip_avx2(const float *const *a, const float *const *b, size_t dim,
-                                                             float *out) {
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, DOT8, GHNSW_TILE, 2)
+TILE_FN(tile_ip_avx2, AVX2, float, __m256, _mm256_setzero_ps(), load8, DOT8, 2)
+TILE_FN(tile_l2_avx2, AVX2, float, __m256, _mm256_setzero_ps(), load8, L2_8, 2)
+TILE_FN(tile_ip_f16_avx2, AVX2, uint16_t, __m256, _mm256_setzero_ps(), load8h, DOT8, 2)
+TILE_FN(tile_l2_f16_avx2, AVX2, uint16_t, __m256, _mm256_setzero_ps(), load8h, L2_8, 2)
+ROW_FN(row_ip_avx2, AVX2, __m256, _mm256_setzero_ps(), load8, DOT8)
+ROW_FN(row_l2_avx2, AVX2, __m256, _mm256_setzero_ps(), load8, L2_8)
+#undef LANES
+#undef HSUM
+
+#define LANES 16
+AVX2 static inline float hsum256i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return (float)_mm_cvtsi128_si32(s);
 }
-__attribute__((target("avx2,fma"))) static void tile_l2_avx2(const float *const *a, const float *const *b, size_t dim,
-                                                             float *out) {
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, L2_8, GHNSW_TILE, 2)
+#define HSUM hsum256i
+AVX2 static inline __m256i load16c(const int8_t *p, size_t left) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
 }
-__attribute__((target("avx2,fma"))) static void row_ip_avx2(const float *x, const float *const *b, size_t dim,
-                                                            float *out) {
-    const float *const a[1] = {x};
-    TILE_BODY(__m256, _mm256_setzero_ps(), load8, DOT8, 1, 4)
-}
+#define DOTI256(acc, x, y) ((acc) = _mm256_add_epi32((acc), _mm256_madd_epi16((x), (y))))
+#define L2I256(acc, x, y) do { __m256i t_ = _mm256_sub_epi16((x), (y)); DOTI256(acc, t_, t_); } while (0)
+TILE_FN(tile_ip_i8_avx2, AVX2, int8_t, __m256i, _mm256_setzero_si256(), load16c, DOTI256, 2)
+TILE_FN(tile_l2_i8_avx2, AVX2, int8_t, __m256i, _mm256_setzero_si256(), load16c, L2I256, 2)
 #undef LANES
 #undef HSUM
 #endif
 
-/* Portable tiles: one pair at a time, four partial sums (the same sequence for every pair). */
+/* Portable tiles: one pair at a time, four partial sums (the same sequence for every pair); int8 pairs
+ * summed exactly in int32. */
 static float dot_portable(const float *x, const float *y, size_t dim) {
     float s[4] = {0, 0, 0, 0};
     for (size_t i = 0; i < dim; i++) s[i & 3] += x[i] * y[i];
@@ -214,16 +263,45 @@ static float l2_pair_portable(const float *x, const float *y, size_t dim) {
     for (size_t i = 0; i < dim; i++) s[i & 3] += (x[i] - y[i]) * (x[i] - y[i]);
     return (s[0] + s[1]) + (s[2] + s[3]);
 }
-static void tile_ip_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
-    for (int r = 0; r < GHNSW_TILE; r++)
-        for (int c = 0; c < GHNSW_TILE; c++) out[r * GHNSW_TILE + c] = dot_portable(a[r], b[c], dim);
+static float dot_f16_portable(const uint16_t *x, const uint16_t *y, size_t n) {
+    float s[4] = {0, 0, 0, 0};
+    for (size_t i = 0; i < n; i++) s[i & 3] += ghnsw_half_to_float(x[i]) * ghnsw_half_to_float(y[i]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
 }
-static void tile_l2_portable(const float *const *a, const float *const *b, size_t dim, float *out) {
-    for (int r = 0; r < GHNSW_TILE; r++)
-        for (int c = 0; c < GHNSW_TILE; c++) out[r * GHNSW_TILE + c] = l2_pair_portable(a[r], b[c], dim);
+static float l2_f16_pair(const uint16_t *x, const uint16_t *y, size_t n) {
+    float s[4] = {0, 0, 0, 0};
+    for (size_t i = 0; i < n; i++) {
+        float d = ghnsw_half_to_float(x[i]) - ghnsw_half_to_float(y[i]);
+        s[i & 3] += d * d;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
 }
+static float dot_i8_pair(const int8_t *x, const int8_t *y, size_t n) {
+    int32_t s = 0;
+    for (size_t i = 0; i < n; i++) s += (int32_t)x[i] * y[i];
+    return (float)s;
+}
+static float l2_i8_pair(const int8_t *x, const int8_t *y, size_t n) {
+    int32_t s = 0;
+    for (size_t i = 0; i < n; i++) s += ((int32_t)x[i] - y[i]) * ((int32_t)x[i] - y[i]);
+    return (float)s;
+}
+#define TILE_PORTABLE(NAME, T, PAIR)                                                                 \
+    static void NAME(const void *const *a, const void *const *b, size_t dim, float *out) {          \
+        for (int r = 0; r < GHNSW_TILE; r++)                                                        \
+            for (int c = 0; c < GHNSW_TILE; c++) out[r * GHNSW_TILE + c] = PAIR(a[r], b[c], dim);   \
+    }
+TILE_PORTABLE(tile_ip_portable, float, dot_portable)
+TILE_PORTABLE(tile_l2_portable, float, l2_pair_portable)
+TILE_PORTABLE(tile_ip_f16_portable, uint16_t, dot_f16_portable)
+TILE_PORTABLE(tile_l2_f16_portable, uint16_t, l2_f16_pair)
+TILE_PORTABLE(tile_ip_i8_portable, int8_t, dot_i8_pair)
+TILE_PORTABLE(tile_l2_i8_portable, int8_t, l2_i8_pair)
 static void row_ip_portable(const float *x, const float *const *b, size_t dim, float *out) {
     for (int c = 0; c < GHNSW_TILE; c++) out[c] = dot_portable(x, b[c], dim);
+}
+static void row_l2_portable(const float *x, const float *const *b, size_t dim, float *out) {
+    for (int c = 0; c < GHNSW_TILE; c++) out[c] = l2_pair_portable(x, b[c], dim);
 }
 
 /* ---- float16 rows: converted to float32 as they are read, float32 arithmetic -------------------- */
@@ -275,6 +353,24 @@ float ghnsw_half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &o, sizeof f);
     return f;
+}
+
+#ifdef GHNSW_X86
+__attribute__((target("avx2,fma,f16c"))) static void floats_to_halves_f16c(const float *x, uint16_t *h, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) h[i] = ghnsw_float_to_half(x[i]);
+}
+#endif
+
+static int simd_level(void);
+
+void ghnsw_floats_to_halves(const float *x, uint16_t *h, size_t n) {
+#ifdef GHNSW_X86
+    if (simd_level() >= 1) { floats_to_halves_f16c(x, h, n); return; }
+#endif
+    for (size_t i = 0; i < n; i++) h[i] = ghnsw_float_to_half(x[i]);
 }
 
 /* query: float[n], row: half[n], n a multiple of 8 */
@@ -667,25 +763,37 @@ ghnsw_pair_fn ghnsw_pick_pair(int space, int storage) {
     return is_l2 ? l2_pair_portable32 : ip_pair_portable32;
 }
 
-ghnsw_tile_fn ghnsw_pick_tile(int space) {
+ghnsw_tile_fn ghnsw_pick_tile(int space, int storage) {
     int lv = simd_level();
     int is_l2 = space == GHNSW_L2;
 #ifdef GHNSW_X86
-    if (lv >= SIMD_AVX512) return is_l2 ? tile_l2_avx512 : tile_ip_avx512;
-    if (lv == SIMD_AVX2) return is_l2 ? tile_l2_avx2 : tile_ip_avx2;
+    if (storage == GHNSW_I8) {
+        if (lv == SIMD_VNNI) return is_l2 ? tile_l2_i8_vnni : tile_ip_i8_vnni;
+        if (lv == SIMD_AVX512) return is_l2 ? tile_l2_i8_avx512 : tile_ip_i8_avx512;
+        if (lv == SIMD_AVX2) return is_l2 ? tile_l2_i8_avx2 : tile_ip_i8_avx2;
+    } else if (storage == GHNSW_F16) {
+        if (lv >= SIMD_AVX512) return is_l2 ? tile_l2_f16_avx512 : tile_ip_f16_avx512;
+        if (lv == SIMD_AVX2) return is_l2 ? tile_l2_f16_avx2 : tile_ip_f16_avx2;
+    } else {
+        if (lv >= SIMD_AVX512) return is_l2 ? tile_l2_avx512 : tile_ip_avx512;
+        if (lv == SIMD_AVX2) return is_l2 ? tile_l2_avx2 : tile_ip_avx2;
+    }
 #endif
     (void)lv;
+    if (storage == GHNSW_I8) return is_l2 ? tile_l2_i8_portable : tile_ip_i8_portable;
+    if (storage == GHNSW_F16) return is_l2 ? tile_l2_f16_portable : tile_ip_f16_portable;
     return is_l2 ? tile_l2_portable : tile_ip_portable;
 }
 
-ghnsw_row_fn ghnsw_pick_row(void) {
+ghnsw_row_fn ghnsw_pick_row(int space) {
     int lv = simd_level();
+    int is_l2 = space == GHNSW_L2;
 #ifdef GHNSW_X86
-    if (lv >= SIMD_AVX512) return row_ip_avx512;
-    if (lv == SIMD_AVX2) return row_ip_avx2;
+    if (lv >= SIMD_AVX512) return is_l2 ? row_l2_avx512 : row_ip_avx512;
+    if (lv == SIMD_AVX2) return is_l2 ? row_l2_avx2 : row_ip_avx2;
 #endif
     (void)lv;
-    return row_ip_portable;
+    return is_l2 ? row_l2_portable : row_ip_portable;
 }
 
 /* hnswlib's normalisation: x * 1/(|x| + 1e-30), so a zero vector stays zero. */

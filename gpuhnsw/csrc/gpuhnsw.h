@@ -78,24 +78,27 @@ typedef float (*ghnsw_pair_fn)(const void *a, const void *b, size_t n, const flo
  * dot product summed exactly in int32 (storage.c states the math). */
 typedef struct { float c0, f, pad[2]; } ghnsw_i8q_t;
 
-/* Pair sums of a GHNSW_TILE x GHNSW_TILE block of row pairs (rows unpadded, `dim` floats; pad a
- * short block by repeating a row): out[r * GHNSW_TILE + c] = |a_r - b_c|^2 (l2) or a_r . b_c (ip,
- * cosine).  l2 is summed from the differences, not from |a|^2 + |b|^2 - 2 a.b: the latter cancels
+/* Pair sums of a GHNSW_TILE x GHNSW_TILE block of row pairs (pad a short block by repeating a row):
+ * out[r * GHNSW_TILE + c] = |a_r - b_c|^2 (l2) or a_r . b_c (ip, cosine), over n elements of rows
+ * of the tile's storage: float32 rows unpadded (n = dim, the tail read with masks), float16 rows
+ * padded to 16 halves and int8 rows to 32 codes (n = the padded width; int8 sums are exact integers).
+ * l2 is summed from the differences, not from |a|^2 + |b|^2 - 2 a.b: the latter cancels
  * catastrophically for rows far from the origin.  Every entry is computed by the same operation
  * sequence wherever it sits in the tile, so (a, b) and (b, a) give the same bits. */
 #define GHNSW_TILE 4
-typedef void (*ghnsw_tile_fn)(const float *const *a /* [GHNSW_TILE] */, const float *const *b /* [GHNSW_TILE] */,
-                              size_t dim, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
-/* One row against GHNSW_TILE others: out[c] = x . b_c, with independent sums (not one latency-bound
- * chain) and one load of x per step for all of them (NN-descent's tree splits). */
+typedef void (*ghnsw_tile_fn)(const void *const *a /* [GHNSW_TILE] */, const void *const *b /* [GHNSW_TILE] */,
+                              size_t n, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
+/* One float32 row against GHNSW_TILE others (unpadded, dim floats): out[c] = x . b_c (ip) or
+ * |x - b_c|^2 (l2), with independent sums (not one latency-bound chain) and one load of x per step for
+ * all of them (NN-descent's tree splits and its final re-scoring). */
 typedef void (*ghnsw_row_fn)(const float *x, const float *const *b /* [GHNSW_TILE] */, size_t dim,
                              float *out /* [GHNSW_TILE] */);
 
 /* distance.c */
 ghnsw_dist_fn ghnsw_pick_distance(int space, int storage);
 ghnsw_pair_fn ghnsw_pick_pair(int space, int storage);
-ghnsw_tile_fn ghnsw_pick_tile(int space);
-ghnsw_row_fn ghnsw_pick_row(void);
+ghnsw_tile_fn ghnsw_pick_tile(int space, int storage);
+ghnsw_row_fn ghnsw_pick_row(int space);
 const char *ghnsw_simd_name(void);
 void ghnsw_normalize(float *v, size_t dim);
 
@@ -259,6 +262,7 @@ void ghnsw_float_row(const ghnsw_index_t *ix, uint32_t s, float *out);
 #define GHNSW_F16_LIMIT 65520.0f
 uint16_t ghnsw_float_to_half(float f);
 float ghnsw_half_to_float(uint16_t h);
+void ghnsw_floats_to_halves(const float *x, uint16_t *h, size_t n); /* F16C where the CPU has it */
 
 /* visited.c */
 ghnsw_visited_t *ghnsw_visited_get(ghnsw_visited_pool_t *p);
@@ -344,6 +348,7 @@ typedef struct {
     double delta;            /* stop once a round changes <= delta * n * k heap entries */
     uint64_t seed;
     int num_threads;         /* <= 0: all cores */
+    int storage;             /* the joins' rows: the data (GHNSW_F32) or a float16 / int8 copy of it */
     /* optional, after each round: non-zero stops with GHNSW_ECALLBACK */
     int (*on_round)(void *ctx, uint32_t round, uint64_t updates);
     void *on_round_ctx;

@@ -847,12 +847,15 @@ static PyObject *mod_nndescent(PyObject *m, PyObject *args) {
     ghnsw_nnd_params_t p = {0};
     unsigned long long seed;
     PyObject *cb;
-    if (!PyArg_ParseTuple(args, "y*nnsIIIIIdKiw*w*O", &data, &n, &dim, &space, &p.k, &p.max_candidates, &p.n_trees,
-                          &p.leaf_size, &p.n_iters, &p.delta, &seed, &p.num_threads, &oi, &od, &cb))
+    const char *storage = "float32";
+    if (!PyArg_ParseTuple(args, "y*nnsIIIIIdKiw*w*O|s", &data, &n, &dim, &space, &p.k, &p.max_candidates, &p.n_trees,
+                          &p.leaf_size, &p.n_iters, &p.delta, &seed, &p.num_threads, &oi, &od, &cb, &storage))
         return NULL;
     PyObject *ret = NULL;
     int sp = parse_space(space);
+    p.storage = parse_storage(storage);
     if (sp < 0) { PyErr_Format(PyExc_ValueError, "unknown space '%s'", space); goto out; }
+    if (p.storage < 0) { PyErr_Format(PyExc_ValueError, "unknown storage '%s'", storage); goto out; }
     if (n < 0 || dim < 0 || check_len(&data, (size_t)n * dim * 4, "data") ||
         check_len(&oi, (size_t)n * p.k * 8, "ids out") || check_len(&od, (size_t)n * p.k * 4, "distances out"))
         goto out;
@@ -885,7 +888,8 @@ static PyMethodDef module_methods[] = {
     {"level_for", mod_level_for, METH_VARARGS, "level_for(seed, seq, mult) -> level of the seq-th row"},
     {"nndescent", mod_nndescent, METH_VARARGS,
      "nndescent(data f32[n,dim], n, dim, space, k, max_candidates, n_trees, leaf_size, n_iters, delta, seed, "
-     "threads, out_ids i64[n,k], out_dists f32[n,k], on_round) -> (rounds, dist_evals, last_updates)"},
+     "threads, out_ids i64[n,k], out_dists f32[n,k], on_round[, storage: the joins over a float16 or int8 copy]) "
+     "-> (rounds, dist_evals, last_updates)"},
     {NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "gpuhnsw._core", "gpuhnsw C core", -1, module_methods};
