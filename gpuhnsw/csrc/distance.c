@@ -202,14 +202,46 @@ AVX512BW static inline __m512i load32c(const int8_t *p, size_t left) {
 }
 #define DOTI512(acc, x, y) ((acc) = _mm512_add_epi32((acc), _mm512_madd_epi16((x), (y))))
 #define L2I512(acc, x, y) do { __m512i t_ = _mm512_sub_epi16((x), (y)); DOTI512(acc, t_, t_); } while (0)
-#define DOTV512(acc, x, y) ((acc) = _mm512_dpwssd_epi32((acc), (x), (y)))
-#define L2V512(acc, x, y) do { __m512i t_ = _mm512_sub_epi16((x), (y)); DOTV512(acc, t_, t_); } while (0)
 TILE_FN(tile_ip_i8_avx512, AVX512BW, int8_t, __m512i, _mm512_setzero_si512(), load32c, DOTI512, 4)
 TILE_FN(tile_l2_i8_avx512, AVX512BW, int8_t, __m512i, _mm512_setzero_si512(), load32c, L2I512, 4)
-TILE_FN(tile_ip_i8_vnni, AVX512VNNI, int8_t, __m512i, _mm512_setzero_si512(), load32c, DOTV512, 4)
-TILE_FN(tile_l2_i8_vnni, AVX512VNNI, int8_t, __m512i, _mm512_setzero_si512(), load32c, L2V512, 4)
 #undef LANES
 #undef HSUM
+
+/* With VNNI, 64 codes per vpdpbusd (unsigned x signed bytes, four products per int32 lane): a row's
+ * codes plus 128 are its unsigned bytes (a xor 0x80), so a . b = (a + 128) . b - 128 sum(b), and
+ * |a - b|^2 = |a|^2 + |b|^2 - 2 a . b, with sum(c) and |c|^2 stored behind each row's codes
+ * (GHNSW_I8_ROW_TERMS); every step exact in int32, the last in int64.  A quarter of the
+ * instructions of the widening kernels above, which need no row terms. */
+AVX512VNNI static inline void tile_i8_vnni(const void *const *a, const void *const *b, size_t n, float *out, int l2) {
+    const int8_t *const *ta = (const int8_t *const *)a, *const *tb = (const int8_t *const *)b;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[GHNSW_TILE][GHNSW_TILE];
+    for (int r = 0; r < GHNSW_TILE; r++)
+        for (int c = 0; c < GHNSW_TILE; c++) acc[r][c] = _mm512_setzero_si512();
+    for (size_t i = 0; i < n; i += 64) { /* n is a multiple of 32: a half step at the end */
+        __mmask64 m = n - i >= 64 ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu;
+        __m512i x[GHNSW_TILE], y[GHNSW_TILE];
+        for (int r = 0; r < GHNSW_TILE; r++) x[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, ta[r] + i), flip);
+        for (int c = 0; c < GHNSW_TILE; c++) y[c] = _mm512_maskz_loadu_epi8(m, tb[c] + i);
+        for (int r = 0; r < GHNSW_TILE; r++)
+            for (int c = 0; c < GHNSW_TILE; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], x[r], y[c]);
+    }
+    int32_t sum[GHNSW_TILE], sq[GHNSW_TILE][2];
+    for (int c = 0; c < GHNSW_TILE; c++) memcpy(sum + c, tb[c] + n, sizeof(int32_t));
+    for (int r = 0; r < GHNSW_TILE; r++) memcpy(sq[r], ta[r] + n + 4, sizeof(int32_t));
+    for (int c = 0; c < GHNSW_TILE; c++) memcpy(sq[c] + 1, tb[c] + n + 4, sizeof(int32_t));
+    for (int r = 0; r < GHNSW_TILE; r++)
+        for (int c = 0; c < GHNSW_TILE; c++) {
+            int64_t ab = (int64_t)_mm512_reduce_add_epi32(acc[r][c]) - 128 * (int64_t)sum[c];
+            out[r * GHNSW_TILE + c] = (float)(l2 ? (int64_t)sq[r][0] + sq[c][1] - 2 * ab : ab);
+        }
+}
+AVX512VNNI static void tile_ip_i8_vnni(const void *const *a, const void *const *b, size_t n, float *out) {
+    tile_i8_vnni(a, b, n, out, 0);
+}
+AVX512VNNI static void tile_l2_i8_vnni(const void *const *a, const void *const *b, size_t n, float *out) {
+    tile_i8_vnni(a, b, n, out, 1);
+}
 
 #define LANES 8
 #define HSUM hsum256

@@ -81,11 +81,13 @@ typedef struct { float c0, f, pad[2]; } ghnsw_i8q_t;
 /* Pair sums of a GHNSW_TILE x GHNSW_TILE block of row pairs (pad a short block by repeating a row):
  * out[r * GHNSW_TILE + c] = |a_r - b_c|^2 (l2) or a_r . b_c (ip, cosine), over n elements of rows
  * of the tile's storage: float32 rows unpadded (n = dim, the tail read with masks), float16 rows
- * padded to 16 halves and int8 rows to 32 codes (n = the padded width; int8 sums are exact integers).
+ * padded to 16 halves and int8 rows to 32 codes (n = the padded width; int8 sums are exact integers;
+ * an int8 row is followed by GHNSW_I8_ROW_TERMS: int32 sum(c), int32 |c|^2, which the VNNI tiles read).
  * l2 is summed from the differences, not from |a|^2 + |b|^2 - 2 a.b: the latter cancels
  * catastrophically for rows far from the origin.  Every entry is computed by the same operation
  * sequence wherever it sits in the tile, so (a, b) and (b, a) give the same bits. */
 #define GHNSW_TILE 4
+#define GHNSW_I8_ROW_TERMS 8
 typedef void (*ghnsw_tile_fn)(const void *const *a /* [GHNSW_TILE] */, const void *const *b /* [GHNSW_TILE] */,
                               size_t n, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
 /* One float32 row against GHNSW_TILE others (unpadded, dim floats): out[c] = x . b_c (ip) or

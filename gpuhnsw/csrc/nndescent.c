@@ -28,7 +28,8 @@
  * values (pixels, SIFT) takes s = 1 and is copied exactly.  The copies are 2x and 4x smaller than the rows, and the joins wait on
  * rows fetched from memory; the trees split on the float32 rows.  Once the rounds are done each row's
  * list is re-scored on the float32 rows (row kernels, in leaf order) and sorted again, so the
- * returned distances are float32 ones and the kept neighbours the best of the compressed heap.
+ * returned distances are float32 ones and the kept neighbours the best of the compressed heap (not
+ * for l2 over an exact copy, whose distances are those already).
  *
  * Memory besides the caller's data (read in place, never copied; rows of `dim` floats, unpadded):
  *
@@ -40,7 +41,8 @@
  *   perm, node_of [n_trees, n] uint32, bf_left [n_trees, n] uint8   the forest (see build_forest)
  *   order        [n]      uint32                 the joins' row order
  *   per worker:  [n] uint8 plane sides, [dim] float hyperplane, [2 mc] uint32 candidates, a counter
- *   copy         [n, jbytes] uint8            compressed joins: the rows' copy; int8: r [n] float
+ *   copy         [n, jbytes] uint8            compressed joins: the rows' copy (int8: codes, then sum(c) and
+ *                                             |c|^2 as int32); int8 ip / cosine: r [n] float
  */
 #include <math.h>
 #include <stdlib.h>
@@ -80,6 +82,7 @@ typedef struct {
     float *range;              /* [workers, 2, dim] int8: each worker's minima, then maxima */
     uint8_t *fraction;         /* [workers, 64] int8: a worker saw a value that is not an integer */
     size_t bad_row;            /* float16: 1 + a row beyond its range, or 0 */
+    int exact_copy;            /* int8 l2 of integer data: the copy holds the rows exactly */
     ghnsw_tile_fn tile;        /* pair sums ((a - b)^2 or a.b), GHNSW_TILE x GHNSW_TILE at a time */
     ghnsw_row_fn row;          /* one row's dot products with GHNSW_TILE others: tree splits */
     ghnsw_row_fn rescore;      /* one row's distance sums with GHNSW_TILE others: the final re-scoring */
@@ -579,6 +582,9 @@ static int copy_task(void *ctx, size_t blk, int worker) {
             t = t > 127.0f ? 127.0f : t < -128.0f ? -128.0f : t;
             c[j] = (int8_t)((t + magic) - magic);
         }
+        int32_t terms[2] = {0, 0}; /* sum(c), |c|^2: GHNSW_I8_ROW_TERMS, behind the codes */
+        for (size_t j = 0; j < s->dim; j++) { terms[0] += c[j]; terms[1] += (int32_t)c[j] * c[j]; }
+        memcpy(row + s->jn, terms, sizeof terms);
         if (s->jterm) {
             double r = 0;
             for (size_t j = 0; j < s->dim; j++) r += (double)m[j] * c[j];
@@ -596,7 +602,7 @@ static ghnsw_status_t make_copy(nnd_t *s, int workers, ghnsw_err_t *err) {
         s->jbytes = s->jn * sizeof(uint16_t);
     } else {
         s->jn = (dim + I8_BLOCK - 1) / I8_BLOCK * I8_BLOCK;
-        s->jbytes = s->jn;
+        s->jbytes = s->jn + GHNSW_I8_ROW_TERMS;
         /* exact int32 sums: (a - b)^2 <= 255^2 per code (and |a b| <= 128^2) */
         if (s->jn > INT32_MAX / (255 * 255))
             return ghnsw_fail(err, GHNSW_EINVAL, "int8 joins take at most %d dimensions, got %zu",
@@ -628,6 +634,8 @@ static ghnsw_status_t make_copy(nnd_t *s, int workers, ghnsw_err_t *err) {
         for (int w = 0; w < workers; w++) integers &= !s->fraction[(size_t)w * 64];
         /* integers spanning <= 256 values (pixels, SIFT) are their own codes, copied exactly */
         s->i8_scale = integers && width <= 255.0f ? 1.0f : width / 255.0f;
+        /* l2 over an exact copy: the joins' distances are the float32 ones, nothing to re-score */
+        s->exact_copy = integers && width <= 255.0f && s->space == GHNSW_L2;
         double m2 = 0;
         for (size_t j = 0; j < dim; j++) {
             s->i8_offset[j] = s->range[j] + 128.0f * s->i8_scale;
@@ -750,7 +758,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
         if (p->on_round && p->on_round(p->on_round_ctx, round, fresh)) { st = GHNSW_ECALLBACK; goto out; }
         if (fresh <= stop_below) break;
     }
-    if (s.storage != GHNSW_F32) ghnsw_parallel_for(blocks, workers, rescore_task, &s);
+    if (s.storage != GHNSW_F32 && !s.exact_copy) ghnsw_parallel_for(blocks, workers, rescore_task, &s);
 
     for (size_t i = 0; i < n; i++) { /* rows sorted by (distance, id): insertion sort of k entries */
         int64_t *oi = out_ids + i * s.k;
