@@ -183,6 +183,57 @@ def test_first_batches_added_at_once_train_once(rng):
     assert index.storage_info()["trained"]
 
 
+@pytest.mark.filterwarnings(CLIPPED)
+def test_calls_beside_each_other_on_a_compressed_index(datasets, tmp_path):
+    """int8 with rerank: queries (plain and filtered), get_items, saves and pickles running beside
+    inserts, updates, replace_deleted and deletes; every call ends, then the index is whole and holds
+    exactly the labels the writers left."""
+    base = np.ascontiguousarray(datasets("siftsmall", n_base=3000)[0], np.float32)
+    index = build(base[:1500], "l2", "int8", True, M=8, ef_construction=40, threads=1, allow_replace_deleted=True)
+    index.resize_index(3000)
+    errors, done = [], threading.Event()
+
+    def guard(fn):
+        def run():
+            try:
+                fn()
+            except Exception as exc:   # surfaced by the assertion below
+                errors.append(repr(exc))
+        return run
+
+    def writer():
+        try:
+            for i in range(1500, 3000, 100):
+                index.add_items(base[i:i + 100], np.arange(i, i + 100), num_threads=1)
+                index.add_items(base[i:i + 5], np.arange(i - 1450, i - 1445), num_threads=1)      # updates
+                index.mark_deleted(i - 1000)
+                index.add_items(base[i + 5:i + 6], [10_000 + i], replace_deleted=True, num_threads=1)
+        finally:
+            done.set()
+
+    def reader(seed):
+        rng = np.random.default_rng(seed)
+        for passes in range(10_000):   # at least 5, then until the writer is done
+            if done.is_set() and passes >= 5:
+                break
+            q = base[rng.integers(0, 3000, 8)]
+            index.knn_query(q, k=5, pad=True)
+            index.knn_query(q, k=5, pad=True, filter=np.arange(0, 3000, 3))
+            index.get_items(rng.integers(0, 500, 4))            # labels no writer deletes
+            pickle.loads(pickle.dumps(index)).check_integrity()
+            index.save_index(tmp_path / f"r{seed}.bin")
+
+    threads = [threading.Thread(target=guard(writer))] + [threading.Thread(target=guard(lambda s=s: reader(s)))
+                                                          for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    index.check_integrity()
+    assert len(index) == 3000 and index.count_deleted == 0 and 10_000 + 1500 in index
+
+
 def test_float16_refuses_values_beyond_its_range_and_changes_nothing(rng):
     index = gpuhnsw.Index("l2", 4, storage="float16")
     index.init_index(10)
