@@ -76,8 +76,10 @@ class Index(IndexSurface):
     - ``"int8"``: per-dimension scalar quantisation, a quarter of the bytes: dimension ``i`` maps
       its range ``[low_i, high_i]`` onto 256 codes.  The ranges come from the first
       :meth:`add_items` call (its rows' per-dimension minimum and maximum; cosine: of the
-      normalised rows), or from :meth:`train` before it.  Later values outside the ranges are
-      clipped to them, counted (:meth:`storage_info`) and reported by a ``UserWarning``.
+      normalised rows), or from :meth:`train` before it; a dimension whose training values are
+      integers spanning at most 256 values (pixels, SIFT) gets a step of 1 and is stored exactly.
+      Later values outside the ranges are clipped to them, counted (:meth:`storage_info`) and
+      reported by a ``UserWarning``.
 
     Distances are computed on the stored form (int8: an exact integer dot product against the
     query's weights, see ``gpuhnsw/csrc/storage.c``), in the search and in the insertions.  The GPU
@@ -182,6 +184,7 @@ class Index(IndexSurface):
             raise ValueError(f"train() sets int8 ranges; this index stores {core.storage}")
         if (data is None) == (low is None and high is None) or (low is None) != (high is None):
             raise ValueError("train() takes data, or low and high")
+        integral = None
         if data is not None:
             rows = as_vectors(data, self._dim)
             if not rows.shape[0]:
@@ -189,13 +192,14 @@ class Index(IndexSurface):
             if self._space == "cosine":
                 rows = rows / (np.linalg.norm(rows, axis=1, keepdims=True) + np.float32(1e-30))
             low, high = rows.min(axis=0), rows.max(axis=0)
+            integral = ((rows == np.rint(rows)) & (np.abs(rows) < 2**22)).all(axis=0).astype(np.uint8)
         bounds = []
         for name, value in (("low", low), ("high", high)):
             arr = np.broadcast_to(np.asarray(on_host(value), dtype=np.float64), (self._dim,))
             if not np.isfinite(arr).all() or np.abs(arr).max(initial=0) > np.finfo(np.float32).max:
                 raise ValueError(f"{name} must be finite float32 values")
             bounds.append(np.ascontiguousarray(arr, dtype=np.float32))
-        core.train(*bounds)
+        core.train(*bounds, *(() if integral is None else (integral,)))
 
     def storage_info(self) -> dict:
         """How the vectors are stored: ``storage``, ``rerank``, ``bytes_per_row`` (the stored

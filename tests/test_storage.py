@@ -154,6 +154,28 @@ def test_int8_train_from_a_sample_or_given_ranges(rng):
         plain.train(data)
 
 
+def test_integer_dimensions_spanning_256_values_are_stored_exactly(datasets):
+    """siftsmall's values are integers spanning at most 181 values per dimension: each dimension
+    gets a step of 1, so its int8 codes hold the rows exactly, whether the ranges come from the
+    first add, from train(sample) or from an hnswlib file; a non-integer dimension keeps its
+    range / 255 step."""
+    base = np.ascontiguousarray(datasets("siftsmall", n_base=2000)[0], np.float32)
+    first = build(base, "l2", "int8", M=8, ef_construction=40)
+    assert (first.storage_info()["scale"] == 1).all()
+    np.testing.assert_array_equal(first.get_items(np.arange(2000)), base)
+    sampled = gpuhnsw.Index("l2", 128, storage="int8")
+    sampled.init_index(2000)
+    sampled.train(base[:500])
+    sampled.add_items(base[:500])
+    np.testing.assert_array_equal(sampled.get_items(np.arange(500)), base[:500])
+    mixed = base[:300].copy()
+    mixed[:, 5] += 0.25                                    # one dimension is no longer integral
+    part = build(mixed, "l2", "int8", M=8, ef_construction=40)
+    scale = part.storage_info()["scale"]
+    assert scale[5] == np.float32((mixed[:, 5].max() - mixed[:, 5].min()) / np.float32(255)) and \
+        (np.delete(scale, 5) == 1).all()
+
+
 def test_a_rejected_first_batch_leaves_the_int8_index_untrained(rng):
     index = gpuhnsw.Index("l2", 4, storage="int8")
     index.init_index(10)

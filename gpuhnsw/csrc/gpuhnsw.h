@@ -236,11 +236,16 @@ ghnsw_status_t ghnsw_map_rows(ghnsw_index_t *ix, uint32_t capacity, int fd, uint
 void ghnsw_storage_init(ghnsw_index_t *ix); /* row_bytes, row_n, query_bytes, dist, exact_dist, pair */
 size_t ghnsw_row_bytes(uint32_t dim, int storage); /* a stored row's bytes */
 /* int8: the quantiser from per-dimension ranges lo[dim] <= hi[dim] (finite), before any row is stored;
- * takes mut_lock */
-ghnsw_status_t ghnsw_train(ghnsw_index_t *ix, const float *lo, const float *hi, ghnsw_err_t *err);
+ * integral[dim] (or NULL): the dimension's values are integers (a span <= 255 then takes scale 1, exact
+ * codes).  Takes mut_lock. */
+ghnsw_status_t ghnsw_train(ghnsw_index_t *ix, const float *lo, const float *hi, const uint8_t *integral,
+                           ghnsw_err_t *err);
 /* The same without the lock or the count check (an add that trains, an import), and the quantiser
  * itself (offset[dim], scale[dim]: finite, scale >= 0, every decoded value finite). */
-ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, const float *hi, ghnsw_err_t *err);
+ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, const float *hi, const uint8_t *integral,
+                                           ghnsw_err_t *err);
+/* Whether v is an integer of magnitude below 2^22 (the training's integral flags). */
+int ghnsw_is_small_integer(float v);
 ghnsw_status_t ghnsw_set_quantizer(ghnsw_index_t *ix, const float *offset, const float *scale, ghnsw_err_t *err);
 /* Copies the quantiser (offsets, then scales) into out [2, dim]; returns 0 (nothing copied) while untrained.
  * Takes mut_lock. */

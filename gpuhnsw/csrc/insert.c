@@ -382,13 +382,15 @@ static int back_from_cands(void *vctx, size_t i, int worker) {
 }
 
 /* An untrained int8 index takes its ranges from the rows of this batch that it stores (normalised for
- * cosine).  Returns non-zero (err set) if they are unusable (a width beyond float's range). */
+ * cosine), and which dimensions hold integers.  Returns non-zero (err set) if they are unusable (a
+ * width beyond float's range). */
 static ghnsw_status_t train_on_batch(ghnsw_index_t *ix, const float *data, const uint8_t *kind, size_t n,
                                      ghnsw_err_t *err) {
     uint32_t dim = ix->dim;
-    float *lo = malloc(3 * (size_t)dim * sizeof(float)), *hi = lo + dim, *x = hi + dim;
+    float *lo = malloc(3 * (size_t)dim * sizeof(float) + dim), *hi = lo + dim, *x = hi + dim;
     if (!lo) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
-    for (uint32_t j = 0; j < dim; j++) { lo[j] = __builtin_inff(); hi[j] = -__builtin_inff(); }
+    uint8_t *integral = (uint8_t *)(x + dim);
+    for (uint32_t j = 0; j < dim; j++) { lo[j] = __builtin_inff(); hi[j] = -__builtin_inff(); integral[j] = 1; }
     for (size_t i = 0; i < n; i++) {
         if (kind[i] == TASK_SKIP) continue;
         memcpy(x, data + i * dim, dim * sizeof(float));
@@ -396,9 +398,10 @@ static ghnsw_status_t train_on_batch(ghnsw_index_t *ix, const float *data, const
         for (uint32_t j = 0; j < dim; j++) {
             lo[j] = x[j] < lo[j] ? x[j] : lo[j];
             hi[j] = x[j] > hi[j] ? x[j] : hi[j];
+            integral[j] &= (uint8_t)ghnsw_is_small_integer(x[j]);
         }
     }
-    ghnsw_status_t st = ghnsw_quantizer_from_ranges(ix, lo, hi, err);
+    ghnsw_status_t st = ghnsw_quantizer_from_ranges(ix, lo, hi, integral, err);
     free(lo);
     return st;
 }

@@ -95,16 +95,18 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
     ghnsw_status_t st = GHNSW_OK;
     if (in->quantizer && in->quantizer_len)
         st = ghnsw_set_quantizer(ix, in->quantizer, in->quantizer + ix->dim, err);
-    else if (ix->storage == GHNSW_I8 && n) {
-        float *lo = malloc(2 * (size_t)ix->dim * sizeof(float)), *hi = lo + ix->dim;
+    else if (ix->storage == GHNSW_I8 && n) { /* as an add trains: ranges and integral dimensions */
+        float *lo = malloc(2 * (size_t)ix->dim * sizeof(float) + ix->dim), *hi = lo + ix->dim;
         if (!lo) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
-        for (uint32_t j = 0; j < ix->dim; j++) { lo[j] = vec[j]; hi[j] = vec[j]; }
+        uint8_t *integral = (uint8_t *)(hi + ix->dim);
+        for (uint32_t j = 0; j < ix->dim; j++) { lo[j] = vec[j]; hi[j] = vec[j]; integral[j] = 1; }
         for (size_t i = 0; i < (size_t)n * ix->dim; i++) {
             size_t j = i % ix->dim;
             lo[j] = vec[i] < lo[j] ? vec[i] : lo[j];
             hi[j] = vec[i] > hi[j] ? vec[i] : hi[j];
+            integral[j] &= (uint8_t)ghnsw_is_small_integer(vec[i]);
         }
-        st = ghnsw_quantizer_from_ranges(ix, lo, hi, err);
+        st = ghnsw_quantizer_from_ranges(ix, lo, hi, integral, err);
         free(lo);
     }
     if (st) return st;

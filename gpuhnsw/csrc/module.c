@@ -252,20 +252,24 @@ static PyObject *one_out(ghnsw_status_t st, const ghnsw_err_t *err, outs_t *o) {
 
 #define CALL_NOGIL(st, call) do { Py_BEGIN_ALLOW_THREADS (st) = (call); Py_END_ALLOW_THREADS } while (0)
 
-/* int8 ranges low[dim] <= high[dim] before the first row is stored */
+/* int8 ranges low[dim] <= high[dim] before the first row is stored; integral[dim] (optional, uint8):
+ * the dimension's values are integers */
 static PyObject *Core_train(CoreObject *self, PyObject *args) {
-    Py_buffer lo, hi;
+    Py_buffer lo, hi, integral = {0};
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "y*y*", &lo, &hi)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*|y*", &lo, &hi, &integral)) return NULL;
     PyObject *ret = NULL;
-    if (!check_len(&lo, (size_t)IX(self)->dim * 4, "low") && !check_len(&hi, (size_t)IX(self)->dim * 4, "high")) {
+    size_t dim = IX(self)->dim;
+    if (!check_len(&lo, dim * 4, "low") && !check_len(&hi, dim * 4, "high") &&
+        (!integral.obj || !check_len(&integral, dim, "integral"))) {
         ghnsw_err_t err = {{0}};
         ghnsw_status_t st;
-        CALL_NOGIL(st, ghnsw_train(IX(self), lo.buf, hi.buf, &err));
+        CALL_NOGIL(st, ghnsw_train(IX(self), lo.buf, hi.buf, integral.obj ? integral.buf : NULL, &err));
         ret = st ? raise_status(st, &err, PyExc_ValueError) : Py_NewRef(Py_None);
     }
     PyBuffer_Release(&lo);
     PyBuffer_Release(&hi);
+    if (integral.obj) PyBuffer_Release(&integral);
     return ret;
 }
 
@@ -769,7 +773,8 @@ static PyMethodDef Core_methods[] = {
      "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted[, graph_cands u32[n,cg], batch_cands u32[n,cb]]) "
      "-> rows stored with values clipped to the int8 ranges (an untrained int8 core takes its ranges from these rows)"},
     {"train", (PyCFunction)Core_train, METH_VARARGS,
-     "train(low f32[dim], high f32[dim]): int8 ranges, before the first row is stored"},
+     "train(low f32[dim], high f32[dim][, integral u8[dim]]): int8 ranges, before the first row is stored; "
+     "integral: the dimension's values are integers (a span <= 255 is then stored exactly)"},
     {"quantizer", (PyCFunction)Core_quantizer, METH_NOARGS,
      "quantizer() -> bytes f32[2, dim] (offsets, then scales: x ~ offset + scale * code), or None while untrained"},
     {"search", (PyCFunction)(void (*)(void))Core_search, METH_VARARGS | METH_KEYWORDS,

@@ -2,7 +2,9 @@
  * quantiser; encoding, decoding, and the prepared queries the distance kernels take.
  *
  * int8.  Each dimension i has an offset m_i and a scale s_i >= 0 (from a range lo_i..hi_i:
- * s_i = (hi_i - lo_i) / 255, m_i = lo_i + 128 s_i), and a value x_i is stored as the code
+ * s_i = (hi_i - lo_i) / 255, m_i = lo_i + 128 s_i; s_i = 1 for a dimension whose training values
+ * are integers spanning at most 256 values, so that they are stored exactly), and a value x_i is
+ * stored as the code
  * c_i = round((x_i - m_i) / s_i) in [-128, 127] (clipped outside the range, and counted), so
  * x_i ~ m_i + s_i c_i.  A query x is prepared once per search:
  *
@@ -82,7 +84,8 @@ ghnsw_status_t ghnsw_set_quantizer(ghnsw_index_t *ix, const float *offset, const
     return GHNSW_OK;
 }
 
-ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, const float *hi, ghnsw_err_t *err) {
+ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, const float *hi, const uint8_t *integral,
+                                           ghnsw_err_t *err) {
     float *m = malloc(2 * (size_t)ix->dim * sizeof(float));
     if (!m) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
     float *s = m + ix->dim;
@@ -92,7 +95,8 @@ ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, c
         if (!isfinite(lo[i]) || !isfinite(hi[i]) || !(lo[i] <= hi[i]) || !isfinite(width))
             st = ghnsw_fail(err, GHNSW_EINVAL, "int8 range of dimension %u is [%g, %g]: need finite low <= high", i,
                             (double)lo[i], (double)hi[i]);
-        s[i] = width / 255.0f;
+        /* integers spanning <= 256 values (pixels, SIFT) are their own codes: stored exactly */
+        s[i] = integral && integral[i] && width <= 255.0f ? 1.0f : width / 255.0f;
         m[i] = lo[i] + 128.0f * s[i];
     }
     if (!st) st = ghnsw_set_quantizer(ix, m, s, err);
@@ -101,13 +105,14 @@ ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, c
     return st;
 }
 
-ghnsw_status_t ghnsw_train(ghnsw_index_t *ix, const float *lo, const float *hi, ghnsw_err_t *err) {
+ghnsw_status_t ghnsw_train(ghnsw_index_t *ix, const float *lo, const float *hi, const uint8_t *integral,
+                           ghnsw_err_t *err) {
     if (ix->storage != GHNSW_I8) return ghnsw_fail(err, GHNSW_EINVAL, "ranges apply to storage='int8' only");
     ghnsw_status_t st = ghnsw_writer_lock(ix, "train", err);
     if (st) return st;
     if (ix->count) st = ghnsw_fail(err, GHNSW_ESTATE, "the int8 ranges are set before the first row is stored "
                                    "(the index holds %u)", ix->count);
-    else st = ghnsw_quantizer_from_ranges(ix, lo, hi, err);
+    else st = ghnsw_quantizer_from_ranges(ix, lo, hi, integral, err);
     pthread_mutex_unlock(&ix->mut_lock);
     return st;
 }
@@ -139,6 +144,8 @@ static inline float round_even(float v) {
     const float magic = 12582912.0f; /* 1.5 * 2^23 */
     return (v + magic) - magic;
 }
+
+int ghnsw_is_small_integer(float v) { return fabsf(v) < 4194304.0f && round_even(v) == v; }
 
 uint32_t ghnsw_encode(const ghnsw_index_t *ix, const float *x, uint8_t *row) {
     uint32_t clipped = 0, dim = ix->dim;
