@@ -262,8 +262,6 @@ static inline float ghnsw_pair(const ghnsw_index_t *ix, uint32_t a, uint32_t b) 
     return ix->pair(ix->vectors + (size_t)a * ix->row_bytes, ix->vectors + (size_t)b * ix->row_bytes, ix->row_n,
                     ix->pair_w);
 }
-/* The float rows of slot s (the exact row with rerank, else decoded) into out[dim_pad]. */
-void ghnsw_float_row(const ghnsw_index_t *ix, uint32_t s, float *out);
 /* float16 conversions (IEEE binary16, round to nearest even); values of magnitude >= GHNSW_F16_LIMIT
  * round to infinity, so rows holding one are refused. */
 #define GHNSW_F16_LIMIT 65520.0f

@@ -238,12 +238,3 @@ void ghnsw_prepare(const ghnsw_index_t *ix, const float *x, void *qv) {
     h->f = ix->space == GHNSW_L2 ? -2.0f * a : -a;
     h->pad[0] = h->pad[1] = 0;
 }
-
-void ghnsw_float_row(const ghnsw_index_t *ix, uint32_t s, float *out) {
-    if (ix->exact) {
-        memcpy(out, ghnsw_exact(ix, s), (size_t)ix->dim_pad * sizeof(float));
-        return;
-    }
-    ghnsw_decode(ix, ghnsw_vec(ix, s), out);
-    memset(out + ix->dim, 0, (size_t)(ix->dim_pad - ix->dim) * sizeof(float));
-}
