@@ -12,7 +12,8 @@ Recall@10 on 1000 rows (seed 12345) against float64 brute force, self excluded.
 Target: the fastest gpuhnsw setting that reaches the recall of pynndescent's defaults takes at
 most 0.5x their time, on each dataset.
 
-Writes ``knn_graph_storage.json`` and ``knn_graph_storage.md`` into ``--out``.
+Writes ``knn_graph_storage.json``, ``knn_graph_storage.md`` and ``knn_graph_storage.png`` (median time
+against recall) into ``--out``.
 
     python benchmarks/knn_graph_storage.py                 # about 10 minutes on a quiet 2-core machine
     python benchmarks/knn_graph_storage.py --quick --out /tmp/kgs
@@ -37,7 +38,8 @@ GPUHNSW = {
     "mnist": [dict(n_trees=4, n_iters=2, max_candidates=16, intermediate_degree=12, leaf_size=128),
               dict(n_trees=6, n_iters=2, max_candidates=16, intermediate_degree=12, leaf_size=128),
               dict(n_trees=8, n_iters=2, max_candidates=16, intermediate_degree=12, leaf_size=64),
-              dict(n_trees=6, n_iters=2, max_candidates=20, intermediate_degree=12, leaf_size=96)],
+              dict(n_trees=6, n_iters=2, max_candidates=20, intermediate_degree=12, leaf_size=96),
+              dict(n_trees=6, n_iters=3, max_candidates=16, intermediate_degree=12, leaf_size=128)],
     "minilm-debian": [dict(n_trees=6, n_iters=2, max_candidates=16, intermediate_degree=12, leaf_size=128),
                       dict(n_trees=8, n_iters=2, max_candidates=16, intermediate_degree=12, leaf_size=128),
                       dict(n_trees=10, n_iters=2, max_candidates=16, intermediate_degree=12, leaf_size=128),
@@ -140,6 +142,35 @@ def write_markdown(report, path):
         f.write("\n".join(lines) + "\n")
 
 
+def write_plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["dataset"] for r in report["results"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in report["results"] if r["dataset"] == name]
+        groups = [("pynndescent", "k", "D", lambda r: r["tool"] == "pynndescent")]
+        groups += [(f"gpuhnsw {s}", c, m, lambda r, s=s: r["tool"] != "pynndescent" and r["params"]["storage"] == s)
+                   for s, c, m in zip(STORAGES, ("C0", "C1", "C2"), ("o", "s", "^"))]
+        for label, color, marker, keep in groups:
+            pts = [r for r in rows if keep(r)]
+            ax.scatter([r["recall"] for r in pts], [r["median_seconds"] for r in pts], c=color, marker=marker,
+                       label=label, s=25)
+        base = next(r for r in rows if r["tool"] == "pynndescent" and not r["params"])
+        ax.axvline(base["recall"], color="grey", linewidth=0.8, linestyle=":")
+        ax.axhline(TARGET_RATIO * base["median_seconds"], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(f"recall@{report['k']}")
+        ax.set_ylabel(f"median seconds ({report['threads']} threads)")
+        ax.set_title(f"{name}: dotted = pynndescent's recall, dashed = {TARGET_RATIO}x its time", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
@@ -158,6 +189,7 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     write_markdown(report, stem + ".md")
+    write_plot(report, stem + ".png")
     print(open(stem + ".md").read())
 
 
