@@ -204,7 +204,7 @@ def test_sparse_without_scipy_fails_before_the_work(monkeypatch):
 def test_auto_picks_exact_small_and_nndescent_large(monkeypatch):
     small = testing.clustered(500, 8)
     assert knn_graph(small, 5, return_info=True)[2]["method"] == "exact"
-    big_n = int((kg_module.AUTO_EXACT_LIMIT["cpu"] / 8) ** 0.5) + 1
+    big_n = int((kg_module.AUTO_EXACT_LIMIT / 8) ** 0.5) + 1
     seen = {}
 
     def fake(x, k, *a, **kw):
@@ -213,7 +213,32 @@ def test_auto_picks_exact_small_and_nndescent_large(monkeypatch):
 
     monkeypatch.setattr(kg_module, "_nndescent_graph", fake)
     info = knn_graph(np.zeros((big_n, 8), np.float32), 3, return_info=True, device="cpu")[2]
-    assert info["method"] == "nndescent" and seen["n"] == big_n
+    assert info["method"] == "nndescent" and seen["n"] == big_n and info["estimates"] is None
+
+
+def test_auto_on_a_gpu_picks_by_the_cost_estimates(fake_cupy, monkeypatch, caplog):
+    """On a GPU, "auto" compares the estimated seconds of both methods (GPU_COST), runs the cheaper
+    and says so in the info dict and the log."""
+    ran = []
+
+    def fake(method):
+        def run(x, k, *a, **kw):
+            ran.append((method, x.shape[0]))
+            return np.zeros((x.shape[0], k), np.int64), np.zeros((x.shape[0], k), np.float32)
+        return run
+
+    monkeypatch.setattr(kg_module, "_nndescent_graph", fake("nndescent"))
+    monkeypatch.setattr(kg_module, "_exact_graph_gpu", fake("exact"))
+    cost = kg_module.GPU_COST
+    # the crossover of n^2 (d p + s) and n k d c
+    n_star = 3 * 8 * cost["nndescent_s"] / (8 * cost["exact_product_s"] + cost["exact_select_s"])
+    for n, want in ((int(n_star * 0.8), "exact"), (int(n_star * 1.25), "nndescent")):
+        with caplog.at_level("INFO", logger="gpuhnsw"):
+            info = knn_graph(np.zeros((n, 8), np.float32), 3, return_info=True, device="cuda")[2]
+        assert info["method"] == want and ran[-1] == (want, n)
+        assert set(info["estimates"]) == {"exact", "nndescent"}
+        assert min(info["estimates"], key=info["estimates"].get) == want
+        assert f"method={want} (auto: estimated exact" in caplog.text
 
 
 def test_progress_shows_rounds(fake_tqdm):
