@@ -8,14 +8,15 @@ exact
     both row blocks ``i`` and ``j`` (half the BLAS work of a plain query-vs-base search). Memory is
     the data plus one tile pair and a ``[n, pool]`` candidate pool: about 1.1 GB for 100k x 784.
     The pools are then re-ranked in float64 exactly as in :func:`gpuhnsw.exact.exact_search`.
-    On the GPU it is ``exact_search`` with every row as a query.
+    On the GPU the same tiling screens on tensor cores and certifies every row
+    (:mod:`gpuhnsw.device.brute`).
 nndescent
     NN-descent in the C engine (``csrc/nndescent.c``): random-projection-tree initial graph, then
     local joins over sampled new/old neighbour lists until a round changes fewer than
     ``delta * n * k`` entries. The data is read in place (a float32 C-contiguous array or
     ``np.memmap`` is not copied, cosine included). Deterministic for a seed, whatever the thread
-    count. With ``device="cuda"`` the local joins are batched matrix products on the GPU
-    (:mod:`gpuhnsw._nndescent_gpu`, random initial graph).
+    count. With ``device="cuda"`` the forest and the local joins are batched fp16 matrix products
+    on the GPU (:mod:`gpuhnsw._nndescent_gpu`).
 hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
     width ``ef`` and drop the row itself (by id, so duplicates of a row survive as neighbours).
@@ -91,8 +92,9 @@ def nndescent_defaults(n, k, device="cpu"):
     neighbours (returning the best k), as cuVS's NN-descent does with its intermediate graph
     degree. On the CPU the forest is cheap (built breadth-first, leaves joined as distance tiles),
     so it gets many trees with large leaves, and more than 16 candidates per round buy little
-    recall for their cost. The GPU path (``device="cuda"``) starts from a random graph and needs
-    more candidates per round.
+    recall for their cost. The GPU path (``device="cuda"``) builds the same forest (median splits
+    of random +-1 projections, all nodes of a level at once) and takes more candidates per round,
+    which its batched products make cheap.
     """
     degree = max(k, min(int(round(1.5 * k)), 20))
     return dict(intermediate_degree=degree,

@@ -435,22 +435,27 @@ def fake_cupy(monkeypatch):
     _CudaStream.current = None
 
 
+_HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
 def _numpy_gemm(a, b, out, *, precision, alpha):
     """``device.launch.gemm`` (cuBLAS) in NumPy, same arguments: the inputs are decoded from their
-    screening storage as the tensor cores read them (fp16; bf16 bit patterns through ml_dtypes; tf32
+    screening storage as the tensor cores read them (fp16 through a table of all 65536 values; bf16
+    bit patterns widened to float32, whose rounding test_screening checks against ml_dtypes; tf32
     truncated to 10 mantissa bits, the worst case the bound allows for; fp32 as it is), multiplied
     exactly and summed in float32."""
     def decode(x):
         x = np.asarray(x)
+        if precision == "fp16":
+            return _HALF[x.view(np.uint16)]
         if precision == "bf16":
-            import ml_dtypes
-
-            return x.view(ml_dtypes.bfloat16).astype(np.float32)
+            return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
         if precision == "tf32":
             return (x.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
         return x.astype(np.float32)
 
-    product = np.matmul(decode(a), np.swapaxes(decode(b), -1, -2)) * np.float32(alpha)
+    product = np.matmul(decode(a), np.swapaxes(decode(b), -1, -2))
+    product *= np.float32(alpha)
     out[..., :product.shape[-1]] = product
 
 

@@ -204,6 +204,7 @@ def test_symmetric_graph_equals_full_tiling_and_the_cpu(gpu, datasets, precision
         gpu.graph(resident, 12, tiling="diagonal")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the stale buffers hold garbage
 def test_results_read_before_their_copy_lands_are_stale(gpu, datasets, monkeypatch):
     """The stand-in is strict enough to catch a download read before its event: without the wait,
     the pinned buffers still hold the previous block (or nothing)."""
@@ -223,6 +224,7 @@ def test_results_read_before_their_copy_lands_are_stale(gpu, datasets, monkeypat
     assert (got[0] != want[0]).any()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the stale buffers hold garbage
 def test_query_blocks_used_before_their_upload_lands_are_stale(gpu, fake_cupy, datasets, monkeypatch):
     """Host query blocks go up on a second stream into two device buffers; without the compute
     stream's wait for the copy, a block is screened from what the buffer held before."""
@@ -267,3 +269,33 @@ def test_bfindex_keeps_its_upload(gpu, datasets, monkeypatch):
     index.add_items(q[:3] + 1.0, [5000, 5001, 5002])
     index.knn_query(q, k=5)
     assert len(made) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without CuPy and a device): the real cuBLAS products and kernels
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gpu_every_precision_equals_the_cpu(datasets, precision):
+    base, q, _, _ = datasets("siftsmall")
+    stats = {}
+    got = exact_rows(base, q, 32, "l2", device=("cuda", 0), precision=precision, stats=stats)
+    want = exact_rows(base, q, 32, "l2")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    x = far_gaussians(5000, 16, 1e4)
+    np.testing.assert_array_equal(exact_rows(x, x[:100], 10, "l2", device=("cuda", 0), precision=precision)[0],
+                                  exact_rows(x, x[:100], 10, "l2")[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiling", ["symmetric", "full"])
+def test_gpu_graph_tilings_equal_the_cpu(datasets, tiling):
+    from gpuhnsw.device import brute
+
+    base, _, _, _ = datasets("mnist", n_base=6000)
+    resident = brute.ResidentBase(np.ascontiguousarray(base), "l2", "fp16")
+    got = brute.graph(resident, 16, tiling=tiling, tile=1000)
+    want = knn_graph(base, 16, method="exact", device="cpu")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)

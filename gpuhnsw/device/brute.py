@@ -33,15 +33,16 @@ from __future__ import annotations
 import numpy as np
 
 from .._errors import DeviceError
-from .._rows import l2_mean
+from .._rows import l2_mean, normalize_rows
 from .._screen import (EXCLUDED_KEY, certified, check_precision, key_error_bound, pool_size,
                        power_of_two_scale, storage_dtype, to_storage)
 from . import launch
 from .arrays import import_cupy, is_gpu_array
+from .clock import PhaseClock
 from .kernels import TOPK_CAPACITIES
 from .ops import select_topk
 
-__all__ = ["ResidentBase", "search", "graph", "TILINGS", "WORKSPACE_BYTES"]
+__all__ = ["ResidentBase", "search", "graph", "TILINGS", "WORKSPACE_BYTES", "PHASES"]
 
 #: ``graph``'s tilings: each tile pair once, feeding both row blocks ("symmetric"), or every row
 #: block against every tile ("full", ``search`` with the base as queries).
@@ -61,52 +62,24 @@ _RANK_POOL = 256
 PHASES = ("upload", "tiles", "rerank", "download", "redo")
 
 
-class _Clock:
-    """Seconds per phase from CUDA events recorded on the current stream (no waits): read once,
-    at the end, by ``read``."""
-
-    def __init__(self, cp, phases):
-        self.cp, self.out, self.marks = cp, phases, []
-
-    def start(self, phase):
-        if self.out is not None:
-            self.marks.append([phase, self._event()])
-
-    def stop(self):
-        if self.out is not None:
-            self.marks[-1].append(self._event())
-
-    def _event(self):
-        event = self.cp.cuda.Event()
-        event.record()
-        return event
-
-    def read(self):
-        if self.out is None:
-            return
-        for phase in PHASES:
-            self.out.setdefault(phase, 0.0)
-        for phase, e0, e1 in self.marks:
-            e1.synchronize()
-            self.out[phase] += self.cp.cuda.get_elapsed_time(e0, e1) / 1e3
-
-
 class ResidentBase:
     """The base of exact search, resident on the current GPU (see the module docstring).
 
     Parameters
     ----------
-    x : ndarray, float32 [n, d], C-contiguous (host; cosine rows already normalised)
+    x : ndarray, float32 [n, d], C-contiguous (host)
     space : {"l2", "ip", "cosine"}
     precision : one of ``_screen.PRECISIONS``
     phases : dict, optional: the ``upload`` seconds are added to it
+    normalize : bool: cosine rows normalised on the device (``_rows.normalize_rows``) as they
+        arrive; else they come normalised
     """
 
-    def __init__(self, x, space, precision, phases=None):
+    def __init__(self, x, space, precision, phases=None, normalize=False):
         cp = import_cupy()
         self.space, self.precision = space, check_precision(precision)
         self.n, self.d = x.shape
-        clock = _Clock(cp, phases)
+        clock = PhaseClock(cp, phases, PHASES)
         clock.start("upload")
         self.mu_host = l2_mean(x) if space == "l2" else None             # float32 [d] or None
         self.mu = None if self.mu_host is None else cp.asarray(self.mu_host)
@@ -123,6 +96,8 @@ class ResidentBase:
                 self.rows[a:b].set(x[a:b], stream=copy)     # pageable: returns once staged
                 landed = copy.record()
             compute.wait_event(landed)                      # what follows works on chunk c
+            if normalize:
+                self.rows[a:b] = normalize_rows(self.rows[a:b], cp)
             centred, norms = self._centred(cp, self.rows[a:b])
             if self.sq is not None:
                 self.sq[a:b] = cp.einsum("ij,ij->i", centred, centred)
@@ -418,7 +393,7 @@ def search(base, queries, k, *, self_rows=None, labels=None, block=None, base_bl
         stats.update(precision=base.precision, pool=pool, redone=0, redo=[])
     if nq == 0 or k == 0:
         return ids, dists
-    clock = _Clock(cp, phases)
+    clock = PhaseClock(cp, phases, PHASES)
     try:
         tie = None if labels is None else cp.asarray(labels)
         sdev = None if self_rows is None else cp.asarray(self_rows)
@@ -527,7 +502,7 @@ def graph(base, k, *, tiling="symmetric", tile=None, progress=None, phases=None,
     if pool > TOPK_CAPACITIES[-1]:
         return search(base, base.rows, k, self_rows=np.arange(n, dtype=np.int64), progress=progress,
                       phases=phases, stats=stats)
-    clock = _Clock(cp, phases)
+    clock = PhaseClock(cp, phases, PHASES)
     try:
         t = int(tile) if tile else max(pool, int((WORKSPACE_BYTES // 4) ** 0.5))
         work = cp.empty((min(t, n), min(t, n)), dtype=cp.float32)
