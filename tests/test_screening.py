@@ -247,6 +247,20 @@ def test_phases_stats_and_progress(gpu, datasets):
         exact_search(base, q, 10, device="cuda", precision="int8")
 
 
+def test_out_of_device_memory_is_a_device_error(gpu, fake_cupy, monkeypatch):
+    from gpuhnsw import DeviceError
+
+    def full(*args, **kwargs):
+        raise fake_cupy.cuda.memory.OutOfMemoryError("out of memory allocating 512 MB")
+
+    x = far_gaussians(300, 8, 0.0)
+    monkeypatch.setattr(fake_cupy, "empty", full)
+    with pytest.raises(DeviceError, match="GPU out of memory keeping 300 x 8 rows"):
+        exact_search(x, x[:5], 3, device="cuda")
+    with pytest.raises(DeviceError, match="GPU out of memory"):
+        knn_graph(x, 3, method="exact", device="cuda")
+
+
 def test_bfindex_keeps_its_upload(gpu, datasets, monkeypatch):
     """BFIndex uploads its rows once and queries them until a mutation drops the copy."""
     base, q, _, _ = datasets("siftsmall", n_base=1000, n_queries=20)

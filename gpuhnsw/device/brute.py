@@ -77,6 +77,13 @@ class ResidentBase:
 
     def __init__(self, x, space, precision, phases=None, normalize=False):
         cp = import_cupy()
+        try:
+            self._upload(cp, x, space, precision, phases, normalize)
+        except cp.cuda.memory.OutOfMemoryError as exc:
+            raise DeviceError(f"GPU out of memory keeping {x.shape[0]} x {x.shape[1]} rows on the device "
+                              f"({exc}); use device='cpu'") from exc
+
+    def _upload(self, cp, x, space, precision, phases, normalize):
         self.space, self.precision = space, check_precision(precision)
         self.n, self.d = x.shape
         clock = PhaseClock(cp, phases, PHASES)
