@@ -382,7 +382,7 @@ def search(base, queries, k, *, self_rows=None, labels=None, block=None, base_bl
     """Exact ``k`` nearest rows of ``base`` (a :class:`ResidentBase`) for every query.
 
     queries : float32 [nq, d] C-contiguous, host or device (``base.rows`` itself for a graph)
-    self_rows : int64 [nq] (host or device) or None: the base row excluded for each query
+    self_rows : int64 [nq] host array or None: the base row excluded for each query
     labels : [n] integer host array or None: tie key per base row (default: the row number)
     stats : dict, optional: filled with ``precision``, ``pool``, ``redone`` (rows that failed the
         certificate at screening) and ``redo`` (per redo round: [pool, rows that still failed])
@@ -439,7 +439,8 @@ def search(base, queries, k, *, self_rows=None, labels=None, block=None, base_bl
         download.finish()
         redo = cp.asnumpy(cp.flatnonzero(failed))
         clock.start("redo")
-        _redo(cp, base, queries, redo, k, pool, self_rows, tie, ids, dists, stats)
+        _redo(cp, base, queries, redo, k, pool, None if self_rows is None else np.asarray(self_rows), tie, ids,
+              dists, stats)
         clock.stop()
         clock.read()
         if progress is not None:
@@ -452,16 +453,15 @@ def search(base, queries, k, *, self_rows=None, labels=None, block=None, base_bl
 
 def _redo(cp, base, queries, redo, k, pool, self_rows, tie, ids, dists, stats):
     """Rows ``redo`` (host int64) of ``queries`` that failed the certificate: float32 screening with
-    the pool doubled, again until every row passes or the pool holds every row. Writes ``ids`` and
-    ``dists`` (host) in place."""
+    the pool doubled, again until every row passes or the pool holds every row. ``self_rows``: host
+    int64 or None. Writes ``ids`` and ``dists`` (host) in place."""
     n = base.n
     if stats is not None:
         stats["redone"] = int(redo.size)
     while redo.size:
         pool = min(n, 2 * pool)
         q = cp.asarray(queries[redo]) if not is_gpu_array(queries) else queries[cp.asarray(redo)]
-        srows = None if self_rows is None else cp.asarray(np.asarray(self_rows)[redo] if not is_gpu_array(self_rows)
-                                                          else cp.asnumpy(self_rows)[redo])
+        srows = None if self_rows is None else cp.asarray(self_rows[redo])
         centred, qnorm = base._centred(cp, q)
         qs = to_storage(cp, centred, "fp32")
         block, base_block = _blocks(base, redo.size, pool, None, None)
