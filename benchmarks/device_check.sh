@@ -14,7 +14,8 @@
 # times out is recorded in summary.md and the next one still runs. Files written into the output
 # folder (at most 8 come back from a lent machine): device_check.log (every stage's output, as it
 # goes), summary.md (one line per stage), compile.json, sanitize.log, gpu_search.{json,md,png},
-# knn_graph_gpu.json (the last stage, issue 9's GPU k-NN graph part, runs on what is left of the budget).
+# gpu_exact.json (issue 19: the exact k-NN graph, GPU and CPU NN-descent and torch at 1M x 128, k=32;
+# exact search of 10k queries over 1M in every screening precision, and torch).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -23,9 +24,17 @@ LIMIT_BYTES=$((64 * 1024 * 1024))
 BUDGET_S=${DEVICE_CHECK_BUDGET_S:-410}
 PY=${PYTHON:-python3}
 SYNTH_N=200000                 # benchmark size: synthetic clustered 200,000 x 128 (fits the budget)
-KNN_N=1000000                  # k-NN graph size (issue 9: exact and NN-descent, GPU and CPU, k=32)
-KNN_STAGE_S=150                # the knn-graph stage's cap
-KNN_TIMEOUT_S=32               # per k-NN graph method (4 of them, each in a fresh process, warm-up included)
+# Issue 19's two stages, 150 s together. knn-graph: 1M x 128, k=32, six contenders in fresh processes,
+# each capped at KNN_TIMEOUT_S (warm-up included): exact at 250k in both tilings (~1/16 of the 1M
+# exact each), exact at 1M (target <= 3 s), GPU NN-descent, CPU NN-descent on 16 cores (6.6 s at
+# 500k before), torch fp16 (about 5e14 flop of fp16 products plus topk); with the data, the float64
+# recall truth (torch, 1,000 rows) and the GPU_COST calibration, 6 x 18 s + ~12 s fits 120 s, and a
+# contender cut by its cap still leaves the others' results in the JSON. exact-search: 10k x 1M, six
+# GPU runs of well under a second each plus uploads and torch: 30 s.
+KNN_N=1000000
+KNN_STAGE_S=120
+KNN_TIMEOUT_S=18
+EXACT_STAGE_S=30
 
 plan() {
     # the shared datasets: $GHNSW_DATA, as gpuhnsw.testing.data_dir() reads it, else ../shared/data
@@ -188,19 +197,23 @@ hnswlib_built() {
     "$PY" -c 'import hnswlib; print("hnswlib", hnswlib.__file__)' || return 1
     return "$(cat "$HNSWLIB_LOG.rc" 2>/dev/null || echo 1)"
 }
-# Only the JSON comes back (8 files at most); benchmarks/knn_graph.py's Markdown table is rebuilt from it here.
-# Every method prints its time, recall and GPU phases; NN-descent logs each round's phases as it goes.
+# Issue 19: the k-NN graph and exact search stages (benchmarks/gpu_exact.py), JSON written as it goes.
 knn_graph_gpu() {
-    local rc
-    # its own timeout, inside the stage's, so the copy below still runs when the last method is cut
-    timeout --kill-after=3 $((KNN_STAGE_S - 10)) "$PY" benchmarks/knn_graph.py --gpu --gpu-nndescent \
-        --gpu-n "$KNN_N" --gpu-timeout "$KNN_TIMEOUT_S" --out /tmp/ghnsw-knn
-    rc=$?
-    cp /tmp/ghnsw-knn/knn_graph_gpu.json "$OUT"/ || return 1   # written after every method
+    # its own timeout, inside the stage's, so the copy below still runs when the last contender is cut
+    timeout --kill-after=3 $((KNN_STAGE_S - 8)) "$PY" benchmarks/gpu_exact.py graph --n "$KNN_N" \
+        --timeout "$KNN_TIMEOUT_S" --out /tmp/ghnsw-exact
+    local rc=$?
+    cp /tmp/ghnsw-exact/gpu_exact.json "$OUT"/ || return 1
     return "$rc"
 }
-export -f env_info compile_cost sanitize_all hnswlib_built knn_graph_gpu
-export PY OUT KNN_N KNN_STAGE_S KNN_TIMEOUT_S FIRST_QUERY SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
+exact_search_gpu() {
+    timeout --kill-after=3 $((EXACT_STAGE_S - 5)) "$PY" benchmarks/gpu_exact.py search --n "$KNN_N" --out /tmp/ghnsw-exact
+    local rc=$?
+    cp /tmp/ghnsw-exact/gpu_exact.json "$OUT"/ || return 1
+    return "$rc"
+}
+export -f env_info compile_cost sanitize_all hnswlib_built knn_graph_gpu exact_search_gpu
+export PY OUT KNN_N KNN_STAGE_S KNN_TIMEOUT_S EXACT_STAGE_S FIRST_QUERY SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
 
 stage env 30 bash -c env_info
 # hnswlib builds in the background while the GPU stages run (16 cores); the benchmark waits for it
@@ -216,7 +229,7 @@ if [ "$DRY" = 1 ]; then
     wait "$HNSWLIB_PID"
     stage hnswlib-built 10 bash -c hnswlib_built
     stage import-check 30 "$PY" -c "import gpuhnsw, hnswlib; print('gpuhnsw', gpuhnsw.__file__, 'hnswlib', hnswlib.__file__)"
-    for s in gpu-tests compile-cost sanitize bench knn-graph; do
+    for s in gpu-tests compile-cost sanitize bench knn-graph exact-search; do
         echo "== $s: not run (--dry-run: needs CuPy and a GPU)" | tee -a "$LOG"
         echo "| $s | not run (dry run) | 0 |" >>"$SUMMARY"
     done
@@ -231,5 +244,6 @@ wait "$HNSWLIB_PID"
 stage hnswlib-built 10 bash -c hnswlib_built
 stage bench 400 "$PY" benchmarks/gpu_search.py --datasets synthetic-1m --n-synth "$SYNTH_N" --out "$OUT"
 stage knn-graph "$KNN_STAGE_S" bash -c knn_graph_gpu
+stage exact-search "$EXACT_STAGE_S" bash -c exact_search_gpu
 echo "total ${SECONDS}s" | tee -a "$LOG"
 cat "$SUMMARY"

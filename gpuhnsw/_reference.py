@@ -34,6 +34,13 @@ Distances are float32 as in the C core: ``l2`` squared L2, ``ip`` ``1 - a.b``, `
 stored-normalised vectors with the query scaled by ``1 / (|q| + 1e-30)``. The summation order is
 NumPy's, not the SIMD kernels', so distances agree with C to about 1e-6 relative, and an exact tie
 between two candidates may resolve differently.
+
+Two extras serve ``benchmarks/graph_replay.py``: ``ReferenceGraph(state, level0=...)`` searches
+any fixed-degree ``[n, D]`` level-0 adjacency in place of the stored one (the upper levels stay the
+state's), and ``return_counts=True`` counts each query's serial steps and work (see
+:func:`beam_search_reference`). The visited set here is exact: the kernel's beam mode may forget
+visited slots when its hash is reset (search.cu, phase B) and recompute their distances, so the
+distance count is a lower bound of the kernel's.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ import bisect
 
 import numpy as np
 
-__all__ = ["ReferenceGraph", "beam_search_reference", "normalize_queries"]
+__all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "normalize_queries"]
 
 INVALID = 0xFFFFFFFF
 
@@ -58,9 +65,13 @@ class ReferenceGraph:
     links0 : uint32 [n, M0];  degree0 : uint32 [n];  labels : uint64 [n];  levels : uint8 [n]
     upper : uint32 [total];  upper_start : int64 [n] (offset of each slot's block in ``upper``)
     deleted : bool [n]
+
+    ``level0`` (optional, uint32 [n, D]): a level-0 adjacency searched instead of the state's, read
+    as a fixed-degree padded one (every row's D entries, ``0xFFFFFFFF`` or any id >= n skipped); then
+    ``M0`` is D and ``degree0`` is D for every row.
     """
 
-    def __init__(self, state):
+    def __init__(self, state, level0=None):
         if state.get("storage", "float32") != "float32":   # its vectors are stored rows, not float32
             raise ValueError(f"the reference reads float32 rows: export a {state['storage']} index with "
                              "export_state(decoded=True)")
@@ -82,6 +93,13 @@ class ReferenceGraph:
         if n and int(sizes.sum()) != self.upper.size:
             raise ValueError("upper: length does not match levels")
         self.deleted = np.frombuffer(state["deleted"], dtype=np.uint8)[:n].astype(bool)
+        if level0 is not None:
+            level0 = np.asarray(level0)
+            if level0.dtype != np.uint32 or level0.ndim != 2 or level0.shape[0] != n or level0.shape[1] < 1:
+                raise ValueError(f"level0: expected uint32 [{n}, D >= 1], got {level0.dtype} {level0.shape}")
+            self.M0 = level0.shape[1]
+            self.links0 = np.ascontiguousarray(level0)
+            self.degree0 = np.full(n, self.M0, dtype=np.uint32)
 
     def neighbors(self, slot, level):
         """Slot ids of `slot`'s list on `level`, as the C core reads them (uint32 array): the count
@@ -121,23 +139,31 @@ def _insert_limit(lst, items, limit):
     return merged[:limit]
 
 
-def _descend(g, q):
+#: The per-query counters of ``return_counts=True``, in this order (int64 [nq] each).
+COUNTS = ("iterations", "expanded", "distances", "hops", "upper_distances")
+_ITERATIONS, _EXPANDED, _DISTANCES, _HOPS, _UPPER_DISTANCES = range(len(COUNTS))   # their columns
+
+
+def _descend(g, q, counts):
     cur = g.entry_point
     d = float(g.distances(q, [cur])[0])
+    counts[_UPPER_DISTANCES] += 1
     for level in range(g.max_level, 0, -1):  # exactly the C loop
         changed = True
         while changed:
             changed = False
             nbrs = g.neighbors(cur, level)
+            counts[_HOPS] += 1
             if nbrs.size == 0:
                 break
+            counts[_UPPER_DISTANCES] += nbrs.size
             for s, dn in zip(nbrs.tolist(), g.distances(q, nbrs).tolist()):
                 if dn < d:
                     d, cur, changed = dn, s, True
     return cur, d
 
 
-def _beam_mode(g, q, limit, search_width, cur, d):
+def _beam_mode(g, q, limit, search_width, cur, d, counts):
     beam = [(d, cur)]
     expanded = set()
     visited = {cur}
@@ -146,6 +172,8 @@ def _beam_mode(g, q, limit, search_width, cur, d):
         if not parents:
             return beam
         expanded.update(parents)
+        counts[_ITERATIONS] += 1
+        counts[_EXPANDED] += len(parents)
         cands = []
         for p in parents:
             for s in g.neighbors(p, 0).tolist():
@@ -153,10 +181,11 @@ def _beam_mode(g, q, limit, search_width, cur, d):
                     visited.add(s)
                     cands.append(s)
         if cands:
+            counts[_DISTANCES] += len(cands)
             beam = _insert_limit(beam, list(zip(g.distances(q, cands).tolist(), cands)), limit)
 
 
-def _filtered_mode(g, q, limit, search_width, cur, d, allowed, pending_limit):
+def _filtered_mode(g, q, limit, search_width, cur, d, allowed, pending_limit, counts):
     pending = [(d, cur)]                   # sorted by (dist, slot): a min-heap's pop order
     results = [(d, cur)] if allowed[cur] else []
     visited = {cur}
@@ -167,11 +196,14 @@ def _filtered_mode(g, q, limit, search_width, cur, d, allowed, pending_limit):
             parents.append(pending.pop(0)[1])
         if not parents:
             break
+        counts[_ITERATIONS] += 1
+        counts[_EXPANDED] += len(parents)
         for p in parents:
             nbrs = [s for s in g.neighbors(p, 0).tolist() if s not in visited]
             visited.update(nbrs)
             if not nbrs:
                 continue
+            counts[_DISTANCES] += len(nbrs)
             for dn, s in zip(g.distances(q, nbrs).tolist(), nbrs):
                 if len(results) < limit or dn < results[-1][0]:
                     bisect.insort(pending, (dn, s))
@@ -183,7 +215,8 @@ def _filtered_mode(g, q, limit, search_width, cur, d, allowed, pending_limit):
     return results
 
 
-def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None, pending_limit=None):
+def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None, pending_limit=None,
+                          return_counts=False):
     """Search `queries` in the graph of `state` as the C search and the GPU kernel do.
 
     Parameters
@@ -201,12 +234,19 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
         state) are never returned either. A filter, or any deleted slot, selects the filtered mode.
     pending_limit : int, keyword-only, optional
         Filtered mode: keep at most this many pending candidates (the kernel's Capacity).
+    return_counts : bool, keyword-only
+        Also return each query's work, a dict of int64 [nq] arrays keyed by :data:`COUNTS`:
+        ``iterations`` level-0 iterations (serial steps: passes that expanded at least one parent),
+        ``expanded`` level-0 lists read (parents), ``distances`` level-0 distance evaluations,
+        ``hops`` upper-level lists read in the descent (its serial steps, one per list),
+        ``upper_distances`` the descent's distance evaluations, the entry point's included.
 
     Returns
     -------
     slots : int64 [nq, k], -1 where fewer than k were found
     dists : float32 [nq, k], +inf where fewer than k were found
     found : int64 [nq]
+    counts : dict of int64 [nq], only with ``return_counts``
     """
     g = state if isinstance(state, ReferenceGraph) else ReferenceGraph(state)
     k, ef, search_width = int(k), int(ef), int(search_width)
@@ -219,8 +259,9 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
     slots = np.full((nq, k), -1, dtype=np.int64)
     dists = np.full((nq, k), np.inf, dtype=np.float32)
     found = np.zeros(nq, dtype=np.int64)
+    counts = np.zeros((nq, len(COUNTS)), dtype=np.int64)   # one row per query, columns as COUNTS
     if g.entry_point < 0 or k == 0:
-        return slots, dists, found
+        return _output(slots, dists, found, counts, return_counts)
     mask = ~g.deleted
     if allowed is not None:
         allowed = np.asarray(allowed, dtype=bool)
@@ -231,14 +272,20 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
     limit = max(ef, k)
     mask = mask.tolist()
     for i in range(nq):
-        cur, d = _descend(g, q[i])
+        cur, d = _descend(g, q[i], counts[i])
         if filtered:
-            res = _filtered_mode(g, q[i], limit, search_width, cur, d, mask, pending_limit)
+            res = _filtered_mode(g, q[i], limit, search_width, cur, d, mask, pending_limit, counts[i])
         else:
-            res = _beam_mode(g, q[i], limit, search_width, cur, d)
+            res = _beam_mode(g, q[i], limit, search_width, cur, d, counts[i])
         res = res[:k]
         found[i] = len(res)
         if res:
             dists[i, :len(res)] = [d for d, _ in res]
             slots[i, :len(res)] = [s for _, s in res]
-    return slots, dists, found
+    return _output(slots, dists, found, counts, return_counts)
+
+
+def _output(slots, dists, found, counts, return_counts):
+    if not return_counts:
+        return slots, dists, found
+    return slots, dists, found, {name: np.ascontiguousarray(counts[:, j]) for j, name in enumerate(COUNTS)}

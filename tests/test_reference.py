@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpuhnsw
-from gpuhnsw._reference import ReferenceGraph, beam_search_reference, normalize_queries
+from gpuhnsw._reference import INVALID, ReferenceGraph, beam_search_reference, normalize_queries
 from gpuhnsw.testing import exact_knn
 
 RTOL, ATOL = 1e-4, 1e-5  # float32, different summation order; cosine distances can be near 0
@@ -273,3 +273,81 @@ def test_wider_search_keeps_recall(sift_index, width):
         got = labels[slots]
         recall[w] = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(got, truth)])
     assert recall[width] >= recall[1] - 0.01, recall
+
+
+# ---------------------------------------------------------------------------------------------
+# counters (return_counts) and a replaced level 0 (level0=), as benchmarks/graph_replay.py uses them
+
+def test_counts_on_a_path():
+    """Every step of the chain's search counted by hand (see test_chain_descent_and_beam_order)."""
+    x = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    links = [[j for j in (i - 1, i + 1) if 0 <= j < 10] for i in range(10)]
+    state = make_state(x, links, M=2, upper={0: [[9]], 9: [[0]]})
+    q = np.full((1, 4), 8.2, np.float32)
+    for width in (1, 2):
+        *_, counts = beam_search_reference(state, q, 3, 3, search_width=width, return_counts=True)
+        # descent: d(0), then 0's list moves to 9, 9's list [0] does not improve: 2 lists, 3 distances
+        # level 0 from 9: expand 9 (new: 8), 8 (new: 7), 7 (new: 6, too far); one parent a time either way
+        assert {k: v.tolist() for k, v in counts.items()} == {
+            "iterations": [3], "expanded": [3], "distances": [3], "hops": [2], "upper_distances": [3]}
+
+
+@pytest.mark.parametrize("width", [1, 3, 4])
+@pytest.mark.parametrize("ef", [5, 12])
+def test_counts_on_a_complete_graph(complete, rng, width, ef):
+    """The first expansion visits all 19 others; then every beam entry is expanded once (the
+    descent's end too, also when it drops out of the beam)."""
+    x, links = complete
+    state = make_state(x, links, upper={0: [[3, 7, 11]]})
+    q = rng.standard_normal((6, 6)).astype(np.float32)
+    slots, _, found, counts = beam_search_reference(state, q, 5, ef, search_width=width, return_counts=True)
+    assert set(counts) == {"iterations", "expanded", "distances", "hops", "upper_distances"}
+    assert all(v.dtype == np.int64 and v.shape == (6,) for v in counts.values())
+    g = ReferenceGraph(state)
+    d = np.array([g.distances(r, np.arange(20)) for r in q])
+    entry = np.array([0, 3, 7, 11])[np.argmin(d[:, [0, 3, 7, 11]], axis=1)]
+    kept = np.array([e in top for e, top in zip(entry, exact_slots(state, q, ef))])   # the entry stays in the beam
+    np.testing.assert_array_equal(counts["distances"], 19)
+    np.testing.assert_array_equal(counts["expanded"], ef + ~kept)
+    np.testing.assert_array_equal(counts["iterations"], 1 + -(-(ef - kept) // width))
+    np.testing.assert_array_equal(counts["upper_distances"], 4)
+    np.testing.assert_array_equal(counts["hops"], np.where(entry != 0, 2, 1))   # a move reads one more list
+    # the counts do not change the results
+    plain = beam_search_reference(state, q, 5, ef, search_width=width)
+    np.testing.assert_array_equal(plain[0], slots)
+
+
+def test_counts_filtered_mode_and_empty(complete, rng):
+    x, links = complete
+    state = make_state(x, links)
+    q = rng.standard_normal((4, 6)).astype(np.float32)
+    allowed = np.arange(20) % 2 == 0
+    *_, counts = beam_search_reference(state, q, 3, 4, allowed=allowed, return_counts=True)
+    np.testing.assert_array_equal(counts["distances"], 19)
+    assert np.all(counts["iterations"] >= 1) and np.all(counts["expanded"] >= counts["iterations"])
+    empty = {"space": "l2", "dim": 4, "M": 2, "count": 0, "entry_point": -1, "max_level": -1,
+             "vectors": b"", "links0": b"", "degree0": b"", "labels": b"", "levels": b"", "upper": b"",
+             "deleted": b""}
+    *_, counts = beam_search_reference(empty, np.zeros((2, 4), np.float32), 2, 5, return_counts=True)
+    assert all(v.tolist() == [0, 0] for v in counts.values())
+
+
+def test_level0_replaced(complete, rng):
+    """A path graph searched through a complete level-0 adjacency is exact; padding is skipped."""
+    x, _ = complete
+    path = [[j for j in (i - 1, i + 1) if 0 <= j < 20] for i in range(20)]
+    state = make_state(x, path)
+    full = np.full((20, 24), INVALID, np.uint32)
+    for i in range(20):
+        full[i, 2:22] = [j for j in range(20) if j != i] + [i]   # padding first, a self link last
+    g = ReferenceGraph(state, level0=full)
+    assert g.M0 == 24 and g.neighbors(5, 0).tolist() == [j for j in range(20) if j != 5]
+    q = rng.standard_normal((10, 6)).astype(np.float32)
+    slots, _, _, counts = beam_search_reference(g, q, 5, 5, return_counts=True)
+    for s, e in zip(slots, exact_slots(state, q, 5)):
+        np.testing.assert_array_equal(s, e)
+    np.testing.assert_array_equal(counts["distances"], 19)
+    with pytest.raises(ValueError, match="level0"):
+        ReferenceGraph(state, level0=full.astype(np.int64))
+    with pytest.raises(ValueError, match="level0"):
+        ReferenceGraph(state, level0=full[:10])

@@ -37,6 +37,7 @@
 #define GHNSW_MAX_M 10000            /* hnswlib's init_index cap: no real file has more */
 #define GHNSW_MAX_DIM (1u << 24)
 #define GHNSW_MAX_EF_CONSTRUCTION (1u << 24)
+#define GHNSW_MAX_GRAPH_DEGREE 1024u   /* search graph rows (ghnsw_build_search_graph) */
 
 typedef enum { GHNSW_L2 = 0, GHNSW_IP = 1, GHNSW_COSINE = 2 } ghnsw_space_t;
 
@@ -362,6 +363,12 @@ typedef struct { uint32_t rounds; uint64_t dist_evals, last_updates; } ghnsw_nnd
 ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int space, const ghnsw_nnd_params_t *p,
                                int64_t *out_ids /* [n, k] */, float *out_dists /* [n, k] */, ghnsw_nnd_info_t *info,
                                ghnsw_err_t *err);
+
+/* search_graph.c: the search graph (level 0 with its reverse edges, see the file), u32[count, degree]
+ * from `alloc`, unused entries GHNSW_INVALID; degree in [1, GHNSW_MAX_GRAPH_DEGREE] (else GHNSW_EINVAL).
+ * Deterministic whatever num_threads (<= 0: all cores). */
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, ghnsw_alloc_fn alloc,
+                                  void *ctx, ghnsw_err_t *err);
 
 /* integrity.c */
 typedef struct {

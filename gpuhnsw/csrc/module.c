@@ -367,6 +367,19 @@ static PyObject *Core_labels(CoreObject *self, PyObject *unused) {
     return one_out(st, &err, &o);
 }
 
+/* The search graph (search_graph.c): bytes u32[count, degree]. */
+static PyObject *Core_build_search_graph(CoreObject *self, PyObject *args) {
+    long long degree;
+    int threads;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "Li", &degree, &threads)) return NULL;
+    ghnsw_err_t err = {{0}};
+    ghnsw_status_t st;
+    outs_t o = {{0}, 0};
+    CALL_NOGIL(st, ghnsw_build_search_graph(IX(self), degree, threads, alloc_bytes, &o, &err));
+    return one_out(st, &err, &o);
+}
+
 /* Labels of a label's neighbours on one level. */
 static PyObject *Core_neighbors(CoreObject *self, PyObject *args) {
     unsigned long long label;
@@ -792,6 +805,9 @@ static PyMethodDef Core_methods[] = {
     {"neighbors", (PyCFunction)Core_neighbors, METH_VARARGS, "neighbors(label, level) -> bytes u64[deg]"},
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
+    {"build_search_graph", (PyCFunction)Core_build_search_graph, METH_VARARGS,
+     "build_search_graph(degree, threads) -> bytes u32[count, degree]: level 0 with its reverse edges "
+     "(search_graph.c)"},
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> (bytes u64[r]: (kind << 32) | slot, ascending; drain number: 1, 2, ...)"},
     {"pin_labels", (PyCFunction)Core_pin_labels, METH_NOARGS,
      "pin_labels() -> taken: relabels (replace_deleted) wait until unpin_labels(taken), so label bitsets "
@@ -913,6 +929,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "MAX_DIM", GHNSW_MAX_DIM);
     PyModule_AddIntConstant(m, "MAX_EF_CONSTRUCTION", GHNSW_MAX_EF_CONSTRUCTION);
     PyModule_AddIntConstant(m, "MAX_LEVEL", GHNSW_MAX_LEVEL);
+    PyModule_AddIntConstant(m, "MAX_GRAPH_DEGREE", GHNSW_MAX_GRAPH_DEGREE);
     PyModule_AddIntConstant(m, "DIRTY_ROW", GHNSW_DIRTY_ROW);
     PyModule_AddIntConstant(m, "DIRTY_LINKS", GHNSW_DIRTY_LINKS);
     PyModule_AddIntConstant(m, "DIRTY_APPEND", GHNSW_DIRTY_APPEND);

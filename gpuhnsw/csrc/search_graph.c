@@ -1,0 +1,165 @@
+/* The search graph: HNSW level 0 with its reverse edges, as a fixed-degree padded adjacency for
+ * batched search (docs/architecture.md, "Search graph"; why this graph: benchmarks/results/
+ * graph_replay.md).  gpuhnsw/_graph_reference.py is its NumPy reference; tests hold them equal.
+ *
+ * Row x of degree D, for a live slot x (a deleted slot's row is empty and no row names one):
+ *   forward(x): x's level-0 list as the search reads it (count capped at M0, ids < count, not x),
+ *               deleted slots dropped, in stored order
+ *   reverse(x): the live slots whose level-0 list names x, not in forward(x), nearest first by
+ *               (distance to x, slot)
+ *   row(x)    = (forward(x), reverse(x)) cut at D entries, then GHNSW_INVALID
+ *
+ * Phases (each a parallel loop over blocks of rows, except the prefix sum):
+ *   1. forward rows into out[x]; in-edge counts rcount[y] (atomic)
+ *   2. roff = prefix sums of rcount; rsrc[roff[y] ..] = the sources of y's in-edges (atomic cursors:
+ *      any order, since phase 3 sorts)
+ *   3. per row: the reverse candidates not already in the row, their distances, sorted by
+ *      (distance, slot), appended up to D
+ * Every choice depends on the data only (sorted by value, never by arrival), so the graph is the
+ * same whatever the thread count.
+ *
+ * Memory besides the output:  fdeg [n] uint32 (forward entries), rcount/cursor [n] uint32,
+ * roff [n + 1] size_t, rsrc [edges] uint32, per worker [max in-degree] ghnsw_cand_t.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpuhnsw.h"
+#include "locks.h"
+
+#define ROW_BLOCK 256 /* rows per task of the thread pool */
+
+typedef struct {
+    ghnsw_index_t *ix;
+    uint32_t n, degree;
+    uint32_t *out;      /* [n, degree] */
+    uint32_t *fdeg;     /* [n] forward entries of each row */
+    uint32_t *rcount;   /* [n] in-edges of live slots from live slots; phase 2: fill cursors */
+    size_t *roff;       /* [n + 1] */
+    uint32_t *rsrc;     /* [roff[n]] */
+    ghnsw_cand_t **scratch; /* [workers][max in-degree] */
+} graph_ctx_t;
+
+static inline int live(const ghnsw_index_t *ix, uint32_t s) { return !ghnsw_bit_get(ix->deleted, s); }
+
+/* x's level-0 list as the search reads it, live entries only, into ids[M0]; returns the count. */
+static uint32_t forward_list(const ghnsw_index_t *ix, uint32_t n, uint32_t x, uint32_t *ids) {
+    const uint32_t *l = ghnsw_links0(ix, x);
+    uint32_t deg = ix->degree0[x] < ix->M0 ? ix->degree0[x] : ix->M0, k = 0;
+    for (uint32_t j = 0; j < deg; j++)
+        if (l[j] < n && l[j] != x && live(ix, l[j])) ids[k++] = l[j];
+    return k;
+}
+
+static int forward_rows(void *vctx, size_t b, int worker) {
+    graph_ctx_t *c = vctx;
+    uint32_t *ids = (uint32_t *)c->scratch[worker]; /* room for M0 ids (see ghnsw_build_search_graph) */
+    uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
+    for (uint32_t x = (uint32_t)(b * ROW_BLOCK); x < end; x++) {
+        uint32_t *row = c->out + (size_t)x * c->degree, k = 0;
+        if (live(c->ix, x)) {
+            k = forward_list(c->ix, c->n, x, ids);
+            for (uint32_t j = 0; j < k; j++) __atomic_fetch_add(&c->rcount[ids[j]], 1, __ATOMIC_RELAXED);
+            if (k > c->degree) k = c->degree;
+            memcpy(row, ids, (size_t)k * 4);
+        }
+        c->fdeg[x] = k;
+        for (uint32_t j = k; j < c->degree; j++) row[j] = GHNSW_INVALID;
+    }
+    return 0;
+}
+
+static int fill_reverse(void *vctx, size_t b, int worker) {
+    graph_ctx_t *c = vctx;
+    uint32_t *ids = (uint32_t *)c->scratch[worker];
+    uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
+    for (uint32_t y = (uint32_t)(b * ROW_BLOCK); y < end; y++) {
+        if (!live(c->ix, y)) continue;
+        uint32_t k = forward_list(c->ix, c->n, y, ids);
+        for (uint32_t j = 0; j < k; j++) {
+            uint32_t at = __atomic_fetch_add(&c->rcount[ids[j]], 1, __ATOMIC_RELAXED);
+            c->rsrc[c->roff[ids[j]] + at] = y;
+        }
+    }
+    return 0;
+}
+
+/* (distance, slot) ascending; a NaN distance (a NaN row in an unverified mapped file) sorts last */
+static int cand_cmp(const void *a, const void *b) {
+    const ghnsw_cand_t *p = a, *q = b;
+    float dp = isnan(p->d) ? INFINITY : p->d, dq = isnan(q->d) ? INFINITY : q->d;
+    if (dp != dq) return dp < dq ? -1 : 1;
+    return p->id < q->id ? -1 : p->id > q->id;
+}
+
+static int reverse_rows(void *vctx, size_t b, int worker) {
+    graph_ctx_t *c = vctx;
+    ghnsw_index_t *ix = c->ix;
+    ghnsw_cand_t *cand = c->scratch[worker];
+    uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
+    for (uint32_t x = (uint32_t)(b * ROW_BLOCK); x < end; x++) {
+        uint32_t *row = c->out + (size_t)x * c->degree, k = c->fdeg[x], m = 0;
+        if (k == c->degree) continue; /* no room for reverse edges */
+        const float *vx = ghnsw_vec(ix, x);
+        for (size_t i = c->roff[x]; i < c->roff[x + 1]; i++) {
+            uint32_t y = c->rsrc[i], j = 0;
+            while (j < k && row[j] != y) j++;
+            if (j < k) continue; /* already a forward neighbour */
+            cand[m].d = ix->dist(vx, ghnsw_vec(ix, y), ix->dim_pad);
+            cand[m++].id = y;
+        }
+        qsort(cand, m, sizeof(*cand), cand_cmp);
+        for (uint32_t j = 0; j < m && k < c->degree; j++) row[k++] = cand[j].id;
+    }
+    return 0;
+}
+
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, ghnsw_alloc_fn alloc,
+                                  void *ctx, ghnsw_err_t *err) {
+    if (degree < 1 || degree > GHNSW_MAX_GRAPH_DEGREE)
+        return ghnsw_fail(err, GHNSW_EINVAL, "degree must be in [1, %u], got %lld", GHNSW_MAX_GRAPH_DEGREE,
+                          (long long)degree);
+    ghnsw_status_t st = ghnsw_writer_lock(ix, "building the search graph", err); /* no writer while we read */
+    if (st) return st;
+    graph_ctx_t c = {ix, ix->count, (uint32_t)degree, NULL, NULL, NULL, NULL, NULL, NULL};
+    if (num_threads <= 0) num_threads = ghnsw_default_threads();
+    size_t blocks = ((size_t)c.n + ROW_BLOCK - 1) / ROW_BLOCK;
+    c.out = alloc(ctx, (size_t)c.n * degree * 4);
+    c.fdeg = malloc(sizeof(uint32_t) * (c.n + 1));
+    c.rcount = calloc((size_t)c.n + 1, sizeof(uint32_t));
+    c.roff = malloc(sizeof(size_t) * ((size_t)c.n + 1));
+    c.scratch = calloc((size_t)num_threads, sizeof(*c.scratch));
+    int ok = c.out && c.fdeg && c.rcount && c.roff && c.scratch;
+    for (int t = 0; ok && t < num_threads; t++) ok = (c.scratch[t] = malloc(sizeof(ghnsw_cand_t) * ix->M0)) != NULL;
+    if (ok) {
+        ghnsw_parallel_for(blocks, num_threads, forward_rows, &c);
+        uint32_t most = ix->M0;
+        c.roff[0] = 0;
+        for (uint32_t y = 0; y < c.n; y++) {
+            c.roff[y + 1] = c.roff[y] + c.rcount[y];
+            if (c.rcount[y] > most) most = c.rcount[y];
+            c.rcount[y] = 0;
+        }
+        c.rsrc = malloc(sizeof(uint32_t) * (c.roff[c.n] + 1));
+        ok = c.rsrc != NULL;
+        for (int t = 0; ok && t < num_threads; t++) {
+            ghnsw_cand_t *grown = realloc(c.scratch[t], sizeof(ghnsw_cand_t) * most);
+            if (grown) c.scratch[t] = grown;
+            else ok = 0;
+        }
+        if (ok) {
+            ghnsw_parallel_for(blocks, num_threads, fill_reverse, &c);
+            ghnsw_parallel_for(blocks, num_threads, reverse_rows, &c);
+        }
+    }
+    pthread_mutex_unlock(&ix->mut_lock);
+    if (c.scratch)
+        for (int t = 0; t < num_threads; t++) free(c.scratch[t]);
+    free(c.scratch);
+    free(c.fdeg);
+    free(c.rcount);
+    free(c.roff);
+    free(c.rsrc);
+    return ok ? GHNSW_OK : ghnsw_fail(err, GHNSW_ENOMEM, "out of memory building the search graph");
+}
