@@ -11,11 +11,14 @@
 #   bash benchmarks/device_check.sh --dry-run DIR  here: the same stages up to the first that needs CuPy
 #
 # On the GPU machine every stage runs under `timeout` inside an 8-minute budget, in order of
-# importance; a stage that fails or times out is recorded in summary.md and the next one still runs,
-# and kernel_ab.py rewrites its JSON after every measurement. Files written into the output folder
-# (at most 8 come back from a lent machine): device_check.log (every stage's output, as it goes),
-# summary.md (one line per stage), kernel_ab_clustered.json, kernel_ab_hard.json,
-# kernel_ab_minilm-debian.json, kernel_ab.md, sanitize.log.
+# importance (build, GPU tests, sanitizers, search A/B, exact and k-NN graph); a stage that fails or
+# times out is recorded in summary.md and the next one still runs, and kernel_ab.py and
+# gpu_exact.py rewrite their JSON after every measurement. Files written into the output folder (at
+# most 8 come back from a lent machine): device_check.log (every stage's output, as it goes),
+# summary.md (one line per stage), sanitize.log, kernel_ab_clustered.json, kernel_ab_hard.json,
+# kernel_ab_minilm-debian.json, kernel_ab.md (issue 17), gpu_exact.json (issue 19: the exact k-NN
+# graph, GPU and CPU NN-descent and torch at 1M x 128, k=32; exact search of 10k queries over 1M in
+# every screening precision, and torch).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -24,6 +27,17 @@ LIMIT_BYTES=$((64 * 1024 * 1024))
 BUDGET_S=${DEVICE_CHECK_BUDGET_S:-480}
 PY=${PYTHON:-python3}
 AB_N=${AB_N:-1000000}          # rows of the generated sets (clustered, hard)
+# Issue 19's two stages, last: knn-graph at 1M x 128, k=32, six contenders in fresh processes, each
+# capped at KNN_TIMEOUT_S (warm-up included): exact at 250k in both tilings (~1/16 of the 1M exact
+# each), exact at 1M (target <= 3 s), GPU NN-descent, CPU NN-descent on 16 cores (6.6 s at 500k
+# before), torch fp16; with the data, the float64 recall truth (torch, 1,000 rows) and the GPU_COST
+# calibration, 6 x 13 s + ~12 s fits 90 s, and a contender cut by its cap still leaves the others'
+# results in the JSON. exact-search: 10k x 1M, six GPU runs of well under a second each plus
+# uploads and torch: 30 s.
+KNN_N=1000000
+KNN_STAGE_S=90
+KNN_TIMEOUT_S=13
+EXACT_STAGE_S=30
 
 plan() {
     # the shared datasets: $GHNSW_DATA, as gpuhnsw.testing.data_dir() reads it, else ../shared/data
@@ -65,10 +79,12 @@ PY
          "($((total / 1048576)) MiB; limit $((LIMIT_BYTES / 1048576)) MiB)"
     du -sh "$CARRY"/data/* "$CARRY"/sdist/* | sed 's/^/  /'
     cat <<'TXT'
-time plan (budget 480 s; each stage's cap, taken from what is left):
-  env 20, build-extension 60, gpu-tests-fixed 90 (hnswlib builds meanwhile, 16 cores),
-  ab-clustered 150, ab-hard 170, ab-minilm 50, sanitize 40 (on what is left); kernel_ab.py starts
-  no new contender after --budget-s seconds of contenders (90 / 60 / 30), so each JSON is complete
+time plan (budget 480 s; each stage's cap, taken from what is left, in order of importance):
+  env 30, build-extension 90, gpu-tests 110 (fixed kernel, screening, brute force, k-NN graphs;
+  hnswlib builds meanwhile, 16 cores), sanitize 40, ab-clustered 110, ab-hard 100, ab-minilm 40,
+  knn-graph 90, exact-search 30: the caps add up to more than the budget, so the last stages run
+  on what the earlier ones left (kernel_ab.py starts no new contender after --budget-s seconds of
+  contenders, 60 / 45 / 20, so each JSON is complete; gpu_exact.py writes after each contender)
 1M builds (M=16, ef_construction=64; measured here, benchmarks/README.md "kernel_ab.py"):
   on this 2-core machine, shared (load 13-50), 200,000 x 128 on 2 threads took gpuhnsw 21 s /
   hnswlib 30 s (clustered) and 21 s / 27 s (hard, intrinsic dimension 24): per thread at least
@@ -179,8 +195,23 @@ hnswlib_built() {
     "$PY" -c 'import hnswlib; print("hnswlib", hnswlib.__file__)' || return 1
     return "$(cat "$HNSWLIB_LOG.rc" 2>/dev/null || echo 1)"
 }
-export -f env_info sanitize_all hnswlib_built
-export PY OUT SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
+# Issue 19: the k-NN graph and exact search stages (benchmarks/gpu_exact.py), JSON written as it goes.
+knn_graph_gpu() {
+    # its own timeout, inside the stage's, so the copy below still runs when the last contender is cut
+    timeout --kill-after=3 $((KNN_STAGE_S - 8)) "$PY" benchmarks/gpu_exact.py graph --n "$KNN_N" \
+        --timeout "$KNN_TIMEOUT_S" --out /tmp/ghnsw-exact
+    local rc=$?
+    cp /tmp/ghnsw-exact/gpu_exact.json "$OUT"/ || return 1
+    return "$rc"
+}
+exact_search_gpu() {
+    timeout --kill-after=3 $((EXACT_STAGE_S - 5)) "$PY" benchmarks/gpu_exact.py search --n "$KNN_N" --out /tmp/ghnsw-exact
+    local rc=$?
+    cp /tmp/ghnsw-exact/gpu_exact.json "$OUT"/ || return 1
+    return "$rc"
+}
+export -f env_info sanitize_all hnswlib_built knn_graph_gpu exact_search_gpu
+export PY OUT KNN_N KNN_STAGE_S KNN_TIMEOUT_S EXACT_STAGE_S SANITIZE HNSWLIB_LOG=/tmp/ghnsw-hnswlib.log
 
 stage env 30 bash -c env_info
 # hnswlib builds in the background while the GPU stages run (16 cores); the benchmark waits for it
@@ -196,7 +227,7 @@ if [ "$DRY" = 1 ]; then
     wait "$HNSWLIB_PID"
     stage hnswlib-built 10 bash -c hnswlib_built
     stage import-check 30 "$PY" -c "import gpuhnsw, hnswlib; print('gpuhnsw', gpuhnsw.__file__, 'hnswlib', hnswlib.__file__)"
-    for s in gpu-tests-fixed ab-clustered ab-hard ab-minilm sanitize; do
+    for s in gpu-tests sanitize ab-clustered ab-hard ab-minilm knn-graph exact-search; do
         echo "== $s: not run (--dry-run: needs CuPy and a GPU)" | tee -a "$LOG"
         echo "| $s | not run (dry run) | 0 |" >>"$SUMMARY"
     done
@@ -204,13 +235,16 @@ if [ "$DRY" = 1 ]; then
     exit 0
 fi
 
-stage gpu-tests-fixed 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_fixed.py
+stage gpu-tests 110 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_gpu_fixed.py \
+    tests/test_screening.py tests/test_bruteforce.py tests/test_knn_graph.py tests/test_nndescent.py
 wait "$HNSWLIB_PID"
 stage hnswlib-built 10 bash -c hnswlib_built
-stage ab-clustered 150 "$PY" benchmarks/kernel_ab.py --datasets clustered --n "$AB_N" --budget-s 90 --out "$OUT"
-stage ab-hard 170 "$PY" benchmarks/kernel_ab.py --datasets hard --n "$AB_N" --budget-s 60 --out "$OUT"
-stage ab-minilm 50 "$PY" benchmarks/kernel_ab.py --datasets minilm-debian --budget-s 30 --out "$OUT"
 stage sanitize 40 bash -c sanitize_all
+stage ab-clustered 110 "$PY" benchmarks/kernel_ab.py --datasets clustered --n "$AB_N" --budget-s 60 --out "$OUT"
+stage ab-hard 100 "$PY" benchmarks/kernel_ab.py --datasets hard --n "$AB_N" --budget-s 45 --out "$OUT"
+stage ab-minilm 40 "$PY" benchmarks/kernel_ab.py --datasets minilm-debian --budget-s 20 --out "$OUT"
 "$PY" benchmarks/kernel_ab.py --markdown-only --out "$OUT" 2>&1 | tee -a "$LOG"
+stage knn-graph "$KNN_STAGE_S" bash -c knn_graph_gpu
+stage exact-search "$EXACT_STAGE_S" bash -c exact_search_gpu
 echo "total ${SECONDS}s" | tee -a "$LOG"
 cat "$SUMMARY"

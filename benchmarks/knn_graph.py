@@ -1,7 +1,7 @@
 """k-NN graph construction: gpuhnsw.knn_graph (exact, NN-descent, HNSW) against pynndescent,
 faiss-cpu (IndexHNSWFlat: build, then search every point) and hnswlib 0.8.0.
 
-CPU part (default). Datasets: mnist 60,000 x 784 (squared L2) and minilm-debian 50,000 x 384
+On the CPU. Datasets: mnist 60,000 x 784 (squared L2) and minilm-debian 50,000 x 384
 (cosine), k = 10 and 32 neighbours per point (self excluded). Every tool runs a small sweep of
 settings chosen to reach recall 0.95 and 0.99 (``SWEEPS``). Each tool lives in its own long-lived
 worker process (spawned once, so pynndescent's numba JIT is compiled once, timed, and reported
@@ -19,15 +19,11 @@ Writes ``knn_graph_cpu.json`` (machine, parameters, every timing), ``knn_graph_c
 time to recall 0.95 / 0.99 per tool, ratios, memory, scaling) and ``knn_graph_cpu.png`` (time
 against recall) into ``--out``.
 
-GPU part (``--gpu``, needs CuPy and a device): exact k=32 graph of a generated 1M x 128 set on the
-GPU, NN-descent on the GPU (``--gpu-nndescent``, the local join as batched products) and on the CPU
-for reference; each in a fresh process under its own timeout (``--gpu-timeout``), with the GPU
-phases (``info["phases"]``) and NN-descent's rounds printed as they come. Writes
-``knn_graph_gpu.json`` / ``.md``.
+The GPU's k-NN graphs (exact, GPU NN-descent, against this CPU NN-descent on every core and torch)
+are ``benchmarks/gpu_exact.py``'s.
 
     python benchmarks/knn_graph.py                          # full CPU run (about 25 min, 2 cores)
     python benchmarks/knn_graph.py --quick --out /tmp/kg    # smoke test (small slices)
-    python benchmarks/knn_graph.py --gpu --out /tmp/kg      # GPU part only
 """
 import argparse
 import json
@@ -35,7 +31,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -426,157 +421,6 @@ def plot(report, path):
     fig.savefig(path, dpi=110)
 
 
-# --------------------------------------------------------------------------------------------------
-# GPU benchmark (not runnable without CuPy and a device)
-# --------------------------------------------------------------------------------------------------
-
-def synthetic(n, dim, seed=SEED, n_clusters=1000):
-    """Seeded Gaussian clusters, float32 [n, dim] (for GPU timings at a scale the shared data lacks)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_clusters, dim), dtype=np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    step = 100_000
-    for a in range(0, n, step):
-        m = min(step, n - a)
-        out[a:a + m] = centres[rng.integers(0, n_clusters, m)]
-        out[a:a + m] += 0.3 * rng.standard_normal((m, dim), dtype=np.float32)
-    return out
-
-
-# (label, method, device, share of the rows) of the GPU part, run in this order, each in a fresh
-# process. The exact graph on a quarter of the rows comes first: its time and phases, times 16,
-# still tell the full one's when that one runs out of time.
-GPU_CONTENDERS = (("gpuhnsw exact (cuda), first quarter of the rows", "exact", "cuda", 4),
-                  ("gpuhnsw exact (cuda)", "exact", "cuda", 1),
-                  ("gpuhnsw nndescent (cuda)", "nndescent", "cuda", 1),
-                  ("gpuhnsw nndescent (cpu)", "nndescent", "cpu", 1))
-GPU_WARMUP_ROWS = 20_000
-
-
-def gpu_contender(path, rows, method, device, k, share):
-    """In a fresh process: on the GPU a warm-up on the first rows (cuBLAS handles, kernel
-    compilation or cache load, CuPy's pool), then the timed graph of the first ``1 / share`` of the
-    rows. Logs NN-descent's rounds as they finish."""
-    import logging
-    from gpuhnsw.knn_graph import knn_graph
-
-    logging.basicConfig(stream=sys.stdout, format="    %(message)s")
-    logging.getLogger("gpuhnsw").setLevel(logging.DEBUG)
-    x = np.load(path)
-    x = np.ascontiguousarray(x[:len(x) // share])
-    warmup, sync = 0.0, (lambda: None)
-    if device == "cuda":
-        import cupy
-        t0 = time.perf_counter()
-        knn_graph(x[:GPU_WARMUP_ROWS], k, method=method, device=device)
-        warmup, sync = time.perf_counter() - t0, cupy.cuda.Device().synchronize
-    sync()
-    t0 = time.perf_counter()
-    ids, _, info = knn_graph(x, k, method=method, device=device, return_info=True)
-    sync()
-    seconds = time.perf_counter() - t0
-    pool_mb = None
-    if device == "cuda":
-        pool_mb = cupy.get_default_memory_pool().total_bytes() / 2**20
-    return dict(seconds=seconds, warmup_seconds=warmup, rows=len(x),
-                neighbors=ids[rows] if share == 1 else None, rounds=info["rounds"],
-                dist_evals=info["dist_evals"], phases=info["phases"], gpu_pool_mb=pool_mb)
-
-
-def gpu_benchmark(args):
-    """Each contender in its own process under its own timeout (``--gpu-timeout``), so one that is
-    slow or fails still leaves the others' results; phases per contender are printed and kept."""
-    from gpuhnsw.testing import exact_knn, machine_info
-
-    n, dim, k = args.gpu_n, 128, args.gpu_k
-    t0 = time.perf_counter()
-    data = synthetic(n, dim)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(tempfile.gettempdir(), f"ghnsw_knn_graph_gpu_{os.getpid()}.npy")
-    np.save(path, data)
-    rng = np.random.default_rng(SEED)
-    rows = np.sort(rng.choice(n, size=min(args.sample, n), replace=False))
-    made = time.perf_counter() - t0
-    ids, _ = exact_knn(data, data[rows], k + 1, "l2", block_bytes=1 << 30)
-    keep = ids != rows[:, None]
-    keep[keep.all(axis=1), -1] = False
-    truth = ids[keep].reshape(len(rows), k)
-    del data
-    print(f"synthetic {n} x {dim}, k={k} (made in {made:.1f} s; recall truth on {len(rows)} rows "
-          f"in {time.perf_counter() - t0 - made:.1f} s)", flush=True)
-    info = machine_info()
-    try:
-        import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    except Exception as exc:                                      # noqa: BLE001
-        info["gpu"] = f"unknown ({exc})"
-    results = []
-    report = dict(benchmark="knn_graph_gpu", dataset="synthetic clusters (seeded)", n=n, dim=dim,
-                  k=k, sample=len(rows), sample_seed=SEED, timeout_per_contender=args.gpu_timeout,
-                  machine=info, results=results)
-    try:
-        run_gpu_contenders(args, report, path, rows, truth)
-    finally:
-        os.remove(path)
-
-
-def run_gpu_contenders(args, report, path, rows, truth):
-    from gpuhnsw.testing import recall_at_k
-
-    k, results = report["k"], report["results"]
-    ctx = multiprocessing.get_context("spawn")
-    for label, method, device, share in GPU_CONTENDERS:
-        if method == "nndescent" and device == "cuda" and not args.gpu_nndescent:
-            continue
-        pool = ctx.Pool(1)
-        job = pool.apply_async(gpu_contender, (path, rows, method, device, k, share))
-        try:
-            r = job.get(timeout=args.gpu_timeout)
-        except multiprocessing.TimeoutError:
-            r = dict(error=f"timed out after {args.gpu_timeout} s")
-        except Exception as exc:                                  # noqa: BLE001 (reported, next one runs)
-            r = dict(error=f"{type(exc).__name__}: {exc}")
-        finally:
-            pool.terminate()
-            pool.join()
-        if "error" in r:
-            results.append(dict(method=label, error=r["error"]))
-            print(f"  {label}: {r['error']}", flush=True)
-            write_gpu(report, args.out)
-            continue
-        found = r.pop("neighbors")
-        r["recall"] = None if found is None else recall_at_k(found, truth, k)
-        results.append(dict(method=label, **r))
-        phases = ", ".join(f"{p} {s:.2f} s" for p, s in (r["phases"] or {}).items())
-        recall = "-" if r["recall"] is None else f"{r['recall']:.4f}"
-        print(f"  {label}: {r['rows']} rows, {r['seconds']:.2f} s, recall@{k} {recall}, rounds {r['rounds']}, "
-              f"distance evals {r['dist_evals']}, warm-up {r['warmup_seconds']:.1f} s, GPU pool "
-              f"{r['gpu_pool_mb'] or 0:.0f} MB" + (f"; phases: {phases}" if phases else ""), flush=True)
-        write_gpu(report, args.out)
-
-
-def write_gpu(report, out):
-    """knn_graph_gpu.json and .md (rewritten after every method, so a cut-short run leaves what it has)."""
-    n, dim, k, info = report["n"], report["dim"], report["k"], report["machine"]
-    with open(os.path.join(out, "knn_graph_gpu.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
-    lines = [f"# k-NN graph on the GPU: synthetic {n} x {dim}, k={k}", "",
-             f"GPU {info['gpu']}, {info['date']}; each method in a fresh process after a warm-up "
-             f"on {GPU_WARMUP_ROWS} rows, timeout {report['timeout_per_contender']} s each.", "",
-             "| method | rows | seconds | recall@k | rounds | phases (s) |", "|---|---:|---:|---:|---:|---|"]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | - | {r['error']} | - | - | - |")
-            continue
-        phases = ", ".join(f"{p} {s:.2f}" for p, s in (r["phases"] or {}).items()) or "-"
-        recall = "-" if r["recall"] is None else f"{r['recall']:.4f}"
-        lines.append(f"| {r['method']} | {r['rows']} | {r['seconds']:.2f} | {recall} | "
-                     f"{r['rounds'] or '-'} | {phases} |")
-    with open(os.path.join(out, "knn_graph_gpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
@@ -587,11 +431,6 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=SAMPLE, help="rows used for recall")
     p.add_argument("--quick", action="store_true", help="smoke test: 8000 rows, 1 repeat")
     p.add_argument("--shared", action="store_true", help="note in the results: machine was shared")
-    p.add_argument("--gpu", action="store_true", help="run the GPU part instead of the CPU part")
-    p.add_argument("--gpu-nndescent", action="store_true", help="GPU part: also GPU NN-descent")
-    p.add_argument("--gpu-n", type=int, default=1_000_000)
-    p.add_argument("--gpu-k", type=int, default=32)
-    p.add_argument("--gpu-timeout", type=float, default=120.0, help="GPU part: seconds per method")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results"))
     args = p.parse_args(argv)
@@ -600,10 +439,7 @@ def main(argv=None):
         args.n, args.repeats = args.n or 8000, 1
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)            # inherited by the spawned tool workers
-    if args.gpu:
-        gpu_benchmark(args)
-    else:
-        cpu_benchmark(args)
+    cpu_benchmark(args)
     return 0
 
 

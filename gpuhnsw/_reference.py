@@ -72,6 +72,9 @@ class ReferenceGraph:
     """
 
     def __init__(self, state, level0=None):
+        if state.get("storage", "float32") != "float32":   # its vectors are stored rows, not float32
+            raise ValueError(f"the reference reads float32 rows: export a {state['storage']} index with "
+                             "export_state(decoded=True)")
         self.space = state["space"]
         self.n = n = int(state["count"])
         self.dim = dim = int(state["dim"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["normalize_rows", "l2_centre"]
+__all__ = ["normalize_rows", "l2_mean", "l2_centre"]
 
 # Entries (rows x columns) of one float64 / centred float32 temporary.
 _NORM_CHUNK = 1 << 22
@@ -40,16 +40,21 @@ def normalize_rows(x, xp=np):
     return out
 
 
+def l2_mean(x, xp=np):
+    """float32 ``[d]``: the centre of the l2 keys of the rows ``x`` (float32 ``[n, d]``, ``n >= 1``,
+    NumPy or CuPy as ``xp``), the float64 mean of at most ~4096 evenly strided rows."""
+    return x[::max(1, x.shape[0] // _CENTRE_SAMPLE)].mean(axis=0, dtype=xp.float64).astype(xp.float32)
+
+
 def l2_centre(x, xp=np):
     """The centre of the l2 keys of the rows ``x`` (float32 ``[n, d]``, ``n >= 1``, NumPy or CuPy as
-    ``xp``): (mu float32 ``[d]``, the float64 mean of at most ~4096 evenly strided rows; sq float32
-    ``[n]``, ``|x_i - mu|^2``).
+    ``xp``): (mu float32 ``[d]``, ``l2_mean``; sq float32 ``[n]``, ``|x_i - mu|^2``).
 
     ``sq`` is summed from float32 row chunks centred on the fly (never a copy of ``x``), where
     ``|x|^2 - 2 mu.x + |mu|^2`` would cancel: its error, like the keys', scales with the spread
     (about ``d eps |x_i - mu|^2``).  One pass over ``x``.
     """
-    mu = x[::max(1, x.shape[0] // _CENTRE_SAMPLE)].mean(axis=0, dtype=xp.float64).astype(xp.float32)
+    mu = l2_mean(x, xp)
     sq = xp.empty(x.shape[0], dtype=xp.float32)
     step = max(1, _CENTRE_CHUNK // max(1, x.shape[1]))
     for a in range(0, x.shape[0], step):

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ._core import SPACES
+from ._core import SPACES, STORAGES
 from ._errors import DeviceError, InputShapeError
 from .device.arrays import cuda_status, to_host
 
@@ -18,6 +18,13 @@ def check_space(space):
     if not isinstance(space, str) or space not in SPACES:
         raise RuntimeError("Space name must be one of l2, ip, or cosine.")
     return space
+
+
+def check_storage(storage):
+    """``storage`` of an Index: one of ``_core.STORAGES``."""
+    if not isinstance(storage, str) or storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGES))}, got {storage!r}")
+    return storage
 
 
 def check_dim(dim):

@@ -536,8 +536,8 @@ def _build_parser():
                    help="graph.npz (CSR, scipy.sparse.load_npz) or neighbors.npy (int64 [n, k])")
     p.add_argument("--distances", help="with a .npy output: float32 distances [n, k]")
     p.add_argument("--method", choices=METHODS, default="auto",
-                   help=f"auto (default): exact while n * n * dim <= {AUTO_EXACT_LIMIT['cpu']:.0e} on the CPU "
-                        f"({AUTO_EXACT_LIMIT['cuda']:.0e} on a GPU), else nndescent; exact: tiled brute force; "
+                   help=f"auto (default): on the CPU exact while n * n * dim <= {AUTO_EXACT_LIMIT:.0e}, else nndescent; "
+                        f"on a GPU the cheaper of the two by the library's cost estimates; exact: tiled brute force; "
                         "nndescent: NN-descent from random-projection trees; hnsw: an HNSW index queried for "
                         "every vector (the output names the method that ran)")
     p.add_argument("--ef", type=_positive, help="hnsw method: query beam width")

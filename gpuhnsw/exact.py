@@ -3,16 +3,14 @@
 The exact kernel of the project (docs/architecture.md, "Exact search"): ``exact_search``,
 :class:`gpuhnsw.BFIndex`, the exact method of ``knn_graph`` and the exact leg of filtered queries run
 through it. Public names: ``exact_search`` (validating entry point), ``exact_rows`` (the kernel on
-validated input), ``CandidatePool`` (the float32 screening pool), ``rerank`` (exact float64
-re-ranking of a pool), ``pool_size``, ``upload_base``, ``EXCLUDED_KEY``; the row rules (cosine
-normalisation, the l2 centre) are :mod:`gpuhnsw._rows`'. (The test oracle
-``gpuhnsw.testing.exact_knn`` is separate, plain float64 NumPy code on purpose, so that it shares
-nothing with what it checks.)
+validated input), ``CandidatePool`` (the float32 screening pool of the CPU), ``rerank`` (exact
+float64 re-ranking of a pool), ``upload_base`` (a base kept on the GPU); the screening rules
+(precisions, the margin rule, the key error bound and the certificate) are
+:mod:`gpuhnsw._screen`'s, the row rules (cosine normalisation, the l2 centre) :mod:`gpuhnsw._rows`',
+and the GPU engine is :mod:`gpuhnsw.device.brute`. (The test oracle ``gpuhnsw.testing.exact_knn``
+is separate, plain float64 NumPy code on purpose, so that it shares nothing with what it checks.)
 
-How one block of queries is answered (CPU; the CUDA path has the same phases, its pool kept per
-tile by ``select_topk_kernel``, a partial selection merged with the running pool, up to a pool of
-1024, which forms the keys from the raw product as it reads it; the float64 re-ranking and the
-final ordering stay on the device too)::
+How one block of queries is answered on the CPU::
 
     queries [nq, d] --split--> blocks of `block` rows
       for each base tile of `base_block` rows:
@@ -30,10 +28,13 @@ two terms are fixed per query, so K ranks exactly as the distance does. Only the
 centred in float32; the base is not copied. The keys' error is about
 ``eps * (|b - mu|^2 + sqrt(d) |q - mu| |b|)`` (the second term is sgemm's rounding of ``(q - mu).b``).
 
-``pool = min(k + margin, n)`` candidates survive the float32 screening, so float32 rounding can only
-matter when it is larger than the gap between the k-th and the (k + margin)-th distance. The returned
-distances are the float64 ones rounded to float32: exact for integer data such as SIFT and MNIST, and
-ties are broken by the smaller id, so results are reproducible and match a float64 oracle.
+On the CPU ``pool = _screen.pool_size(k, n)`` candidates survive the float32 screening, so float32
+rounding can only matter when it is larger than the gap between the k-th and the (k + margin)-th
+distance. The GPU engine screens in reduced precision (fp16 by default) and certifies every row
+against the key error bound, redoing the rows it cannot certify (``_screen``'s docstring), so its
+results are exact by proof. The returned distances are the float64 ones rounded to float32: exact
+for integer data such as SIFT and MNIST, and ties are broken by the smaller id, so results are
+reproducible and match a float64 oracle.
 
 Distances follow hnswlib: ``l2`` is the squared Euclidean distance, ``ip`` is ``1 - a.b``, ``cosine``
 is ``ip`` on vectors normalised as ``x / (|x| + 1e-30)`` (base and queries alike).
@@ -44,27 +45,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._errors import DeviceError
 from ._rows import l2_centre, normalize_rows
+from ._screen import DEFAULT_PRECISION, EXCLUDED_KEY, check_precision, pool_size
 from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
 from .device.arrays import import_cupy
-from .device.kernels import TOPK_CAPACITIES
-from .device.ops import select_topk
 
-__all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "pool_size", "upload_base", "EXCLUDED_KEY"]
+__all__ = ["exact_search", "exact_rows", "CandidatePool", "rerank", "upload_base"]
 
-# Candidates kept per query beyond k before the exact float64 re-ranking (see module docstring).
-_MIN_MARGIN = 8
 # Default tile shape on the CPU: block x base_block float32 keys (16 MiB) plus the argpartition
 # indices (32 MiB) per worker.
 _CPU_BLOCK = 512
 _CPU_TILE_ENTRIES = 1 << 22
-# On the GPU: 2048 x 32768 keys (256 MiB).
-_GPU_BLOCK = 2048
-_GPU_TILE_ENTRIES = 1 << 26
-# Key marking a base row excluded from a query (its own row). Finite, so that the CUDA path can pad
-# tiles with +inf and never pick padding before a real row.
-EXCLUDED_KEY = np.float32(np.finfo(np.float32).max)
 # Rows per chunk of the float64 re-ranking ([chunk, pool, d] float64 temporaries).
 _REFINE_ENTRIES = 1 << 21
 
@@ -74,7 +65,8 @@ _REFINE_ENTRIES = 1 << 21
 # --------------------------------------------------------------------------------------------------
 
 def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offset=0,
-                 num_threads=-1, block=None, base_block=None, device="cpu", progress=None):
+                 num_threads=-1, block=None, base_block=None, device="cpu", progress=None,
+                 precision=DEFAULT_PRECISION):
     """Exact k nearest neighbours of every query among the rows of ``base``.
 
     Parameters
@@ -102,6 +94,10 @@ def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offs
         ``"cuda"`` runs the matrix products and the selection on the GPU through CuPy.
     progress : callable, optional
         Called with the number of queries finished after each block.
+    precision : {"fp16", "bf16", "tf32", "fp32"}
+        GPU only: the precision of the screening products (tensor cores for the first three). The
+        result is exact whatever it is (rows the screening cannot certify are redone); it decides
+        the speed. The CPU screens in float32.
 
     Returns
     -------
@@ -111,6 +107,7 @@ def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offs
         Distances, ascending.
     """
     space = check_space(space)
+    precision = check_precision(precision)
     base = as_vectors(base, what="base")
     queries = as_vectors(queries, dim=base.shape[1], what="queries")
     k = as_int(k, "k", minimum=0)
@@ -129,25 +126,24 @@ def exact_search(base, queries, k, space="l2", *, exclude_self=False, query_offs
         queries = normalize_rows(queries)
     return exact_rows(base, queries, k, space, self_rows=self_rows, num_threads=num_threads,
                       block=block, base_block=base_block, device=resolve_device(device),
-                      progress=progress)
-
-
-def pool_size(k, available):
-    """Candidates screened in float32 per query for ``k`` results out of ``available`` rows."""
-    return min(available, k + max(_MIN_MARGIN, k // 4))
+                      progress=progress, precision=precision)
 
 
 def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_threads=-1, block=None,
-               base_block=None, device=("cpu", None), progress=None, base_cache=None, phases=None):
+               base_block=None, device=("cpu", None), progress=None, base_cache=None, phases=None,
+               precision=DEFAULT_PRECISION, stats=None):
     """The kernel on validated float32 input: base [n, d], queries [nq, d] C-contiguous float32
     (cosine rows already normalised), ``0 <= k <=`` the rows that can be returned.
 
     labels : [n] integer array, optional. Tie-break key per base row (default: the row number).
     self_rows : [nq] int64, optional. Base row excluded for each query.
     device : ("cpu", None) or ("cuda", ordinal), as from ``_validate.resolve_device``.
-    phases : dict, optional. CUDA path: filled with GPU seconds per phase (``upload``, ``tiles``
-        (products and selection), ``rerank`` (float64 re-ranking and ordering), ``download``), from
-        CUDA events, so measuring adds no waits.
+    base_cache : the :func:`upload_base` of ``base`` (CUDA; its precision is used), optional.
+    phases : dict, optional. CUDA path: filled with GPU seconds per phase (``brute.PHASES``:
+        ``upload``, ``tiles`` (products and selection), ``rerank`` (float64 re-ranking, ordering and
+        the certificate), ``download``, ``redo``), from CUDA events, so measuring adds no waits.
+    precision : the GPU's screening precision (``_screen.PRECISIONS``) when ``base_cache`` is None.
+    stats : dict, optional. CUDA path: the pool and the rows redone (``brute.search``).
     Returns (rows int64 [nq, k] into ``base``, dists float32 [nq, k]).
     """
     n, nq = base.shape[0], queries.shape[0]
@@ -155,14 +151,16 @@ def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_thre
     dists = np.empty((nq, k), dtype=np.float32)
     if nq == 0 or k == 0:
         return ids, dists
+    if device[0] == "cuda":
+        from .device import brute
+
+        with import_cupy().cuda.Device(device[1] or 0):
+            resident = base_cache if base_cache is not None else brute.ResidentBase(base, space, precision, phases)
+            return brute.search(resident, queries, k, self_rows=self_rows, labels=labels, block=block,
+                                base_block=base_block, progress=progress, phases=phases, stats=stats)
     pool = pool_size(k, n - 1 if self_rows is not None else n)
     if self_rows is not None:
         pool = min(pool + 1, n)  # the excluded row may occupy one slot of the pool
-    if device[0] == "cuda":
-        with import_cupy().cuda.Device(device[1] or 0):
-            return _exact_cuda(base, queries, k, pool, space, labels=labels, self_rows=self_rows,
-                               block=block, base_block=base_block, progress=progress,
-                               base_cache=base_cache, out=(ids, dists), phases=phases)
 
     block = int(block) if block else min(_CPU_BLOCK, nq)
     base_block = int(base_block) if base_block else max(pool, _CPU_TILE_ENTRIES // block)
@@ -191,6 +189,16 @@ def exact_rows(base, queries, k, space, *, labels=None, self_rows=None, num_thre
                 if progress is not None:
                     progress(done)
     return ids, dists
+
+
+def upload_base(base, space, device, precision=DEFAULT_PRECISION):
+    """``base`` [n, d] float32 (cosine rows normalised) kept on the GPU ``device`` (("cuda",
+    ordinal)) with its screening copy in ``precision``: the ``base_cache`` of :func:`exact_rows`,
+    for callers that query one base often (:class:`gpuhnsw.BFIndex`)."""
+    from .device import brute
+
+    with import_cupy().cuda.Device(device[1] or 0):
+        return brute.ResidentBase(base, space, precision)
 
 
 class CandidatePool:
@@ -245,15 +253,14 @@ class CandidatePool:
         self._merge(touched, key, idx)
 
 
-def _tile_keys(xp, q, base, sq32, t0, t1, space):
-    """float32 [nq, t1 - t0] ranking keys: sq32[b] - 2 q.b (l2) or -q.b (ip, cosine); ``xp`` is
-    numpy (BLAS sgemm) or cupy (cuBLAS)."""
+def _tile_keys(q, base, sq32, t0, t1, space):
+    """float32 [nq, t1 - t0] ranking keys (BLAS sgemm): sq32[b] - 2 q.b (l2) or -q.b (ip, cosine)."""
     g = q @ base[t0:t1].T
     if space == "l2":
         g *= -2.0
         g += sq32[t0:t1]
     else:
-        xp.negative(g, out=g)
+        np.negative(g, out=g)
     return g
 
 
@@ -268,7 +275,7 @@ def _screen_cpu(base, centre, q, pool, space, self_rows, base_block):
         q = q - mu                                                # [nq, d] float32, the block only
     for t0 in range(0, base.shape[0], base_block):
         t1 = min(t0 + base_block, base.shape[0])
-        g = _tile_keys(np, q, base, sq32, t0, t1, space)
+        g = _tile_keys(q, base, sq32, t0, t1, space)
         if self_rows is not None:
             hit = (self_rows >= t0) & (self_rows < t1)
             g[np.flatnonzero(hit), self_rows[hit] - t0] = EXCLUDED_KEY
@@ -317,191 +324,3 @@ def _order(d64, cand, k, self_rows, labels):
     return rows, np.take_along_axis(d64, order, axis=1).astype(np.float32)
 
 
-# --------------------------------------------------------------------------------------------------
-# CUDA path (CuPy; imported lazily). Same phases as the CPU path, all on the device; the results
-# come back to the host once, at the end.
-# --------------------------------------------------------------------------------------------------
-
-def _topk_cuda(cp, g, pool, group=32):
-    """Keys and column indices of the ``pool`` smallest entries per row of ``g`` [m, t], unordered:
-    for pools beyond ``select_topk_kernel``'s largest capacity (1024), which run it for the rest.
-
-    CuPy's argpartition is a full sort, so sort only group minima: the ``pool`` groups of ``group``
-    columns with the smallest minima contain the ``pool`` smallest entries (each of those groups
-    holds an entry no larger than any entry outside them), then sort just their ``pool * group``
-    entries. Padding columns are +inf and real keys are finite, so padding is never chosen while
-    ``t >= pool``.
-    """
-    m, t = g.shape
-    if t <= max(pool * group, 4096):
-        sel = cp.argsort(g, axis=1)[:, :pool]
-        return cp.take_along_axis(g, sel, axis=1), sel
-    pad = (-t) % group
-    if pad:
-        g = cp.concatenate([g, cp.full((m, pad), cp.inf, dtype=g.dtype)], axis=1)
-    ng = g.shape[1] // group
-    gg = g.reshape(m, ng, group)
-    top = cp.argsort(gg.min(axis=2), axis=1)[:, :pool]                   # [m, pool] groups
-    cand = gg[cp.arange(m)[:, None], top].reshape(m, pool * group)       # their entries
-    cols = (top[:, :, None] * group + cp.arange(group)[None, None, :]).reshape(m, pool * group)
-    sel = cp.argsort(cand, axis=1)[:, :pool]
-    return cp.take_along_axis(cand, sel, axis=1), cp.take_along_axis(cols, sel, axis=1)
-
-
-def upload_base(base, space, device):
-    """``base`` [n, d] float32 on the GPU ``device`` (("cuda", ordinal)) with its screening centre
-    (l2 only): the ``base_cache`` of :func:`exact_rows`, for callers that query one base often."""
-    cp = import_cupy()
-    with cp.cuda.Device(device[1] or 0):
-        return _device_base(cp, base, space)
-
-
-def _device_base(cp, base, space):
-    """(base [n, d] float32, |b - mu|^2 [n] float32 or None, mu [d] float32 or None) on the current
-    device; the centre (``l2_centre``, l2 only) is computed on the host."""
-    if space != "l2":
-        return cp.asarray(base), None, None
-    mu, sq = l2_centre(base)
-    return cp.asarray(base), cp.asarray(sq), cp.asarray(mu)
-
-
-def _exact_cuda(base, queries, k, pool, space, *, labels, self_rows, block, base_block, progress,
-                base_cache, out, phases):
-    """Per block of queries: the tiles' keys go straight from cuBLAS into ``select_topk_kernel``
-    (which forms the key and excludes the query's own row as it reads), the pool is re-ranked in
-    float64 and ordered on the device, and nothing comes back to the host before the end: the only
-    waits are on the block two back (progress), so the GPU always has the next block queued."""
-    cp = import_cupy()
-    ids, dists = out
-    nq, n = queries.shape[0], base.shape[0]
-    marks = {}                                  # phase -> [(start event, end event)]
-
-    def mark(phase, start):
-        if phases is not None:
-            event = cp.cuda.Event()
-            event.record()
-            if start:
-                marks.setdefault(phase, []).append([event])
-            else:
-                marks[phase][-1].append(event)
-
-    try:
-        mark("upload", True)
-        bdev, bsq, mu = base_cache if base_cache is not None else _device_base(cp, base, space)
-        qdev = bdev if queries is base else None          # a k-NN graph: the queries are the base
-        mark("upload", False)
-        sdev = None if self_rows is None else cp.asarray(self_rows)
-        tie = None if labels is None else cp.asarray(labels)
-        ids_dev = cp.empty((nq, k), dtype=cp.int64)
-        dists_dev = cp.empty((nq, k), dtype=cp.float32)
-        block = int(block) if block else min(_GPU_BLOCK, nq)
-        base_block = int(base_block) if base_block else max(pool, _GPU_TILE_ENTRIES // block)
-        base_block = max(base_block, pool)
-        fused = pool <= TOPK_CAPACITIES[-1]    # else the grouped sort of _topk_cuda, keys made first
-        queued = []                             # (rows done, event) of blocks not yet waited for
-        for a in range(0, nq, block):
-            b = min(a + block, nq)
-            q = qdev[a:b] if qdev is not None else cp.asarray(queries[a:b])
-            qc = q if mu is None else q - mu            # [b - a, d] the screening's centred block
-            srows = None if sdev is None else sdev[a:b]
-            mark("tiles", True)
-            if fused:
-                best_key = cp.empty((b - a, pool), dtype=cp.float32)
-                best_idx = cp.empty((b - a, pool), dtype=cp.int64)
-                for t0 in range(0, n, base_block):
-                    t1 = min(t0 + base_block, n)
-                    select_topk(qc @ bdev[t0:t1].T, pool, best_key, best_idx, index_offset=t0,
-                                prev=t0 > 0, key_scale=-2.0 if space == "l2" else -1.0,
-                                key_bias=None if bsq is None else bsq[t0:t1], exclude=srows,
-                                exclude_key=EXCLUDED_KEY)
-            else:
-                best_idx = _pool_cuda_grouped(cp, qc, bdev, bsq, space, srows, pool, base_block)
-            mark("tiles", False)
-            mark("rerank", True)
-            d64 = _exact_dists_cuda(cp, bdev, q, best_idx, space)
-            ids_dev[a:b], dists_dev[a:b] = _order_cuda(cp, d64, best_idx, k, srows, tie)
-            mark("rerank", False)
-            event = cp.cuda.Event(disable_timing=True)
-            event.record()
-            queued.append((b, event))
-            if len(queued) > 2:
-                done, event = queued.pop(0)
-                event.synchronize()
-                if progress is not None:
-                    progress(done)
-        mark("download", True)
-        ids[:], dists[:] = cp.asnumpy(ids_dev), cp.asnumpy(dists_dev)
-        mark("download", False)
-        if phases is not None:
-            for phase, pairs in marks.items():
-                phases[phase] = sum(cp.cuda.get_elapsed_time(e0, e1) for e0, e1 in pairs) / 1e3
-        if progress is not None:
-            progress(nq)
-    except cp.cuda.memory.OutOfMemoryError as exc:
-        raise DeviceError(f"GPU out of memory in exact search ({exc}); pass a smaller block= or "
-                          f"base_block=, or device='cpu'") from exc
-    return ids, dists
-
-
-def _pool_cuda_grouped(cp, q, bdev, bsq, space, srows, pool, base_block):
-    """int64 [nq, pool] candidate rows for pools beyond select_topk_kernel's capacity."""
-    n = bdev.shape[0]
-    best_key = best_idx = None
-    for t0 in range(0, n, base_block):
-        t1 = min(t0 + base_block, n)
-        g = _tile_keys(cp, q, bdev, bsq, t0, t1, space)
-        if srows is not None:
-            hit = cp.flatnonzero((srows >= t0) & (srows < t1))
-            g[hit, srows[hit] - t0] = cp.float32(EXCLUDED_KEY)
-        key, idx = _topk_cuda(cp, g, min(pool, t1 - t0))
-        idx = idx + t0
-        if best_key is not None:
-            key = cp.concatenate([best_key, key], axis=1)
-            idx = cp.concatenate([best_idx, idx], axis=1)
-            if key.shape[1] > pool:
-                sel = cp.argsort(key, axis=1)[:, :pool]
-                key = cp.take_along_axis(key, sel, axis=1)
-                idx = cp.take_along_axis(idx, sel, axis=1)
-        best_key, best_idx = key, idx
-    return best_idx
-
-
-def _exact_dists_cuda(cp, bdev, q, cand, space):
-    """float64 [nq, pool]: exact distances of q[i] to bdev[cand[i]], [step, pool, d] at a time."""
-    d64 = cp.empty(cand.shape, dtype=cp.float64)
-    step = max(1, 8 * _REFINE_ENTRIES // (cand.shape[1] * bdev.shape[1]))
-    for r in range(0, cand.shape[0], step):
-        v = bdev[cand[r:r + step]].astype(cp.float64)
-        q64 = q[r:r + step].astype(cp.float64)[:, None, :]
-        if space == "l2":
-            v -= q64
-            d64[r:r + step] = (v * v).sum(axis=2)
-        else:
-            d64[r:r + step] = 1.0 - (v * q64).sum(axis=2)
-    return d64
-
-
-def _order_cuda(cp, d64, cand, k, srows, tie):
-    """:func:`_order` on the device: the first k of each row by (distance, tie key), its own row
-    (``srows``) last. A row's rank is the number of entries before it, from a [r, pool, pool]
-    comparison (pools are small; no per-row sort exists in CuPy). Returns (rows int64 [nq, k],
-    dists float32 [nq, k]) on the device."""
-    nq, pool = cand.shape
-    if srows is not None:
-        d64[cand == srows[:, None]] = cp.inf
-    key = cand if tie is None else tie[cand]
-    rows = cp.empty((nq, k), dtype=cp.int64)
-    dists = cp.empty((nq, k), dtype=cp.float32)
-    step = max(1, 8 * _REFINE_ENTRIES // (pool * pool))
-    for r in range(0, nq, step):
-        d, c, t = d64[r:r + step], cand[r:r + step], key[r:r + step]
-        before = (d[:, None, :] < d[:, :, None]) | ((d[:, None, :] == d[:, :, None])
-                                                     & (t[:, None, :] < t[:, :, None]))
-        rank = before.sum(axis=2)                                  # [m, pool], a permutation
-        m = c.shape[0]
-        slot = cp.empty((m, pool), dtype=cp.int64)
-        slot[cp.arange(m)[:, None], rank] = cp.arange(pool, dtype=cp.int64)[None, :]
-        first = slot[:, :k]                                        # positions of the k best
-        rows[r:r + m] = cp.take_along_axis(c, first, axis=1)
-        dists[r:r + m] = cp.take_along_axis(d, first, axis=1).astype(cp.float32)
-    return rows, dists

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
@@ -22,11 +23,12 @@ from ._io.files import is_file_object, source_name
 from ._io.pickles import check_state
 from ._progress import ADD_ITEMS_MIN_ROWS, Progress, wanted as progress_wanted
 from ._surface import DEFAULT_SEED, IndexSurface
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, cpu_count, flat_labels,
-                        memory_limit, num_threads as num_threads_rule, resolve_device, threads_for)
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, check_storage, cpu_count,
+                        flat_labels, memory_limit, num_threads as num_threads_rule, on_host, resolve_device,
+                        threads_for)
 from .search import planner
 from .search.filters import filter_rows
-from .search.gpu import STORAGES, DeviceSearch
+from .search.gpu import STORAGES as GPU_STORAGES, DeviceSearch
 from .search.params import SearchParams
 
 _log = logging.getLogger("gpuhnsw")
@@ -41,11 +43,12 @@ GPU_BUILD_SEED = 10_000       # elements inserted on the CPU before batches take
 GPU_BUILD_BATCH = 65_536      # largest batch (batches are also at most a quarter of the graph)
 
 
-def _check_memory(capacity, dim, M, error):
+def _check_memory(capacity, dim, M, error, storage="float32", rerank=False):
     """Refuse a capacity whose arrays cannot fit in the memory this process may use (the machine's,
     or a container's cgroup limit), before allocating: a corrupted file's capacity field must give a
     clear error, not an out-of-memory kill."""
-    per_slot = ((dim + 3) // 4) * 16 + 8 * M + 48  # vectors, links0, degree, label, level, map
+    exact = ((dim + 3) // 4) * 16 if rerank else 0
+    per_slot = _core.row_bytes(dim, storage) + exact + 8 * M + 48  # rows, links0, degree, label, level, map
     need, have = capacity * per_slot, memory_limit()
     if have is not None and need > have:
         raise error(f"an index of {capacity} elements needs about {need / 2**30:.1f} GiB, "
@@ -61,16 +64,48 @@ class Index(IndexSurface):
     (ip on normalised vectors); ``dim`` the width of the vectors.
 
     Keyword-only: ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) chooses where queries
-    run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  ``storage`` (``"float32"``,
-    ``"float16"`` or ``"bfloat16"``) is how vectors are stored on the GPU (16 bits halve memory and
-    bandwidth; distances still accumulate in float32; bfloat16 rows are searched by the fixed-degree
-    kernel only, see ``GHNSW_SEARCH_KERNEL`` in docs/architecture.md).  Inserts are linked by the C engine (large inserts into
-    a GPU index take their candidates from the GPU, see :meth:`add_items`) and reach the GPU as
-    deltas at the next :meth:`sync` (done lazily before each GPU query).
+    run; ``"auto"`` uses a GPU when CuPy sees one and the CPU otherwise.  Inserts are linked by the
+    C engine (large inserts into a GPU index take their candidates from the GPU, see
+    :meth:`add_items`) and reach the GPU as deltas at the next :meth:`sync` (done lazily before each
+    GPU query).
+
+    ``storage`` (keyword-only) is how the engine stores the vectors, on the CPU and in the GPU mirror:
+
+    - ``"float32"`` (default): as given (normalised for cosine);
+    - ``"float16"``: IEEE half precision, half the bytes (values beyond +-65504 are refused);
+    - ``"int8"``: per-dimension scalar quantisation, a quarter of the bytes: dimension ``i`` maps
+      its range ``[low_i, high_i]`` onto 256 codes.  The ranges come from the first
+      :meth:`add_items` call (its rows' per-dimension minimum and maximum; cosine: of the
+      normalised rows), or from :meth:`train` before it; a dimension whose training values are
+      integers spanning at most 256 values (pixels, SIFT) gets a step of 1 and is stored exactly.
+      Later values outside the ranges are clipped to them, counted (:meth:`storage_info`) and
+      reported by a ``UserWarning``.
+
+    Distances are computed on the stored form (int8: an exact integer dot product against the
+    query's weights, see ``gpuhnsw/csrc/storage.c``), in the search and in the insertions.  The GPU
+    mirror holds float16 rows for both compressed storages (int8 rows are decoded on upload).
+
+    ``rerank`` (keyword-only, default False): also keep the float32 rows (RAM, or mapped from the
+    file by ``load_index(mmap=True)``) and re-score the final ``max(ef, k)`` candidates of each CPU
+    query with them, so returned distances are exact; :meth:`get_items` then returns the exact
+    rows.  (GPU queries return the mirror's float16 distances.)
+
+    ``storage=None`` / ``rerank=None`` (the defaults for copies) mean: float32 without re-rank for a
+    new index, and what the source holds for ``Index(state)``, ``Index(other)`` and
+    :meth:`load_index`.  Given explicitly there, float32 rows (an hnswlib file, a float32 index) are
+    encoded into the requested storage; compressed rows load only as they are.
+
+    ``gpu_storage`` (keyword-only, a GPU index only): the mirror's row type, ``"float32"``,
+    ``"float16"`` or ``"bfloat16"`` (16 bits halve device memory and bandwidth; distances still
+    accumulate in float32; bfloat16 rows are searched by the fixed-degree kernel only, see
+    ``GHNSW_SEARCH_KERNEL`` in docs/architecture.md).  None (default): float32 rows for a float32
+    index, float16 rows for the compressed ones.  It changes only the device copy, never what the
+    engine stores or saves.
     """
 
     def __init__(self, space: str | dict | Index | None = None, dim: int | None = None, *, device: str = "auto",
-                 storage: str = "float32", params: dict | None = None, index: Index | None = None):
+                 storage: str | None = None, rerank: bool | None = None, gpu_storage: str | None = None,
+                 params: dict | None = None, index: Index | None = None):
         self._core = None
         self._ef = 10
         self._num_threads = cpu_count()
@@ -81,10 +116,16 @@ class Index(IndexSurface):
         self._mapped_file = None   # (st_dev, st_ino, st_size) of the file a mapped load maps
         self._lost = None          # why the index is gone (its mapped file was truncated), or None
         self._device, self._device_ordinal = resolve_device(device)
-        if storage not in STORAGES:
-            raise ValueError(f"storage must be one of {', '.join(map(repr, STORAGES))}, got {storage!r}")
-        self._storage = storage
-        self._gpu = DeviceSearch(self._device_ordinal, storage) if self._device == "cuda" else None
+        # as requested (None: see the class docstring); the core's own once there is one
+        self._storage_arg = None if storage is None else check_storage(storage)
+        if rerank is not None and not isinstance(rerank, (bool, np.bool_)):
+            raise TypeError(f"rerank must be a bool, got {type(rerank).__name__}")
+        self._rerank_arg = None if rerank is None else bool(rerank)
+        if gpu_storage is not None and gpu_storage not in GPU_STORAGES:
+            raise ValueError(f"gpu_storage must be one of {', '.join(map(repr, GPU_STORAGES))}, got {gpu_storage!r}")
+        self._gpu_storage_arg = gpu_storage
+        self._gpu = DeviceSearch(self._device_ordinal, self._mirror_storage(self.storage)) \
+            if self._device == "cuda" else None
         # hnswlib's three forms: (space, dim), a state dict, another index (first argument or keyword)
         sources = [x for x in (params, index, space if isinstance(space, (dict, Index)) else None) if x is not None]
         if sources:
@@ -120,9 +161,10 @@ class Index(IndexSurface):
             raise ValueError(f"M must be at least 2, got {M}")
         if M > _core.MAX_M:
             raise ValueError(f"M must be at most {_core.MAX_M}, got {M}")
-        _check_memory(max_elements, self._dim, M, MemoryError)
-        self._core = _core.Core(self._space, self._dim, max_elements, M, max(ef_construction, M),
-                                random_seed & (2**64 - 1), bool(allow_replace_deleted))
+        storage, rerank = self._storage_arg or "float32", bool(self._rerank_arg)
+        _check_memory(max_elements, self._dim, M, MemoryError, storage, rerank)
+        self._set_core(_core.Core(self._space, self._dim, max_elements, M, max(ef_construction, M),
+                                  random_seed & (2**64 - 1), bool(allow_replace_deleted), storage, rerank))
         self._cur_l = 0
         self._auto_resize = bool(auto_resize)
 
@@ -130,6 +172,63 @@ class Index(IndexSurface):
         if self._core is None:
             raise RuntimeError(self._lost or "Index is not initialized: call init_index() or load_index() first")
         return self._core
+
+    def _set_core(self, core):
+        """Adopt ``core``; the GPU mirror follows its storage."""
+        self._core = core
+        if self._gpu is not None:
+            self._gpu.storage = self._mirror_storage(core.storage)
+
+    def train(self, data: ArrayLike | None = None, *, low: ArrayLike | None = None,
+              high: ArrayLike | None = None) -> None:
+        """Set the int8 ranges before the first row is stored (``storage="int8"`` only).
+
+        ``data`` (float32-castable ``[n, dim]``): the per-dimension minimum and maximum of these
+        rows (cosine: of the rows normalised), so a representative sample can set the ranges instead
+        of the first :meth:`add_items` batch.  Or, keyword-only, ``low`` and ``high``
+        (``[dim]`` or scalars, ``low <= high``, finite): the ranges themselves (cosine: of the
+        normalised rows).  Raises ``RuntimeError`` once rows are stored.
+        """
+        core = self._need_init()
+        if core.storage != "int8":
+            raise ValueError(f"train() sets int8 ranges; this index stores {core.storage}")
+        if (data is None) == (low is None and high is None) or (low is None) != (high is None):
+            raise ValueError("train() takes data, or low and high")
+        integral = None
+        if data is not None:
+            rows = as_vectors(data, self._dim)
+            if not rows.shape[0]:
+                raise ValueError("train() needs at least one row")
+            if self._space == "cosine":
+                rows = rows / (np.linalg.norm(rows, axis=1, keepdims=True) + np.float32(1e-30))
+            low, high = rows.min(axis=0), rows.max(axis=0)
+            integral = ((rows == np.rint(rows)) & (np.abs(rows) < 2**22)).all(axis=0).astype(np.uint8)
+        bounds = []
+        for name, value in (("low", low), ("high", high)):
+            arr = np.broadcast_to(np.asarray(on_host(value), dtype=np.float64), (self._dim,))
+            if not np.isfinite(arr).all() or np.abs(arr).max(initial=0) > np.finfo(np.float32).max:
+                raise ValueError(f"{name} must be finite float32 values")
+            bounds.append(np.ascontiguousarray(arr, dtype=np.float32))
+        core.train(*bounds, *(() if integral is None else (integral,)))
+
+    def storage_info(self) -> dict:
+        """How the vectors are stored: ``storage``, ``rerank``, ``bytes_per_row`` (the stored
+        row), and for int8 ``trained`` and, once trained, the ranges ``low`` / ``high`` and the
+        quantiser ``offset`` / ``scale`` (float32 ``[dim]``: a value ``x`` is stored as the code
+        ``round((x - offset) / scale)`` in ``[-128, 127]``), with ``clipped_rows`` /
+        ``clipped_values``: rows stored with values outside the ranges, and those values."""
+        storage = self.storage
+        info = dict(storage=storage, rerank=self.rerank, bytes_per_row=_core.row_bytes(self._dim, storage))
+        if storage == "int8":
+            raw = None if self._core is None else self._core.quantizer()
+            info["trained"] = raw is not None
+            if raw is not None:
+                offset, scale = np.frombuffer(raw, dtype=np.float32).reshape(2, self._dim)
+                info.update(offset=offset.copy(), scale=scale.copy(), low=offset - 128 * scale,
+                            high=offset + 127 * scale)
+            info.update(clipped_rows=0 if self._core is None else self._core.clipped_rows,
+                        clipped_values=0 if self._core is None else self._core.clipped_values)
+        return info
 
     # ---------------------------------------------------------------- writes
     def add_items(self, data: ArrayLike, ids: ArrayLike | None = None, num_threads: int = -1,
@@ -164,24 +263,28 @@ class Index(IndexSurface):
         # each fit alone both pass it and the second is refused (the engine inserts one at a time anyway)
         try:
             with self._grow_lock if self._auto_resize else contextlib.nullcontext():
-                self._add_rows(core, data, np.arange(first, first + rows, dtype=np.uint64) if labels is None
-                               else labels, threads, replace_deleted, build, progress)
+                clipped = self._add_rows(core, data, np.arange(first, first + rows, dtype=np.uint64)
+                                         if labels is None else labels, threads, replace_deleted, build, progress)
         except BaseException:
             with self._cur_l_lock:   # as hnswlib, a failed call leaves the counter (unless a later call moved it)
                 if self._cur_l == first + rows:
                     self._cur_l = first
             raise
+        if clipped:
+            warnings.warn(f"add_items: {clipped} of {rows} rows had values outside the int8 ranges and were "
+                          "clipped to them (storage_info() counts them; Index.train() sets the ranges from a "
+                          "representative sample)", UserWarning, stacklevel=2)
 
     def _add_rows(self, core, data, labels, threads, replace_deleted, build, progress):
-        """``add_items`` once its arguments are checked and its labels known."""
+        """``add_items`` once its arguments are checked and its labels known; returns the rows
+        clipped to the int8 ranges."""
         rows, capacity = data.shape[0], core.max_elements
         if not (self._auto_resize and core.count + rows > capacity):
-            self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
-            return
+            return self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
         grown = max(core.count + rows, 2 * capacity)
         self.resize_index(grown)
         try:
-            self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
+            return self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
         except BaseException:
             # a rejected batch changes nothing, its capacity included (the caller holds _grow_lock;
             # not if a resize_index call moved it meanwhile, or a part of the batch went in)
@@ -190,7 +293,7 @@ class Index(IndexSurface):
             raise
 
     def _insert_rows(self, core, data, labels, threads, replace_deleted, build, progress):
-        """``_add_rows`` once the capacity is set."""
+        """``_add_rows`` once the capacity is set; returns the rows clipped to the int8 ranges."""
         rows = data.shape[0]
         progress = progress_wanted(progress, rows, ADD_ITEMS_MIN_ROWS)
         use_gpu = build == "gpu" or (build == "auto" and self._device == "cuda" and rows >= GPU_BUILD_MIN_ROWS)
@@ -199,33 +302,38 @@ class Index(IndexSurface):
         # rejected insert still changes nothing
         in_parts = ((use_gpu or progress) and not replace_deleted and core.count + rows <= core.max_elements
                     and not (core.allow_replace_deleted and core.n_deleted))
+        clipped = 0
         with Progress(in_parts and progress, rows, "add_items") as bar:
             if in_parts and use_gpu:
-                self._add_assisted(data, labels, threads, bar)
+                clipped = self._add_assisted(data, labels, threads, bar)
             elif in_parts:
                 step = max(ADD_ITEMS_MIN_ROWS // 10, rows // 100)
                 for start in range(0, rows, step):
                     stop = min(rows, start + step)
-                    core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
+                    clipped += core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
                     bar.to(stop)
             else:
-                core.add(data, labels, rows, threads, bool(replace_deleted))
+                clipped = core.add(data, labels, rows, threads, bool(replace_deleted))
+        return clipped
 
     def _add_assisted(self, data, labels, threads, bar):
         """GPU-assisted insertion: the graph first grows on the CPU to GPU_BUILD_SEED elements, then
-        batches of at most a quarter of the current graph take their candidates from the GPU."""
-        core, start, n = self._core, 0, data.shape[0]
+        batches of at most a quarter of the current graph take their candidates from the GPU.
+        Returns the rows clipped to the int8 ranges."""
+        core, start, n, clipped = self._core, 0, data.shape[0], 0
         while start < n:
             count = core.count
             if count < GPU_BUILD_SEED:
                 stop = min(n, start + GPU_BUILD_SEED - count)
-                core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
+                clipped += core.add(data[start:stop], labels[start:stop], stop - start, threads, False)
             else:
                 stop = min(n, start + max(1024, min(count // 4, GPU_BUILD_BATCH)))
                 cands = self._gpu.insert_candidates(core, data[start:stop], self._space)
-                core.add(data[start:stop], labels[start:stop], stop - start, threads, False, *(cands or ()))
+                clipped += core.add(data[start:stop], labels[start:stop], stop - start, threads, False,
+                                    *(cands or ()))
             start = stop
             bar.to(stop)
+        return clipped
 
     def mark_deleted(self, label: int | ArrayLike) -> None:
         """Hide ``label`` (one label, or an array of labels of any shape) from results; deleted
@@ -264,7 +372,7 @@ class Index(IndexSurface):
         """Change capacity to ``new_size`` (not below the current count)."""
         core = self._need_init()
         new_size = as_int(new_size, "new_size", minimum=0)
-        _check_memory(new_size, self._dim, core.M, MemoryError)
+        _check_memory(new_size, self._dim, core.M, MemoryError, core.storage, core.rerank)
         core.resize(new_size)
 
     # ---------------------------------------------------------------- search
@@ -384,7 +492,8 @@ class Index(IndexSurface):
         """Stored vectors of ``ids`` (cosine: normalised) as float32 ``[n, dim]`` or a list.
 
         ``ids`` may have any shape, e.g. the ``[nq, k]`` labels of :meth:`knn_query`; its labels are
-        taken in row-major order (``n = ids.size``)."""
+        taken in row-major order (``n = ids.size``).  A float16 or int8 index returns its rows
+        decoded (with ``rerank=True``: the exact rows)."""
         if return_type not in ("numpy", "list"):
             raise ValueError('return_type should be "numpy" or "list"')
         core = self._need_init()
@@ -427,7 +536,8 @@ class Index(IndexSurface):
         return info
 
     def memory_usage(self) -> int:
-        """Bytes held by the index's arrays (capacity-sized, plus upper links)."""
+        """Bytes held by the index's arrays (capacity-sized, plus upper links; the stored rows at
+        their storage's size, plus the float32 rows with ``rerank``, mapped or not)."""
         return 0 if self._core is None else self._core.memory_bytes
 
     def __len__(self) -> int:
@@ -456,18 +566,24 @@ class Index(IndexSurface):
         ``"s3://bucket/a.idx"``; written under a temporary name, then renamed or moved), or a binary
         file object (``io.BytesIO``, an open file, an fsspec file) at its position.
 
-        ``format="gpuhnsw"`` (default): versioned, checksummed, keeps ``ef``; hnswlib cannot read it,
-        gpuhnsw reads both.  ``format="hnswlib"``: hnswlib 0.8.0's layout, loadable by hnswlib itself.
+        ``format="gpuhnsw"`` (default): versioned, checksummed, keeps ``ef``, the storage (the
+        stored rows as they are, the int8 quantiser) and the exact rows of ``rerank``; hnswlib cannot
+        read it, gpuhnsw reads both.  ``format="hnswlib"``: hnswlib 0.8.0's layout, loadable by hnswlib itself; it holds float32
+        rows only, so a float16 or int8 index writes its rows decoded (exact with ``rerank``; without,
+        a ``UserWarning`` says the file holds the compressed values, not the original ones).
         """
         core = self._need_init()
         if format not in ("gpuhnsw", "hnswlib"):
             raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
         self._refuse_the_mapped_file(core, path_to_index)
-        state = core.export_state()
         if format == "gpuhnsw":
-            native.write_gpuhnsw(path_to_index, state, ef=self._ef)
+            native.write_gpuhnsw(path_to_index, core.export_state(), ef=self._ef)
         else:
-            hnswlib_format.write(path_to_index, state)
+            if core.storage != "float32" and not core.rerank:
+                warnings.warn(f"save_index(format='hnswlib'): hnswlib's format holds float32 rows; this index "
+                              f"stores {core.storage}, so the file holds its rows decoded (lossy: not the rows "
+                              "that were added)", UserWarning, stacklevel=2)
+            hnswlib_format.write(path_to_index, core.export_state(decoded=True))
 
     def _refuse_the_mapped_file(self, core, target):
         """A file object open on the very file this index maps (same device and inode) must not be
@@ -520,6 +636,10 @@ class Index(IndexSurface):
         (header, checksums, every link in range, the integrity check); ``verify=True`` also reads and
         checksums the vectors.  Files of version 1, hnswlib's format or a file object cannot be
         mapped: IndexFileError (ValueError for a file object), load them without mmap.
+
+        Storage: a file's compressed rows (and exact rows) load as they are, and the index takes
+        the file's storage; float32 rows (hnswlib files, float32 indexes) are encoded into the
+        storage this Index was made with (``storage=`` / ``rerank=``; not with ``mmap``).
         """
         max_elements = as_int(max_elements, "max_elements", minimum=0)
         name = source_name(path_to_index)
@@ -538,7 +658,8 @@ class Index(IndexSurface):
                 core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError.of(exc, name) from None
-        self._core, self._mapped_file, self._lost = core, mapped_file, None
+        self._set_core(core)
+        self._mapped_file, self._lost = mapped_file, None
         self._ef = 10 if ef is None else ef
         self._cur_l = core.count
         _log.info("load_index: %s: %s's format%s, %d elements (%d deleted), capacity %d", name, fmt,
@@ -551,11 +672,27 @@ class Index(IndexSurface):
         else:
             state["max_elements"] = max(max_elements, state["max_elements"])
         state["allow_replace_deleted"] = bool(allow_replace_deleted)
-        _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
+        return self._core_from_state(state, f"{name}: ", mapping), ef
+
+    def _target_storage(self, state):
+        """``Core.from_state``'s storage keywords for ``state``: none to keep what it holds, or this
+        Index's requested storage for a float32 state's rows (the engine refuses any other change)."""
+        held, exact = state.get("storage", "float32"), bool(state.get("rerank", False))
+        want = self._storage_arg or held
+        want_rerank = exact if self._rerank_arg is None else self._rerank_arg
+        return {} if (want, want_rerank) == (held, exact) else dict(storage=want, rerank=want_rerank)
+
+    def _core_from_state(self, state, where, mapping=None):
+        """A Core from a checked state, in the storage ``_target_storage`` picks; the engine's
+        complaints become IndexFileError starting with ``where``."""
+        target = self._target_storage(state)
+        _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError,
+                      target.get("storage", state.get("storage", "float32")),
+                      target.get("rerank", state.get("rerank", False)))
         try:
-            return _core.Core.from_state(state, **mapping), ef
+            return _core.Core.from_state(state, **(mapping or {}), **target)
         except ValueError as exc:
-            raise IndexFileError(f"{name}: {exc}") from None
+            raise IndexFileError(f"{where}{exc}") from None
 
     def index_file_size(self) -> int:
         """Bytes ``save_index(..., format="hnswlib")`` writes (hnswlib's own measure)."""
@@ -569,7 +706,11 @@ class Index(IndexSurface):
     def __getstate__(self):
         if self._lost:
             raise RuntimeError(self._lost)
-        state = {} if self._core is None else self._core.export_state()
+        if self._core is not None:
+            state = self._core.export_state()
+        else:   # what init_index will make
+            state = {key: value for key, value in (("storage", self._storage_arg), ("rerank", self._rerank_arg))
+                     if value is not None}
         state.update(space=self._space, dim=self._dim, ef=self._ef, num_threads=self._num_threads,
                      cur_l=self._cur_l, auto_resize=self._auto_resize, index_inited=self._core is not None,
                      ser_version=1)
@@ -587,12 +728,13 @@ class Index(IndexSurface):
         self._num_threads = num_threads_rule(state.get("num_threads", self._num_threads))
         self._auto_resize = bool(state.get("auto_resize", False))
         if state.get("index_inited", True):
-            _check_memory(state["max_elements"], self._dim, state["M"], IndexFileError)
-            try:
-                self._core = _core.Core.from_state(state)
-            except ValueError as exc:
-                raise IndexFileError(f"index state: {exc}") from None
+            self._set_core(self._core_from_state(state, "index state: "))
             self._cur_l = int(state.get("cur_l", self._core.count))
+        else:   # an uninitialised index: init_index makes the storage it was asked for
+            if self._storage_arg is None and "storage" in state:
+                self._storage_arg = state["storage"]
+            if self._rerank_arg is None and "rerank" in state:
+                self._rerank_arg = bool(state["rerank"])
 
     # ---------------------------------------------------------------- parameters
     def set_ef(self, ef: int) -> None:
@@ -629,3 +771,18 @@ class Index(IndexSurface):
     def device(self) -> str:
         """Where queries run: ``"cpu"`` or ``"cuda"``."""
         return self._device
+
+    @property
+    def storage(self) -> str:
+        """How vectors are stored: ``"float32"``, ``"float16"`` or ``"int8"`` (see the class docstring)."""
+        return self._core.storage if self._core is not None else self._storage_arg or "float32"
+
+    @property
+    def rerank(self) -> bool:
+        """Whether float32 rows are kept and the final candidates re-scored with them."""
+        return self._core.rerank if self._core is not None else bool(self._rerank_arg)
+
+    def _mirror_storage(self, storage):
+        """The GPU mirror's row type for an index of ``storage``: ``gpu_storage`` where given, else
+        float16 rows for both compressed storages (decoded on upload) and float32 for float32."""
+        return self._gpu_storage_arg or ("float32" if storage == "float32" else "float16")

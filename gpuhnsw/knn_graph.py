@@ -8,14 +8,15 @@ exact
     both row blocks ``i`` and ``j`` (half the BLAS work of a plain query-vs-base search). Memory is
     the data plus one tile pair and a ``[n, pool]`` candidate pool: about 1.1 GB for 100k x 784.
     The pools are then re-ranked in float64 exactly as in :func:`gpuhnsw.exact.exact_search`.
-    On the GPU it is ``exact_search`` with every row as a query.
+    On the GPU the same tiling screens on tensor cores and certifies every row
+    (:mod:`gpuhnsw.device.brute`).
 nndescent
     NN-descent in the C engine (``csrc/nndescent.c``): random-projection-tree initial graph, then
     local joins over sampled new/old neighbour lists until a round changes fewer than
     ``delta * n * k`` entries. The data is read in place (a float32 C-contiguous array or
     ``np.memmap`` is not copied, cosine included). Deterministic for a seed, whatever the thread
-    count. With ``device="cuda"`` the local joins are batched matrix products on the GPU
-    (:mod:`gpuhnsw._nndescent_gpu`, random initial graph).
+    count. With ``device="cuda"`` the forest and the local joins are batched fp16 matrix products
+    on the GPU (:mod:`gpuhnsw._nndescent_gpu`).
 hnsw
     Build a :class:`gpuhnsw.Index` over the data, query every row for ``k + 1`` neighbours with beam
     width ``ef`` and drop the row itself (by id, so duplicates of a row survive as neighbours).
@@ -35,19 +36,32 @@ import numpy as np
 from . import _core
 from ._progress import KNN_GRAPH_MIN_ROWS, Progress as _Progress, wanted as _progress_wanted
 from ._rows import l2_centre, normalize_rows
+from ._screen import DEFAULT_PRECISION, EXCLUDED_KEY, pool_size
 from ._surface import DEFAULT_SEED
-from ._validate import as_int, as_vectors, check_space, num_threads as _num_workers, resolve_device
-from .exact import EXCLUDED_KEY, CandidatePool, exact_rows, pool_size, rerank
+from ._validate import (as_int, as_vectors, check_space, check_storage, num_threads as _num_workers,
+                        resolve_device)
+from .device.arrays import import_cupy
+from .exact import CandidatePool, rerank
 from .index import GPU_BUILD_MIN_ROWS, Index
 
-__all__ = ["knn_graph", "METHODS"]
+__all__ = ["knn_graph", "METHODS", "AUTO_EXACT_LIMIT", "GPU_COST", "auto_method"]
 
 #: ``method`` of :func:`knn_graph`.
 METHODS = ("auto", "exact", "nndescent", "hnsw")
-# method="auto" takes the exact path while n * n * d stays below this, else NN-descent: exact costs
-# ~n^2 d, NN-descent ~n d times a few hundred, so the switch sits where exact takes well under a
-# second on the CPU and a few seconds of cuBLAS on the GPU (docs/architecture.md, "knn_graph").
-AUTO_EXACT_LIMIT = {"cpu": 4e9, "cuda": 2e14}
+#: method="auto" on the CPU takes the exact path while n * n * d stays below this, else NN-descent:
+#: exact costs ~n^2 d, NN-descent ~n d times a few hundred, so the switch sits where exact takes
+#: well under a second (docs/architecture.md, "knn_graph").
+AUTO_EXACT_LIMIT = 4e9
+#: method="auto" on a GPU: the cheaper by these estimates (``auto_method``), in seconds:
+#:   exact       n^2 (d * exact_product_s + exact_select_s)   (products on tensor cores, every key
+#:                                                             through the top-k selection)
+#:   NN-descent  n * k * d * nndescent_s
+#: PLACEHOLDERS until a device run of this code measures them (benchmarks/device_check.sh prints
+#: the three from its knn-graph stage): exact_product_s is half the fp16 tensor-core peak of an
+#: H100/H200 (1 / 2.5e14 multiply-adds per second), exact_select_s one key through the selection
+#: (8 bytes written and read at ~3.2 TB/s), nndescent_s the previous GPU NN-descent's 11.7 s on the
+#: one H200 run (500k x 128, k = 32, benchmarks/results/h200/knn_graph_gpu.json).
+GPU_COST = {"exact_product_s": 4e-15, "exact_select_s": 2.5e-12, "nndescent_s": 5.7e-9}
 # Square tile edge of the symmetric exact path on the CPU.
 _TILE = 2048
 # Rows per add_items / knn_query call on the hnsw path (progress granularity).
@@ -56,6 +70,18 @@ _HNSW_CHUNK = 16384
 NNDESCENT_DELTA = 0.001
 
 _log = logging.getLogger("gpuhnsw")
+
+
+def auto_method(n, d, k, device):
+    """What ``method="auto"`` runs for ``n`` rows of width ``d`` and ``k`` neighbours on ``device``
+    (``"cpu"`` or ``"cuda"``): (method, estimates) where ``estimates`` is None on the CPU (the
+    ``AUTO_EXACT_LIMIT`` rule) and ``{"exact": s, "nndescent": s}`` on a GPU (``GPU_COST``)."""
+    if device == "cpu":
+        return ("exact" if float(n) * n * d <= AUTO_EXACT_LIMIT else "nndescent"), None
+    c = GPU_COST
+    estimates = {"exact": float(n) * n * (d * c["exact_product_s"] + c["exact_select_s"]),
+                 "nndescent": float(n) * max(k, 1) * d * c["nndescent_s"]}
+    return min(estimates, key=estimates.get), estimates
 
 
 def nndescent_defaults(n, k, device="cpu"):
@@ -67,8 +93,9 @@ def nndescent_defaults(n, k, device="cpu"):
     neighbours (returning the best k), as cuVS's NN-descent does with its intermediate graph
     degree. On the CPU the forest is cheap (built breadth-first, leaves joined as distance tiles),
     so it gets many trees with large leaves, and more than 16 candidates per round buy little
-    recall for their cost. The GPU path (``device="cuda"``) starts from a random graph and needs
-    more candidates per round.
+    recall for their cost. The GPU path (``device="cuda"``) builds the same forest (median splits
+    of random +-1 projections, all nodes of a level at once) and takes more candidates per round,
+    which its batched products make cheap.
     """
     degree = max(k, min(int(round(1.5 * k)), 20))
     return dict(intermediate_degree=degree,
@@ -82,7 +109,7 @@ def nndescent_defaults(n, k, device="cpu"):
 def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self=False,
               squared=None, as_sparse=False, return_info=False, M=16, ef_construction=200, ef=None, n_trees=None,
               leaf_size=None, max_candidates=None, n_iters=None, intermediate_degree=None,
-              delta=NNDESCENT_DELTA, num_threads=-1, progress=None, random_seed=DEFAULT_SEED):
+              delta=NNDESCENT_DELTA, storage="float32", num_threads=-1, progress=None, random_seed=DEFAULT_SEED):
     """The k nearest neighbours of every row of ``data`` among the other rows.
 
     Parameters
@@ -95,7 +122,8 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     space : {"l2", "ip", "cosine"}
         L2 (squared or not: see ``squared``), ``1 - a.b``, ``1 - cos`` (hnswlib's definitions).
     method : {"auto", "exact", "nndescent", "hnsw"}
-        ``"auto"``: exact while ``n * n * d`` is small (see ``AUTO_EXACT_LIMIT``), else NN-descent.
+        ``"auto"``: on the CPU exact while ``n * n * d`` is small (``AUTO_EXACT_LIMIT``), else
+        NN-descent; on a GPU the cheaper of the two by ``GPU_COST``'s estimates (``auto_method``).
     device : {"auto", "cpu", "cuda", "cuda:N"}
         Where the exact search, the NN-descent joins or the hnsw queries run.
     include_self : bool
@@ -114,8 +142,11 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     return_info : bool
         Also return a dict: ``method`` (the one that ran), ``device``, ``dist_evals`` (distance
         evaluations, or None where not counted), ``rounds`` (NN-descent), ``seconds``, ``phases``
-        (GPU exact and NN-descent: seconds per phase, a dict; else None). The same facts are logged
-        at INFO level on the ``gpuhnsw`` logger.
+        (GPU exact and NN-descent: seconds per phase, a dict; else None), ``estimates`` (``"auto"``
+        on a GPU: the estimated seconds of ``exact`` and ``nndescent`` it chose between; else None),
+        ``exact`` (GPU exact: the screening ``precision``, ``pool``, ``tiling``, ``redone`` rows and
+        ``redo`` rounds of the certificate; else None). The same facts are logged at INFO level on
+        the ``gpuhnsw`` logger.
     M, ef_construction : int
         HNSW build parameters (hnsw method only).
     ef : int, optional
@@ -127,6 +158,13 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
         :func:`nndescent_defaults`.
     delta : float
         NN-descent stops after a round that changes at most ``delta * n * k`` entries.
+    storage : {"float32", "float16", "int8"}
+        NN-descent on the CPU: the rows its local joins read.  ``"float16"`` and ``"int8"`` join
+        over a copy of the rows at half or a quarter of the bytes (int8: one scale for every
+        dimension, so a pair's sum is an exact integer; integer data whose every dimension spans at
+        most 256 values, such as image pixels or SIFT, is copied exactly); each row's final list is re-scored on the
+        float32 rows, so the returned distances are float32 ones (``method="auto"`` then runs
+        NN-descent).  See ``csrc/nndescent.c``.
     num_threads : int
         ``<= 0``: all cores.
     progress : bool, optional
@@ -154,6 +192,9 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
         raise ValueError(f"squared=False applies to space='l2' only (space is {space!r})")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    storage = check_storage(storage)
+    if storage != "float32" and method not in ("auto", "nndescent"):
+        raise ValueError(f"storage={storage!r} applies to method='nndescent' only, not {method!r}")
     x = as_vectors(data, what="data")
     n, d = x.shape
     k = as_int(k, "k")
@@ -165,11 +206,15 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     if as_sparse:
         _import_scipy_sparse()                  # fail before the work, not after it
     dev = resolve_device(device)                 # ("cpu", None) or ("cuda", ordinal)
-    if method == "auto":
-        method = "exact" if float(n) * n * d <= AUTO_EXACT_LIMIT[dev[0]] else "nndescent"
+    estimates = None
+    if method == "auto" and storage != "float32":
+        method = "nndescent"                     # a compressed storage asks for NN-descent
+    elif method == "auto":
+        method, estimates = auto_method(n, d, k, dev[0])
     progress = _progress_wanted(progress, n, KNN_GRAPH_MIN_ROWS)
     info = dict(method=method, device="cpu" if dev[0] == "cpu" else f"cuda:{dev[1] or 0}",
-                dist_evals=None, rounds=None, seconds=None, phases=None)
+                dist_evals=None, rounds=None, seconds=None, phases=None, estimates=estimates,
+                exact=None)
     start = time.perf_counter()
     kk = k - 1 if include_self else k            # other rows to find
     if kk <= 0 or n <= 1:
@@ -181,16 +226,11 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
                      n_iters=n_iters, intermediate_degree=intermediate_degree)
         params.update({key: as_int(v, key, minimum=0) for key, v in given.items() if v is not None})
         neighbors, distances = _nndescent_graph(x, kk, space, dev, params, float(delta),
-                                                num_threads, progress, random_seed, info)
+                                                num_threads, progress, random_seed, info, storage)
     elif method == "exact":
         xs = normalize_rows(x) if space == "cosine" else x
         if dev[0] == "cuda":
-            info["phases"] = {}
-            with _Progress(progress, n, "exact k-NN graph") as bar:
-                neighbors, distances = exact_rows(xs, xs, kk, space, device=dev, progress=bar.to,
-                                                  self_rows=np.arange(n, dtype=np.int64),
-                                                  phases=info["phases"])
-            info["dist_evals"] = n * n
+            neighbors, distances = _exact_graph_gpu(xs, kk, space, dev, progress, info)
         else:
             neighbors, distances, info["dist_evals"] = _exact_graph_cpu(
                 xs, kk, space, num_threads=num_threads, progress=progress)
@@ -208,8 +248,10 @@ def knn_graph(data, k, *, space="l2", method="auto", device="auto", include_self
     if space == "l2" and not squared:
         distances = np.sqrt(np.maximum(distances, 0, out=distances), out=distances)
     info["seconds"] = time.perf_counter() - start
-    _log.info("knn_graph: n=%d k=%d method=%s device=%s dist_evals=%s rounds=%s %.3f s", n, k,
-              info["method"], info["device"], info["dist_evals"], info["rounds"], info["seconds"])
+    _log.info("knn_graph: n=%d k=%d method=%s%s device=%s dist_evals=%s rounds=%s %.3f s", n, k,
+              info["method"], "" if estimates is None else
+              " (auto: estimated exact %.3g s, nndescent %.3g s)" % (estimates["exact"], estimates["nndescent"]),
+              info["device"], info["dist_evals"], info["rounds"], info["seconds"])
     out = (to_csr(neighbors, distances, n),) if as_sparse else (neighbors, distances)
     if return_info:
         out += (info,)
@@ -237,13 +279,16 @@ def to_csr(neighbors, distances, n_cols):
 # NN-descent
 # --------------------------------------------------------------------------------------------------
 
-def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info):
+def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, seed, info, storage):
     """x [n, d] float32 C-contiguous (read in place); returns (ids int64 [n, k], dists f32 [n, k])."""
     n, d = x.shape
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if params["max_candidates"] < 1 or params["leaf_size"] < 2:
         raise ValueError("max_candidates must be >= 1 and leaf_size >= 2")
+    if dev[0] == "cuda" and storage != "float32":
+        raise ValueError(f"storage={storage!r} applies to NN-descent on the CPU (the GPU's joins are "
+                         "matrix products over float32 rows)")
     if dev[0] == "cuda":
         from . import _nndescent_gpu
         return _nndescent_gpu.nndescent_graph(x, k, space, dev, params, delta, progress, seed,
@@ -255,11 +300,31 @@ def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, see
         rounds, evals, _ = _core.nndescent(
             x, n, d, space, degree, params["max_candidates"], params["n_trees"],
             params["leaf_size"], params["n_iters"], delta, int(seed) & (2**64 - 1),
-            _num_workers(num_threads), ids, dists, lambda r, updates: bar.to(r))
+            _num_workers(num_threads), ids, dists, lambda r, updates: bar.to(r), storage)
     info.update(rounds=rounds, dist_evals=evals)
     if degree > k:                               # rows are sorted: the best k lead
         ids, dists = np.ascontiguousarray(ids[:, :k]), np.ascontiguousarray(dists[:, :k])
     return ids, dists
+
+
+# --------------------------------------------------------------------------------------------------
+# exact, GPU: device/brute.py's symmetric tiling
+
+def _exact_graph_gpu(x, k, space, dev, progress, info, precision=DEFAULT_PRECISION, tiling="symmetric"):
+    """x [n, d] float32 (normalised for cosine) uploaded once (``brute.ResidentBase``), then
+    ``brute.graph``; fills ``info``'s phases, dist_evals and ``exact`` (the pool and the rows the
+    certificate sent back)."""
+    from .device import brute
+
+    n = x.shape[0]
+    info["phases"], info["exact"] = {}, {"tiling": tiling}
+    with import_cupy().cuda.Device(dev[1] or 0):
+        base = brute.ResidentBase(x, space, precision, info["phases"])
+        with _Progress(progress, n, "exact k-NN graph") as bar:
+            out = brute.graph(base, k, tiling=tiling, progress=bar.to, phases=info["phases"],
+                              stats=info["exact"])
+    info["dist_evals"] = n * n
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

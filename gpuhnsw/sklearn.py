@@ -161,7 +161,7 @@ class KNNTransformer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
 
     def _query_is_exact(self, X):
         n, d = self._fit_X.shape
-        return float(X.shape[0]) * n * d <= AUTO_EXACT_LIMIT["cpu"] or self.method == "exact"
+        return float(X.shape[0]) * n * d <= AUTO_EXACT_LIMIT or self.method == "exact"
 
     def _query(self, X, k, space):
         n, d = self._fit_X.shape

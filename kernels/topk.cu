@@ -1,20 +1,22 @@
-// topk.cu: the k smallest entries of each row of a distance tile, ties by the smaller index; the
-// exact-search path (tiled Q @ X.T, then this) and BFIndex.
+// topk.cu: the k smallest entries of each row of a distance tile, ties by the smaller index; exact
+// search (tiled screening products, then this), the exact k-NN graph and GPU NN-descent's merges.
 //
-// A tile holds columns [index_offset, index_offset + n) of the full distance matrix. An optional
-// running result (prev_*) is merged in, so a caller walks the tiles in order and keeps one [nq, k]
-// result; out_* may be the same arrays as prev_* (prev is read into shared memory first). A column
-// only enters a warp's buffer when it is no larger than prev's k-th entry, so after the first tiles
-// almost nothing does.
+// A tile holds columns [index_offset, index_offset + n) of the full distance matrix; entry (qi, c) is
+// read at dists[qi * row_stride + c * col_stride], so a tile's columns can be taken as rows
+// (row_stride 1, col_stride = the tile's row length: the symmetric k-NN graph feeds both row blocks
+// of a tile pair from one product). An optional running result (prev_*) is merged in, so a caller
+// walks the tiles in order and keeps one [nq, k] result; out_* may be the same arrays as prev_*
+// (prev is read into shared memory first). A column only enters a warp's buffer when it is no
+// larger than prev's k-th entry, so after the first tiles almost nothing does.
 //
 // The ranking key of column c is key_scale * tile[c] + key_bias[c] (bias may be null), computed as
-// it is read: exact search passes the raw Q @ X^T product with (-2, |x|^2) for l2 and (-1, null) for
+// it is read: exact search passes the raw product with (-2, |x - mu|^2) for l2 and (-1, null) for
 // ip, which spares the separate passes over the tile that scaling it would cost. With exclude_index,
 // row qi's column of global index exclude_index[qi] gets the key exclude_key (its own row).
 //
 // Template parameter: Capacity (32, 64, ..., 1024) >= k, the size of each warp's list and buffer.
 // Launch: grid = (up to nq), block = 32 * n_warps threads, dynamic shared memory =
-// gpuhnsw._kernels.topk_shared_bytes(Capacity, n_warps):
+// gpuhnsw.device.launch.topk_shared_bytes(Capacity, n_warps):
 //
 //   +-------------------------------------+ 0
 //   | prev index  i64[Cap]                |  the running result (when prev_dists != null)
@@ -26,11 +28,11 @@
 //   | warp 1: ...                         |
 //   +-------------------------------------+
 //
-// Each warp reads groups of 32 columns (warp w: groups w, w + n_warps, ...; coalesced), appends
-// the columns that beat its current k-th best to its buffer, and when the buffer could overflow,
-// sorts it and merges it into its list (bitonic.cuh). Then warp 0 merges the other lists into its
-// own, and every thread places one entry of that list or of prev by its rank (merge path).
-// NaN distances count as +inf. Missing results: index -1, distance +inf. A launch with
+// Each warp reads groups of 32 columns (warp w: groups w, w + n_warps, ...; coalesced when
+// col_stride is 1), appends the columns that beat its current k-th best to its buffer, and when the
+// buffer could overflow, sorts it and merges it into its list (bitonic.cuh). Then warp 0 merges the
+// other lists into its own, and every thread places one entry of that list or of prev by its rank
+// (merge path). NaN distances count as +inf. Missing results: index -1, distance +inf. A launch with
 // k > Capacity or a block size that is not a multiple of 32 writes index -2 everywhere.
 #include "bitonic.cuh"
 #include "common.cuh"
@@ -61,8 +63,9 @@ __device__ __forceinline__ int count_less(const float* d, IndexOf idx, int n, fl
 }  // namespace gpuhnsw
 
 GPUHNSW_KERNEL(int Capacity)
-    select_topk_kernel(const float* __restrict__ dists,      // [nq, ld], columns [0, n) used
-                       long long ld,                          // floats between rows
+    select_topk_kernel(const float* __restrict__ dists,      // entry (qi, c) at qi * row_stride + c * col_stride
+                       long long row_stride,                  // floats between rows
+                       long long col_stride,                  // floats between columns
                        int n,                                 // columns in this tile (< 2^31 - 1)
                        long long index_offset,                // global index of column 0
                        float key_scale,                       // key = key_scale * tile + key_bias
@@ -99,7 +102,7 @@ GPUHNSW_KERNEL(int Capacity)
   const int n_list = bitonic::pow2_ceil(max(k, 1));
 
   for (int qi = blockIdx.x; qi < nq; qi += gridDim.x) {
-    const float* row = dists + ld * qi;
+    const float* row = dists + row_stride * qi;
     float* o_d = out_dists + static_cast<long long>(qi) * k;
     long long* o_i = out_index + static_cast<long long>(qi) * k;
 
@@ -119,7 +122,8 @@ GPUHNSW_KERNEL(int Capacity)
       const int col = base + lane;
       float x = inf_f();
       if (col < n) {
-        x = key_bias != nullptr ? fmaf(key_scale, row[col], key_bias[col]) : key_scale * row[col];
+        const float g = row[col_stride * col];
+        x = key_bias != nullptr ? fmaf(key_scale, g, key_bias[col]) : key_scale * g;
         if (col == excluded) x = exclude_key;
       }
       if (x != x) x = inf_f();

@@ -183,10 +183,12 @@ def _numpy_topk(grid, block, args, shared_mem=0):
     """select_topk_kernel (kernels/topk.cu) in NumPy, same arguments: the k smallest keys
     (scale * tile + bias, the excluded column's key replaced) of each tile row, NaN as inf, ties by
     the smaller index, merged with the running result when one is passed."""
-    tile, ld, n, offset, scale, bias, exclude, exclude_key, prev_d, prev_i, nq, k, out_d, out_i = args
+    tile, row_stride, col_stride, n, offset, scale, bias, exclude, exclude_key, prev_d, prev_i, nq, k, out_d, out_i = args
     n, nq, k = int(n), int(nq), int(k)
     none = np.iinfo(np.int64).max
-    d = np.asarray(tile).reshape(nq, int(ld))[:, :n].astype(np.float32)
+    tile = np.asarray(tile)                  # as the kernel reads it: entry (i, c) at i * rs + c * cs floats
+    d = np.lib.stride_tricks.as_strided(tile, shape=(nq, n), strides=(4 * int(row_stride), 4 * int(col_stride)))
+    d = d.astype(np.float32)
     d = d * np.float32(scale)                # exact for the scales used (+-1, -2): fmaf's rounding
     if not isinstance(bias, np.integer):     # a null pointer is np.uint64(0)
         d = d + np.asarray(bias, dtype=np.float32)[:n]
@@ -231,10 +233,13 @@ def _counted(kind, fn):
 
 
 class _Stream:
-    """The stand-in's one CUDA stream: uploads (``ndarray.set``) and queued kernels run in order only
-    when an event is synchronized or the host touches device memory, as on a GPU. An upload reads its
-    host buffer when it runs, so a host buffer rewritten too early corrupts it.  ``waits`` lists the
-    events ``wait_event`` was given (one queue: in order anyway)."""
+    """The stand-in's one queue of device work: uploads (``ndarray.set``), asynchronous downloads
+    (``ndarray.get(blocking=False)``), queued kernels and event marks run in order only when an
+    event is synchronized or waited for, or the host touches device memory, as on a GPU. An upload
+    reads its host buffer when it runs, so a host buffer rewritten too early corrupts it; a download
+    writes its host buffer when it runs, so one read too early is stale. Every ``cuda.Stream`` shares
+    this queue (in order): a wait missing between two streams is not caught here, but ``waits``
+    lists the events waited for."""
 
     ptr = 0
 
@@ -252,8 +257,9 @@ class _Stream:
         if ran and not self.queue:   # every launch made so far has run
             self.keep.clear()
 
-    def wait_event(self, event):
+    def wait_event(self, event):   # the device waits, not the host: not a sync
         self.waits.append(event)
+        self.run(until=event)
 
     def synchronize(self):
         COUNTS["syncs"] += 1
@@ -282,12 +288,15 @@ class DeviceArray(np.ndarray):
     def set(self, a, stream=None):
         DeviceArray.stream.queue.append(lambda: self.__setitem__(Ellipsis, a))
 
-    def get(self, stream=None, out=None):
+    def get(self, stream=None, order="C", out=None, blocking=True):
         if out is None:
             return NumpyCupy.asnumpy(self)
-        COUNTS["syncs"] += 1
-        DeviceArray.stream.run()
-        out[...] = self
+        if blocking:
+            COUNTS["syncs"] += 1
+            DeviceArray.stream.run()
+            out[...] = self
+        else:
+            DeviceArray.stream.queue.append(lambda: out.__setitem__(Ellipsis, self))
         return out
 
     def fill(self, value):   # a device operation: after what is queued
@@ -339,6 +348,48 @@ class _Event:
         DeviceArray.stream.run(until=self)
 
 
+class _CudaStream:
+    """``cupy.cuda.Stream`` on the one queue: a context that makes it current, event marks, and
+    ``wait_event``, which runs the queue up to the event (what follows on this stream, run eagerly
+    by NumPy, then sees what the event covers)."""
+
+    current = None
+    ptr = 0
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        self._outer = []
+
+    def __enter__(self):
+        self._outer.append(_CudaStream.current)
+        _CudaStream.current = self
+        return self
+
+    def __exit__(self, *exc):
+        _CudaStream.current = self._outer.pop()
+        return False
+
+    def use(self):
+        _CudaStream.current = self
+        return self
+
+    def record(self, event=None):
+        event = event or _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        DeviceArray.stream.wait_event(event)
+
+    def synchronize(self):
+        DeviceArray.stream.synchronize()
+
+
+def _current_stream():
+    if _CudaStream.current is None:
+        _CudaStream.current = _CudaStream(null=True)
+    return _CudaStream.current
+
+
 class _Device:
     def __init__(self, ordinal=None):
         self.id = ordinal or 0
@@ -362,11 +413,9 @@ class NumpyCupy(types.ModuleType):
     class cuda:
         Device = _Device
         Event = _Event
+        Stream = _CudaStream
+        get_current_stream = staticmethod(_current_stream)
         alloc_pinned_memory = staticmethod(_counted("allocs", bytearray))
-
-        @staticmethod
-        def get_current_stream():
-            return DeviceArray.stream
 
         @staticmethod
         def get_elapsed_time(start, end):
@@ -455,6 +504,39 @@ def fake_cupy(monkeypatch):
     DeviceArray.stream.queue.clear()
     DeviceArray.stream.waits.clear()
     DeviceArray.stream.keep.clear()
+    _CudaStream.current = None
+
+
+_HALF = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _numpy_gemm(a, b, out, *, precision, alpha):
+    """``device.launch.gemm`` (cuBLAS) in NumPy, same arguments: the inputs are decoded from their
+    screening storage as the tensor cores read them (fp16 through a table of all 65536 values; bf16
+    bit patterns widened to float32, whose rounding test_screening checks against ml_dtypes; tf32
+    truncated to 10 mantissa bits, the worst case the bound allows for; fp32 as it is), multiplied
+    exactly and summed in float32."""
+    def decode(x):
+        x = np.asarray(x)
+        if precision == "fp16":
+            return _HALF[x.view(np.uint16)]
+        if precision == "bf16":
+            return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        if precision == "tf32":
+            return (x.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+        return x.astype(np.float32)
+
+    product = np.matmul(decode(a), np.swapaxes(decode(b), -1, -2))
+    product *= np.float32(alpha)
+    out[..., :product.shape[-1]] = product
+
+
+@pytest.fixture
+def numpy_gemm(monkeypatch):
+    """``device.launch.gemm`` (the screening products on cuBLAS) runs in NumPy."""
+    from gpuhnsw.device import launch
+
+    monkeypatch.setattr(launch, "gemm", _numpy_gemm)
 
 
 @pytest.fixture

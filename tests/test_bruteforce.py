@@ -398,11 +398,12 @@ def test_bfindex_rejects_corrupted_files(tmp_path):
 
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("base_block", [None, 250, 5000])
-def test_cuda_path_logic_matches_cpu(monkeypatch, fake_cupy, numpy_select_topk, make_data, space,
+def test_cuda_path_logic_matches_cpu(monkeypatch, fake_cupy, numpy_select_topk, numpy_gemm, make_data, space,
                                      base_block):
     from gpuhnsw import exact
+    from gpuhnsw.device import brute
 
-    monkeypatch.setattr(exact, "_REFINE_ENTRIES", 64)    # re-ranking in several chunks
+    monkeypatch.setattr(brute, "_RERANK_ENTRIES", 64)    # re-ranking in several chunks
     base, queries = make_data(6000, 8), make_data(90, 8, seed=11)
     if space == "cosine":
         base, queries = normalize_rows(base), normalize_rows(queries)
@@ -429,7 +430,7 @@ def test_cuda_path_logic_matches_cpu(monkeypatch, fake_cupy, numpy_select_topk, 
     assert seen == sorted(seen) and seen[-1] == 700 and len(seen) >= 700 // 64
 
 
-def test_cuda_path_pool_beyond_select_topk(fake_cupy, make_data):
+def test_cuda_path_pool_beyond_select_topk(fake_cupy, numpy_gemm, make_data):
     """A pool larger than select_topk_kernel's largest capacity takes the grouped-sort path."""
     from gpuhnsw import exact
 
@@ -444,7 +445,7 @@ def test_cuda_path_pool_beyond_select_topk(fake_cupy, make_data):
     np.testing.assert_array_equal(gpu[0], cpu[0])
 
 
-def test_cuda_path_far_from_origin_equals_oracle(fake_cupy, numpy_select_topk):
+def test_cuda_path_far_from_origin_equals_oracle(fake_cupy, numpy_select_topk, numpy_gemm):
     """The CUDA path centres its l2 keys as the CPU path does: fused and grouped selection, a
     k-NN graph (the queries are the base), and BFIndex's cached device base."""
     from gpuhnsw import exact
@@ -469,7 +470,7 @@ def test_cuda_path_far_from_origin_equals_oracle(fake_cupy, numpy_select_topk):
     np.testing.assert_allclose(dists, want_d, rtol=1e-6)
 
 
-def test_bfindex_cuda_path_logic_and_cache_invalidation(fake_cupy, numpy_select_topk, make_data):
+def test_bfindex_cuda_path_logic_and_cache_invalidation(fake_cupy, numpy_select_topk, numpy_gemm, make_data):
     data, q = make_data(3000, 8), make_data(20, 8, seed=12)
     cpu, gpu = BFIndex("l2", 8, device="cpu"), BFIndex("l2", 8, device="cpu")
     gpu._device = ("cuda", 0)                          # as if a GPU had been found

@@ -741,7 +741,7 @@ def test_bfindex_pickle_state_is_not_changed_by_a_later_mutation(datasets):
 
 
 def test_bfindex_device_copy_uploaded_before_a_delete_is_not_kept(datasets, monkeypatch,
-                                                                  fake_cupy, numpy_select_topk):
+                                                                  fake_cupy, numpy_select_topk, numpy_gemm):
     """A query uploading the base while a delete ran cached its (old) upload after the delete had
     dropped the cache: every later query searched the old rows under the new labels."""
     from gpuhnsw import bruteforce

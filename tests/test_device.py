@@ -130,6 +130,42 @@ def test_a_mirror_whose_sync_failed_after_the_drain_syncs_in_full(fake_gpu, data
     assert mirror.check_against_core() == [] and st.rows == 1110
 
 
+@pytest.mark.filterwarnings("ignore:add_items. .* rows had values outside the int8 ranges")
+@pytest.mark.parametrize("storage, rerank", [("float16", False), ("int8", False), ("int8", True)])
+def test_compressed_rows_go_up_decoded_as_float16(fake_gpu, datasets, storage, rerank):
+    """A float16 or int8 index's mirror holds float16 rows: the stored rows decoded by gather_rows
+    (int8: offset + scale * code; never the exact rows of rerank, which the CPU alone re-scores
+    with), kept in step through inserts, updates, replace_deleted and deletes as for float32."""
+    from gpuhnsw.index import _mirror_storage
+    base = datasets("siftsmall", n_base=1300)[0]
+    index = gpuhnsw.Index("l2", base.shape[1], storage=storage, rerank=rerank)
+    index.init_index(len(base), M=8, ef_construction=40, random_seed=2, allow_replace_deleted=True)
+    index.add_items(base[:1000])
+    assert _mirror_storage(index.storage) == "float16"
+    mirror = fake_gpu.DeviceMirror(index._core, storage=_mirror_storage(index.storage))
+    assert mirror.sync().rows == 1000 and mirror.vectors.dtype == np.float16
+
+    def stored_rows(n):   # the engine's rows, decoded in NumPy
+        state = index._core.export_state()
+        width = _core.row_bytes(base.shape[1], storage)
+        raw = np.frombuffer(state["vectors"], np.uint8).reshape(n, width)
+        if storage == "float16":
+            return raw[:, :base.shape[1] * 2].view(np.float16).astype(np.float32)
+        offset, scale = np.frombuffer(state["quantizer"], np.float32).reshape(2, -1)
+        return offset + scale * raw[:, :base.shape[1]].view(np.int8).astype(np.float32)
+
+    np.testing.assert_array_equal(np.asarray(mirror.vectors[:1000, :base.shape[1]]),
+                                  stored_rows(1000).astype(np.float16))
+    index.add_items(base[1000:1200], np.arange(1000, 1200))
+    index.add_items(base[1200:1201], [5])                  # an update
+    index.mark_deleted(7)
+    index.add_items(base[1201:1202], [5000], replace_deleted=True)
+    mirror.sync()
+    assert mirror.check_against_core() == []
+    np.testing.assert_array_equal(np.asarray(mirror.vectors[:1200, :base.shape[1]]),
+                                  stored_rows(1200).astype(np.float16))
+
+
 # ---------------------------------------------------------------------------------------------
 # on a GPU
 

@@ -34,8 +34,8 @@ def base(datasets):
     return np.ascontiguousarray(datasets("siftsmall", n_base=300)[0])
 
 
-def build(base, *, seed=7, n=200, deleted=(3, 50, 77)):
-    index = gpuhnsw.Index("l2", DIM)
+def build(base, *, seed=7, n=200, deleted=(3, 50, 77), storage="float32", rerank=False):
+    index = gpuhnsw.Index("l2", DIM, storage=storage, rerank=rerank)
     index.init_index(n + 20, M=6, ef_construction=30, random_seed=seed, allow_replace_deleted=True)
     index.add_items(base[:n])
     for label in deleted:
@@ -93,6 +93,34 @@ def test_hostile_state_dict_field_is_rejected_at_the_edge(base, key, value):
         gpuhnsw.Index(state)
     with pytest.raises(IndexFileError, match=key):
         pickle.loads(pickle.dumps(_Pickled(state)))
+
+
+def test_a_stored_ef_of_0_is_refused_at_load_not_at_the_first_query(base, tmp_path):
+    """A file or state with ef=0 loaded, and every knn_query then raised TypeError (queries check
+    the stored ef since the query path became params -> plan -> legs; set_ef refuses 0).  Now the load
+    raises IndexFileError; hnswlib's own pickle, where ef=0 searches with k, loads with ef=1 (max(ef, k)
+    is the same)."""
+    index = build(base)
+    state = index.__getstate__()[0]
+    with pytest.raises(IndexFileError, match="ef"):
+        gpuhnsw.Index(state | {"ef": 0})
+    index.save_index(tmp_path / "e.bin")
+    data = bytearray((tmp_path / "e.bin").read_bytes())
+    struct.pack_into("<q", data, 92, 0)                                   # the header's ef
+    struct.pack_into("<I", data, native._HEADER.size, zlib.crc32(bytes(data[:native._HEADER.size])))
+    (tmp_path / "e.bin").write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="ef"):
+        gpuhnsw.Index("l2", DIM).load_index(tmp_path / "e.bin")
+
+
+def test_an_hnswlib_pickle_with_ef_0_loads_with_ef_1(base, hnswlib):
+    theirs = hnswlib.Index("l2", DIM)
+    theirs.init_index(50)
+    theirs.add_items(base[:40])
+    theirs.set_ef(0)
+    ours = gpuhnsw.Index(theirs.__getstate__()[0])
+    assert ours.ef == 1
+    np.testing.assert_array_equal(ours.knn_query(base[:5], k=3)[0], theirs.knn_query(base[:5], k=3)[0])
 
 
 @pytest.mark.parametrize("threads", [2**40, 2**31, thread_limit() + 1])
@@ -286,12 +314,16 @@ def _mutate_state(rng, state):
     return state
 
 
-def test_loader_fuzz(base, tmp_path, monkeypatch):
-    """Seeded mutations of our format (checksums recomputed), the hnswlib format, pickles and state
-    dicts.  Each case either raises IndexFileError or loads a working index."""
+@pytest.mark.filterwarnings("ignore:save_index.format='hnswlib'.:UserWarning")
+@pytest.mark.parametrize("storage, rerank, cases", [("float32", False, 480), ("int8", True, 240),
+                                                    ("float16", False, 160)])
+def test_loader_fuzz(base, tmp_path, monkeypatch, storage, rerank, cases):
+    """Seeded mutations of our format (checksums recomputed; version 3 with its storage sections for
+    the compressed indexes), the hnswlib format, pickles and state dicts.  Each case either raises
+    IndexFileError or loads a working index."""
     monkeypatch.setenv("GHNSW_FUZZ_TMP", str(tmp_path))
-    rng = np.random.default_rng(FUZZ_SEED)
-    index = build(base, seed=2**63 + 11)
+    rng = np.random.default_rng(FUZZ_SEED + cases)
+    index = build(base, seed=2**63 + 11, storage=storage, rerank=rerank)
     index.save_index(tmp_path / "own.bin")
     index.save_index(tmp_path / "hnsw.bin", format="hnswlib")
     own, hnsw = (tmp_path / "own.bin").read_bytes(), (tmp_path / "hnsw.bin").read_bytes()
@@ -303,7 +335,7 @@ def test_loader_fuzz(base, tmp_path, monkeypatch):
     counts = dict.fromkeys(("own", "hnswlib", "pickle", "dict"), 0)
     loaded = dict.fromkeys(counts, 0)
     path = tmp_path / "case.bin"
-    for case in range(480):
+    for case in range(cases):
         kind = ("own", "hnswlib", "pickle", "dict")[case % 4]
         counts[kind] += 1
         try:
@@ -323,7 +355,7 @@ def test_loader_fuzz(base, tmp_path, monkeypatch):
         loaded[kind] += 1
         assert_working(result, base)
     print(f"loader fuzz: cases {counts}, loaded and verified {loaded}")
-    assert sum(counts.values()) == 480 and all(loaded[k] < counts[k] for k in counts)
+    assert sum(counts.values()) == cases and all(loaded[k] < counts[k] for k in counts)
     assert 0 < loaded["own mapped"] < 2 * counts["own"]
 
 

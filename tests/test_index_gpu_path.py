@@ -136,7 +136,7 @@ def test_per_query_filters_become_device_bitset_rows(fake_cuda, pair):
 
 @pytest.mark.parametrize("per_query", [False, True])
 @pytest.mark.parametrize("gpu_input", [False, True])
-def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, fake_cupy, pair, numpy_select_topk,
+def test_filtered_rows_the_graph_search_missed_are_redone_exactly(fake_cuda, fake_cupy, pair, numpy_select_topk, numpy_gemm,
                                                                   per_query, gpu_input):
     cpu, gpu, data = pair      # the exact leg runs the exact engine's GPU path, on the stand-in
     q = data[1400:1420]

@@ -180,7 +180,7 @@ int main(int, char** argv) {
 int main(int, char** argv) {
   std::string d = argv[1];
   auto P = rd<long long>(d + "/params.bin");
-  long long ld = P[0], offset = P[3];
+  long long row_stride = P[0], offset = P[3], col_stride = P[10];
   int n = P[1], nq = P[2], k = P[4], block = P[5], grid = P[6], has_prev = P[7], has_bias = P[8], has_excl = P[9];
   auto F = rd<float>(d + "/fparams.bin");  // key_scale, exclude_key
   auto dists = rd<float>(d + "/dists.bin");
@@ -191,7 +191,7 @@ int main(int, char** argv) {
   std::vector<float> od((size_t)nq * k);
   std::vector<long long> oi((size_t)nq * k);
   emu_launch(grid, block, [&] {
-    select_topk_kernel<CAP>(dists.data(), ld, n, offset, F[0], has_bias ? bias.data() : nullptr,
+    select_topk_kernel<CAP>(dists.data(), row_stride, col_stride, n, offset, F[0], has_bias ? bias.data() : nullptr,
                             has_excl ? excl.data() : nullptr, F[1], has_prev ? pd.data() : nullptr,
                             has_prev ? pi.data() : nullptr, nq, k, od.data(), oi.data());
   });
@@ -760,10 +760,13 @@ def test_select_topk(emulator, rng, n, k, block):
     exe = build("topk", CAP=cap)
     nq = 3
 
-    def topk(d, offset=0, prev=None, scale=1.0, bias=None, exclude=None, exclude_key=0.0):
-        params = [n, n, nq, offset, k, block, 2, int(prev is not None), int(bias is not None),
-                  int(exclude is not None)]
-        out = run(exe, {"out_d": np.float32, "out_i": np.int64}, params=np.array(params, np.int64), dists=d,
+    def topk(d, offset=0, prev=None, scale=1.0, bias=None, exclude=None, exclude_key=0.0, transposed=False):
+        # transposed: the tile is stored [n, nq] and its columns are the rows (the symmetric k-NN graph)
+        strides = (1, nq) if transposed else (n, 1)
+        params = [strides[0], n, nq, offset, k, block, 2, int(prev is not None), int(bias is not None),
+                  int(exclude is not None), strides[1]]
+        tile = np.ascontiguousarray(d.T) if transposed else d
+        out = run(exe, {"out_d": np.float32, "out_i": np.int64}, params=np.array(params, np.int64), dists=tile,
                   fparams=np.array([scale, exclude_key], np.float32),
                   bias=bias if bias is not None else np.zeros(1, np.float32),
                   exclude=exclude if exclude is not None else np.zeros(1, np.int64),
@@ -786,6 +789,11 @@ def test_select_topk(emulator, rng, n, k, block):
     keys = d2 * np.float32(-2) + bias
     keys[np.arange(nq), exclude - n] = np.float32(1e30)
     for got, want in zip(topk(d2, offset=n, prev=first, scale=-2.0, bias=bias, exclude=exclude, exclude_key=1e30),
+                         topk_oracle(np.concatenate([d1, keys], 1), k)):
+        np.testing.assert_array_equal(got, want)
+    # the same, reading a tile stored transposed (its columns are the rows)
+    for got, want in zip(topk(d2, offset=n, prev=first, scale=-2.0, bias=bias, exclude=exclude, exclude_key=1e30,
+                              transposed=True),
                          topk_oracle(np.concatenate([d1, keys], 1), k)):
         np.testing.assert_array_equal(got, want)
 

@@ -180,7 +180,7 @@ def test_exact_memory_is_bounded(make_data):
 
 
 @pytest.mark.parametrize("space", ["l2", "cosine"])
-def test_exact_cuda_path_logic_equals_cpu(fake_cupy, numpy_select_topk, datasets, space):
+def test_exact_cuda_path_logic_equals_cpu(fake_cupy, numpy_select_topk, numpy_gemm, datasets, space):
     """The GPU exact graph (fused keys, self excluded in the kernel, ordering on the device) on NumPy
     through the CuPy stand-in: the same graph as the CPU's symmetric tiling, and its phases reported."""
     base, _, _, _ = datasets("mnist" if space == "l2" else "minilm-debian")
@@ -189,7 +189,8 @@ def test_exact_cuda_path_logic_equals_cpu(fake_cupy, numpy_select_topk, datasets
     ids, dists, info = knn_graph(base, 10, space=space, method="exact", device="cuda", return_info=True)
     np.testing.assert_array_equal(ids, cpu[0])
     np.testing.assert_array_equal(dists, cpu[1])
-    assert set(info["phases"]) == {"upload", "tiles", "rerank", "download"}
+    assert set(info["phases"]) == {"upload", "tiles", "rerank", "download", "redo"}
+    assert info["exact"]["tiling"] == "symmetric" and info["exact"]["precision"] == "fp16"
 
 
 @pytest.mark.gpu

@@ -384,8 +384,8 @@ def test_wrong_space_in_our_format(small_files, tmp_path):
 
 def test_unknown_version(small_files, tmp_path):
     bad = bytearray(small_files["gpuhnsw"])
-    bad[8:12] = struct.pack("<I", 3)
-    with pytest.raises(IndexFileError, match="version 3"):
+    bad[8:12] = struct.pack("<I", native.FORMAT_VERSION + 1)
+    with pytest.raises(IndexFileError, match=f"version {native.FORMAT_VERSION + 1}"):
         read_bytes(bytes(bad), tmp_path)
 
 

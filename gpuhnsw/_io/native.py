@@ -17,6 +17,11 @@ The format (all little-endian)::
                         ceil(dim/4)*4, zero padding), so that a load can map them (``map_index``)
              version 1: [4-byte tag][uint64 length][uint32 CRC32 of the data][data], vectors
                         [n, dim]; still read, not mappable
+             version 3 (written for a float16 or int8 index, or one with ``rerank``): version 2's
+                        sections, where vectors hold the engine's stored rows [n, row_bytes], then
+                        STOR (uint32 storage code, uint32 rerank, uint64 clipped rows, uint64 clipped
+                        values), QUAN (float32 [2, dim] or empty) and EXAC (the exact rows, float32
+                        [n, dim_pad], mappable, or empty)
 """
 import contextlib
 import mmap
@@ -26,18 +31,18 @@ import zlib
 
 import numpy as np
 
-from .._core import SPACES
+from .._core import SPACES, STORAGES, row_bytes
 from .._errors import IndexFileError
 from . import hnswlib_format
 from .files import CRC, atomic_write, checked_section, local_path, read_all, remove_stale_temps, source_name
-from .state import ARRAYS, MAPPABLE, arrays_of, check_graph, check_scalars, normalised, validated_arrays
+from .state import ARRAYS, MAPPABLE, OPTIONAL, arrays_of, check_graph, check_scalars, normalised, validated_arrays
 
 __all__ = ["read_index", "map_index", "write_gpuhnsw", "peek", "FORMAT_VERSION", "MAGIC", "MAP_ALIGN"]
 
 MAGIC = b"GPUHNSW\0"
-FORMAT_VERSION = 2
-# Mapped sections (links0, vectors) start at multiples of this (a cache line): the engine maps the
-# pages around them and reads rows in place, which needs 16-byte rows.
+FORMAT_VERSION = 3    # written where the storage needs it; plain float32 indexes are written as version 2
+# Mapped sections (links0, vectors, exact) start at multiples of this (a cache line): the engine maps
+# the pages around them and reads rows in place.
 MAP_ALIGN = 64
 
 # magic, version, space code, allow_replace_deleted, dim, M, ef_construction, random_seed,
@@ -48,6 +53,13 @@ _SECTION_V1 = struct.Struct("<4sQI")  # tag, data length, CRC32 of the data
 _SECTION = struct.Struct("<4sQII")    # the same, then the zero bytes before the data (version 2)
 _TAGS = {"links0": b"LNK0", "degree0": b"DEG0", "vectors": b"VECS", "labels": b"LABL", "levels": b"LEVL",
          "upper": b"UPPR", "deleted": b"DELE"}   # a section per state array, in ARRAYS' order
+_TAGS_V3 = {**_TAGS, "storage": b"STOR", "quantizer": b"QUAN", "exact": b"EXAC"}   # then OPTIONAL's
+_STORAGE = struct.Struct("<IIQQ")     # STOR: storage code, rerank, clipped rows, clipped values
+
+
+def _tags(version):
+    """{state key: tag} of the sections of a file of ``version``, in file order."""
+    return _TAGS_V3 if version >= 3 else _TAGS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +67,8 @@ _TAGS = {"links0": b"LNK0", "degree0": b"DEG0", "vectors": b"VECS", "labels": b"
 # ---------------------------------------------------------------------------------------------
 
 def write_gpuhnsw(path, state, *, ef):
-    """Save ``state`` in gpuhnsw's own checksummed format (``MAGIC``, version ``FORMAT_VERSION``).
+    """Save ``state`` in gpuhnsw's own checksummed format (``MAGIC``; version 2 for a float32 index
+    without ``rerank``, so that earlier builds read it, else ``FORMAT_VERSION``).
 
     Parameters
     ----------
@@ -77,8 +90,10 @@ def write_gpuhnsw(path, state, *, ef):
     if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer))
                            or not 0 <= ef < 2**63):
         raise ValueError(f"ef must be None or an int in [0, 2**63), got {ef!r}")
+    storage, rerank = state.get("storage", "float32"), bool(state.get("rerank", False))
+    version = 2 if storage == "float32" and not rerank else FORMAT_VERSION
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, SPACES.index(state["space"]), bool(state["allow_replace_deleted"]),
+        MAGIC, version, SPACES.index(state["space"]), bool(state["allow_replace_deleted"]),
         state["dim"], state["M"], state["ef_construction"], state["random_seed"],
         state["max_elements"], state["count"], state["entry_point"], state["max_level"],
         state["insert_seq"], -1 if ef is None else ef)
@@ -87,11 +102,15 @@ def write_gpuhnsw(path, state, *, ef):
     # the mappable sections hold the engine's rows (see the module docstring)
     a["links0"], _ = normalised(a, state["M"])
     dim = state["dim"]
-    if dim % 4:
-        padded = np.zeros((state["count"], _dim_pad(dim)), dtype=np.float32)
-        padded[:, :dim] = a["vectors"]
-        a["vectors"] = padded
-    for key, tag in _TAGS.items():
+    if storage == "float32":
+        a["vectors"] = _padded(a["vectors"], dim)
+    if version >= 3:
+        a["storage"] = np.frombuffer(_STORAGE.pack(STORAGES.index(storage), rerank, state.get("clipped_rows", 0),
+                                                   state.get("clipped_values", 0)), dtype=np.uint8)
+        a["exact"] = _padded(a["exact"], dim) if rerank else np.zeros(0, np.float32)
+        if a["quantizer"] is None:
+            a["quantizer"] = np.zeros(0, np.float32)
+    for key, tag in _tags(version).items():
         data = memoryview(a[key].reshape(-1).view(np.uint8))
         pos += _SECTION.size
         pad = -pos % MAP_ALIGN if key in MAPPABLE else 0
@@ -150,17 +169,19 @@ def read_index(path, *, space, dim):
 
 @contextlib.contextmanager
 def map_index(path, *, space, dim, verify=False):
-    """Open an index file in our format (version 2) for a mapped load.
+    """Open an index file in our format (version 2 or 3) for a mapped load.
 
-    Yields ``(state, ef, mapping)``: the state dict with ``vectors`` and ``links0`` None, the stored
-    ``ef`` (or None), and the keyword arguments of ``_core.Core.from_state`` that map those two
-    sections from the open file (``fd``, ``vectors_offset``, ``links0_offset``); the file is closed
-    when the block ends (a mapping keeps its own reference to the file).
+    Yields ``(state, ef, mapping)``: the state dict with ``vectors``, ``links0`` (and with rerank
+    ``exact``) None, the stored ``ef`` (or None), and the keyword arguments of
+    ``_core.Core.from_state`` that map those sections from the open file (``fd``, ``vectors_offset``,
+    ``links0_offset``, ``exact_offset``); the file is closed when the block ends (a mapping keeps its
+    own reference to the file).
 
     Verified here: the header, every section's bounds, the CRC32 of every section but ``vectors``
     and the invariants ``read_index`` checks; the engine range-checks ``links0`` as it adopts the
-    mapping (its integrity check).  ``vectors`` are not read (that is what makes the load fast), or
-    checksummed and checked for NaN/inf and zero padding with ``verify=True`` (one read of them).
+    mapping (its integrity check).  The rows are not read (that is what makes the load fast), or
+    checksummed and checked for NaN/inf, zero padding and int8 row terms with ``verify=True`` (one
+    read of them).
 
     Raises
     ------
@@ -193,12 +214,12 @@ def _parse_header(head, space, dim):
     fields = _HEADER.unpack_from(head)
     (_, version, space_code, allow_replace, fdim, M, ef_c, seed, max_elements, n, ep, max_level,
      insert_seq, ef) = fields
-    if version not in (1, FORMAT_VERSION):
-        raise IndexFileError(f"unsupported gpuhnsw file version {version} (this build reads 1 and "
+    if not 1 <= version <= FORMAT_VERSION:
+        raise IndexFileError(f"unsupported gpuhnsw file version {version} (this build reads 1 to "
                              f"{FORMAT_VERSION})")
     if CRC.unpack_from(head, _HEADER.size)[0] != zlib.crc32(memoryview(head)[:_HEADER.size]):
         raise IndexFileError("gpuhnsw header checksum mismatch (file corrupted)")
-    if space_code >= len(SPACES) or allow_replace > 1 or ef < -1:
+    if space_code >= len(SPACES) or allow_replace > 1 or ef < -1 or ef == 0:   # (set_ef refuses 0)
         raise IndexFileError("gpuhnsw header has invalid space code, flag or ef")
     if SPACES[space_code] != space:
         raise IndexFileError(f"index file space is {SPACES[space_code]!r}, the index's is {space!r}")
@@ -218,7 +239,7 @@ def _section_layout(read, size, version):
     fmt = _SECTION if version >= 2 else _SECTION_V1
     pos = _HEADER.size + CRC.size
     out = {}
-    for key, tag in _TAGS.items():
+    for key, tag in _tags(version).items():
         head = read(pos, fmt.size)
         if len(head) < fmt.size:
             raise IndexFileError(f"gpuhnsw file truncated before section {tag.decode()}")
@@ -243,13 +264,33 @@ def _dim_pad(dim):
     return -(-dim // 4) * 4
 
 
-def _unpadded(vectors, n, dim):
-    """Version-2 vectors (bytes-like float32 [n, dim_pad]) as the state's float32 [n, dim] bytes."""
+def _padded(rows, dim):
+    """float32 [n, dim] rows as the engine's float32 [n, dim_pad] (zero padding)."""
+    if dim % 4 == 0:
+        return rows
+    padded = np.zeros((rows.shape[0], _dim_pad(dim)), dtype=np.float32)
+    padded[:, :dim] = rows
+    return padded
+
+
+def _unpadded(vectors, n, dim, name="section VECS"):
+    """Float32 rows of a file (bytes-like [n, dim_pad]) as the state's float32 [n, dim] bytes."""
     if len(vectors) != n * 4 * _dim_pad(dim):
-        raise IndexFileError(f"section VECS: {len(vectors)} bytes, expected {n * 4 * _dim_pad(dim)}")
+        raise IndexFileError(f"{name}: {len(vectors)} bytes, expected {n * 4 * _dim_pad(dim)}")
     if dim % 4 == 0:
         return vectors
     return np.frombuffer(vectors, dtype=np.float32).reshape(n, _dim_pad(dim))[:, :dim].tobytes()
+
+
+def _storage_fields(data):
+    """The state fields of a STOR section (bytes): storage, rerank, clip counters."""
+    if len(data) != _STORAGE.size:
+        raise IndexFileError(f"section STOR: {len(data)} bytes, expected {_STORAGE.size}")
+    code, rerank, clipped_rows, clipped_values = _STORAGE.unpack(data)
+    if code >= len(STORAGES) or rerank > 1:
+        raise IndexFileError(f"section STOR: storage code {code}, rerank flag {rerank}")
+    return dict(storage=STORAGES[code], rerank=bool(rerank), clipped_rows=clipped_rows,
+                clipped_values=clipped_values)
 
 
 def _finished(state, M):
@@ -258,7 +299,7 @@ def _finished(state, M):
     a = arrays_of(state, IndexFileError)
     check_graph(a, M=M, entry_point=state["entry_point"], max_level=state["max_level"], err=IndexFileError)
     links0, upper = normalised(a, M)
-    state.update({key: bytes(state[key]) for key, _ in ARRAYS if state[key] is not None})
+    state.update({key: bytes(state[key]) for key, _ in ARRAYS + OPTIONAL if state.get(key) is not None})
     state["upper"] = upper.tobytes()
     if links0 is not None:
         state["links0"] = links0.tobytes()
@@ -268,9 +309,13 @@ def _finished(state, M):
 def _read_gpuhnsw(buf, space, dim):
     state, ef, version = _parse_header(buf[:_HEADER.size + CRC.size], space, dim)
     layout = _section_layout(lambda pos, n: buf[pos:pos + n], len(buf), version)
-    for key, tag in _TAGS.items():
+    for key, tag in _tags(version).items():
         state[key] = checked_section(buf, *layout[key], f"section {tag.decode()}")
-    if version >= 2:
+    if version >= 3:
+        state.update(_storage_fields(bytes(state.pop("storage"))))
+        if state["rerank"]:
+            state["exact"] = _unpadded(state["exact"], state["count"], dim, "section EXAC")
+    if version >= 2 and state.get("storage", "float32") == "float32":
         state["vectors"] = _unpadded(state["vectors"], state["count"], dim)
     return _finished(state, state["M"]), ef
 
@@ -292,25 +337,66 @@ def _map_gpuhnsw(fd, space, dim, verify):
                              "to map it next time")
     layout = _section_layout(read, size, version)
     n = state["count"]
-    for key, tag in _TAGS.items():
+    tags = _tags(version)
+    for key, tag in tags.items():   # what is read (the storage first: the mapped rows' size depends on it)
+        if key not in MAPPABLE:
+            off, length, crc = layout[key]
+            state[key] = checked_section(read(off, length), 0, length, crc, f"section {tag.decode()}")
+    if version >= 3:
+        state.update(_storage_fields(bytes(state.pop("storage"))))
+    storage, rerank = state.get("storage", "float32"), state.get("rerank", False)
+    quantizer = np.frombuffer(state["quantizer"], np.float32) if version >= 3 else np.zeros(0, np.float32)
+    rows = {"links0": 8 * state["M"], "vectors": row_bytes(dim, storage), "exact": 4 * _dim_pad(dim) if rerank else 0}
+    for key, tag in tags.items():
+        if key not in MAPPABLE:
+            continue
         off, length, crc = layout[key]
         name = f"section {tag.decode()}"
-        if key not in MAPPABLE:
-            state[key] = checked_section(read(off, length), 0, length, crc, name)
-            continue
-        row = 8 * state["M"] if key == "links0" else 4 * _dim_pad(dim)
-        if length != n * row:
-            raise IndexFileError(f"{name}: {length} bytes, expected {n * row} for {n} rows")
+        if length != n * rows[key]:
+            raise IndexFileError(f"{name}: {length} bytes, expected {n * rows[key]} for {n} rows")
         if key == "links0" or verify:
-            _check_mapped(fd, off, length, crc, name, dim if key == "vectors" else None)
+            _check_mapped(fd, off, length, crc, name, None if key == "links0" else
+                          _row_check("float32" if key == "exact" else storage, dim, space, quantizer))
         state[key] = None
     mapping = dict(fd=fd, vectors_offset=layout["vectors"][0], links0_offset=layout["links0"][0])
+    if rerank:
+        mapping["exact_offset"] = layout["exact"][0]
     return _finished(state, state["M"]), ef, mapping
 
 
-def _check_mapped(fd, off, length, crc, name, dim):
+def _row_check(storage, dim, space, quantizer):
+    """A check of mapped rows of ``storage`` (bytes-like -> None, or what is wrong): finite values and
+    zero padding, and for int8 the per-row term of each row recomputed from its codes (gpuhnsw.h)."""
+    def check(data):
+        if storage == "float32":
+            rows = np.frombuffer(data, dtype=np.float32).reshape(-1, _dim_pad(dim))
+            if not np.isfinite(rows).all() or rows[:, dim:].any():
+                return "NaN, inf or non-zero padding"
+        elif storage == "float16":
+            rows = np.frombuffer(data, dtype=np.uint16).reshape(-1, row_bytes(dim, storage) // 2)
+            if ((rows[:, :dim] & 0x7C00) == 0x7C00).any() or rows[:, dim:].any():
+                return "float16 NaN, inf or non-zero padding"
+        else:
+            width = row_bytes(dim, storage)
+            rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+            if rows[:, dim:width - 4].any():
+                return "non-zero padding of the int8 codes"
+            if rows.shape[0] and quantizer.size != 2 * dim:
+                return "int8 rows without their quantizer"
+            if rows.shape[0]:
+                offset, scale = quantizer.reshape(2, dim).astype(np.float64)
+                codes = rows[:, :dim].view(np.int8).astype(np.float64)
+                terms = (scale * codes) ** 2 if space == "l2" else offset * scale * codes
+                want, have = terms.sum(axis=1), rows[:, width - 4:].copy().view(np.float32)[:, 0]
+                if not np.all(np.abs(have - want) <= 1e-5 * np.abs(terms).sum(axis=1) + 1e-30):
+                    return "int8 row terms do not match their codes"
+        return None
+    return check
+
+
+def _check_mapped(fd, off, length, crc, name, check):
     """CRC32 of ``length`` bytes of ``fd`` at ``off``, read through a mapping (the page cache, no
-    private copy); for vectors (``dim`` given) also finite values and zero padding."""
+    private copy), and ``check(data)`` (None, or a description of what is wrong) where given."""
     if not length:
         ok = zlib.crc32(b"") == crc
     else:
@@ -318,14 +404,10 @@ def _check_mapped(fd, off, length, crc, name, dim):
         with mmap.mmap(fd, off - start + length, offset=start, access=mmap.ACCESS_READ) as mm:
             data = memoryview(mm)[off - start:]
             ok = zlib.crc32(data) == crc
-            bad = False
-            if ok and dim is not None:
-                rows = np.frombuffer(data, dtype=np.float32).reshape(-1, _dim_pad(dim))
-                bad = not np.isfinite(rows).all() or bool(rows[:, dim:].any())
-                del rows
+            bad = check(data) if ok and check is not None else None
             data.release()  # before the mapping closes
             if bad:
-                raise IndexFileError(f"{name}: NaN, inf or non-zero padding")
+                raise IndexFileError(f"{name}: {bad}")
     if not ok:
         raise IndexFileError(f"{name} checksum mismatch (file corrupted)")
 

@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 
-from .._core import MAX_CAPACITY, MAX_DIM, MAX_LEVEL, MAX_M, SPACES
+from .._core import MAX_CAPACITY, MAX_DIM, MAX_LEVEL, MAX_M, SPACES, STORAGES
 from .._errors import IndexFileError
 from .._validate import thread_limit
 from . import hnswlib_format
@@ -35,12 +35,14 @@ def check_state(state):
         raise IndexFileError(f"ser_version={version!r}: unsupported state version")
     if full["space"] not in SPACES:
         raise IndexFileError(f"space must be one of {SPACES}, got {full['space']!r}")
-    for key, lo, hi in (("dim", 1, MAX_DIM), ("ef", 0, 2**63 - 1), ("num_threads", -2**31, thread_limit()),
+    for key, lo, hi in (("dim", 1, MAX_DIM), ("ef", 1, 2**63 - 1), ("num_threads", -2**31, thread_limit()),
                         ("cur_l", 0, 2**64 - 1)):
         check_int(full, key, lo, hi, IndexFileError)
-    for key in ("index_inited", "auto_resize"):
+    for key in ("index_inited", "auto_resize", "rerank"):
         if key in full and not isinstance(full[key], (bool, np.bool_)):
             raise IndexFileError(f"{key} must be a bool, got {type(full[key]).__name__}")
+    if "storage" in full and full["storage"] not in STORAGES:
+        raise IndexFileError(f"storage must be one of {STORAGES}, got {full['storage']!r}")
     if not full["index_inited"]:
         return state
     # an initialised index without its arrays would come back empty: refuse it
@@ -86,6 +88,8 @@ def state_from_hnswlib(h):
     for key in ("ef", "num_threads"):
         if key in h:
             ours[key] = h[key]
+    if ours.get("ef") == 0:   # hnswlib searches with max(ef, k): its 0 is our 1 (set_ef refuses 0)
+        ours["ef"] = 1
     if not h["index_inited"]:
         return ours
     for key in _HNSW_STATE_INTS:

@@ -12,7 +12,13 @@ labels     uint64 ``[n]``                               unique
 levels     uint8 ``[n]``                                top level of each slot
 upper      uint32 ``[sum(levels) * (1 + M)]``           per slot, per level 1..L: ``[count, M ids]``
 deleted    uint8 ``[n]``                                0/1
+exact      float32 ``[n, dim]``, or empty               ``rerank``: the float32 rows
+quantizer  float32 ``[2, dim]``, or empty               int8, once trained: offsets, then scales
 =========  ===========================================  ==========================================
+
+plus ``storage`` (``"float32"``, ``"float16"``, ``"int8"``; absent: float32), ``rerank`` (bool),
+``clipped_rows`` and ``clipped_values`` (int8's clip counters).  ``vectors`` of a float16 or int8
+index are the engine's stored rows, ``[n, _core.row_bytes(dim, storage)]`` bytes (gpuhnsw.h).
 
 Nothing read from a file or a pickle is trusted: the scalars are range-checked against the engine's
 limits (so whatever passes loads, and saves again) and the arrays against the graph invariants the C
@@ -26,36 +32,47 @@ import numpy as np
 # NO_LINK: unused link entry; MAX_M: hnswlib's init_index cap (no real file has more); MAX_LEVEL:
 # levels are uint8.
 from .._core import (INVALID_SLOT as NO_LINK, MAX_CAPACITY, MAX_DIM, MAX_EF_CONSTRUCTION, MAX_LEVEL, MAX_M,
-                     SPACES)
+                     SPACES, STORAGES, row_bytes)
 
-__all__ = ["ARRAYS", "MAPPABLE", "NO_LINK", "arrays_of", "check_graph", "normalised", "check_int", "check_scalars",
-           "validated_arrays"]
+__all__ = ["ARRAYS", "OPTIONAL", "MAPPABLE", "NO_LINK", "arrays_of", "check_graph", "normalised", "check_int",
+           "check_scalars", "validated_arrays"]
 
 #: The state's arrays (key, dtype), in the order of the gpuhnsw format's sections.
 ARRAYS = (("links0", np.uint32), ("degree0", np.uint32), ("vectors", np.float32), ("labels", np.uint64),
           ("levels", np.uint8), ("upper", np.uint32), ("deleted", np.uint8))
+#: The arrays of the compressed storages and the re-rank (empty where they do not apply).
+OPTIONAL = (("exact", np.float32), ("quantizer", np.float32))
 #: The arrays a mapped load leaves None (the engine maps them from the file).
-MAPPABLE = ("links0", "vectors")
+MAPPABLE = ("links0", "vectors", "exact")
 
 
 def arrays_of(state, err):
     """View the byte-string fields of ``state`` as typed numpy arrays (no copy), checking sizes.
 
-    Returns a dict with ``vectors`` float32 [n, dim], ``links0`` uint32 [n, 2M], ``degree0`` uint32
-    [n], ``labels`` uint64 [n], ``levels`` uint8 [n], ``upper`` uint32 [sum(levels) * (1 + M)],
-    ``deleted`` uint8 [n]. ``err`` is the exception class to raise.  A field that is None (mapped
-    from a file, see ``native.map_index``) stays None.
+    Returns a dict with ``vectors`` float32 [n, dim] (float32 storage) or uint8 [n, row_bytes] (the
+    stored rows of a float16 or int8 index), ``links0`` uint32 [n, 2M], ``degree0`` uint32 [n],
+    ``labels`` uint64 [n], ``levels`` uint8 [n], ``upper`` uint32 [sum(levels) * (1 + M)],
+    ``deleted`` uint8 [n], ``exact`` float32 [n, dim] (None without rerank) and ``quantizer``
+    float32 [2, dim] (None while untrained).  ``err`` is the exception class to raise.  A field that
+    is None (mapped from a file, see ``native.map_index``) stays None.
     """
     n, dim, M = state["count"], state["dim"], state["M"]
-    shapes = {"links0": (n, 2 * M), "degree0": (n,), "vectors": (n, dim), "labels": (n,),
-              "levels": (n,), "deleted": (n,)}
+    storage, rerank = state.get("storage", "float32"), bool(state.get("rerank", False))
+    compressed = storage != "float32"
+    shapes = {"links0": (n, 2 * M), "degree0": (n,), "labels": (n,), "levels": (n,), "deleted": (n,),
+              "vectors": (n, row_bytes(dim, storage)) if compressed else (n, dim), "exact": (n, dim),
+              "quantizer": (2, dim)}
     out = {}
-    for key, dtype in ARRAYS:
-        if state[key] is None and key in MAPPABLE:
+    for key, dtype in ARRAYS + OPTIONAL:
+        if key == "vectors" and compressed:
+            dtype = np.uint8
+        field = state.get(key)
+        if (key in MAPPABLE and field is None) or (key == "exact" and not rerank) or \
+                (key == "quantizer" and (field is None or not len(field))):
             out[key] = None
             continue
         try:
-            raw = np.frombuffer(state[key], dtype=np.uint8)
+            raw = np.frombuffer(field, dtype=np.uint8)
         except (TypeError, ValueError) as e:  # not a contiguous buffer
             raise err(f"state field {key!r} is not a contiguous byte buffer: {e}") from None
         if key == "upper":  # its length depends on the levels, checked below
@@ -152,6 +169,13 @@ def check_scalars(state, err):
         check_int(state, key, lo, hi, err)
     check_int(state, "count", 0, state["max_elements"], err)
     check_int(state, "entry_point", -1, state["count"] - 1, err)
+    if state.get("storage", "float32") not in STORAGES:
+        raise err(f"storage must be one of {STORAGES}, got {state['storage']!r}")
+    if not isinstance(state.get("rerank", False), (bool, np.bool_)):
+        raise err("rerank must be a bool")
+    for key in ("clipped_rows", "clipped_values"):
+        if key in state:
+            check_int(state, key, 0, 2**64 - 1, err)
 
 
 def validated_arrays(state):

@@ -2,7 +2,16 @@
  *
  * Data layout (shared with the GPU device mirror, which copies rows, never gathers fields):
  *
- *   vectors  [capacity, dim_pad] float32   dim_pad = ceil(dim/4)*4, pad zero; cosine rows normalised
+ *   vectors  [capacity, row_bytes] uint8   one stored row per slot, by `storage` (cosine rows are
+ *                                           normalised before they are stored):
+ *     float32: float[dim_pad]               dim_pad = ceil(dim/4)*4, pad zero (16-byte rows)
+ *     float16: IEEE half[dim_pad8]          dim_pad8 = ceil(dim/8)*8, pad zero (16-byte rows)
+ *     int8:    int8 code[code_pad], float r    code_pad = ceil(dim/16)*16, pad zero; row_bytes =
+ *                                           code_pad + 4 (4-byte aligned: the SIMD loads are
+ *                                           unaligned); r = the row's term of the distances:
+ *                                           |scale * code|^2 (l2), offset . (scale * code) (ip)
+ *   exact    [capacity, dim_pad] float32   rerank only: the rows as given (normalised for cosine)
+ *   quantiser offset[dim], scale[dim] float32   int8: x ~ offset + scale * code, code in [-128, 127]
  *   links0   [capacity, M0]      uint32    M0 = 2M; unused entries GHNSW_INVALID
  *   degree0  [capacity]          uint32    live entries of links0[i]
  *   labels   [capacity]          uint64    slot -> label
@@ -52,25 +61,47 @@ ghnsw_status_t ghnsw_fail(ghnsw_err_t *err, ghnsw_status_t st, const char *fmt, 
  * returns NULL on failure (the reader then fails with GHNSW_ENOMEM). */
 typedef void *(*ghnsw_alloc_fn)(void *ctx, size_t bytes);
 
-typedef float (*ghnsw_dist_fn)(const float *a, const float *b, size_t dim_pad);
+/* How rows are stored (`vectors` in the layout above). */
+typedef enum { GHNSW_F32 = 0, GHNSW_F16 = 1, GHNSW_I8 = 2 } ghnsw_storage_t;
+#define GHNSW_N_STORAGES 3
 
-/* Pair sums of a GHNSW_TILE x GHNSW_TILE block of row pairs (rows unpadded, `dim` floats; pad a
- * short block by repeating a row): out[r * GHNSW_TILE + c] = |a_r - b_c|^2 (l2) or a_r . b_c (ip,
- * cosine).  l2 is summed from the differences, not from |a|^2 + |b|^2 - 2 a.b: the latter cancels
+/* Distance of a prepared query (ghnsw_prepare) to a stored row of `n` elements (the index's row_n:
+ * dim_pad, dim_pad8 or code_pad).  A float32 row is its own prepared query, so the float32 kernels
+ * also give row-to-row distances (the exact re-rank, NN-descent). */
+typedef float (*ghnsw_dist_fn)(const void *q, const void *row, size_t n);
+
+/* Distance of two stored rows of `n` elements; w: the index's pair weights (int8: scale^2 [n], then
+ * |offset|^2; NULL for the other storages). */
+typedef float (*ghnsw_pair_fn)(const void *a, const void *b, size_t n, const float *w);
+
+/* An int8 prepared query: this header, then int16 u[code_pad] (zero past dim).  The distance to a row
+ * of codes c and per-row term sq is c0 + sq + f * (u . c) (l2) or c0 + f * (u . c) (ip, cosine), the
+ * dot product summed exactly in int32 (storage.c states the math). */
+typedef struct { float c0, f, pad[2]; } ghnsw_i8q_t;
+
+/* Pair sums of a GHNSW_TILE x GHNSW_TILE block of row pairs (pad a short block by repeating a row):
+ * out[r * GHNSW_TILE + c] = |a_r - b_c|^2 (l2) or a_r . b_c (ip, cosine), over n elements of rows
+ * of the tile's storage: float32 rows unpadded (n = dim, the tail read with masks), float16 rows
+ * padded to 16 halves and int8 rows to 32 codes (n = the padded width; int8 sums are exact integers;
+ * an int8 row is followed by GHNSW_I8_ROW_TERMS: int32 sum(c), int32 |c|^2, which the VNNI tiles read).
+ * l2 is summed from the differences, not from |a|^2 + |b|^2 - 2 a.b: the latter cancels
  * catastrophically for rows far from the origin.  Every entry is computed by the same operation
  * sequence wherever it sits in the tile, so (a, b) and (b, a) give the same bits. */
 #define GHNSW_TILE 4
-typedef void (*ghnsw_tile_fn)(const float *const *a /* [GHNSW_TILE] */, const float *const *b /* [GHNSW_TILE] */,
-                              size_t dim, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
-/* One row against GHNSW_TILE others: out[c] = x . b_c, with independent sums (not one latency-bound
- * chain) and one load of x per step for all of them (NN-descent's tree splits). */
+#define GHNSW_I8_ROW_TERMS 8
+typedef void (*ghnsw_tile_fn)(const void *const *a /* [GHNSW_TILE] */, const void *const *b /* [GHNSW_TILE] */,
+                              size_t n, float *out /* [GHNSW_TILE, GHNSW_TILE] */);
+/* One float32 row against GHNSW_TILE others (unpadded, dim floats): out[c] = x . b_c (ip) or
+ * |x - b_c|^2 (l2), with independent sums (not one latency-bound chain) and one load of x per step for
+ * all of them (NN-descent's tree splits and its final re-scoring). */
 typedef void (*ghnsw_row_fn)(const float *x, const float *const *b /* [GHNSW_TILE] */, size_t dim,
                              float *out /* [GHNSW_TILE] */);
 
 /* distance.c */
-ghnsw_dist_fn ghnsw_pick_distance(int space);
-ghnsw_tile_fn ghnsw_pick_tile(int space);
-ghnsw_row_fn ghnsw_pick_row(void);
+ghnsw_dist_fn ghnsw_pick_distance(int space, int storage);
+ghnsw_pair_fn ghnsw_pick_pair(int space, int storage);
+ghnsw_tile_fn ghnsw_pick_tile(int space, int storage);
+ghnsw_row_fn ghnsw_pick_row(int space);
 const char *ghnsw_simd_name(void);
 void ghnsw_normalize(float *v, size_t dim);
 
@@ -108,7 +139,18 @@ typedef struct ghnsw_index {
     uint64_t seed;
     double mult;
     int allow_replace_deleted;
-    ghnsw_dist_fn dist;
+    int storage;           /* ghnsw_storage_t */
+    int rerank;            /* keep float32 rows in `exact` and re-score the final candidates with them */
+    size_t row_bytes;      /* a stored row */
+    size_t row_n;          /* elements the distance kernels read per row: dim_pad, dim_pad8 or code_pad */
+    size_t query_bytes;    /* a prepared query (ghnsw_prepare) */
+    ghnsw_dist_fn dist;    /* prepared query -> stored row */
+    ghnsw_dist_fn exact_dist; /* float32 row -> float32 row (the re-rank) */
+    ghnsw_pair_fn pair;    /* stored row -> stored row */
+    /* int8 quantiser, [dim] each, and the pair weights [row_n + 1] (scale^2, zero padded, then
+     * |offset|^2): one block, NULL until trained (on the first add, or ghnsw_train) */
+    float *q_offset, *q_scale, *pair_w;
+    uint64_t clipped_rows, clipped_values; /* int8: rows stored with values outside the ranges, and those values */
 
     uint32_t capacity;
     uint32_t count;     /* slots in use (deleted included) */
@@ -117,11 +159,12 @@ typedef struct ghnsw_index {
     uint64_t relabels;   /* adds that moved a slot to another label (replace_deleted): label bitsets
                           * made before a change of it may name a slot by its old label */
 
-    float *vectors;
+    uint8_t *vectors;     /* [capacity, row_bytes] */
+    float *exact;         /* [capacity, dim_pad] with rerank, else NULL */
     uint32_t *links0, *degree0;
-    /* vectors and links0 may be mapped from an index file (ghnsw_map_rows, MAP_PRIVATE): a non-zero
-     * *_map_len is that mapping's length (munmap, not free), map_rows the slots it has room for. */
-    size_t vectors_map_len, links0_map_len;
+    /* vectors, exact and links0 may be mapped from an index file (ghnsw_map_rows, MAP_PRIVATE): a
+     * non-zero *_map_len is that mapping's length (munmap, not free), map_rows the slots it has room for. */
+    size_t vectors_map_len, exact_map_len, links0_map_len;
     uint32_t map_rows;
     uint64_t *labels;
     uint8_t *levels;
@@ -152,8 +195,8 @@ typedef struct ghnsw_index {
 
 /* index.c */
 ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32_t capacity, uint32_t M,
-                            uint32_t ef_construction, uint64_t seed, int allow_replace_deleted,
-                            ghnsw_err_t *err);
+                            uint32_t ef_construction, uint64_t seed, int allow_replace_deleted, int storage,
+                            int rerank, ghnsw_err_t *err);
 void ghnsw_free(ghnsw_index_t *ix);
 ghnsw_status_t ghnsw_resize(ghnsw_index_t *ix, uint32_t new_capacity, ghnsw_err_t *err);
 uint32_t ghnsw_map_get(const ghnsw_map_t *m, uint64_t key);
@@ -161,8 +204,11 @@ ghnsw_status_t ghnsw_map_put(ghnsw_map_t *m, uint64_t key, uint32_t val);
 void ghnsw_map_del(ghnsw_map_t *m, uint64_t key);
 ghnsw_status_t ghnsw_map_reserve(ghnsw_index_t *ix, size_t extra); /* room for `extra` puts; under map_lock */
 uint32_t ghnsw_lookup(ghnsw_index_t *ix, uint64_t label); /* takes map_lock */
-static inline float *ghnsw_vec(const ghnsw_index_t *ix, uint32_t s) {
-    return ix->vectors + (size_t)s * ix->dim_pad;
+static inline uint8_t *ghnsw_vec(const ghnsw_index_t *ix, uint32_t s) {
+    return ix->vectors + (size_t)s * ix->row_bytes;
+}
+static inline float *ghnsw_exact(const ghnsw_index_t *ix, uint32_t s) {
+    return ix->exact + (size_t)s * ix->dim_pad;
 }
 static inline uint32_t *ghnsw_links0(const ghnsw_index_t *ix, uint32_t s) {
     return ix->links0 + (size_t)s * ix->M0;
@@ -182,12 +228,51 @@ enum {
 };
 void ghnsw_mark_dirty(ghnsw_index_t *ix, uint32_t s, int kind);
 void ghnsw_note_change(ghnsw_index_t *ix);
-/* A fresh index (count 0, created with capacity 0) takes `capacity` slots whose vectors and links0
- * rows 0..n-1 are mapped copy-on-write from `fd` at the given offsets (multiples of 16; file layout =
- * memory layout: [n, dim_pad] float32 and [n, M0] uint32); the rows past n are initialised anonymous
- * memory.  Writes touch private pages only; a resize beyond capacity copies into owned memory. */
+/* A fresh index (count 0, created with capacity 0) takes `capacity` slots whose vectors, links0 and
+ * (with rerank) exact rows 0..n-1 are mapped copy-on-write from `fd` at the given offsets (multiples
+ * of 16; file layout = memory layout: [n, row_bytes], [n, M0] uint32, [n, dim_pad] float32); the rows
+ * past n are initialised anonymous memory.  Writes touch private pages only; a resize beyond capacity
+ * copies into owned memory. */
 ghnsw_status_t ghnsw_map_rows(ghnsw_index_t *ix, uint32_t capacity, int fd, uint64_t vectors_off,
-                              uint64_t links0_off, uint32_t n, ghnsw_err_t *err);
+                              uint64_t links0_off, uint64_t exact_off, uint32_t n, ghnsw_err_t *err);
+
+/* storage.c: rows in and out of the stored representation.  x / out are float rows of dim_pad floats,
+ * zero padded (cosine: normalised by the caller). */
+void ghnsw_storage_init(ghnsw_index_t *ix); /* row_bytes, row_n, query_bytes, dist, exact_dist, pair */
+size_t ghnsw_row_bytes(uint32_t dim, int storage); /* a stored row's bytes */
+/* int8: the quantiser from per-dimension ranges lo[dim] <= hi[dim] (finite), before any row is stored;
+ * integral[dim] (or NULL): the dimension's values are integers (a span <= 255 then takes scale 1, exact
+ * codes).  Takes mut_lock. */
+ghnsw_status_t ghnsw_train(ghnsw_index_t *ix, const float *lo, const float *hi, const uint8_t *integral,
+                           ghnsw_err_t *err);
+/* The same without the lock or the count check (an add that trains, an import), and the quantiser
+ * itself (offset[dim], scale[dim]: finite, scale >= 0, every decoded value finite). */
+ghnsw_status_t ghnsw_quantizer_from_ranges(ghnsw_index_t *ix, const float *lo, const float *hi, const uint8_t *integral,
+                                           ghnsw_err_t *err);
+/* Whether v is an integer of magnitude below 2^22 (the training's integral flags). */
+int ghnsw_is_small_integer(float v);
+ghnsw_status_t ghnsw_set_quantizer(ghnsw_index_t *ix, const float *offset, const float *scale, ghnsw_err_t *err);
+/* Copies the quantiser (offsets, then scales) into out [2, dim]; returns 0 (nothing copied) while untrained.
+ * Takes mut_lock. */
+int ghnsw_get_quantizer(ghnsw_index_t *ix, float *out);
+/* Stores x into `row`; returns the values clipped to the int8 ranges (0 for the other storages). */
+uint32_t ghnsw_encode(const ghnsw_index_t *ix, const float *x, uint8_t *row);
+void ghnsw_decode(const ghnsw_index_t *ix, const uint8_t *row, float *out);
+/* The int8 per-row term of a row's codes: |scale * c|^2 (l2) or offset . (scale * c) (ip, cosine). */
+float ghnsw_row_term(const ghnsw_index_t *ix, const int8_t *codes);
+/* x -> prepared query q [query_bytes] */
+void ghnsw_prepare(const ghnsw_index_t *ix, const float *x, void *q);
+/* The distance of stored slots a and b. */
+static inline float ghnsw_pair(const ghnsw_index_t *ix, uint32_t a, uint32_t b) {
+    return ix->pair(ix->vectors + (size_t)a * ix->row_bytes, ix->vectors + (size_t)b * ix->row_bytes, ix->row_n,
+                    ix->pair_w);
+}
+/* float16 conversions (IEEE binary16, round to nearest even); values of magnitude >= GHNSW_F16_LIMIT
+ * round to infinity, so rows holding one are refused. */
+#define GHNSW_F16_LIMIT 65520.0f
+uint16_t ghnsw_float_to_half(float f);
+float ghnsw_half_to_float(uint16_t h);
+void ghnsw_floats_to_halves(const float *x, uint16_t *h, size_t n); /* F16C where the CPU has it */
 
 /* visited.c */
 ghnsw_visited_t *ghnsw_visited_get(ghnsw_visited_pool_t *p);
@@ -222,11 +307,12 @@ typedef struct {
 /* Copy a neighbour list without its slot lock (ids validated instead, see search.c): returns the
  * count, ids into out[M0]. */
 uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *out);
-uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, int from_level, int to_level,
+/* q: a prepared query (ghnsw_prepare) */
+uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const void *q, uint32_t ep, int from_level, int to_level,
                               float *ep_dist);
 /* Level-`level` beam search of capacity ef from ep; writes up to ef sorted candidates into beam[ef],
  * returns how many.  Used by insertion (no filter) and queries at level 0. */
-uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
+uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const void *q, uint32_t ep,
                             float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam);
 /* The k nearest of each of queries [nq, dim] into out_labels [nq, k] (slots with want_slots),
  * out_dists [nq, k] and out_found [nq] (results found; the rest padded GHNSW_NO_LABEL / inf). */
@@ -247,8 +333,11 @@ typedef struct {
     const uint32_t *batch; /* [n, n_batch] */
     uint32_t n_batch;
 } ghnsw_cands_t;
+/* data float32 [n, dim].  An untrained int8 index first takes its ranges from the rows this add stores.
+ * *clipped: rows of this add stored with values outside the int8 ranges (may be NULL). */
 ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *labels, size_t n,
-                         int num_threads, int replace_deleted, const ghnsw_cands_t *cands, ghnsw_err_t *err);
+                         int num_threads, int replace_deleted, const ghnsw_cands_t *cands, uint64_t *clipped,
+                         ghnsw_err_t *err);
 ghnsw_status_t ghnsw_mark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err);
 ghnsw_status_t ghnsw_unmark_deleted(ghnsw_index_t *ix, uint64_t label, ghnsw_err_t *err);
 
@@ -269,6 +358,7 @@ typedef struct {
     double delta;            /* stop once a round changes <= delta * n * k heap entries */
     uint64_t seed;
     int num_threads;         /* <= 0: all cores */
+    int storage;             /* the joins' rows: the data (GHNSW_F32) or a float16 / int8 copy of it */
     /* optional, after each round: non-zero stops with GHNSW_ECALLBACK */
     int (*on_round)(void *ctx, uint32_t round, uint64_t updates);
     void *on_round_ctx;
@@ -292,7 +382,10 @@ typedef struct {
 ghnsw_status_t ghnsw_check_integrity(ghnsw_index_t *ix, ghnsw_integrity_t *out, ghnsw_err_t *err);
 
 /* io.c: fill a freshly created index from flat arrays (state dict layout, docs/architecture.md);
- * vectors and links0 NULL: those rows are already in place (ghnsw_map_rows), links0 is checked there */
+ * vectors and links0 NULL (and exact, with rerank): those rows are already in place (ghnsw_map_rows),
+ * links0 is checked there.  vectors are float32 [n, dim] for float32 storage, else the stored rows
+ * [n, row_bytes]; with vectors_f32 they are float32 [n, dim] for any storage and are encoded here (an
+ * untrained int8 index takes its ranges from them), and with rerank they are the exact rows too. */
 typedef struct {
     uint32_t count;
     int64_t entry_point;
@@ -301,6 +394,11 @@ typedef struct {
     const void *vectors, *links0, *degree0, *labels, *upper;
     const uint8_t *levels, *deleted;
     size_t vectors_len, links0_len, degree0_len, labels_len, levels_len, upper_len, deleted_len;
+    int vectors_f32;
+    const float *exact;      /* rerank: float32 [n, dim], or NULL (mapped, or vectors_f32) */
+    const float *quantizer;  /* int8: float32 [2, dim] offsets then scales, or NULL (untrained) */
+    size_t exact_len, quantizer_len;
+    uint64_t clipped_rows, clipped_values;
 } ghnsw_state_t;
 ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_err_t *err);
 
@@ -312,6 +410,7 @@ ghnsw_status_t ghnsw_levels_of(ghnsw_index_t *ix, const uint64_t *labels, size_t
                                ghnsw_err_t *err);
 ghnsw_status_t ghnsw_neighbors(ghnsw_index_t *ix, uint64_t label, int level, uint64_t *out /* [M0] */,
                                uint32_t *n_out, ghnsw_err_t *err);
+/* float32 rows of live labels: the exact rows with rerank, else the stored rows decoded */
 ghnsw_status_t ghnsw_get_vectors(ghnsw_index_t *ix, const uint64_t *labels, size_t n, float *out /* [n, dim] */,
                                  ghnsw_err_t *err);
 /* u64[count] labels in slot order, deleted included */
@@ -337,21 +436,33 @@ int ghnsw_pin_labels(ghnsw_index_t *ix);
 void ghnsw_unpin_labels(ghnsw_index_t *ix, int taken);
 size_t ghnsw_memory_bytes(ghnsw_index_t *ix);
 /* rows of slots[n] into vectors [n, dim_pad], links [n, M0], degree [n], labels [n], levels [n]
- * (vectors, labels, levels may be NULL: not gathered) */
+ * (vectors, labels, levels may be NULL: not gathered).  vectors are float32: the stored rows decoded
+ * (what a GPU mirror holds), or with `exact` the exact rows where the index keeps them. */
 ghnsw_status_t ghnsw_gather_rows(ghnsw_index_t *ix, const uint32_t *slots, size_t n, float *vectors, uint32_t *links,
-                                 uint32_t *degree, uint64_t *labels, uint8_t *levels, ghnsw_err_t *err);
+                                 uint32_t *degree, uint64_t *labels, uint8_t *levels, int exact, ghnsw_err_t *err);
+/* out[i, j] = distance of queries[i] (float32 [nq, dim], normalised here for cosine) to slot
+ * slots[i, j] ([nq, c]) as a search scores it, from the stored rows */
+ghnsw_status_t ghnsw_distances(ghnsw_index_t *ix, const float *queries, size_t nq, const uint32_t *slots, size_t c,
+                               float *out, ghnsw_err_t *err);
+/* out[i] = distance of stored slots a[i] and b[i] as insertion scores it (ghnsw_pair) */
+ghnsw_status_t ghnsw_pair_distances(ghnsw_index_t *ix, const uint32_t *a, const uint32_t *b, size_t n, float *out,
+                                    ghnsw_err_t *err);
 /* each slot's levels[s] * (1 + M) uint32 upper block, concatenated in the given order */
 ghnsw_status_t ghnsw_gather_upper(ghnsw_index_t *ix, const uint32_t *slots, size_t n, ghnsw_alloc_fn alloc,
                                   void *ctx, ghnsw_err_t *err);
-/* The state layout (docs/architecture.md): scalars here, then seven buffers from `alloc`, in this
- * order: vectors, links0, degree0, labels, levels, upper, deleted.  Taken with no writer running. */
+/* The state layout (docs/architecture.md): scalars here, then nine buffers from `alloc`, in this
+ * order: vectors, links0, degree0, labels, levels, upper, deleted, exact (rerank: float32 [n, dim],
+ * else empty), quantizer (trained int8: float32 [2, dim], else empty).  With `decoded`, vectors are
+ * float32 [n, dim] whatever the storage (the exact rows with rerank, else decoded).  Taken with no
+ * writer running. */
 typedef struct {
     uint32_t capacity, count;
     int64_t entry_point;
     int max_level;
-    uint64_t insert_seq;
+    uint64_t insert_seq, clipped_rows, clipped_values;
 } ghnsw_export_t;
-ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, ghnsw_export_t *out, ghnsw_alloc_fn alloc, void *ctx,
+#define GHNSW_EXPORT_BUFFERS 9
+ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, int decoded, ghnsw_export_t *out, ghnsw_alloc_fn alloc, void *ctx,
                             ghnsw_err_t *err);
 
 #endif

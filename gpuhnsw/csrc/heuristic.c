@@ -6,10 +6,9 @@ uint32_t ghnsw_select_heuristic(const ghnsw_index_t *ix, ghnsw_cand_t *cand, uin
     if (n <= m) return n;
     uint32_t kept = 0;
     for (uint32_t i = 0; i < n && kept < m; i++) {
-        const float *v = ghnsw_vec(ix, cand[i].id);
         int good = 1;
         for (uint32_t j = 0; j < kept; j++) {
-            if (ix->dist(v, ghnsw_vec(ix, cand[j].id), ix->dim_pad) < cand[i].d) { good = 0; break; }
+            if (ghnsw_pair(ix, cand[i].id, cand[j].id) < cand[i].d) { good = 0; break; }
         }
         if (good) cand[kept++] = cand[i];
     }

@@ -119,9 +119,11 @@ static int grow_rows(ghnsw_index_t *ix, void **arr, size_t *map_len, size_t row,
 static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
     size_t old = ix->capacity;
     int vectors_init = ix->vectors_map_len && cap <= ix->map_rows;
+    int exact_init = ix->exact_map_len && cap <= ix->map_rows;
     int links0_init = ix->links0_map_len && cap <= ix->map_rows;
     void *p;
-    if (grow_rows(ix, (void **)&ix->vectors, &ix->vectors_map_len, ix->dim_pad * sizeof(float), cap) ||
+    if (grow_rows(ix, (void **)&ix->vectors, &ix->vectors_map_len, ix->row_bytes, cap) ||
+        (ix->rerank && grow_rows(ix, (void **)&ix->exact, &ix->exact_map_len, ix->dim_pad * sizeof(float), cap)) ||
         grow_rows(ix, (void **)&ix->links0, &ix->links0_map_len, ix->M0 * sizeof(uint32_t), cap))
         return GHNSW_ENOMEM;
 #define GROW(field, type, per) \
@@ -143,7 +145,8 @@ static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
     ix->dirty = p;
     if (cap > old) {
         size_t n = cap - old;
-        if (!vectors_init) memset(ix->vectors + old * ix->dim_pad, 0, n * ix->dim_pad * sizeof(float));
+        if (!vectors_init) memset(ix->vectors + old * ix->row_bytes, 0, n * ix->row_bytes);
+        if (ix->rerank && !exact_init) memset(ix->exact + old * ix->dim_pad, 0, n * ix->dim_pad * sizeof(float));
         if (!links0_init) memset(ix->links0 + old * ix->M0, 0xFF, n * ix->M0 * sizeof(uint32_t));
         memset(ix->degree0 + old, 0, n * sizeof(uint32_t));
         memset(ix->labels + old, 0, n * sizeof(uint64_t));
@@ -161,8 +164,8 @@ static ghnsw_status_t grow_arrays(ghnsw_index_t *ix, uint32_t cap) {
 }
 
 ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32_t capacity, uint32_t M,
-                            uint32_t ef_construction, uint64_t seed, int allow_replace_deleted,
-                            ghnsw_err_t *err) {
+                            uint32_t ef_construction, uint64_t seed, int allow_replace_deleted, int storage,
+                            int rerank, ghnsw_err_t *err) {
     if (dim == 0) return ghnsw_fail(err, GHNSW_EINVAL, "dim must be positive");
     if (M < 2) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at least 2 (got %u)", M);
     if (M > GHNSW_MAX_M) return ghnsw_fail(err, GHNSW_EINVAL, "M must be at most %u (got %u)", GHNSW_MAX_M, M);
@@ -171,6 +174,7 @@ ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32
         return ghnsw_fail(err, GHNSW_EINVAL, "ef_construction must be at most %u", GHNSW_MAX_EF_CONSTRUCTION);
     if (capacity > GHNSW_MAX_CAPACITY)
         return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
+    if (storage < 0 || storage >= GHNSW_N_STORAGES) return ghnsw_fail(err, GHNSW_EINVAL, "unknown storage %d", storage);
     ghnsw_index_t *ix = calloc(1, sizeof(*ix));
     if (!ix) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
     ix->space = space;
@@ -182,7 +186,9 @@ ghnsw_status_t ghnsw_create(ghnsw_index_t **out, int space, uint32_t dim, uint32
     ix->seed = seed;
     ix->mult = 1.0 / log((double)M);
     ix->allow_replace_deleted = allow_replace_deleted;
-    ix->dist = ghnsw_pick_distance(space);
+    ix->storage = storage;
+    ix->rerank = rerank != 0;
+    ghnsw_storage_init(ix);
     ix->entry_point = GHNSW_INVALID;
     ix->max_level = -1;
     pthread_mutex_init(&ix->map_lock, NULL);
@@ -212,6 +218,8 @@ void ghnsw_free(ghnsw_index_t *ix) {
     if (ix->upper)
         for (uint32_t i = 0; i < ix->count; i++) free(ix->upper[i]);
     if (ix->vectors_map_len) munmap(page_of(ix->vectors), ix->vectors_map_len); else free(ix->vectors);
+    if (ix->exact_map_len) munmap(page_of(ix->exact), ix->exact_map_len); else free(ix->exact);
+    free(ix->q_offset); /* q_scale shares its block */
     if (ix->links0_map_len) munmap(page_of(ix->links0), ix->links0_map_len); else free(ix->links0);
     free(ix->degree0); free(ix->labels); free(ix->levels);
     free(ix->upper); free(ix->slot_locks); free(ix->deleted); free(ix->dirty);
@@ -299,29 +307,33 @@ static size_t map_region(void **out, size_t cap_bytes, int fd, uint64_t off, siz
 }
 
 ghnsw_status_t ghnsw_map_rows(ghnsw_index_t *ix, uint32_t capacity, int fd, uint64_t vectors_off,
-                              uint64_t links0_off, uint32_t n, ghnsw_err_t *err) {
+                              uint64_t links0_off, uint64_t exact_off, uint32_t n, ghnsw_err_t *err) {
     if (ix->count || ix->capacity || ix->vectors_map_len)
         return ghnsw_fail(err, GHNSW_ESTATE, "rows can only be mapped into a fresh index of capacity 0");
     if (capacity > GHNSW_MAX_CAPACITY) return ghnsw_fail(err, GHNSW_EINVAL, "max_elements must be below 2**31");
     if (n > capacity) return ghnsw_fail(err, GHNSW_ECORRUPT, "count %u exceeds max_elements %u", n, capacity);
-    if (vectors_off % 16 || links0_off % 16) /* whole floats and ids, 16-byte rows as in owned memory */
+    if (vectors_off % 16 || links0_off % 16 || exact_off % 16) /* whole elements, as aligned as owned memory */
         return ghnsw_fail(err, GHNSW_EINVAL, "mapped sections must start at multiples of 16 bytes");
-    size_t vrow = (size_t)ix->dim_pad * sizeof(float), lrow = (size_t)ix->M0 * sizeof(uint32_t);
+    size_t vrow = ix->row_bytes, lrow = (size_t)ix->M0 * sizeof(uint32_t), xrow = (size_t)ix->dim_pad * sizeof(float);
     struct stat st;
     if (fstat(fd, &st)) return ghnsw_fail(err, GHNSW_EINVAL, "cannot stat the index file");
     /* checked here too: a page mapped past the end of the file faults on first touch */
-    if (vectors_off + (uint64_t)n * vrow > (uint64_t)st.st_size || links0_off + (uint64_t)n * lrow > (uint64_t)st.st_size)
+    if (vectors_off + (uint64_t)n * vrow > (uint64_t)st.st_size || links0_off + (uint64_t)n * lrow > (uint64_t)st.st_size ||
+        (ix->rerank && exact_off + (uint64_t)n * xrow > (uint64_t)st.st_size))
         return ghnsw_fail(err, GHNSW_ECORRUPT, "mapped sections run past the end of the file");
-    void *vec = NULL, *links = NULL;
+    void *vec = NULL, *links = NULL, *exact = NULL;
     size_t vlen = map_region(&vec, (size_t)capacity * vrow, fd, vectors_off, (size_t)n * vrow, 0);
     size_t llen = vlen ? map_region(&links, (size_t)capacity * lrow, fd, links0_off, (size_t)n * lrow, 0xFF) : 0;
-    if (!llen) {
+    size_t xlen = llen && ix->rerank ? map_region(&exact, (size_t)capacity * xrow, fd, exact_off, (size_t)n * xrow, 0) : 0;
+    if (!llen || (ix->rerank && !xlen)) {
         if (vlen) munmap(page_of(vec), vlen);
+        if (llen) munmap(page_of(links), llen);
         return ghnsw_fail(err, GHNSW_ENOMEM, "cannot map the index file's rows");
     }
-    free(ix->vectors); free(ix->links0);
+    free(ix->vectors); free(ix->links0); free(ix->exact);
     ix->vectors = vec; ix->vectors_map_len = vlen;
     ix->links0 = links; ix->links0_map_len = llen;
+    ix->exact = exact; ix->exact_map_len = xlen;
     ix->map_rows = capacity;
     if (grow_arrays(ix, capacity) != GHNSW_OK || map_rebuild(ix, capacity) != GHNSW_OK)
         return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory allocating an index of %u elements", capacity);

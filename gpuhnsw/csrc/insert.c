@@ -66,7 +66,6 @@ static uint32_t set_own_links(ghnsw_index_t *ix, uint32_t s, ghnsw_cand_t *cand,
 static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, uint32_t n, int level,
                       ghnsw_cand_t *scratch /* [M0 + 1] */) {
     uint32_t mmax = level ? ix->M : ix->M0;
-    const float *vs = ghnsw_vec(ix, s);
     for (uint32_t i = 0; i < n; i++) {
         uint32_t nb = picks[i].id;
         if (level > ix->levels[nb]) continue;
@@ -81,12 +80,11 @@ static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, 
                 __atomic_store_n(cnt, deg + 1, __ATOMIC_RELEASE);
                 kind = level ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_APPEND;
             } else {
-                const float *vn = ghnsw_vec(ix, nb);
-                scratch[0].d = ix->dist(vs, vn, ix->dim_pad);
+                scratch[0].d = ghnsw_pair(ix, s, nb);
                 scratch[0].id = s;
                 for (uint32_t j = 0; j < deg; j++) {
                     scratch[j + 1].id = ids[j];
-                    scratch[j + 1].d = ix->dist(ghnsw_vec(ix, ids[j]), vn, ix->dim_pad);
+                    scratch[j + 1].d = ghnsw_pair(ix, ids[j], nb);
                 }
                 qsort(scratch, deg + 1, sizeof(ghnsw_cand_t), cand_cmp);
                 uint32_t kept = ghnsw_select_heuristic(ix, scratch, deg + 1, mmax);
@@ -99,56 +97,78 @@ static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, 
     }
 }
 
+/* One insert's scratch, one block: the beam, the back-links' candidates, the new row in float (padded,
+ * normalised for cosine) and its prepared query (float32: the float row itself). */
 typedef struct {
-    ghnsw_cand_t *beam;    /* [ef_construction] */
+    ghnsw_cand_t *beam;    /* [ef_construction + 1] */
     ghnsw_cand_t *scratch; /* [M0 + 1] */
+    float *x;              /* [dim_pad] */
+    void *q;               /* [query_bytes] */
+    uint32_t clipped;      /* values of the stored row clipped to the int8 ranges */
 } work_t;
 
-static ghnsw_status_t work_init(ghnsw_index_t *ix, work_t *w) {
-    w->beam = malloc(sizeof(ghnsw_cand_t) * (ix->ef_construction + 1));
-    w->scratch = malloc(sizeof(ghnsw_cand_t) * (ix->M0 + 1));
-    if (!w->beam || !w->scratch) { free(w->beam); free(w->scratch); return GHNSW_ENOMEM; }
+static ghnsw_status_t work_init(const ghnsw_index_t *ix, work_t *w) {
+    size_t cands = sizeof(ghnsw_cand_t) * ((size_t)ix->ef_construction + 1 + ix->M0 + 1);
+    size_t x = sizeof(float) * ix->dim_pad;
+    char *p = malloc(cands + x + ix->query_bytes);
+    if (!p) return GHNSW_ENOMEM;
+    w->beam = (ghnsw_cand_t *)p;
+    w->scratch = w->beam + ix->ef_construction + 1;
+    w->x = (float *)(p + cands);
+    w->q = ix->storage == GHNSW_F32 ? (void *)w->x : (void *)(p + cands + x);
+    w->clipped = 0;
     return GHNSW_OK;
 }
-static void work_free(work_t *w) { free(w->beam); free(w->scratch); }
+static void work_free(work_t *w) { free(w->beam); }
 
-/* Search levels min(level, maxl)..0 from ep and give s its own lists on each, then add the back-links
- * on every level (shared by insert and update). */
-static ghnsw_status_t link_levels(ghnsw_index_t *ix, uint32_t s, uint32_t ep, int maxl, int level) {
+/* Search levels min(level, maxl)..0 from ep for s, whose prepared query is in w->q, and give s its own
+ * lists on each, then add the back-links on every level (shared by insert and update). */
+static ghnsw_status_t link_levels(ghnsw_index_t *ix, uint32_t s, work_t *w, uint32_t ep, int maxl, int level) {
     int top = level < maxl ? level : maxl;
-    work_t w;
-    if (work_init(ix, &w) != GHNSW_OK) return GHNSW_ENOMEM;
     ghnsw_cand_t *picks = malloc(sizeof(ghnsw_cand_t) * ix->M * (size_t)(top + 1)); /* [top+1, M] */
     uint32_t *npicks = calloc((size_t)top + 1, sizeof(uint32_t));
     ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
     ghnsw_status_t st = GHNSW_ENOMEM;
     if (!picks || !npicks || !vis) goto out;
-    const float *q = ghnsw_vec(ix, s);
+    const void *q = w->q;
     uint32_t cur = ep;
-    float d = ix->dist(q, ghnsw_vec(ix, cur), ix->dim_pad);
+    float d = ix->dist(q, ghnsw_vec(ix, cur), ix->row_n);
     if (level < maxl) cur = ghnsw_greedy_descent(ix, q, cur, maxl, level + 1, &d);
     for (int l = top; l >= 0; l--) {
         ghnsw_visited_next(vis);
-        uint32_t n = ghnsw_search_layer(ix, vis, q, cur, d, l, ix->ef_construction, w.beam);
-        n = set_own_links(ix, s, w.beam, n, l);
-        memcpy(picks + (size_t)l * ix->M, w.beam, n * sizeof(ghnsw_cand_t));
+        uint32_t n = ghnsw_search_layer(ix, vis, q, cur, d, l, ix->ef_construction, w->beam);
+        n = set_own_links(ix, s, w->beam, n, l);
+        memcpy(picks + (size_t)l * ix->M, w->beam, n * sizeof(ghnsw_cand_t));
         npicks[l] = n;
-        if (n) { cur = w.beam[0].id; d = w.beam[0].d; }
+        if (n) { cur = w->beam[0].id; d = w->beam[0].d; }
     }
-    for (int l = top; l >= 0; l--) link_back(ix, s, picks + (size_t)l * ix->M, npicks[l], l, w.scratch);
+    for (int l = top; l >= 0; l--) link_back(ix, s, picks + (size_t)l * ix->M, npicks[l], l, w->scratch);
     st = GHNSW_OK;
 out:
     if (vis) ghnsw_visited_put(&ix->vpool, vis);
     free(picks);
     free(npicks);
-    work_free(&w);
     return st;
 }
 
-static void store_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
-    float *v = ghnsw_vec(ix, s);
-    memcpy(v, src, sizeof(float) * ix->dim);
-    if (ix->space == GHNSW_COSINE) ghnsw_normalize(v, ix->dim);
+/* The user's row src [dim] as the engine's float row x [dim_pad]: padded with zeros, normalised for
+ * cosine. */
+static void float_row(const ghnsw_index_t *ix, const float *src, float *x) {
+    memcpy(x, src, sizeof(float) * ix->dim);
+    memset(x + ix->dim, 0, sizeof(float) * (ix->dim_pad - ix->dim));
+    if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
+}
+
+/* Stores the float row x in slot s (its exact row too, with rerank); returns the values clipped to the
+ * int8 ranges, also counted in ix. */
+static uint32_t store_vector(ghnsw_index_t *ix, uint32_t s, const float *x) {
+    uint32_t clipped = ghnsw_encode(ix, x, ghnsw_vec(ix, s));
+    if (ix->exact) memcpy(ghnsw_exact(ix, s), x, sizeof(float) * ix->dim_pad);
+    if (clipped) {
+        __atomic_fetch_add(&ix->clipped_rows, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&ix->clipped_values, clipped, __ATOMIC_RELAXED);
+    }
+    return clipped;
 }
 
 /* The entry switch comes after every write (and dirty mark) of the new entry's lists, and is a
@@ -162,8 +182,10 @@ static void publish_entry(ghnsw_index_t *ix, uint32_t s, int level) {
     ghnsw_note_change(ix);
 }
 
-/* s's vector is already stored (store_new, before the count that makes s visible). */
-static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s) {
+/* s's vector is already stored (store_new, before the count that makes s visible); src gives w->q. */
+static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src, work_t *w) {
+    float_row(ix, src, w->x);
+    ghnsw_prepare(ix, w->x, w->q);
     ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     int level = ix->levels[s];
     /* As hnswlib: a node that raises the max level holds the entry-point lock for its whole insert. */
@@ -177,7 +199,7 @@ static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s) {
     }
     int raises = level > maxl;
     if (!raises) pthread_mutex_unlock(&ix->ep_lock);
-    ghnsw_status_t st = link_levels(ix, s, ep, maxl, level);
+    ghnsw_status_t st = link_levels(ix, s, w, ep, maxl, level);
     if (raises) {
         if (st == GHNSW_OK) publish_entry(ix, s, level);
         pthread_mutex_unlock(&ix->ep_lock);
@@ -189,15 +211,17 @@ static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s) {
  * inserts read it without a lock, so one distance may come from a half-written vector (never a bad
  * access; docs/architecture.md, "Locks").  A function of its own so that ThreadSanitizer's
  * suppressions (.ci/tsan.supp) can name exactly this write. */
-__attribute__((noinline)) static void overwrite_vector(ghnsw_index_t *ix, uint32_t s, const float *src) {
-    store_vector(ix, s, src);
+__attribute__((noinline)) static uint32_t overwrite_vector(ghnsw_index_t *ix, uint32_t s, const float *x) {
+    return store_vector(ix, s, x);
 }
 
 /* hnswlib updatePoint with probability 1: rewire every neighbour of s over its 2-hop neighbourhood,
  * then relink s itself from the entry point (repairConnectionsForUpdate). */
-static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float *src) {
+static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float *src, work_t *w) {
+    float_row(ix, src, w->x);
+    ghnsw_prepare(ix, w->x, w->q);
     ghnsw_spin_lock(&ix->slot_locks[s]);
-    overwrite_vector(ix, s, src);
+    w->clipped = overwrite_vector(ix, s, w->x);
     ghnsw_spin_unlock(&ix->slot_locks[s]);
     ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     pthread_mutex_lock(&ix->ep_lock);
@@ -226,12 +250,11 @@ static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float
         for (uint32_t i = 0; i < k1; i++) {
             uint32_t nb = n1[i];
             if (l > ix->levels[nb]) continue;
-            const float *vn = ghnsw_vec(ix, nb);
             uint32_t nc = 0;
             for (uint32_t j = 0; j < nh; j++) {
                 if (hood[j] == nb || ix->levels[hood[j]] < l) continue;
                 cand[nc].id = hood[j];
-                cand[nc].d = ix->dist(ghnsw_vec(ix, hood[j]), vn, ix->dim_pad);
+                cand[nc].d = ghnsw_pair(ix, hood[j], nb);
                 nc++;
             }
             qsort(cand, nc, sizeof(ghnsw_cand_t), cand_cmp);
@@ -246,7 +269,7 @@ static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float
     /* From the entry point even when it is s itself, as hnswlib: the searches then start at s, which
      * set_own_links drops from its own lists.  (Any other start could sit below the levels it would
      * be linked on.) */
-    st = link_levels(ix, s, ep, maxl, level);
+    st = link_levels(ix, s, w, ep, maxl, level);
 done:
     if (vis) ghnsw_visited_put(&ix->vpool, vis);
     free(n1); free(n2); free(hood); free(cand);
@@ -265,6 +288,8 @@ typedef struct {
     uint32_t *npicks;     /* [n] */
     size_t n;             /* rows in the batch */
     size_t skip_row;      /* a row already inserted (the first element of an empty index), or n */
+    uint64_t clipped;     /* atomic: rows stored with values outside the int8 ranges */
+    float *xs;            /* [workers, dim_pad] store_new's float rows, one per worker */
 } add_ctx_t;
 
 /* A new level-0 row with precomputed candidates: its vector is stored in phase A, its own list is
@@ -278,32 +303,39 @@ static int add_one(void *vctx, size_t i, int worker) {
     ghnsw_index_t *ix = c->ix;
     const float *src = c->data + i * ix->dim;
     uint32_t s = c->slot[i];
-    if (i == c->skip_row) return 0;
-    if (uses_cands(c, i)) {
+    if (i == c->skip_row || c->kind[i] == TASK_SKIP) return 0;
+    if (uses_cands(c, i)) { /* stored by store_new, linked in phases B and C */
         ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
         return 0;
     }
+    work_t w;
+    if (work_init(ix, &w) != GHNSW_OK) return GHNSW_ENOMEM;
+    ghnsw_status_t st = GHNSW_OK;
     switch (c->kind[i]) {
-    case TASK_NEW: return insert_new(ix, s);
-    case TASK_UPDATE: return update_existing(ix, s, src);
-    case TASK_REPLACE: {
-        ghnsw_status_t st = update_existing(ix, s, src);
+    case TASK_NEW: st = insert_new(ix, s, src, &w); break;
+    case TASK_UPDATE: st = update_existing(ix, s, src, &w); break;
+    case TASK_REPLACE:
+        st = update_existing(ix, s, src, &w);
         if (st == GHNSW_OK) { /* visible only once rewired */
             ghnsw_bit_clear(ix->deleted, s);
             __atomic_fetch_sub(&ix->n_deleted, 1, __ATOMIC_RELAXED);
             ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_DELETED);
         }
-        return st;
+        break;
     }
-    default: return 0;
-    }
+    if (w.clipped) __atomic_fetch_add(&c->clipped, 1, __ATOMIC_RELAXED);
+    work_free(&w);
+    return st;
 }
 
 /* Before the count is published: the vector of every new slot, so that any slot below the count
  * (which readers, label lookups and filters take as present) has its vector. */
 static int store_new(void *vctx, size_t i, int worker) {
     add_ctx_t *c = vctx;
-    if (c->kind[i] == TASK_NEW) store_vector(c->ix, c->slot[i], c->data + i * c->ix->dim);
+    if (c->kind[i] != TASK_NEW) return 0;
+    float *x = c->xs + (size_t)worker * c->ix->dim_pad;
+    float_row(c->ix, c->data + i * c->ix->dim, x);
+    if (store_vector(c->ix, c->slot[i], x)) __atomic_fetch_add(&c->clipped, 1, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -317,7 +349,6 @@ static int own_from_cands(void *vctx, size_t i, int worker) {
     uint32_t s = c->slot[i], total = cd->n_graph + cd->n_batch, n = 0;
     ghnsw_cand_t *cand = malloc(sizeof(ghnsw_cand_t) * (total ? total : 1));
     if (!cand) return GHNSW_ENOMEM;
-    const float *q = ghnsw_vec(ix, s);
     uint32_t count = ix->count;
     for (uint32_t j = 0; j < total; j++) {
         uint32_t t;
@@ -329,7 +360,7 @@ static int own_from_cands(void *vctx, size_t i, int worker) {
         }
         if (t >= count || t == s) continue;
         cand[n].id = t;
-        cand[n].d = ix->dist(q, ghnsw_vec(ix, t), ix->dim_pad);
+        cand[n].d = ghnsw_pair(ix, s, t);
         n++;
     }
     qsort(cand, n, sizeof(ghnsw_cand_t), cand_cmp);
@@ -353,17 +384,56 @@ static int back_from_cands(void *vctx, size_t i, int worker) {
     return 0;
 }
 
+/* An untrained int8 index takes its ranges from the rows of this batch that it stores (normalised for
+ * cosine), and which dimensions hold integers.  Returns non-zero (err set) if they are unusable (a
+ * width beyond float's range). */
+static ghnsw_status_t train_on_batch(ghnsw_index_t *ix, const float *data, const uint8_t *kind, size_t n,
+                                     ghnsw_err_t *err) {
+    uint32_t dim = ix->dim;
+    float *lo = malloc(3 * (size_t)dim * sizeof(float) + dim), *hi = lo + dim, *x = hi + dim;
+    if (!lo) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
+    uint8_t *integral = (uint8_t *)(x + dim);
+    for (uint32_t j = 0; j < dim; j++) { lo[j] = __builtin_inff(); hi[j] = -__builtin_inff(); integral[j] = 1; }
+    for (size_t i = 0; i < n; i++) {
+        if (kind[i] == TASK_SKIP) continue;
+        memcpy(x, data + i * dim, dim * sizeof(float));
+        if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, dim);
+        for (uint32_t j = 0; j < dim; j++) {
+            lo[j] = x[j] < lo[j] ? x[j] : lo[j];
+            hi[j] = x[j] > hi[j] ? x[j] : hi[j];
+            integral[j] &= (uint8_t)ghnsw_is_small_integer(x[j]);
+        }
+    }
+    ghnsw_status_t st = ghnsw_quantizer_from_ranges(ix, lo, hi, integral, err);
+    free(lo);
+    return st;
+}
+
+static void untrain(ghnsw_index_t *ix) {
+    free(ix->q_offset);
+    ix->q_offset = ix->q_scale = ix->pair_w = NULL;
+}
+
 ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *labels, size_t n,
-                         int num_threads, int replace_deleted, const ghnsw_cands_t *cands, ghnsw_err_t *err) {
+                         int num_threads, int replace_deleted, const ghnsw_cands_t *cands, uint64_t *clipped,
+                         ghnsw_err_t *err) {
+    if (clipped) *clipped = 0;
     if (replace_deleted && !ix->allow_replace_deleted)
         return ghnsw_fail(err, GHNSW_ESTATE, "Replacement of deleted elements is disabled in constructor");
     if (n == 0) return GHNSW_OK;
+    if (ix->storage == GHNSW_F16 && ix->space != GHNSW_COSINE) /* cosine rows are normalised: |x_i| <= 1 */
+        for (size_t i = 0; i < n * ix->dim; i++)
+            if (!(fabsf(data[i]) < GHNSW_F16_LIMIT))
+                return ghnsw_fail(err, GHNSW_EINVAL, "row %zu holds %g, beyond float16's range (|x| <= 65504): "
+                                  "use storage='float32' or 'int8'", i / ix->dim, (double)data[i]);
     uint8_t *kind = calloc(n, 1);
     uint32_t *slot = malloc(n * sizeof(uint32_t));
     uint32_t *vacant = NULL;
+    int workers = num_threads > 0 ? num_threads : ghnsw_default_threads();
+    float *xs = malloc(sizeof(float) * ix->dim_pad * (size_t)workers); /* taken now: store_new cannot fail */
     ghnsw_map_t rows = {0}; /* label -> last row in this batch */
     ghnsw_status_t st = GHNSW_OK;
-    if (!kind || !slot) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto out; }
+    if (!kind || !slot || !xs) { st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory"); goto out; }
     {
         size_t sz = 16;
         while (sz < n + n / 3 + 1) sz <<= 1;
@@ -406,6 +476,8 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         st = ghnsw_fail(err, GHNSW_EFULL, "The number of elements exceeds the specified limit");
         goto unlock;
     }
+    int trained_here = ix->storage == GHNSW_I8 && !ix->q_scale; /* undone if the batch fails before its commit */
+    if (trained_here && (st = train_on_batch(ix, data, kind, n, err))) goto unlock;
     /* pre-pass 2: allocate upper blocks for the new slots before anything becomes visible */
     uint32_t next = ix->count;
     size_t used_vacant = 0;
@@ -424,6 +496,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
                 for (size_t w = 0; w < words; w++) ix->upper[s][w] = w % (1 + ix->M) ? GHNSW_INVALID : 0;
             if (!ix->upper[s]) {
                 for (uint32_t t = ix->count; t <= s; t++) { free(ix->upper[t]); ix->upper[t] = NULL; ix->levels[t] = 0; }
+                if (trained_here) untrain(ix);
                 st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
                 goto unlock;
             }
@@ -443,6 +516,7 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
         pthread_mutex_unlock(&ix->map_lock);
         if (relabel) { pthread_rwlock_unlock(&ix->resize_lock); pthread_rwlock_unlock(&ix->relabel_lock); }
         for (uint32_t t = ix->count; t < next; t++) { free(ix->upper[t]); ix->upper[t] = NULL; ix->levels[t] = 0; }
+        if (trained_here) untrain(ix);
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
         goto unlock;
     }
@@ -464,8 +538,8 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
     }
     pthread_mutex_unlock(&ix->map_lock);
     if (relabel) { pthread_rwlock_unlock(&ix->resize_lock); pthread_rwlock_unlock(&ix->relabel_lock); }
-    add_ctx_t ctx = {ix, data, kind, slot, NULL, NULL, NULL, n, n};
-    ghnsw_parallel_for(n, num_threads, store_new, &ctx);
+    add_ctx_t ctx = {ix, data, kind, slot, NULL, NULL, NULL, n, n, 0, xs};
+    ghnsw_parallel_for(n, workers, store_new, &ctx);
     __atomic_store_n(&ix->count, next, __ATOMIC_RELEASE);
     __atomic_store_n(&ix->insert_seq, ix->insert_seq + n, __ATOMIC_RELAXED); /* Core.insert_seq: no lock */
 
@@ -485,11 +559,12 @@ ghnsw_status_t ghnsw_add(ghnsw_index_t *ix, const float *data, const uint64_t *l
     if (!rc && ctx.cands) rc = ghnsw_parallel_for(n, num_threads, back_from_cands, &ctx);
     free(ctx.picks);
     free(ctx.npicks);
+    if (clipped) *clipped = ctx.clipped;
     if (rc) st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory during insertion");
 unlock:
     pthread_mutex_unlock(&ix->mut_lock);
 out:
-    free(kind); free(slot); free(vacant); free(rows.keys); free(rows.vals);
+    free(kind); free(slot); free(vacant); free(rows.keys); free(rows.vals); free(xs);
     return st;
 }
 

@@ -11,10 +11,27 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
     if (n > ix->capacity) return ghnsw_fail(err, GHNSW_ECORRUPT, "count %u exceeds max_elements %u", n, ix->capacity);
     /* rows in place (mapped): they must be the mapping's, and it must hold count rows */
     int in_place = !in->vectors || !in->links0;
-    if (in_place && (in->vectors || in->links0 || !ix->vectors_map_len || ix->map_rows < n))
-        return ghnsw_fail(err, GHNSW_EINVAL, "vectors and links0 must both be given or both be mapped");
-    if (!in_place && in->vectors_len != (size_t)n * ix->dim * 4)
-        return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: wrong length");
+    if (in_place && (in->vectors || in->links0 || in->exact || in->vectors_f32 || !ix->vectors_map_len ||
+                     ix->map_rows < n || (ix->rerank && !ix->exact_map_len)))
+        return ghnsw_fail(err, GHNSW_EINVAL, "vectors, links0 (and exact) must all be given or all be mapped");
+    /* float32 [n, dim] rows (encoded here), or the stored rows as they are */
+    int floats = in->vectors_f32 || ix->storage == GHNSW_F32;
+    size_t vrow = floats ? (size_t)ix->dim * 4 : ix->row_bytes;
+    if (!in_place && in->vectors_len != (size_t)n * vrow) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: wrong length");
+    int exact_from_vectors = ix->rerank && in->vectors_f32; /* the given float rows are the exact ones */
+    if (ix->rerank && !in_place && !exact_from_vectors && (!in->exact || in->exact_len != (size_t)n * ix->dim * 4))
+        return ghnsw_fail(err, GHNSW_ECORRUPT, "exact: wrong length (need float32 [count, dim] with rerank)");
+    if (!ix->rerank && in->exact && in->exact_len)
+        return ghnsw_fail(err, GHNSW_ECORRUPT, "exact rows given to an index without rerank");
+    if (in->quantizer && in->quantizer_len) {
+        if (ix->storage != GHNSW_I8) return ghnsw_fail(err, GHNSW_ECORRUPT, "quantizer given for a storage other than int8");
+        if (in->quantizer_len != 2 * (size_t)ix->dim * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "quantizer: wrong length");
+    } else if (ix->storage == GHNSW_I8 && n && !(in->vectors_f32 && !in_place)) {
+        return ghnsw_fail(err, GHNSW_ECORRUPT, "int8 rows without their quantizer");
+    }
+    if (in->clipped_values < in->clipped_rows || in->clipped_rows > in->insert_seq)
+        return ghnsw_fail(err, GHNSW_ECORRUPT, "clip counters inconsistent (rows %llu, values %llu)",
+                          (unsigned long long)in->clipped_rows, (unsigned long long)in->clipped_values);
     if (!in_place && in->links0_len != (size_t)n * M0 * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "links0: wrong length");
     if (in->degree0_len != (size_t)n * 4) return ghnsw_fail(err, GHNSW_ECORRUPT, "degree0: wrong length");
     if (in->labels_len != (size_t)n * 8) return ghnsw_fail(err, GHNSW_ECORRUPT, "labels: wrong length");
@@ -51,11 +68,48 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
         }
         if (in->deleted[s] > 1) return ghnsw_fail(err, GHNSW_ECORRUPT, "slot %u: bad deleted flag", s);
     }
-    /* mapped vectors are not read here (that is what makes a mapped load fast): a bad value can only
+    /* mapped rows are not read here (that is what makes a mapped load fast): a bad value can only
      * give a wrong distance, never a bad access; _io verifies them on request */
     const float *vec = (const float *)in->vectors;
-    for (size_t i = 0; !in_place && i < (size_t)n * ix->dim; i++)
+    for (size_t i = 0; !in_place && floats && i < (size_t)n * ix->dim; i++)
         if (!(vec[i] - vec[i] == 0.0f)) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: NaN or inf");
+    for (size_t i = 0; ix->rerank && !in_place && !exact_from_vectors && i < (size_t)n * ix->dim; i++)
+        if (!(in->exact[i] - in->exact[i] == 0.0f)) return ghnsw_fail(err, GHNSW_ECORRUPT, "exact: NaN or inf");
+    const uint8_t *rows = in->vectors;
+    for (uint32_t s = 0; !in_place && !floats && s < n; s++) { /* stored rows: finite, zero padding */
+        const uint8_t *r = rows + (size_t)s * vrow;
+        if (ix->storage == GHNSW_F16) {
+            for (uint32_t j = 0; j < ix->dim; j++) {
+                uint16_t h;
+                memcpy(&h, r + 2 * (size_t)j, 2);
+                if ((h & 0x7C00) == 0x7C00) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: float16 NaN or inf in slot %u", s);
+            }
+            for (size_t j = 2 * (size_t)ix->dim; j < vrow; j++)
+                if (r[j]) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: non-zero padding in slot %u", s);
+        } else {
+            for (size_t j = ix->dim; j < ix->row_n; j++)
+                if (r[j]) return ghnsw_fail(err, GHNSW_ECORRUPT, "vectors: non-zero padding in slot %u", s);
+        }
+    }
+    /* the quantiser before any row is encoded; an untrained int8 index given float rows takes their ranges */
+    ghnsw_status_t st = GHNSW_OK;
+    if (in->quantizer && in->quantizer_len)
+        st = ghnsw_set_quantizer(ix, in->quantizer, in->quantizer + ix->dim, err);
+    else if (ix->storage == GHNSW_I8 && n) { /* as an add trains: ranges and integral dimensions */
+        float *lo = malloc(2 * (size_t)ix->dim * sizeof(float) + ix->dim), *hi = lo + ix->dim;
+        if (!lo) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
+        uint8_t *integral = (uint8_t *)(hi + ix->dim);
+        for (uint32_t j = 0; j < ix->dim; j++) { lo[j] = vec[j]; hi[j] = vec[j]; integral[j] = 1; }
+        for (size_t i = 0; i < (size_t)n * ix->dim; i++) {
+            size_t j = i % ix->dim;
+            lo[j] = vec[i] < lo[j] ? vec[i] : lo[j];
+            hi[j] = vec[i] > hi[j] ? vec[i] : hi[j];
+            integral[j] &= (uint8_t)ghnsw_is_small_integer(vec[i]);
+        }
+        st = ghnsw_quantizer_from_ranges(ix, lo, hi, integral, err);
+        free(lo);
+    }
+    if (st) return st;
     /* labels must be unique: insert into the (empty) map, checking for a previous entry */
     const uint64_t *lab = (const uint64_t *)in->labels;
     for (uint32_t s = 0; s < n; s++) {
@@ -67,9 +121,27 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
     }
     /* all checked: copy in */
     off = 0;
+    float *x = !in_place && floats && ix->storage != GHNSW_F32 ? calloc(ix->dim_pad, sizeof(float)) : NULL;
+    if (!in_place && floats && ix->storage != GHNSW_F32 && !x) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
     for (uint32_t s = 0; s < n; s++) {
         if (!in_place) { /* mapped rows: unused links must already be invalid (the checker below) */
-            memcpy(ghnsw_vec(ix, s), vec + (size_t)s * ix->dim, ix->dim * 4);
+            if (ix->storage == GHNSW_F32) {
+                memcpy(ghnsw_vec(ix, s), vec + (size_t)s * ix->dim, ix->dim * 4);
+            } else if (floats) { /* encoded; the clip counters count these rows as an add would */
+                memcpy(x, vec + (size_t)s * ix->dim, ix->dim * 4);
+                uint32_t clipped = ghnsw_encode(ix, x, ghnsw_vec(ix, s));
+                ix->clipped_rows += clipped != 0;
+                ix->clipped_values += clipped;
+            } else {
+                memcpy(ghnsw_vec(ix, s), rows + (size_t)s * vrow, vrow);
+                if (ix->storage == GHNSW_I8) { /* the per-row term is the engine's: recomputed */
+                    float r = ghnsw_row_term(ix, (const int8_t *)ghnsw_vec(ix, s));
+                    memcpy(ghnsw_vec(ix, s) + ix->row_n, &r, sizeof r);
+                }
+            }
+            if (ix->rerank)
+                memcpy(ghnsw_exact(ix, s), exact_from_vectors ? vec + (size_t)s * ix->dim : in->exact + (size_t)s * ix->dim,
+                       ix->dim * 4);
             memcpy(ghnsw_links0(ix, s), l0 + (size_t)s * M0, (size_t)M0 * 4);
             for (uint32_t j = deg[s]; j < M0; j++) ghnsw_links0(ix, s)[j] = GHNSW_INVALID;
         }
@@ -81,6 +153,7 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
             ix->upper[s] = malloc(w * 4);
             if (!ix->upper[s]) {
                 ix->count = s; /* so ghnsw_free releases what was allocated */
+                free(x);
                 return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
             }
             memcpy(ix->upper[s], up + off, w * 4);
@@ -92,6 +165,11 @@ ghnsw_status_t ghnsw_import(ghnsw_index_t *ix, const ghnsw_state_t *in, ghnsw_er
         }
         if (in->deleted[s]) { ghnsw_bit_set(ix->deleted, s); ix->n_deleted++; }
         ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW | GHNSW_DIRTY_UPPER | GHNSW_DIRTY_DELETED);
+    }
+    free(x);
+    if (!floats || ix->storage == GHNSW_F32) {
+        ix->clipped_rows = in->clipped_rows;
+        ix->clipped_values = in->clipped_values;
     }
     ix->count = n;
     ix->entry_point = n ? (uint32_t)in->entry_point : GHNSW_INVALID;

@@ -16,6 +16,7 @@ typedef struct {
 
 static PyTypeObject CoreType;
 static const char *SPACES[] = {"l2", "ip", "cosine"};
+static const char *STORAGES[GHNSW_N_STORAGES] = {"float32", "float16", "int8"}; /* ghnsw_storage_t order */
 
 static PyObject *raise_status(ghnsw_status_t st, const ghnsw_err_t *err, PyObject *corrupt_type) {
     if (st == GHNSW_ECALLBACK) return NULL; /* exception already set */
@@ -41,16 +42,23 @@ static int parse_space(const char *s) {
     return -1;
 }
 
+static int parse_storage(const char *s) {
+    for (int i = 0; i < GHNSW_N_STORAGES; i++) if (!strcmp(s, STORAGES[i])) return i;
+    return -1;
+}
+
 static int Core_init(CoreObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"space", "dim", "max_elements", "M", "ef_construction", "random_seed",
-                             "allow_replace_deleted", NULL};
-    const char *space;
+                             "allow_replace_deleted", "storage", "rerank", NULL};
+    const char *space, *storage = "float32";
     unsigned long long dim, cap, M, efc, seed;
-    int allow = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sKKKKK|p", kwlist, &space, &dim, &cap, &M, &efc, &seed, &allow))
+    int allow = 0, rerank = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sKKKKK|psp", kwlist, &space, &dim, &cap, &M, &efc, &seed, &allow,
+                                     &storage, &rerank))
         return -1;
-    int sp = parse_space(space);
+    int sp = parse_space(space), sto = parse_storage(storage);
     if (sp < 0) { PyErr_SetString(PyExc_ValueError, "space must be one of l2, ip, or cosine"); return -1; }
+    if (sto < 0) { PyErr_SetString(PyExc_ValueError, "storage must be one of float32, float16, or int8"); return -1; }
     if (dim > GHNSW_MAX_DIM || M > GHNSW_MAX_M || efc > GHNSW_MAX_EF_CONSTRUCTION || cap > GHNSW_MAX_CAPACITY) {
         PyErr_SetString(PyExc_ValueError, "parameter out of range");
         return -1;
@@ -59,7 +67,8 @@ static int Core_init(CoreObject *self, PyObject *args, PyObject *kw) {
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = ghnsw_create(&self->ix, sp, (uint32_t)dim, (uint32_t)cap, (uint32_t)M, (uint32_t)efc, seed, allow, &err);
+    st = ghnsw_create(&self->ix, sp, (uint32_t)dim, (uint32_t)cap, (uint32_t)M, (uint32_t)efc, seed, allow, sto,
+                      rerank, &err);
     Py_END_ALLOW_THREADS
     if (st) { raise_status(st, &err, PyExc_ValueError); return -1; }
     return 0;
@@ -108,11 +117,12 @@ static PyObject *Core_add(CoreObject *self, PyObject *args) {
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     const ghnsw_cands_t *cp = have_g ? &cands : NULL;
+    uint64_t clipped = 0;
     Py_BEGIN_ALLOW_THREADS
-    st = ghnsw_add(IX(self), data.buf, labels.buf, (size_t)n, threads, replace, cp, &err);
+    st = ghnsw_add(IX(self), data.buf, labels.buf, (size_t)n, threads, replace, cp, &clipped, &err);
     Py_END_ALLOW_THREADS
     if (st) raise_status(st, &err, PyExc_RuntimeError);
-    else ret = Py_NewRef(Py_None);
+    else ret = PyLong_FromUnsignedLongLong(clipped);
 out:
     if (have_g) PyBuffer_Release(&gc);
     if (have_b) PyBuffer_Release(&bc);
@@ -215,7 +225,7 @@ out:
 /* Outputs whose size the engine knows only under its locks: Python bytes objects, each made with the
  * GIL taken for the allocation alone.  Safe because this file never waits for an engine lock while
  * holding the GIL (every engine call runs with the GIL released). */
-#define MAX_OUTS 7
+#define MAX_OUTS GHNSW_EXPORT_BUFFERS
 typedef struct { PyObject *objs[MAX_OUTS]; int n; } outs_t;
 
 static void *alloc_bytes(void *ctx, size_t bytes) {
@@ -241,6 +251,41 @@ static PyObject *one_out(ghnsw_status_t st, const ghnsw_err_t *err, outs_t *o) {
 }
 
 #define CALL_NOGIL(st, call) do { Py_BEGIN_ALLOW_THREADS (st) = (call); Py_END_ALLOW_THREADS } while (0)
+
+/* int8 ranges low[dim] <= high[dim] before the first row is stored; integral[dim] (optional, uint8):
+ * the dimension's values are integers */
+static PyObject *Core_train(CoreObject *self, PyObject *args) {
+    Py_buffer lo, hi, integral = {0};
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "y*y*|y*", &lo, &hi, &integral)) return NULL;
+    PyObject *ret = NULL;
+    size_t dim = IX(self)->dim;
+    if (!check_len(&lo, dim * 4, "low") && !check_len(&hi, dim * 4, "high") &&
+        (!integral.obj || !check_len(&integral, dim, "integral"))) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_train(IX(self), lo.buf, hi.buf, integral.obj ? integral.buf : NULL, &err));
+        ret = st ? raise_status(st, &err, PyExc_ValueError) : Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&hi);
+    if (integral.obj) PyBuffer_Release(&integral);
+    return ret;
+}
+
+/* The int8 quantiser, offsets then scales, or None while untrained. */
+static PyObject *Core_quantizer(CoreObject *self, PyObject *unused) {
+    NEED_IX(self);
+    ghnsw_index_t *ix = IX(self);
+    float *copy = malloc(2 * (size_t)ix->dim * sizeof(float));
+    if (!copy) return PyErr_NoMemory();
+    int trained;
+    CALL_NOGIL(trained, ghnsw_get_quantizer(ix, copy));
+    PyObject *ret = trained ? PyBytes_FromStringAndSize((const char *)copy, 2 * (Py_ssize_t)ix->dim * sizeof(float))
+                            : Py_NewRef(Py_None);
+    free(copy);
+    return ret;
+}
 
 /* labels -> bitset over slots (unknown labels are ignored: they cannot be returned anyway) */
 static PyObject *Core_allowed_bitset(CoreObject *self, PyObject *args) {
@@ -423,11 +468,13 @@ static PyObject *Core_unpin_labels(CoreObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Copy rows of the given slots into caller buffers (the GPU sync's staging gather). */
+/* Copy rows of the given slots into caller buffers (the GPU sync's staging gather: the stored rows
+ * decoded; with exact, the exact rows where the index keeps them). */
 static PyObject *Core_gather_rows(CoreObject *self, PyObject *args) {
     Py_buffer sl, vo, lo, dgo, lbo, lvo;
+    int exact = 0;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "y*w*w*w*w*w*", &sl, &vo, &lo, &dgo, &lbo, &lvo)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*w*w*w*w*w*|p", &sl, &vo, &lo, &dgo, &lbo, &lvo, &exact)) return NULL;
     ghnsw_index_t *ix = IX(self);
     size_t n = (size_t)sl.len / 4;
     PyObject *ret = NULL;
@@ -436,7 +483,7 @@ static PyObject *Core_gather_rows(CoreObject *self, PyObject *args) {
           check_len(&lvo, n, "levels out"))) {
         ghnsw_err_t err = {{0}};
         ghnsw_status_t st;
-        CALL_NOGIL(st, ghnsw_gather_rows(ix, sl.buf, n, vo.buf, lo.buf, dgo.buf, lbo.buf, lvo.buf, &err));
+        CALL_NOGIL(st, ghnsw_gather_rows(ix, sl.buf, n, vo.buf, lo.buf, dgo.buf, lbo.buf, lvo.buf, exact, &err));
         ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
     }
     PyBuffer_Release(&sl); PyBuffer_Release(&vo); PyBuffer_Release(&lo);
@@ -455,10 +502,48 @@ static PyObject *Core_gather_links(CoreObject *self, PyObject *args) {
     if (!(check_len(&lo, n * ix->M0 * 4, "links out") || check_len(&dgo, n * 4, "degree out"))) {
         ghnsw_err_t err = {{0}};
         ghnsw_status_t st;
-        CALL_NOGIL(st, ghnsw_gather_rows(ix, sl.buf, n, NULL, lo.buf, dgo.buf, NULL, NULL, &err));
+        CALL_NOGIL(st, ghnsw_gather_rows(ix, sl.buf, n, NULL, lo.buf, dgo.buf, NULL, NULL, 0, &err));
         ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
     }
     PyBuffer_Release(&sl); PyBuffer_Release(&lo); PyBuffer_Release(&dgo);
+    return ret;
+}
+
+/* Distances of queries to slots as a search scores them (stored rows): distances(q f32[nq,dim],
+ * slots u32[nq,c], out f32[nq,c]). */
+static PyObject *Core_distances(CoreObject *self, PyObject *args) {
+    Py_buffer q, sl, out;
+    Py_ssize_t nq;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "y*ny*w*", &q, &nq, &sl, &out)) return NULL;
+    ghnsw_index_t *ix = IX(self);
+    PyObject *ret = NULL;
+    size_t c = nq > 0 ? (size_t)sl.len / 4 / (size_t)nq : 0;
+    if (nq >= 0 && !check_len(&q, (size_t)nq * ix->dim * 4, "queries") && !check_len(&sl, (size_t)nq * c * 4, "slots") &&
+        !check_len(&out, (size_t)nq * c * 4, "out")) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_distances(ix, q.buf, (size_t)nq, sl.buf, c, out.buf, &err));
+        ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&q); PyBuffer_Release(&sl); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* Distances of stored slot pairs as insertion scores them: pair_distances(a u32[n], b u32[n], out f32[n]). */
+static PyObject *Core_pair_distances(CoreObject *self, PyObject *args) {
+    Py_buffer a, b, out;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "y*y*w*", &a, &b, &out)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)a.len / 4;
+    if (!check_len(&b, n * 4, "b") && !check_len(&out, n * 4, "out")) {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        CALL_NOGIL(st, ghnsw_pair_distances(IX(self), a.buf, b.buf, n, out.buf, &err));
+        ret = st ? raise_status(st, &err, PyExc_RuntimeError) : Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&a); PyBuffer_Release(&b); PyBuffer_Release(&out);
     return ret;
 }
 
@@ -485,24 +570,34 @@ static PyObject *Core_deleted_bitset(CoreObject *self, PyObject *unused) {
     return one_out(st, &err, &o);
 }
 
-static PyObject *Core_export_state(CoreObject *self, PyObject *unused) {
+/* export_state(decoded=False) -> dict (docs/architecture.md, "State export / import"); with decoded,
+ * vectors are float32 [count, dim] whatever the storage (the exact rows with rerank, else decoded) and
+ * the dict describes a float32 index (hnswlib's format). */
+static PyObject *Core_export_state(CoreObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"decoded", NULL};
+    int decoded = 0;
     NEED_IX(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p", kwlist, &decoded)) return NULL;
     ghnsw_index_t *ix = IX(self);
     ghnsw_export_t ex;
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     outs_t o = {{0}, 0};
-    CALL_NOGIL(st, ghnsw_export(ix, &ex, alloc_bytes, &o, &err));
+    CALL_NOGIL(st, ghnsw_export(ix, decoded, &ex, alloc_bytes, &o, &err));
     if (st) { outs_clear(&o); return raise_status(st, &err, PyExc_RuntimeError); }
-    PyObject *d = Py_BuildValue("{s:s,s:I,s:I,s:I,s:K,s:O,s:I,s:I,s:L,s:i,s:K,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
-                                "space", SPACES[ix->space], "dim", ix->dim, "M", ix->M, "ef_construction",
-                                ix->ef_construction, "random_seed", (unsigned long long)ix->seed,
-                                "allow_replace_deleted", ix->allow_replace_deleted ? Py_True : Py_False,
-                                "max_elements", ex.capacity, "count", ex.count, "entry_point",
-                                (long long)ex.entry_point, "max_level", ex.max_level, "insert_seq",
-                                (unsigned long long)ex.insert_seq, "vectors", o.objs[0], "links0", o.objs[1],
-                                "degree0", o.objs[2], "labels", o.objs[3], "levels", o.objs[4], "upper",
-                                o.objs[5], "deleted", o.objs[6]);
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    PyObject *d = empty ? Py_BuildValue(
+        "{s:s,s:I,s:I,s:I,s:K,s:O,s:I,s:I,s:L,s:i,s:K,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s,s:O,s:O,s:O,s:K,s:K}",
+        "space", SPACES[ix->space], "dim", ix->dim, "M", ix->M, "ef_construction", ix->ef_construction,
+        "random_seed", (unsigned long long)ix->seed, "allow_replace_deleted", ix->allow_replace_deleted ? Py_True : Py_False,
+        "max_elements", ex.capacity, "count", ex.count, "entry_point", (long long)ex.entry_point, "max_level",
+        ex.max_level, "insert_seq", (unsigned long long)ex.insert_seq, "vectors", o.objs[0], "links0", o.objs[1],
+        "degree0", o.objs[2], "labels", o.objs[3], "levels", o.objs[4], "upper", o.objs[5], "deleted", o.objs[6],
+        "storage", decoded ? "float32" : STORAGES[ix->storage], "rerank", !decoded && ix->rerank ? Py_True : Py_False,
+        "exact", decoded ? empty : o.objs[7], "quantizer", decoded ? empty : o.objs[8],
+        "clipped_rows", decoded ? 0ULL : (unsigned long long)ex.clipped_rows,
+        "clipped_values", decoded ? 0ULL : (unsigned long long)ex.clipped_values) : NULL;
+    Py_XDECREF(empty);
     outs_clear(&o);
     return d;
 }
@@ -535,17 +630,42 @@ static int state_int(PyObject *d, const char *key, long long lo, unsigned long l
     return -1;
 }
 
-/* Core.from_state(dict, fd=-1, vectors_offset=0, links0_offset=0): a new Core filled from the state
- * layout, everything validated.  With fd, vectors and links0 are mapped from that file at those
- * offsets (ghnsw_map_rows) and the dict's vectors / links0 are not read. */
+/* An optional str field of the state: its position in `names`, `dflt` where absent; -1 (ValueError set)
+ * where it names none of them. */
+static int state_choice(PyObject *d, const char *key, const char **names, int n, int dflt) {
+    PyObject *o = PyDict_GetItemString(d, key);
+    if (!o) return dflt;
+    const char *v = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    for (int i = 0; v && i < n; i++) if (!strcmp(v, names[i])) return i;
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "state: bad '%s'", key);
+    return -1;
+}
+
+/* An optional bool field of the state (absent: false); -1 with ValueError where not a bool. */
+static int state_flag(PyObject *d, const char *key) {
+    PyObject *o = PyDict_GetItemString(d, key);
+    if (!o) return 0;
+    if (!PyBool_Check(o)) { PyErr_Format(PyExc_ValueError, "state: '%s' must be a bool", key); return -1; }
+    return o == Py_True;
+}
+
+/* Core.from_state(dict, fd=-1, vectors_offset=0, links0_offset=0, exact_offset=0, storage=None,
+ * rerank=None): a new Core filled from the state layout, everything validated.  With fd, vectors and
+ * links0 (and exact, with rerank) are mapped from that file at those offsets (ghnsw_map_rows) and the
+ * dict's are not read.  storage / rerank: the state's (its 'storage', 'rerank'), or another storage
+ * for the float32 rows of a float32 state without exact rows, encoded as they come in. */
 static PyObject *Core_from_state(PyObject *cls, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"state", "fd", "vectors_offset", "links0_offset", NULL};
-    PyObject *d;
+    static char *kwlist[] = {"state", "fd", "vectors_offset", "links0_offset", "exact_offset", "storage", "rerank",
+                             NULL};
+    PyObject *d, *want_storage = Py_None, *want_rerank = Py_None;
     int fd = -1;
-    unsigned long long voff = 0, loff = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iKK", kwlist, &d, &fd, &voff, &loff)) return NULL;
+    unsigned long long voff = 0, loff = 0, xoff = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|iKKKOO", kwlist, &d, &fd, &voff, &loff, &xoff, &want_storage,
+                                     &want_rerank))
+        return NULL;
     if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "state must be a dict"); return NULL; }
-    unsigned long long dim, M, efc, seed, cap, count, ep, maxl, seq, allow;
+    unsigned long long dim, M, efc, seed, cap, count, ep, maxl, seq, allow, clipped_rows = 0, clipped_values = 0;
     PyObject *space = PyDict_GetItemString(d, "space");
     if (!space || !PyUnicode_Check(space)) { PyErr_SetString(PyExc_ValueError, "state: bad 'space'"); return NULL; }
     if (state_int(d, "dim", 1, GHNSW_MAX_DIM, &dim) || state_int(d, "M", 2, GHNSW_MAX_M, &M) ||
@@ -553,38 +673,61 @@ static PyObject *Core_from_state(PyObject *cls, PyObject *args, PyObject *kwargs
         state_int(d, "random_seed", 0, UINT64_MAX, &seed) || state_int(d, "max_elements", 0, GHNSW_MAX_CAPACITY, &cap) ||
         state_int(d, "count", 0, cap, &count) || state_int(d, "entry_point", -1, count, &ep) ||
         state_int(d, "max_level", -1, GHNSW_MAX_LEVEL, &maxl) || state_int(d, "insert_seq", 0, UINT64_MAX, &seq) ||
-        state_int(d, "allow_replace_deleted", 0, 1, &allow))
+        state_int(d, "allow_replace_deleted", 0, 1, &allow) ||
+        (PyDict_GetItemString(d, "clipped_rows") && state_int(d, "clipped_rows", 0, UINT64_MAX, &clipped_rows)) ||
+        (PyDict_GetItemString(d, "clipped_values") && state_int(d, "clipped_values", 0, UINT64_MAX, &clipped_values)))
         return NULL;
+    int storage = state_choice(d, "storage", STORAGES, GHNSW_N_STORAGES, GHNSW_F32), rerank = state_flag(d, "rerank");
+    if (storage < 0 || rerank < 0) return NULL;
+    int target = storage, target_rerank = rerank;
+    if (want_storage != Py_None) {
+        target = PyUnicode_Check(want_storage) ? parse_storage(PyUnicode_AsUTF8(want_storage)) : -1;
+        if (target < 0) { PyErr_Clear(); PyErr_SetString(PyExc_ValueError, "storage must be one of float32, float16, or int8"); return NULL; }
+    }
+    if (want_rerank != Py_None) target_rerank = PyObject_IsTrue(want_rerank);
+    /* another storage or re-rank setting only for plain float32 rows: they are encoded as they come in */
+    int convert = target != storage || target_rerank != rerank;
+    if (convert && (storage != GHNSW_F32 || rerank)) {
+        PyErr_Format(PyExc_ValueError, "the state holds %s rows%s: they load as they are (storage='%s', rerank=%s)",
+                     STORAGES[storage], rerank ? " with exact rows" : "", STORAGES[storage], rerank ? "True" : "False");
+        return NULL;
+    }
     int mapped = fd >= 0;
+    if (mapped && convert) { PyErr_SetString(PyExc_ValueError, "mapped rows cannot be converted to another storage"); return NULL; }
     /* a mapped Core starts with capacity 0, so that no row is allocated before the mapping */
     PyObject *cargs = Py_BuildValue("(OKKKKK)", space, dim, mapped ? 0ULL : cap, M, efc, seed);
-    PyObject *kw = Py_BuildValue("{s:O}", "allow_replace_deleted", allow ? Py_True : Py_False);
+    PyObject *kw = Py_BuildValue("{s:O,s:s,s:O}", "allow_replace_deleted", allow ? Py_True : Py_False, "storage",
+                                 STORAGES[target], "rerank", target_rerank ? Py_True : Py_False);
     CoreObject *self = cargs && kw ? (CoreObject *)PyObject_Call(cls, cargs, kw) : NULL;
     Py_XDECREF(cargs); Py_XDECREF(kw);
     if (!self) return NULL;
-    Py_buffer b[7] = {{0}};
-    const char *keys[7] = {"vectors", "links0", "degree0", "labels", "levels", "upper", "deleted"};
-    int got = 0;
-    for (; got < 7; got++) {
-        if (mapped && got < 2) continue; /* vectors, links0: from the mapping */
-        if (state_buffer(d, keys[got], &b[got]) < 0) break;
+    enum { NB = 9 };
+    Py_buffer b[NB] = {{0}};
+    const char *keys[NB] = {"vectors", "links0", "degree0", "labels", "levels", "upper", "deleted", "exact", "quantizer"};
+    int got = 0, ok = 1;
+    for (; got < NB && ok; got++) {
+        if (mapped && (got < 2 || got == 7)) continue; /* vectors, links0, exact: from the mapping */
+        if (got >= 7 && !PyDict_GetItemString(d, keys[got])) continue; /* optional */
+        ok = state_buffer(d, keys[got], &b[got]) == 0;
     }
     ghnsw_status_t st = GHNSW_OK;
     ghnsw_err_t err = {{0}};
-    if (got == 7) {
+    if (ok) {
         ghnsw_state_t in = {(uint32_t)count, (int64_t)ep, (int)(long long)maxl, (uint64_t)seq,
                             b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[5].buf, b[4].buf, b[6].buf,
                             (size_t)b[0].len, (size_t)b[1].len, (size_t)b[2].len, (size_t)b[3].len,
-                            (size_t)b[4].len, (size_t)b[5].len, (size_t)b[6].len};
+                            (size_t)b[4].len, (size_t)b[5].len, (size_t)b[6].len,
+                            convert, b[7].len ? b[7].buf : NULL, b[8].len ? b[8].buf : NULL,
+                            (size_t)b[7].len, (size_t)b[8].len, clipped_rows, clipped_values};
         Py_BEGIN_ALLOW_THREADS
-        if (mapped) st = ghnsw_map_rows(self->ix, (uint32_t)cap, fd, voff, loff, (uint32_t)count, &err);
+        if (mapped) st = ghnsw_map_rows(self->ix, (uint32_t)cap, fd, voff, loff, xoff, (uint32_t)count, &err);
         if (!st) st = ghnsw_import(self->ix, &in, &err);
         Py_END_ALLOW_THREADS
     }
-    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]); /* a skipped one is zeroed: a no-op */
-    if (got < 7 || st) {
+    for (int i = 0; i < NB; i++) if (b[i].obj) PyBuffer_Release(&b[i]); /* a skipped one is zeroed */
+    if (!ok || st) {
         Py_DECREF(self);
-        return got < 7 ? NULL : raise_status(st, &err, PyExc_ValueError);
+        return !ok ? NULL : raise_status(st, &err, PyExc_ValueError);
     }
     return (PyObject *)self;
 }
@@ -622,7 +765,12 @@ GETTER(relabels, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->relabels, __AT
 GETTER(memory_bytes, PyLong_FromSize_t(nogil_size(ghnsw_memory_bytes, ix)))
 GETTER(count_dirty, PyLong_FromSize_t(nogil_size(ghnsw_count_dirty, ix)))
 GETTER(mapped, PyBool_FromLong(__atomic_load_n(&ix->vectors_map_len, __ATOMIC_RELAXED) != 0 ||
-                               __atomic_load_n(&ix->links0_map_len, __ATOMIC_RELAXED) != 0))
+                               __atomic_load_n(&ix->links0_map_len, __ATOMIC_RELAXED) != 0 ||
+                               __atomic_load_n(&ix->exact_map_len, __ATOMIC_RELAXED) != 0))
+GETTER(storage, PyUnicode_FromString(STORAGES[ix->storage]))
+GETTER(rerank, PyBool_FromLong(ix->rerank))
+GETTER(clipped_rows, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->clipped_rows, __ATOMIC_RELAXED)))
+GETTER(clipped_values, PyLong_FromUnsignedLongLong(__atomic_load_n(&ix->clipped_values, __ATOMIC_RELAXED)))
 
 #define G(name, doc) {#name, (getter)Core_get_##name, NULL, doc, NULL}
 static PyGetSetDef Core_getset[] = {
@@ -634,13 +782,23 @@ static PyGetSetDef Core_getset[] = {
     G(random_seed, "level generator seed"), G(allow_replace_deleted, "replace_deleted enabled"),
     G(insert_seq, "rows ever added (level generator counter)"), G(memory_bytes, "bytes held by the index"),
     G(count_dirty, "slots in the dirty-row log"),
-    G(mapped, "vectors or links0 are still mapped from the file of a mapped load"),
+    G(mapped, "vectors, links0 or exact rows are still mapped from the file of a mapped load"),
     G(relabels, "adds that moved a slot to another label; label bitsets made before it changed are stale"),
+    G(storage, "'float32', 'float16' or 'int8': how rows are stored"),
+    G(rerank, "float32 rows kept beside the stored ones; the final candidates are re-scored with them"),
+    G(clipped_rows, "int8: rows stored with values outside the ranges (clipped)"),
+    G(clipped_values, "int8: values clipped to the ranges"),
     {NULL}};
 
 static PyMethodDef Core_methods[] = {
     {"add", (PyCFunction)Core_add, METH_VARARGS,
-     "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted[, graph_cands u32[n,cg], batch_cands u32[n,cb]])"},
+     "add(data f32[n,dim], labels u64[n], n, num_threads, replace_deleted[, graph_cands u32[n,cg], batch_cands u32[n,cb]]) "
+     "-> rows stored with values clipped to the int8 ranges (an untrained int8 core takes its ranges from these rows)"},
+    {"train", (PyCFunction)Core_train, METH_VARARGS,
+     "train(low f32[dim], high f32[dim][, integral u8[dim]]): int8 ranges, before the first row is stored; "
+     "integral: the dimension's values are integers (a span <= 255 is then stored exactly)"},
+    {"quantizer", (PyCFunction)Core_quantizer, METH_NOARGS,
+     "quantizer() -> bytes f32[2, dim] (offsets, then scales: x ~ offset + scale * code), or None while untrained"},
     {"search", (PyCFunction)(void (*)(void))Core_search, METH_VARARGS | METH_KEYWORDS,
      "search(queries f32[nq,dim], out_labels u64[nq,k], out_dists f32[nq,k], out_found i32[nq], *, k, beam, "
      "num_threads=0, allowed=None, allowed_stride=0, filter=None, slots=False): the k nearest with a beam of "
@@ -667,15 +825,22 @@ static PyMethodDef Core_methods[] = {
      "made meanwhile stay right over several calls; False (nothing held) inside a filter callback on this core"},
     {"unpin_labels", (PyCFunction)Core_unpin_labels, METH_VARARGS, "unpin_labels(taken): ends pin_labels"},
     {"gather_rows", (PyCFunction)Core_gather_rows, METH_VARARGS,
-     "gather_rows(slots u32[r], vectors f32[r,dim_pad], links u32[r,M0], degree u32[r], labels u64[r], levels u8[r])"},
+     "gather_rows(slots u32[r], vectors f32[r,dim_pad], links u32[r,M0], degree u32[r], labels u64[r], levels u8[r]"
+     "[, exact]): vectors are the stored rows decoded, or with exact the exact rows where kept"},
     {"gather_links", (PyCFunction)Core_gather_links, METH_VARARGS, "gather_links(slots u32[r], links u32[r,M0], degree u32[r])"},
+    {"distances", (PyCFunction)Core_distances, METH_VARARGS,
+     "distances(q f32[nq,dim], nq, slots u32[nq,c], out f32[nq,c]): query-to-slot distances as a search scores them"},
+    {"pair_distances", (PyCFunction)Core_pair_distances, METH_VARARGS,
+     "pair_distances(a u32[n], b u32[n], out f32[n]): slot-to-slot distances as insertion scores them"},
     {"gather_upper", (PyCFunction)Core_gather_upper, METH_VARARGS,
      "gather_upper(slots u32[r]) -> bytes: each slot's levels[s]*(1+M) uint32 upper block, concatenated"},
     {"deleted_bitset", (PyCFunction)Core_deleted_bitset, METH_NOARGS, "deleted_bitset() -> bytes u32[ceil(cap/32)]"},
-    {"export_state", (PyCFunction)Core_export_state, METH_NOARGS, "export_state() -> dict"},
+    {"export_state", (PyCFunction)(void (*)(void))Core_export_state, METH_VARARGS | METH_KEYWORDS,
+     "export_state(decoded=False) -> dict; decoded: float32 [count, dim] vectors whatever the storage"},
     {"from_state", (PyCFunction)(void (*)(void))Core_from_state, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "from_state(dict, fd=-1, vectors_offset=0, links0_offset=0) -> Core; with fd, vectors [count, dim_pad] "
-     "and links0 [count, M0] are mapped copy-on-write from that file at those page-aligned offsets"},
+     "from_state(dict, fd=-1, vectors_offset=0, links0_offset=0, exact_offset=0, storage=None, rerank=None) -> Core; "
+     "with fd, vectors [count, row_bytes], links0 [count, M0] (and exact [count, dim_pad]) are mapped copy-on-write "
+     "from that file at those offsets; storage/rerank other than the state's encode a float32 state's rows"},
     {NULL}};
 
 static PyTypeObject CoreType = {
@@ -714,12 +879,15 @@ static PyObject *mod_nndescent(PyObject *m, PyObject *args) {
     ghnsw_nnd_params_t p = {0};
     unsigned long long seed;
     PyObject *cb;
-    if (!PyArg_ParseTuple(args, "y*nnsIIIIIdKiw*w*O", &data, &n, &dim, &space, &p.k, &p.max_candidates, &p.n_trees,
-                          &p.leaf_size, &p.n_iters, &p.delta, &seed, &p.num_threads, &oi, &od, &cb))
+    const char *storage = "float32";
+    if (!PyArg_ParseTuple(args, "y*nnsIIIIIdKiw*w*O|s", &data, &n, &dim, &space, &p.k, &p.max_candidates, &p.n_trees,
+                          &p.leaf_size, &p.n_iters, &p.delta, &seed, &p.num_threads, &oi, &od, &cb, &storage))
         return NULL;
     PyObject *ret = NULL;
     int sp = parse_space(space);
+    p.storage = parse_storage(storage);
     if (sp < 0) { PyErr_Format(PyExc_ValueError, "unknown space '%s'", space); goto out; }
+    if (p.storage < 0) { PyErr_Format(PyExc_ValueError, "unknown storage '%s'", storage); goto out; }
     if (n < 0 || dim < 0 || check_len(&data, (size_t)n * dim * 4, "data") ||
         check_len(&oi, (size_t)n * p.k * 8, "ids out") || check_len(&od, (size_t)n * p.k * 4, "distances out"))
         goto out;
@@ -738,11 +906,22 @@ out:
     return ret;
 }
 
+static PyObject *mod_row_bytes(PyObject *m, PyObject *args) {
+    unsigned long long dim;
+    const char *storage;
+    if (!PyArg_ParseTuple(args, "Ks", &dim, &storage)) return NULL;
+    int sto = parse_storage(storage);
+    if (sto < 0 || dim > GHNSW_MAX_DIM) { PyErr_SetString(PyExc_ValueError, "bad dim or storage"); return NULL; }
+    return PyLong_FromSize_t(ghnsw_row_bytes((uint32_t)dim, sto));
+}
+
 static PyMethodDef module_methods[] = {
+    {"row_bytes", mod_row_bytes, METH_VARARGS, "row_bytes(dim, storage) -> bytes of one stored row"},
     {"level_for", mod_level_for, METH_VARARGS, "level_for(seed, seq, mult) -> level of the seq-th row"},
     {"nndescent", mod_nndescent, METH_VARARGS,
      "nndescent(data f32[n,dim], n, dim, space, k, max_candidates, n_trees, leaf_size, n_iters, delta, seed, "
-     "threads, out_ids i64[n,k], out_dists f32[n,k], on_round) -> (rounds, dist_evals, last_updates)"},
+     "threads, out_ids i64[n,k], out_dists f32[n,k], on_round[, storage: the joins over a float16 or int8 copy]) "
+     "-> (rounds, dist_evals, last_updates)"},
     {NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "gpuhnsw._core", "gpuhnsw C core", -1, module_methods};
@@ -770,5 +949,6 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddObject(m, "INVALID_SLOT", PyLong_FromUnsignedLong(GHNSW_INVALID));
     PyModule_AddObject(m, "NO_LABEL", PyLong_FromUnsignedLongLong(GHNSW_NO_LABEL));
     PyModule_AddObject(m, "SPACES", Py_BuildValue("(sss)", SPACES[0], SPACES[1], SPACES[2]));
+    PyModule_AddObject(m, "STORAGES", Py_BuildValue("(sss)", STORAGES[0], STORAGES[1], STORAGES[2]));
     return m;
 }

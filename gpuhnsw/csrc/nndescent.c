@@ -18,6 +18,19 @@
  * level and tree), then depth-first.  The joins visit rows in the first tree's leaf order, so that
  * consecutive rows share candidates whose vectors are still cached.
  *
+ * Compressed joins (params storage: float16 or int8).  The joins, the leaves and the initial fill
+ * read a copy of the rows instead of the data: float16 (padded to 16 halves), or int8 codes of one
+ * scale s for every dimension with per-dimension offsets m_i = lo_i + 128 s (s = the widest range /
+ * 255), padded to 32 codes, so that a pair's sum is an exact integer:
+ *     l2: s^2 sum_i (a_i - b_i)^2          ip: 1 - (|m|^2 + s (r_a + r_b) + s^2 sum_i a_i b_i)
+ * with r = m . c per row (a per-dimension scale would weight the sums and rule that out).  Cosine rows
+ * are normalised before either copy is made.  Integer data whose every dimension spans at most 256
+ * values (pixels, SIFT) takes s = 1 and is copied exactly.  The copies are 2x and 4x smaller than the rows, and the joins wait on
+ * rows fetched from memory; the trees split on the float32 rows.  Once the rounds are done each row's
+ * list is re-scored on the float32 rows (row kernels, in leaf order) and sorted again, so the
+ * returned distances are float32 ones and the kept neighbours the best of the compressed heap (not
+ * for l2 over an exact copy, whose distances are those already).
+ *
  * Memory besides the caller's data (read in place, never copied; rows of `dim` floats, unpadded):
  *
  *   ids, d, flag [n, k]   uint32, float, uint8   per-row max-heap on (d, id), root = the worst entry
@@ -28,6 +41,8 @@
  *   perm, node_of [n_trees, n] uint32, bf_left [n_trees, n] uint8   the forest (see build_forest)
  *   order        [n]      uint32                 the joins' row order
  *   per worker:  [n] uint8 plane sides, [dim] float hyperplane, [2 mc] uint32 candidates, a counter
+ *   copy         [n, jbytes] uint8            compressed joins: the rows' copy (int8: codes, then sum(c) and
+ *                                             |c|^2 as int32); int8 ip / cosine: r [n] float
  */
 #include <math.h>
 #include <stdlib.h>
@@ -57,8 +72,20 @@ typedef struct {
     const float *data; /* [n, dim] */
     size_t n, dim;
     int space;
+    int storage;               /* the joins' rows: the data (GHNSW_F32), or its F16 / I8 copy */
+    const uint8_t *jrows;      /* [n, jbytes] the joins' rows */
+    size_t jbytes, jn;         /* a join row's bytes, the elements a tile reads (dim, or the padded width) */
+    uint8_t *copy;             /* owned: the compressed copy */
+    float *jterm;              /* [n] int8 ip / cosine: m . c of each row */
+    float i8_scale, i8_m2;     /* int8: s, |m|^2 */
+    float *i8_offset;          /* [dim] int8: m */
+    float *range;              /* [workers, 2, dim] int8: each worker's minima, then maxima */
+    uint8_t *fraction;         /* [workers, 64] int8: a worker saw a value that is not an integer */
+    size_t bad_row;            /* float16: 1 + a row beyond its range, or 0 */
+    int exact_copy;            /* int8 l2 of integer data: the copy holds the rows exactly */
     ghnsw_tile_fn tile;        /* pair sums ((a - b)^2 or a.b), GHNSW_TILE x GHNSW_TILE at a time */
     ghnsw_row_fn row;          /* one row's dot products with GHNSW_TILE others: tree splits */
+    ghnsw_row_fn rescore;      /* one row's distance sums with GHNSW_TILE others: the final re-scoring */
     float *norm;               /* [n] cosine: 1 / (|x| + 1e-30); else NULL */
     const ghnsw_nnd_params_t *p;
     uint32_t k, mc;
@@ -86,14 +113,26 @@ typedef struct {
 /* ---- distances -------------------------------------------------------------------------------- */
 
 static inline const float *row_of(const nnd_t *s, uint32_t i) { return s->data + (size_t)i * s->dim; }
+static inline const void *jrow_of(const nnd_t *s, uint32_t i) { return s->jrows + (size_t)i * s->jbytes; }
 
-/* Distance of rows a and b from the tile kernel's raw sum, in one fixed operand order so that
+/* Distance of float32 rows a and b from a kernel's raw sum, in one fixed operand order so that
  * d(a, b) == d(b, a) bit for bit (a pair reached from either side must offer the same key). */
-static inline float pair_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw) {
+static inline float float_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw) {
     if (s->space == GHNSW_L2) return raw;
     if (s->space == GHNSW_IP) return 1.0f - raw;
     if (a > b) { uint32_t t = a; a = b; b = t; }
     return 1.0f - (raw * s->norm[a]) * s->norm[b];
+}
+
+/* The same for the joins' rows (the compressed copies' formulas in the header comment; cosine rows
+ * were normalised before they were copied), symmetric in a and b as well. */
+static inline float pair_dist(const nnd_t *s, uint32_t a, uint32_t b, float raw) {
+    if (s->storage == GHNSW_F32) return float_dist(s, a, b, raw);
+    int l2 = s->space == GHNSW_L2;
+    if (s->storage == GHNSW_F16) return l2 ? raw : 1.0f - raw;
+    float ss = s->i8_scale * s->i8_scale;
+    if (l2) return ss * raw;
+    return 1.0f - ((s->i8_m2 + s->i8_scale * (s->jterm[a] + s->jterm[b])) + ss * raw);
 }
 
 /* ---- bounded heaps ---------------------------------------------------------------------------- */
@@ -176,14 +215,14 @@ static void cand_push(nnd_t *s, int list, uint32_t row, uint64_t key) {
  * rows' heaps; pairs of one id with itself are skipped.  Returns the pairs evaluated. */
 static uint64_t join_list(nnd_t *s, const uint32_t *ids /* [m] */, uint32_t na, uint32_t m, uint8_t flag) {
     enum { T = GHNSW_TILE };
-    const float *pa[T], *pb[T];
+    const void *pa[T], *pb[T];
     float out[T * T];
     uint64_t evals = 0;
     for (uint32_t a0 = 0; a0 < na; a0 += T) {
-        for (uint32_t r = 0; r < T; r++) pa[r] = row_of(s, ids[a0 + r < na ? a0 + r : na - 1]);
+        for (uint32_t r = 0; r < T; r++) pa[r] = jrow_of(s, ids[a0 + r < na ? a0 + r : na - 1]);
         for (uint32_t b0 = a0; b0 < m; b0 += T) {
-            for (uint32_t c = 0; c < T; c++) pb[c] = row_of(s, ids[b0 + c < m ? b0 + c : m - 1]);
-            s->tile(pa, pb, s->dim, out);
+            for (uint32_t c = 0; c < T; c++) pb[c] = jrow_of(s, ids[b0 + c < m ? b0 + c : m - 1]);
+            s->tile(pa, pb, s->jn, out);
             for (uint32_t r = 0; r < T && a0 + r < na; r++)
                 for (uint32_t c = 0; c < T && b0 + c < m; c++) {
                     uint32_t p = ids[a0 + r], q = ids[b0 + c];
@@ -378,20 +417,20 @@ static int fill_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
     enum { T = GHNSW_TILE };
-    const float *pa[T], *pb[T];
+    const void *pa[T], *pb[T];
     float out[T * T];
     uint32_t js[T];
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
-        for (int r = 0; r < T; r++) pa[r] = row_of(s, (uint32_t)i);
+        for (int r = 0; r < T; r++) pa[r] = jrow_of(s, (uint32_t)i);
         for (uint64_t t = 0; s->ids[i * s->k] == GHNSW_INVALID;) {
             int m = 0; /* the next T picks other than i: hashed first, then consecutive rows (which
                         * end the loop since k < n) */
             for (; m < T; t++) {
                 uint32_t j = t < 4 * (uint64_t)s->k ? (uint32_t)(hash3(s->p->seed, i, t) % s->n)
                                                      : (uint32_t)((i + 1 + t) % s->n);
-                if (j != i) { js[m] = j; pb[m++] = row_of(s, j); }
+                if (j != i) { js[m] = j; pb[m++] = jrow_of(s, j); }
             }
-            s->tile(pa, pb, s->dim, out);
+            s->tile(pa, pb, s->jn, out);
             for (int c = 0; c < T; c++) heap_push(s, (uint32_t)i, pair_dist(s, (uint32_t)i, js[c], out[c]), js[c], FLAG_NEW);
             s->cnt[worker].evals += T;
         }
@@ -490,6 +529,155 @@ static int norm_task(void *ctx, size_t blk, int worker) {
     return 0;
 }
 
+/* ---- the compressed copy and the final re-scoring --------------------------------------------- */
+
+#define I8_BLOCK 32  /* int8 copies: codes padded to this (the widest tile step) */
+#define F16_BLOCK 16 /* float16 copies: halves padded to this */
+
+static inline float unit_of(const nnd_t *s, size_t i) { return s->space == GHNSW_COSINE ? s->norm[i] : 1.0f; }
+
+/* int8: each worker's per-dimension minimum and maximum ([workers, 2, dim] in s->range), and whether
+ * every value it saw is an integer (s->fraction[worker]: 0 if so) */
+static int range_task(void *ctx, size_t blk, int worker) {
+    nnd_t *s = ctx;
+    size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    float *lo = s->range + (size_t)worker * 2 * s->dim, *hi = lo + s->dim;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: the adder rounds |v| < 2^22 to an integer */
+    int fraction = 0;
+    for (size_t i = blk * ROW_BLOCK; i < end; i++) {
+        const float *x = row_of(s, (uint32_t)i);
+        float u = unit_of(s, i);
+        for (size_t j = 0; j < s->dim; j++) {
+            float v = x[j] * u;
+            lo[j] = v < lo[j] ? v : lo[j];
+            hi[j] = v > hi[j] ? v : hi[j];
+            fraction |= (v + magic) - magic != v;
+        }
+    }
+    s->fraction[worker * 64] |= (uint8_t)fraction;   /* a cache line per worker */
+    return 0;
+}
+
+static int copy_task(void *ctx, size_t blk, int worker) {
+    nnd_t *s = ctx;
+    size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    float *v = s->plane + (size_t)worker * s->dim; /* the row scaled (the hyperplane scratch: free now) */
+    for (size_t i = blk * ROW_BLOCK; i < end; i++) {
+        const float *x = row_of(s, (uint32_t)i);
+        float u = unit_of(s, i);
+        for (size_t j = 0; j < s->dim; j++) v[j] = x[j] * u;
+        uint8_t *row = s->copy + i * s->jbytes;
+        memset(row, 0, s->jbytes);
+        if (s->storage == GHNSW_F16) {
+            for (size_t j = 0; j < s->dim; j++)
+                if (!(fabsf(v[j]) < GHNSW_F16_LIMIT)) __atomic_store_n(&s->bad_row, i + 1, __ATOMIC_RELAXED);
+            ghnsw_floats_to_halves(v, (uint16_t *)row, s->dim);
+            continue;
+        }
+        int8_t *c = (int8_t *)row;
+        const float *m = s->i8_offset;
+        float inv = s->i8_scale > 0 ? 1.0f / s->i8_scale : 0.0f, magic = 12582912.0f; /* 1.5 * 2^23 */
+        for (size_t j = 0; j < s->dim; j++) { /* clamped first, then rounded to nearest even by the adder */
+            float t = (v[j] - m[j]) * inv;
+            t = t > 127.0f ? 127.0f : t < -128.0f ? -128.0f : t;
+            c[j] = (int8_t)((t + magic) - magic);
+        }
+        int32_t terms[2] = {0, 0}; /* sum(c), |c|^2: GHNSW_I8_ROW_TERMS, behind the codes */
+        for (size_t j = 0; j < s->dim; j++) { terms[0] += c[j]; terms[1] += (int32_t)c[j] * c[j]; }
+        memcpy(row + s->jn, terms, sizeof terms);
+        if (s->jterm) {
+            double r = 0;
+            for (size_t j = 0; j < s->dim; j++) r += (double)m[j] * c[j];
+            s->jterm[i] = (float)r;
+        }
+    }
+    return 0;
+}
+
+/* The compressed copy of every row (its quantiser first, for int8). */
+static ghnsw_status_t make_copy(nnd_t *s, int workers, ghnsw_err_t *err) {
+    size_t blocks = (s->n + ROW_BLOCK - 1) / ROW_BLOCK, dim = s->dim;
+    if (s->storage == GHNSW_F16) {
+        s->jn = (dim + F16_BLOCK - 1) / F16_BLOCK * F16_BLOCK;
+        s->jbytes = s->jn * sizeof(uint16_t);
+    } else {
+        s->jn = (dim + I8_BLOCK - 1) / I8_BLOCK * I8_BLOCK;
+        s->jbytes = s->jn + GHNSW_I8_ROW_TERMS;
+        /* exact int32 sums: (a - b)^2 <= 255^2 per code (and |a b| <= 128^2) */
+        if (s->jn > INT32_MAX / (255 * 255))
+            return ghnsw_fail(err, GHNSW_EINVAL, "int8 joins take at most %d dimensions, got %zu",
+                              INT32_MAX / (255 * 255) / I8_BLOCK * I8_BLOCK, dim);
+        s->range = malloc((size_t)workers * 2 * dim * sizeof(float));
+        s->fraction = calloc((size_t)workers, 64);
+        s->i8_offset = malloc(dim * sizeof(float));
+        s->jterm = s->space == GHNSW_L2 ? NULL : malloc(s->n * sizeof(float));
+        if (!s->range || !s->fraction || !s->i8_offset || (s->space != GHNSW_L2 && !s->jterm))
+            return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the int8 joins of %zu rows", s->n);
+        for (size_t w = 0; w < (size_t)workers; w++)
+            for (size_t j = 0; j < dim; j++) {
+                s->range[w * 2 * dim + j] = INFINITY;
+                s->range[w * 2 * dim + dim + j] = -INFINITY;
+            }
+        ghnsw_parallel_for(blocks, workers, range_task, s);
+        float width = 0;
+        for (size_t j = 0; j < dim; j++) { /* every worker's into worker 0's */
+            for (size_t w = 1; w < (size_t)workers; w++) {
+                float lo = s->range[w * 2 * dim + j], hi = s->range[w * 2 * dim + dim + j];
+                s->range[j] = lo < s->range[j] ? lo : s->range[j];
+                s->range[dim + j] = hi > s->range[dim + j] ? hi : s->range[dim + j];
+            }
+            width = s->range[dim + j] - s->range[j] > width ? s->range[dim + j] - s->range[j] : width;
+        }
+        if (!isfinite(width))
+            return ghnsw_fail(err, GHNSW_EINVAL, "int8 joins: the data's range is beyond float32's");
+        int integers = 1;
+        for (int w = 0; w < workers; w++) integers &= !s->fraction[(size_t)w * 64];
+        /* integers spanning <= 256 values (pixels, SIFT) are their own codes, copied exactly */
+        s->i8_scale = integers && width <= 255.0f ? 1.0f : width / 255.0f;
+        /* l2 over an exact copy: the joins' distances are the float32 ones, nothing to re-score */
+        s->exact_copy = integers && width <= 255.0f && s->space == GHNSW_L2;
+        double m2 = 0;
+        for (size_t j = 0; j < dim; j++) {
+            s->i8_offset[j] = s->range[j] + 128.0f * s->i8_scale;
+            m2 += (double)s->i8_offset[j] * s->i8_offset[j];
+        }
+        s->i8_m2 = (float)m2;
+    }
+    s->copy = malloc(s->n * s->jbytes);
+    if (!s->copy) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the compressed copy of %zu rows", s->n);
+    ghnsw_parallel_for(blocks, workers, copy_task, s);
+    if (s->bad_row)
+        return ghnsw_fail(err, GHNSW_EINVAL, "row %zu holds a value beyond float16's range (|x| <= 65504): use "
+                          "storage='float32' or 'int8'", s->bad_row - 1);
+    s->jrows = s->copy;
+    return GHNSW_OK;
+}
+
+/* Each row's list re-scored on the float32 rows (rows in leaf order: neighbours' rows are shared). */
+static int rescore_task(void *ctx, size_t blk, int worker) {
+    nnd_t *s = ctx;
+    size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
+    enum { T = GHNSW_TILE };
+    const float *rows[T];
+    float out[T];
+    for (size_t pos = blk * ROW_BLOCK; pos < end; pos++) {
+        uint32_t i = s->order[pos];
+        uint32_t *ids = s->ids + (size_t)i * s->k;
+        float *d = s->d + (size_t)i * s->k;
+        for (uint32_t e0 = 0; e0 < s->k; e0 += T) {
+            for (uint32_t c = 0; c < T; c++) {
+                uint32_t j = ids[e0 + c < s->k ? e0 + c : s->k - 1];
+                rows[c] = row_of(s, j == GHNSW_INVALID ? i : j);
+            }
+            s->rescore(row_of(s, i), rows, s->dim, out);
+            for (uint32_t c = 0; c < T && e0 + c < s->k; c++)
+                if (ids[e0 + c] != GHNSW_INVALID) d[e0 + c] = float_dist(s, i, ids[e0 + c], out[c]);
+        }
+    }
+    s->cnt[worker].evals += (uint64_t)(end - blk * ROW_BLOCK) * s->k;
+    return 0;
+}
+
 /* ---- driver ----------------------------------------------------------------------------------- */
 
 static uint64_t sum_field(const nnd_t *s, int workers, int fresh) {
@@ -506,12 +694,16 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     if (p->k < 1 || p->k >= n) return ghnsw_fail(err, GHNSW_EINVAL, "k must be in [1, n - 1], got %u", p->k);
     if (p->max_candidates < 1 || p->leaf_size < 2)
         return ghnsw_fail(err, GHNSW_EINVAL, "max_candidates must be >= 1 and leaf_size >= 2");
+    if (p->storage < 0 || p->storage >= GHNSW_N_STORAGES) return ghnsw_fail(err, GHNSW_EINVAL, "unknown storage %d", p->storage);
     int workers = p->num_threads > 0 ? p->num_threads : ghnsw_default_threads();
     size_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
     nnd_t s = {0};
     s.data = data; s.n = n; s.dim = dim; s.space = space; s.p = p;
-    s.tile = ghnsw_pick_tile(space);
-    s.row = ghnsw_pick_row();
+    s.storage = p->storage;
+    s.jrows = (const uint8_t *)data; s.jbytes = dim * sizeof(float); s.jn = dim; /* a copy replaces them */
+    s.tile = ghnsw_pick_tile(space, s.storage);
+    s.row = ghnsw_pick_row(GHNSW_IP);
+    s.rescore = ghnsw_pick_row(space == GHNSW_L2 ? GHNSW_L2 : GHNSW_IP);
     s.k = p->k; s.mc = p->max_candidates; s.stripes = (size_t)workers;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
     s.ids = malloc(nk * sizeof *s.ids);
@@ -542,6 +734,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     for (size_t e = 0; e < nk; e++) { s.ids[e] = GHNSW_INVALID; s.d[e] = INFINITY; }
     for (size_t i = 0; i < n; i++) { s.thr[i] = INFINITY; s.order[i] = (uint32_t)i; }
     if (s.norm) ghnsw_parallel_for(blocks, workers, norm_task, &s);
+    if (s.storage != GHNSW_F32 && (st = make_copy(&s, workers, err)) != GHNSW_OK) goto out;
 
     if (tn) {
         if ((st = build_forest(&s, workers, err)) != GHNSW_OK) goto out;
@@ -565,6 +758,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
         if (p->on_round && p->on_round(p->on_round_ctx, round, fresh)) { st = GHNSW_ECALLBACK; goto out; }
         if (fresh <= stop_below) break;
     }
+    if (s.storage != GHNSW_F32 && !s.exact_copy) ghnsw_parallel_for(blocks, workers, rescore_task, &s);
 
     for (size_t i = 0; i < n; i++) { /* rows sorted by (distance, id): insertion sort of k entries */
         int64_t *oi = out_ids + i * s.k;
@@ -581,5 +775,6 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
 out:
     free(s.ids); free(s.d); free(s.flag); free(s.thr); free(s.locks);
     free(s.cand); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.norm);
+    free(s.copy); free(s.jterm); free(s.i8_offset); free(s.range); free(s.fraction);
     return st;
 }

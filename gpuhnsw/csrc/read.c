@@ -70,7 +70,8 @@ ghnsw_status_t ghnsw_get_vectors(ghnsw_index_t *ix, const uint64_t *labels, size
             break;
         }
         ghnsw_spin_lock(&ix->slot_locks[s]);
-        memcpy(out + i * ix->dim, ghnsw_vec(ix, s), ix->dim * sizeof(float));
+        if (ix->exact) memcpy(out + i * ix->dim, ghnsw_exact(ix, s), ix->dim * sizeof(float));
+        else ghnsw_decode(ix, ghnsw_vec(ix, s), out + i * ix->dim);
         ghnsw_spin_unlock(&ix->slot_locks[s]);
     }
     ghnsw_read_unlock(ix, held);
@@ -191,7 +192,9 @@ void ghnsw_unpin_labels(ghnsw_index_t *ix, int taken) {
 size_t ghnsw_memory_bytes(ghnsw_index_t *ix) {
     int held = ghnsw_read_lock(ix);
     size_t cap = ix->capacity;
-    size_t b = cap * ((size_t)ix->dim_pad * 4 + (size_t)ix->M0 * 4 + 4 + 8 + 1 + sizeof(void *) + 1 + 1);
+    size_t b = cap * (ix->row_bytes + (size_t)ix->M0 * 4 + 4 + 8 + 1 + sizeof(void *) + 1 + 1);
+    if (ix->rerank) b += cap * (size_t)ix->dim_pad * 4;
+    if (ix->q_scale) b += 2 * (size_t)ix->dim * 4;
     b += 2 * bitset_words(cap) * 4;
     pthread_mutex_lock(&ix->map_lock);
     b += (ix->map.mask + 1) * (8 + 4);
@@ -203,7 +206,7 @@ size_t ghnsw_memory_bytes(ghnsw_index_t *ix) {
 }
 
 ghnsw_status_t ghnsw_gather_rows(ghnsw_index_t *ix, const uint32_t *slots, size_t n, float *vectors, uint32_t *links,
-                                 uint32_t *degree, uint64_t *labels, uint8_t *levels, ghnsw_err_t *err) {
+                                 uint32_t *degree, uint64_t *labels, uint8_t *levels, int exact, ghnsw_err_t *err) {
     ghnsw_status_t st = GHNSW_OK;
     int held = ghnsw_read_lock(ix);
     uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
@@ -211,12 +214,55 @@ ghnsw_status_t ghnsw_gather_rows(ghnsw_index_t *ix, const uint32_t *slots, size_
         uint32_t s = slots[i];
         if (s >= count) { st = ghnsw_fail(err, GHNSW_EINVAL, "slot %u out of range (count %u)", s, count); break; }
         ghnsw_spin_lock(&ix->slot_locks[s]);
-        if (vectors) memcpy(vectors + i * ix->dim_pad, ghnsw_vec(ix, s), ix->dim_pad * sizeof(float));
+        if (vectors && (ix->storage == GHNSW_F32 || (exact && ix->exact)))
+            memcpy(vectors + i * ix->dim_pad, ix->storage == GHNSW_F32 ? (const void *)ghnsw_vec(ix, s)
+                                                                       : (const void *)ghnsw_exact(ix, s),
+                   ix->dim_pad * sizeof(float));
+        else if (vectors) {
+            ghnsw_decode(ix, ghnsw_vec(ix, s), vectors + i * ix->dim_pad);
+            memset(vectors + i * ix->dim_pad + ix->dim, 0, (ix->dim_pad - ix->dim) * sizeof(float));
+        }
         memcpy(links + i * ix->M0, ghnsw_links0(ix, s), ix->M0 * sizeof(uint32_t));
         degree[i] = ix->degree0[s];
         ghnsw_spin_unlock(&ix->slot_locks[s]);
         if (labels) labels[i] = ix->labels[s];
         if (levels) levels[i] = ix->levels[s];
+    }
+    ghnsw_read_unlock(ix, held);
+    return st;
+}
+
+ghnsw_status_t ghnsw_distances(ghnsw_index_t *ix, const float *queries, size_t nq, const uint32_t *slots, size_t c,
+                               float *out, ghnsw_err_t *err) {
+    ghnsw_status_t st = GHNSW_OK;
+    size_t xbytes = sizeof(float) * ix->dim_pad;
+    float *x = malloc(xbytes + ix->query_bytes);
+    if (!x) return ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
+    void *q = ix->storage == GHNSW_F32 ? (void *)x : (void *)((char *)x + xbytes);
+    int held = ghnsw_read_lock(ix);
+    uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
+    for (size_t i = 0; i < nq * c && st == GHNSW_OK; i++)
+        if (slots[i] >= count) st = ghnsw_fail(err, GHNSW_EINVAL, "slot %u out of range (count %u)", slots[i], count);
+    for (size_t i = 0; i < nq && st == GHNSW_OK; i++) {
+        memset(x, 0, xbytes);
+        memcpy(x, queries + i * ix->dim, sizeof(float) * ix->dim);
+        if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
+        ghnsw_prepare(ix, x, q);
+        for (size_t j = 0; j < c; j++) out[i * c + j] = ix->dist(q, ghnsw_vec(ix, slots[i * c + j]), ix->row_n);
+    }
+    ghnsw_read_unlock(ix, held);
+    free(x);
+    return st;
+}
+
+ghnsw_status_t ghnsw_pair_distances(ghnsw_index_t *ix, const uint32_t *a, const uint32_t *b, size_t n, float *out,
+                                    ghnsw_err_t *err) {
+    ghnsw_status_t st = GHNSW_OK;
+    int held = ghnsw_read_lock(ix);
+    uint32_t count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
+    for (size_t i = 0; i < n && st == GHNSW_OK; i++) {
+        if (a[i] >= count || b[i] >= count) st = ghnsw_fail(err, GHNSW_EINVAL, "slot out of range (count %u)", count);
+        else out[i] = ghnsw_pair(ix, a[i], b[i]);
     }
     ghnsw_read_unlock(ix, held);
     return st;
@@ -247,7 +293,7 @@ ghnsw_status_t ghnsw_gather_upper(ghnsw_index_t *ix, const uint32_t *slots, size
     return st;
 }
 
-ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, ghnsw_export_t *out, ghnsw_alloc_fn alloc, void *ctx,
+ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, int decoded, ghnsw_export_t *out, ghnsw_alloc_fn alloc, void *ctx,
                             ghnsw_err_t *err) {
     ghnsw_status_t st = ghnsw_writer_lock(ix, "saving or pickling", err); /* no writer while we copy */
     if (st) return st;
@@ -259,22 +305,36 @@ ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, ghnsw_export_t *out, ghnsw_alloc_
     out->entry_point = n ? (int64_t)ix->entry_point : -1;
     out->max_level = ix->max_level;
     out->insert_seq = ix->insert_seq;
-    char *vec = alloc(ctx, (size_t)n * dim * 4);
+    out->clipped_rows = ix->clipped_rows;
+    out->clipped_values = ix->clipped_values;
+    /* float32 storage (or decoded): [n, dim] float32; else the stored rows as they are */
+    int floats = decoded || ix->storage == GHNSW_F32;
+    size_t vrow = floats ? (size_t)dim * 4 : ix->row_bytes;
+    char *vec = alloc(ctx, (size_t)n * vrow);
     char *links = vec ? alloc(ctx, (size_t)n * ix->M0 * 4) : NULL;
     char *deg = links ? alloc(ctx, (size_t)n * 4) : NULL;
     char *lab = deg ? alloc(ctx, (size_t)n * 8) : NULL;
     char *lev = lab ? alloc(ctx, (size_t)n) : NULL;
     char *up = lev ? alloc(ctx, upper_words * 4) : NULL;
     char *del = up ? alloc(ctx, (size_t)n) : NULL;
-    if (!del) {
+    char *exact = del ? alloc(ctx, ix->exact ? (size_t)n * dim * 4 : 0) : NULL;
+    char *quant = exact ? alloc(ctx, ix->q_scale ? 2 * (size_t)dim * 4 : 0) : NULL;
+    if (!quant) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
     } else {
         memcpy(links, ix->links0, (size_t)n * ix->M0 * 4);
         memcpy(deg, ix->degree0, (size_t)n * 4);
         memcpy(lab, ix->labels, (size_t)n * 8);
         memcpy(lev, ix->levels, n);
+        if (ix->q_scale) {
+            memcpy(quant, ix->q_offset, (size_t)dim * 4);
+            memcpy(quant + (size_t)dim * 4, ix->q_scale, (size_t)dim * 4);
+        }
         for (uint32_t s = 0; s < n; s++) {
-            memcpy(vec + (size_t)s * dim * 4, ghnsw_vec(ix, s), (size_t)dim * 4);
+            if (!floats) memcpy(vec + (size_t)s * vrow, ghnsw_vec(ix, s), vrow);
+            else if (ix->exact) memcpy(vec + (size_t)s * vrow, ghnsw_exact(ix, s), vrow);
+            else ghnsw_decode(ix, ghnsw_vec(ix, s), (float *)(vec + (size_t)s * vrow));
+            if (ix->exact) memcpy(exact + (size_t)s * dim * 4, ghnsw_exact(ix, s), (size_t)dim * 4);
             size_t w = (size_t)ix->levels[s] * (1 + ix->M) * 4;
             if (w) { memcpy(up, ix->upper[s], w); up += w; }
             del[s] = (char)ghnsw_bit_get(ix->deleted, s);

@@ -38,7 +38,7 @@ uint32_t ghnsw_read_links(ghnsw_index_t *ix, uint32_t s, int level, uint32_t *ou
     return m;
 }
 
-uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, int from_level, int to_level,
+uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const void *q, uint32_t ep, int from_level, int to_level,
                               float *ep_dist) {
     uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M + 1));
     uint32_t cur = ep;
@@ -49,7 +49,7 @@ uint32_t ghnsw_greedy_descent(ghnsw_index_t *ix, const float *q, uint32_t ep, in
             changed = 0;
             uint32_t n = ghnsw_read_links(ix, cur, l, buf);
             for (uint32_t i = 0; i < n; i++) {
-                float dn = ix->dist(q, ghnsw_vec(ix, buf[i]), ix->dim_pad);
+                float dn = ix->dist(q, ghnsw_vec(ix, buf[i]), ix->row_n);
                 if (dn < d) { d = dn; cur = buf[i]; changed = 1; }
             }
         }
@@ -82,7 +82,7 @@ static inline uint32_t sorted_insert(ghnsw_cand_t *b, uint32_t *n, uint32_t cap,
 /* The fixed-size beam (docs/architecture.md "Search semantics"): used when every visited slot may be
  * returned, i.e. no filter and no deletions.  This is the order the GPU kernel and the NumPy reference
  * reproduce. */
-static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep, float ep_dist,
+static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const void *q, uint32_t ep, float ep_dist,
                          int level, uint32_t ef, ghnsw_cand_t *beam) {
     uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M0 + 1));
     uint32_t n = 1, cursor = 0;
@@ -98,7 +98,7 @@ static uint32_t beam_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q
             uint32_t s = buf[i];
             if (i + 1 < deg) __builtin_prefetch(ghnsw_vec(ix, buf[i + 1]));
             if (ghnsw_visit(vis, s)) continue;
-            float d = ix->dist(q, ghnsw_vec(ix, s), ix->dim_pad);
+            float d = ix->dist(q, ghnsw_vec(ix, s), ix->row_n);
             if (n < ef || cand_less(d, s, beam[n - 1].d, beam[n - 1].id & ~GHNSW_EXPANDED)) {
                 uint32_t pos = sorted_insert(beam, &n, ef, d, s);
                 if (pos < next) next = pos;
@@ -178,7 +178,7 @@ static inline int is_allowed(ghnsw_index_t *ix, allow_t *a, uint32_t s) {
 /* hnswlib's search with deletions or a filter (searchBaseLayerST, non-bare-bone): excluded slots stay
  * waypoints, and the search goes on until it holds ef allowed results (or runs out of graph), so a
  * selective filter still finds what it allows.  Writes up to ef sorted results into out[ef]. */
-static uint32_t filtered_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep, float ep_dist,
+static uint32_t filtered_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const void *q, uint32_t ep, float ep_dist,
                              int level, uint32_t ef, allow_t *allow, ghnsw_cand_t *out) {
     uint32_t *buf = alloca(sizeof(uint32_t) * (ix->M0 + 1));
     heap_t cand = {NULL, 0, 0}, res = {out, 0, ef}; /* res never grows past ef: it pops first */
@@ -194,7 +194,7 @@ static uint32_t filtered_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const floa
             uint32_t s = buf[i];
             if (i + 1 < deg) __builtin_prefetch(ghnsw_vec(ix, buf[i + 1]));
             if (ghnsw_visit(vis, s)) continue;
-            float d = ix->dist(q, ghnsw_vec(ix, s), ix->dim_pad);
+            float d = ix->dist(q, ghnsw_vec(ix, s), ix->row_n);
             if (res.n < ef || d < bound) {
                 if (heap_push(&cand, d, s, 1)) { allow->error = GHNSW_ENOMEM; break; }
                 if (is_allowed(ix, allow, s)) {
@@ -216,7 +216,7 @@ static uint32_t filtered_run(ghnsw_index_t *ix, ghnsw_visited_t *vis, const floa
 
 /* Construction search: new nodes do not link to deleted slots (as hnswlib), so with deletions present
  * the filtered search runs with "not deleted" as its filter. */
-uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const float *q, uint32_t ep,
+uint32_t ghnsw_search_layer(ghnsw_index_t *ix, ghnsw_visited_t *vis, const void *q, uint32_t ep,
                             float ep_dist, int level, uint32_t ef, ghnsw_cand_t *beam) {
     if (__atomic_load_n(&ix->n_deleted, __ATOMIC_RELAXED) == 0)
         return beam_run(ix, vis, q, ep, ep_dist, level, ef, beam);
@@ -241,6 +241,17 @@ typedef struct {
     int use_filtered;
 } query_ctx_t;
 
+static int cand_cmp(const void *a, const void *b) {
+    const ghnsw_cand_t *x = a, *y = b;
+    return cand_less(x->d, x->id, y->d, y->id) ? -1 : cand_less(y->d, y->id, x->d, x->id);
+}
+
+/* The exact re-rank: the final candidates re-scored on the float32 rows, re-sorted. */
+static void rerank(const ghnsw_index_t *ix, const float *x, ghnsw_cand_t *beam, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) beam[i].d = ix->exact_dist(x, ghnsw_exact(ix, beam[i].id), ix->dim_pad);
+    qsort(beam, n, sizeof(ghnsw_cand_t), cand_cmp);
+}
+
 static int query_one(void *vctx, size_t qi, int worker) {
     query_ctx_t *c = vctx;
     ghnsw_index_t *ix = c->ix;
@@ -253,16 +264,19 @@ static int query_one(void *vctx, size_t qi, int worker) {
         /* a beam wider than the index holds nothing more: bound what a request can allocate */
         uint32_t ef = c->p->beam, count = __atomic_load_n(&ix->count, __ATOMIC_ACQUIRE);
         if (ef > count) ef = count;
-        /* one heap block: the beam [ef], then the padded query [dim_pad] (dims can be too large for
-         * a worker thread's stack) */
-        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef + sizeof(float) * ix->dim_pad);
+        /* one heap block (dims can be too large for a worker thread's stack): the beam [ef], the
+         * padded float query x [dim_pad], its prepared form [query_bytes] (float32: x itself) */
+        size_t xbytes = sizeof(float) * ix->dim_pad;
+        ghnsw_cand_t *beam = malloc(sizeof(ghnsw_cand_t) * ef + xbytes + ix->query_bytes);
         ghnsw_visited_t *vis = ghnsw_visited_get(&ix->vpool);
         if (!beam || !vis) { free(beam); if (vis) ghnsw_visited_put(&ix->vpool, vis); return GHNSW_ENOMEM; }
-        float *q = (float *)(beam + ef);
-        memset(q, 0, sizeof(float) * ix->dim_pad);
-        memcpy(q, c->queries + qi * ix->dim, sizeof(float) * ix->dim);
-        if (ix->space == GHNSW_COSINE) ghnsw_normalize(q, ix->dim);
-        float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->dim_pad);
+        float *x = (float *)(beam + ef);
+        void *q = ix->storage == GHNSW_F32 ? (void *)x : (void *)((char *)x + xbytes);
+        memset(x, 0, xbytes);
+        memcpy(x, c->queries + qi * ix->dim, sizeof(float) * ix->dim);
+        if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
+        ghnsw_prepare(ix, x, q);
+        float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->row_n);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);
         uint32_t nres;
         const uint32_t *bits = filter ? filter->allowed_bits : NULL;
@@ -272,6 +286,7 @@ static int query_one(void *vctx, size_t qi, int worker) {
         else nres = beam_run(ix, vis, q, cur, d, 0, ef, beam);
         ghnsw_visited_put(&ix->vpool, vis);
         if (allow.error) { free(beam); return allow.error; }
+        if (ix->exact) rerank(ix, x, beam, nres);
         for (; found < k && found < nres; found++) {
             lab[found] = c->p->want_slots ? beam[found].id : ix->labels[beam[found].id];
             dst[found] = beam[found].d;

@@ -7,6 +7,9 @@ describe, and the launchers, the only Python that knows a kernel's arguments and
 * :func:`search_fixed`: ``search_fixed_kernel`` (kernels/search_fixed.cu) the same way, from
   :data:`SEARCH_FIXED_ARGS`; :func:`gather_merged` the last step of its multi-block mode;
 * :func:`distances`, :func:`topk`, :func:`scatter`: the other kernels' argument lists;
+* :func:`gemm`: the screening products of exact search and GPU NN-descent's joins on cuBLAS
+  (``cublasGemmEx`` / ``cublasGemmStridedBatchedEx``: reduced-precision inputs, float32
+  accumulation), the one call into cuBLAS that is not CuPy's own;
 * :func:`plan_search` picks the search instantiation, visited hash and shared memory for a batch
   (:func:`search_launch`), and opts the kernel into more than 48 KiB of shared memory where needed;
   :func:`fixed_launch` does the same for ``search_fixed_kernel``, with the blocks per query;
@@ -23,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
+from .arrays import import_cupy
 from .kernels import SEARCH_CAPACITIES, TOPK_CAPACITIES
 
 __all__ = ["SEARCH_ARGS", "SEARCH_FIXED_ARGS", "SearchLaunch", "FixedLaunch", "search_launch", "plan_search",
-           "fixed_launch", "plan_fixed", "search", "search_fixed", "gather_merged", "distances", "topk", "scatter",
+           "fixed_launch", "plan_fixed", "search", "search_fixed", "gather_merged", "distances", "topk", "scatter", "gemm",
            "row_stride", "team_size", "fixed_team_size", "beam_capacity", "fixed_capacity", "topk_capacity",
            "search_hash_log2", "fixed_hash_log2", "fixed_global_log2", "fixed_blocks", "fixed_block_beam",
            "search_shared_bytes", "fixed_shared_bytes", "workspace_words", "distance_shared_bytes",
@@ -415,16 +419,17 @@ def distances(kernel, *, vectors, stride, metric, n_slots, queries, nq, dim, slo
            shared_mem=distance_shared_bytes(stride))
 
 
-def topk(*, tile, ld, n, index_offset, key_scale, key_bias, exclude, exclude_key, prev_dists, prev_index,
-         nq, k, out_dists, out_index):
-    """Launch ``select_topk_kernel`` (kernels/topk.cu) over ``nq`` rows of ``tile``; None for an
-    optional array is a null pointer."""
+def topk(*, tile, row_stride, col_stride, n, index_offset, key_scale, key_bias, exclude, exclude_key, prev_dists,
+         prev_index, nq, k, out_dists, out_index):
+    """Launch ``select_topk_kernel`` (kernels/topk.cu) over ``nq`` rows of ``tile`` (entry ``(i, c)``
+    at ``tile[i * row_stride + c * col_stride]``: a transposed read takes a tile's columns as its
+    rows); None for an optional array is a null pointer."""
     cap = topk_capacity(k)
     warps = kernels.topk_warps(cap)
     null = np.uint64(0)
     kernel = kernels.get_kernel("topk", (cap,))
     kernel((min(nq, 65535),), (32 * warps,),
-           (tile, np.int64(ld), np.int32(n), np.int64(index_offset), np.float32(key_scale),
+           (tile, np.int64(row_stride), np.int64(col_stride), np.int32(n), np.int64(index_offset), np.float32(key_scale),
             null if key_bias is None else key_bias, null if exclude is None else exclude,
             np.float32(exclude_key), null if prev_dists is None else prev_dists,
             null if prev_index is None else prev_index, np.int32(nq), np.int32(k), out_dists, out_index),
@@ -439,3 +444,45 @@ def scatter(kernel, *, r, slots, degree, labels, links, rows, m0, dim_pad, vecto
            (np.int32(r), slots, degree, labels, links, rows, np.int32(m0), np.int32(dim_pad), vectors,
             np.int32(stride), links0, degree0, labels_out, np.int32(q), lslots, ldegree, lstart, lfirst,
             lpacked))
+
+
+# cuBLAS's enum values (library_types.h, cublas_api.h): data types, compute types, operations.
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_COMPUTE_32F, _COMPUTE_32F_PEDANTIC, _COMPUTE_32F_FAST_TF32 = 68, 69, 77
+_OP_N, _OP_T, _GEMM_DEFAULT = 0, 1, -1
+#: Screening precision -> (cuBLAS input type, compute type): float32 accumulation in every case;
+#: ``fp32`` is pedantic (no TF32 whatever the handle's math mode).
+GEMM_TYPES = {"fp16": (_CUDA_R_16F, _COMPUTE_32F), "bf16": (_CUDA_R_16BF, _COMPUTE_32F),
+              "tf32": (_CUDA_R_32F, _COMPUTE_32F_FAST_TF32), "fp32": (_CUDA_R_32F, _COMPUTE_32F_PEDANTIC)}
+
+
+def gemm(a, b, out, *, precision, alpha):
+    """``out[..., i, j] = alpha * sum_t a[..., i, t] * b[..., j, t]`` on cuBLAS, on the current CuPy
+    stream: ``cublasGemmEx`` for 2-D operands, ``cublasGemmStridedBatchedEx`` for 3-D ones.
+
+    a : [m, d] or [batch, m, d]; b : [n, d] or [batch, n, d]: the storage of ``precision``
+        (``_screen.to_storage``), unit stride along ``d``; a 2-D operand's rows may be further
+        apart than ``d`` (a slice of a wider array), a 3-D one is C-contiguous
+    out : cupy float32 [m, ldo >= n] (its first ``n`` columns written) or [batch, m, n], C-contiguous
+    alpha : float, a power of two in the callers (the inverse of the inputs' scales)
+    """
+    cp = import_cupy()
+    cublas = cp.cuda.cublas
+    dtype, compute = GEMM_TYPES[precision]
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    one = np.array(alpha, dtype=np.float32)
+    zero = np.zeros((), dtype=np.float32)
+    # row-major out = a b^T is column-major out^T = op_T(b) op_N(a)
+    if a.ndim == 2:
+        m, d = a.shape
+        n = b.shape[0]
+        cublas.gemmEx(handle, _OP_T, _OP_N, n, m, d, one.ctypes.data, b.data.ptr, dtype, b.strides[0] // b.itemsize,
+                      a.data.ptr, dtype, a.strides[0] // a.itemsize, zero.ctypes.data, out.data.ptr, _CUDA_R_32F,
+                      out.strides[0] // out.itemsize, compute, _GEMM_DEFAULT)
+        return
+    batch, m, d = a.shape
+    n = b.shape[1]
+    cublas.gemmStridedBatchedEx(handle, _OP_T, _OP_N, n, m, d, one.ctypes.data, b.data.ptr, dtype, d, n * d,
+                                a.data.ptr, dtype, d, m * d, zero.ctypes.data, out.data.ptr, _CUDA_R_32F, n, m * n,
+                                batch, compute, _GEMM_DEFAULT)

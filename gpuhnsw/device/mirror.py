@@ -29,7 +29,9 @@ readers' lists do).
 
 Device arrays (slot = row; see kernels/README.md)::
 
-    vectors      [capacity, stride]  float32 | float16 | uint16 (bfloat16 bits); stride: dim rounded up to 16 bytes
+    vectors      [capacity, stride]  float32 | float16 | uint16 (bfloat16 bits); stride: dim rounded up
+                                     to 16 bytes; a float16 or int8 core's rows come decoded from
+                                     ``gather_rows`` (``Index`` picks float16 rows for them)
     links0       [capacity, M0]      uint32
     degree0      [capacity]          uint32
     labels       [capacity]          uint64
@@ -491,10 +493,13 @@ class DeviceMirror:
         cp = import_cupy()
         state = self.core.export_state()
         n, problems = int(state["count"]), []
+        want = np.empty((n, self.dim_pad), dtype=np.float32)   # the stored rows, decoded as a sync ships them
+        self.core.gather_rows(np.arange(n, dtype=np.uint32), want, np.empty((n, self.M0), np.uint32),
+                              np.empty(n, np.uint32), np.empty(n, np.uint64), np.empty(n, np.uint8))
+        want = want[:, :self.dim]
         with cp.cuda.Device(self.device):
             vec = cp.asnumpy(self.vectors[:n, :self.dim])
             vec = bf16_values(vec) if self.storage == "bfloat16" else vec.astype(np.float32)
-            want = np.frombuffer(state["vectors"], np.float32).reshape(n, self.dim)
             tol = {"float32": 0, "float16": 1e-3, "bfloat16": 8e-3}[self.storage]
             if not np.allclose(vec, want, rtol=tol, atol=tol):
                 problems.append("vectors")

@@ -18,23 +18,28 @@ _TILE_BYTES = 256 << 20   # bound on one [rows, n] distance tile of the in-batch
 
 
 def select_topk(tile, k, out_dists, out_index, *, index_offset=0, prev=False, key_scale=1.0,
-                key_bias=None, exclude=None, exclude_key=0.0):
-    """The ``k`` smallest keys of each row of ``tile`` (cupy float32 ``[nq, n]``, C-contiguous),
-    ascending, ties by the smaller column, NaN as +inf: ``select_topk_kernel``, a partial selection
-    (no row is sorted). The key of column ``c`` is ``key_scale * tile[:, c] + key_bias[c]``
-    (``key_bias``: cupy float32 ``[n]`` or None), formed as the kernel reads it. With ``prev``,
-    ``out_dists``/``out_index`` hold a running result of earlier tiles (columns before
-    ``index_offset``) that is merged in. ``exclude`` (cupy int64 ``[nq]`` or None): row ``i``'s
-    column of global index ``exclude[i]`` gets the key ``exclude_key``.
+                key_bias=None, exclude=None, exclude_key=0.0, transposed=False):
+    """The ``k`` smallest keys of each row of ``tile`` (cupy float32 ``[nq, n]``, unit stride along a
+    row, rows possibly further apart: a slice of a wider workspace), ascending, ties by the smaller
+    column, NaN as +inf: ``select_topk_kernel``, a partial selection (no row is sorted). With
+    ``transposed``, the rows are the tile's columns (``[n, nq]`` stored; the symmetric k-NN graph).
+    The key of column ``c`` is ``key_scale * tile[:, c] + key_bias[c]`` (``key_bias``: cupy float32
+    ``[n]`` or None), formed as the kernel reads it. With ``prev``, ``out_dists``/``out_index`` hold
+    a running result of earlier tiles (columns before ``index_offset``) that is merged in.
+    ``exclude`` (cupy int64 ``[nq]`` or None): row ``i``'s column of global index ``exclude[i]``
+    gets the key ``exclude_key``.
 
     out_dists : cupy float32 [nq, k]; out_index : cupy int64 [nq, k] (column + index_offset, -1 missing)
     """
-    nq, n = tile.shape
+    rows, cols = tile.shape
+    stride = tile.strides[0] // tile.itemsize
+    nq, n, row_stride, col_stride = (cols, rows, 1, stride) if transposed else (rows, cols, stride, 1)
     if nq == 0 or k == 0:
         return
-    launch.topk(tile=tile, ld=n, n=n, index_offset=index_offset, key_scale=key_scale, key_bias=key_bias,
-                exclude=exclude, exclude_key=exclude_key, prev_dists=out_dists if prev else None,
-                prev_index=out_index if prev else None, nq=nq, k=k, out_dists=out_dists, out_index=out_index)
+    launch.topk(tile=tile, row_stride=row_stride, col_stride=col_stride, n=n, index_offset=index_offset,
+                key_scale=key_scale, key_bias=key_bias, exclude=exclude, exclude_key=exclude_key,
+                prev_dists=out_dists if prev else None, prev_index=out_index if prev else None, nq=nq, k=k,
+                out_dists=out_dists, out_index=out_index)
 
 
 def batch_neighbours(cp, rows, k, space):

@@ -39,7 +39,7 @@ def exact_over_allowed(core, space, q, slots, params):
     vectors = np.empty((m, core.dim_pad), dtype=np.float32)
     slot_labels = np.empty(m, dtype=np.uint64)
     core.gather_rows(slots, vectors, np.empty((m, core.M0), dtype=np.uint32), np.empty(m, dtype=np.uint32),
-                     slot_labels, np.empty(m, dtype=np.uint8))
+                     slot_labels, np.empty(m, dtype=np.uint8), True)   # the exact rows where kept
     labels = np.full((r, k), NO_LABEL, dtype=np.uint64)
     dists = np.full((r, k), np.inf, dtype=np.float32)
     kk = min(k, m)
