@@ -97,6 +97,36 @@ def test_equals_reference_on_minilm(datasets):
                                    pair_distances(g, rows, ref[x, :k].astype(np.int64)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_compressed_rows(datasets, storage):
+    """A compressed index's reverse edges are ordered by its stored rows' distances (the engine's
+    pair distances).  siftsmall's coordinates are integers <= 255, which float16 stores exactly, so
+    a float16 index and its graph are the float32 index's, entry for entry (int8 stores them exactly
+    too, but quantises the inserted row as a query, so its HNSW graph differs)."""
+    base, _, _, _ = datasets("siftsmall", n_base=3000, n_queries=1)
+
+    def one(storage):
+        index = gpuhnsw.Index("l2", base.shape[1], device="cpu", storage=storage)
+        index.init_index(len(base), M=8, ef_construction=60, random_seed=5)
+        index.add_items(base, np.arange(len(base)), num_threads=1)
+        return index
+
+    index = one(storage)
+    state = index._core.export_state(decoded=True)
+    graph = build_graph(index._core, 24)
+    check_structure(graph, state, 24)
+    if storage == "float16":
+        np.testing.assert_array_equal(graph, build_graph(one("float32")._core, 24))
+    g = ReferenceGraph(state)
+    indptr, ids = level0_csr(g)
+    for x in range(0, g.n, 7):
+        forward = indptr[x + 1] - indptr[x]
+        reverse = graph[x, forward:][graph[x, forward:] != INVALID]
+        d = np.empty(len(reverse), np.float32)
+        index._core.pair_distances(np.full(len(reverse), x, np.uint32), reverse, d)
+        assert np.all(np.diff(d) >= 0), f"row {x}: reverse edges out of order"
+
+
 def test_every_row_of_a_small_index(make_data):
     """All degrees from 1, and an index with a slot whose list is full (hubs get reverse edges)."""
     base = make_data(600, 12, n_clusters=4)

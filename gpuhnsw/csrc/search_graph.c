@@ -101,12 +101,11 @@ static int reverse_rows(void *vctx, size_t b, int worker) {
     for (uint32_t x = (uint32_t)(b * ROW_BLOCK); x < end; x++) {
         uint32_t *row = c->out + (size_t)x * c->degree, k = c->fdeg[x], m = 0;
         if (k == c->degree) continue; /* no room for reverse edges */
-        const float *vx = ghnsw_vec(ix, x);
         for (size_t i = c->roff[x]; i < c->roff[x + 1]; i++) {
             uint32_t y = c->rsrc[i], j = 0;
             while (j < k && row[j] != y) j++;
             if (j < k) continue; /* already a forward neighbour */
-            cand[m].d = ix->dist(vx, ghnsw_vec(ix, y), ix->dim_pad);
+            cand[m].d = ghnsw_pair(ix, x, y); /* stored rows, any storage */
             cand[m++].id = y;
         }
         qsort(cand, m, sizeof(*cand), cand_cmp);
