@@ -14,7 +14,7 @@ Per dataset, in one run on one machine:
   ``knn_query``, the sync with nothing to do, input validation on the device, the search launch
   (host time to enqueue), the kernel (CUDA events), launch plus the read-back of found/status;
 - the search kernel's knobs at batch 1 and 10,000: ``search_width`` 2 and 4 besides 1, and fp16
-  storage (``storage="float16"``) at batch 10,000.
+  storage (``gpu_storage="float16"``) at batch 10,000.
 
 Datasets: mnist and minilm-debian from the shared data (``GHNSW_DATA`` points at a copy carried to
 the device), and ``synthetic-1m``: 1,000,000 x 128 float32 generated on the device by
@@ -214,7 +214,7 @@ def knobs(cp, index, q_dev, truth, res, save, deadline):
         save()
     if late("float16 storage"):
         return
-    half = gpuhnsw.Index(index, device="cuda", storage="float16")
+    half = gpuhnsw.Index(index, device="cuda", gpu_storage="float16")
     res["gpu_float16"] = {big: gpu_curve(cp, half, q_dev, truth, BATCHES[-1])}
     print(f"  float16 storage: QPS at 0.95 (batch 10k) {qps_at_recall(res['gpu_float16'][big], TARGET)}", flush=True)
     del half

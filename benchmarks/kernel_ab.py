@@ -282,7 +282,7 @@ def run(name, args, save, budget_s):
             print(f"  {label}: skipped (--budget-s spent)", flush=True)
             continue
         os.environ["GHNSW_SEARCH_KERNEL"] = kernel
-        copy = gpuhnsw.Index(index, device="cuda", storage=storage)
+        copy = gpuhnsw.Index(index, device="cuda", gpu_storage=storage)
         copy.sync()
         entry = res["contenders"][label] = {"kernel": kernel, "storage": storage, "search_width": width}
         for batch in BATCHES:

@@ -130,19 +130,42 @@ def test_a_mirror_whose_sync_failed_after_the_drain_syncs_in_full(fake_gpu, data
     assert mirror.check_against_core() == [] and st.rows == 1110
 
 
+@pytest.mark.parametrize("storage, gpu_storage, rows", [("float32", None, "float32"), ("int8", None, "float16"),
+                                                       ("float16", None, "float16"), ("float32", "bfloat16", "bfloat16"),
+                                                       ("int8", "float32", "float32")])
+def test_gpu_storage_picks_the_mirror_rows_only(fake_gpu, datasets, storage, gpu_storage, rows):
+    """``gpu_storage`` chooses the device rows (default: float32 for a float32 index, float16 for
+    the compressed ones) and never what the engine stores, saves or copies."""
+    base = datasets("siftsmall", n_base=400)[0]
+    index = gpuhnsw.Index("l2", base.shape[1], device="cuda", storage=storage, gpu_storage=gpu_storage)
+    index.init_index(len(base), M=8, ef_construction=40, random_seed=2)
+    index.add_items(base, build="cpu")
+    index.sync()
+    mirror = index._gpu.mirror
+    assert index.storage == storage and index._core.storage == storage and mirror.storage == rows
+    assert mirror.vectors.dtype == {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[rows]
+    assert mirror.check_against_core() == []
+    copy = gpuhnsw.Index(index, device="cpu")
+    assert copy.storage == storage
+
+
+def test_gpu_storage_refused():
+    with pytest.raises(ValueError, match="gpu_storage must be one of"):
+        gpuhnsw.Index("l2", 8, device="cpu", gpu_storage="int8")
+
+
 @pytest.mark.filterwarnings("ignore:add_items. .* rows had values outside the int8 ranges")
 @pytest.mark.parametrize("storage, rerank", [("float16", False), ("int8", False), ("int8", True)])
 def test_compressed_rows_go_up_decoded_as_float16(fake_gpu, datasets, storage, rerank):
     """A float16 or int8 index's mirror holds float16 rows: the stored rows decoded by gather_rows
     (int8: offset + scale * code; never the exact rows of rerank, which the CPU alone re-scores
     with), kept in step through inserts, updates, replace_deleted and deletes as for float32."""
-    from gpuhnsw.index import _mirror_storage
     base = datasets("siftsmall", n_base=1300)[0]
     index = gpuhnsw.Index("l2", base.shape[1], storage=storage, rerank=rerank)
     index.init_index(len(base), M=8, ef_construction=40, random_seed=2, allow_replace_deleted=True)
     index.add_items(base[:1000])
-    assert _mirror_storage(index.storage) == "float16"
-    mirror = fake_gpu.DeviceMirror(index._core, storage=_mirror_storage(index.storage))
+    assert index._mirror_storage(index.storage) == "float16"
+    mirror = fake_gpu.DeviceMirror(index._core, storage=index._mirror_storage(index.storage))
     assert mirror.sync().rows == 1000 and mirror.vectors.dtype == np.float16
 
     def stored_rows(n):   # the engine's rows, decoded in NumPy

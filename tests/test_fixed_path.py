@@ -154,7 +154,7 @@ def sift(datasets):
 
 
 def make_index(base, storage="float32", space="l2"):
-    index = gpuhnsw.Index(space, base.shape[1], device="cuda", storage=storage)
+    index = gpuhnsw.Index(space, base.shape[1], device="cuda", gpu_storage=storage)
     index.init_index(len(base), M=8, ef_construction=40, random_seed=3)
     index.add_items(base, num_threads=2)
     return index

@@ -28,7 +28,7 @@ def sift(datasets):
 
 def build(base, storage, monkeypatch, space="l2"):
     monkeypatch.setenv("GHNSW_SEARCH_KERNEL", "fixed")
-    index = gpuhnsw.Index(space, base.shape[1], device="cuda", storage=storage)
+    index = gpuhnsw.Index(space, base.shape[1], device="cuda", gpu_storage=storage)
     index.init_index(len(base), M=16, ef_construction=100, random_seed=3)
     index.add_items(base, build="cpu")
     return index

@@ -202,9 +202,9 @@ class FixedSearch:
             workspace.fill(0)
             launch.search_fixed(plan, kernel, workspace=workspace, out_slots=tile_s, out_dists=tile_d,
                                 out_labels=None, **common)
-            launch.topk(tile=tile_d, ld=blocks * k, n=blocks * k, index_offset=0, key_scale=1.0, key_bias=None,
-                        exclude=None, exclude_key=0.0, prev_dists=None, prev_index=None, nq=nq, k=k,
-                        out_dists=out_dists, out_index=columns)
+            launch.topk(tile=tile_d, row_stride=blocks * k, col_stride=1, n=blocks * k, index_offset=0,
+                        key_scale=1.0, key_bias=None, exclude=None, exclude_key=0.0, prev_dists=None,
+                        prev_index=None, nq=nq, k=k, out_dists=out_dists, out_index=columns)
             launch.gather_merged(kernels.get_kernel("merge", (), m.device), columns=columns, tile_slots=tile_s,
                                  tile_ld=blocks * k, labels=m.labels, workspace=workspace, ws_ld=ws_words, nq=nq, k=k,
                                  dists=out_dists, out_slots=out_ids if slots else None,
