@@ -562,7 +562,7 @@ def run_fixed(emulator, state, queries, k, ef, *, storage="float16", width=1, al
         tile_s = out["out_slots"][:nq * blocks * k].reshape(nq, blocks * k)
         n = blocks * k
         topk = run(build("topk", CAP=launch.topk_capacity(k)), {"out_d": np.float32, "out_i": np.int64},
-                   params=np.array([n, n, nq, 0, k, 64, 2, 0, 0, 0], np.int64), dists=tile_d,
+                   params=np.array([n, n, nq, 0, k, 64, 2, 0, 0, 0, 1], np.int64), dists=tile_d,
                    fparams=np.array([1.0, 0.0], np.float32), bias=np.zeros(1, np.float32),
                    exclude=np.zeros(1, np.int64), prev_d=np.zeros(1, np.float32), prev_i=np.zeros(1, np.int64))
         merged = run(build("merge"), {"out_slots": np.uint32, "out_labels": np.uint64, "out_dists": np.float32,
