@@ -27,7 +27,6 @@ Writes ``cpu_storage.json`` (machine, parameters, every measurement), ``cpu_stor
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,17 +35,15 @@ import time
 import numpy as np
 
 import gpuhnsw
-from cpu_vs_hnswlib import in_fresh_process, qps_at_recall, _status_kib   # this script's folder
+from cpu_vs_hnswlib import (K, TARGET_RECALL, in_fresh_process, qps_at_recall, time_queries,   # this script's folder
+                            write_plot, _status_kib)
 from gpuhnsw import testing
 from gpuhnsw.testing import exact_knn, load_dataset, recall_at_k
 
 M = 16
 EF_CONSTRUCTION = 200
 THREADS = 2
-K = 10
-TARGET_RECALL = 0.95
 EF_SWEEP = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-MIN_BATCH_SECONDS = 0.2
 # name -> (space, (n_base, n_queries) for --quick, n_queries of a full run)
 DATASETS = {
     "siftsmall": ("l2", (None, None), None),
@@ -76,21 +73,6 @@ def make_index(contender, space, dim):
 def populate(index, base):
     index.init_index(max_elements=len(base), M=M, ef_construction=EF_CONSTRUCTION, random_seed=100)
     index.add_items(base, np.arange(len(base)), num_threads=THREADS)
-
-
-def time_queries(index, queries, ef):
-    """Seconds per batch of knn_query(k=K, num_threads=THREADS) at ``ef``, and the labels."""
-    index.set_ef(ef)
-    start = time.perf_counter()
-    labels, _ = index.knn_query(queries, k=K, num_threads=THREADS)
-    seconds = time.perf_counter() - start
-    if seconds < MIN_BATCH_SECONDS:
-        loops = math.ceil(MIN_BATCH_SECONDS / max(seconds, 1e-6))
-        start = time.perf_counter()
-        for _ in range(loops):
-            index.knn_query(queries, k=K, num_threads=THREADS)
-        seconds = (time.perf_counter() - start) / loops
-    return seconds, labels
 
 
 def data(name, quick):
@@ -146,7 +128,7 @@ def run_dataset(name, quick, repeats):
         labels = {}
         for _ in range(repeats):
             for c in CONTENDERS:
-                s, labels[c] = time_queries(indexes[c], queries, ef)
+                s, labels[c] = time_queries(indexes[c], queries, ef, THREADS)
                 seconds[c].append(s)
             loads.append(os.getloadavg()[0])
         for c in CONTENDERS:
@@ -244,30 +226,6 @@ def write_markdown(results, path):
         f.write("\n".join(lines) + "\n")
 
 
-def write_plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["datasets"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        d = results["datasets"][name]
-        for c, style in zip(CONTENDERS, ("k--", "o-", "s-", "^-", "v-")):
-            curve = d["curves"][c]
-            ax.plot([p["recall"] for p in curve], [p["qps"] for p in curve], style, label=c, markersize=4)
-        ax.axvline(TARGET_RECALL, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"recall@{K}")
-        ax.set_ylabel(f"QPS ({THREADS} threads)")
-        ax.set_title(f"{name} ({d['space']}, n={d['n_base']})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -290,7 +248,7 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=1)
     write_markdown(results, stem + ".md")
-    write_plot(results, stem + ".png")
+    write_plot(results, stem + ".png", CONTENDERS, ("k--", "o-", "s-", "^-", "v-"), f"{THREADS} threads")
     print(f"\nwrote {stem}.json, .md, .png\n")
     with open(stem + ".md") as f:
         print(f.read())

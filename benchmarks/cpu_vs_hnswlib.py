@@ -75,17 +75,18 @@ def build(lib, space, base):
     return index, time.perf_counter() - start
 
 
-def time_queries(index, queries, ef):
-    """Seconds per batch of ``knn_query(queries, k=K)`` at ``ef``, and the labels [nq, K]."""
+def time_queries(index, queries, ef, threads=QUERY_THREADS):
+    """Seconds per batch of ``knn_query(queries, k=K, num_threads=threads)`` at ``ef``, and the
+    labels [nq, K]."""
     index.set_ef(ef)
     start = time.perf_counter()
-    labels, _ = index.knn_query(queries, k=K, num_threads=QUERY_THREADS)
+    labels, _ = index.knn_query(queries, k=K, num_threads=threads)
     seconds = time.perf_counter() - start
     if seconds < MIN_BATCH_SECONDS:
         loops = math.ceil(MIN_BATCH_SECONDS / max(seconds, 1e-6))
         start = time.perf_counter()
         for _ in range(loops):
-            index.knn_query(queries, k=K, num_threads=QUERY_THREADS)
+            index.knn_query(queries, k=K, num_threads=threads)
         seconds = (time.perf_counter() - start) / loops
     return seconds, labels
 
@@ -292,7 +293,9 @@ def write_markdown(results, path):
         f.write("\n".join(lines) + "\n")
 
 
-def write_plot(results, path):
+def write_plot(results, path, contenders=LIBS, styles=("o-", "s--"), threads=f"{QUERY_THREADS} thread"):
+    """One panel per dataset: QPS against recall@K of each contender's ef sweep (log scale), the
+    target recall marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -301,13 +304,13 @@ def write_plot(results, path):
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         d = results["datasets"][name]
-        for lib, style in zip(LIBS, ("o-", "s--")):
-            c = d["curves"][lib]
-            ax.plot([p["recall"] for p in c], [p["qps"] for p in c], style, label=lib, markersize=4)
+        for contender, style in zip(contenders, styles):
+            c = d["curves"][contender]
+            ax.plot([p["recall"] for p in c], [p["qps"] for p in c], style, label=contender, markersize=4)
         ax.axvline(TARGET_RECALL, color="grey", linewidth=0.8, linestyle=":")
         ax.set_yscale("log")
         ax.set_xlabel(f"recall@{K}")
-        ax.set_ylabel(f"QPS ({QUERY_THREADS} thread)")
+        ax.set_ylabel(f"QPS ({threads})")
         ax.set_title(f"{name} ({d['space']}, n={d['n_base']})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
