@@ -48,7 +48,8 @@ import bisect
 
 import numpy as np
 
-__all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "descend", "normalize_queries"]
+__all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "descend", "normalize_queries",
+           "unvisited_neighbours"]
 
 INVALID = 0xFFFFFFFF
 
@@ -177,12 +178,7 @@ def _beam_mode(g, q, limit, search_width, cur, d, counts):
         expanded.update(parents)
         counts[_ITERATIONS] += 1
         counts[_EXPANDED] += len(parents)
-        cands = []
-        for p in parents:
-            for s in g.neighbors(p, 0).tolist():
-                if s not in visited:
-                    visited.add(s)
-                    cands.append(s)
+        cands = unvisited_neighbours(g, parents, visited)
         if cands:
             counts[_DISTANCES] += len(cands)
             beam = _insert_limit(beam, list(zip(g.distances(q, cands).tolist(), cands)), limit)
@@ -216,6 +212,18 @@ def _filtered_mode(g, q, limit, search_width, cur, d, allowed, pending_limit, co
         if pending_limit is not None:
             del pending[pending_limit:]
     return results
+
+
+def unvisited_neighbours(g, parents, visited):
+    """The level-0 neighbours of ``parents`` (in list order) not yet in the set ``visited``, which
+    takes them: one iteration's distance candidates, as the kernels' visited hash admits them."""
+    cands = []
+    for p in parents:
+        for s in g.neighbors(p, 0).tolist():
+            if s not in visited:
+                visited.add(s)
+                cands.append(s)
+    return cands
 
 
 def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None, pending_limit=None,

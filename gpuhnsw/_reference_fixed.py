@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._reference import COUNTS, ReferenceGraph, descend, normalize_queries
+from ._reference import COUNTS, ReferenceGraph, descend, normalize_queries, unvisited_neighbours
 
 __all__ = ["fixed_search_reference", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 
@@ -130,12 +130,7 @@ def _run_block(g, q, k, limit, width, allowed, hash_log2, blocks, global_log2, b
             break
         counts[_ITERATIONS] += 1
         counts[_EXPANDED] += len(parents)
-        cands = []
-        for p in parents:
-            for s in g.neighbors(p, 0).tolist():
-                if s not in visited:
-                    visited.add(s)
-                    cands.append(s)
+        cands = unvisited_neighbours(g, parents, visited)
         if cands:
             counts[_DISTANCES] += len(cands)
             blk.merge(list(zip(g.distances(q, cands).tolist(), cands)))
