@@ -357,6 +357,20 @@ def _order(cp, d64, cand, k, srows, tie):
     return rows, dists.astype(cp.float32), dists[:, k - 1].copy()
 
 
+def _ship(clock, download, a, b, turn, rows, d32, waits, progress):
+    """Queue the download of rows ``[a, b)`` (a finished block, into ``download``'s slot of
+    ``turn``); with three blocks in flight, wait for the oldest and report its end to ``progress``."""
+    clock.start("download")
+    download.put(slice(a, b), rows, d32)
+    clock.stop()
+    waits.append((b, download.slots[turn % 2]["event"]))
+    if len(waits) > 2:
+        done, event = waits.pop(0)
+        event.synchronize()
+        if progress is not None:
+            progress(done)
+
+
 def _finish_block(cp, base, q, keys, cand, k, srows, tie, qnorm, bound, complete):
     """Re-rank and order one block's pools and certify them: (rows, dists, ok bool [m])."""
     d64 = _exact_dists(cp, base, q, cand)
@@ -427,15 +441,7 @@ def search(base, queries, k, *, self_rows=None, labels=None, block=None, base_bl
             clock.stop()
             if upload is not None:
                 upload.release(turn)
-            clock.start("download")
-            download.put(slice(a, b), rows, d32)
-            clock.stop()
-            waits.append((b, download.slots[turn % 2]["event"]))
-            if len(waits) > 2:
-                done, event = waits.pop(0)
-                event.synchronize()
-                if progress is not None:
-                    progress(done)
+            _ship(clock, download, a, b, turn, rows, d32, waits, progress)
         download.finish()
         redo = cp.asnumpy(cp.flatnonzero(failed))
         clock.start("redo")
@@ -550,15 +556,7 @@ def graph(base, k, *, tiling="symmetric", tile=None, progress=None, phases=None,
                                           base.bound(cp, base.precision, qnorm, base.scale), pool >= n)
             failed[a0:a1] = ~ok
             clock.stop()
-            clock.start("download")
-            download.put(slice(a0, a1), rows, d32)
-            clock.stop()
-            waits.append((a1, download.slots[i % 2]["event"]))
-            if len(waits) > 2:
-                done, event = waits.pop(0)
-                event.synchronize()
-                if progress is not None:
-                    progress(done)
+            _ship(clock, download, a0, a1, i, rows, d32, waits, progress)
         download.finish()
         redo = cp.asnumpy(cp.flatnonzero(failed))
         clock.start("redo")
