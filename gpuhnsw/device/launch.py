@@ -345,14 +345,7 @@ def plan_search(device, dim, storage, m, m0, beam, search_width, filtered):
     launch = search_launch(dim, storage, m, m0, beam, search_width, filtered,
                            lambda inst: kernels.get_kernel("search", inst, device).shared_size_bytes,
                            kernels.shared_limit(device))
-    if launch is None:
-        return None, None
-    kernel = kernels.get_kernel("search", launch.instance, device)
-    if kernel.shared_size_bytes + launch.shared_bytes > DEFAULT_SHARED_LIMIT:
-        # the opt-in, to all the device allows: a permission, not a reservation, so every launch of
-        # this kernel (other parameters, other indexes) stays covered
-        kernel.max_dynamic_shared_size_bytes = kernels.shared_limit(device) - kernel.shared_size_bytes
-    return launch, kernel
+    return (None, None) if launch is None else (launch, _opted_in("search", launch, device))
 
 
 def plan_fixed(device, dim, storage, degree, k, beam, search_width, blocks):
@@ -361,12 +354,17 @@ def plan_fixed(device, dim, storage, degree, k, beam, search_width, blocks):
     launch = fixed_launch(dim, storage, degree, k, beam, search_width, blocks,
                           lambda inst: kernels.get_kernel("search_fixed", inst, device).shared_size_bytes,
                           kernels.shared_limit(device))
-    if launch is None:
-        return None, None
-    kernel = kernels.get_kernel("search_fixed", launch.instance, device)
+    return (None, None) if launch is None else (launch, _opted_in("search_fixed", launch, device))
+
+
+def _opted_in(module, launch, device):
+    """The kernel of ``launch``, opted into more than 48 KiB of dynamic shared memory where the
+    launch needs it: to all the device allows, a permission, not a reservation, so every launch of
+    the kernel (other parameters, other indexes) stays covered."""
+    kernel = kernels.get_kernel(module, launch.instance, device)
     if kernel.shared_size_bytes + launch.shared_bytes > DEFAULT_SHARED_LIMIT:
         kernel.max_dynamic_shared_size_bytes = kernels.shared_limit(device) - kernel.shared_size_bytes
-    return launch, kernel
+    return kernel
 
 
 def _struct(dtype, fields, what):
