@@ -49,7 +49,7 @@ import bisect
 import numpy as np
 
 __all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "descend", "normalize_queries",
-           "unvisited_neighbours"]
+           "query_arrays", "unvisited_neighbours"]
 
 INVALID = 0xFFFFFFFF
 
@@ -214,6 +214,18 @@ def _filtered_mode(g, q, limit, search_width, cur, d, allowed, pending_limit, co
     return results
 
 
+def query_arrays(g, queries, k):
+    """A search's queries and empty outputs: ``q`` float32 [nq, dim] (cosine: normalised), then
+    slots int64 [nq, k] (-1), dists float32 [nq, k] (+inf), found int64 [nq] and the work
+    counters int64 [nq, len(COUNTS)] (one row per query, columns as ``COUNTS``)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, g.dim)
+    if g.space == "cosine":
+        q = normalize_queries(q)
+    nq = q.shape[0]
+    return (q, np.full((nq, k), -1, dtype=np.int64), np.full((nq, k), np.inf, dtype=np.float32),
+            np.zeros(nq, dtype=np.int64), np.zeros((nq, len(COUNTS)), dtype=np.int64))
+
+
 def unvisited_neighbours(g, parents, visited):
     """The level-0 neighbours of ``parents`` (in list order) not yet in the set ``visited``, which
     takes them: one iteration's distance candidates, as the kernels' visited hash admits them."""
@@ -263,14 +275,7 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
     k, ef, search_width = int(k), int(ef), int(search_width)
     if k < 0 or ef < 1 or search_width < 1:
         raise ValueError("need k >= 0, ef >= 1, search_width >= 1")
-    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, g.dim)
-    if g.space == "cosine":
-        q = normalize_queries(q)
-    nq = q.shape[0]
-    slots = np.full((nq, k), -1, dtype=np.int64)
-    dists = np.full((nq, k), np.inf, dtype=np.float32)
-    found = np.zeros(nq, dtype=np.int64)
-    counts = np.zeros((nq, len(COUNTS)), dtype=np.int64)   # one row per query, columns as COUNTS
+    q, slots, dists, found, counts = query_arrays(g, queries, k)
     if g.entry_point < 0 or k == 0:
         return _output(slots, dists, found, counts, return_counts)
     mask = ~g.deleted
@@ -282,7 +287,7 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
     filtered = allowed is not None or bool(g.deleted.any())
     limit = max(ef, k)
     mask = mask.tolist()
-    for i in range(nq):
+    for i in range(len(q)):
         cur, d = descend(g, q[i], counts[i])
         if filtered:
             res = _filtered_mode(g, q[i], limit, search_width, cur, d, mask, pending_limit, counts[i])

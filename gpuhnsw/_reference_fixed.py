@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._reference import COUNTS, ReferenceGraph, descend, normalize_queries, unvisited_neighbours
+from ._reference import COUNTS, ReferenceGraph, descend, query_arrays, unvisited_neighbours
 
 __all__ = ["fixed_search_reference", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 
@@ -202,15 +202,9 @@ def fixed_search_reference(state, queries, k, ef, *, search_width=1, allowed=Non
     k, limit, width, blocks = int(k), max(int(ef), int(k)), int(search_width), int(blocks)
     if k < 1 or width < 1 or blocks < 1 or (blocks > 1 and global_log2 is None):
         raise ValueError("need k >= 1, search_width >= 1, blocks >= 1 (and global_log2 with blocks > 1)")
-    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, g.dim)
-    if g.space == "cosine":
-        q = normalize_queries(q)
+    q, slots, dists, found, counts = query_arrays(g, queries, k)
     nq = q.shape[0]
-    slots = np.full((nq, k), -1, dtype=np.int64)
-    dists = np.full((nq, k), np.inf, dtype=np.float32)
-    found = np.zeros(nq, dtype=np.int64)
     status = np.zeros(nq, dtype=np.int32)
-    counts = np.zeros((nq, len(COUNTS)), dtype=np.int64)
     mask = None
     if allowed is not None or g.deleted.any():
         mask = ~g.deleted
