@@ -89,9 +89,8 @@ typedef struct {
     float *norm;               /* [n] cosine: 1 / (|x| + 1e-30); else NULL */
     const ghnsw_nnd_params_t *p;
     uint32_t k, mc;
-    uint32_t *ids;
-    float *d, *thr;
-    uint8_t *flag, *locks;
+    uint8_t *heaps;     /* [n, heap_bytes] each row's heap as one record (see heap_of) */
+    size_t heap_bytes;
     uint64_t *cand;   /* [2, n, mc] sampled candidates: hash priority << 32 | id */
     uint32_t *cand_n; /* [2, n] */
     uint64_t round_seed;
@@ -109,6 +108,19 @@ typedef struct {
     counter_t *cnt; /* [workers] */
     size_t stripes; /* sampling tasks, one per worker */
 } nnd_t;
+
+/* ---- the rows' heaps ---------------------------------------------------------------------------- */
+
+/* Row i's heap is one record of heap_bytes (a multiple of 64, 64-aligned): threshold (float), lock
+ * (byte), 3 bytes of padding, then d [k] float, ids [k] uint32, flag [k] uint8.  An offer reads the
+ * threshold, then takes the lock and reads d and ids: one record keeps those in the one or two cache
+ * lines a miss fetches, where separate arrays cost a miss each (the joins wait on these misses). */
+static inline uint8_t *heap_of(const nnd_t *s, size_t i) { return s->heaps + i * s->heap_bytes; }
+static inline float *thr_of(const nnd_t *s, size_t i) { return (float *)heap_of(s, i); }
+static inline uint8_t *lock_of(const nnd_t *s, size_t i) { return heap_of(s, i) + 4; }
+static inline float *d_of(const nnd_t *s, size_t i) { return (float *)(heap_of(s, i) + 8); }
+static inline uint32_t *ids_of(const nnd_t *s, size_t i) { return (uint32_t *)(heap_of(s, i) + 8 + 4 * (size_t)s->k); }
+static inline uint8_t *flag_of(const nnd_t *s, size_t i) { return heap_of(s, i) + 8 + 8 * (size_t)s->k; }
 
 /* ---- distances -------------------------------------------------------------------------------- */
 
@@ -149,10 +161,10 @@ static inline int holds(const uint32_t *ids, size_t m, uint32_t id) {
 /* Offers (dv, id) to row's heap, under the row's lock. */
 static void heap_insert(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag) {
     size_t k = s->k;
-    uint32_t *ids = s->ids + row * k;
-    float *d = s->d + row * k;
-    uint8_t *fl = s->flag + row * k;
-    ghnsw_spin_lock(&s->locks[row]);
+    uint32_t *ids = ids_of(s, row);
+    float *d = d_of(s, row);
+    uint8_t *fl = flag_of(s, row);
+    ghnsw_spin_lock(lock_of(s, row));
     if (before(dv, id, d[0], ids[0]) && !holds(ids, k, id)) {
         size_t i = 0;
         for (;;) { /* sift the new entry down from the root */
@@ -164,16 +176,16 @@ static void heap_insert(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t f
             i = c;
         }
         d[i] = dv; ids[i] = id; fl[i] = flag;
-        __atomic_store(&s->thr[row], &d[0], __ATOMIC_RELAXED);
+        __atomic_store(thr_of(s, row), &d[0], __ATOMIC_RELAXED);
     }
-    ghnsw_spin_unlock(&s->locks[row]);
+    ghnsw_spin_unlock(lock_of(s, row));
 }
 
 /* The common case inline: most offers lose to the row's worst entry (read without the lock: thr
  * only decreases, so the rejection is final). */
 static inline void heap_push(nnd_t *s, uint32_t row, float dv, uint32_t id, uint8_t flag) {
     float t;
-    __atomic_load(&s->thr[row], &t, __ATOMIC_RELAXED);
+    __atomic_load(thr_of(s, row), &t, __ATOMIC_RELAXED);
     if (dv <= t) heap_insert(s, row, dv, id, flag);
 }
 
@@ -222,6 +234,8 @@ static uint64_t join_list(nnd_t *s, const uint32_t *ids /* [m] */, uint32_t na, 
         for (uint32_t r = 0; r < T; r++) pa[r] = jrow_of(s, ids[a0 + r < na ? a0 + r : na - 1]);
         for (uint32_t b0 = a0; b0 < m; b0 += T) {
             for (uint32_t c = 0; c < T; c++) pb[c] = jrow_of(s, ids[b0 + c < m ? b0 + c : m - 1]);
+            /* the heaps this tile's offers read, fetched while the tile is computed */
+            for (uint32_t c = 0; c < T && b0 + c < m; c++) __builtin_prefetch(heap_of(s, ids[b0 + c]));
             s->tile(pa, pb, s->jn, out);
             for (uint32_t r = 0; r < T && a0 + r < na; r++)
                 for (uint32_t c = 0; c < T && b0 + c < m; c++) {
@@ -422,7 +436,7 @@ static int fill_task(void *ctx, size_t blk, int worker) {
     uint32_t js[T];
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
         for (int r = 0; r < T; r++) pa[r] = jrow_of(s, (uint32_t)i);
-        for (uint64_t t = 0; s->ids[i * s->k] == GHNSW_INVALID;) {
+        for (uint64_t t = 0; ids_of(s, i)[0] == GHNSW_INVALID;) {
             int m = 0; /* the next T picks other than i: hashed first, then consecutive rows (which
                         * end the loop since k < n) */
             for (; m < T; t++) {
@@ -455,9 +469,11 @@ static void sample_pass(nnd_t *s, size_t stripe, int list) {
     size_t lo = blocks * stripe / s->stripes * ROW_BLOCK, hi = blocks * (stripe + 1) / s->stripes * ROW_BLOCK;
     for (size_t i = 0; i < s->n; i++) {
         int mine = i >= lo && i < hi && (list == NEW_LIST || has_new[i]);
+        const uint32_t *ids = ids_of(s, i);
+        const uint8_t *fl = flag_of(s, i);
         for (size_t e = 0; e < s->k; e++) {
-            uint32_t j = s->ids[i * s->k + e];
-            if (j == GHNSW_INVALID || (s->flag[i * s->k + e] == FLAG_OLD) != (list == OLD_LIST)) continue;
+            uint32_t j = ids[e];
+            if (j == GHNSW_INVALID || (fl[e] == FLAG_OLD) != (list == OLD_LIST)) continue;
             int theirs = j >= lo && j < hi && (list == NEW_LIST || has_new[j]);
             if (!mine && !theirs) continue;
             uint64_t pr = (uint64_t)edge_priority(s, (uint32_t)i, j) << 32;
@@ -477,11 +493,13 @@ static int age_task(void *ctx, size_t blk, int worker) {
     for (size_t i = blk * ROW_BLOCK; i < end; i++) {
         const uint64_t *nc = s->cand + i * s->mc;
         uint32_t m = s->cand_n[i];
+        const uint32_t *ids = ids_of(s, i);
+        uint8_t *fl = flag_of(s, i);
         for (size_t e = 0; e < s->k; e++) {
-            if (s->flag[i * s->k + e] != FLAG_NEW) continue;
-            uint32_t j = s->ids[i * s->k + e];
+            if (fl[e] != FLAG_NEW) continue;
+            uint32_t j = ids[e];
             for (uint32_t c = 0; c < m; c++)
-                if (cand_id(nc[c]) == j) { s->flag[i * s->k + e] = FLAG_OLD; break; }
+                if (cand_id(nc[c]) == j) { fl[e] = FLAG_OLD; break; }
         }
     }
     return 0;
@@ -511,8 +529,11 @@ static int settle_task(void *ctx, size_t blk, int worker) {
     nnd_t *s = ctx;
     size_t end = (blk + 1) * ROW_BLOCK < s->n ? (blk + 1) * ROW_BLOCK : s->n;
     uint64_t fresh = 0;
-    for (size_t e = blk * ROW_BLOCK * s->k; e < end * s->k; e++)
-        if (s->flag[e] == FLAG_FRESH) { s->flag[e] = FLAG_NEW; fresh++; }
+    for (size_t i = blk * ROW_BLOCK; i < end; i++) {
+        uint8_t *fl = flag_of(s, i);
+        for (size_t e = 0; e < s->k; e++)
+            if (fl[e] == FLAG_FRESH) { fl[e] = FLAG_NEW; fresh++; }
+    }
     s->cnt[worker].fresh += fresh;
     return 0;
 }
@@ -662,8 +683,8 @@ static int rescore_task(void *ctx, size_t blk, int worker) {
     float out[T];
     for (size_t pos = blk * ROW_BLOCK; pos < end; pos++) {
         uint32_t i = s->order[pos];
-        uint32_t *ids = s->ids + (size_t)i * s->k;
-        float *d = s->d + (size_t)i * s->k;
+        uint32_t *ids = ids_of(s, i);
+        float *d = d_of(s, i);
         for (uint32_t e0 = 0; e0 < s->k; e0 += T) {
             for (uint32_t c = 0; c < T; c++) {
                 uint32_t j = ids[e0 + c < s->k ? e0 + c : s->k - 1];
@@ -706,11 +727,8 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.rescore = ghnsw_pick_row(space == GHNSW_L2 ? GHNSW_L2 : GHNSW_IP);
     s.k = p->k; s.mc = p->max_candidates; s.stripes = (size_t)workers;
     size_t nk = n * s.k, nmc = 2 * n * s.mc;
-    s.ids = malloc(nk * sizeof *s.ids);
-    s.d = malloc(nk * sizeof *s.d);
-    s.flag = calloc(nk, 1);
-    s.thr = malloc(n * sizeof *s.thr);
-    s.locks = calloc(n, 1);
+    s.heap_bytes = (8 + 9 * (size_t)s.k + 63) / 64 * 64;
+    s.heaps = aligned_alloc(64, n * s.heap_bytes);
     s.cand = malloc(nmc * sizeof *s.cand);
     s.cand_n = malloc(2 * n * sizeof *s.cand_n);
     size_t tn = (size_t)p->n_trees * n;
@@ -726,13 +744,17 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     s.cnt = calloc((size_t)workers, sizeof *s.cnt);
     s.norm = space == GHNSW_COSINE ? malloc(n * sizeof *s.norm) : NULL;
     ghnsw_status_t st = GHNSW_OK;
-    if (!s.ids || !s.d || !s.flag || !s.thr || !s.locks || !s.cand || !s.cand_n ||
+    if (!s.heaps || !s.cand || !s.cand_n ||
         (tn && (!s.perm || !s.node_of || !s.bf_left)) || !s.side || !s.order || !s.cands || !s.plane || !s.cnt || (space == GHNSW_COSINE && !s.norm)) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory for the NN-descent state of %zu rows", n);
         goto out;
     }
-    for (size_t e = 0; e < nk; e++) { s.ids[e] = GHNSW_INVALID; s.d[e] = INFINITY; }
-    for (size_t i = 0; i < n; i++) { s.thr[i] = INFINITY; s.order[i] = (uint32_t)i; }
+    memset(s.heaps, 0, n * s.heap_bytes); /* unlocked, flags 0 */
+    for (size_t i = 0; i < n; i++) {
+        *thr_of(&s, i) = INFINITY;
+        for (size_t e = 0; e < s.k; e++) { ids_of(&s, i)[e] = GHNSW_INVALID; d_of(&s, i)[e] = INFINITY; }
+        s.order[i] = (uint32_t)i;
+    }
     if (s.norm) ghnsw_parallel_for(blocks, workers, norm_task, &s);
     if (s.storage != GHNSW_F32 && (st = make_copy(&s, workers, err)) != GHNSW_OK) goto out;
 
@@ -764,8 +786,8 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
         int64_t *oi = out_ids + i * s.k;
         float *od = out_dists + i * s.k;
         for (size_t e = 0; e < s.k; e++) {
-            float dv = s.d[i * s.k + e];
-            uint32_t id = s.ids[i * s.k + e];
+            float dv = d_of(&s, i)[e];
+            uint32_t id = ids_of(&s, i)[e];
             size_t j = e;
             while (j > 0 && before(dv, id, od[j - 1], (uint32_t)oi[j - 1])) { od[j] = od[j - 1]; oi[j] = oi[j - 1]; j--; }
             od[j] = dv; oi[j] = id;
@@ -773,7 +795,7 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
     }
     if (info) { info->rounds = round; info->dist_evals = sum_field(&s, workers, 0); info->last_updates = fresh; }
 out:
-    free(s.ids); free(s.d); free(s.flag); free(s.thr); free(s.locks);
+    free(s.heaps);
     free(s.cand); free(s.cand_n); free(s.perm); free(s.order); free(s.cands); free(s.plane); free(s.side); free(s.node_of); free(s.bf_left); free(s.front); free(s.local); free(s.planes); free(s.offsets); free(s.cnt); free(s.norm);
     free(s.copy); free(s.jterm); free(s.i8_offset); free(s.range); free(s.fraction);
     return st;
