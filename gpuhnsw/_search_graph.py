@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._core import NO_LABEL
 from ._validate import as_int, num_threads as num_threads_rule
 
 #: Entries per row: the degree the replay chose (benchmarks/results/graph_replay.md).
@@ -34,3 +35,27 @@ def build(core, degree=DEGREE, num_threads=-1):
     degree = as_int(degree, "degree")   # its range: the engine's check (ValueError)
     raw = core.build_search_graph(degree, num_threads_rule(num_threads))
     return np.frombuffer(raw, dtype=np.uint32).reshape(-1, degree)
+
+
+def export(core, degree=DEGREE, num_threads=-1):
+    """The search graph of ``core`` over labels: ``(ids, graph)``, one snapshot (built and read
+    under the engine's lock, so rows and labels agree whatever runs beside it).
+
+    Returns
+    -------
+    ids : ndarray, uint64 [n_live]
+        The live labels, in slot order (the order of ``Index.get_ids_list()`` without the deleted).
+    graph : ndarray, uint64 [n_live, degree]
+        Row ``i`` holds the labels of ``ids[i]``'s neighbours, level-0 neighbours first, then reverse
+        edges nearest first, padded with ``NO_LABEL`` (2**64 - 1).
+    """
+    degree = as_int(degree, "degree")
+    raw, raw_labels, raw_live = core.build_search_graph(degree, num_threads_rule(num_threads), True)
+    slots = np.frombuffer(raw, dtype=np.uint32).reshape(-1, degree)
+    labels = np.frombuffer(raw_labels, dtype=np.uint64)
+    live = np.frombuffer(raw_live, dtype=np.uint8).astype(bool)
+    rows = slots[live]
+    graph = np.full(rows.shape, NO_LABEL, dtype=np.uint64)
+    valid = rows != np.uint32(0xFFFFFFFF)          # no row names a deleted slot (see build)
+    graph[valid] = labels[rows[valid]]
+    return labels[live].copy(), graph

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _core
+from . import _core, _search_graph
 from ._errors import DeviceError, IndexFileError, IndexFileNotFoundError
 from ._io import hnswlib_format, native
 from ._io.files import is_file_object, source_name
@@ -517,6 +517,24 @@ class Index(IndexSurface):
         """Labels of ``label``'s neighbours on ``level`` (uint64 ``[degree]``)."""
         raw = self._need_init().neighbors(as_label(label), as_int(level, "level"))
         return np.frombuffer(raw, dtype=np.uint64).copy()
+
+    def export_search_graph(self, degree: int = _search_graph.DEGREE, *, num_threads: int = -1,
+                            return_ids: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The search graph made for batched search: each live element's level-0 neighbours, then
+        the elements whose level-0 lists name it (reverse edges), nearest first, cut at ``degree``
+        (1 .. 1024; default 64, the degree benchmarks/results/graph_replay.md chose).  Built by the
+        C engine on ``num_threads`` threads (``-1``: the index's default); the same graph whatever
+        the thread count.
+
+        Returns uint64 ``[n_live, degree]``: row ``i`` holds labels, padded with ``NO_LABEL``
+        (2**64 - 1), for the ``i``-th live label of :meth:`get_ids_list` (deleted labels have no
+        row and are no one's neighbour).  With ``return_ids=True``, ``(ids, graph)``: ``ids`` uint64
+        ``[n_live]`` the rows' labels, taken in the same snapshot (inserts, deletes and relabels
+        beside the call cannot make them disagree).
+        """
+        core = self._need_init()
+        ids, graph = _search_graph.export(core, degree, num_threads_rule(num_threads, default=self._num_threads))
+        return (ids, graph) if return_ids else graph
 
     def get_levels(self, ids: ArrayLike) -> np.ndarray:
         """Top level of each label (uint8 ``[n]``)."""

@@ -17,6 +17,7 @@ from gpuhnsw._reference import INVALID, ReferenceGraph, beam_search_reference
 from gpuhnsw._search_graph import build as build_graph
 from gpuhnsw.testing import recall_at_k
 
+NO_LABEL = np.uint64(2**64 - 1)   # the padding label (README: "label 2**64-1")
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "graph_replay.json"
 
 
@@ -187,6 +188,65 @@ def test_built_beside_inserts_and_queries(make_data):
     for graph in graphs:
         assert graph.shape[0] >= 500 and np.all((graph == INVALID) | (graph < graph.shape[0]))
     check_structure(build_graph(index._core, 32), index._core.export_state(), 32)
+
+
+def test_export_over_labels(sift):
+    """Index.export_search_graph: the C graph's rows of the live slots, in get_ids_list() order,
+    its slots as labels, NO_LABEL after them; deleted labels have no row and are no one's neighbour."""
+    index, _ = sift
+    state = index._core.export_state()
+    labels = np.frombuffer(state["labels"], np.uint64)
+    live = ~np.frombuffer(state["deleted"], np.uint8).astype(bool)
+    slots = build_graph(index._core, 32)
+    ids, graph = index.export_search_graph(32, return_ids=True)
+    assert graph.dtype == np.uint64 and graph.shape == (int(live.sum()), 32)
+    all_ids = np.array(index.get_ids_list(), dtype=np.uint64)
+    np.testing.assert_array_equal(ids, all_ids[live])
+    want = np.where(slots[live] == INVALID, NO_LABEL, labels[np.minimum(slots[live], len(labels) - 1)])
+    np.testing.assert_array_equal(graph, want)
+    np.testing.assert_array_equal(index.export_search_graph(32, num_threads=1), graph)
+    named = graph[graph != NO_LABEL]
+    assert np.isin(named, ids).all() and not np.isin(named, all_ids[~live]).any()
+    assert index.export_search_graph().shape == (int(live.sum()), 64)          # the default degree
+
+
+def test_export_errors_and_empty(make_data):
+    with pytest.raises(RuntimeError, match="not initialized"):
+        gpuhnsw.Index("l2", 4).export_search_graph()
+    index = gpuhnsw.Index("l2", 4, device="cpu")
+    index.init_index(10)
+    assert index.export_search_graph(8).shape == (0, 8)
+    with pytest.raises(ValueError, match="degree"):
+        index.export_search_graph(0)
+    with pytest.raises(TypeError):
+        index.export_search_graph(8.5)
+
+
+def test_export_is_one_snapshot_beside_deletes_and_inserts(make_data):
+    """Rows and labels come from one snapshot: with deletes and inserts running beside it, every
+    exported neighbour is one of the exported (live) labels."""
+    data = make_data(3000, 16)
+    index = build(data[:1500], M=8, ef_construction=40, capacity=len(data))
+    errors, exports = [], []
+
+    def write():
+        try:
+            for s in range(1500, 3000, 100):
+                index.add_items(data[s:s + 100], np.arange(s, s + 100), num_threads=1)
+                for label in range(s - 1500, s - 1400, 3):
+                    index.mark_deleted(label)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    while writer.is_alive():
+        exports.append(index.export_search_graph(16, num_threads=2, return_ids=True))
+    writer.join()
+    assert not errors and len(exports) > 1
+    for ids, graph in exports:
+        named = graph[graph != NO_LABEL]
+        assert len(ids) == len(graph) and np.isin(named, ids).all()
 
 
 def test_refused_inside_a_filter_callback(make_data):

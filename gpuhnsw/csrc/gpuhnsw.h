@@ -370,9 +370,10 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
 
 /* search_graph.c: the search graph (level 0 with its reverse edges, see the file), u32[count, degree]
  * from `alloc`, unused entries GHNSW_INVALID; degree in [1, GHNSW_MAX_GRAPH_DEGREE] (else GHNSW_EINVAL).
- * Deterministic whatever num_threads (<= 0: all cores). */
-ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, ghnsw_alloc_fn alloc,
-                                  void *ctx, ghnsw_err_t *err);
+ * With with_labels, two more buffers from `alloc`, read under the same lock: the slots' labels
+ * u64[count] and live flags u8[count].  Deterministic whatever num_threads (<= 0: all cores). */
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int with_labels,
+                                        ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
 
 /* integrity.c */
 typedef struct {

@@ -370,14 +370,15 @@ static PyObject *Core_labels(CoreObject *self, PyObject *unused) {
 /* The search graph (search_graph.c): bytes u32[count, degree]. */
 static PyObject *Core_build_search_graph(CoreObject *self, PyObject *args) {
     long long degree;
-    int threads;
+    int threads, with_labels = 0;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "Li", &degree, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "Li|p", &degree, &threads, &with_labels)) return NULL;
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     outs_t o = {{0}, 0};
-    CALL_NOGIL(st, ghnsw_build_search_graph(IX(self), degree, threads, alloc_bytes, &o, &err));
-    return one_out(st, &err, &o);
+    CALL_NOGIL(st, ghnsw_build_search_graph(IX(self), degree, threads, with_labels, alloc_bytes, &o, &err));
+    if (st || !with_labels) return one_out(st, &err, &o);
+    return Py_BuildValue("(NNN)", o.objs[0], o.objs[1], o.objs[2]);
 }
 
 /* Labels of a label's neighbours on one level. */
@@ -815,8 +816,8 @@ static PyMethodDef Core_methods[] = {
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
     {"build_search_graph", (PyCFunction)Core_build_search_graph, METH_VARARGS,
-     "build_search_graph(degree, threads) -> bytes u32[count, degree]: level 0 with its reverse edges "
-     "(search_graph.c)"},
+     "build_search_graph(degree, threads, with_labels=False) -> bytes u32[count, degree]: level 0 with its "
+     "reverse edges (search_graph.c); with_labels: (graph, labels u64[count], live u8[count]), one snapshot"},
     {"sync_pending", (PyCFunction)Core_sync_pending, METH_O,
      "sync_pending(drain) -> bool: something to sync for a mirror whose last drain was number `drain` (O(1))"},
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> (bytes u64[r]: (kind << 32) | slot, ascending; drain number: 1, 2, ...)"},

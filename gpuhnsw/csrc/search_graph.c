@@ -114,8 +114,8 @@ static int reverse_rows(void *vctx, size_t b, int worker) {
     return 0;
 }
 
-ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, ghnsw_alloc_fn alloc,
-                                  void *ctx, ghnsw_err_t *err) {
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int with_labels,
+                                        ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
     if (degree < 1 || degree > GHNSW_MAX_GRAPH_DEGREE)
         return ghnsw_fail(err, GHNSW_EINVAL, "degree must be in [1, %u], got %lld", GHNSW_MAX_GRAPH_DEGREE,
                           (long long)degree);
@@ -130,6 +130,12 @@ ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int n
     c.roff = malloc(sizeof(size_t) * ((size_t)c.n + 1));
     c.scratch = calloc((size_t)num_threads, sizeof(*c.scratch));
     int ok = c.out && c.fdeg && c.rcount && c.roff && c.scratch;
+    if (ok && with_labels) { /* the slots' labels and live flags, read under the same lock as the graph */
+        uint64_t *labels = alloc(ctx, (size_t)c.n * 8);
+        uint8_t *alive = alloc(ctx, (size_t)c.n);
+        ok = labels && alive;
+        for (uint32_t s = 0; ok && s < c.n; s++) { labels[s] = ix->labels[s]; alive[s] = (uint8_t)live(ix, s); }
+    }
     for (int t = 0; ok && t < num_threads; t++) ok = (c.scratch[t] = malloc(sizeof(ghnsw_cand_t) * ix->M0)) != NULL;
     if (ok) {
         ghnsw_parallel_for(blocks, num_threads, forward_rows, &c);
