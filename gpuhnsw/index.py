@@ -149,7 +149,7 @@ class Index(IndexSurface):
         ``M`` links per node on upper levels (``2*M`` on level 0, at least 2); ``ef_construction``
         is raised to at least ``M`` (as hnswlib); levels come from ``(random_seed, row number)``.
         ``auto_resize`` (keyword-only): :meth:`add_items` grows the capacity (at least doubling it)
-        instead of raising when a batch does not fit.
+        instead of raising when a batch's new labels do not fit (updates take no slot).
         """
         if self._core is not None:
             raise RuntimeError("The index is already initiated.")
@@ -279,6 +279,10 @@ class Index(IndexSurface):
         """``add_items`` once its arguments are checked and its labels known; returns the rows
         clipped to the int8 ranges."""
         rows, capacity = data.shape[0], core.max_elements
+        if self._auto_resize and core.count + rows > capacity:
+            # only labels the index does not hold take a slot: updates (deleted labels included)
+            # and repeats within the batch do not
+            rows = sum(core.lookup(label)[0] < 0 for label in np.unique(labels).tolist())
         if not (self._auto_resize and core.count + rows > capacity):
             return self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
         grown = max(core.count + rows, 2 * capacity)

@@ -143,6 +143,22 @@ def test_auto_resize_grows_instead_of_raising(sift):
         plain.add_items(base[:150])
 
 
+def test_auto_resize_grows_for_new_labels_only(sift):
+    """Updates of held labels (deleted ones included) and repeats within a batch take no slot, so
+    they do not grow a full index; a batch with new labels grows it by at least what they need."""
+    _, base, _ = sift
+    index = gpuhnsw.Index("l2", base.shape[1], device="cpu")
+    index.init_index(100, M=8, ef_construction=40, auto_resize=True)
+    index.add_items(base[:100], np.arange(100))
+    index.mark_deleted(7)
+    index.add_items(base[100:180], np.arange(80))                      # 80 updates
+    index.add_items(base[180:200], [7] * 20)                            # a deleted label, 20 times
+    assert index.get_max_elements() == 100 and index.get_current_count() == 100
+    np.testing.assert_array_equal(index.get_items([3]), base[103:104])
+    index.add_items(base[200:260], np.r_[np.arange(50), [500] * 10])    # one new label
+    assert index.get_max_elements() == 200 and index.get_current_count() == 101
+
+
 def test_add_items_progress_bar(sift, capsys):
     _, base, _ = sift
     index = gpuhnsw.Index("l2", base.shape[1], device="cpu")

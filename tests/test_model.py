@@ -87,15 +87,15 @@ class Model:
     def add_outcome(self, labels, replace_deleted):
         """For an add of rows under ``labels`` (resolved, one per row): the error substring it must
         raise (None: it succeeds), the number of deleted labels it recycles, and the capacity after
-        it (auto_resize grows it, at least doubling, when the rows could overflow it)."""
+        it (auto_resize grows it, at least doubling, when the batch's new labels would overflow it)."""
         if replace_deleted and not self.allow_replace_deleted:
             return "Replacement of deleted elements is disabled", 0, self.capacity
         if self.allow_replace_deleted and any(label in self.deleted for label in labels):
             return "Can't use addPoint to update deleted elements", 0, self.capacity
         capacity = self.capacity
-        if self.auto_resize and self.count + len(labels) > capacity:
-            capacity = max(self.count + len(labels), 2 * capacity)
         new = len({label for label in labels if label not in self.vectors})
+        if self.auto_resize and self.count + new > capacity:   # updates and repeats take no slot
+            capacity = max(self.count + new, 2 * capacity)
         recycled = min(new, len(self.deleted)) if replace_deleted else 0
         if self.count + new - recycled > capacity:
             return "exceeds the specified limit", 0, self.capacity
