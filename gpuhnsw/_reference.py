@@ -49,7 +49,7 @@ import bisect
 import numpy as np
 
 __all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "descend", "normalize_queries",
-           "query_arrays", "unvisited_neighbours"]
+           "query_arrays", "result_mask", "unvisited_neighbours"]
 
 INVALID = 0xFFFFFFFF
 
@@ -226,6 +226,18 @@ def query_arrays(g, queries, k):
             np.zeros(nq, dtype=np.int64), np.zeros((nq, len(COUNTS)), dtype=np.int64))
 
 
+def result_mask(g, allowed):
+    """Which slots a search may return, as a list of bool [n]: live, and in ``allowed`` (bool [n],
+    or None for every slot)."""
+    mask = ~g.deleted
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (g.n,):
+            raise ValueError(f"allowed: expected bool [{g.n}], got shape {allowed.shape}")
+        mask &= allowed
+    return mask.tolist()
+
+
 def unvisited_neighbours(g, parents, visited):
     """The level-0 neighbours of ``parents`` (in list order) not yet in the set ``visited``, which
     takes them: one iteration's distance candidates, as the kernels' visited hash admits them."""
@@ -278,15 +290,9 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
     q, slots, dists, found, counts = query_arrays(g, queries, k)
     if g.entry_point < 0 or k == 0:
         return _output(slots, dists, found, counts, return_counts)
-    mask = ~g.deleted
-    if allowed is not None:
-        allowed = np.asarray(allowed, dtype=bool)
-        if allowed.shape != (g.n,):
-            raise ValueError(f"allowed: expected bool [{g.n}], got shape {allowed.shape}")
-        mask &= allowed
+    mask = result_mask(g, allowed)
     filtered = allowed is not None or bool(g.deleted.any())
     limit = max(ef, k)
-    mask = mask.tolist()
     for i in range(len(q)):
         cur, d = descend(g, q[i], counts[i])
         if filtered:

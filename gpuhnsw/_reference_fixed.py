@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._reference import COUNTS, ReferenceGraph, descend, query_arrays, unvisited_neighbours
+from ._reference import COUNTS, ReferenceGraph, descend, query_arrays, result_mask, unvisited_neighbours
 
 __all__ = ["fixed_search_reference", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 
@@ -205,15 +205,7 @@ def fixed_search_reference(state, queries, k, ef, *, search_width=1, allowed=Non
     q, slots, dists, found, counts = query_arrays(g, queries, k)
     nq = q.shape[0]
     status = np.zeros(nq, dtype=np.int32)
-    mask = None
-    if allowed is not None or g.deleted.any():
-        mask = ~g.deleted
-        if allowed is not None:
-            allowed = np.asarray(allowed, dtype=bool)
-            if allowed.shape != (g.n,):
-                raise ValueError(f"allowed: expected bool [{g.n}], got shape {allowed.shape}")
-            mask &= allowed
-        mask = mask.tolist()
+    mask = result_mask(g, allowed) if allowed is not None or g.deleted.any() else None
     raw = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, g.dim)
     for i in range(nq):
         if not np.isfinite(raw[i]).all():

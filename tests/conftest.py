@@ -140,6 +140,18 @@ def dataset_index(datasets):
     return build
 
 
+@pytest.fixture(scope="module")
+def sift_index(dataset_index):
+    """siftsmall, l2, M=12: the NumPy references against the C search (test_reference*.py)."""
+    return dataset_index("siftsmall", "l2", M=12, ef_construction=80, seed=7)
+
+
+@pytest.fixture(scope="module")
+def minilm_index(dataset_index):
+    """4,000 rows of minilm-debian, cosine, M=8: the same tests on float data."""
+    return dataset_index("minilm-debian", "cosine", n_base=4000, n_queries=150, M=8, ef_construction=60, seed=7)
+
+
 def twins_found(neighbors, distances, half):
     """Rows ``i`` and ``i + half`` are exact twins: the share of rows whose first neighbour is the
     twin, the share at distance 0 there, and whether any row is its own neighbour."""

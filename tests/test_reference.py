@@ -201,16 +201,6 @@ def test_pending_limit_keeps_results_valid(complete, rng):
 # ---------------------------------------------------------------------------------------------
 # against the C search on real data
 
-@pytest.fixture(scope="module")
-def sift_index(dataset_index):
-    return dataset_index("siftsmall", "l2", M=12, ef_construction=80, seed=7)
-
-
-@pytest.fixture(scope="module")
-def minilm_index(dataset_index):
-    return dataset_index("minilm-debian", "cosine", n_base=4000, n_queries=150, M=8, ef_construction=60, seed=7)
-
-
 def compare_with_c(index, queries, k, ef, *, filter_labels=None):
     state = index._core.export_state()
     labels = np.frombuffer(state["labels"], np.uint64)

@@ -103,16 +103,6 @@ def test_arguments_are_checked(complete):
 # ---------------------------------------------------------------------------------------------
 # real data
 
-@pytest.fixture(scope="module")
-def sift_index(dataset_index):
-    return dataset_index("siftsmall", "l2", M=12, ef_construction=80, seed=7)
-
-
-@pytest.fixture(scope="module")
-def minilm_index(dataset_index):
-    return dataset_index("minilm-debian", "cosine", n_base=4000, n_queries=150, M=8, ef_construction=60, seed=7)
-
-
 def labels_of(state, slots):
     labels = np.frombuffer(state["labels"], np.uint64)
     return np.where(slots >= 0, labels[np.maximum(slots, 0)], np.uint64(2**64 - 1))
