@@ -94,6 +94,19 @@ __device__ __forceinline__ bool pair_less(float da, slot_t sa, float db, slot_t 
   return da < db || (da == db && sa < sb);
 }
 
+// The warp's least (distance, slot) pair by pair_less, in every lane; every lane must call it.
+__device__ __forceinline__ void warp_min_pair(float& best, slot_t& best_i) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ob = __shfl_xor_sync(kFullMask, best, off);
+    const slot_t oi = __shfl_xor_sync(kFullMask, best_i, off);
+    if (pair_less(ob, oi, best, best_i)) {
+      best = ob;
+      best_i = oi;
+    }
+  }
+}
+
 // Sum over a team of Team consecutive lanes (Team a power of two <= 32); every lane of the warp
 // must call it (full-mask shuffles), every lane of a team gets the team's sum.
 template <int Team>

@@ -232,15 +232,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
               best_i = static_cast<slot_t>(i);
             }
           }
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) {
-            const float ob = __shfl_xor_sync(kFullMask, best, off);
-            const slot_t oi = __shfl_xor_sync(kFullMask, best_i, off);
-            if (pair_less(ob, oi, best, best_i)) {
-              best = ob;
-              best_i = oi;
-            }
-          }
+          warp_min_pair(best, best_i);
           if (lane == 0) {
             s_changed = best_i != kInvalidSlot && best < s_cur_dist;
             if (s_changed) {

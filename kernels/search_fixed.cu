@@ -232,15 +232,7 @@ GPUHNSW_KERNEL(typename T, int Team, int Capacity)
             }
             if (counting && ok && (tid & (Team - 1)) == 0) atomicAdd(&s_counts[kUpperDistances], 1);
           }
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) {  // the warp's first best in stored order
-            const float ob = __shfl_xor_sync(kFullMask, best, off);
-            const slot_t oi = __shfl_xor_sync(kFullMask, best_i, off);
-            if (pair_less(ob, oi, best, best_i)) {
-              best = ob;
-              best_i = oi;
-            }
-          }
+          warp_min_pair(best, best_i);  // the warp's first best in stored order
           if (lane == 0) {
             s_best_d[parity][warp] = best;
             s_best_i[parity][warp] = best_i;
