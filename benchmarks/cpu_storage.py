@@ -26,7 +26,6 @@ Writes ``cpu_storage.json`` (machine, parameters, every measurement), ``cpu_stor
 """
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -243,12 +242,9 @@ def main(argv=None):
     for name in names:
         results["datasets"][name] = run_dataset(name, args.quick, args.repeats)
     results["targets"] = [dict(measure=w, value=v, target=t, met=ok) for w, v, t, ok in targets(results)]
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "cpu_storage")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    write_markdown(results, stem + ".md")
-    write_plot(results, stem + ".png", CONTENDERS, ("k--", "o-", "s-", "^-", "v-"), f"{THREADS} threads")
+    stem = testing.save_results(args.out, "cpu_storage", results, write_markdown,
+                                lambda r, path: write_plot(r, path, CONTENDERS, ("k--", "o-", "s-", "^-", "v-"),
+                                                           f"{THREADS} threads"))
     print(f"\nwrote {stem}.json, .md, .png\n")
     with open(stem + ".md") as f:
         print(f.read())

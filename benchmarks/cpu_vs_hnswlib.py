@@ -21,7 +21,6 @@ repeat is kept.  Writes ``cpu_vs_hnswlib.json`` (machine, parameters, every raw 
 import argparse
 import concurrent.futures
 import gc
-import json
 import math
 import multiprocessing
 import os
@@ -349,12 +348,7 @@ def main(argv=None):
     for name in names:
         results["datasets"][name] = run_dataset(name, args.quick, args.repeats)
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "cpu_vs_hnswlib")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    write_markdown(results, stem + ".md")
-    write_plot(results, stem + ".png")
+    stem = testing.save_results(args.out, "cpu_vs_hnswlib", results, write_markdown, write_plot)
     print(f"\nwrote {stem}.json, .md, .png")
     with open(stem + ".md") as f:
         print(f.read())

@@ -17,7 +17,6 @@ machine may be shared: contenders run interleaved (A, B, C, D, A, B, ...) and th
     python benchmarks/filtered_search.py --n-base 10000 --n-queries 50 --repeats 1   # quick look
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -107,15 +106,11 @@ def main(argv=None):
                    "repeats": args.repeats, "build_seconds": {"gpuhnsw": t1 - t0, "hnswlib": t2 - t1}},
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "filtered_search.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "filtered_search.md"), "w") as f:
-        f.write(markdown(result))
+    testing.save_results(args.out, "filtered_search", result, write_markdown)
 
 
-def markdown(result):
-    """The Markdown table of a result dict (as written to filtered_search.json)."""
+def write_markdown(result, path):
+    """The Markdown table of a result dict (as written to filtered_search.json) into ``path``."""
     p, m = result["params"], result["machine"]
     load = ", ".join(f"{x:.1f}" for x in m["load_average_at_start"])
     lines = [f"# Filtered search on minilm-debian ({p['n_base']} x 384, cosine, {p['n_queries']} queries)", "",
@@ -128,7 +123,8 @@ def markdown(result):
     for row in result["rows"]:
         lines.append(f"| {row['selectivity']:.1%} | {row['allowed']} | " + " | ".join(
             f"{row[c]['qps']:.0f} | {row[c]['recall']:.3f}" for c in CONTENDERS) + " |")
-    return "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -14,13 +14,13 @@ Writes ``knn_graph_evals.json`` and ``knn_graph_evals.md`` into ``--out``.
     python benchmarks/knn_graph_evals.py --out benchmarks/results    # about 5 min, 2 cores
 """
 import argparse
-import json
 import multiprocessing
 import os
 import time
 
 import numpy as np
 
+from gpuhnsw.testing import save_results
 from knn_graph import drop_self   # benchmarks/knn_graph.py (this script's folder is on sys.path)
 
 SEED = 12345
@@ -112,14 +112,10 @@ def main():
         print(f"{r['tool']} {r['params']}: recall {r['recall']:.4f}, {r['dist_evals']:,} evaluations")
     report = dict(benchmark="knn_graph_evals", dataset="mnist", n=args.n, k=args.k, seed=SEED,
                   machine=machine_info("pynndescent", "numba"), results=results)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "knn_graph_evals.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "knn_graph_evals.md"), "w") as f:
-        f.write(markdown(report))
+    save_results(args.out, "knn_graph_evals", report, write_markdown)
 
 
-def markdown(report):
+def write_markdown(report, path):
     n, k = report["n"], report["k"]
     lines = [f"# Distance evaluations at equal recall: gpuhnsw NN-descent vs pynndescent "
              f"(first {n:,} mnist rows, k = {k})", "",
@@ -144,7 +140,8 @@ def markdown(report):
         cell = [f"{v / 1e6:.2f} M" if v else "not reached" for v in (ours, theirs)]
         ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
         lines.append(f"| {target} | {cell[0]} | {cell[1]} | {ratio} |")
-    return "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ against recall) into ``--out``.
     python benchmarks/knn_graph_storage.py --quick --out /tmp/kgs
 """
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
 import sys
 
-import numpy as np
-
+from gpuhnsw.testing import save_results
 from knn_graph import DATASETS, SEED, run_config, sample_truth   # this script's folder
 
 K = 10
@@ -184,12 +182,7 @@ def main(argv=None):
     if args.quick:
         args.n, args.repeats, args.sample = 8000, 1, 300
     report = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "knn_graph_storage")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    write_markdown(report, stem + ".md")
-    write_plot(report, stem + ".png")
+    stem = save_results(args.out, "knn_graph_storage", report, write_markdown, write_plot)
     print(open(stem + ".md").read())
 
 

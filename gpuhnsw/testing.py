@@ -10,6 +10,7 @@ Distances follow hnswlib's definitions:
 ``cosine`` ``1 - a.b`` on vectors scaled by ``1 / (|x| + 1e-30)``
 =========  ==========================================================
 """
+import json
 import os
 from pathlib import Path
 
@@ -237,3 +238,17 @@ def machine_info(*packages):
     info.update({name: version(name) for name in packages})
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return info
+
+
+def save_results(out_dir, name, results, write_markdown, write_plot=None):
+    """A benchmark's files in ``out_dir`` (made if missing): ``name.json`` (``results``, a
+    JSON-able dict), ``name.md`` by ``write_markdown(results, path)`` and, given
+    ``write_plot(results, path)``, ``name.png``.  Returns the path without its suffix."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name)
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    write_markdown(results, stem + ".md")
+    if write_plot is not None:
+        write_plot(results, stem + ".png")
+    return stem

@@ -157,6 +157,17 @@ def test_arguments_and_empty_index(make_data):
 # ---------------------------------------------------------------------------------------------
 # beside other calls
 
+def reporting(errors, fn):
+    """A thread that runs ``fn`` and appends its exception, if any, to ``errors`` (the test asserts
+    there is none)."""
+    def run():
+        try:
+            fn()
+        except Exception as exc:
+            errors.append(exc)
+    return threading.Thread(target=run)
+
+
 def test_built_beside_inserts_and_queries(make_data):
     """Inserts wait for a build (and a build for an insert): each graph is whole, of the count it saw."""
     data = make_data(3000, 16)
@@ -164,20 +175,14 @@ def test_built_beside_inserts_and_queries(make_data):
     errors, graphs = [], []
 
     def insert():
-        try:
-            for s in range(500, 3000, 250):
-                index.add_items(data[s:s + 250], np.arange(s, s + 250), num_threads=2)
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        for s in range(500, 3000, 250):
+            index.add_items(data[s:s + 250], np.arange(s, s + 250), num_threads=2)
 
     def query():
-        try:
-            for _ in range(20):
-                index.knn_query(data[:50], k=5)
-        except Exception as exc:
-            errors.append(exc)
+        for _ in range(20):
+            index.knn_query(data[:50], k=5)
 
-    threads = [threading.Thread(target=insert), threading.Thread(target=query)]
+    threads = [reporting(errors, insert), reporting(errors, query)]
     for t in threads:
         t.start()
     while threads[0].is_alive():
@@ -230,15 +235,12 @@ def test_export_is_one_snapshot_beside_deletes_and_inserts(make_data):
     errors, exports = [], []
 
     def write():
-        try:
-            for s in range(1500, 3000, 100):
-                index.add_items(data[s:s + 100], np.arange(s, s + 100), num_threads=1)
-                for label in range(s - 1500, s - 1400, 3):
-                    index.mark_deleted(label)
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        for s in range(1500, 3000, 100):
+            index.add_items(data[s:s + 100], np.arange(s, s + 100), num_threads=1)
+            for label in range(s - 1500, s - 1400, 3):
+                index.mark_deleted(label)
 
-    writer = threading.Thread(target=write)
+    writer = reporting(errors, write)
     writer.start()
     while writer.is_alive():
         exports.append(index.export_search_graph(16, num_threads=2, return_ids=True))
