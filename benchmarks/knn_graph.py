@@ -126,6 +126,11 @@ def _data(name, n):
     return _DATA[key]
 
 
+def param_text(params):
+    """A setting's parameters as the tables print them: ``a=1, b=2``, or ``defaults``."""
+    return ", ".join(f"{a}={b}" for a, b in params.items()) or "defaults"
+
+
 def drop_self(ids, k):
     """[n, k + 1] neighbour lists -> [n, k] without each row's own id (else without the last)."""
     rows = np.arange(len(ids))
@@ -365,7 +370,7 @@ def write_cpu(report, out):
     lines += ["", "## Every setting", "", "| dataset | k | tool | parameters | median s | runs (s) "
               "| recall@k | distance evals |", "|---|---:|---|---|---:|---|---:|---:|"]
     for r in res:
-        params = ", ".join(f"{a}={b}" for a, b in r["params"].items()) or "defaults"
+        params = param_text(r["params"])
         runs = " / ".join(f"{s:.2f}" for s in r["seconds"])
         ev = r.get("dist_evals")
         lines.append(f"| {r['dataset']} | {r['k']} | {r['tool']} | {params} | "
@@ -381,7 +386,7 @@ def write_cpu(report, out):
                   "| tool | parameters | dataset, k | RSS after loading data (MB) | peak RSS (MB) |",
                   "|---|---|---|---:|---:|"]
         for mm in report["memory"]:
-            params = ", ".join(f"{a}={b}" for a, b in mm["params"].items()) or "defaults"
+            params = param_text(mm["params"])
             lines.append(f"| {mm['tool']} | {params} | {mm['dataset']}, {mm['k']} | "
                          f"{mm['rss_after_load_mb']:.0f} | {mm['peak_rss_mb']:.0f} |")
     if report["scaling"]:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from gpuhnsw.testing import save_results
-from knn_graph import drop_self   # benchmarks/knn_graph.py (this script's folder is on sys.path)
+from knn_graph import drop_self, param_text   # benchmarks/knn_graph.py (this script's folder is on sys.path)
 
 SEED = 12345
 # pynndescent: its defaults and the settings knn_graph.py's sweep uses; gpuhnsw: knn_graph.py's
@@ -125,7 +125,7 @@ def write_markdown(report, path):
              "| tool | parameters | recall@k | distance evals | evals per row |",
              "|---|---|---:|---:|---:|"]
     for r in report["results"]:
-        p = ", ".join(f"{a}={b}" for a, b in r["params"].items()) or "defaults"
+        p = param_text(r["params"])
         lines.append(f"| {r['tool']} | {p} | {r['recall']:.4f} | {r['dist_evals'] / 1e6:.2f} M | "
                      f"{r['dist_evals'] / n:.0f} |")
     lines += ["", "Fewest evaluations reaching each recall:", "",

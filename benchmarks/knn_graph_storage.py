@@ -25,7 +25,7 @@ import statistics
 import sys
 
 from gpuhnsw.testing import save_results
-from knn_graph import DATASETS, SEED, run_config, sample_truth   # this script's folder
+from knn_graph import DATASETS, SEED, param_text, run_config, sample_truth   # this script's folder
 
 K = 10
 TARGET_RATIO = 0.5
@@ -132,7 +132,7 @@ def write_markdown(report, path):
     lines += ["", "## Every setting", "", "| dataset | tool | parameters | median s | runs (s) | recall@10 | "
               "distance evals |", "|---|---|---|---:|---|---:|---:|"]
     for r in report["results"]:
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
+        params = param_text(r["params"])
         evals = f"{r['dist_evals'] / 1e6:.1f} M" if r.get("dist_evals") else "-"
         lines.append(f"| {r['dataset']} | {r['tool']} | {params} | {r['median_seconds']:.2f} | "
                      f"{' / '.join(f'{s:.2f}' for s in r['seconds'])} | {r['recall']:.4f} | {evals} |")
