@@ -6,6 +6,7 @@ Markers ``gpu`` and ``slow`` are declared in pyproject.toml (``--strict-markers`
 import functools
 import importlib.metadata
 import os
+import threading
 import types
 
 import numpy as np
@@ -150,6 +151,27 @@ def sift_index(dataset_index):
 def minilm_index(dataset_index):
     """4,000 rows of minilm-debian, cosine, M=8: the same tests on float data."""
     return dataset_index("minilm-debian", "cosine", n_base=4000, n_queries=150, M=8, ef_construction=60, seed=7)
+
+
+def run_threads(*targets):
+    """Run the callables in threads; re-raise the first exception any of them raised."""
+    errors = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # reported to the test below
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def twins_found(neighbors, distances, half):

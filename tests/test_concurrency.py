@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gpuhnsw
+from conftest import run_threads
 
 DIM = 16
 
@@ -27,27 +28,6 @@ def run_isolated(code, timeout=300):
         pytest.fail(f"did not finish within {timeout} s (hang)")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
-
-
-def run_threads(*targets):
-    """Run the callables in threads; re-raise the first exception any of them raised."""
-    errors = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as exc:  # reported to the test below
-                errors.append(exc)
-        return run
-
-    threads = [threading.Thread(target=wrap(fn)) for fn in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def test_reads_racing_resize_index_do_not_touch_freed_memory(make_data):

@@ -29,10 +29,10 @@ import os
 import pickle
 import shutil
 import tempfile
-import threading
 
 import numpy as np
 import pytest
+from conftest import run_threads
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, \
@@ -303,13 +303,7 @@ class IndexMachine(RuleBasedStateMachine):
         before = set(self.index.get_ids_list())
         may_return = set(m.live) | set(pool[:start])
         probe = self.rows(data, 3)
-        errors, returned = [], []
-
-        def run(fn):
-            try:
-                fn()
-            except BaseException as exc:  # re-raised below
-                errors.append(exc)
+        returned = []
 
         def add(i):
             return lambda: self.index.add_items(xs[i], np.array(batches[i], dtype=np.uint64),
@@ -324,14 +318,7 @@ class IndexMachine(RuleBasedStateMachine):
             for label in doomed:
                 self.index.mark_deleted(label)
 
-        workers = [threading.Thread(target=run, args=(add(i),)) for i in range(n_threads)]
-        workers += [threading.Thread(target=run, args=(query,)), threading.Thread(target=run, args=(delete,))]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-        if errors:
-            raise errors[0]
+        run_threads(*[add(i) for i in range(n_threads)], query, delete)
         assert set(returned) <= may_return, f"a query returned labels never live: {set(returned) - may_return}"
         # the batches that recycle deleted slots take as many as they have new labels, while any last
         # (no deletes run beside them)

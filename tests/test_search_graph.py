@@ -157,22 +157,35 @@ def test_arguments_and_empty_index(make_data):
 # ---------------------------------------------------------------------------------------------
 # beside other calls
 
-def reporting(errors, fn):
-    """A thread that runs ``fn`` and appends its exception, if any, to ``errors`` (the test asserts
-    there is none)."""
-    def run():
-        try:
-            fn()
-        except Exception as exc:
-            errors.append(exc)
-    return threading.Thread(target=run)
+def while_running(background, call):
+    """``call()``'s results, called over and over while the ``background`` callables run in threads
+    (until the first of them ends); the first exception a background callable raised is raised."""
+    errors, results = [], []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except Exception as exc:  # raised below
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn)) for fn in background]
+    for t in threads:
+        t.start()
+    while threads[0].is_alive():
+        results.append(call())
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def test_built_beside_inserts_and_queries(make_data):
     """Inserts wait for a build (and a build for an insert): each graph is whole, of the count it saw."""
     data = make_data(3000, 16)
     index = build(data[:500], M=8, ef_construction=40, capacity=len(data))
-    errors, graphs = [], []
 
     def insert():
         for s in range(500, 3000, 250):
@@ -182,14 +195,8 @@ def test_built_beside_inserts_and_queries(make_data):
         for _ in range(20):
             index.knn_query(data[:50], k=5)
 
-    threads = [reporting(errors, insert), reporting(errors, query)]
-    for t in threads:
-        t.start()
-    while threads[0].is_alive():
-        graphs.append(build_graph(index._core, 32, num_threads=2))
-    for t in threads:
-        t.join()
-    assert not errors and graphs
+    graphs = while_running([insert, query], lambda: build_graph(index._core, 32, num_threads=2))
+    assert graphs
     for graph in graphs:
         assert graph.shape[0] >= 500 and np.all((graph == INVALID) | (graph < graph.shape[0]))
     check_structure(build_graph(index._core, 32), index._core.export_state(), 32)
@@ -232,7 +239,6 @@ def test_export_is_one_snapshot_beside_deletes_and_inserts(make_data):
     exported neighbour is one of the exported (live) labels."""
     data = make_data(3000, 16)
     index = build(data[:1500], M=8, ef_construction=40, capacity=len(data))
-    errors, exports = [], []
 
     def write():
         for s in range(1500, 3000, 100):
@@ -240,12 +246,8 @@ def test_export_is_one_snapshot_beside_deletes_and_inserts(make_data):
             for label in range(s - 1500, s - 1400, 3):
                 index.mark_deleted(label)
 
-    writer = reporting(errors, write)
-    writer.start()
-    while writer.is_alive():
-        exports.append(index.export_search_graph(16, num_threads=2, return_ids=True))
-    writer.join()
-    assert not errors and len(exports) > 1
+    exports = while_running([write], lambda: index.export_search_graph(16, num_threads=2, return_ids=True))
+    assert len(exports) > 1
     for ids, graph in exports:
         named = graph[graph != NO_LABEL]
         assert len(ids) == len(graph) and np.isin(named, ids).all()

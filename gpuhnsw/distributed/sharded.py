@@ -305,11 +305,7 @@ class ShardedIndex(Surface):
             if not all(p.all() for p in present):
                 missing = np.concatenate([labels[shards == s][~p] for s, p in enumerate(present)])
                 raise RuntimeError(f"Label not found: {int(missing[0])}")
-            new = {s: self._submit(_shard_delete, self._shards[s], labels[shards == s])
-                   for s in np.unique(shards).tolist()}
-            raise_first_error(list(new.values()))
-            for s, f in new.items():
-                self._shards[s] = f
+            self._replace_shards(_shard_delete, labels, shards)
 
     def unmark_deleted(self, labels):
         """Undo :meth:`mark_deleted` for one label or an array of labels.  A label not in the index,
@@ -326,11 +322,16 @@ class ShardedIndex(Surface):
                     raise RuntimeError(f"Label not found: {int(mine[~known[s]][0])}")
                 if live[s].any():
                     raise RuntimeError(f"The requested to undelete element is not deleted: {int(mine[live[s]][0])}")
-            new = {s: self._submit(_shard_undelete, self._shards[s], labels[shards == s])
-                   for s in np.unique(shards).tolist()}
-            raise_first_error(list(new.values()))
-            for s, f in new.items():
-                self._shards[s] = f
+            self._replace_shards(_shard_undelete, labels, shards)
+
+    def _replace_shards(self, fn, labels, shards):
+        """Each shard holding some of ``labels`` (its number in ``shards``, one per label) replaced
+        by ``fn(shard, its labels)`` on the cluster; every shard or none (the first error raised).
+        The caller holds ``_lock``."""
+        new = {s: self._submit(fn, self._shards[s], labels[shards == s]) for s in np.unique(shards).tolist()}
+        raise_first_error(list(new.values()))
+        for s, f in new.items():
+            self._shards[s] = f
 
     def _per_shard(self, labels, fn):
         """``fn(shard, labels of that shard)`` for every shard, gathered (list per shard)."""
