@@ -396,11 +396,15 @@ __attribute__((target("avx2,fma,f16c"))) static void floats_to_halves_f16c(const
 }
 #endif
 
+/* Levels: 0 portable, 1 AVX2 + FMA + F16C, 2 AVX-512 (F, BW, VL), 3 the same with VNNI (the int8
+ * kernels' vpdpwssd; float kernels as level 2).  GHNSW_SIMD=portable|avx2|avx512|avx512vnni lowers
+ * the choice (tests run every path). */
+enum { SIMD_PORTABLE, SIMD_AVX2, SIMD_AVX512, SIMD_VNNI };
 static int simd_level(void);
 
 void ghnsw_floats_to_halves(const float *x, uint16_t *h, size_t n) {
 #ifdef GHNSW_X86
-    if (simd_level() >= 1) { floats_to_halves_f16c(x, h, n); return; }
+    if (simd_level() >= SIMD_AVX2) { floats_to_halves_f16c(x, h, n); return; }
 #endif
     for (size_t i = 0; i < n; i++) h[i] = ghnsw_float_to_half(x[i]);
 }
@@ -581,20 +585,11 @@ I8_KERNELS(vnni, __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 /* ---- stored row against stored row (the heuristic, back-links, updates: no query to prepare) ----- */
 
 /* float16: both rows converted as they are read */
-static float l2_f16_pair_portable(const void *av, const void *bv, size_t n, const float *w) {
-    const uint16_t *a = av, *b = bv;
-    float s[4] = {0, 0, 0, 0};
-    for (size_t i = 0; i < n; i++) {
-        float d = ghnsw_half_to_float(a[i]) - ghnsw_half_to_float(b[i]);
-        s[i & 3] += d * d;
-    }
-    return (s[0] + s[1]) + (s[2] + s[3]);
+static float l2_f16_pair_portable(const void *a, const void *b, size_t n, const float *w) {
+    return l2_f16_pair(a, b, n);
 }
-static float ip_f16_pair_portable(const void *av, const void *bv, size_t n, const float *w) {
-    const uint16_t *a = av, *b = bv;
-    float s[4] = {0, 0, 0, 0};
-    for (size_t i = 0; i < n; i++) s[i & 3] += ghnsw_half_to_float(a[i]) * ghnsw_half_to_float(b[i]);
-    return 1.0f - ((s[0] + s[1]) + (s[2] + s[3]));
+static float ip_f16_pair_portable(const void *a, const void *b, size_t n, const float *w) {
+    return 1.0f - dot_f16_portable(a, b, n);
 }
 
 /* int8: w[n] = scale^2 per dimension (zero past dim), w[n] = |offset|^2; each row's stored term is
@@ -704,11 +699,6 @@ __attribute__((target("avx512f"))) static float ip_i8_pair_avx512(const void *av
     return 1.0f - (w[n] + i8_row_term(av, n) + i8_row_term(bv, n) + _mm512_reduce_add_ps(acc));
 }
 #endif
-
-/* Levels: 0 portable, 1 AVX2 + FMA + F16C, 2 AVX-512 (F, BW, VL), 3 the same with VNNI (the int8
- * kernels' vpdpwssd; float kernels as level 2).  GHNSW_SIMD=portable|avx2|avx512|avx512vnni lowers
- * the choice (tests run every path). */
-enum { SIMD_PORTABLE, SIMD_AVX2, SIMD_AVX512, SIMD_VNNI };
 
 static int simd_level(void) {
     static int level = -1;

@@ -131,6 +131,13 @@ typedef struct {
 
 /* A fixed-size beam entry; the top bit of `id` tags an expanded entry. */
 typedef struct { float d; uint32_t id; } ghnsw_cand_t;
+/* qsort order of candidates: (distance, id) ascending */
+static inline int ghnsw_cand_cmp(const void *a, const void *b) {
+    const ghnsw_cand_t *x = a, *y = b;
+    if (x->d < y->d) return -1;
+    if (x->d > y->d) return 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
 #define GHNSW_EXPANDED 0x80000000u
 
 typedef struct ghnsw_index {
@@ -256,6 +263,9 @@ ghnsw_status_t ghnsw_set_quantizer(ghnsw_index_t *ix, const float *offset, const
  * Takes mut_lock. */
 int ghnsw_get_quantizer(ghnsw_index_t *ix, float *out);
 /* Stores x into `row`; returns the values clipped to the int8 ranges (0 for the other storages). */
+/* The user's row src [dim] as the engine's float row x [dim_pad]: padded with zeros, normalised for
+ * cosine (what encode, prepare and the exact rows take). */
+void ghnsw_float_row(const ghnsw_index_t *ix, const float *src, float *x);
 uint32_t ghnsw_encode(const ghnsw_index_t *ix, const float *x, uint8_t *row);
 void ghnsw_decode(const ghnsw_index_t *ix, const uint8_t *row, float *out);
 /* The int8 per-row term of a row's codes: |scale * c|^2 (l2) or offset . (scale * c) (ip, cosine). */
@@ -454,7 +464,8 @@ ghnsw_status_t ghnsw_gather_upper(ghnsw_index_t *ix, const uint32_t *slots, size
 /* The state layout (docs/architecture.md): scalars here, then nine buffers from `alloc`, in this
  * order: vectors, links0, degree0, labels, levels, upper, deleted, exact (rerank: float32 [n, dim],
  * else empty), quantizer (trained int8: float32 [2, dim], else empty).  With `decoded`, vectors are
- * float32 [n, dim] whatever the storage (the exact rows with rerank, else decoded).  Taken with no
+ * float32 [n, dim] whatever the storage (the exact rows with rerank, else decoded), and exact and
+ * quantizer are empty (a float32 index's state).  Taken with no
  * writer running. */
 typedef struct {
     uint32_t capacity, count;

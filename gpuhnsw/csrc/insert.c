@@ -23,13 +23,6 @@ int ghnsw_level_for(uint64_t seed, uint64_t seq, double mult) {
     return l > GHNSW_MAX_LEVEL ? GHNSW_MAX_LEVEL : (int)l;
 }
 
-static int cand_cmp(const void *a, const void *b) {
-    const ghnsw_cand_t *x = a, *y = b;
-    if (x->d < y->d) return -1;
-    if (x->d > y->d) return 1;
-    return (x->id > y->id) - (x->id < y->id);
-}
-
 static inline uint32_t *list_ptr(ghnsw_index_t *ix, uint32_t s, int level, uint32_t **count) {
     if (level == 0) { *count = &ix->degree0[s]; return ghnsw_links0(ix, s); }
     uint32_t *blk = ghnsw_upper(ix, s, level);
@@ -86,7 +79,7 @@ static void link_back(ghnsw_index_t *ix, uint32_t s, const ghnsw_cand_t *picks, 
                     scratch[j + 1].id = ids[j];
                     scratch[j + 1].d = ghnsw_pair(ix, ids[j], nb);
                 }
-                qsort(scratch, deg + 1, sizeof(ghnsw_cand_t), cand_cmp);
+                qsort(scratch, deg + 1, sizeof(ghnsw_cand_t), ghnsw_cand_cmp);
                 uint32_t kept = ghnsw_select_heuristic(ix, scratch, deg + 1, mmax);
                 write_list(ix, nb, level, scratch, kept);
                 kind = level ? GHNSW_DIRTY_UPPER : GHNSW_DIRTY_LINKS;
@@ -151,14 +144,6 @@ out:
     return st;
 }
 
-/* The user's row src [dim] as the engine's float row x [dim_pad]: padded with zeros, normalised for
- * cosine. */
-static void float_row(const ghnsw_index_t *ix, const float *src, float *x) {
-    memcpy(x, src, sizeof(float) * ix->dim);
-    memset(x + ix->dim, 0, sizeof(float) * (ix->dim_pad - ix->dim));
-    if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
-}
-
 /* Stores the float row x in slot s (its exact row too, with rerank); returns the values clipped to the
  * int8 ranges, also counted in ix. */
 static uint32_t store_vector(ghnsw_index_t *ix, uint32_t s, const float *x) {
@@ -184,7 +169,7 @@ static void publish_entry(ghnsw_index_t *ix, uint32_t s, int level) {
 
 /* s's vector is already stored (store_new, before the count that makes s visible); src gives w->q. */
 static ghnsw_status_t insert_new(ghnsw_index_t *ix, uint32_t s, const float *src, work_t *w) {
-    float_row(ix, src, w->x);
+    ghnsw_float_row(ix, src, w->x);
     ghnsw_prepare(ix, w->x, w->q);
     ghnsw_mark_dirty(ix, s, GHNSW_DIRTY_ROW);
     int level = ix->levels[s];
@@ -218,7 +203,7 @@ __attribute__((noinline)) static uint32_t overwrite_vector(ghnsw_index_t *ix, ui
 /* hnswlib updatePoint with probability 1: rewire every neighbour of s over its 2-hop neighbourhood,
  * then relink s itself from the entry point (repairConnectionsForUpdate). */
 static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float *src, work_t *w) {
-    float_row(ix, src, w->x);
+    ghnsw_float_row(ix, src, w->x);
     ghnsw_prepare(ix, w->x, w->q);
     ghnsw_spin_lock(&ix->slot_locks[s]);
     w->clipped = overwrite_vector(ix, s, w->x);
@@ -257,7 +242,7 @@ static ghnsw_status_t update_existing(ghnsw_index_t *ix, uint32_t s, const float
                 cand[nc].d = ghnsw_pair(ix, hood[j], nb);
                 nc++;
             }
-            qsort(cand, nc, sizeof(ghnsw_cand_t), cand_cmp);
+            qsort(cand, nc, sizeof(ghnsw_cand_t), ghnsw_cand_cmp);
             if (nc > ix->ef_construction) nc = ix->ef_construction;
             uint32_t kept = ghnsw_select_heuristic(ix, cand, nc, mmax);
             ghnsw_spin_lock(&ix->slot_locks[nb]);
@@ -334,7 +319,7 @@ static int store_new(void *vctx, size_t i, int worker) {
     add_ctx_t *c = vctx;
     if (c->kind[i] != TASK_NEW) return 0;
     float *x = c->xs + (size_t)worker * c->ix->dim_pad;
-    float_row(c->ix, c->data + i * c->ix->dim, x);
+    ghnsw_float_row(c->ix, c->data + i * c->ix->dim, x);
     if (store_vector(c->ix, c->slot[i], x)) __atomic_fetch_add(&c->clipped, 1, __ATOMIC_RELAXED);
     return 0;
 }
@@ -363,7 +348,7 @@ static int own_from_cands(void *vctx, size_t i, int worker) {
         cand[n].d = ghnsw_pair(ix, s, t);
         n++;
     }
-    qsort(cand, n, sizeof(ghnsw_cand_t), cand_cmp);
+    qsort(cand, n, sizeof(ghnsw_cand_t), ghnsw_cand_cmp);
     uint32_t m = 0;
     for (uint32_t j = 0; j < n; j++) if (!m || cand[j].id != cand[m - 1].id || cand[j].d != cand[m - 1].d) cand[m++] = cand[j];
     n = set_own_links(ix, s, cand, m, 0);

@@ -586,8 +586,7 @@ static PyObject *Core_export_state(CoreObject *self, PyObject *args, PyObject *k
     outs_t o = {{0}, 0};
     CALL_NOGIL(st, ghnsw_export(ix, decoded, &ex, alloc_bytes, &o, &err));
     if (st) { outs_clear(&o); return raise_status(st, &err, PyExc_RuntimeError); }
-    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
-    PyObject *d = empty ? Py_BuildValue(
+    PyObject *d = Py_BuildValue(
         "{s:s,s:I,s:I,s:I,s:K,s:O,s:I,s:I,s:L,s:i,s:K,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s,s:O,s:O,s:O,s:K,s:K}",
         "space", SPACES[ix->space], "dim", ix->dim, "M", ix->M, "ef_construction", ix->ef_construction,
         "random_seed", (unsigned long long)ix->seed, "allow_replace_deleted", ix->allow_replace_deleted ? Py_True : Py_False,
@@ -595,10 +594,9 @@ static PyObject *Core_export_state(CoreObject *self, PyObject *args, PyObject *k
         ex.max_level, "insert_seq", (unsigned long long)ex.insert_seq, "vectors", o.objs[0], "links0", o.objs[1],
         "degree0", o.objs[2], "labels", o.objs[3], "levels", o.objs[4], "upper", o.objs[5], "deleted", o.objs[6],
         "storage", decoded ? "float32" : STORAGES[ix->storage], "rerank", !decoded && ix->rerank ? Py_True : Py_False,
-        "exact", decoded ? empty : o.objs[7], "quantizer", decoded ? empty : o.objs[8],
+        "exact", o.objs[7], "quantizer", o.objs[8],
         "clipped_rows", decoded ? 0ULL : (unsigned long long)ex.clipped_rows,
-        "clipped_values", decoded ? 0ULL : (unsigned long long)ex.clipped_values) : NULL;
-    Py_XDECREF(empty);
+        "clipped_values", decoded ? 0ULL : (unsigned long long)ex.clipped_values);
     outs_clear(&o);
     return d;
 }

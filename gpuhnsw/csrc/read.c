@@ -244,9 +244,7 @@ ghnsw_status_t ghnsw_distances(ghnsw_index_t *ix, const float *queries, size_t n
     for (size_t i = 0; i < nq * c && st == GHNSW_OK; i++)
         if (slots[i] >= count) st = ghnsw_fail(err, GHNSW_EINVAL, "slot %u out of range (count %u)", slots[i], count);
     for (size_t i = 0; i < nq && st == GHNSW_OK; i++) {
-        memset(x, 0, xbytes);
-        memcpy(x, queries + i * ix->dim, sizeof(float) * ix->dim);
-        if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
+        ghnsw_float_row(ix, queries + i * ix->dim, x);
         ghnsw_prepare(ix, x, q);
         for (size_t j = 0; j < c; j++) out[i * c + j] = ix->dist(q, ghnsw_vec(ix, slots[i * c + j]), ix->row_n);
     }
@@ -317,8 +315,10 @@ ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, int decoded, ghnsw_export_t *out,
     char *lev = lab ? alloc(ctx, (size_t)n) : NULL;
     char *up = lev ? alloc(ctx, upper_words * 4) : NULL;
     char *del = up ? alloc(ctx, (size_t)n) : NULL;
-    char *exact = del ? alloc(ctx, ix->exact ? (size_t)n * dim * 4 : 0) : NULL;
-    char *quant = exact ? alloc(ctx, ix->q_scale ? 2 * (size_t)dim * 4 : 0) : NULL;
+    /* decoded: a float32 index's state, without exact rows or quantiser (empty) */
+    int exact_rows = ix->exact && !decoded, quantizer = ix->q_scale && !decoded;
+    char *exact = del ? alloc(ctx, exact_rows ? (size_t)n * dim * 4 : 0) : NULL;
+    char *quant = exact ? alloc(ctx, quantizer ? 2 * (size_t)dim * 4 : 0) : NULL;
     if (!quant) {
         st = ghnsw_fail(err, GHNSW_ENOMEM, "out of memory");
     } else {
@@ -326,7 +326,7 @@ ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, int decoded, ghnsw_export_t *out,
         memcpy(deg, ix->degree0, (size_t)n * 4);
         memcpy(lab, ix->labels, (size_t)n * 8);
         memcpy(lev, ix->levels, n);
-        if (ix->q_scale) {
+        if (quantizer) {
             memcpy(quant, ix->q_offset, (size_t)dim * 4);
             memcpy(quant + (size_t)dim * 4, ix->q_scale, (size_t)dim * 4);
         }
@@ -334,7 +334,7 @@ ghnsw_status_t ghnsw_export(ghnsw_index_t *ix, int decoded, ghnsw_export_t *out,
             if (!floats) memcpy(vec + (size_t)s * vrow, ghnsw_vec(ix, s), vrow);
             else if (ix->exact) memcpy(vec + (size_t)s * vrow, ghnsw_exact(ix, s), vrow);
             else ghnsw_decode(ix, ghnsw_vec(ix, s), (float *)(vec + (size_t)s * vrow));
-            if (ix->exact) memcpy(exact + (size_t)s * dim * 4, ghnsw_exact(ix, s), (size_t)dim * 4);
+            if (exact_rows) memcpy(exact + (size_t)s * dim * 4, ghnsw_exact(ix, s), (size_t)dim * 4);
             size_t w = (size_t)ix->levels[s] * (1 + ix->M) * 4;
             if (w) { memcpy(up, ix->upper[s], w); up += w; }
             del[s] = (char)ghnsw_bit_get(ix->deleted, s);

@@ -241,15 +241,10 @@ typedef struct {
     int use_filtered;
 } query_ctx_t;
 
-static int cand_cmp(const void *a, const void *b) {
-    const ghnsw_cand_t *x = a, *y = b;
-    return cand_less(x->d, x->id, y->d, y->id) ? -1 : cand_less(y->d, y->id, x->d, x->id);
-}
-
 /* The exact re-rank: the final candidates re-scored on the float32 rows, re-sorted. */
 static void rerank(const ghnsw_index_t *ix, const float *x, ghnsw_cand_t *beam, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) beam[i].d = ix->exact_dist(x, ghnsw_exact(ix, beam[i].id), ix->dim_pad);
-    qsort(beam, n, sizeof(ghnsw_cand_t), cand_cmp);
+    qsort(beam, n, sizeof(ghnsw_cand_t), ghnsw_cand_cmp);
 }
 
 static int query_one(void *vctx, size_t qi, int worker) {
@@ -272,9 +267,7 @@ static int query_one(void *vctx, size_t qi, int worker) {
         if (!beam || !vis) { free(beam); if (vis) ghnsw_visited_put(&ix->vpool, vis); return GHNSW_ENOMEM; }
         float *x = (float *)(beam + ef);
         void *q = ix->storage == GHNSW_F32 ? (void *)x : (void *)((char *)x + xbytes);
-        memset(x, 0, xbytes);
-        memcpy(x, c->queries + qi * ix->dim, sizeof(float) * ix->dim);
-        if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
+        ghnsw_float_row(ix, c->queries + qi * ix->dim, x);
         ghnsw_prepare(ix, x, q);
         float d = ix->dist(q, ghnsw_vec(ix, c->ep), ix->row_n);
         uint32_t cur = ghnsw_greedy_descent(ix, q, c->ep, c->max_level, 1, &d);

@@ -147,13 +147,19 @@ static inline float round_even(float v) {
 
 int ghnsw_is_small_integer(float v) { return fabsf(v) < 4194304.0f && round_even(v) == v; }
 
+void ghnsw_float_row(const ghnsw_index_t *ix, const float *src, float *x) {
+    memcpy(x, src, sizeof(float) * ix->dim);
+    memset(x + ix->dim, 0, sizeof(float) * (ix->dim_pad - ix->dim));
+    if (ix->space == GHNSW_COSINE) ghnsw_normalize(x, ix->dim);
+}
+
 uint32_t ghnsw_encode(const ghnsw_index_t *ix, const float *x, uint8_t *row) {
     uint32_t clipped = 0, dim = ix->dim;
     if (ix->storage == GHNSW_F32) {
         memcpy(row, x, (size_t)ix->dim_pad * sizeof(float));
     } else if (ix->storage == GHNSW_F16) {
         uint16_t *h = (uint16_t *)row;
-        for (uint32_t i = 0; i < dim; i++) h[i] = ghnsw_float_to_half(x[i]);
+        ghnsw_floats_to_halves(x, h, dim);
         memset(h + dim, 0, (ix->row_n - dim) * sizeof(uint16_t));
     } else {
         int8_t *c = (int8_t *)row;
