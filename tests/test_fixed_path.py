@@ -308,3 +308,19 @@ def test_searches_wait_for_the_sync_and_syncs_for_searches(fixed_gpu, fake_cupy,
     mirror.sync()                               # nothing to sync, but the check is O(1): no release
     index.knn_query(queries[:2], k=5)           # the next search releases what completed
     assert mirror._retired == []
+
+
+def test_upper_links_a_sync_outgrows_wait_for_their_readers(fixed_gpu, fake_cupy, sift):
+    """The upper-level array a sync outgrows is kept, as the other arrays, until the searches
+    that may read it completed (it was dropped at once)."""
+    base, queries = sift
+    index = make_index(base[:300])
+    index.resize_index(len(base))
+    index.knn_query(queries[:2], k=5)
+    mirror = index._gpu.mirror
+    upper, reader = mirror.upper_links, mirror._readers[DeviceArray.stream.ptr]
+    reader.done = False                         # pretend the search still runs
+    index.add_items(base[300:], np.arange(300, len(base)))
+    mirror.sync()
+    assert mirror.upper_links is not upper
+    assert any(a is upper for arrays, events in mirror._retired for a in arrays if reader in events)

@@ -189,6 +189,7 @@ class DeviceMirror:
         self.synced = None    # event after the last sync's device work (None: none enqueued yet)
         self._readers = {}    # stream pointer -> event after the last search enqueued on that stream
         self._retired = []    # (arrays replaced by a growth, events that must complete before they go)
+        self._replaced = []   # the arrays the running sync replaced
         # two staging buffers taken in turn: one is filled while the other's upload may still run
         self._staging = [None, None]
         self._turn = 0
@@ -224,9 +225,14 @@ class DeviceMirror:
             # place after another consumer's (another mirror of this core) or this mirror's own
             # failed sync, which took changes this mirror never shipped: every row goes up again.
             known = self.count if drain == self._drain + 1 else 0
+            self._replaced = []   # device arrays this sync's growths replace
             st.grows = self._ensure_capacity(int(self.core.max_elements))
             if log.size or count != known:
                 self._ship(cp, log, known, count, st)
+            if self._replaced:    # kept until their copies and every search reading them completed
+                copied = cp.cuda.Event(disable_timing=True)
+                copied.record()
+                self._retired.append((tuple(self._replaced), [copied, *self._readers.values()]))
             self._drain = drain
             if self.synced is None:
                 self.synced = cp.cuda.Event(disable_timing=True)
@@ -292,9 +298,7 @@ class DeviceMirror:
                                  self.levels), old):
                 dst[:c] = src
             self.deleted[:old[6].size] = old[6]
-            copied = cp.cuda.Event(disable_timing=True)
-            copied.record()
-            self._retired.append((old, [copied, *self._readers.values()]))
+            self._replaced.extend(old)
         grow = new - self.capacity
         self._levels = np.concatenate([self._levels, np.zeros(grow, np.uint8)])
         self._degree = np.concatenate([self._degree, np.zeros(grow, np.uint32)])
@@ -379,6 +383,7 @@ class DeviceMirror:
         if self._upper_used > self.upper_links.size:
             grown = cp.zeros(max(self._upper_used, 2 * self.upper_links.size, 1024), dtype=cp.uint32)
             grown[:self.upper_links.size] = self.upper_links
+            self._replaced.append(self.upper_links)
             self.upper_links = grown
         flat = np.frombuffer(self.core.gather_upper(slots), dtype=np.uint32)   # [sum(sizes)]
         at = self._upper_at[slots]
