@@ -324,3 +324,17 @@ def test_upper_links_a_sync_outgrows_wait_for_their_readers(fixed_gpu, fake_cupy
     mirror.sync()
     assert mirror.upper_links is not upper
     assert any(a is upper for arrays, events in mirror._retired for a in arrays if reader in events)
+
+
+def test_nan_in_gpu_queries_the_beam_kernel_takes_raises(fixed_gpu, fake_cupy, sift, monkeypatch):
+    """GPU queries left unchecked for the fixed kernel's status bit are checked when the beam kernel
+    takes the batch instead (a width past 8), not searched with NaN."""
+    base, queries = sift
+    index = make_index(base)
+    calls = []
+    monkeypatch.setattr(mirror_module.DeviceMirror, "search", lambda self, q, k, beam, **kw: calls.append(beam))
+    q = np.array(queries[:4])
+    q[1, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.knn_query(fake_cupy.asarray(q), k=5, ef=64, search_width=16)
+    assert calls == []

@@ -47,9 +47,15 @@ def device_matrix(data, dim, check_finite=True):
     if arr.dtype.kind not in "fiub":
         raise ValueError(f"query must be a real numeric array, got dtype {arr.dtype}")
     arr = cp.ascontiguousarray(as_matrix(arr, dim, "query"), dtype=cp.float32)
-    if check_finite and arr.size and not bool(cp.isfinite(arr).all()):
-        raise ValueError("query holds NaN or infinite values")
+    if check_finite:
+        _check_finite(cp, arr)
     return arr
+
+
+def _check_finite(cp, arr):
+    """ValueError where the CuPy matrix ``arr`` holds NaN or infinities (the host waits here)."""
+    if arr.size and not bool(cp.isfinite(arr).all()):
+        raise ValueError("query holds NaN or infinite values")
 
 
 class DeviceSearch:
@@ -94,11 +100,13 @@ class DeviceSearch:
         with self._lock:
             mirror = self._mirror_of(core)
             mirror.sync()
-            if self.kernel == "fixed" and search_width <= launch.MAX_FIXED_WIDTH:
+            if self.kernel == "fixed":
                 pending = self.fixed.launch(q, k, beam, search_width=search_width, filter_bits=bits,
                                             filter_stride=stride, slots=slots)
                 if pending is not None:
                     return "fixed", pending
+                if is_gpu_array(q):   # GPU queries were left for the fixed kernel's status bit to check
+                    _check_finite(cp, q)
             if self.storage not in BEAM_STORAGES:
                 return None
             out = mirror.search(cp.asarray(q), k, beam, search_width=search_width, filter_bits=bits,
