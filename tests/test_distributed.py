@@ -216,6 +216,16 @@ def test_update_delete_and_bad_input(client, sift):
     assert 610 in index and 614 in index and 615 not in index
 
 
+def test_repeated_labels_delete_as_in_a_single_index(client, sift):
+    """mark_deleted([x, x]) deletes x, as Index's does; the shard's task deleted label by label and
+    failed on the repeat after deleting the first."""
+    base = sift[0][:300]
+    sharded = ShardedIndex(client, "l2", 128, n_shards=2, num_threads=1, **BUILD)
+    sharded.add_items(base, np.arange(300))
+    sharded.mark_deleted([7, 7, 9])
+    assert sharded.count_deleted == 2
+
+
 def test_index_surface_equals_a_single_index(client, sift):
     """ShardedIndex lacked get_current_count, get_ids_list, range_query, unmark_deleted, per-query
     filters and the rest of the surface Index has; each now answers as a single Index over the same
