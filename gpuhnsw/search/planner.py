@@ -27,7 +27,7 @@ import numpy as np
 
 from .._surface import NOT_FOUND
 from .._validate import as_vectors, memory_limit, on_host, plain_array
-from ..device.arrays import is_gpu_array, put_rows, to_device
+from ..device.arrays import as_cupy, is_gpu_array, put_rows, to_device
 from . import filters
 from .cpu import exact_over_allowed, graph_search
 from .params import SearchResult
@@ -127,13 +127,28 @@ def _search(core, gpu, space, data, nq, filter, params, row0):
             _graph_rows(core, q, sets, callback, np.flatnonzero(~exact), result, params)
     else:                # the GPU answered; the rows whose buffers bit go to the CPU
         result, unanswered = answer
-        q = as_vectors(data, core.dim, what="query") if unanswered.size or sets is not None else None
+        q = _HostRows(data, core.dim)   # the GPU leg validated them; only rows a CPU leg takes move
         _graph_rows(core, q, sets, callback, unanswered, result, params)
     if sets is not None:
         _exact_rows(core, space, q, sets, exact, result, params)
     if answer is None and is_gpu_array(data):
         result.labels, result.dists = to_device(result.labels), to_device(result.dists)
     return result.finish(params, live, callback is not None, row0)
+
+
+class _HostRows:
+    """Query rows the GPU leg answered, for the CPU legs that take some of them: ``q[rows]`` is
+    float32 ``[r, dim]`` on the host, and GPU input moves only those rows off the device."""
+
+    def __init__(self, data, dim):
+        self.data, self.dim, self.host = data, dim, None
+
+    def __getitem__(self, rows):
+        if is_gpu_array(self.data):   # already [nq, dim] as the GPU leg checked it
+            return as_vectors(as_cupy(self.data).reshape(-1, self.dim)[to_device(rows)], self.dim, what="query")
+        if self.host is None:
+            self.host = as_vectors(self.data, self.dim, what="query")
+        return self.host[rows]
 
 
 def _graph_rows(core, q, sets, callback, rows, result, params):
@@ -149,7 +164,7 @@ def _graph_rows(core, q, sets, callback, rows, result, params):
 def _exact_rows(core, space, q, sets, exact, result, params):
     """The exact leg: the rows planned exact (``exact``, bool ``[nq]``) and the graph rows that found
     fewer than ``min(k, allowed)`` (the filter cut the graph apart), over each row's allowed set."""
-    nq = q.shape[0]
+    nq = result.found.shape[0]
     row_live = sets.row_live(nq)                                     # int64 [nq]
     exact = exact | (result.found < np.minimum(params.k, row_live))
     if log.isEnabledFor(logging.DEBUG):
