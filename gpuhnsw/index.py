@@ -27,7 +27,7 @@ from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, chec
                         flat_labels, memory_limit, num_threads as num_threads_rule, on_host, resolve_device,
                         threads_for)
 from .search import planner
-from .search.filters import filter_rows
+from .search.filters import filter_rows, popcount
 from .search.gpu import STORAGES as GPU_STORAGES, DeviceSearch
 from .search.params import SearchParams
 
@@ -282,7 +282,8 @@ class Index(IndexSurface):
         if self._auto_resize and core.count + rows > capacity:
             # only labels the index does not hold take a slot: updates (deleted labels included)
             # and repeats within the batch do not
-            rows = sum(core.lookup(label)[0] < 0 for label in np.unique(labels).tolist())
+            distinct = np.unique(labels)
+            rows = distinct.size - int(popcount(np.frombuffer(core.allowed_bitset(distinct), np.uint32)[None])[0])
         if not (self._auto_resize and core.count + rows > capacity):
             return self._insert_rows(core, data, labels, threads, replace_deleted, build, progress)
         grown = max(core.count + rows, 2 * capacity)

@@ -109,7 +109,7 @@ def label_sets(filter, nq):
     return [_labels_of(r) for r in rows], True
 
 
-def _popcount(words):
+def popcount(words):
     """Set bits per row of uint32 ``[g, words]`` -> int64 ``[g]``."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(words).sum(axis=1, dtype=np.int64)
@@ -127,4 +127,4 @@ def allowed_sets(core, filter, nq):
         # a resize may run beside us: words past the shorter of the two stay zero (not allowed)
         words = min(deleted.shape[0], row.shape[0])
         np.bitwise_and(row[:words], ~deleted[:words], out=bits[i, :words])
-    return AllowedSets(bits, _popcount(bits), one_per_row)
+    return AllowedSets(bits, popcount(bits), one_per_row)
