@@ -49,7 +49,7 @@ import bisect
 import numpy as np
 
 __all__ = ["COUNTS", "ReferenceGraph", "beam_search_reference", "descend", "normalize_queries",
-           "query_arrays", "result_mask", "unvisited_neighbours"]
+           "counts_by_name", "query_arrays", "result_mask", "unvisited_neighbours"]
 
 INVALID = 0xFFFFFFFF
 
@@ -308,6 +308,10 @@ def beam_search_reference(state, queries, k, ef, *, search_width=1, allowed=None
 
 
 def _output(slots, dists, found, counts, return_counts):
-    if not return_counts:
-        return slots, dists, found
-    return slots, dists, found, {name: np.ascontiguousarray(counts[:, j]) for j, name in enumerate(COUNTS)}
+    return (slots, dists, found, counts_by_name(counts)) if return_counts else (slots, dists, found)
+
+
+def counts_by_name(counts):
+    """The work counters int64 ``[nq, len(COUNTS)]`` as ``return_counts`` gives them: a dict of
+    int64 ``[nq]`` by name."""
+    return {name: np.ascontiguousarray(counts[:, j]) for j, name in enumerate(COUNTS)}

@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._reference import COUNTS, ReferenceGraph, descend, query_arrays, result_mask, unvisited_neighbours
+from .device.launch import STATUS_BAD_QUERY, STATUS_VISITED_FULL
+from ._reference import (COUNTS, ReferenceGraph, counts_by_name, descend, query_arrays, result_mask,
+                         unvisited_neighbours)
 
 __all__ = ["fixed_search_reference", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 
@@ -55,10 +57,6 @@ __all__ = ["fixed_search_reference", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 _ITERATIONS, _EXPANDED, _DISTANCES, _HOPS, _UPPER = (
     COUNTS.index(c) for c in ("iterations", "expanded", "distances", "hops", "upper_distances"))
 _SERIAL = (_ITERATIONS, _HOPS)
-#: Status bits (kernels/common.cuh): the shared visited table would have passed half full (a
-#: block stopped early); the query holds NaN or an infinity (not searched).
-STATUS_VISITED_FULL = 1
-STATUS_BAD_QUERY = 4
 
 
 class _Block:
@@ -222,4 +220,4 @@ def fixed_search_reference(state, queries, k, ef, *, search_width=1, allowed=Non
     out = (slots, dists, found, status)
     if not return_counts:
         return out
-    return out + ({name: np.ascontiguousarray(counts[:, j]) for j, name in enumerate(COUNTS)},)
+    return out + (counts_by_name(counts),)

@@ -173,7 +173,7 @@ def instances(name):
     dtype names for ``T``).
 
     ``search``: storage (fp32, fp16) x team x capacity (2 x 4 x 5 = 40); ``search_fixed``:
-    storage x team x capacity (3 x 3 x 5 = 45); ``distance``: storage x team (3 x 4 = 12);
+    storage x team x capacity (3 x 3 x 4 = 36); ``distance``: storage x team (3 x 4 = 12);
     ``topk``: capacity (6); ``merge``: one; ``scatter``: storage (3).
 
     Returns

@@ -35,7 +35,7 @@ __all__ = ["SEARCH_ARGS", "SEARCH_FIXED_ARGS", "SearchLaunch", "FixedLaunch", "s
            "search_hash_log2", "fixed_hash_log2", "fixed_global_log2", "fixed_blocks", "fixed_block_beam",
            "search_shared_bytes", "fixed_shared_bytes", "workspace_words", "distance_shared_bytes",
            "topk_shared_bytes", "DEFAULT_SHARED_LIMIT", "SEARCH_KERNELS", "search_kernel", "LOAD_BATCH",
-           "MAX_FIXED_WIDTH", "MAX_FIXED_DEGREE", "FIXED_COUNTERS"]
+           "MAX_FIXED_WIDTH", "MAX_FIXED_DEGREE", "FIXED_COUNTERS", "STATUS_VISITED_FULL", "STATUS_BAD_QUERY"]
 
 #: Bytes of one storage element.
 _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -51,6 +51,10 @@ MAX_FIXED_WIDTH = 8
 MAX_FIXED_DEGREE = 64
 #: Its debug counters per query (kCounts: gpuhnsw._reference.COUNTS, in that order).
 FIXED_COUNTERS = 5
+#: Its status bits (kernels/common.cuh): the shared visited table would have passed half full (a
+#: block stopped early); the query holds NaN or an infinity (not searched).
+STATUS_VISITED_FULL = 1
+STATUS_BAD_QUERY = 4
 
 
 def search_kernel(storage):

@@ -158,7 +158,7 @@ class FixedSearch:
         counts : also the per-query work counters (a debug read-back)
 
         Returns None where the kernel cannot take the batch (no plan: a beam past 256, ...), else a
-        pending call: pass it to :meth:`finish` (outside the lock) for the :class:`FixedResult`.
+        pending call: its ``finish()`` (outside the lock) is the one read-back, the :class:`FixedResult`.
         """
         cp = import_cupy()
         m = self.mirror
@@ -212,11 +212,6 @@ class FixedSearch:
                                  out_status=dev["status"])
         m.after_search(stream, bufs.done)
         return _Pending(self, key, bufs, host, total, out_ids, out_dists, host_input, counts)
-
-    def finish(self, pending):
-        """The one read-back of a launched call: its :class:`FixedResult`; the buffers go back to the
-        pool."""
-        return pending.finish()
 
 
 class _Pending:

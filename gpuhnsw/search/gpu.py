@@ -33,9 +33,8 @@ from .params import SearchResult
 
 __all__ = ["DeviceSearch", "device_matrix", "STORAGES"]
 
-#: Device row storages an index may ask for (``Index(..., storage=)``).
+#: Device row storages an index may ask for (``Index(..., gpu_storage=)``).
 STORAGES = tuple(STORAGE_TYPES)
-_BAD_QUERY = 4   # kStatusBadQuery (kernels/common.cuh): the row holds NaN or an infinity
 
 
 def device_matrix(data, dim, check_finite=True):
@@ -83,7 +82,7 @@ class DeviceSearch:
         except failures as exc:
             self.mirror = None
             what = "out of memory" if isinstance(exc, oom) else "error"
-            hint = "free GPU memory, use storage='float16', or " if isinstance(exc, oom) else ""
+            hint = "free GPU memory, use gpu_storage='float16', or " if isinstance(exc, oom) else ""
             raise DeviceError(f"GPU {what} ({type(exc).__name__}: {exc}); the index is intact on the "
                               f"CPU: {hint}query with device='cpu'") from None
 
@@ -157,7 +156,7 @@ class DeviceSearch:
             if (found < 0).any():
                 raise DeviceError(f"the search kernel ({self.kernel}) rejected its launch configuration "
                                   "(see kernels/search.cu, kernels/search_fixed.cu)")
-            bad = np.flatnonzero(status & _BAD_QUERY)
+            bad = np.flatnonzero(status & launch.STATUS_BAD_QUERY)
             if bad.size:
                 raise not_finite("query", int(bad[0]))
             unanswered = np.flatnonzero(status)
