@@ -14,6 +14,14 @@ from .device.arrays import cuda_status, to_host
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def check_radius(radius, space):
+    """``radius`` of a range query as a float: finite, and >= 0 for l2 (ValueError)."""
+    radius = float(radius)
+    if not np.isfinite(radius) or radius < 0 and space == "l2":
+        raise ValueError(f"radius must be finite (and >= 0 for l2), got {radius}")
+    return radius
+
+
 def check_space(space):
     if not isinstance(space, str) or space not in SPACES:
         raise RuntimeError("Space name must be one of l2, ip, or cosine.")

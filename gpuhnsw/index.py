@@ -22,10 +22,11 @@ from ._io import hnswlib_format, native
 from ._io.files import is_file_object, source_name
 from ._io.pickles import check_state
 from ._progress import ADD_ITEMS_MIN_ROWS, Progress, wanted as progress_wanted
+from ._rows import normalize_rows
 from ._surface import DEFAULT_SEED, IndexSurface
-from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_space, check_storage, cpu_count,
-                        flat_labels, memory_limit, num_threads as num_threads_rule, on_host, resolve_device,
-                        threads_for)
+from ._validate import (as_int, as_label, as_labels, as_vectors, check_dim, check_radius, check_space, check_storage,
+                        cpu_count, flat_labels, memory_limit, num_threads as num_threads_rule, on_host,
+                        resolve_device, threads_for)
 from .search import planner
 from .search.filters import filter_rows, popcount
 from .search.gpu import STORAGES as GPU_STORAGES, DeviceSearch
@@ -200,7 +201,7 @@ class Index(IndexSurface):
             if not rows.shape[0]:
                 raise ValueError("train() needs at least one row")
             if self._space == "cosine":
-                rows = rows / (np.linalg.norm(rows, axis=1, keepdims=True) + np.float32(1e-30))
+                rows = normalize_rows(rows)
             low, high = rows.min(axis=0), rows.max(axis=0)
             integral = ((rows == np.rint(rows)) & (np.abs(rows) < 2**22)).all(axis=0).astype(np.uint8)
         bounds = []
@@ -449,9 +450,7 @@ class Index(IndexSurface):
         distances : float32 ``[offsets[-1]]``
         """
         core = self._need_init()
-        radius = float(radius)
-        if not np.isfinite(radius) or radius < 0 and self._space == "l2":
-            raise ValueError(f"radius must be finite (and >= 0 for l2), got {radius}")
+        radius = check_radius(radius, self._space)
         q = as_vectors(data, self._dim, what="query")
         limit = core.count - core.n_deleted
         if max_results is not None:

@@ -310,18 +310,18 @@ def _nndescent_graph(x, k, space, dev, params, delta, num_threads, progress, see
 # --------------------------------------------------------------------------------------------------
 # exact, GPU: device/brute.py's symmetric tiling
 
-def _exact_graph_gpu(x, k, space, dev, progress, info, precision=DEFAULT_PRECISION, tiling="symmetric"):
+def _exact_graph_gpu(x, k, space, dev, progress, info):
     """x [n, d] float32 (normalised for cosine) uploaded once (``brute.ResidentBase``), then
     ``brute.graph``; fills ``info``'s phases, dist_evals and ``exact`` (the pool and the rows the
     certificate sent back)."""
     from .device import brute
 
     n = x.shape[0]
-    info["phases"], info["exact"] = {}, {"tiling": tiling}
+    info["phases"], info["exact"] = {}, {"tiling": "symmetric"}
     with import_cupy().cuda.Device(dev[1] or 0):
-        base = brute.ResidentBase(x, space, precision, info["phases"])
+        base = brute.ResidentBase(x, space, DEFAULT_PRECISION, info["phases"])
         with _Progress(progress, n, "exact k-NN graph") as bar:
-            out = brute.graph(base, k, tiling=tiling, progress=bar.to, phases=info["phases"],
+            out = brute.graph(base, k, tiling="symmetric", progress=bar.to, phases=info["phases"],
                               stats=info["exact"])
     info["dist_evals"] = n * n
     return out

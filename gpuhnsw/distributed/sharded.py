@@ -21,7 +21,7 @@ import numpy as np
 
 from .._errors import IndexFileError
 from .._surface import DEFAULT_SEED, NO_LABEL, NOT_FOUND, Surface
-from .._validate import as_int, as_label, as_labels, as_vectors, check_dim, check_space
+from .._validate import as_int, as_label, as_labels, as_vectors, check_dim, check_radius, check_space
 from ..search.filters import label_sets, per_query
 from ..index import Index
 from .common import (Shard, cluster_workers, dask, da, fsspec, is_dask, merge_topk, new_shard, pick,
@@ -84,10 +84,6 @@ def _shard_known(shard, labels):
 
 def _shard_integrity(shard):
     return shard.index.check_integrity()
-
-
-def _shard_len(shard):
-    return len(shard.index)
 
 
 def _shard_contains(shard, labels):
@@ -404,9 +400,7 @@ class ShardedIndex(Surface):
         labels : uint64 ``[offsets[-1]]``, ordered by (distance, label) within each row
         distances : float32 ``[offsets[-1]]``
         """
-        radius = float(radius)
-        if not np.isfinite(radius) or radius < 0 and self._space == "l2":
-            raise ValueError(f"radius must be finite (and >= 0 for l2), got {radius}")
+        radius = check_radius(radius, self._space)
         if max_results is not None:
             max_results = as_int(max_results, "max_results", minimum=0)
         ef = self.ef if ef is None else as_int(ef, "ef", minimum=1)
@@ -518,8 +512,7 @@ class ShardedIndex(Surface):
 
     def shard_sizes(self):
         """Live elements per shard (int list)."""
-        futures = [self._submit(_shard_len, f) for f in list(self._shards)]
-        return [int(x) for x in self._client.gather(futures)]
+        return [int(c[1]) for c in self._counts()]
 
     def __repr__(self):
         return (f"<gpuhnsw.distributed.ShardedIndex(space='{self._space}', dim={self._dim}, "
