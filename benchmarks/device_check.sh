@@ -153,7 +153,7 @@ os.environ["GHNSW_SEARCH_KERNEL"] = "fixed"
 import gpuhnsw
 rng = np.random.default_rng(1)
 data = rng.random((3000, 48), dtype=np.float32)
-ix = gpuhnsw.Index("l2", 48, device="cuda", storage="float16")
+ix = gpuhnsw.Index("l2", 48, device="cuda", gpu_storage="float16")
 ix.init_index(3000, M=12, ef_construction=80)
 ix.add_items(data, build="cpu")
 flt = None

@@ -40,7 +40,7 @@ def siftsmall_folder(dataset_folder):
 
 
 @pytest.fixture(scope="module")
-def sift_index(tmp_path_factory, siftsmall_folder):
+def sift_index_file(tmp_path_factory, siftsmall_folder):
     """siftsmall built once through the CLI (gpuhnsw format)."""
     path = tmp_path_factory.mktemp("cli") / "sift.idx"
     assert cli.main(["build", str(SIFT / "base.npy"), "-o", str(path), "--M", "12",
@@ -49,8 +49,8 @@ def sift_index(tmp_path_factory, siftsmall_folder):
 
 
 @needs_sift
-def test_build_query_recall(sift_index, tmp_path, capsys):
-    status, _, err = run(capsys, "query", sift_index, SIFT / "queries.npy", "-k", 10, "--ef", 64,
+def test_build_query_recall(sift_index_file, tmp_path, capsys):
+    status, _, err = run(capsys, "query", sift_index_file, SIFT / "queries.npy", "-k", 10, "--ef", 64,
                          "--labels", tmp_path / "L.npy", "--distances", tmp_path / "D.npy")
     assert status == 0, err
     labels, dists = np.load(tmp_path / "L.npy"), np.load(tmp_path / "D.npy")
@@ -63,12 +63,12 @@ def test_build_query_recall(sift_index, tmp_path, capsys):
 
 
 @needs_sift
-def test_info(sift_index, capsys):
-    status, out, _ = run(capsys, "info", sift_index)
+def test_info(sift_index_file, capsys):
+    status, out, _ = run(capsys, "info", sift_index_file)
     assert status == 0
     for field in ("format", "space", "dim", "count", "deleted", "M", "ef_construction", "levels"):
         assert field in out
-    status, out, _ = run(capsys, "info", sift_index, "--json")
+    status, out, _ = run(capsys, "info", sift_index_file, "--json")
     info = json.loads(out)
     assert (info["format"], info["space"], info["dim"], info["count"]) == ("gpuhnsw", "l2", 128,
                                                                           10000)
@@ -274,20 +274,20 @@ def test_module_entry_point(tmp_path):
 
 
 @needs_sift
-def test_footguns(sift_index, tmp_path, capsys):
+def test_footguns(sift_index_file, tmp_path, capsys):
     """Outputs named by their format, results printed without an output file, no silent l2."""
     status, _, err = run(capsys, "knn-graph", SIFT / "base.npy", "--limit", 500, "-k", 5, "-o", tmp_path / "g.csv")
     assert status == 2 and ".npz" in err and not (tmp_path / "g.csv").exists()
     status, _, err = run(capsys, "knn-graph", SIFT / "base.npy", "--limit", 500, "-k", 5, "-o", tmp_path / "g.npy")
     assert status == 0 and "(chosen by --method auto)" in err and "method auto " not in err, err
-    status, _, err = run(capsys, "query", sift_index, SIFT / "queries.npy", "--labels", tmp_path / "L.txt")
+    status, _, err = run(capsys, "query", sift_index_file, SIFT / "queries.npy", "--labels", tmp_path / "L.txt")
     assert status == 2 and "*.npy" in err and not (tmp_path / "L.txt").exists()
 
-    status, out, err = run(capsys, "query", sift_index, SIFT / "queries.npy", "-k", 3, "--limit", 4)
+    status, out, err = run(capsys, "query", sift_index_file, SIFT / "queries.npy", "-k", 3, "--limit", 4)
     assert status == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == "query\tlabels\tdistances" and len(lines) == 5
-    status, _, _ = run(capsys, "query", sift_index, SIFT / "queries.npy", "-k", 3, "--limit", 4,
+    status, _, _ = run(capsys, "query", sift_index_file, SIFT / "queries.npy", "-k", 3, "--limit", 4,
                        "--labels", tmp_path / "L.npy", "--distances", tmp_path / "D.npy")
     labels, dists = np.load(tmp_path / "L.npy"), np.load(tmp_path / "D.npy")
     for i, line in enumerate(lines[1:]):
