@@ -188,7 +188,7 @@ def _run(xp, x_host, K_out, space, params, delta, seed, info, bar):
             evals += _join_block(xp, base, c_new[a:b], cand[a:b], m, worst, table)
         clock.stop()
         clock.start("merge")
-        updates = _merge(xp, graph, table)                  # the round's wait
+        updates = int(_merge(xp, graph, table))             # the round's wait
         clock.stop()
         rounds += 1
         updates_seen.append(updates)
@@ -373,7 +373,7 @@ def _merge(xp, graph, table):
     proposal of an id the row holds, and the second copy of one kept in both its slots, are
     dropped, then ``select_topk_kernel`` picks the K smallest distances of the K + T entries
     (ties: the row's own entries first). Flags of kept entries stay as they were; proposals are
-    new. Returns how many entries came from proposals."""
+    new. Returns how many entries came from proposals, a device scalar (reading it is a wait)."""
     n, K = graph.shape
     T = table.shape[1]
     step = max(1, _BLOCK_ENTRIES // (K * T))
@@ -395,4 +395,4 @@ def _merge(xp, graph, table):
         proposed = (best != _EMPTY) & ((best & _FROM_TABLE) != 0)
         came += proposed.sum()
         graph[a:a + step] = xp.where(proposed, best & ~_FROM_TABLE, best)
-    return int(came)
+    return came
