@@ -1,4 +1,4 @@
-"""k-nearest-neighbour graphs of a whole dataset (docs/architecture.md, "knn_graph").
+"""k-nearest-neighbour graphs of a whole dataset (docs/architecture.md, section 2, the `knn_graph.py` row).
 
 ``knn_graph(data, k)`` returns, for every row, its ``k`` nearest other rows. Three methods:
 
@@ -50,7 +50,7 @@ __all__ = ["knn_graph", "METHODS", "AUTO_EXACT_LIMIT", "GPU_COST", "auto_method"
 METHODS = ("auto", "exact", "nndescent", "hnsw")
 #: method="auto" on the CPU takes the exact path while n * n * d stays below this, else NN-descent:
 #: exact costs ~n^2 d, NN-descent ~n d times a few hundred, so the switch sits where exact takes
-#: well under a second (docs/architecture.md, "knn_graph").
+#: well under a second (docs/architecture.md, section 2, the `knn_graph.py` row).
 AUTO_EXACT_LIMIT = 4e9
 #: method="auto" on a GPU: the cheaper by these estimates (``auto_method``), in seconds:
 #:   exact       n^2 (d * exact_product_s + exact_select_s)   (products on tensor cores, every key
