@@ -70,6 +70,8 @@ import math
 
 import numpy as np
 
+from .device.arrays import bf16_bits
+
 __all__ = ["PRECISIONS", "DEFAULT_PRECISION", "EXCLUDED_KEY", "pool_size", "check_precision", "power_of_two_scale",
            "to_storage", "storage_dtype", "key_error_bound", "certified"]
 
@@ -163,8 +165,7 @@ def to_storage(xp, x, precision, scale=1.0):
     if precision == "fp16":
         return x.astype(xp.float16)
     if precision == "bf16":
-        bits = xp.ascontiguousarray(x).view(xp.uint32)
-        return ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(xp.uint16)
+        return bf16_bits(x, xp)
     return xp.ascontiguousarray(x)
 
 

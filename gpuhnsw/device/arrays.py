@@ -84,12 +84,13 @@ def put_rows(out, rows, values):
     out[rows] = values
 
 
-def bf16_bits(x):
-    """float32-castable ``x`` as bfloat16 bit patterns (uint16, same shape), rounded to nearest
-    even: what kernels/scatter.cu stores for ``storage="bfloat16"`` (float_to_bf16_bits)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FC0), bits)
+def bf16_bits(x, xp=np):
+    """float32-castable ``x`` (NumPy, or CuPy as ``xp``) as bfloat16 bit patterns (uint16, same
+    shape), rounded to nearest even, NaN a quiet NaN: what kernels/scatter.cu stores for bfloat16
+    rows (float_to_bf16_bits), and the exact engine's bf16 screening inputs."""
+    u = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    bits = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(xp.uint16)
+    return xp.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FC0), bits)
 
 
 def bf16_values(bits):
