@@ -659,11 +659,7 @@ def main():
 
 
 def write_outputs(results, out):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "graph_replay.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_markdown(results, os.path.join(out, "graph_replay.md"))
-    write_plot(results, os.path.join(out, "graph_replay.png"))
+    testing.save_results(out, "graph_replay", results, write_markdown, write_plot)
     print(f"wrote graph_replay.json, .md, .png into {out}")
 
 

@@ -13,7 +13,6 @@ Writes ``search_graph_build.json`` and ``search_graph_build.md`` into ``--out``.
     python benchmarks/search_graph_build.py --datasets siftsmall --out /tmp/sg     # smoke test
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from graph_replay import DATASETS, dataset_key, hnsw_state, load  # noqa: E402  
 import gpuhnsw  # noqa: E402
 from gpuhnsw._graph_reference import search_graph_reference  # noqa: E402
 from gpuhnsw._search_graph import build as build_graph  # noqa: E402
-from gpuhnsw.testing import machine_info  # noqa: E402
+from gpuhnsw.testing import machine_info, save_results  # noqa: E402
 
 DEGREES = (32, 48, 64)
 THREADS = (1, 2)
@@ -91,10 +90,7 @@ def main():
             ap.error(f"unknown dataset {name!r}")
         res = run_dataset(name, args)
         results["datasets"][dataset_key(name, res["n"])] = res
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "search_graph_build.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_markdown(results, os.path.join(args.out, "search_graph_build.md"))
+    save_results(args.out, "search_graph_build", results, write_markdown)
     print(f"wrote search_graph_build.json, .md into {args.out}")
 
 
