@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._core import NO_LABEL
+from ._core import INVALID_SLOT, NO_LABEL
 from ._validate import as_int, num_threads as num_threads_rule
 
 #: Entries per row: the degree the replay chose (benchmarks/results/graph_replay.md).
@@ -59,3 +59,104 @@ def export(core, degree=DEGREE, num_threads=-1):
     valid = rows != np.uint32(0xFFFFFFFF)          # no row names a deleted slot (see build)
     graph[valid] = labels[rows[valid]]
     return labels[live].copy(), graph
+
+
+#: Search-graph modes of an index (``Index(..., search_graph=)``): "hnsw" searches HNSW level 0 as
+#: built; "optimized" keeps this module's graph in step and the GPU search reads it.
+MODES = ("hnsw", "optimized")
+
+#: An update that would rewrite more than this fraction of the rows builds the graph afresh instead
+#: (faster there, and it drops stale entries; benchmarks/results/search_graph_update.md).
+REBUILD_FRACTION = 0.25
+
+
+class SearchGraph:
+    """The search graph of one core, kept in step by :meth:`refresh` (host copy; a GPU mirror ships
+    the rows each refresh wrote).
+
+    Attributes
+    ----------
+    rows : ndarray, uint32 [capacity, degree]
+        Row ``s`` as :func:`build` gives it (after updates: see ``search_graph.c`` on what an update
+        keeps); rows from ``count`` on hold ``0xFFFFFFFF``.
+    forward : ndarray, uint32 [capacity]
+        Entries of each row's forward part (its level-0 list), what an update needs.
+    count : int
+        Slots the graph covers.
+    drain : int or None
+        The number of the last drain of the core's dirty-row log the graph has taken in (None: none,
+        the next refresh builds afresh).
+    changed : int
+        Rows updated since the last build.
+    """
+
+    def __init__(self, degree=DEGREE, num_threads=-1):
+        self.degree = as_int(degree, "degree")
+        self.num_threads = num_threads
+        self.rows = np.full((0, self.degree), INVALID_SLOT, dtype=np.uint32)
+        self.forward = np.zeros(0, dtype=np.uint32)
+        self.count = 0
+        self.drain = None
+        self.changed = 0
+        self.builds = 0
+
+    @classmethod
+    def from_arrays(cls, rows, forward, core):
+        """A saved graph (``rows`` uint32 [count, D], ``forward`` uint32 [count], checked by
+        ``_io.native``) of ``core`` as loaded: in step with it, so the core's dirty-row log is drained
+        here (a load marks every row; a mirror made later ships every row anyway)."""
+        graph = cls(rows.shape[1])
+        graph.rows, graph.forward, graph.count = np.array(rows, np.uint32), np.array(forward, np.uint32), len(rows)
+        graph.drain = core.drain_dirty()[1]
+        return graph
+
+    def _reserve(self, n):
+        """Room for ``n`` rows (doubling; new rows empty)."""
+        if n <= len(self.rows):
+            return
+        new = max(n, 2 * len(self.rows), 1024)
+        rows = np.full((new, self.degree), INVALID_SLOT, dtype=np.uint32)
+        rows[:self.count] = self.rows[:self.count]
+        forward = np.zeros(new, dtype=np.uint32)
+        forward[:self.count] = self.forward[:self.count]
+        self.rows, self.forward = rows, forward
+
+    def rebuild(self, core):
+        """Build the graph afresh from ``core``."""
+        raw, fwd = core.build_search_graph(self.degree, num_threads_rule(self.num_threads), False, True)
+        built = np.frombuffer(raw, dtype=np.uint32).reshape(-1, self.degree)
+        n = len(built)
+        self.count = 0
+        self._reserve(n)
+        self.rows[:n] = built
+        self.rows[n:] = INVALID_SLOT
+        self.forward[:n] = np.frombuffer(fwd, dtype=np.uint32)
+        self.forward[n:] = 0
+        self.count, self.changed = n, 0
+        self.builds += 1
+
+    def refresh(self, core, slots, count, drain):
+        """Bring the graph in step with ``core`` after drain number ``drain`` of its dirty-row log
+        said that the level-0 lists of ``slots`` (uint32, ascending, each below ``count``) changed
+        and the slots up to ``count`` were added.
+
+        Returns the rows written (uint32 ascending), or None where it built the graph afresh (every
+        row from 0 to ``self.count`` is new): the first time, where drains were missed (another
+        consumer of the log took changes), and where the update would rewrite more than
+        ``REBUILD_FRACTION`` of the rows.
+        """
+        fresh = np.arange(self.count, count, dtype=np.uint32)
+        todo = np.union1d(slots, fresh).astype(np.uint32)
+        missed = self.drain is None or drain != self.drain + 1
+        self.drain = drain
+        if missed or todo.size > REBUILD_FRACTION * max(count, 1):
+            self.rebuild(core)
+            return None
+        self._reserve(count)
+        self.count = max(self.count, count)
+        if not todo.size:
+            return todo
+        written = np.frombuffer(core.update_search_graph(self.rows[:self.count], self.forward[:self.count], todo),
+                                dtype=np.uint32)
+        self.changed += todo.size
+        return written

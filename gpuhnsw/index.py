@@ -102,11 +102,21 @@ class Index(IndexSurface):
     ``GHNSW_SEARCH_KERNEL`` in docs/architecture.md).  None (default): float32 rows for a float32
     index, float16 rows for the compressed ones.  It changes only the device copy, never what the
     engine stores or saves.
+
+    ``search_graph`` (keyword-only): the graph the GPU search follows on level 0.  ``"hnsw"``
+    (default): HNSW level 0 as built.  ``"optimized"``: a fixed-degree graph derived from it (each
+    element's level-0 list, then the elements whose lists name it, up to 64 entries;
+    ``gpuhnsw/_search_graph.py``), kept in step with every change at each :meth:`sync` (rows changed
+    since the last one are updated, the whole graph rebuilt when a quarter of them changed), read
+    by the fixed-degree kernel, and saved with the index (``save_index``'s own format).  It costs
+    256 bytes per element on the GPU and twice that on the host.  CPU queries always follow HNSW
+    level 0 (the graph did not clearly speed them up: benchmarks/results/graph_replay.md); a CPU
+    index builds the graph only to save it.
     """
 
     def __init__(self, space: str | dict | Index | None = None, dim: int | None = None, *, device: str = "auto",
                  storage: str | None = None, rerank: bool | None = None, gpu_storage: str | None = None,
-                 params: dict | None = None, index: Index | None = None):
+                 search_graph: str = "hnsw", params: dict | None = None, index: Index | None = None):
         self._core = None
         self._ef = 10
         self._num_threads = cpu_count()
@@ -125,7 +135,12 @@ class Index(IndexSurface):
         if gpu_storage is not None and gpu_storage not in GPU_STORAGES:
             raise ValueError(f"gpu_storage must be one of {', '.join(map(repr, GPU_STORAGES))}, got {gpu_storage!r}")
         self._gpu_storage_arg = gpu_storage
-        self._gpu = DeviceSearch(self._device_ordinal, self._mirror_storage(self.storage)) \
+        if search_graph not in _search_graph.MODES:
+            raise ValueError(f"search_graph must be one of {', '.join(map(repr, _search_graph.MODES))}, "
+                             f"got {search_graph!r}")
+        self._search_graph_mode = search_graph
+        self._graph = None   # the SearchGraph of the core, where the mode is "optimized"
+        self._gpu = DeviceSearch(self._device_ordinal, self._mirror_storage(self.storage), search_graph) \
             if self._device == "cuda" else None
         # hnswlib's three forms: (space, dim), a state dict, another index (first argument or keyword)
         sources = [x for x in (params, index, space if isinstance(space, (dict, Index)) else None) if x is not None]
@@ -174,11 +189,15 @@ class Index(IndexSurface):
             raise RuntimeError(self._lost or "Index is not initialized: call init_index() or load_index() first")
         return self._core
 
-    def _set_core(self, core):
-        """Adopt ``core``; the GPU mirror follows its storage."""
+    def _set_core(self, core, graph=None):
+        """Adopt ``core`` (and ``graph``, its saved search graph, where the mode keeps one); the GPU
+        mirror follows its storage."""
         self._core = core
+        if self._search_graph_mode == "optimized":
+            self._graph = graph or _search_graph.SearchGraph()
         if self._gpu is not None:
             self._gpu.storage = self._mirror_storage(core.storage)
+            self._gpu.graph = self._graph
 
     def train(self, data: ArrayLike | None = None, *, low: ArrayLike | None = None,
               high: ArrayLike | None = None) -> None:
@@ -599,13 +618,30 @@ class Index(IndexSurface):
             raise ValueError(f"format must be 'gpuhnsw' or 'hnswlib', got {format!r}")
         self._refuse_the_mapped_file(core, path_to_index)
         if format == "gpuhnsw":
-            native.write_gpuhnsw(path_to_index, core.export_state(), ef=self._ef)
+            native.write_gpuhnsw(path_to_index, self._state_with_graph(core), ef=self._ef)
         else:
             if core.storage != "float32" and not core.rerank:
                 warnings.warn(f"save_index(format='hnswlib'): hnswlib's format holds float32 rows; this index "
                               f"stores {core.storage}, so the file holds its rows decoded (lossy: not the rows "
                               "that were added)", UserWarning, stacklevel=2)
             hnswlib_format.write(path_to_index, core.export_state(decoded=True))
+
+    def _state_with_graph(self, core):
+        """``core``'s state, with its search graph (``"search_graph"``) where the mode keeps one and
+        it covers the same rows: brought in step first (a GPU sync, or a build on a CPU index).
+        Inserts running beside the save may leave the two apart; the file then holds no graph and
+        the loaded index builds one at its first sync."""
+        graph = None
+        if self._graph is not None and self._gpu is not None:
+            graph = self._gpu.graph_copy(core)
+        elif self._graph is not None:   # nothing keeps it in step on the CPU: a fresh one
+            built = _search_graph.SearchGraph()
+            built.rebuild(core)
+            graph = built.forward[:built.count], built.rows[:built.count]
+        state = core.export_state()
+        if graph is not None and len(graph[0]) == state["count"]:
+            state["search_graph"] = graph
+        return state
 
     def _refuse_the_mapped_file(self, core, target):
         """A file object open on the very file this index maps (same device and inode) must not be
@@ -670,6 +706,7 @@ class Index(IndexSurface):
             if mmap:
                 fmt = "gpuhnsw"
                 with native.map_index(path_to_index, space=self._space, dim=self._dim, verify=verify) as opened:
+                    graph = opened[0].pop("search_graph", None)
                     core, ef = self._core_from_file(name, *opened, "gpuhnsw", max_elements, allow_replace_deleted)
                     st = os.fstat(opened[2]["fd"])
                     # an empty file maps no page: nothing depends on it, and its inode number may
@@ -677,10 +714,13 @@ class Index(IndexSurface):
                     mapped_file = (st.st_dev, st.st_ino, st.st_size) if core.count else None
             else:
                 state, ef, fmt = native.read_index(path_to_index, space=self._space, dim=self._dim)
+                graph = state.pop("search_graph", None)
                 core, ef = self._core_from_file(name, state, ef, {}, fmt, max_elements, allow_replace_deleted)
         except FileNotFoundError as exc:
             raise IndexFileNotFoundError.of(exc, name) from None
-        self._set_core(core)
+        if graph is not None and self._search_graph_mode == "optimized":
+            graph = _search_graph.SearchGraph.from_arrays(graph[1], graph[0], core)
+        self._set_core(core, graph if self._search_graph_mode == "optimized" else None)
         self._mapped_file, self._lost = mapped_file, None
         self._ef = 10 if ef is None else ef
         self._cur_l = core.count
@@ -735,12 +775,12 @@ class Index(IndexSurface):
                      if value is not None}
         state.update(space=self._space, dim=self._dim, ef=self._ef, num_threads=self._num_threads,
                      cur_l=self._cur_l, auto_resize=self._auto_resize, index_inited=self._core is not None,
-                     ser_version=1)
+                     search_graph=self._search_graph_mode, ser_version=1)
         return (state,)
 
     def __setstate__(self, state):
         state = check_state(state[0] if isinstance(state, tuple) and len(state) == 1 else state)
-        self.__init__(state["space"], state["dim"], device="auto")
+        self.__init__(state["space"], state["dim"], device="auto", search_graph=state.get("search_graph", "hnsw"))
         self._restore(state)
 
     def _restore(self, state):
@@ -793,6 +833,11 @@ class Index(IndexSurface):
     def device(self) -> str:
         """Where queries run: ``"cpu"`` or ``"cuda"``."""
         return self._device
+
+    @property
+    def search_graph(self) -> str:
+        """The graph the GPU search follows: ``"hnsw"`` or ``"optimized"`` (see the class docstring)."""
+        return self._search_graph_mode
 
     @property
     def storage(self) -> str:

@@ -10,12 +10,14 @@ through select_topk and the merge, found / status, and the counts of host syncs 
 (conftest.COUNTS).  The kernel itself is checked under emulation (test_kernels_emulated.py).
 """
 import ctypes
+import io
 
 import numpy as np
 import pytest
 
 import gpuhnsw
 from conftest import COUNTS, DeviceArray, _numpy_topk
+from gpuhnsw._search_graph import build as build_graph
 from gpuhnsw.device import kernels, launch, mirror as mirror_module
 from gpuhnsw.device.arrays import bf16_values
 from gpuhnsw.device.query import FixedSearch
@@ -338,3 +340,79 @@ def test_nan_in_gpu_queries_the_beam_kernel_takes_raises(fixed_gpu, fake_cupy, s
     with pytest.raises(ValueError, match="NaN or infinite"):
         index.knn_query(fake_cupy.asarray(q), k=5, ef=64, search_width=16)
     assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+# search_graph="optimized": the mirror keeps the search graph and the fixed kernel reads it
+
+def make_optimized(base, n=None, **kwargs):
+    index = gpuhnsw.Index("l2", base.shape[1], device="cuda", search_graph="optimized", **kwargs)
+    index.init_index(len(base), M=8, ef_construction=40, random_seed=3)
+    index.add_items(base[:n], num_threads=2)
+    return index
+
+
+def forward_parts_equal_a_build(graph, core):
+    raw, fwd = core.build_search_graph(graph.degree, 2, False, True)
+    fresh, fwd = np.frombuffer(raw, np.uint32).reshape(-1, graph.degree), np.frombuffer(fwd, np.uint32)
+    assert graph.count == len(fresh)
+    np.testing.assert_array_equal(graph.forward[:graph.count], fwd)
+    for x in range(graph.count):
+        np.testing.assert_array_equal(graph.rows[x, :fwd[x]], fresh[x, :fwd[x]])
+    return fresh
+
+
+@pytest.mark.parametrize("kernel", ["beam", "fixed"])
+def test_the_fixed_kernel_reads_the_kept_graph(fixed_gpu, fake_cupy, sift, monkeypatch, kernel):
+    """Whatever GHNSW_SEARCH_KERNEL says, an optimized index searches with the fixed kernel over
+    the mirror's graph (degree 64): the struct points at it, and it holds a fresh build."""
+    monkeypatch.setenv("GHNSW_SEARCH_KERNEL", kernel)
+    base, queries = sift
+    index = make_optimized(base)
+    labels, _ = index.knn_query(queries[:5], k=10, ef=32)
+    a, m = fixed_gpu[-1], index._gpu.mirror
+    assert a["graph"] == m.graph.data.ptr and a["degree"] == 64 and m.search_graph is index._graph
+    np.testing.assert_array_equal(np.asarray(m.graph)[:len(base)], build_graph(index._core, 64))
+    assert m.check_against_core() == []
+    np.testing.assert_array_equal(labels, exact_knn(base, queries[:5], 10, "l2")[0])
+
+
+def test_a_sync_ships_the_rows_an_insert_changed(fixed_gpu, fake_cupy, sift):
+    """A 1.5 % insert updates the graph (no build) and uploads only the rows the update wrote; past
+    REBUILD_FRACTION of the rows a sync builds afresh; a drain the mirror missed rebuilds too."""
+    base, queries = sift
+    index = make_optimized(base, 2000)
+    first = index.sync()
+    assert first.graph_builds == 1 and first.graph_rows == 2000
+    index.add_items(base[2000:2030], np.arange(2000, 2030))
+    st = index.sync()
+    assert st.graph_builds == 0 and 30 < st.graph_rows < 0.15 * 2030   # the inserted rows and their neighbours
+    m = index._gpu.mirror
+    assert m.check_against_core() == []
+    forward_parts_equal_a_build(index._graph, index._core)
+    index.add_items(base[2030:2900], np.arange(2030, 2900))
+    assert index.sync().graph_builds == 1 and m.check_against_core() == []
+    index._core.drain_dirty()                 # another consumer took the log
+    index.add_items(base[2900:2910], np.arange(2900, 2910))
+    st = index.sync()
+    assert st.graph_builds == 1 and st.graph_rows == 2910 and m.check_against_core() == []
+
+
+def test_the_saved_graph_is_the_kept_one(fixed_gpu, fake_cupy, sift):
+    """A GPU index saves its kept graph (synced first) and an optimized GPU index loads it without
+    a build; the device then holds the saved rows."""
+    base, queries = sift
+    index = make_optimized(base, 2500)
+    index.knn_query(queries[:2], k=5)
+    index.add_items(base[2500:2540], np.arange(2500, 2540))   # not yet synced: the save syncs
+    buf = io.BytesIO()
+    index.save_index(buf)
+    kept = index._graph.rows[:index._graph.count].copy()
+    assert index._graph.count == 2540
+    loaded = gpuhnsw.Index("l2", base.shape[1], device="cuda", search_graph="optimized")
+    buf.seek(0)
+    loaded.load_index(buf)
+    st = loaded.sync()
+    assert st.graph_builds == 0
+    np.testing.assert_array_equal(np.asarray(loaded._gpu.mirror.graph)[:2540], kept)
+    assert loaded._gpu.mirror.check_against_core() == []

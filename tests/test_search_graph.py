@@ -3,9 +3,14 @@ gpuhnsw/csrc/search_graph.c) against its NumPy reference (gpuhnsw._graph_referen
 shared data: the same graph whatever the thread count, the structure it promises, and the
 replay figures of benchmarks/results/graph_replay.json reproduced from the C-built graph.
 """
+import io
 import json
 import pathlib
+import pickle
+import struct
+import tempfile
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +19,8 @@ import gpuhnsw
 from gpuhnsw import _core
 from gpuhnsw._graph_reference import level0_csr, pair_distances, search_graph_reference
 from gpuhnsw._reference import INVALID, ReferenceGraph, beam_search_reference
-from gpuhnsw._search_graph import build as build_graph
+from gpuhnsw._reference_fixed import fixed_search_reference
+from gpuhnsw._search_graph import SearchGraph, build as build_graph
 from gpuhnsw.testing import recall_at_k
 
 NO_LABEL = np.uint64(2**64 - 1)   # the padding label (README: "label 2**64-1")
@@ -303,3 +309,262 @@ def test_replay_figures_reproduced(datasets):
                     at["distances"]["mean"], abs=1e-9)
                 checked += 1
     assert checked >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# kept in step: updates (Core.update_search_graph through SearchGraph.refresh)
+
+def refresh(graph, core):
+    """``graph.refresh`` with the slots whose level-0 list changed since the last drain (as a GPU
+    mirror's sync passes them)."""
+    raw, drain = core.drain_dirty()
+    log = np.frombuffer(raw, np.uint64)
+    changed = ((log >> 32) & (_core.DIRTY_ROW | _core.DIRTY_LINKS | _core.DIRTY_APPEND)) != 0
+    return graph.refresh(core, np.unique((log[changed] & 0xFFFFFFFF).astype(np.uint32)), core.count, drain)
+
+
+def check_updated(graph, core):
+    """What an updated graph promises (search_graph.c): rows whose valid entries are a prefix of
+    distinct slots below the count, never their own; each forward part a subsequence of the slot's
+    current level-0 list; and, where nothing is deleted, every y that x's forward part names holds
+    x, unless y's row is full (its reverse entries then were nearer, or stale).  (Deletions void
+    the last: a row that dropped deleted entries has room that a refused push did not get.)"""
+    state = core.export_state()
+    g = ReferenceGraph(state)
+    n = g.n
+    assert graph.count == n
+    rows, forward = graph.rows[:n], graph.forward[:n]
+    indptr, ids = level0_csr(g)
+    valid = rows != INVALID
+    k = valid.sum(axis=1)
+    assert (valid[:, 1:] <= valid[:, :-1]).all() and (forward <= k).all()
+    for x in range(n):
+        got = rows[x, :k[x]].astype(np.int64)
+        assert np.all(got < n) and x not in got and len(set(got.tolist())) == k[x], f"row {x}"
+        fwd = got[:forward[x]]
+        assert np.isin(fwd, ids[indptr[x]:indptr[x + 1]]).all(), f"row {x}: forward part not its list"
+        for y in fwd if not g.deleted.any() else ():
+            if k[y] < graph.degree:
+                assert x in rows[y, :k[y]], f"row {y} lacks reverse entry {x}"
+
+
+def grow(index, data, start, stop, step, graph, threads=2):
+    """Add rows start..stop in batches of step, refreshing ``graph`` after each: the rows written."""
+    core = index._core
+    written = []
+    for s in range(start, stop, step):
+        index.add_items(data[s:s + step], np.arange(s, min(s + step, stop)), num_threads=threads)
+        written.append(refresh(graph, core))
+    return written
+
+
+def test_update_after_growth_matches_a_fresh_build(datasets):
+    """siftsmall grown from half to full in 1 % batches, the graph updated after each: every
+    forward part equals a fresh build's, the structure holds, and the GPU kernel's search (its NumPy
+    reference) over the updated graph reaches the fresh graph's recall within 0.005 at each ef."""
+    base, queries, gt, _ = datasets("siftsmall")
+    n, half = len(base), len(base) // 2
+    index = build(base[:half], M=16, ef_construction=100, capacity=n)
+    graph = SearchGraph(64)
+    assert refresh(graph, index._core) is None and graph.builds == 1
+    written = grow(index, base, half, n, n // 100, graph)
+    assert all(w is not None and 0 < len(w) < 0.25 * n for w in written) and graph.builds == 1
+    check_updated(graph, index._core)
+    fresh = build_graph(index._core, 64)
+    for x in range(n):
+        f = graph.forward[x]
+        np.testing.assert_array_equal(graph.rows[x, :f], fresh[x, :f])
+    state = index._core.export_state()
+    for ef in (10, 16, 32):
+        got = [recall_at_k(fixed_search_reference(state, queries, 10, ef, graph=g)[0], gt, 10)
+               for g in (graph.rows[:n], fresh)]
+        assert got[0] >= got[1] - 0.005, (ef, got)
+
+
+def test_update_beside_deletes_replacements_and_updates(make_data):
+    """Deletes, replace_deleted inserts and vector updates between refreshes: the graph stays
+    whole (check_updated) and never names a slot past the count."""
+    data = make_data(1600, 16, n_clusters=8)
+    index = gpuhnsw.Index("l2", 16, device="cpu")
+    index.init_index(1000, M=8, ef_construction=40, random_seed=5, allow_replace_deleted=True)
+    index.add_items(data[:700], np.arange(700), num_threads=2)
+    graph = SearchGraph(24)
+    refresh(graph, index._core)
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        live = np.array([x for x in index.get_ids_list() if x in index], dtype=np.int64)
+        if step % 3 == 0:
+            index.mark_deleted(rng.choice(live, 20, replace=False))
+        new = np.arange(1000 + 20 * step, 1020 + 20 * step)
+        index.add_items(data[700 + 20 * step:720 + 20 * step], new, replace_deleted=True, num_threads=2)
+        live = np.array([x for x in rng.choice(live, 15, replace=False) if x in index])
+        index.add_items(data[1200 + 20 * step:1200 + 20 * step + live.size], live, num_threads=2)   # updates
+        out = refresh(graph, index._core)
+        check_updated(graph, index._core)
+        assert out is None or np.all(out < index._core.count)
+
+
+def test_update_arguments(make_data):
+    data = make_data(300, 8)
+    index = build(data, M=4, ef_construction=20)
+    core = index._core
+    graph = SearchGraph(8)
+    graph.rebuild(core)
+    rows, forward = graph.rows[:300], graph.forward[:300]
+    for bad in ([5, 3], [300], [2, 2]):
+        with pytest.raises(ValueError, match="slots must ascend"):
+            core.update_search_graph(rows, forward, np.array(bad, np.uint32))
+    for r, f in ((7, 2), (8, 0)):
+        with pytest.raises(ValueError, match="rows must be"):
+            core.update_search_graph(np.zeros(r, np.uint32), np.zeros(f, np.uint32), np.zeros(0, np.uint32))
+    with pytest.raises(ValueError, match="degree must be"):
+        core.update_search_graph(np.zeros((300, 2000), np.uint32), forward, np.zeros(0, np.uint32))
+    with pytest.raises(TypeError):
+        core.update_search_graph(rows.tobytes(), forward, np.zeros(0, np.uint32))   # read-only rows
+    before = graph.rows.copy()
+    assert len(core.update_search_graph(rows, forward, np.zeros(0, np.uint32))) == 0
+    np.testing.assert_array_equal(graph.rows, before)
+    # an update with every row changed but nothing new rewrites each row as it was
+    written = np.frombuffer(core.update_search_graph(rows, forward, np.arange(300, dtype=np.uint32)), np.uint32)
+    np.testing.assert_array_equal(written, np.arange(300))
+    np.testing.assert_array_equal(graph.rows, before)
+
+
+def test_refresh_rebuilds_past_the_threshold(make_data):
+    """A refresh that would rewrite more than REBUILD_FRACTION of the rows builds afresh (None),
+    as does one after a drain it did not take in; the result equals a fresh build then."""
+    data = make_data(2000, 16)
+    index = build(data[:1000], M=8, ef_construction=40, capacity=2000)
+    graph = SearchGraph(32)
+    refresh(graph, index._core)
+    assert grow(index, data, 1000, 1600, 600, graph) == [None] and graph.builds == 2
+    np.testing.assert_array_equal(graph.rows[:1600], build_graph(index._core, 32))
+    index._core.drain_dirty()          # another consumer of the log: the graph missed a drain
+    assert refresh(graph, index._core) is None and graph.builds == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Index(search_graph=...) and the saved graph
+
+def test_search_graph_argument(make_data):
+    assert gpuhnsw.Index("l2", 4).search_graph == "hnsw"
+    assert gpuhnsw.Index("l2", 4, search_graph="optimized").search_graph == "optimized"
+    with pytest.raises(ValueError, match="search_graph must be one of 'hnsw', 'optimized'"):
+        gpuhnsw.Index("l2", 4, search_graph="cagra")
+    index = gpuhnsw.Index("l2", 4, device="cpu", search_graph="optimized")
+    index.init_index(20)
+    index.add_items(make_data(20, 4))
+    copy = pickle.loads(pickle.dumps(index))            # the mode travels with a pickle
+    assert copy.search_graph == "optimized" and copy._graph is not None and len(copy) == 20
+    state = index.__getstate__()[0]
+    with pytest.raises(gpuhnsw.IndexFileError, match="search_graph must be one of"):
+        gpuhnsw.Index({**state, "search_graph": "cagra"})
+
+
+def saved(index, **kwargs):
+    buf = io.BytesIO()
+    index.save_index(buf, **kwargs)
+    return buf.getvalue()
+
+
+def test_saved_and_loaded_with_the_index(sift):
+    """A CPU index with search_graph="optimized" saves a fresh graph (version 4, section SGRF); an
+    optimized index loads it as it was; a "hnsw" index loads the same file without it; files of
+    either mode load in the other."""
+    plain, base = sift
+    index = gpuhnsw.Index(plain, device="cpu")          # a copy; mode "hnsw"
+    optimized = gpuhnsw.Index("l2", 128, device="cpu", search_graph="optimized")
+    optimized.load_index(io.BytesIO(saved(index)))
+    assert optimized._graph is not None and optimized._graph.count == 0      # built when needed
+    data = saved(optimized)
+    assert struct.unpack_from("<I", data, 8)[0] == 4 and b"SGRF" in data
+    assert saved(index)[8] == 2 and b"SGRF" not in saved(index)
+    again = gpuhnsw.Index("l2", 128, device="cpu", search_graph="optimized")
+    again.load_index(io.BytesIO(data))
+    fresh = build_graph(optimized._core, 64)
+    np.testing.assert_array_equal(again._graph.rows[:again._graph.count], fresh)
+    raw, fwd = optimized._core.build_search_graph(64, 2, False, True)
+    np.testing.assert_array_equal(again._graph.forward[:again._graph.count], np.frombuffer(fwd, np.uint32))
+    hnsw = gpuhnsw.Index("l2", 128, device="cpu")
+    hnsw.load_index(io.BytesIO(data))
+    assert hnsw._graph is None
+    np.testing.assert_array_equal(hnsw.knn_query(base[:20], k=5)[0], index.knn_query(base[:20], k=5)[0])
+    with tempfile.TemporaryDirectory() as tmp:          # and mapped
+        path = f"{tmp}/a.idx"
+        optimized.save_index(path)
+        mapped = gpuhnsw.Index("l2", 128, device="cpu", search_graph="optimized")
+        mapped.load_index(path, mmap=True)
+        np.testing.assert_array_equal(mapped._graph.rows[:mapped._graph.count], fresh)
+
+
+def _sgrf(data):
+    """(offset of the SGRF data, its length) in a saved file."""
+    at = data.index(b"SGRF")
+    _, length, _, pad = struct.unpack_from("<4sQII", data, at)
+    return at + struct.calcsize("<4sQII") + pad, length
+
+
+def _with_sgrf(data, edit):
+    """``data`` with its SGRF bytes changed by ``edit(bytearray) -> bytearray`` and the CRC fixed."""
+    start, length = _sgrf(data)
+    new = edit(bytearray(data[start:start + length]))
+    at = data.index(b"SGRF")
+    head = struct.pack("<4sQII", b"SGRF", len(new), zlib.crc32(new), struct.unpack_from("<4sQII", data, at)[3])
+    return data[:at] + head + data[at + len(head):start] + bytes(new) + data[start + length:]
+
+
+@pytest.mark.parametrize("case", ["self", "past count", "gap", "forward", "degree", "length", "crc"])
+def test_a_bad_saved_graph_is_refused(make_data, case):
+    data = make_data(200, 8)
+    index = gpuhnsw.Index("l2", 8, device="cpu", search_graph="optimized")
+    index.init_index(200, M=4, ef_construction=20)
+    index.add_items(data)
+    good = saved(index)
+    n, degree = 200, 64
+    rows_at = 8 + 4 * n
+
+    def row_entry(x, j, value):
+        def edit(b):
+            struct.pack_into("<I", b, rows_at + 4 * (x * degree + j), value)
+            return b
+        return edit
+
+    edits = {"self": row_entry(3, 0, 3), "past count": row_entry(3, 0, 200), "gap": row_entry(3, 60, 7),
+             "forward": lambda b: b[:8] + struct.pack("<I", 65) + b[12:],
+             "degree": lambda b: struct.pack("<II", 2000, 0) + b[8:], "length": lambda b: b[:-4]}
+    if case == "crc":
+        start, _ = _sgrf(good)
+        bad = good[:start] + bytes([good[start] ^ 1]) + good[start + 1:]
+    else:
+        bad = _with_sgrf(good, edits[case])
+    fresh = gpuhnsw.Index("l2", 8, device="cpu", search_graph="optimized")
+    with pytest.raises(gpuhnsw.IndexFileError, match="SGRF"):
+        fresh.load_index(io.BytesIO(bad))
+    assert fresh._core is None
+
+
+def test_refreshed_beside_inserts_deletes_and_queries(make_data):
+    """Refreshes (the C update waits for no writer, as a build) beside inserts, deletes and queries:
+    each leaves the graph whole; after the writers stop, one more refresh brings it in step."""
+    data = make_data(4000, 16)
+    index = build(data[:1000], M=8, ef_construction=40, capacity=len(data))
+    graph = SearchGraph(32)
+    refresh(graph, index._core)
+
+    def write():
+        for s in range(1000, 4000, 100):
+            index.add_items(data[s:s + 100], np.arange(s, s + 100), num_threads=2)
+            index.mark_deleted(list(range(s - 1000, s - 990)))
+
+    def query():
+        for _ in range(30):
+            index.knn_query(data[:20], k=5)
+
+    while_running([write, query], lambda: refresh(graph, index._core))
+    refresh(graph, index._core)
+    check_updated(graph, index._core)
+    forward = graph.forward[:graph.count]
+    fresh_raw, fresh_fwd = index._core.build_search_graph(32, 2, False, True)
+    live = ~np.frombuffer(index._core.export_state()["deleted"], np.uint8).astype(bool)
+    # rows that no deletion touched since their last update hold a build's forward part
+    assert (forward[live] >= np.frombuffer(fresh_fwd, np.uint32)[live]).mean() > 0.9

@@ -22,6 +22,9 @@ The format (all little-endian)::
                         STOR (uint32 storage code, uint32 rerank, uint64 clipped rows, uint64 clipped
                         values), QUAN (float32 [2, dim] or empty) and EXAC (the exact rows, float32
                         [n, dim_pad], mappable, or empty)
+             version 4 (written with a search graph, ``Index(search_graph="optimized")``): version
+                        3's sections, then SGRF: uint32 degree D, uint32 0, the forward entries of
+                        each row uint32 [n], the rows uint32 [n, D] (``gpuhnsw._search_graph``)
 """
 import contextlib
 import mmap
@@ -31,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from .._core import SPACES, STORAGES, row_bytes
+from .._core import INVALID_SLOT, MAX_GRAPH_DEGREE, SPACES, STORAGES, row_bytes
 from .._errors import IndexFileError
 from . import hnswlib_format
 from .files import CRC, atomic_write, checked_section, local_path, read_all, remove_stale_temps, source_name
@@ -40,7 +43,7 @@ from .state import ARRAYS, MAPPABLE, OPTIONAL, arrays_of, check_graph, check_sca
 __all__ = ["read_index", "map_index", "write_gpuhnsw", "peek", "FORMAT_VERSION", "MAGIC", "MAP_ALIGN"]
 
 MAGIC = b"GPUHNSW\0"
-FORMAT_VERSION = 3    # written where the storage needs it; plain float32 indexes are written as version 2
+FORMAT_VERSION = 4    # the newest read; each file is written in the oldest version that holds it
 # Mapped sections (links0, vectors, exact) start at multiples of this (a cache line): the engine maps
 # the pages around them and reads rows in place.
 MAP_ALIGN = 64
@@ -54,12 +57,14 @@ _SECTION = struct.Struct("<4sQII")    # the same, then the zero bytes before the
 _TAGS = {"links0": b"LNK0", "degree0": b"DEG0", "vectors": b"VECS", "labels": b"LABL", "levels": b"LEVL",
          "upper": b"UPPR", "deleted": b"DELE"}   # a section per state array, in ARRAYS' order
 _TAGS_V3 = {**_TAGS, "storage": b"STOR", "quantizer": b"QUAN", "exact": b"EXAC"}   # then OPTIONAL's
+_TAGS_V4 = {**_TAGS_V3, "search_graph": b"SGRF"}
 _STORAGE = struct.Struct("<IIQQ")     # STOR: storage code, rerank, clipped rows, clipped values
+_GRAPH = struct.Struct("<II")         # SGRF: degree, 0
 
 
 def _tags(version):
     """{state key: tag} of the sections of a file of ``version``, in file order."""
-    return _TAGS_V3 if version >= 3 else _TAGS
+    return _TAGS_V4 if version >= 4 else _TAGS_V3 if version >= 3 else _TAGS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +80,8 @@ def write_gpuhnsw(path, state, *, ef):
     path : str or os.PathLike
         Destination; replaced atomically.
     state : dict
-        The state dict (see the module docstring); byte fields may be any contiguous buffer.
+        The state dict (see the module docstring); byte fields may be any contiguous buffer; an
+        optional ``"search_graph"``: (forward uint32 [count], rows uint32 [count, D]).
     ef : int or None
         The query-time ``ef`` to store (hnswlib's format does not keep it); None stores nothing.
 
@@ -91,7 +97,8 @@ def write_gpuhnsw(path, state, *, ef):
                            or not 0 <= ef < 2**63):
         raise ValueError(f"ef must be None or an int in [0, 2**63), got {ef!r}")
     storage, rerank = state.get("storage", "float32"), bool(state.get("rerank", False))
-    version = 2 if storage == "float32" and not rerank else FORMAT_VERSION
+    graph = state.get("search_graph")
+    version = 4 if graph is not None else 2 if storage == "float32" and not rerank else 3
     header = _HEADER.pack(
         MAGIC, version, SPACES.index(state["space"]), bool(state["allow_replace_deleted"]),
         state["dim"], state["M"], state["ef_construction"], state["random_seed"],
@@ -110,6 +117,13 @@ def write_gpuhnsw(path, state, *, ef):
         a["exact"] = _padded(a["exact"], dim) if rerank else np.zeros(0, np.float32)
         if a["quantizer"] is None:
             a["quantizer"] = np.zeros(0, np.float32)
+    if version >= 4:
+        forward, rows = graph
+        if rows.shape != (state["count"], rows.shape[1]) or forward.shape != (state["count"],):
+            raise ValueError(f"search_graph: rows {rows.shape} and forward {forward.shape} for {state['count']} rows")
+        a["search_graph"] = np.concatenate([np.frombuffer(_GRAPH.pack(rows.shape[1], 0), np.uint8),
+                                            np.ascontiguousarray(forward, np.uint32).view(np.uint8),
+                                            np.ascontiguousarray(rows, np.uint32).reshape(-1).view(np.uint8)])
     for key, tag in _tags(version).items():
         data = memoryview(a[key].reshape(-1).view(np.uint8))
         pos += _SECTION.size
@@ -293,6 +307,26 @@ def _storage_fields(data):
                 clipped_values=clipped_values)
 
 
+def _search_graph(data, count):
+    """(forward uint32 [count], rows uint32 [count, D]) of an SGRF section (bytes-like), checked:
+    D in [1, MAX_GRAPH_DEGREE], forward counts <= D, each row's valid entries a prefix of slots
+    below ``count``, none its own."""
+    data = bytes(data)
+    if len(data) < _GRAPH.size:
+        raise IndexFileError(f"section SGRF: {len(data)} bytes, too short")
+    degree, zero = _GRAPH.unpack_from(data)
+    if not 1 <= degree <= MAX_GRAPH_DEGREE or zero or len(data) != _GRAPH.size + 4 * count * (1 + degree):
+        raise IndexFileError(f"section SGRF: degree {degree}, {len(data)} bytes for {count} rows")
+    forward = np.frombuffer(data, np.uint32, count, _GRAPH.size)
+    rows = np.frombuffer(data, np.uint32, count * degree, _GRAPH.size + 4 * count).reshape(count, degree)
+    valid = rows != INVALID_SLOT
+    bad = (forward > valid.sum(axis=1)) | (valid[:, 1:] & ~valid[:, :-1]).any(axis=1) | \
+        (valid & ((rows >= count) | (rows == np.arange(count, dtype=np.uint32)[:, None]))).any(axis=1)
+    if bad.any():
+        raise IndexFileError(f"section SGRF: row {int(np.flatnonzero(bad)[0])} is not a search-graph row")
+    return forward, rows
+
+
 def _finished(state, M):
     """``state`` whose sections were read (None: mapped) after the graph checks, with unused link
     entries normalised, byte fields as ``bytes``."""
@@ -300,6 +334,8 @@ def _finished(state, M):
     check_graph(a, M=M, entry_point=state["entry_point"], max_level=state["max_level"], err=IndexFileError)
     links0, upper = normalised(a, M)
     state.update({key: bytes(state[key]) for key, _ in ARRAYS + OPTIONAL if state.get(key) is not None})
+    if "search_graph" in state:
+        state["search_graph"] = _search_graph(state["search_graph"], state["count"])
     state["upper"] = upper.tobytes()
     if links0 is not None:
         state["links0"] = links0.tobytes()

@@ -7,6 +7,7 @@ import numpy as np
 
 from .._core import MAX_CAPACITY, MAX_DIM, MAX_LEVEL, MAX_M, SPACES, STORAGES
 from .._errors import IndexFileError
+from .._search_graph import MODES as SEARCH_GRAPH_MODES
 from .._validate import thread_limit
 from . import hnswlib_format
 from .state import ARRAYS, check_int, check_scalars
@@ -18,7 +19,8 @@ def check_state(state):
     """Check a pickled or ``Index(dict)`` state before anything is built from it and return the
     state to build from: ours as it is, or hnswlib 0.8.0's (its ``__getstate__()[0]``, recognised by
     ``data_level0``) converted by :func:`state_from_hnswlib`.  Checked: the Index fields (``space``,
-    ``dim``, ``ef``, ``num_threads``, ``cur_l``, ``index_inited``, ``auto_resize``, ``ser_version``)
+    ``dim``, ``ef``, ``num_threads``, ``cur_l``, ``index_inited``, ``auto_resize``, ``search_graph``,
+    ``ser_version``)
     and, for an initialised index, that every core field is there and its scalars in range.  Raises
     :class:`IndexFileError` naming the field (array contents are checked by the engine's import)."""
     if not isinstance(state, dict):
@@ -43,6 +45,8 @@ def check_state(state):
             raise IndexFileError(f"{key} must be a bool, got {type(full[key]).__name__}")
     if "storage" in full and full["storage"] not in STORAGES:
         raise IndexFileError(f"storage must be one of {STORAGES}, got {full['storage']!r}")
+    if full.get("search_graph", "hnsw") not in SEARCH_GRAPH_MODES:
+        raise IndexFileError(f"search_graph must be one of {SEARCH_GRAPH_MODES}, got {full['search_graph']!r}")
     if not full["index_inited"]:
         return state
     # an initialised index without its arrays would come back empty: refuse it

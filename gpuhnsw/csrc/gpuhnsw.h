@@ -380,10 +380,20 @@ ghnsw_status_t ghnsw_nndescent(const float *data, size_t n, size_t dim, int spac
 
 /* search_graph.c: the search graph (level 0 with its reverse edges, see the file), u32[count, degree]
  * from `alloc`, unused entries GHNSW_INVALID; degree in [1, GHNSW_MAX_GRAPH_DEGREE] (else GHNSW_EINVAL).
- * With with_labels, two more buffers from `alloc`, read under the same lock: the slots' labels
- * u64[count] and live flags u8[count].  Deterministic whatever num_threads (<= 0: all cores). */
-ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int with_labels,
+ * `outputs` asks for more buffers from `alloc`, read under the same lock, in this order: with
+ * GHNSW_GRAPH_LABELS the slots' labels u64[count] and live flags u8[count]; with GHNSW_GRAPH_FORWARD
+ * each row's forward entries u32[count] (what an update needs).  Deterministic whatever num_threads
+ * (<= 0: all cores). */
+enum { GHNSW_GRAPH_LABELS = 1, GHNSW_GRAPH_FORWARD = 2 };
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int outputs,
                                         ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
+/* Bring a built graph (rows u32[n_rows, degree], fdeg u32[n_rows], both updated in place) in step with
+ * the ascending `slots` (each below the count and n_rows) whose level-0 lists changed (a slot whose row
+ * was replaced keeps its reverse entries: the lists naming the slot name the new row).  Rows of slots
+ * new to the graph must hold GHNSW_INVALID and fdeg 0.  The rows it wrote: ascending u32[] from `alloc` (see the file's top). */
+ghnsw_status_t ghnsw_update_search_graph(ghnsw_index_t *ix, uint32_t *rows, uint32_t *fdeg, int64_t degree,
+                                         size_t n_rows, const uint32_t *slots, size_t n_slots,
+                                         ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
 
 /* integrity.c */
 typedef struct {

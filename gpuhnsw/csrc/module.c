@@ -367,18 +367,45 @@ static PyObject *Core_labels(CoreObject *self, PyObject *unused) {
     return one_out(st, &err, &o);
 }
 
-/* The search graph (search_graph.c): bytes u32[count, degree]. */
+/* The search graph (search_graph.c): bytes u32[count, degree], or a tuple of it and the outputs asked
+ * for (labels, live; forward counts). */
 static PyObject *Core_build_search_graph(CoreObject *self, PyObject *args) {
     long long degree;
-    int threads, with_labels = 0;
+    int threads, with_labels = 0, with_forward = 0;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "Li|p", &degree, &threads, &with_labels)) return NULL;
+    if (!PyArg_ParseTuple(args, "Li|pp", &degree, &threads, &with_labels, &with_forward)) return NULL;
+    int outputs = (with_labels ? GHNSW_GRAPH_LABELS : 0) | (with_forward ? GHNSW_GRAPH_FORWARD : 0);
     ghnsw_err_t err = {{0}};
     ghnsw_status_t st;
     outs_t o = {{0}, 0};
-    CALL_NOGIL(st, ghnsw_build_search_graph(IX(self), degree, threads, with_labels, alloc_bytes, &o, &err));
-    if (st || !with_labels) return one_out(st, &err, &o);
-    return Py_BuildValue("(NNN)", o.objs[0], o.objs[1], o.objs[2]);
+    CALL_NOGIL(st, ghnsw_build_search_graph(IX(self), degree, threads, outputs, alloc_bytes, &o, &err));
+    if (st || !outputs) return one_out(st, &err, &o);
+    PyObject *t = PyTuple_New(o.n);
+    if (!t) { outs_clear(&o); return NULL; }
+    for (int i = 0; i < o.n; i++) PyTuple_SET_ITEM(t, i, o.objs[i]);
+    return t;
+}
+
+/* Update a built search graph in place: update_search_graph(rows u32[n, degree] (writable), fdeg u32[n]
+ * (writable), slots u32[m] ascending) -> bytes u32[] of the rows written. */
+static PyObject *Core_update_search_graph(CoreObject *self, PyObject *args) {
+    Py_buffer rows, fdeg, sl;
+    NEED_IX(self);
+    if (!PyArg_ParseTuple(args, "w*w*y*", &rows, &fdeg, &sl)) return NULL;
+    size_t n = (size_t)fdeg.len / 4, m = (size_t)sl.len / 4;
+    PyObject *ret = NULL;
+    if (n == 0 || rows.len % (Py_ssize_t)(4 * n) != 0 || sl.len % 4 != 0) {
+        PyErr_SetString(PyExc_ValueError, "rows must be u32[n, degree], fdeg u32[n] (n >= 1) and slots u32[m]");
+    } else {
+        ghnsw_err_t err = {{0}};
+        ghnsw_status_t st;
+        outs_t o = {{0}, 0};
+        CALL_NOGIL(st, ghnsw_update_search_graph(IX(self), rows.buf, fdeg.buf, (int64_t)(rows.len / 4 / (Py_ssize_t)n),
+                                                 n, sl.buf, m, alloc_bytes, &o, &err));
+        ret = one_out(st, &err, &o);
+    }
+    PyBuffer_Release(&rows); PyBuffer_Release(&fdeg); PyBuffer_Release(&sl);
+    return ret;
 }
 
 /* Labels of a label's neighbours on one level. */
@@ -814,8 +841,12 @@ static PyMethodDef Core_methods[] = {
     {"levels_of", (PyCFunction)Core_levels_of, METH_VARARGS, "levels_of(labels u64[n], out u8[n])"},
     {"check_integrity", (PyCFunction)Core_check_integrity, METH_NOARGS, "check_integrity() -> dict"},
     {"build_search_graph", (PyCFunction)Core_build_search_graph, METH_VARARGS,
-     "build_search_graph(degree, threads, with_labels=False) -> bytes u32[count, degree]: level 0 with its "
-     "reverse edges (search_graph.c); with_labels: (graph, labels u64[count], live u8[count]), one snapshot"},
+     "build_search_graph(degree, threads, with_labels=False, with_forward=False) -> bytes u32[count, degree]: "
+     "level 0 with its reverse edges (search_graph.c); with_labels / with_forward: a tuple (graph, [labels "
+     "u64[count], live u8[count]], [forward counts u32[count]]), one snapshot"},
+    {"update_search_graph", (PyCFunction)Core_update_search_graph, METH_VARARGS,
+     "update_search_graph(rows u32[n, degree], fdeg u32[n], slots u32[m]) -> bytes u32[]: the rows "
+     "of the ascending slots whose level-0 lists changed brought in step, in place; the rows written"},
     {"sync_pending", (PyCFunction)Core_sync_pending, METH_O,
      "sync_pending(drain) -> bool: something to sync for a mirror whose last drain was number `drain` (O(1))"},
     {"drain_dirty", (PyCFunction)Core_drain_dirty, METH_NOARGS, "drain_dirty() -> (bytes u64[r]: (kind << 32) | slot, ascending; drain number: 1, 2, ...)"},

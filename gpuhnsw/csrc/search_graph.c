@@ -9,7 +9,7 @@
  *               (distance to x, slot)
  *   row(x)    = (forward(x), reverse(x)) cut at D entries, then GHNSW_INVALID
  *
- * Phases (each a parallel loop over blocks of rows, except the prefix sum):
+ * Phases of a build (each a parallel loop over blocks of rows, except the prefix sum):
  *   1. forward rows into out[x]; in-edge counts rcount[y] (atomic)
  *   2. roff = prefix sums of rcount; rsrc[roff[y] ..] = the sources of y's in-edges (atomic cursors:
  *      any order, since phase 3 sorts)
@@ -20,6 +20,15 @@
  *
  * Memory besides the output:  fdeg [n] uint32 (forward entries), rcount/cursor [n] uint32,
  * roff [n + 1] size_t, rsrc [edges] uint32, per worker [max in-degree] ghnsw_cand_t.
+ *
+ * An update (ghnsw_update_search_graph) keeps a built graph in step with the slots whose level-0
+ * list changed, in O(changed rows x D): each changed row gets its new forward part and keeps the
+ * reverse entries it had (minus those now forward, or deleted); each slot newly named by a forward
+ * part gets the row's slot as a reverse entry, appended where the target row has room, else in
+ * place of the target's farthest reverse entry if nearer.  So an updated row holds its forward part
+ * exactly as a build would, and reverse entries that a build would hold, in arrival order, plus
+ * stale ones (sources whose list dropped the row since, deleted slots that were live when pushed):
+ * each a valid slot, which the search may traverse, and which the next build drops.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -114,12 +123,18 @@ static int reverse_rows(void *vctx, size_t b, int worker) {
     return 0;
 }
 
-ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int with_labels,
-                                        ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
+static ghnsw_status_t check_degree(int64_t degree, ghnsw_err_t *err) {
     if (degree < 1 || degree > GHNSW_MAX_GRAPH_DEGREE)
         return ghnsw_fail(err, GHNSW_EINVAL, "degree must be in [1, %u], got %lld", GHNSW_MAX_GRAPH_DEGREE,
                           (long long)degree);
-    ghnsw_status_t st = ghnsw_writer_lock(ix, "building the search graph", err); /* no writer while we read */
+    return GHNSW_OK;
+}
+
+ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int outputs,
+                                        ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
+    ghnsw_status_t st = check_degree(degree, err);
+    if (st) return st;
+    st = ghnsw_writer_lock(ix, "building the search graph", err); /* no writer while we read */
     if (st) return st;
     graph_ctx_t c = {ix, ix->count, (uint32_t)degree, NULL, NULL, NULL, NULL, NULL, NULL};
     if (num_threads <= 0) num_threads = ghnsw_default_threads();
@@ -130,7 +145,7 @@ ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int n
     c.roff = malloc(sizeof(size_t) * ((size_t)c.n + 1));
     c.scratch = calloc((size_t)num_threads, sizeof(*c.scratch));
     int ok = c.out && c.fdeg && c.rcount && c.roff && c.scratch;
-    if (ok && with_labels) { /* the slots' labels and live flags, read under the same lock as the graph */
+    if (ok && (outputs & GHNSW_GRAPH_LABELS)) { /* the slots' labels and live flags, read under the same lock as the graph */
         uint64_t *labels = alloc(ctx, (size_t)c.n * 8);
         uint8_t *alive = alloc(ctx, (size_t)c.n);
         ok = labels && alive;
@@ -158,6 +173,10 @@ ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int n
             ghnsw_parallel_for(blocks, num_threads, reverse_rows, &c);
         }
     }
+    if (ok && (outputs & GHNSW_GRAPH_FORWARD)) { /* the forward part of each row, for updates */
+        uint32_t *fdeg = alloc(ctx, (size_t)c.n * 4);
+        if ((ok = fdeg != NULL)) memcpy(fdeg, c.fdeg, (size_t)c.n * 4);
+    }
     pthread_mutex_unlock(&ix->mut_lock);
     if (c.scratch)
         for (int t = 0; t < num_threads; t++) free(c.scratch[t]);
@@ -167,4 +186,101 @@ ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int n
     free(c.roff);
     free(c.rsrc);
     return ok ? GHNSW_OK : ghnsw_fail(err, GHNSW_ENOMEM, "out of memory building the search graph");
+}
+
+/* ------------------------------------------------------------------ updates */
+
+static inline int in_list(const uint32_t *ids, uint32_t n, uint32_t y) {
+    for (uint32_t j = 0; j < n; j++)
+        if (ids[j] == y) return 1;
+    return 0;
+}
+
+/* Whether y's level-0 list (as the search reads it) names x. */
+static int names(const ghnsw_index_t *ix, uint32_t n, uint32_t y, uint32_t x) {
+    const uint32_t *l = ghnsw_links0(ix, y);
+    uint32_t deg = ix->degree0[y] < ix->M0 ? ix->degree0[y] : ix->M0;
+    for (uint32_t j = 0; j < deg; j++)
+        if (l[j] == x) return x < n;
+    return 0;
+}
+
+/* Give row y the reverse entry x (x's forward part names y): appended where the row has room, else
+ * in place of its farthest reverse entry (deleted ones first) if x is nearer; the row's forward part
+ * is never touched.  Returns whether the row changed. */
+static int push_reverse(ghnsw_index_t *ix, uint32_t *rows, const uint32_t *fdeg, uint32_t degree, uint32_t x,
+                        uint32_t y) {
+    uint32_t *row = rows + (size_t)y * degree, k = 0;
+    while (k < degree && row[k] != GHNSW_INVALID) {
+        if (row[k] == x) return 0;
+        k++;
+    }
+    if (k < degree) {
+        row[k] = x;
+        return 1;
+    }
+    float far = ghnsw_pair(ix, y, x);
+    uint32_t at = degree;
+    for (uint32_t j = fdeg[y]; j < degree; j++) {
+        float d = live(ix, row[j]) ? ghnsw_pair(ix, y, row[j]) : INFINITY;
+        if (!(d <= far)) { /* NaN (an unverified mapped row) counts as farthest too */
+            far = isnan(d) ? INFINITY : d;
+            at = j;
+        }
+    }
+    if (at == degree) return 0;
+    row[at] = x;
+    return 1;
+}
+
+ghnsw_status_t ghnsw_update_search_graph(ghnsw_index_t *ix, uint32_t *rows, uint32_t *fdeg, int64_t degree,
+                                         size_t n_rows, const uint32_t *slots, size_t n_slots,
+                                         ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
+    ghnsw_status_t st = check_degree(degree, err);
+    if (st) return st;
+    st = ghnsw_writer_lock(ix, "updating the search graph", err); /* no writer while we read */
+    if (st) return st;
+    /* slots past the graph's rows (inserted since its caller read the count) are left out: the lists
+     * that name them changed after the drain that gave `slots`, so the next update takes them in */
+    uint32_t n = ix->count < n_rows ? ix->count : (uint32_t)n_rows, d = (uint32_t)degree;
+    for (size_t i = 0; i < n_slots; i++)
+        if (slots[i] >= n || (i && slots[i] <= slots[i - 1])) {
+            pthread_mutex_unlock(&ix->mut_lock);
+            return ghnsw_fail(err, GHNSW_EINVAL, "slots must ascend, each below the count (%u) and the graph's "
+                              "rows (%zu); slot %u at %zu", ix->count, n_rows, slots[i], i);
+        }
+    uint32_t *ids = malloc(sizeof(uint32_t) * ix->M0), *row = malloc(sizeof(uint32_t) * d);
+    uint8_t *touched = calloc(n_rows + 1, 1);  /* rows this update wrote */
+    int ok = ids && row && touched;
+    size_t n_touched = 0;
+    for (size_t i = 0; ok && i < n_slots; i++) {
+        uint32_t x = slots[i], *cur = rows + (size_t)x * d;
+        uint32_t old_f = fdeg[x] < d ? fdeg[x] : d;
+        uint32_t f = forward_list(ix, n, x, ids), k = f < d ? f : d;
+        memcpy(row, ids, (size_t)k * 4);
+        /* the reverse entries it had, then the old forward entries whose own lists name x (reverse
+         * edges a build would hold), each still live and not now forward */
+        for (uint32_t j = old_f; j < d && k < d && cur[j] != GHNSW_INVALID; j++)
+            if (!in_list(ids, f, cur[j]) && cur[j] < n && cur[j] != x && live(ix, cur[j])) row[k++] = cur[j];
+        for (uint32_t j = 0; j < old_f && k < d; j++)
+            if (!in_list(ids, f, cur[j]) && cur[j] < n && cur[j] != x && live(ix, cur[j]) && names(ix, n, cur[j], x))
+                row[k++] = cur[j];
+        for (uint32_t j = k; j < d; j++) row[j] = GHNSW_INVALID;
+        /* the slots newly named by x: x joins their reverse part (read cur before it is overwritten) */
+        for (uint32_t j = 0; j < f; j++)
+            if (!in_list(cur, old_f, ids[j]) && push_reverse(ix, rows, fdeg, d, x, ids[j]) && !touched[ids[j]])
+                touched[ids[j]] = 1, n_touched++;
+        memcpy(cur, row, (size_t)d * 4);
+        fdeg[x] = f < d ? f : d;
+        if (!touched[x]) touched[x] = 1, n_touched++;
+    }
+    pthread_mutex_unlock(&ix->mut_lock);
+    uint32_t *out = ok ? alloc(ctx, n_touched * 4) : NULL;
+    if (out)
+        for (size_t s = 0, m = 0; s < n_rows; s++)
+            if (touched[s]) out[m++] = (uint32_t)s;
+    free(ids);
+    free(row);
+    free(touched);
+    return out ? GHNSW_OK : ghnsw_fail(err, GHNSW_ENOMEM, "out of memory updating the search graph");
 }

@@ -57,14 +57,15 @@ STATUS_VISITED_FULL = 1
 STATUS_BAD_QUERY = 4
 
 
-def search_kernel(storage):
+def search_kernel(storage, search_graph="hnsw"):
     """The search kernel a GPU index with rows of ``storage`` uses: the environment's
-    ``GHNSW_SEARCH_KERNEL`` (``"beam"`` by default, or ``"fixed"``), except that bfloat16 rows only
-    ``search_fixed_kernel`` reads.  ValueError for another name."""
+    ``GHNSW_SEARCH_KERNEL`` (``"beam"`` by default, or ``"fixed"``), except that bfloat16 rows and
+    the ``"optimized"`` search graph only ``search_fixed_kernel`` reads.  ValueError for another
+    name."""
     choice = os.environ.get("GHNSW_SEARCH_KERNEL", "beam")
     if choice not in SEARCH_KERNELS:
         raise ValueError(f"GHNSW_SEARCH_KERNEL must be one of {', '.join(SEARCH_KERNELS)}, got {choice!r}")
-    return "fixed" if storage not in kernels.BEAM_STORAGES else choice
+    return "fixed" if storage not in kernels.BEAM_STORAGES or search_graph != "hnsw" else choice
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,11 @@ step by deltas.
    buffers alternate, and each is rewritten (or freed) only after an event says its upload ran;
 4. uploads the upper-level blocks of the slots whose upper lists changed, in place (a slot's
    blocks keep their place in ``upper_links``; new ones are appended), and the words of the deleted
-   bitset that hold slots whose delete mark changed (or new slots).
+   bitset that hold slots whose delete mark changed (or new slots);
+5. with a search graph (``search_graph="optimized"``): brings its host copy
+   (``gpuhnsw._search_graph.SearchGraph``) in step with the slots whose level-0 list changed and the
+   new ones, and uploads the rows that refresh wrote (all of them after a build: the first sync, a
+   re-sync, or a refresh past ``REBUILD_FRACTION`` of the rows).
 
 Cost: O(changed rows); a sync with nothing to do asks the core one O(1) question
 (``Core.sync_pending``: its dirty flag and drain counter) and returns; a 1 % insert moves about
@@ -41,6 +45,7 @@ Device arrays (slot = row; see kernels/README.md)::
     levels       [capacity]          uint8 top level of each slot (the descent reads a block only
                                      on levels the slot reaches)
     deleted      [ceil(capacity/32)] uint32 bitset
+    graph        [capacity, D]       uint32 the search graph's rows (D = its degree), or None
 
 The mirror is also the search's device graph: :meth:`DeviceMirror.search` launches the beam search
 kernel over it, :class:`gpuhnsw.device.query.FixedSearch` the fixed-degree one (``gpuhnsw.search.gpu``
@@ -84,14 +89,17 @@ class SyncStats:
     syncs: int = 0
     rows: int = 0            # full rows scattered (vector, links, degree, label)
     link_rows: int = 0       # rows whose level-0 list alone changed (only entries not on the device move)
-    bytes: int = 0           # host -> device bytes (staging, upper blocks, bitset)
+    bytes: int = 0           # host -> device bytes (staging, upper blocks, bitset, graph rows)
     grows: int = 0           # capacity doublings
     upper_blocks: int = 0    # slots whose upper-level blocks were uploaded
+    graph_rows: int = 0      # search-graph rows uploaded
+    graph_builds: int = 0    # search-graph builds (instead of updates)
     seconds: float = 0.0
     last: dict = field(default_factory=dict)
 
     def add(self, other):
-        for name in ("syncs", "rows", "link_rows", "bytes", "grows", "upper_blocks", "seconds"):
+        for name in ("syncs", "rows", "link_rows", "bytes", "grows", "upper_blocks", "graph_rows", "graph_builds",
+                     "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -162,9 +170,11 @@ class DeviceMirror:
         the memory and the bandwidth of every distance; distances are still accumulated in fp32;
         bfloat16 rows are uint16 arrays of the top halves of the fp32 values, read only by
         search_fixed_kernel)
+    search_graph : SearchGraph or None, the search graph to keep in step and on the device (its rows
+        may come from a file; it is rebuilt where they do not match the core)
     """
 
-    def __init__(self, core, *, device=0, storage="float32"):
+    def __init__(self, core, *, device=0, storage="float32", search_graph=None):
         if storage not in kernels.STORAGE_TYPES:
             raise ValueError(f"storage must be one of {sorted(kernels.STORAGE_TYPES)}")
         self.core, self.device, self.storage = core, int(device), storage
@@ -178,6 +188,7 @@ class DeviceMirror:
         self._drain = 0                    # number of this mirror's last drain of the core's log
         self.vectors = self.links0 = self.degree0 = self.labels = None
         self.upper_start = self.upper_links = self.levels = self.deleted = None
+        self.search_graph, self.graph = search_graph, None
         self.stats = SyncStats()
         # host bookkeeping per slot [capacity]: its level, the degree the device holds, and where
         # its upper blocks start in upper_links (-1: none); upper_links[:_upper_used] is in use
@@ -229,6 +240,8 @@ class DeviceMirror:
             st.grows = self._ensure_capacity(int(self.core.max_elements))
             if log.size or count != known:
                 self._ship(cp, log, known, count, st)
+            if self.search_graph is not None:
+                self._sync_graph(cp, log, drain, count, not known, st)
             if self._replaced:    # kept until their copies and every search reading them completed
                 copied = cp.cuda.Event(disable_timing=True)
                 copied.record()
@@ -275,6 +288,24 @@ class DeviceMirror:
         if marked.size:
             st.bytes += self._sync_deleted(cp, marked)
 
+    def _sync_graph(self, cp, log, drain, count, whole, st):
+        """Refresh the search graph from drain number ``drain`` (its log: u64 ``(kind << 32) | slot``)
+        and upload the rows it wrote, or all of them (``whole``: the device holds none yet)."""
+        graph = self.search_graph
+        level0 = ((log >> 32) & (_core.DIRTY_ROW | _core.DIRTY_LINKS | _core.DIRTY_APPEND)) != 0
+        written = graph.refresh(self.core, np.unique((log[level0] & 0xFFFFFFFF).astype(np.uint32)), count, drain)
+        if graph.count > self.capacity:    # the build read a count past this sync's (inserts beside it)
+            st.grows += self._ensure_capacity(graph.count)
+        if written is None or whole:
+            self.graph[:graph.count] = cp.asarray(graph.rows[:graph.count])
+            st.graph_builds, st.graph_rows = int(written is None), graph.count
+            st.bytes += graph.rows[:graph.count].nbytes
+        elif written.size:
+            rows = graph.rows[written]
+            self.graph[cp.asarray(written)] = cp.asarray(rows)
+            st.graph_rows = written.size
+            st.bytes += rows.nbytes + written.nbytes
+
     def _ensure_capacity(self, needed):
         """Allocate (first sync) or double the device arrays until they hold `needed` slots."""
         if needed <= self.capacity:
@@ -283,6 +314,9 @@ class DeviceMirror:
         new = max(needed, 2 * self.capacity, 1024)
         dtype = _DTYPES[self.storage]
         old = (self.vectors, self.links0, self.degree0, self.labels, self.upper_start, self.levels, self.deleted)
+        old_graph = self.graph
+        if self.search_graph is not None:
+            self.graph = cp.full((new, self.search_graph.degree), INVALID_SLOT, dtype=cp.uint32)
         self.vectors = cp.zeros((new, self.stride), dtype=dtype)
         self.links0 = cp.full((new, self.M0), INVALID_SLOT, dtype=cp.uint32)
         self.degree0 = cp.zeros(new, dtype=cp.uint32)
@@ -299,6 +333,9 @@ class DeviceMirror:
                 dst[:c] = src
             self.deleted[:old[6].size] = old[6]
             self._replaced.extend(old)
+            if old_graph is not None:
+                self.graph[:c] = old_graph
+                self._replaced.append(old_graph)
         grow = new - self.capacity
         self._levels = np.concatenate([self._levels, np.zeros(grow, np.uint8)])
         self._degree = np.concatenate([self._degree, np.zeros(grow, np.uint32)])
@@ -533,4 +570,7 @@ class DeviceMirror:
                 problems.append("deleted")
             if self.entry_point != int(state["entry_point"]) or self.max_level != int(state["max_level"]):
                 problems.append("entry point / max level")
+            g = self.search_graph
+            if g is not None and not np.array_equal(cp.asnumpy(self.graph[:g.count]), g.rows[:g.count]):
+                problems.append("search graph")
         return problems

@@ -118,8 +118,15 @@ class FixedSearch:
         plan = self._plans.get(key)
         if plan is None:
             m = self.mirror
-            plan = self._plans[key] = launch.plan_fixed(m.device, m.dim, m.storage, m.M0, k, beam, width, blocks)
+            plan = self._plans[key] = launch.plan_fixed(m.device, m.dim, m.storage, self._graph()[1], k, beam,
+                                                        width, blocks)
         return plan
+
+    def _graph(self):
+        """(adjacency, degree) the kernel reads: the mirror's search graph where it keeps one, else
+        HNSW level 0 (``links0``, its entries past the degree 0xFFFFFFFF)."""
+        m = self.mirror
+        return (m.links0, m.M0) if m.search_graph is None else (m.graph, m.search_graph.degree)
 
     def _take(self, cp, key):
         with self._lock:
@@ -187,11 +194,12 @@ class FixedSearch:
             q.set(bufs.host_q[:nq], stream=stream)
         if counts:
             dev["counts"].fill(0)
-        common = dict(vectors=m.vectors, graph=m.links0, upper_start=m.upper_start, upper_links=m.upper_links,
+        graph, degree = self._graph()
+        common = dict(vectors=m.vectors, graph=graph, upper_start=m.upper_start, upper_links=m.upper_links,
                       levels=m.levels, labels=m.labels, deleted_bits=m.deleted if m.n_deleted > 0 else None, queries=q,
                       filter_bits=filter_bits, filter_stride=filter_stride, out_found=dev["found"],
                       out_status=dev["status"], out_counts=dev["counts"] if counts else None, stride=m.stride,
-                      metric=m.metric, degree=m.M0, m=m.M, n_slots=m.count, entry_point=m.entry_point,
+                      metric=m.metric, degree=degree, m=m.M, n_slots=m.count, entry_point=m.entry_point,
                       max_level=m.max_level, nq=nq, dim=m.dim, k=k, search_width=search_width)
         if blocks == 1:
             launch.search_fixed(plan, kernel, workspace=None, out_slots=out_ids if slots else None,

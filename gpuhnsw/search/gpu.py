@@ -6,6 +6,8 @@ Two search kernels, one switch (``device.launch.search_kernel``: the environment
 default) and ``"fixed"`` (``search_fixed_kernel`` through ``device.query.FixedSearch``: the thin host
 path).  Where the fixed kernel cannot take a batch (a beam past 256, a search_width past 8) the beam
 kernel answers it; bfloat16 rows only the fixed kernel reads (beyond its limits the CPU answers).
+With ``search_graph="optimized"`` the mirror keeps the search graph (``gpuhnsw._search_graph``) in
+step and the fixed kernel reads it; the beam kernel, where it answers instead, reads HNSW level 0.
 
 The GPU leg answers what the kernel can and returns the rest: the rows whose fixed-size buffers
 bit (the kernel's status) come back as ``unanswered`` for the planner to send to the CPU leg; it
@@ -64,9 +66,10 @@ class DeviceSearch:
     rebuilt when it changed).
     """
 
-    def __init__(self, ordinal, storage):
+    def __init__(self, ordinal, storage, search_graph="hnsw"):
         self.ordinal, self.storage = int(ordinal), storage
-        self.kernel = launch.search_kernel(storage)
+        self.kernel = launch.search_kernel(storage, search_graph)
+        self.graph = None   # the index's SearchGraph ("optimized"), set with its core; None: HNSW level 0
         self.mirror = self.fixed = None
         self._lock = threading.Lock()   # one sync + launch at a time
 
@@ -88,7 +91,7 @@ class DeviceSearch:
 
     def _mirror_of(self, core):
         if self.mirror is None or self.mirror.core is not core:
-            self.mirror = DeviceMirror(core, device=self.ordinal, storage=self.storage)
+            self.mirror = DeviceMirror(core, device=self.ordinal, storage=self.storage, search_graph=self.graph)
             self.fixed = FixedSearch(self.mirror)
         return self.mirror
 
@@ -116,6 +119,14 @@ class DeviceSearch:
         """Bring the mirror of ``core`` up to date; returns the sync's ``SyncStats``."""
         with self._guard(), self._lock:
             return self._mirror_of(core).sync()
+
+    def graph_copy(self, core):
+        """The search graph of ``core`` brought in step (a sync), copied under the lock: (forward
+        uint32 [count], rows uint32 [count, D])."""
+        with self._guard(), self._lock:
+            self._mirror_of(core).sync()
+            g = self.graph
+            return g.forward[:g.count].copy(), g.rows[:g.count].copy()
 
     def search_graph(self, core, data, params, allowed):
         """The GPU leg: search the rows of ``data`` (NumPy-convertible or GPU array ``[nq, dim]``)
