@@ -103,8 +103,8 @@ class Index(IndexSurface):
     index, float16 rows for the compressed ones.  It changes only the device copy, never what the
     engine stores or saves.
 
-    ``search_graph`` (keyword-only): the graph the GPU search follows on level 0.  ``"hnsw"``
-    (default): HNSW level 0 as built.  ``"optimized"``: a fixed-degree graph derived from it (each
+    ``search_graph`` (keyword-only): the graph the GPU search follows on level 0 (None: the
+    source's for a copy, else ``"hnsw"``).  ``"hnsw"``: HNSW level 0 as built.  ``"optimized"``: a fixed-degree graph derived from it (each
     element's level-0 list, then the elements whose lists name it, up to 64 entries;
     ``gpuhnsw/_search_graph.py``), kept in step with every change at each :meth:`sync` (rows changed
     since the last one are updated, the whole graph rebuilt when a quarter of them changed), read
@@ -116,7 +116,7 @@ class Index(IndexSurface):
 
     def __init__(self, space: str | dict | Index | None = None, dim: int | None = None, *, device: str = "auto",
                  storage: str | None = None, rerank: bool | None = None, gpu_storage: str | None = None,
-                 search_graph: str = "hnsw", params: dict | None = None, index: Index | None = None):
+                 search_graph: str | None = None, params: dict | None = None, index: Index | None = None):
         self._core = None
         self._ef = 10
         self._num_threads = cpu_count()
@@ -135,20 +135,23 @@ class Index(IndexSurface):
         if gpu_storage is not None and gpu_storage not in GPU_STORAGES:
             raise ValueError(f"gpu_storage must be one of {', '.join(map(repr, GPU_STORAGES))}, got {gpu_storage!r}")
         self._gpu_storage_arg = gpu_storage
-        if search_graph not in _search_graph.MODES:
+        if search_graph is not None and search_graph not in _search_graph.MODES:
             raise ValueError(f"search_graph must be one of {', '.join(map(repr, _search_graph.MODES))}, "
                              f"got {search_graph!r}")
-        self._search_graph_mode = search_graph
-        self._graph = None   # the SearchGraph of the core, where the mode is "optimized"
-        self._gpu = DeviceSearch(self._device_ordinal, self._mirror_storage(self.storage), search_graph) \
-            if self._device == "cuda" else None
         # hnswlib's three forms: (space, dim), a state dict, another index (first argument or keyword)
         sources = [x for x in (params, index, space if isinstance(space, (dict, Index)) else None) if x is not None]
+        state = None
         if sources:
             if len(sources) > 1 or dim is not None or (space is not None and sources[0] is not space):
                 raise TypeError("Index() takes space and dim, or one state dict (params=), or one Index (index=)")
             src = sources[0]
             state = check_state(src.__getstate__()[0] if isinstance(src, Index) else src)
+        # as requested, else the source's, else "hnsw"
+        self._search_graph_mode = search_graph or (state or {}).get("search_graph", "hnsw")
+        self._graph = None   # the SearchGraph of the core, where the mode is "optimized"
+        self._gpu = DeviceSearch(self._device_ordinal, self._mirror_storage(self.storage), self._search_graph_mode) \
+            if self._device == "cuda" else None
+        if state is not None:
             self._space, self._dim = check_space(state["space"]), check_dim(state["dim"])
             self._restore(state)
             return
@@ -780,7 +783,7 @@ class Index(IndexSurface):
 
     def __setstate__(self, state):
         state = check_state(state[0] if isinstance(state, tuple) and len(state) == 1 else state)
-        self.__init__(state["space"], state["dim"], device="auto", search_graph=state.get("search_graph", "hnsw"))
+        self.__init__(state["space"], state["dim"], device="auto", search_graph=state.get("search_graph"))
         self._restore(state)
 
     def _restore(self, state):

@@ -40,6 +40,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import gpuhnsw
 from gpuhnsw._reference import ReferenceGraph
+from gpuhnsw._search_graph import build as build_search_graph
 
 SOAK = os.environ.get("GHNSW_SOAK") == "1"
 SCALE = float(os.environ.get("GHNSW_TORTURE_SCALE", "1"))
@@ -185,12 +186,13 @@ class IndexMachine(RuleBasedStateMachine):
     @initialize(space=st.sampled_from(SPACES), source=st.sampled_from(("grid", "gauss", "siftsmall", "minilm-debian")),
                 dim=st.integers(1, 8), M=st.integers(2, 6), ef_construction=st.integers(1, 24),
                 capacity=st.integers(0, 40), allow_replace_deleted=st.booleans(), auto_resize=st.booleans(),
-                seed=st.integers(0, 2**32 - 1))
-    def init(self, space, source, dim, M, ef_construction, capacity, allow_replace_deleted, auto_resize, seed):
+                seed=st.integers(0, 2**32 - 1), search_graph=st.sampled_from(("hnsw", "optimized")))
+    def init(self, space, source, dim, M, ef_construction, capacity, allow_replace_deleted, auto_resize, seed,
+             search_graph):
         self.source = source
         if source in DATASETS:
             dim = DATASETS[source].shape[1]
-        self.index = gpuhnsw.Index(space, dim, device="cpu")
+        self.index = gpuhnsw.Index(space, dim, device="cpu", search_graph=search_graph)
         self.index.init_index(capacity, M=M, ef_construction=ef_construction, random_seed=seed,
                               allow_replace_deleted=allow_replace_deleted, auto_resize=auto_resize)
         self.model = Model(space, capacity, allow_replace_deleted, auto_resize)
@@ -412,7 +414,8 @@ class IndexMachine(RuleBasedStateMachine):
             self.index.save_index(path, format=fmt)
             source = path
         before = self.index.__getstate__()[0]
-        loaded = self.index if into == "same" else gpuhnsw.Index(m.space, self.dim, device="cpu")
+        loaded = self.index if into == "same" else gpuhnsw.Index(m.space, self.dim, device="cpu",
+                                                                 search_graph=self.index.search_graph)
         try:
             loaded.load_index(source, max_elements, allow_replace_deleted, mmap=mmap)
         finally:
@@ -428,6 +431,13 @@ class IndexMachine(RuleBasedStateMachine):
             {key: after[key] for key in after if key not in skip}, f"{fmt} round trip changed the index"
         assert after["max_elements"] == capacity and after["allow_replace_deleted"] == allow_replace_deleted
         assert after["ef"] == (m.ef if fmt == "gpuhnsw" else 10) and after["cur_l"] == m.count
+        if loaded.search_graph == "optimized":   # a CPU index saves a fresh search graph; hnswlib's format none
+            graph = loaded._graph
+            if fmt == "gpuhnsw":
+                assert graph.count == m.count and graph.drain is not None
+                np.testing.assert_array_equal(graph.rows[:graph.count], build_search_graph(loaded._core, graph.degree))
+            else:
+                assert graph.count == 0
         if into == "check only":
             return
         m.capacity, m.allow_replace_deleted, m.cur_l = capacity, allow_replace_deleted, m.count
@@ -539,7 +549,7 @@ class IndexMachine(RuleBasedStateMachine):
         buf = io.BytesIO()
         self.index.save_index(buf, format=fmt)
         buf.seek(0)
-        other = gpuhnsw.Index(self.model.space, self.dim, device="cpu")
+        other = gpuhnsw.Index(self.model.space, self.dim, device="cpu", search_graph=self.index.search_graph)
         other.load_index(buf, allow_replace_deleted=self.model.allow_replace_deleted)
         a, b = self.index.__getstate__()[0], other.__getstate__()[0]
         skip = {"ef", "cur_l", "auto_resize", "num_threads"} | ({"insert_seq", "random_seed"} if fmt == "hnswlib" else set())
