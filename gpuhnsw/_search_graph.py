@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _core
 from ._core import INVALID_SLOT, NO_LABEL
 from ._validate import as_int, num_threads as num_threads_rule
 
@@ -65,9 +66,11 @@ def export(core, degree=DEGREE, num_threads=-1):
 #: built; "optimized" keeps this module's graph in step and the GPU search reads it.
 MODES = ("hnsw", "optimized")
 
-#: An update that would rewrite more than this fraction of the rows builds the graph afresh instead
-#: (faster there, and it drops stale entries; benchmarks/results/search_graph_update.md).
-REBUILD_FRACTION = 0.25
+#: An update that would rewrite more than this fraction of the rows builds the graph afresh instead.
+#: On equal threads an update of half the rows costs about a third of a build, and of 95 % about half
+#: (benchmarks/results/search_graph_update.md): past half, the build's extra cost buys a graph without
+#: the stale entries that updates leave.
+REBUILD_FRACTION = 0.5
 
 
 class SearchGraph:
@@ -110,7 +113,7 @@ class SearchGraph:
         graph.drain = core.drain_dirty()[1]
         return graph
 
-    def _reserve(self, n):
+    def reserve(self, n):
         """Room for ``n`` rows (doubling; new rows empty)."""
         if n <= len(self.rows):
             return
@@ -127,7 +130,7 @@ class SearchGraph:
         built = np.frombuffer(raw, dtype=np.uint32).reshape(-1, self.degree)
         n = len(built)
         self.count = 0
-        self._reserve(n)
+        self.reserve(n)
         self.rows[:n] = built
         self.rows[n:] = INVALID_SLOT
         self.forward[:n] = np.frombuffer(fwd, dtype=np.uint32)
@@ -135,28 +138,38 @@ class SearchGraph:
         self.count, self.changed = n, 0
         self.builds += 1
 
-    def refresh(self, core, slots, count, drain):
+    def changes(self, log, count):
+        """What :meth:`refresh` updates for ``log`` and ``count``: the slots (uint32 ascending) and
+        their renew flags (uint8: the row was replaced or its delete mark changed)."""
+        kinds, slots = log >> 32, (log & 0xFFFFFFFF).astype(np.uint32)
+        renewed = slots[(kinds & (_core.DIRTY_ROW | _core.DIRTY_DELETED)) != 0]
+        changed = slots[(kinds & (_core.DIRTY_ROW | _core.DIRTY_LINKS | _core.DIRTY_APPEND | _core.DIRTY_DELETED)) != 0]
+        todo = np.union1d(changed, np.arange(self.count, count, dtype=np.uint32)).astype(np.uint32)
+        return todo, np.isin(todo, renewed).astype(np.uint8)
+
+    def refresh(self, core, log, count, drain):
         """Bring the graph in step with ``core`` after drain number ``drain`` of its dirty-row log
-        said that the level-0 lists of ``slots`` (uint32, ascending, each below ``count``) changed
-        and the slots up to ``count`` were added.
+        (``log``: uint64 ``(kind << 32) | slot``, ascending, each slot below ``count``) and the slots
+        up to ``count`` that were added.  The slots whose level-0 list changed are updated; so are
+        those whose row was replaced or whose delete mark changed, which push to every slot their
+        list names (a target may have dropped them while they were deleted).
 
         Returns the rows written (uint32 ascending), or None where it built the graph afresh (every
         row from 0 to ``self.count`` is new): the first time, where drains were missed (another
         consumer of the log took changes), and where the update would rewrite more than
         ``REBUILD_FRACTION`` of the rows.
         """
-        fresh = np.arange(self.count, count, dtype=np.uint32)
-        todo = np.union1d(slots, fresh).astype(np.uint32)
+        todo, renew = self.changes(log, count)
         missed = self.drain is None or drain != self.drain + 1
         self.drain = drain
         if missed or todo.size > REBUILD_FRACTION * max(count, 1):
             self.rebuild(core)
             return None
-        self._reserve(count)
+        self.reserve(count)
         self.count = max(self.count, count)
         if not todo.size:
             return todo
-        written = np.frombuffer(core.update_search_graph(self.rows[:self.count], self.forward[:self.count], todo),
-                                dtype=np.uint32)
+        written = np.frombuffer(core.update_search_graph(self.rows[:self.count], self.forward[:self.count], todo,
+                                                         renew, num_threads_rule(self.num_threads)), dtype=np.uint32)
         self.changed += todo.size
         return written

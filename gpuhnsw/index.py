@@ -107,7 +107,7 @@ class Index(IndexSurface):
     source's for a copy, else ``"hnsw"``).  ``"hnsw"``: HNSW level 0 as built.  ``"optimized"``: a fixed-degree graph derived from it (each
     element's level-0 list, then the elements whose lists name it, up to 64 entries;
     ``gpuhnsw/_search_graph.py``), kept in step with every change at each :meth:`sync` (rows changed
-    since the last one are updated, the whole graph rebuilt when a quarter of them changed), read
+    since the last one are updated, the whole graph rebuilt when half of them changed), read
     by the fixed-degree kernel, and saved with the index (``save_index``'s own format).  It costs
     256 bytes per element on the GPU and twice that on the host.  CPU queries always follow HNSW
     level 0 (the graph did not clearly speed them up: benchmarks/results/graph_replay.md); a CPU

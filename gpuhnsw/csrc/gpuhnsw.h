@@ -388,12 +388,14 @@ enum { GHNSW_GRAPH_LABELS = 1, GHNSW_GRAPH_FORWARD = 2 };
 ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int num_threads, int outputs,
                                         ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
 /* Bring a built graph (rows u32[n_rows, degree], fdeg u32[n_rows], both updated in place) in step with
- * the ascending `slots` (each below the count and n_rows) whose level-0 lists changed (a slot whose row
- * was replaced keeps its reverse entries: the lists naming the slot name the new row).  Rows of slots
- * new to the graph must hold GHNSW_INVALID and fdeg 0.  The rows it wrote: ascending u32[] from `alloc` (see the file's top). */
+ * the ascending `slots` (each below the count and n_rows) whose level-0 lists changed; renew[i]: slots[i]
+ * holds a replaced row or its delete mark changed (a slot whose row was replaced keeps its reverse
+ * entries: the lists naming the slot name the new row).  Rows of slots
+ * new to the graph must hold GHNSW_INVALID and fdeg 0.  The rows it wrote: ascending u32[] from `alloc` (see the file's top).
+ * Deterministic whatever num_threads (<= 0: all cores). */
 ghnsw_status_t ghnsw_update_search_graph(ghnsw_index_t *ix, uint32_t *rows, uint32_t *fdeg, int64_t degree,
-                                         size_t n_rows, const uint32_t *slots, size_t n_slots,
-                                         ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
+                                         size_t n_rows, const uint32_t *slots, const uint8_t *renew, size_t n_slots,
+                                         int num_threads, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err);
 
 /* integrity.c */
 typedef struct {

@@ -387,24 +387,25 @@ static PyObject *Core_build_search_graph(CoreObject *self, PyObject *args) {
 }
 
 /* Update a built search graph in place: update_search_graph(rows u32[n, degree] (writable), fdeg u32[n]
- * (writable), slots u32[m] ascending) -> bytes u32[] of the rows written. */
+ * (writable), slots u32[m] ascending, renew u8[m], threads) -> bytes u32[] of the rows written. */
 static PyObject *Core_update_search_graph(CoreObject *self, PyObject *args) {
-    Py_buffer rows, fdeg, sl;
+    Py_buffer rows, fdeg, sl, re;
+    int threads;
     NEED_IX(self);
-    if (!PyArg_ParseTuple(args, "w*w*y*", &rows, &fdeg, &sl)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*w*y*y*i", &rows, &fdeg, &sl, &re, &threads)) return NULL;
     size_t n = (size_t)fdeg.len / 4, m = (size_t)sl.len / 4;
     PyObject *ret = NULL;
     if (n == 0 || rows.len % (Py_ssize_t)(4 * n) != 0 || sl.len % 4 != 0) {
         PyErr_SetString(PyExc_ValueError, "rows must be u32[n, degree], fdeg u32[n] (n >= 1) and slots u32[m]");
-    } else {
+    } else if (!check_len(&re, m, "renew")) {
         ghnsw_err_t err = {{0}};
         ghnsw_status_t st;
         outs_t o = {{0}, 0};
         CALL_NOGIL(st, ghnsw_update_search_graph(IX(self), rows.buf, fdeg.buf, (int64_t)(rows.len / 4 / (Py_ssize_t)n),
-                                                 n, sl.buf, m, alloc_bytes, &o, &err));
+                                                 n, sl.buf, re.buf, m, threads, alloc_bytes, &o, &err));
         ret = one_out(st, &err, &o);
     }
-    PyBuffer_Release(&rows); PyBuffer_Release(&fdeg); PyBuffer_Release(&sl);
+    PyBuffer_Release(&rows); PyBuffer_Release(&fdeg); PyBuffer_Release(&sl); PyBuffer_Release(&re);
     return ret;
 }
 
@@ -845,7 +846,7 @@ static PyMethodDef Core_methods[] = {
      "level 0 with its reverse edges (search_graph.c); with_labels / with_forward: a tuple (graph, [labels "
      "u64[count], live u8[count]], [forward counts u32[count]]), one snapshot"},
     {"update_search_graph", (PyCFunction)Core_update_search_graph, METH_VARARGS,
-     "update_search_graph(rows u32[n, degree], fdeg u32[n], slots u32[m]) -> bytes u32[]: the rows "
+     "update_search_graph(rows u32[n, degree], fdeg u32[n], slots u32[m], renew u8[m], threads) -> bytes u32[]: the rows "
      "of the ascending slots whose level-0 lists changed brought in step, in place; the rows written"},
     {"sync_pending", (PyCFunction)Core_sync_pending, METH_O,
      "sync_pending(drain) -> bool: something to sync for a mirror whose last drain was number `drain` (O(1))"},

@@ -22,10 +22,15 @@
  * roff [n + 1] size_t, rsrc [edges] uint32, per worker [max in-degree] ghnsw_cand_t.
  *
  * An update (ghnsw_update_search_graph) keeps a built graph in step with the slots whose level-0
- * list changed, in O(changed rows x D): each changed row gets its new forward part and keeps the
- * reverse entries it had (minus those now forward, or deleted); each slot newly named by a forward
- * part gets the row's slot as a reverse entry, appended where the target row has room, else in
- * place of the target's farthest reverse entry if nearer.  So an updated row holds its forward part
+ * list changed, in O(changed rows x D) plus O(n) for its offsets: each changed row gets its new
+ * forward part and keeps the reverse entries it had (minus those now forward, or deleted); each
+ * slot newly named by a forward part gets the row's slot as a reverse entry, appended where the
+ * target row has room, else in place of the target's farthest reverse entry if nearer.  A slot
+ * whose row was replaced or whose delete mark changed pushes to every slot of its forward part: a
+ * target may have dropped it while it was deleted (an updated row drops deleted entries).  Three
+ * parallel phases as in a build (the changed rows, each by one thread; the pushes placed by target
+ * through atomic cursors; per target its pushes in ascending source order), so the result is the
+ * same whatever the thread count.  So an updated row holds its forward part
  * exactly as a build would, and reverse entries that a build would hold, in arrival order, plus
  * stale ones (sources whose list dropped the row since, deleted slots that were live when pushed):
  * each a valid slot, which the search may traverse, and which the next build drops.
@@ -233,54 +238,140 @@ static int push_reverse(ghnsw_index_t *ix, uint32_t *rows, const uint32_t *fdeg,
     return 1;
 }
 
-ghnsw_status_t ghnsw_update_search_graph(ghnsw_index_t *ix, uint32_t *rows, uint32_t *fdeg, int64_t degree,
-                                         size_t n_rows, const uint32_t *slots, size_t n_slots,
-                                         ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
-    ghnsw_status_t st = check_degree(degree, err);
-    if (st) return st;
-    st = ghnsw_writer_lock(ix, "updating the search graph", err); /* no writer while we read */
-    if (st) return st;
-    /* slots past the graph's rows (inserted since its caller read the count) are left out: the lists
-     * that name them changed after the drain that gave `slots`, so the next update takes them in */
-    uint32_t n = ix->count < n_rows ? ix->count : (uint32_t)n_rows, d = (uint32_t)degree;
-    for (size_t i = 0; i < n_slots; i++)
-        if (slots[i] >= n || (i && slots[i] <= slots[i - 1])) {
-            pthread_mutex_unlock(&ix->mut_lock);
-            return ghnsw_fail(err, GHNSW_EINVAL, "slots must ascend, each below the count (%u) and the graph's "
-                              "rows (%zu); slot %u at %zu", ix->count, n_rows, slots[i], i);
-        }
-    uint32_t *ids = malloc(sizeof(uint32_t) * ix->M0), *row = malloc(sizeof(uint32_t) * d);
-    uint8_t *touched = calloc(n_rows + 1, 1);  /* rows this update wrote */
-    int ok = ids && row && touched;
-    size_t n_touched = 0;
-    for (size_t i = 0; ok && i < n_slots; i++) {
-        uint32_t x = slots[i], *cur = rows + (size_t)x * d;
-        uint32_t old_f = fdeg[x] < d ? fdeg[x] : d;
-        uint32_t f = forward_list(ix, n, x, ids), k = f < d ? f : d;
+typedef struct {
+    ghnsw_index_t *ix;
+    uint32_t *rows, *fdeg, n, d, m0;
+    const uint32_t *slots;
+    const uint8_t *renew; /* [n_slots] push to every forward entry, not only new ones */
+    size_t n_slots, n_rows;
+    uint32_t *pbuf;     /* [n_slots, M0] the targets each slot pushes to, pcnt[i] of them */
+    uint32_t *pcnt;     /* [n_slots] */
+    uint32_t *tcount;   /* [n_rows] pushes per target (phase 1, atomic); phase 2: fill cursors */
+    size_t *toff;       /* [n_rows + 1] */
+    uint32_t *tsrc;     /* [toff[n_rows]] the sources pushed to each target, sorted in phase 3 */
+    uint8_t *touched;   /* [n_rows] rows written (each byte written by one thread of a phase) */
+    uint32_t **scratch; /* per worker: ids [M0], row [D] */
+} update_ctx_t;
+
+/* Phase 1, per changed slot x (each thread its own rows): the new row (forward part, then the reverse
+ * entries it had and the old forward entries whose own lists name x, each still live and not now
+ * forward) in place; the slots the new forward part newly names, for phase 2. */
+static int update_rows(void *vctx, size_t b, int worker) {
+    update_ctx_t *c = vctx;
+    ghnsw_index_t *ix = c->ix;
+    uint32_t *ids = c->scratch[worker], *row = ids + c->m0, n = c->n, d = c->d;
+    size_t end = (b + 1) * ROW_BLOCK < c->n_slots ? (b + 1) * ROW_BLOCK : c->n_slots;
+    for (size_t i = b * ROW_BLOCK; i < end; i++) {
+        uint32_t x = c->slots[i], *cur = c->rows + (size_t)x * d, *push = c->pbuf + i * c->m0;
+        uint32_t old_f = c->fdeg[x] < d ? c->fdeg[x] : d;
+        uint32_t f = forward_list(ix, n, x, ids), k = f < d ? f : d, np = 0;
         memcpy(row, ids, (size_t)k * 4);
-        /* the reverse entries it had, then the old forward entries whose own lists name x (reverse
-         * edges a build would hold), each still live and not now forward */
         for (uint32_t j = old_f; j < d && k < d && cur[j] != GHNSW_INVALID; j++)
             if (!in_list(ids, f, cur[j]) && cur[j] < n && cur[j] != x && live(ix, cur[j])) row[k++] = cur[j];
         for (uint32_t j = 0; j < old_f && k < d; j++)
             if (!in_list(ids, f, cur[j]) && cur[j] < n && cur[j] != x && live(ix, cur[j]) && names(ix, n, cur[j], x))
                 row[k++] = cur[j];
         for (uint32_t j = k; j < d; j++) row[j] = GHNSW_INVALID;
-        /* the slots newly named by x: x joins their reverse part (read cur before it is overwritten) */
-        for (uint32_t j = 0; j < f; j++)
-            if (!in_list(cur, old_f, ids[j]) && push_reverse(ix, rows, fdeg, d, x, ids[j]) && !touched[ids[j]])
-                touched[ids[j]] = 1, n_touched++;
+        for (uint32_t j = 0; j < f; j++)   /* read cur's forward part before it is overwritten */
+            if (c->renew[i] || !in_list(cur, old_f, ids[j])) {
+                push[np++] = ids[j];
+                __atomic_fetch_add(&c->tcount[ids[j]], 1, __ATOMIC_RELAXED);
+            }
+        c->pcnt[i] = np;
         memcpy(cur, row, (size_t)d * 4);
-        fdeg[x] = f < d ? f : d;
-        if (!touched[x]) touched[x] = 1, n_touched++;
+        c->fdeg[x] = f < d ? f : d;
+        c->touched[x] = 1;
+    }
+    return 0;
+}
+
+/* Phase 2: each push placed in its target's list (atomic cursors: any order, phase 3 sorts). */
+static int place_pushes(void *vctx, size_t b, int worker) {
+    update_ctx_t *c = vctx;
+    (void)worker;
+    size_t end = (b + 1) * ROW_BLOCK < c->n_slots ? (b + 1) * ROW_BLOCK : c->n_slots;
+    for (size_t i = b * ROW_BLOCK; i < end; i++)
+        for (uint32_t j = 0; j < c->pcnt[i]; j++) {
+            uint32_t y = c->pbuf[i * c->m0 + j];
+            c->tsrc[c->toff[y] + __atomic_fetch_add(&c->tcount[y], 1, __ATOMIC_RELAXED)] = c->slots[i];
+        }
+    return 0;
+}
+
+/* Phase 3, per target row y (each thread its own rows): its pushes in ascending source order. */
+static int apply_pushes(void *vctx, size_t b, int worker) {
+    update_ctx_t *c = vctx;
+    (void)worker;
+    size_t end = (b + 1) * ROW_BLOCK < c->n_rows ? (b + 1) * ROW_BLOCK : c->n_rows;
+    for (size_t y = b * ROW_BLOCK; y < end; y++) {
+        uint32_t *src = c->tsrc + c->toff[y];
+        size_t m = c->toff[y + 1] - c->toff[y];
+        for (size_t a = 1; a < m; a++)   /* insertion sort: a few entries */
+            for (size_t j = a; j > 0 && src[j - 1] > src[j]; j--) {
+                uint32_t t = src[j];
+                src[j] = src[j - 1];
+                src[j - 1] = t;
+            }
+        for (size_t j = 0; j < m; j++)
+            if (push_reverse(c->ix, c->rows, c->fdeg, c->d, src[j], (uint32_t)y)) c->touched[y] = 1;
+    }
+    return 0;
+}
+
+ghnsw_status_t ghnsw_update_search_graph(ghnsw_index_t *ix, uint32_t *rows, uint32_t *fdeg, int64_t degree,
+                                         size_t n_rows, const uint32_t *slots, const uint8_t *renew, size_t n_slots,
+                                         int num_threads, ghnsw_alloc_fn alloc, void *ctx, ghnsw_err_t *err) {
+    ghnsw_status_t st = check_degree(degree, err);
+    if (st) return st;
+    st = ghnsw_writer_lock(ix, "updating the search graph", err); /* no writer while we read */
+    if (st) return st;
+    /* slots past the graph's rows (inserted since its caller read the count) are left out: the lists
+     * that name them changed after the drain that gave `slots`, so the next update takes them in */
+    update_ctx_t c = {ix, rows, fdeg, ix->count < n_rows ? ix->count : (uint32_t)n_rows, (uint32_t)degree, ix->M0,
+                      slots, renew, n_slots, n_rows, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    for (size_t i = 0; i < n_slots; i++)
+        if (slots[i] >= c.n || (i && slots[i] <= slots[i - 1])) {
+            pthread_mutex_unlock(&ix->mut_lock);
+            return ghnsw_fail(err, GHNSW_EINVAL, "slots must ascend, each below the count (%u) and the graph's "
+                              "rows (%zu); slot %u at %zu", ix->count, n_rows, slots[i], i);
+        }
+    if (num_threads <= 0) num_threads = ghnsw_default_threads();
+    c.pbuf = malloc(sizeof(uint32_t) * (n_slots * c.m0 + 1));
+    c.pcnt = malloc(sizeof(uint32_t) * (n_slots + 1));
+    c.tcount = calloc(n_rows + 1, sizeof(uint32_t));
+    c.toff = malloc(sizeof(size_t) * (n_rows + 1));
+    c.touched = calloc(n_rows + 1, 1);
+    c.scratch = calloc((size_t)num_threads, sizeof(*c.scratch));
+    int ok = c.pbuf && c.pcnt && c.tcount && c.toff && c.touched && c.scratch;
+    for (int t = 0; ok && t < num_threads; t++) ok = (c.scratch[t] = malloc(sizeof(uint32_t) * (c.m0 + c.d))) != NULL;
+    if (ok) {
+        ghnsw_parallel_for((n_slots + ROW_BLOCK - 1) / ROW_BLOCK, num_threads, update_rows, &c);
+        c.toff[0] = 0;
+        for (size_t y = 0; y < n_rows; y++) {
+            c.toff[y + 1] = c.toff[y] + c.tcount[y];
+            c.tcount[y] = 0;
+        }
+        ok = (c.tsrc = malloc(sizeof(uint32_t) * (c.toff[n_rows] + 1))) != NULL;
+    }
+    if (ok) {
+        ghnsw_parallel_for((n_slots + ROW_BLOCK - 1) / ROW_BLOCK, num_threads, place_pushes, &c);
+        ghnsw_parallel_for((n_rows + ROW_BLOCK - 1) / ROW_BLOCK, num_threads, apply_pushes, &c);
     }
     pthread_mutex_unlock(&ix->mut_lock);
+    size_t n_touched = 0;
+    for (size_t y = 0; ok && y < n_rows; y++) n_touched += c.touched[y];
     uint32_t *out = ok ? alloc(ctx, n_touched * 4) : NULL;
     if (out)
-        for (size_t s = 0, m = 0; s < n_rows; s++)
-            if (touched[s]) out[m++] = (uint32_t)s;
-    free(ids);
-    free(row);
-    free(touched);
+        for (size_t y = 0, m = 0; y < n_rows; y++)
+            if (c.touched[y]) out[m++] = (uint32_t)y;
+    if (c.scratch)
+        for (int t = 0; t < num_threads; t++) free(c.scratch[t]);
+    free(c.scratch);
+    free(c.pbuf);
+    free(c.pcnt);
+    free(c.tcount);
+    free(c.toff);
+    free(c.tsrc);
+    free(c.touched);
     return out ? GHNSW_OK : ghnsw_fail(err, GHNSW_ENOMEM, "out of memory updating the search graph");
 }

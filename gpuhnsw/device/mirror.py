@@ -292,8 +292,7 @@ class DeviceMirror:
         """Refresh the search graph from drain number ``drain`` (its log: u64 ``(kind << 32) | slot``)
         and upload the rows it wrote, or all of them (``whole``: the device holds none yet)."""
         graph = self.search_graph
-        level0 = ((log >> 32) & (_core.DIRTY_ROW | _core.DIRTY_LINKS | _core.DIRTY_APPEND)) != 0
-        written = graph.refresh(self.core, np.unique((log[level0] & 0xFFFFFFFF).astype(np.uint32)), count, drain)
+        written = graph.refresh(self.core, log, count, drain)
         if graph.count > self.capacity:    # the build read a count past this sync's (inserts beside it)
             st.grows += self._ensure_capacity(graph.count)
         if written is None or whole:
