@@ -11,12 +11,14 @@
 #   bash benchmarks/device_check.sh --dry-run DIR  here: the same stages up to the first that needs CuPy
 #
 # On the GPU machine every stage runs under `timeout` inside an 8-minute budget, in order of
-# importance (build, GPU tests, sanitizers, search A/B, exact and k-NN graph); a stage that fails or
-# times out is recorded in summary.md and the next one still runs, and kernel_ab.py and
-# gpu_exact.py rewrite their JSON after every measurement. Files written into the output folder (at
-# most 8 come back from a lent machine): device_check.log (every stage's output, as it goes),
-# summary.md (one line per stage), sanitize.log, kernel_ab_clustered.json, kernel_ab_hard.json,
-# kernel_ab_minilm-debian.json, kernel_ab.md (issue 17), gpu_exact.json (issue 19: the exact k-NN
+# importance (build, GPU tests, sanitizers, search A/B, search graph, exact and k-NN graph); a stage
+# that fails or times out is recorded in summary.md and the next one still runs, and kernel_ab.py,
+# search_graph_gpu.py and gpu_exact.py rewrite their JSON after every measurement. Files written
+# into the output folder (at most 8 come back from a lent machine): device_check.log (every stage's
+# output, as it goes), summary.md (one line per stage), sanitize.log, kernel_ab_clustered.json,
+# kernel_ab_hard.json, kernel_ab_minilm-debian.json (issue 17; kernel_ab.md is made from them
+# afterwards, `kernel_ab.py --markdown-only`), search_graph_gpu.json (issue 18: the kept search
+# graph's build, updates and live growth at SG_N rows), gpu_exact.json (issue 19: the exact k-NN
 # graph, GPU and CPU NN-descent and torch at 1M x 128, k=32; exact search of 10k queries over 1M in
 # every screening precision, and torch).
 set -uo pipefail
@@ -35,6 +37,11 @@ AB_N=${AB_N:-1000000}          # rows of the generated sets (clustered, hard)
 # results in the JSON. exact-search: 10k x 1M, six GPU runs of well under a second each plus
 # uploads and torch: 30 s.
 KNN_N=1000000
+# Issue 18's search-graph stage: half of SG_N rows built, the graph built and searched beside HNSW
+# level 0, then the other half added in 1 % batches under queries; 400k keeps the growth (200k
+# inserts, 100 query batches) inside its 60 s (the 1M graph is searched in the A/B stages above).
+SG_N=400000
+SG_STAGE_S=60
 KNN_STAGE_S=90
 KNN_TIMEOUT_S=13
 EXACT_STAGE_S=30
@@ -82,7 +89,7 @@ PY
 time plan (budget 480 s; each stage's cap, taken from what is left, in order of importance):
   env 30, build-extension 90, gpu-tests 110 (fixed kernel, screening, brute force, k-NN graphs;
   hnswlib builds meanwhile, 16 cores), sanitize 40, ab-clustered 110, ab-hard 100, ab-minilm 40,
-  knn-graph 90, exact-search 30: the caps add up to more than the budget, so the last stages run
+  search-graph 60, knn-graph 90, exact-search 30: the caps add up to more than the budget, so the last stages run
   on what the earlier ones left (kernel_ab.py starts no new contender after --budget-s seconds of
   contenders, 60 / 45 / 20, so each JSON is complete; gpu_exact.py writes after each contender)
 1M builds (M=16, ef_construction=64; measured here, benchmarks/README.md "kernel_ab.py"):
@@ -227,7 +234,7 @@ if [ "$DRY" = 1 ]; then
     wait "$HNSWLIB_PID"
     stage hnswlib-built 10 bash -c hnswlib_built
     stage import-check 30 "$PY" -c "import gpuhnsw, hnswlib; print('gpuhnsw', gpuhnsw.__file__, 'hnswlib', hnswlib.__file__)"
-    for s in gpu-tests sanitize ab-clustered ab-hard ab-minilm knn-graph exact-search; do
+    for s in gpu-tests sanitize ab-clustered ab-hard ab-minilm search-graph knn-graph exact-search; do
         echo "== $s: not run (--dry-run: needs CuPy and a GPU)" | tee -a "$LOG"
         echo "| $s | not run (dry run) | 0 |" >>"$SUMMARY"
     done
@@ -243,7 +250,8 @@ stage sanitize 40 bash -c sanitize_all
 stage ab-clustered 110 "$PY" benchmarks/kernel_ab.py --datasets clustered --n "$AB_N" --budget-s 60 --out "$OUT"
 stage ab-hard 100 "$PY" benchmarks/kernel_ab.py --datasets hard --n "$AB_N" --budget-s 45 --out "$OUT"
 stage ab-minilm 40 "$PY" benchmarks/kernel_ab.py --datasets minilm-debian --budget-s 20 --out "$OUT"
-"$PY" benchmarks/kernel_ab.py --markdown-only --out "$OUT" 2>&1 | tee -a "$LOG"
+stage search-graph "$SG_STAGE_S" "$PY" benchmarks/search_graph_gpu.py --n "$SG_N" --budget-s $((SG_STAGE_S - 15)) \
+    --out "$OUT"
 stage knn-graph "$KNN_STAGE_S" bash -c knn_graph_gpu
 stage exact-search "$EXACT_STAGE_S" bash -c exact_search_gpu
 echo "total ${SECONDS}s" | tee -a "$LOG"
