@@ -124,16 +124,20 @@ class SearchGraph:
         forward[:self.count] = self.forward[:self.count]
         self.rows, self.forward = rows, forward
 
-    def rebuild(self, core):
-        """Build the graph afresh from ``core``."""
-        raw, fwd = core.build_search_graph(self.degree, num_threads_rule(self.num_threads), False, True)
-        built = np.frombuffer(raw, dtype=np.uint32).reshape(-1, self.degree)
+    def rebuild(self, core, build=None):
+        """Build the graph afresh from ``core`` by the C engine, or by ``build()`` -> (rows uint32
+        [count, D], forward uint32 [count]) where given (a GPU mirror's device build)."""
+        if build is None:
+            raw, fwd = core.build_search_graph(self.degree, num_threads_rule(self.num_threads), False, True)
+            built, fwd = np.frombuffer(raw, dtype=np.uint32).reshape(-1, self.degree), np.frombuffer(fwd, np.uint32)
+        else:
+            built, fwd = build()
         n = len(built)
         self.count = 0
         self.reserve(n)
         self.rows[:n] = built
         self.rows[n:] = INVALID_SLOT
-        self.forward[:n] = np.frombuffer(fwd, dtype=np.uint32)
+        self.forward[:n] = fwd
         self.forward[n:] = 0
         self.count, self.changed = n, 0
         self.builds += 1
@@ -147,7 +151,7 @@ class SearchGraph:
         todo = np.union1d(changed, np.arange(self.count, count, dtype=np.uint32)).astype(np.uint32)
         return todo, np.isin(todo, renewed).astype(np.uint8)
 
-    def refresh(self, core, log, count, drain):
+    def refresh(self, core, log, count, drain, build=None):
         """Bring the graph in step with ``core`` after drain number ``drain`` of its dirty-row log
         (``log``: uint64 ``(kind << 32) | slot``, ascending, each slot below ``count``) and the slots
         up to ``count`` that were added.  The slots whose level-0 list changed are updated; so are
@@ -157,13 +161,13 @@ class SearchGraph:
         Returns the rows written (uint32 ascending), or None where it built the graph afresh (every
         row from 0 to ``self.count`` is new): the first time, where drains were missed (another
         consumer of the log took changes), and where the update would rewrite more than
-        ``REBUILD_FRACTION`` of the rows.
+        ``REBUILD_FRACTION`` of the rows.  ``build``: how to build it then (see :meth:`rebuild`).
         """
         todo, renew = self.changes(log, count)
         missed = self.drain is None or drain != self.drain + 1
         self.drain = drain
         if missed or todo.size > REBUILD_FRACTION * max(count, 1):
-            self.rebuild(core)
+            self.rebuild(core, build)
             return None
         self.reserve(count)
         self.count = max(self.count, count)

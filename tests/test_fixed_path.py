@@ -21,7 +21,7 @@ import pytest
 import gpuhnsw
 from conftest import COUNTS, DeviceArray, _numpy_topk
 from gpuhnsw._search_graph import build as build_graph
-from gpuhnsw.device import kernels, launch, mirror as mirror_module
+from gpuhnsw.device import kernels, launch, mirror as mirror_module, search_graph as device_search_graph
 from gpuhnsw.device.arrays import bf16_values
 from gpuhnsw.device.query import FixedSearch
 from gpuhnsw.testing import exact_knn
@@ -438,3 +438,31 @@ def test_search_graph_device_run_on_the_stand_in(fixed_gpu, fake_cupy, monkeypat
     # float16 rows against float32 truth: a few near ties swap
     assert r["end_kept"]["recall"] == r["end_fresh"]["recall"] >= 0.99 and r["fresh_first_sync"]["graph_builds"] == 1
     assert set(r["summary"]) >= {"recall_kept_minus_fresh", "growth_qps_median_over_idle", "update_over_full_build"}
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+def test_the_device_build_is_the_c_build(fixed_gpu, fake_cupy, datasets, storage):
+    """device.search_graph.build from the mirror's arrays against Core.build_search_graph, with
+    deletions: siftsmall's float32 rows give integer sums, so the graphs are equal entry for entry;
+    16-bit rows change the distances, so there the forward parts are equal and each row holds the
+    same set of reverse edges wherever neither build cut it at D."""
+    base, _, _, _ = datasets("siftsmall", n_base=4000)
+    index = gpuhnsw.Index("l2", base.shape[1], device="cuda", gpu_storage=storage)
+    index.init_index(len(base), M=12, ef_construction=60, random_seed=3)
+    index.add_items(base, num_threads=2)
+    index.mark_deleted(list(range(0, len(base), 37)))
+    index.sync()
+    m = index._gpu.mirror
+    rows, forward = (np.asarray(a) for a in device_search_graph.build(m, 48, m.count))
+    raw, fwd = index._core.build_search_graph(48, 2, False, True)
+    want, fwd = np.frombuffer(raw, np.uint32).reshape(-1, 48), np.frombuffer(fwd, np.uint32)
+    np.testing.assert_array_equal(forward, fwd)
+    if storage == "float32":
+        np.testing.assert_array_equal(rows, want)
+        return
+    for x in range(len(want)):
+        f = fwd[x]
+        np.testing.assert_array_equal(rows[x, :f], want[x, :f])
+        if (want[x] != INVALID).all() or (rows[x] != INVALID).all():
+            continue
+        assert set(rows[x, f:].tolist()) == set(want[x, f:].tolist()), x

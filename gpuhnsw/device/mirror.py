@@ -21,8 +21,9 @@ step by deltas.
    bitset that hold slots whose delete mark changed (or new slots);
 5. with a search graph (``search_graph="optimized"``): brings its host copy
    (``gpuhnsw._search_graph.SearchGraph``) in step with the slots whose level-0 list changed and the
-   new ones, and uploads the rows that refresh wrote (all of them after a build: the first sync, a
-   re-sync, or a refresh past ``REBUILD_FRACTION`` of the rows).
+   new ones, and uploads the rows that refresh wrote; where the refresh builds afresh (the first
+   sync, a re-sync, a refresh past ``REBUILD_FRACTION`` of the rows) the graph is built on the
+   device from this sync's arrays (``device.search_graph``) and its host copy read back.
 
 Cost: O(changed rows); a sync with nothing to do asks the core one O(1) question
 (``Core.sync_pending``: its dirty flag and drain counter) and returns; a 1 % insert moves about
@@ -69,7 +70,7 @@ import numpy as np
 
 from .. import _core
 from .._core import INVALID_SLOT
-from . import kernels, launch
+from . import kernels, launch, search_graph as device_graph
 from .arrays import bf16_values, import_cupy
 
 __all__ = ["DeviceMirror", "SyncStats"]
@@ -292,12 +293,18 @@ class DeviceMirror:
         """Refresh the search graph from drain number ``drain`` (its log: u64 ``(kind << 32) | slot``)
         and upload the rows it wrote, or all of them (``whole``: the device holds none yet)."""
         graph = self.search_graph
-        written = graph.refresh(self.core, log, count, drain)
-        if graph.count > self.capacity:    # the build read a count past this sync's (inserts beside it)
-            st.grows += self._ensure_capacity(graph.count)
-        if written is None or whole:
+
+        def on_device():   # a build from this sync's arrays, in place; the host copy comes back
+            rows, forward = device_graph.build(self, graph.degree, count)
+            self.graph[:count] = rows
+            return cp.asnumpy(rows), cp.asnumpy(forward)
+
+        written = graph.refresh(self.core, log, count, drain, build=on_device)
+        if written is None:
+            st.graph_builds, st.graph_rows = 1, graph.count
+        elif whole:        # a graph from a file: the device holds none of it yet
             self.graph[:graph.count] = cp.asarray(graph.rows[:graph.count])
-            st.graph_builds, st.graph_rows = int(written is None), graph.count
+            st.graph_rows = graph.count
             st.bytes += graph.rows[:graph.count].nbytes
         elif written.size:
             rows = graph.rows[written]
