@@ -104,12 +104,13 @@ class Index(IndexSurface):
     engine stores or saves.
 
     ``search_graph`` (keyword-only): the graph the GPU search follows on level 0 (None: the
-    source's for a copy, else ``"hnsw"``).  ``"hnsw"``: HNSW level 0 as built.  ``"optimized"``: a fixed-degree graph derived from it (each
-    element's level-0 list, then the elements whose lists name it, up to 64 entries;
-    ``gpuhnsw/_search_graph.py``), kept in step with every change at each :meth:`sync` (rows changed
-    since the last one are updated, the whole graph rebuilt when half of them changed), read
-    by the fixed-degree kernel, and saved with the index (``save_index``'s own format).  It costs
-    256 bytes per element on the GPU and twice that on the host.  CPU queries always follow HNSW
+    source's for a copy, else ``"hnsw"``).  ``"hnsw"``: HNSW level 0 as built.  ``"optimized"``: a
+    fixed-degree graph derived from it (each element's level-0 list, then the elements whose lists
+    name it, up to 64 entries; ``gpuhnsw/_search_graph.py``), built on the GPU, kept in step with
+    every change at each :meth:`sync` (rows changed since the last one are updated, the whole graph
+    rebuilt when half of them changed), read by the fixed-degree kernel, and saved with the index
+    (``save_index``'s own format).  It costs 256 bytes per element on the GPU and as much on the
+    host (the copy its updates work on, in :meth:`memory_usage`).  CPU queries always follow HNSW
     level 0 (the graph did not clearly speed them up: benchmarks/results/graph_replay.md); a CPU
     index builds the graph only to save it.
     """
@@ -581,8 +582,12 @@ class Index(IndexSurface):
 
     def memory_usage(self) -> int:
         """Bytes held by the index's arrays (capacity-sized, plus upper links; the stored rows at
-        their storage's size, plus the float32 rows with ``rerank``, mapped or not)."""
-        return 0 if self._core is None else self._core.memory_bytes
+        their storage's size, plus the float32 rows with ``rerank``, mapped or not; plus the search
+        graph's host copy with ``search_graph="optimized"``)."""
+        if self._core is None:
+            return 0
+        graph = self._graph
+        return self._core.memory_bytes + (0 if graph is None else graph.rows.nbytes + graph.forward.nbytes)
 
     def __len__(self) -> int:
         """Live (not deleted) elements."""

@@ -393,6 +393,8 @@ def test_a_sync_ships_the_rows_an_insert_changed(fixed_gpu, fake_cupy, sift):
     m = index._gpu.mirror
     assert m.check_against_core() == []
     forward_parts_equal_a_build(index._graph, index._core)
+    g = index._graph
+    assert index.memory_usage() == index._core.memory_bytes + g.rows.nbytes + g.forward.nbytes > 0
     index.add_items(base[2030:2900], np.arange(2030, 2900))
     assert index.sync().graph_builds == 1 and m.check_against_core() == []
     index._core.drain_dirty()                 # another consumer took the log
