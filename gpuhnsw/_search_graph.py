@@ -67,7 +67,7 @@ def export(core, degree=DEGREE, num_threads=-1):
 MODES = ("hnsw", "optimized")
 
 #: An update that would rewrite more than this fraction of the rows builds the graph afresh instead.
-#: On equal threads an update of half the rows costs about a third of a build, and of 95 % about half
+#: On equal threads an update of 35-49 % of the rows cost 0.15-0.27 of a build, and of 86-96 % 0.40-0.52
 #: (benchmarks/results/search_graph_update.md): past half, the build's extra cost buys a graph without
 #: the stale entries that updates leave.
 REBUILD_FRACTION = 0.5
