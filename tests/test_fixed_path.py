@@ -428,7 +428,11 @@ def test_search_graph_device_run_on_the_stand_in(fixed_gpu, fake_cupy, monkeypat
     rows: every stage runs and writes its JSON (the stand-in kernel answers by brute force over the
     float16 rows, so recall and visibility are near 1 whatever the graph; what is checked is that the
     script runs and records what it promises)."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    # the benchmarks' folder on the path for this test only: it holds a distributed.py, which would
+    # shadow Dask's distributed in every process spawned later (the script inserts it too)
+    monkeypatch.setattr(sys, "path", [str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"), *sys.path])
+    for name in ("search_graph_gpu", "kernel_ab", "cpu_vs_hnswlib"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     import search_graph_gpu
     monkeypatch.setattr(search_graph_gpu, "exact_peer",
                         lambda cp, base, q, space: (exact_knn(base, q, 10, space)[0], 1.0, "numpy"))
