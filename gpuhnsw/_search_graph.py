@@ -89,8 +89,8 @@ class SearchGraph:
     drain : int or None
         The number of the last drain of the core's dirty-row log the graph has taken in (None: none,
         the next refresh builds afresh).
-    changed : int
-        Rows updated since the last build.
+    builds : int
+        Builds so far (afresh, not updates).
     """
 
     def __init__(self, degree=DEGREE, num_threads=-1):
@@ -100,7 +100,6 @@ class SearchGraph:
         self.forward = np.zeros(0, dtype=np.uint32)
         self.count = 0
         self.drain = None
-        self.changed = 0
         self.builds = 0
 
     @classmethod
@@ -139,7 +138,7 @@ class SearchGraph:
         self.rows[n:] = INVALID_SLOT
         self.forward[:n] = fwd
         self.forward[n:] = 0
-        self.count, self.changed = n, 0
+        self.count = n
         self.builds += 1
 
     def changes(self, log, count):
@@ -173,7 +172,5 @@ class SearchGraph:
         self.count = max(self.count, count)
         if not todo.size:
             return todo
-        written = np.frombuffer(core.update_search_graph(self.rows[:self.count], self.forward[:self.count], todo,
-                                                         renew, num_threads_rule(self.num_threads)), dtype=np.uint32)
-        self.changed += todo.size
-        return written
+        return np.frombuffer(core.update_search_graph(self.rows[:self.count], self.forward[:self.count], todo, renew,
+                                                      num_threads_rule(self.num_threads)), dtype=np.uint32)
