@@ -57,19 +57,41 @@ typedef struct {
 
 static inline int live(const ghnsw_index_t *ix, uint32_t s) { return !ghnsw_bit_get(ix->deleted, s); }
 
+/* The end of block b of ROW_BLOCK items out of n (the thread pool's tasks). */
+static inline size_t block_end(size_t b, size_t n) { return (b + 1) * ROW_BLOCK < n ? (b + 1) * ROW_BLOCK : n; }
+
+/* x's stored level-0 list, its count capped at M0 as the search reads it. */
+static inline const uint32_t *level0_list(const ghnsw_index_t *ix, uint32_t x, uint32_t *deg) {
+    *deg = ix->degree0[x] < ix->M0 ? ix->degree0[x] : ix->M0;
+    return ghnsw_links0(ix, x);
+}
+
 /* x's level-0 list as the search reads it, live entries only, into ids[M0]; returns the count. */
 static uint32_t forward_list(const ghnsw_index_t *ix, uint32_t n, uint32_t x, uint32_t *ids) {
-    const uint32_t *l = ghnsw_links0(ix, x);
-    uint32_t deg = ix->degree0[x] < ix->M0 ? ix->degree0[x] : ix->M0, k = 0;
+    uint32_t deg, k = 0;
+    const uint32_t *l = level0_list(ix, x, &deg);
     for (uint32_t j = 0; j < deg; j++)
         if (l[j] < n && l[j] != x && live(ix, l[j])) ids[k++] = l[j];
     return k;
 }
 
+/* off[y] = the sum of count[0 .. y) for y in [0, n], and count[] zeroed (the fill cursors of the
+ * pass that places the entries); returns the largest count. */
+static uint32_t offsets_from_counts(uint32_t *count, size_t *off, size_t n) {
+    uint32_t most = 0;
+    off[0] = 0;
+    for (size_t y = 0; y < n; y++) {
+        off[y + 1] = off[y] + count[y];
+        if (count[y] > most) most = count[y];
+        count[y] = 0;
+    }
+    return most;
+}
+
 static int forward_rows(void *vctx, size_t b, int worker) {
     graph_ctx_t *c = vctx;
     uint32_t *ids = (uint32_t *)c->scratch[worker]; /* room for M0 ids (see ghnsw_build_search_graph) */
-    uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
+    uint32_t end = (uint32_t)block_end(b, c->n);
     for (uint32_t x = (uint32_t)(b * ROW_BLOCK); x < end; x++) {
         uint32_t *row = c->out + (size_t)x * c->degree, k = 0;
         if (live(c->ix, x)) {
@@ -87,7 +109,7 @@ static int forward_rows(void *vctx, size_t b, int worker) {
 static int fill_reverse(void *vctx, size_t b, int worker) {
     graph_ctx_t *c = vctx;
     uint32_t *ids = (uint32_t *)c->scratch[worker];
-    uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
+    uint32_t end = (uint32_t)block_end(b, c->n);
     for (uint32_t y = (uint32_t)(b * ROW_BLOCK); y < end; y++) {
         if (!live(c->ix, y)) continue;
         uint32_t k = forward_list(c->ix, c->n, y, ids);
@@ -111,7 +133,7 @@ static int reverse_rows(void *vctx, size_t b, int worker) {
     graph_ctx_t *c = vctx;
     ghnsw_index_t *ix = c->ix;
     ghnsw_cand_t *cand = c->scratch[worker];
-    uint32_t end = (uint32_t)((b + 1) * ROW_BLOCK < c->n ? (b + 1) * ROW_BLOCK : c->n);
+    uint32_t end = (uint32_t)block_end(b, c->n);
     for (uint32_t x = (uint32_t)(b * ROW_BLOCK); x < end; x++) {
         uint32_t *row = c->out + (size_t)x * c->degree, k = c->fdeg[x], m = 0;
         if (k == c->degree) continue; /* no room for reverse edges */
@@ -159,13 +181,8 @@ ghnsw_status_t ghnsw_build_search_graph(ghnsw_index_t *ix, int64_t degree, int n
     for (int t = 0; ok && t < num_threads; t++) ok = (c.scratch[t] = malloc(sizeof(ghnsw_cand_t) * ix->M0)) != NULL;
     if (ok) {
         ghnsw_parallel_for(blocks, num_threads, forward_rows, &c);
-        uint32_t most = ix->M0;
-        c.roff[0] = 0;
-        for (uint32_t y = 0; y < c.n; y++) {
-            c.roff[y + 1] = c.roff[y] + c.rcount[y];
-            if (c.rcount[y] > most) most = c.rcount[y];
-            c.rcount[y] = 0;
-        }
+        uint32_t most = offsets_from_counts(c.rcount, c.roff, c.n);
+        if (most < ix->M0) most = ix->M0;   /* the scratch also holds forward lists */
         c.rsrc = malloc(sizeof(uint32_t) * (c.roff[c.n] + 1));
         ok = c.rsrc != NULL;
         for (int t = 0; ok && t < num_threads; t++) {
@@ -202,12 +219,16 @@ static inline int in_list(const uint32_t *ids, uint32_t n, uint32_t y) {
 }
 
 /* Whether y's level-0 list (as the search reads it) names x. */
-static int names(const ghnsw_index_t *ix, uint32_t n, uint32_t y, uint32_t x) {
-    const uint32_t *l = ghnsw_links0(ix, y);
-    uint32_t deg = ix->degree0[y] < ix->M0 ? ix->degree0[y] : ix->M0;
-    for (uint32_t j = 0; j < deg; j++)
-        if (l[j] == x) return x < n;
-    return 0;
+static int names(const ghnsw_index_t *ix, uint32_t y, uint32_t x) {
+    uint32_t deg;
+    const uint32_t *l = level0_list(ix, y, &deg);
+    return in_list(l, deg, x);
+}
+
+/* Whether row x, whose new forward part is ids[0 .. f), keeps its old entry y: a live slot of the
+ * graph, not x, not now forward. */
+static inline int keeps(const ghnsw_index_t *ix, uint32_t n, uint32_t x, const uint32_t *ids, uint32_t f, uint32_t y) {
+    return y < n && y != x && live(ix, y) && !in_list(ids, f, y);
 }
 
 /* Give row y the reverse entry x (x's forward part names y): appended where the row has room, else
@@ -260,17 +281,16 @@ static int update_rows(void *vctx, size_t b, int worker) {
     update_ctx_t *c = vctx;
     ghnsw_index_t *ix = c->ix;
     uint32_t *ids = c->scratch[worker], *row = ids + c->m0, n = c->n, d = c->d;
-    size_t end = (b + 1) * ROW_BLOCK < c->n_slots ? (b + 1) * ROW_BLOCK : c->n_slots;
+    size_t end = block_end(b, c->n_slots);
     for (size_t i = b * ROW_BLOCK; i < end; i++) {
         uint32_t x = c->slots[i], *cur = c->rows + (size_t)x * d, *push = c->pbuf + i * c->m0;
         uint32_t old_f = c->fdeg[x] < d ? c->fdeg[x] : d;
         uint32_t f = forward_list(ix, n, x, ids), k = f < d ? f : d, np = 0;
         memcpy(row, ids, (size_t)k * 4);
         for (uint32_t j = old_f; j < d && k < d && cur[j] != GHNSW_INVALID; j++)
-            if (!in_list(ids, f, cur[j]) && cur[j] < n && cur[j] != x && live(ix, cur[j])) row[k++] = cur[j];
+            if (keeps(ix, n, x, ids, f, cur[j])) row[k++] = cur[j];
         for (uint32_t j = 0; j < old_f && k < d; j++)
-            if (!in_list(ids, f, cur[j]) && cur[j] < n && cur[j] != x && live(ix, cur[j]) && names(ix, n, cur[j], x))
-                row[k++] = cur[j];
+            if (keeps(ix, n, x, ids, f, cur[j]) && names(ix, cur[j], x)) row[k++] = cur[j];
         for (uint32_t j = k; j < d; j++) row[j] = GHNSW_INVALID;
         for (uint32_t j = 0; j < f; j++)   /* read cur's forward part before it is overwritten */
             if (c->renew[i] || !in_list(cur, old_f, ids[j])) {
@@ -289,7 +309,7 @@ static int update_rows(void *vctx, size_t b, int worker) {
 static int place_pushes(void *vctx, size_t b, int worker) {
     update_ctx_t *c = vctx;
     (void)worker;
-    size_t end = (b + 1) * ROW_BLOCK < c->n_slots ? (b + 1) * ROW_BLOCK : c->n_slots;
+    size_t end = block_end(b, c->n_slots);
     for (size_t i = b * ROW_BLOCK; i < end; i++)
         for (uint32_t j = 0; j < c->pcnt[i]; j++) {
             uint32_t y = c->pbuf[i * c->m0 + j];
@@ -302,7 +322,7 @@ static int place_pushes(void *vctx, size_t b, int worker) {
 static int apply_pushes(void *vctx, size_t b, int worker) {
     update_ctx_t *c = vctx;
     (void)worker;
-    size_t end = (b + 1) * ROW_BLOCK < c->n_rows ? (b + 1) * ROW_BLOCK : c->n_rows;
+    size_t end = block_end(b, c->n_rows);
     for (size_t y = b * ROW_BLOCK; y < end; y++) {
         uint32_t *src = c->tsrc + c->toff[y];
         size_t m = c->toff[y + 1] - c->toff[y];
@@ -346,11 +366,7 @@ ghnsw_status_t ghnsw_update_search_graph(ghnsw_index_t *ix, uint32_t *rows, uint
     for (int t = 0; ok && t < num_threads; t++) ok = (c.scratch[t] = malloc(sizeof(uint32_t) * (c.m0 + c.d))) != NULL;
     if (ok) {
         ghnsw_parallel_for((n_slots + ROW_BLOCK - 1) / ROW_BLOCK, num_threads, update_rows, &c);
-        c.toff[0] = 0;
-        for (size_t y = 0; y < n_rows; y++) {
-            c.toff[y + 1] = c.toff[y] + c.tcount[y];
-            c.tcount[y] = 0;
-        }
+        offsets_from_counts(c.tcount, c.toff, n_rows);
         ok = (c.tsrc = malloc(sizeof(uint32_t) * (c.toff[n_rows] + 1))) != NULL;
     }
     if (ok) {
