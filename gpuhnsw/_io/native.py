@@ -310,8 +310,7 @@ def _storage_fields(data):
 def _search_graph(data, count):
     """(forward uint32 [count], rows uint32 [count, D]) of an SGRF section (bytes-like), checked:
     D in [1, MAX_GRAPH_DEGREE], forward counts <= D, each row's valid entries a prefix of slots
-    below ``count``, none its own."""
-    data = bytes(data)
+    below ``count``, none its own (read in place: the caller copies what it keeps)."""
     if len(data) < _GRAPH.size:
         raise IndexFileError(f"section SGRF: {len(data)} bytes, too short")
     degree, zero = _GRAPH.unpack_from(data)

@@ -93,6 +93,6 @@ def bf16_bits(x, xp=np):
     return xp.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FC0), bits)
 
 
-def bf16_values(bits):
-    """bfloat16 bit patterns (uint16 array) as float32 values (exact)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+def bf16_values(bits, xp=np):
+    """bfloat16 bit patterns (uint16 array, NumPy, or CuPy as ``xp``) as float32 values (exact)."""
+    return (xp.asarray(bits, dtype=xp.uint16).astype(xp.uint32) << 16).view(xp.float32)

@@ -71,7 +71,7 @@ import numpy as np
 from .. import _core
 from .._core import INVALID_SLOT
 from . import kernels, launch, search_graph as device_graph
-from .arrays import bf16_values, import_cupy
+from .arrays import bf16_values, import_cupy, put_rows
 
 __all__ = ["DeviceMirror", "SyncStats"]
 
@@ -308,7 +308,7 @@ class DeviceMirror:
             st.bytes += graph.rows[:graph.count].nbytes
         elif written.size:
             rows = graph.rows[written]
-            self.graph[cp.asarray(written)] = cp.asarray(rows)
+            put_rows(self.graph, written, rows)
             st.graph_rows = written.size
             st.bytes += rows.nbytes + written.nbytes
 

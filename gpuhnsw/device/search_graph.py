@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._core import INVALID_SLOT
-from .arrays import import_cupy
+from .arrays import bf16_values, import_cupy
 
 __all__ = ["build"]
 
@@ -34,9 +34,7 @@ _CHUNK_PAIRS = 1 << 18   # pairs whose two rows are gathered at once (2 x 256k r
 def _rows_f32(cp, vectors, idx, dim):
     """The mirror's rows ``idx`` as float32 ``[len(idx), dim]`` (bfloat16: uint16 top halves)."""
     rows = vectors[idx, :dim]
-    if rows.dtype == cp.uint16:
-        return (rows.astype(cp.uint32) << 16).view(cp.float32)
-    return rows.astype(cp.float32)
+    return bf16_values(rows, cp) if rows.dtype == cp.uint16 else rows.astype(cp.float32)
 
 
 def _pair_distances(cp, mirror, a, b):
