@@ -153,9 +153,11 @@ def minilm_index(dataset_index):
     return dataset_index("minilm-debian", "cosine", n_base=4000, n_queries=150, M=8, ef_construction=60, seed=7)
 
 
-def run_threads(*targets):
-    """Run the callables in threads; re-raise the first exception any of them raised."""
-    errors = []
+def run_threads(*targets, meanwhile=None):
+    """Run the callables in threads; re-raise the first exception any of them raised.  With
+    ``meanwhile``: call it over and over in this thread while the first target runs, and return
+    its results."""
+    errors, results = [], []
 
     def wrap(fn):
         def run():
@@ -168,10 +170,13 @@ def run_threads(*targets):
     threads = [threading.Thread(target=wrap(fn)) for fn in targets]
     for t in threads:
         t.start()
+    while meanwhile is not None and threads[0].is_alive():
+        results.append(meanwhile())
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
+    return results
 
 
 def twins_found(neighbors, distances, half):

@@ -13,11 +13,11 @@ import os
 import pickle
 import subprocess
 import sys
-import threading
 import zlib
 
 import numpy as np
 import pytest
+from conftest import run_threads
 
 import gpuhnsw
 from gpuhnsw import IndexFileError
@@ -257,15 +257,6 @@ def test_mapped_vectors_are_file_pages_not_private_memory(datasets, tmp_path):
 def test_queries_beside_writes_on_a_mapped_index(cases):
     space, base, q, path = cases["minilm"]
     mapped = _load(path, space, base.shape[1], mmap=True)
-    errors = []
-
-    def guard(fn):
-        def run():
-            try:
-                fn()
-            except Exception as exc:  # reported below
-                errors.append(exc)
-        return threading.Thread(target=run)
 
     def queries():
         for _ in range(30):
@@ -279,12 +270,7 @@ def test_queries_beside_writes_on_a_mapped_index(cases):
                 mapped.resize_index(3000)   # moves the rows into owned memory under the readers
             mapped.mark_deleted(i)
 
-    threads = [guard(queries), guard(queries), guard(writes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_threads(queries, queries, writes)
     assert mapped.check_integrity(require_reachable=False)["n_live"] == 2900 - 1 - 8
 
 

@@ -9,11 +9,11 @@ import pathlib
 import pickle
 import struct
 import tempfile
-import threading
 import zlib
 
 import numpy as np
 import pytest
+from conftest import run_threads
 
 import gpuhnsw
 from gpuhnsw import _core
@@ -163,31 +163,6 @@ def test_arguments_and_empty_index(make_data):
 # ---------------------------------------------------------------------------------------------
 # beside other calls
 
-def while_running(background, call):
-    """``call()``'s results, called over and over while the ``background`` callables run in threads
-    (until the first of them ends); the first exception a background callable raised is raised."""
-    errors, results = [], []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except Exception as exc:  # raised below
-                errors.append(exc)
-        return run
-
-    threads = [threading.Thread(target=wrap(fn)) for fn in background]
-    for t in threads:
-        t.start()
-    while threads[0].is_alive():
-        results.append(call())
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def test_built_beside_inserts_and_queries(make_data):
     """Inserts wait for a build (and a build for an insert): each graph is whole, of the count it saw."""
     data = make_data(3000, 16)
@@ -201,7 +176,7 @@ def test_built_beside_inserts_and_queries(make_data):
         for _ in range(20):
             index.knn_query(data[:50], k=5)
 
-    graphs = while_running([insert, query], lambda: build_graph(index._core, 32, num_threads=2))
+    graphs = run_threads(insert, query, meanwhile=lambda: build_graph(index._core, 32, num_threads=2))
     assert graphs
     for graph in graphs:
         assert graph.shape[0] >= 500 and np.all((graph == INVALID) | (graph < graph.shape[0]))
@@ -252,7 +227,7 @@ def test_export_is_one_snapshot_beside_deletes_and_inserts(make_data):
             for label in range(s - 1500, s - 1400, 3):
                 index.mark_deleted(label)
 
-    exports = while_running([write], lambda: index.export_search_graph(16, num_threads=2, return_ids=True))
+    exports = run_threads(write, meanwhile=lambda: index.export_search_graph(16, num_threads=2, return_ids=True))
     assert len(exports) > 1
     for ids, graph in exports:
         named = graph[graph != NO_LABEL]
@@ -585,7 +560,7 @@ def test_refreshed_beside_inserts_deletes_and_queries(make_data):
         for _ in range(30):
             index.knn_query(data[:20], k=5)
 
-    while_running([write, query], lambda: refresh(graph, index._core))
+    run_threads(write, query, meanwhile=lambda: refresh(graph, index._core))
     refresh(graph, index._core)
     check_updated(graph, index._core)
     forward = graph.forward[:graph.count]
