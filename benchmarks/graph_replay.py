@@ -63,7 +63,7 @@ from gpuhnsw import testing
 from gpuhnsw._graph_reference import level0_csr, pair_distances, search_graph_reference
 from gpuhnsw._reference import INVALID, ReferenceGraph, beam_search_reference
 from gpuhnsw.exact import exact_search
-from gpuhnsw.testing import exact_knn, load_dataset, machine_info, recall_at_k
+from gpuhnsw.testing import exact_knn, load_dataset, machine_info, machine_line, recall_at_k
 
 K = 10
 M, EF_CONSTRUCTION, SEED = 16, 200, 0
@@ -529,8 +529,7 @@ def write_markdown(results, path):
                     vs = change(c["qps"], ref[target]["qps"]) if target in ref else ""
                     lines.append(f"| {gname} | {target} | {c['ef']} | {c['recall']:.3f} | {c['qps']:,.0f} | {vs} |")
             lines.append("")
-    m = results["machine"]
-    lines += [f"Machine: {m['cpu']}, {m['cores']} cores (shared), {m['date']}.", ""]
+    lines += [machine_line(results["machine"]), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines) + keep)
 

@@ -24,7 +24,7 @@ from graph_replay import DATASETS, dataset_key, hnsw_state, load  # noqa: E402  
 import gpuhnsw  # noqa: E402
 from gpuhnsw._graph_reference import search_graph_reference  # noqa: E402
 from gpuhnsw._search_graph import build as build_graph  # noqa: E402
-from gpuhnsw.testing import machine_info, save_results  # noqa: E402
+from gpuhnsw.testing import machine_info, machine_line, save_results  # noqa: E402
 
 DEGREES = (32, 48, 64)
 THREADS = (1, 2)
@@ -68,8 +68,7 @@ def write_markdown(results, path):
         eq = min(r["rows_equal"].values())
         lines.append(f"| {name} ({r['n']:,} x {r['dim']}) | {hb} | {cells} | {r['numpy_s']['64']:.1f} | "
                      f"{100 * eq:.2f}% |")
-    m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores (shared), {m['date']}.", ""]
+    lines += ["", machine_line(results["machine"]), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

@@ -33,7 +33,7 @@ from graph_replay import DATASETS  # noqa: E402  (sibling script)
 import gpuhnsw  # noqa: E402
 from gpuhnsw._reference_fixed import fixed_search_reference  # noqa: E402
 from gpuhnsw._search_graph import REBUILD_FRACTION, SearchGraph  # noqa: E402
-from gpuhnsw.testing import load_dataset, machine_info, recall_at_k, save_results  # noqa: E402
+from gpuhnsw.testing import load_dataset, machine_info, machine_line, recall_at_k, save_results  # noqa: E402
 
 SETS = ("siftsmall", "mnist", "minilm-debian")
 DEGREE = 64
@@ -211,8 +211,7 @@ def write_markdown(results, path):
         lines += ["", f"Highest update / rebuild ratio on equal threads: {worst[0]:.2f} ({worst[1]}, {worst[2]:.0%} of "
                   f"the rows to do, {worst[3]} thread(s)).  `REBUILD_FRACTION` {p['rebuild_fraction']}: the refresh "
                   "builds afresh when more rows than that fraction are to do."]
-    m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores (shared), {m['date']}.", ""]
+    lines += ["", machine_line(results["machine"]), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

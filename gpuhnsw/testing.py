@@ -240,6 +240,11 @@ def machine_info(*packages):
     return info
 
 
+def machine_line(machine):
+    """The closing line of a benchmark's Markdown: the machine (``machine_info()``) and the date."""
+    return f"Machine: {machine['cpu']}, {machine['cores']} cores (shared), {machine['date']}."
+
+
 def save_results(out_dir, name, results, write_markdown, write_plot=None):
     """A benchmark's files in ``out_dir`` (made if missing): ``name.json`` (``results``, a
     JSON-able dict), ``name.md`` by ``write_markdown(results, path)`` and, given
