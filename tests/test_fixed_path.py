@@ -362,7 +362,6 @@ def forward_parts_equal_a_build(graph, core):
     np.testing.assert_array_equal(graph.forward[:graph.count], fwd)
     for x in range(graph.count):
         np.testing.assert_array_equal(graph.rows[x, :fwd[x]], fresh[x, :fwd[x]])
-    return fresh
 
 
 @pytest.mark.parametrize("kernel", ["beam", "fixed"])
